@@ -1,0 +1,145 @@
+"""Two small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
+
+Both are built from the blocks WAPS-Quant must handle in real networks: torchvision-style
+residual BasicBlocks with BN and projection shortcuts, and MobileNetV2 inverted residuals
+with depthwise convolutions and ReLU6. ResNet widths are multiples of 16; the MobileNetV2
+keeps its family's 24-wide stage, with expansions picked so every hidden width is a
+multiple of 16 (64, 144, 192).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    """Conv (no bias: BN follows) + BN, 'same' padding for odd k."""
+    return [
+        nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, + shortcut, ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        # 1×1 conv + BN projection only where the identity cannot be added as is.
+        self.downsample: nn.Module | None = (
+            nn.Sequential(*_conv_bn(cin, cout, 1, stride)) if stride != 1 or cin != cout else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class FashionResNet(nn.Module):
+    """Stem 1→16 @28², stages 16 @28² (1 block), 32 @14² (2), 64 @7² (2), pool, Linear(64, 10)."""
+
+    def __init__(self, num_classes: int = 10, blocks: tuple[int, int, int] = (1, 2, 2)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(1, 16, 3), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        cin = 16
+        for cout, stride, count in zip((16, 32, 64), (1, 2, 2), blocks):
+            stage = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(count - 1)]
+            layers.append(nn.Sequential(*stage))
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1×1 expand-BN-ReLU6, 3×3 depthwise-BN-ReLU6, 1×1 project-BN (linear).
+
+    The input is added back when stride is 1 and channels are unchanged.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            *_conv_bn(cin, hidden, 1), nn.ReLU6(inplace=True),
+            *_conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU6(inplace=True),
+            *_conv_bn(hidden, cout, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class FashionMobileNetV2(nn.Module):
+    """Stem 1→16 @28²; inverted residuals 16→24 (s2) →24 →32 (s2) →32 →64 @7²;
+    1×1 conv to 128, pool, Linear(128, 10). Residual adds in the two 24→24 / 32→32 blocks."""
+
+    # (out channels, stride, expansion)
+    CONFIG: tuple[tuple[int, int, int], ...] = (
+        (24, 2, 4),
+        (24, 1, 6),
+        (32, 2, 6),
+        (32, 1, 6),
+        (64, 1, 6),
+    )
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [*_conv_bn(1, 16, 3), nn.ReLU6(inplace=True)]
+        cin = 16
+        for cout, stride, expand in self.CONFIG:
+            layers.append(InvertedResidual(cin, cout, stride, expand))
+            cin = cout
+        layers += [*_conv_bn(cin, 128, 1), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(128, num_classes)
+        _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _init(model: nn.Module) -> None:
+    """torchvision's init: Kaiming for convs, BN to identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+MODELS: dict[str, type[nn.Module]] = {
+    "fashion_resnet": FashionResNet,
+    "fashion_mobilenetv2": FashionMobileNetV2,
+}
+
+
+def load_pretrained(name: str) -> nn.Module:
+    """Build ``name`` from MODELS, load ``bench/weights/{name}.pt``, return it in eval mode."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    model = MODELS[name]()
+    state = torch.load(WEIGHTS_DIR / f"{name}.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,121 @@
+"""Reconstruction blocks, discovered from the graph's structure, not from class names.
+
+A residual unit is the region between a tensor that forks and the add that joins
+the branches again: for each add, the fork is its immediate dominator (every path
+from the input to the add passes through it), and the unit is every node on a path
+from the fork to the add. This finds torchvision's BasicBlock, Bottleneck,
+InvertedResidual (with skip), RegNet's ResBottleneckBlock and MnasNet's residual
+units, and the same shapes in any user CNN. Units that overlap are merged. Every
+conv/linear outside a unit is a block of its own; parameter-free nodes (pooling,
+flatten, standalone ReLU) join the block of their first reader.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from calib.errors import ModelError
+from calib.graph import PARAM_OPS, Graph
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str                  # "residual" or "layer"
+    nodes: tuple[str, ...]     # in graph (topological) order
+    inputs: tuple[str, ...]    # values read from outside the block
+    outputs: tuple[str, ...]   # values read after the block, or the graph output
+
+    @property
+    def name(self) -> str:
+        return self.nodes[-1]
+
+
+def _dominators(graph: Graph) -> dict[str, str | None]:
+    """Immediate dominator of each node in the DAG (input node → None)."""
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    idom: dict[str, str | None] = {}
+
+    def intersect(a: str, b: str) -> str:
+        while a != b:
+            while order[a] > order[b]:
+                a = idom[a]
+            while order[b] > order[a]:
+                b = idom[b]
+        return a
+
+    for n in graph.nodes:
+        if not n.inputs:
+            idom[n.name] = None
+            continue
+        d = n.inputs[0]
+        for p in n.inputs[1:]:
+            d = intersect(d, p)
+        idom[n.name] = d
+    return idom
+
+
+def find_blocks(graph: Graph, residual: bool = True) -> list[Block]:
+    """Partition the graph's non-input nodes into reconstruction blocks, in execution order.
+
+    ``residual=False`` gives layer-wise blocks (AdaRound): every conv/linear alone."""
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    idom = _dominators(graph)
+    users = graph.consumers()
+
+    # nodes reachable backwards from each add, stopping at the fork
+    units: list[set[str]] = []
+    for n in graph.nodes:
+        if n.op != "add" or not residual:
+            continue
+        fork, region, stack = idom[n.name], {n.name}, list(n.inputs)
+        while stack:
+            v = stack.pop()
+            if v == fork or v in region:
+                continue
+            region.add(v)
+            stack.extend(graph[v].inputs)
+        units.append(region)
+
+    merged: list[set[str]] = []
+    for u in units:
+        for m in [m for m in merged if m & u]:
+            merged.remove(m)
+            u = u | m
+        merged.append(u)
+
+    owner: dict[str, int] = {}
+    groups: list[tuple[str, set[str]]] = [("residual", u) for u in merged]
+    for i, (_, u) in enumerate(groups):
+        for v in u:
+            owner[v] = i
+    for n in graph.nodes:
+        if n.op in PARAM_OPS and n.name not in owner:
+            owner[n.name] = len(groups)
+            groups.append(("layer", {n.name}))
+    # parameter-free glue joins its earliest reader's block (reverse order settles chains)
+    for n in reversed(graph.nodes):
+        if n.name in owner or n.op == "input":
+            continue
+        readers = [owner[u] for u in users[n.name] if u in owner]
+        if not readers:  # a glue node producing the graph output: join its producer
+            readers = [owner[n.inputs[0]]] if n.inputs[0] in owner else []
+        if not readers:
+            raise ModelError(f"cannot place {n.label()} in a reconstruction block")
+        target = min(readers, key=lambda i: min(order[v] for v in groups[i][1]))
+        owner[n.name] = target
+        groups[target][1].add(n.name)
+
+    blocks = []
+    for kind, members in groups:
+        names = tuple(sorted(members, key=order.__getitem__))
+        inputs = tuple(dict.fromkeys(i for v in names for i in graph[v].inputs if i not in members))
+        outputs = tuple(v for v in names if v == graph.output or any(u not in members for u in users[v]))
+        blocks.append(Block(kind, names, inputs, outputs))
+    blocks.sort(key=lambda b: order[b.nodes[-1]])
+
+    produced = {graph.input.name}
+    for b in blocks:
+        missing = [i for i in b.inputs if i not in produced]
+        if missing:
+            raise ModelError(f"block ending at {b.name} reads {missing} before they are computed")
+        produced.update(b.nodes)
+    return blocks

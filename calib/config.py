@@ -1,0 +1,93 @@
+"""Calibration configuration: one typed record, validated once."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from calib.errors import ConfigError
+from calib.numerics import group_scale
+from calib.quantizers import FLOAT_BITS
+
+METHODS = ("rtn", "adaround", "brecq", "waps", "qdrop", "qdrop+waps")
+WEIGHT_BITS = (2, 3, 4, 8)
+ACT_BITS = (2, 3, 4, 8, FLOAT_BITS)
+
+
+@dataclass
+class CalibConfig:
+    wbits: int = 4
+    abits: int = 4
+    method: str = "waps"
+    cwac: bool = False
+    iters: int = 2000              # per block; BRECQ/QDrop use 20k (scaled for 2 CPU cores)
+    batch: int = 32
+    samples: int = 1024
+    seed: int = 0
+    first_last_bits: int = 8       # weights of the first and last layer, input and logits codes
+    residual_bits: int = 8         # codes of tensors read only by residual adds
+    gammas: tuple[float, ...] = (1.0, 1.0 - 2**-4, 1.0 + 2**-4)
+    tile: int = 16
+    lr_round: float | None = None  # AdaRound V (Adam); None: 1e-3·20000/iters, at most 1e-2
+    lr_groups: float = 1e-2        # WAPS logits R: higher than V so groups settle in few iterations
+    lr_affine: float = 1e-3        # γ^z, φ^z
+    lr_act: float = 4e-5           # activation steps, cosine decay
+    lam: float | None = None       # λ_r = λ_g; None: 0.01
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    harden_at: float = 0.8         # fraction of iterations after which groups are fixed
+    drop_prob: float = 0.5         # QDrop
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return len(self.gammas)
+
+    @property
+    def uses_waps(self) -> bool:
+        return self.method in ("waps", "qdrop+waps")
+
+    @property
+    def uses_qdrop(self) -> bool:
+        return self.method in ("qdrop", "qdrop+waps")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.method != "adaround"
+
+    @property
+    def round_lr(self) -> float:
+        """BRECQ's 1e-3 assumes 20k iterations; fewer iterations get a proportionally
+        larger step (capped) so V can still travel from its start to a decision."""
+        if self.lr_round is not None:
+            return self.lr_round
+        return min(1e-2, 1e-3 * 20000 / max(self.iters, 1))
+
+    @property
+    def regulariser_weight(self) -> float:
+        return 0.01 if self.lam is None else self.lam
+
+    def validate(self) -> "CalibConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.wbits not in WEIGHT_BITS:
+            raise ConfigError(f"--wbits {self.wbits}: weight bits must be one of {WEIGHT_BITS}")
+        if self.abits not in ACT_BITS:
+            raise ConfigError(f"--abits {self.abits}: activation bits must be one of {ACT_BITS}")
+        if self.first_last_bits not in WEIGHT_BITS or self.residual_bits not in (2, 3, 4, 8):
+            raise ConfigError("first/last and residual bits must be one of 2, 3, 4, 8")
+        if self.iters < 0 or self.batch < 1 or self.samples < 1:
+            raise ConfigError("--iters must be ≥ 0, --batch and --samples ≥ 1")
+        if not 1 <= len(self.gammas) <= 8:
+            raise ConfigError("between 1 and 8 group scales are supported")
+        for g in self.gammas:
+            group_scale(g)
+        if self.tile < 1:
+            raise ConfigError("--tile must be ≥ 1")
+        if not 0 <= self.drop_prob <= 1:
+            raise ConfigError("drop probability must be in [0, 1]")
+        return self
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("progress")
+        return d

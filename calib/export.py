@@ -1,0 +1,48 @@
+"""Turn a finished calibration (a frozen QuantModel) into a WapsArtifact."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from calib.artifact import TensorQuant, WapsArtifact, LayerRecord, group_scales_of
+from calib.calibrate import CalibResult
+from calib.graph import PARAM_OPS
+from calib.quantizers import ActQuantizer
+
+
+def _tq(q: ActQuantizer) -> TensorQuant:
+    if not q.enabled and q.bits >= 32:
+        return TensorQuant(32)
+    return TensorQuant(q.bits, float(q.scale.detach()), int(q.zero_point))
+
+
+def to_artifact(result: CalibResult, producer: str = "waps-tvm") -> WapsArtifact:
+    model, graph = result.model, result.model.graph
+    layers, quant = {}, {graph.input.name: _tq(model.input_quant)}
+    for n in graph:
+        if n.op in PARAM_OPS:
+            layer = model.layer(n.name)
+            if layer.rounding is not None:
+                layer.freeze()
+            groups = None
+            scales = []
+            if layer.groups is not None and layer.groups.hard:
+                groups = layer.groups.assignment.numpy().astype(np.int8)
+                scales = group_scales_of(layer.groups.gammas.tolist())
+            layers[n.name] = LayerRecord(
+                layer.wbits, layer.unit_size, layer.w_codes.numpy().astype(np.int8),
+                layer.w_scale.numpy().astype(np.float32), layer.bias.numpy().astype(np.float32),
+                layer.gamma_z.detach().numpy().astype(np.float32), layer.phi_z.detach().numpy().astype(np.float32),
+                groups, scales)
+            quant[n.name] = _tq(layer.out_quant)
+        elif n.op == "add":
+            quant[n.name] = _tq(model.layer(n.name).out_quant)
+    report = [dict(asdict(r), sec_per_iter=r.sec_per_iter) for r in result.report]
+    return WapsArtifact(graph.replace([_strip(n) for n in graph]), layers, quant,
+                        result.config.to_json(), report, producer)
+
+
+def _strip(n):
+    from calib.graph import Node
+    return Node(n.name, n.op, list(n.inputs), dict(n.attrs), {}, n.source, tuple(n.shape))

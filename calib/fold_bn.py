@@ -1,0 +1,49 @@
+"""Fold inference batch norm into the preceding conv/linear.
+
+y = γ·(W*x + b − μ)/√(σ² + ε) + β  ⇒  W' = W·γ/√(σ² + ε) (per output channel),
+b' = (b − μ)·γ/√(σ² + ε) + β. Exact in real arithmetic; done in float64 so the
+folded float32 model matches the original to rounding.
+"""
+from __future__ import annotations
+
+import torch
+
+from calib.errors import UnsupportedOpError
+from calib.graph import Graph, Node
+
+
+def fold_batch_norm(graph: Graph) -> Graph:
+    """Return a graph with every batch_norm folded into its producer.
+
+    A batch_norm whose input is not a conv/linear read by nothing else cannot be
+    folded, and is reported as unsupported (an integer program has no BN op).
+    """
+    users = graph.consumers()
+    by_name = {n.name: n for n in graph.nodes}
+    folded: dict[str, Node] = {}
+    alias: dict[str, str] = {}
+    bad = []
+    for bn in graph.nodes:
+        if bn.op != "batch_norm":
+            continue
+        prod = by_name[bn.inputs[0]]
+        if prod.op not in ("conv2d", "linear") or len(users[prod.name]) != 1:
+            bad.append(f"{bn.label()}: batch_norm not directly after a conv/linear")
+            continue
+        p = bn.params
+        scale = p["weight"].double() / torch.sqrt(p["var"].double() + bn.attrs["eps"])
+        w = prod.params["weight"].double()
+        w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        b = (prod.params["bias"].double() - p["mean"].double()) * scale + p["bias"].double()
+        folded[prod.name] = Node(prod.name, prod.op, prod.inputs, dict(prod.attrs),
+                                 {"weight": w.float(), "bias": b.float()}, prod.source, bn.shape)
+        alias[bn.name] = prod.name
+    if bad:
+        raise UnsupportedOpError("unsupported layers: " + "; ".join(bad))
+    nodes = []
+    for n in graph.nodes:
+        if n.op == "batch_norm":
+            continue
+        n = folded.get(n.name, n)
+        nodes.append(Node(n.name, n.op, [alias.get(i, i) for i in n.inputs], n.attrs, n.params, n.source, n.shape))
+    return Graph(nodes, alias.get(graph.output, graph.output))

@@ -1,0 +1,95 @@
+"""The layer graph every stage works on: a topologically ordered list of nodes.
+
+A node's output value carries the node's name. Parameters (float tensors) stay on
+the node; everything else in a node is JSON-serialisable so the graph can travel
+inside a .waps artifact. Ops after capture:
+
+    input                       attrs: shape (C, H, W)
+    conv2d  (x)                 params: weight [m, c/groups, kh, kw], bias [m]
+                                attrs: stride, padding, dilation, groups, act
+    linear  (x)                 params: weight [m, c], bias [m]; attrs: act
+    batch_norm (x)              params: mean, var, weight, bias; attrs: eps (folded away)
+    relu, relu6 (x)             (fused into the producer where it is the only consumer)
+    add     (a, b)              attrs: act
+    max_pool2d, avg_pool2d (x)  attrs: kernel, stride, padding
+    global_avg_pool (x)         N×C×H×W → N×C×1×1
+    flatten (x)                 N×C×1×1 or N×C×H×W → N×(C·H·W)
+
+``act`` is None, "relu" or "relu6": the activation fused into the producer.
+``source`` names where the node came from in the user's model (module path).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+PARAM_OPS = ("conv2d", "linear")
+OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add",
+       "max_pool2d", "avg_pool2d", "global_avg_pool", "flatten")
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: str = ""
+    shape: tuple[int, ...] = ()  # output shape without the batch dimension
+
+    @property
+    def is_depthwise(self) -> bool:
+        """Depthwise conv: one input channel per group (no product groups apply)."""
+        if self.op != "conv2d":
+            return False
+        return self.params["weight"].shape[1] == 1 and self.attrs["groups"] > 1
+
+    def label(self) -> str:
+        return f"{self.name} ({self.source})" if self.source else self.name
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    output: str
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+
+    def __getitem__(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    @property
+    def input(self) -> Node:
+        return next(n for n in self.nodes if n.op == "input")
+
+    def consumers(self) -> dict[str, list[str]]:
+        """Value name → names of the nodes that read it, in graph order."""
+        users: dict[str, list[str]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                users[i].append(n.name)
+        return users
+
+    def layers(self) -> list[Node]:
+        return [n for n in self.nodes if n.op in PARAM_OPS]
+
+    def replace(self, nodes: list[Node], output: str | None = None) -> "Graph":
+        return Graph(nodes, output or self.output)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """Structure only (no parameters): what the artifact stores as its graph."""
+        return [{"name": n.name, "op": n.op, "inputs": list(n.inputs), "attrs": n.attrs,
+                 "source": n.source, "shape": list(n.shape)} for n in self.nodes]
+
+    @staticmethod
+    def from_json(rows: list[dict[str, Any]], output: str) -> "Graph":
+        nodes = [Node(r["name"], r["op"], list(r["inputs"]), dict(r["attrs"]),
+                      {}, r.get("source", ""), tuple(r.get("shape", ()))) for r in rows]
+        return Graph(nodes, output)

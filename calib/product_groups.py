@@ -1,0 +1,106 @@
+"""WAPS input-channel product-scaling groups (paper eqs. 14-15 and appendix C).
+
+Each input unit i (a channel; for a linear after a flatten, the producer channel
+whose H·W features it reads) learns logits R[i, :] over g groups with fixed scales
+γ^G. The rectified softmax s(R_ip) = clamp(softmax(R_i)_p·(ζ − τ) + τ, 0, 1) gives
+γ^y_i = Σ_p γ_p·s_ip / Σ_j s_ij while soft. A channel *settles* the first step
+its s becomes one-hot; hardening assigns groups whose sizes are whole tiles
+(the last group in memory order may hold the partial tile), serving channels in
+the order they settled so early, decisive channels keep their group.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib.rounding import TAU, ZETA, binary_regulariser
+
+
+def rectified_softmax(r: torch.Tensor) -> torch.Tensor:
+    """s [c, g] from logits R [c, g] (eq. 15)."""
+    return (torch.softmax(r, dim=1) * (ZETA - TAU) + TAU).clamp(0, 1)
+
+
+def assign_tile_groups(scores: np.ndarray, settled_at: np.ndarray, tile: int) -> np.ndarray:
+    """Hard group per unit with tile-granular group sizes.
+
+    scores [c, g]: group probabilities; settled_at [c]: step each unit settled
+    (-1 if never). Group sizes: tile counts by largest remainder of the preferred
+    counts over T = ceil(c / tile) tiles; the group with the most spare capacity
+    absorbs the partial tile. Units are served earliest-settled first (unsettled
+    last, most confident first) and take their preferred group while it has room,
+    else the room-having group they score highest. Returns int64 [c] in [0, g)."""
+    c, g = scores.shape
+    tiles = -(-c // tile)
+    preferred = scores.argmax(1)
+    desired = np.bincount(preferred, minlength=g).astype(np.float64)
+    exact = desired / tile
+    t = np.floor(exact).astype(np.int64)
+    for p in np.argsort(-(exact - t), kind="stable")[: tiles - t.sum()]:
+        t[p] += 1
+    cap = t * tile
+    spare = np.where(t > 0, cap - desired, -np.inf)
+    cap[int(np.argmax(spare))] -= tiles * tile - c
+
+    never = settled_at < 0
+    order = np.lexsort((-scores.max(1), np.where(never, np.iinfo(np.int64).max, settled_at)))
+    out = np.empty(c, dtype=np.int64)
+    for i in order:
+        ranked = np.argsort(-scores[i], kind="stable")
+        p = next(p for p in ranked if cap[p] > 0)
+        out[i] = p
+        cap[p] -= 1
+    return out
+
+
+class ProductGroups(nn.Module):
+    """Learnable group membership of ``units`` input units over the scales ``gammas``."""
+
+    def __init__(self, units: int, gammas: list[float]):
+        super().__init__()
+        g = len(gammas)
+        self.register_buffer("gammas", torch.tensor(gammas, dtype=torch.float32))
+        # start every unit undecided; the γ=1 group is slightly preferred so the soft
+        # γ^y starts at ≈1 even for asymmetric γ^G choices
+        r = torch.zeros(units, g)
+        r[:, int(np.argmin(np.abs(np.array(gammas) - 1.0)))] = 0.5
+        self.r = nn.Parameter(r)
+        self.register_buffer("settled_at", torch.full((units,), -1, dtype=torch.int64))
+        self.register_buffer("assignment", torch.full((units,), -1, dtype=torch.int64))
+        self.history: list[np.ndarray] = []  # s[:, 0] snapshots for the Fig. 8 plot
+
+    @property
+    def hard(self) -> bool:
+        return bool(self.assignment[0] >= 0)
+
+    def probs(self) -> torch.Tensor:
+        return rectified_softmax(self.r)
+
+    def gamma_y(self) -> torch.Tensor:
+        """γ^y [units]: soft mixture while learning, exactly γ_p once hard."""
+        if self.hard:
+            return self.gammas[self.assignment]
+        s = self.probs()
+        return (s * self.gammas).sum(1) / s.sum(1)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return binary_regulariser(self.probs(), beta)
+
+    @torch.no_grad()
+    def track(self, step: int, record: bool = False) -> None:
+        """Update settle steps; a unit that leaves one-hot again is unsettled."""
+        s = self.probs()
+        onehot = s.max(1).values >= 1.0
+        self.settled_at[onehot & (self.settled_at < 0)] = step
+        self.settled_at[~onehot] = -1
+        if record:
+            self.history.append(s.detach().cpu().numpy().copy())
+
+    @torch.no_grad()
+    def harden(self, tile: int) -> None:
+        s = self.probs().cpu().numpy()
+        self.assignment.copy_(torch.from_numpy(assign_tile_groups(s, self.settled_at.cpu().numpy(), tile)))
+
+    def set_assignment(self, assignment: torch.Tensor) -> None:
+        self.assignment.copy_(assignment.to(torch.int64))

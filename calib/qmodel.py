@@ -1,0 +1,247 @@
+"""The fake-quant model: executes a fused Graph with quantized layers.
+
+One module serves calibration (soft rounding, soft groups, learned steps) and
+evaluation of a finished artifact (hard codes). With ``quant`` off it is the
+BN-folded float model, the reconstruction target.
+
+A quantized conv/linear computes (eq. 9-11, real arithmetic):
+    y = γ^z ⊙ (conv(x ⊙ γ^y, s_w·w̄) + b) + φ^z,  then the fused ReLU/ReLU6,
+    then the output activation quantizer.
+x ⊙ γ^y scales each input unit; it equals Σ_p γ_p Σ_{i∈G_p} w̄·x̄ since conv is linear.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib.config import CalibConfig
+from calib.graph import PARAM_OPS, Graph, Node
+from calib.product_groups import ProductGroups
+from calib.quantizers import FLOAT_BITS, ActQuantizer, init_weight_scale
+from calib.rounding import AdaRound, nearest_codes
+
+
+def key(name: str) -> str:
+    """Module-dict key for a node name."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
+    if act == "relu":
+        return F.relu(y)
+    if act == "relu6":
+        return y.clamp(0, 6)
+    return y
+
+
+class QuantLayer(nn.Module):
+    """A conv2d or linear with quantized weights, optional WAPS groups and γ^z/φ^z."""
+
+    def __init__(self, node: Node, wbits: int, out_bits: int, unit_size: int,
+                 gammas: list[float] | None):
+        super().__init__()
+        self.op, self.attrs, self.wbits = node.op, dict(node.attrs), wbits
+        w, b = node.params["weight"], node.params["bias"]
+        self.register_buffer("weight", w.clone())
+        self.register_buffer("bias", b.clone())
+        self.register_buffer("w_scale", init_weight_scale(w, wbits))
+        self.register_buffer("w_codes", nearest_codes(w, self.w_scale, wbits))
+        self.rounding: AdaRound | None = None
+        m = w.shape[0]
+        self.gamma_z = nn.Parameter(torch.ones(m), requires_grad=False)
+        self.phi_z = nn.Parameter(torch.zeros(m), requires_grad=False)
+        self.unit_size = unit_size
+        in_features = w.shape[1] * (node.attrs.get("groups", 1) if node.op == "conv2d" else 1)
+        self.units = in_features // unit_size
+        self.groups = ProductGroups(self.units, gammas) if gammas else None
+        self.out_quant = ActQuantizer(out_bits)
+        self.quant = True
+
+    @property
+    def in_channels(self) -> int:
+        return self.units * self.unit_size
+
+    def start_rounding(self) -> None:
+        self.rounding = AdaRound(self.weight, self.w_scale, self.wbits)
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix soft rounding into integer codes (AdaRound is dropped afterwards)."""
+        if self.rounding is not None:
+            self.rounding.hard = True
+            self.w_codes.copy_(self.rounding.codes())
+            self.rounding = None
+
+    def qweight(self) -> torch.Tensor:
+        if self.rounding is not None:
+            return self.rounding()
+        return self.w_codes * self.w_scale.reshape((-1,) + (1,) * (self.weight.dim() - 1))
+
+    def gamma_y(self) -> torch.Tensor | None:
+        if self.groups is None:
+            return None
+        g = self.groups.gamma_y()
+        return g.repeat_interleave(self.unit_size) if self.unit_size > 1 else g
+
+    def linear_part(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.op == "conv2d":
+            a = self.attrs
+            return F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
+        return F.linear(x, w)
+
+    def preact(self, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
+        """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z."""
+        if not self.quant:
+            return self.linear_part(x, self.weight) + _expand(self.bias, x.dim())
+        gy = self.gamma_y()
+        if gy is not None:
+            x = x * _expand(gy, x.dim())
+        y = self.linear_part(x, self.qweight()) + _expand(self.bias, x.dim())
+        if affine:
+            y = _expand(self.gamma_z, x.dim()) * y + _expand(self.phi_z, x.dim())
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = apply_act(self.preact(x), self.attrs["act"])
+        return self.out_quant(y) if self.quant else y
+
+
+class QuantAdd(nn.Module):
+    """Residual add with fused activation and its own output quantizer."""
+
+    def __init__(self, node: Node, out_bits: int):
+        super().__init__()
+        self.act = node.attrs.get("act")
+        self.out_quant = ActQuantizer(out_bits)
+        self.quant = True
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = apply_act(a + b, self.act)
+        return self.out_quant(y) if self.quant else y
+
+
+def _expand(v: torch.Tensor, dim: int) -> torch.Tensor:
+    return v.reshape((1, -1) + (1,) * (dim - 2))
+
+
+def _glue(node: Node, x: torch.Tensor) -> torch.Tensor:
+    a = node.attrs
+    if node.op == "max_pool2d":
+        return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+    if node.op == "avg_pool2d":
+        return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
+    if node.op == "global_avg_pool":
+        return x.mean((2, 3), keepdim=True)
+    if node.op == "flatten":
+        return x.flatten(1)
+    if node.op == "relu":
+        return F.relu(x)
+    if node.op == "relu6":
+        return x.clamp(0, 6)
+    raise AssertionError(f"no executor for {node.op}")
+
+
+def layer_roles(graph: Graph) -> tuple[set[str], set[str]]:
+    """(first, last): layers reading the graph input / producing the graph output
+    through parameter-free nodes only."""
+    users = graph.consumers()
+
+    def walk(start: list[str], step) -> set[str]:
+        found, stack, seen = set(), list(start), set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            if graph[v].op in PARAM_OPS:
+                found.add(v)
+            else:
+                stack.extend(step(v))
+        return found
+
+    first = walk(users[graph.input.name], lambda v: users[v])
+    last = walk([graph.output], lambda v: graph[v].inputs)
+    return first, last
+
+
+def unit_size(graph: Graph, node: Node) -> int:
+    """Input features per product-group unit: H·W for a linear after a flatten of C×H×W."""
+    if node.op != "linear":
+        return 1
+    src = graph[node.inputs[0]]
+    if src.op == "flatten":
+        pre = graph[src.inputs[0]].shape
+        if len(pre) == 3:
+            return pre[1] * pre[2]
+    return 1
+
+
+def output_bits(graph: Graph, cfg: CalibConfig, last: set[str]) -> dict[str, int]:
+    """Code width of every quantization point (conv/linear/add outputs and the input)."""
+    if cfg.abits == FLOAT_BITS:
+        return {n.name: FLOAT_BITS for n in graph if n.op in (*PARAM_OPS, "add", "input")}
+    users = graph.consumers()
+    bits = {}
+    for n in graph:
+        if n.op == "input" or n.name in last:
+            bits[n.name] = cfg.first_last_bits
+        elif n.op in (*PARAM_OPS, "add"):
+            readers = users[n.name]
+            only_add = readers and all(graph[u].op == "add" for u in readers)
+            bits[n.name] = cfg.residual_bits if only_add else cfg.abits
+    return bits
+
+
+class QuantModel(nn.Module):
+    """Fake-quant executor of a fused graph."""
+
+    def __init__(self, graph: Graph, cfg: CalibConfig):
+        super().__init__()
+        self.graph = graph
+        first, last = layer_roles(graph)
+        self.first, self.last = first, last
+        bits = output_bits(graph, cfg, last)
+        self.input_quant = ActQuantizer(bits[graph.input.name])
+        self.ops = nn.ModuleDict()
+        for n in graph:
+            if n.op in PARAM_OPS:
+                wb = cfg.first_last_bits if n.name in first | last else cfg.wbits
+                us = unit_size(graph, n)
+                units = n.params["weight"].shape[1] * n.attrs.get("groups", 1) // us
+                wants_groups = cfg.uses_waps and not n.is_depthwise and units > cfg.tile
+                self.ops[key(n.name)] = QuantLayer(n, wb, bits[n.name], us,
+                                                   list(cfg.gammas) if wants_groups else None)
+            elif n.op == "add":
+                self.ops[key(n.name)] = QuantAdd(n, bits[n.name])
+
+    def layer(self, name: str) -> QuantLayer | QuantAdd:
+        return self.ops[key(name)]
+
+    def quant_layers(self) -> dict[str, QuantLayer]:
+        return {n.name: self.ops[key(n.name)] for n in self.graph if n.op in PARAM_OPS}
+
+    def set_quant(self, on: bool) -> None:
+        self.input_quant.enabled = on and self.input_quant.bits < FLOAT_BITS
+        for m in self.ops.values():
+            m.quant = on
+
+    def run(self, names: tuple[str, ...] | list[str], env: dict[str, torch.Tensor],
+            keep: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Evaluate ``names`` in order reading/writing ``env``; returns env."""
+        for name in names:
+            n = self.graph[name]
+            if n.op in PARAM_OPS:
+                env[name] = self.ops[key(name)](env[n.inputs[0]])
+            elif n.op == "add":
+                env[name] = self.ops[key(name)](env[n.inputs[0]], env[n.inputs[1]])
+            else:
+                env[name] = _glue(n, env[n.inputs[0]])
+        return env
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env = {self.graph.input.name: self.input_quant(x)}
+        names = [n.name for n in self.graph if n.op != "input"]
+        return self.run(names, env)[self.graph.output]

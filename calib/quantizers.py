@@ -1,0 +1,113 @@
+"""Uniform quantizers: weights symmetric per output channel, activations asymmetric per tensor.
+
+Weight codes w̄ ∈ [-2^(b-1), 2^(b-1) - 1], w ≈ s_w[k]·w̄. Activation codes
+x̄ ∈ [0, 2^A - 1], x ≈ s_x·(x̄ − z_x). Rounding is round-half-to-even (torch.round)
+for round-to-nearest; AdaRound replaces it for weights (calib/rounding.py).
+Ranges are initialised by an Lp search (p = 2.4, as BRECQ/QDrop) over clipping ratios.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FLOAT_BITS = 32  # "A32": the tensor stays float (weight-only quantization)
+LP_NORM = 2.4
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def weight_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def init_weight_scale(w: torch.Tensor, bits: int, steps: int = 80) -> torch.Tensor:
+    """Per-output-channel scale s_w [m] minimising Σ|w − s·clamp(round(w/s))|^2.4.
+
+    Candidates are s = r·max|w_k| / 2^(b-1) for r on a grid in (0.2, 1.0]; the
+    grid search is vectorised over channels."""
+    qmin, qmax = weight_range(bits)
+    flat = w.detach().reshape(w.shape[0], -1).double()
+    amax = flat.abs().amax(1).clamp_min(1e-8)
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / -qmin
+    for r in torch.linspace(0.2, 1.0, steps, dtype=torch.float64):
+        s = r * amax / -qmin
+        q = (flat / s[:, None]).round().clamp(qmin, qmax) * s[:, None]
+        err = (q - flat).abs().pow(LP_NORM).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best.float()
+
+
+def init_act_range(x: torch.Tensor, bits: int, steps: int = 100) -> tuple[float, int]:
+    """(scale, zero_point) for an asymmetric A-bit quantizer of samples ``x``.
+
+    Searches shrunken [min, max] ranges (BRECQ's L2.4 search) keeping 0 representable."""
+    x = x.detach().flatten().double()
+    if x.numel() > 2_000_000:  # a strided subsample keeps the search fast on big tensors
+        x = x[:: x.numel() // 2_000_000 + 1]
+    lo0, hi0 = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    levels = 2**bits - 1
+    best, best_err = None, float("inf")
+    for i in range(steps):
+        f = 1.0 - i / steps * 0.8
+        lo, hi = lo0 * f, hi0 * f
+        s = max((hi - lo) / levels, 1e-8)
+        z = int(round(-lo / s))
+        q = ((x / s).round() + z).clamp(0, levels)
+        err = float(((q - z) * s - x).abs().pow(LP_NORM).mean())
+        if err < best_err:
+            best, best_err = (s, z), err
+    return best
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric fake quantizer with a learned step (LSQ-style STE).
+
+    ``bits = 32`` makes it the identity. ``drop_prob`` > 0 (QDrop) keeps each
+    element's full-precision value with that probability, in training mode only."""
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.scale = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0.0))
+        self.enabled = bits < FLOAT_BITS
+        self.drop_prob = 0.0
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    def init_from(self, x: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        s, z = init_act_range(x, self.bits)
+        self.scale.data.fill_(s)
+        self.zero_point.fill_(z)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes x̄ (as float) of a real tensor, round-half-to-even."""
+        return (x / self.scale + self.zero_point).round().clamp(0, self.levels)
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantizer without its rounding: x clamped to the representable range."""
+        if not self.enabled:
+            return x
+        s = self.scale.detach()
+        return x.clamp(-self.zero_point * s, (self.levels - self.zero_point) * s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        s = self.scale
+        q = (round_ste(x / s) + self.zero_point).clamp(0, self.levels)
+        xq = (q - self.zero_point) * s
+        if self.training and self.drop_prob > 0:
+            keep_fp = torch.rand_like(x) < self.drop_prob
+            return torch.where(keep_fp, x, xq)
+        return xq

@@ -1,0 +1,168 @@
+"""The one reconstruction loop, for single layers and residual blocks alike (eq. 16).
+
+loss = mean_batch Σ (Ẑ − Z)² + λ·(Σ rounding reg + Σ group reg), the regulariser off
+during the warm-up; Adam on AdaRound V, WAPS logits R and γ^z/φ^z; activation
+steps with their own Adam and cosine-decayed learning rate. QDrop mixes the
+block's quantized and float inputs elementwise and drops inside the block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calib.blocks import Block
+from calib.config import CalibConfig
+from calib.qmodel import QuantAdd, QuantLayer, QuantModel
+from calib.rounding import BetaSchedule, cosine_lr
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class ReconStats:
+    iters: int
+    seconds: float
+
+
+def block_modules(model: QuantModel, block: Block) -> tuple[list[QuantLayer], list[QuantAdd]]:
+    layers, adds = [], []
+    for name in block.nodes:
+        op = model.graph[name].op
+        if op in ("conv2d", "linear"):
+            layers.append(model.layer(name))
+        elif op == "add":
+            adds.append(model.layer(name))
+    return layers, adds
+
+
+def run_block(model: QuantModel, block: Block, inputs: Tensors, chunk: int = 256) -> Tensors:
+    """Block outputs for all samples, evaluated in chunks without gradients."""
+    n = next(iter(inputs.values())).shape[0]
+    outs: dict[str, list[torch.Tensor]] = {o: [] for o in block.outputs}
+    with torch.no_grad():
+        for i in range(0, n, chunk):
+            env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in inputs.items()})
+            for o in block.outputs:
+                outs[o].append(env[o])
+    return {o: torch.cat(v) for o, v in outs.items()}
+
+
+def block_loss(model: QuantModel, block: Block, q_in: Tensors, fp_out: Tensors) -> float:
+    """Mean over samples of the summed squared error of the block outputs."""
+    model.eval()
+    out = run_block(model, block, q_in)
+    n = next(iter(fp_out.values())).shape[0]
+    return float(sum(((out[o] - fp_out[o]) ** 2).sum() for o in block.outputs) / n)
+
+
+def _sse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).flatten(1).sum(1).mean()
+
+
+def _output_quantizer(model: QuantModel, value: str):
+    """The quantizer that produces ``value``'s codes (glue nodes inherit their producer's)."""
+    g = model.graph
+    while g[value].op not in ("conv2d", "linear", "add"):
+        value = g[value].inputs[0]
+    return model.layer(value).out_quant
+
+
+def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, fp_out: Tensors,
+                cfg: CalibConfig, generator: torch.Generator, on_step=None) -> None:
+    """Learn rounding (and WAPS groups, γ^z/φ^z) of one block in place, then freeze it."""
+    layers, adds = block_modules(model, block)
+    quantizers = [m.out_quant for m in (*layers, *adds) if m.out_quant.enabled]
+    weight_params, group_params, affine_params = [], [], []
+    for layer in layers:
+        layer.start_rounding()
+        weight_params.append(layer.rounding.v)
+        if cfg.uses_waps:
+            layer.gamma_z.requires_grad_(True)
+            layer.phi_z.requires_grad_(True)
+            affine_params += [layer.gamma_z, layer.phi_z]
+            if layer.groups is not None and not layer.groups.hard:
+                group_params.append(layer.groups.r)
+    param_groups = [{"params": weight_params, "lr": cfg.round_lr}]
+    if group_params:
+        param_groups.append({"params": group_params, "lr": cfg.lr_groups})
+    if affine_params:
+        param_groups.append({"params": affine_params, "lr": cfg.lr_affine})
+    opt = torch.optim.Adam(param_groups)
+    act_opt = torch.optim.Adam([q.scale for q in quantizers], lr=cfg.lr_act) if quantizers else None
+    for q in quantizers:
+        q.drop_prob = cfg.drop_prob if cfg.uses_qdrop else 0.0
+
+    out_quants = [_output_quantizer(model, o) for o in block.outputs]
+    out_enabled = [q.enabled for q in out_quants]
+    # WAPS: a joint soft phase, then groups and rounding are fixed and γ^z/φ^z (and
+    # the steps) are fine-tuned against the hard weights (appendix C). Without WAPS
+    # there is nothing to fine-tune, so rounding learns for all iterations.
+    harden_step = int(cfg.harden_at * cfg.iters) if cfg.uses_waps else cfg.iters
+    schedule = BetaSchedule(harden_step, cfg.warmup, *cfg.beta)
+    n = next(iter(q_in.values())).shape[0]
+    lam = cfg.regulariser_weight
+    grouped = [l for l in layers if l.groups is not None and not l.groups.hard]
+    model.train()
+    for t in range(cfg.iters):
+        if t == harden_step:
+            for layer in grouped:
+                layer.groups.harden(cfg.tile)
+            grouped = []
+            for layer in layers:
+                layer.freeze()
+            opt = torch.optim.Adam(affine_params, lr=cfg.lr_affine) if affine_params else None
+        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator)
+        inputs = {}
+        for k, v in q_in.items():
+            x = v[idx]
+            if cfg.uses_qdrop:
+                keep_fp = torch.rand(x.shape, generator=generator) < cfg.drop_prob
+                x = torch.where(keep_fp, fp_in[k][idx], x)
+            inputs[k] = x
+        for q in out_quants:
+            q.enabled = False
+        env = model.run(block.nodes, inputs)
+        for q, on in zip(out_quants, out_enabled):
+            q.enabled = on
+        target = {o: fp_out[o][idx] for o in block.outputs}
+        # Rounding, groups and γ^z/φ^z learn from the block output clipped to its
+        # quantizer's range but not rounded: the STE through a coarse output rounding
+        # biases them (it reads rounding error as a mismatch to fix). The output steps
+        # learn from the quantized output (LSQ).
+        rec = sum(_sse(out_quants[i].clip(env[o]), target[o]) for i, o in enumerate(block.outputs))
+        loss = rec + sum(_sse(out_quants[i](env[o].detach()), target[o]) for i, o in enumerate(block.outputs)
+                         if out_enabled[i])
+        if t < harden_step and schedule.active(t) and lam > 0:
+            beta = schedule(t)
+            reg = sum(l.rounding.regulariser(beta) for l in layers)
+            reg = reg + sum(l.groups.regulariser(beta) for l in grouped)
+            loss = loss + lam * reg
+        if opt:
+            opt.zero_grad(set_to_none=True)
+        if act_opt:
+            act_opt.zero_grad(set_to_none=True)
+            for g in act_opt.param_groups:
+                g["lr"] = cosine_lr(t, cfg.iters, cfg.lr_act)
+        if loss.requires_grad:
+            loss.backward()
+        if opt:
+            opt.step()
+        if act_opt:
+            act_opt.step()
+            for q in quantizers:
+                q.scale.data.clamp_(min=1e-8)
+        for layer in grouped:
+            layer.groups.track(t, record=t % max(cfg.iters // 100, 1) == 0)
+        if on_step:
+            on_step(t, float(rec.detach()))
+
+    for layer in layers:
+        if layer.groups is not None and not layer.groups.hard:
+            layer.groups.harden(cfg.tile)
+        layer.freeze()
+        layer.gamma_z.requires_grad_(False)
+        layer.phi_z.requires_grad_(False)
+    for q in quantizers:
+        q.drop_prob = 0.0
+    model.eval()

@@ -1,0 +1,82 @@
+"""AdaRound: learned up/down rounding of weights (eqs. 12-13) and its regulariser.
+
+h(V) = clamp(σ(V)·(ζ − τ) + τ, 0, 1), ζ = 1.1, τ = −0.1.
+w̄ = clamp(floor(w/s) + h(V), qmin, qmax) while soft; h(V) ≥ 0.5 ⇔ round up once hard.
+Regulariser: Σ (1 − |2h − 1|^β), β annealed from 20 to 2 after a warm-up (BRECQ).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ZETA, TAU = 1.1, -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(v) * (ZETA - TAU) + TAU).clamp(0, 1)
+
+
+def binary_regulariser(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ (1 − |2h − 1|^β): zero exactly when every h is 0 or 1."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+class BetaSchedule:
+    """β(t): ``start`` during the first ``warmup`` fraction (where the regulariser is
+    off), then linear decay to ``end`` at t = t_max (BRECQ's LinearTempDecay)."""
+
+    def __init__(self, t_max: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0):
+        self.t_max, self.warmup, self.start, self.end = t_max, warmup, start, end
+
+    def active(self, t: int) -> bool:
+        return t >= self.warmup * self.t_max
+
+    def __call__(self, t: int) -> float:
+        t0 = self.warmup * self.t_max
+        if t < t0:
+            return self.start
+        rel = (t - t0) / max(self.t_max - t0, 1)
+        return self.end + (self.start - self.end) * max(0.0, 1.0 - rel)
+
+
+class AdaRound(nn.Module):
+    """Learned rounding for one weight tensor with per-output-channel scale ``scale`` [m]."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bits: int):
+        super().__init__()
+        self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        self.register_buffer("scale", scale.reshape(shape).clone())
+        w = weight / self.scale
+        self.register_buffer("floor", w.floor())
+        rest = (w - self.floor).clamp(1e-4, 1 - 1e-4)
+        # start where h(V) equals the fractional part: soft rounding = the float weight
+        self.v = nn.Parameter(-torch.log((ZETA - TAU) / (rest - TAU) - 1))
+        self.hard = False
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes w̄ (as float): soft during learning, {floor, floor+1} once hard."""
+        up = (self.v >= 0).float() if self.hard else self.h()
+        return (self.floor + up).clamp(self.qmin, self.qmax)
+
+    def forward(self) -> torch.Tensor:
+        return self.codes() * self.scale
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return binary_regulariser(self.h(), beta)
+
+
+def nearest_codes(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Round-to-nearest weight codes (half to even)."""
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return (weight / scale.reshape(shape)).round().clamp(qmin, qmax)
+
+
+def cosine_lr(step: int, total: int, base: float) -> float:
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))

@@ -1,0 +1,1 @@
+"""BYOC codegens (npu16, portable C). Built by the npu16 issue; nothing here yet."""

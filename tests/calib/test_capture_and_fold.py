@@ -1,0 +1,54 @@
+import pytest
+import torch
+from torch import nn
+
+from calib.capture import capture, export_module
+from calib.errors import UnsupportedOpError
+from calib.fold_bn import fold_batch_norm
+from calib.fuse import fuse_activations
+from calib.qmodel import QuantModel
+from calib.config import CalibConfig
+
+
+def graph_of(model, shape):
+    return fuse_activations(fold_batch_norm(capture(export_module(model, shape))))
+
+
+def test_bn_folding_is_exact(tiny_resnet):
+    g = graph_of(tiny_resnet, (1, 16, 16))
+    assert not any(n.op == "batch_norm" for n in g)
+    fp = QuantModel(g, CalibConfig(method="rtn", abits=32))
+    fp.set_quant(False)
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fp(x), tiny_resnet(x), rtol=1e-5, atol=1e-5)
+
+
+def test_activations_fused_into_producers(tiny_resnet):
+    g = graph_of(tiny_resnet, (1, 16, 16))
+    acts = {n.source: n.attrs.get("act") for n in g if n.op in ("conv2d", "add")}
+    assert acts["stem.0"] == "relu"
+    assert acts["b1.0"] == "relu6"
+    assert acts["a1.3"] is None  # conv before the residual add: no activation
+    adds = [n for n in g if n.op == "add"]
+    assert [a.attrs["act"] for a in adds] == ["relu", None]
+    assert not any(n.op in ("relu", "relu6") for n in g)
+
+
+class WithSigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.gate = nn.Sigmoid()
+        self.up = nn.Upsample(scale_factor=2)
+
+    def forward(self, x):
+        return self.up(self.gate(self.conv(x)))
+
+
+def test_unsupported_ops_are_listed_by_module_name():
+    with pytest.raises(UnsupportedOpError) as e:
+        graph_of(WithSigmoid(), (1, 8, 8))
+    msg = str(e.value)
+    assert "gate" in msg and "sigmoid" in msg and "up" in msg
+    assert "\n" not in msg

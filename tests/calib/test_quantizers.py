@@ -1,0 +1,84 @@
+import torch
+from hypothesis import given, settings, strategies as st
+
+from calib.quantizers import ActQuantizer, init_act_range, init_weight_scale, weight_range
+from calib.rounding import AdaRound, BetaSchedule, binary_regulariser, nearest_codes, rectified_sigmoid
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), seed=st.integers(0, 10_000))
+def test_weight_codes_round_trip(bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    s = init_weight_scale(w, bits)
+    codes = nearest_codes(w, s, bits)
+    lo, hi = weight_range(bits)
+    assert codes.min() >= lo and codes.max() <= hi
+    assert torch.equal(codes, codes.round())
+    # dequantized codes quantize back to themselves
+    deq = codes * s.reshape(-1, 1, 1, 1)
+    assert torch.equal(nearest_codes(deq, s, bits), codes)
+    # within the clipping range the error is at most half a step
+    inside = (w / s.reshape(-1, 1, 1, 1)).abs() <= hi
+    err = (deq - w).abs() / s.reshape(-1, 1, 1, 1)
+    assert float(err[inside].max()) <= 0.5 + 1e-5
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), shift=st.floats(-2, 2), seed=st.integers(0, 1000))
+def test_activation_codes_round_trip(bits, shift, seed):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) + shift
+    q = ActQuantizer(bits)
+    q.init_from(x)
+    codes = q.codes(x)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    real = (codes - q.zero_point) * q.scale
+    assert torch.allclose(q(x), real.detach(), atol=1e-6)
+    assert torch.equal(q.codes(real.detach()), codes)       # codes → real → codes
+    s, z = init_act_range(x, bits)
+    assert abs(round(-0.0 / s) + z - z) == 0  # real zero is exactly representable
+    assert 0 <= z <= 2**bits - 1
+
+
+def test_act_quantizer_32_bits_is_identity_and_qdrop_mixes():
+    x = torch.randn(10_000)
+    assert torch.equal(ActQuantizer(32)(x), x)
+    q = ActQuantizer(2)
+    q.init_from(x)
+    q.train()
+    q.drop_prob = 0.5
+    y = q(x)
+    kept = (y == x).float().mean()
+    assert 0.45 < kept < 0.6
+    q.eval()
+    assert not torch.equal(q(x), x)
+
+
+def test_adaround_starts_at_the_float_weight_and_hardens_to_floor_or_ceil():
+    w = torch.randn(16, 8)
+    s = init_weight_scale(w, 4)
+    r = AdaRound(w, s, 4)
+    inside = (w / s[:, None]).abs() < 7
+    assert torch.allclose(r()[inside], w[inside], atol=1e-3)
+    r.hard = True
+    codes = r.codes()
+    floor = (w / s[:, None]).floor()
+    assert torch.all((codes == floor) | (codes == floor + 1) | ~inside)
+
+
+def test_rectified_sigmoid_and_regulariser():
+    assert float(rectified_sigmoid(torch.tensor(-20.0))) == 0.0
+    assert float(rectified_sigmoid(torch.tensor(20.0))) == 1.0
+    assert float(binary_regulariser(torch.tensor([0.0, 1.0, 1.0]), 2.0)) == 0.0
+    # h = 0.5 is the maximum: 1 - 0^β = 1 per element
+    assert float(binary_regulariser(torch.tensor([0.5, 0.5]), 20.0)) == 2.0
+    h = torch.tensor([0.3])
+    assert abs(float(binary_regulariser(h, 2.0)) - (1 - 0.4**2)) < 1e-6
+
+
+def test_beta_schedule_warmup_then_linear_decay():
+    b = BetaSchedule(1000, warmup=0.2, start=20, end=2)
+    assert not b.active(199) and b.active(200)
+    assert b(0) == 20 and b(200) == 20
+    assert abs(b(600) - 11) < 1e-9
+    assert b(1000) == 2

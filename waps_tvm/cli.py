@@ -1,0 +1,157 @@
+"""The ``waps-tvm`` command line. Errors become one line and exit code 2 here, and
+only here; Ctrl-C exits 130 with nothing half-written (artifacts are renamed into
+place only when complete)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from calib.errors import ConfigError, WapsError
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not C,H,W") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not C,H,W")
+    return dims
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from calib.config import ACT_BITS, METHODS, WEIGHT_BITS, CalibConfig
+    d = CalibConfig()
+    p = argparse.ArgumentParser(prog="waps-tvm", description="WAPS-Quant PTQ and TVM compilation for a 16x16 NPU")
+    p.add_argument("--version", action="version", version=f"waps-tvm {__import__('waps_tvm').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("calibrate", help="quantize a model with WAPS-Quant (or a baseline) into a .waps artifact")
+    c.add_argument("model", help="'digit-recognizer' (bundled), a .pt2 torch.export program, a state dict "
+                                 "(.pt/.pth, with --arch) or a pickled nn.Module (with --trust-pickle)")
+    c.add_argument("--data", required=True, help="calibration data: mnist | fashion-mnist | digits, "
+                                                 "a .npy/.npz tensor file, or a folder of images")
+    c.add_argument("-o", "--output", required=True, help="the .waps file to write")
+    c.add_argument("--arch", help="torchvision architecture name for a state dict")
+    c.add_argument("--trust-pickle", action="store_true",
+                   help="allow unpickling a .pt nn.Module (runs code from the file)")
+    c.add_argument("--input-shape", type=_shape, help="model input C,H,W (when it cannot be inferred)")
+    c.add_argument("--wbits", type=int, default=d.wbits, choices=WEIGHT_BITS)
+    c.add_argument("--abits", type=int, default=d.abits, choices=ACT_BITS, help="32 = weight-only")
+    c.add_argument("--method", default=d.method, choices=METHODS,
+                   help="waps = BRECQ+WAPS (default); qdrop+waps = QDrop+WAPS")
+    c.add_argument("--cwac", action="store_true", help="add QwT-v2 channel-wise affine compensation")
+    c.add_argument("--iters", type=int, default=d.iters, help=f"iterations per block (default {d.iters})")
+    c.add_argument("--batch", type=int, default=d.batch)
+    c.add_argument("--samples", type=int, default=d.samples, help="calibration samples")
+    c.add_argument("--seed", type=int, default=d.seed)
+    c.add_argument("--gammas", type=_floats, default=d.gammas, help="group scales γ^G, each 1 or 1±2^-n")
+    c.add_argument("--tile", type=int, default=d.tile, help="group-size granularity in channels (MAC tile)")
+    c.add_argument("--lam", type=float, default=None, help="regulariser weight λ_r = λ_g (default 0.01)")
+    c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
+    c.add_argument("--eval-data", help="labelled data for top-1 (default: the built-in test split)")
+    c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="top-1 of a .waps artifact's fake-quant model on labelled data")
+    e.add_argument("artifact")
+    e.add_argument("--data", required=True)
+    e.add_argument("--samples", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "calibrate":
+            return _calibrate(args)
+        if args.command == "eval":
+            return _eval(args)
+    except WapsError as e:
+        print(f"waps-tvm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("waps-tvm: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _calibrate(args) -> int:
+    import torch
+    from rich.console import Console
+
+    from calib.config import CalibConfig
+    from waps_tvm import api
+    from waps_tvm.datasets import BUILTIN, load_dataset
+    from waps_tvm.model_io import load_model
+
+    out = Path(args.output)
+    if out.exists() and out.is_dir():
+        raise ConfigError(f"-o {out}: is a folder, expected a file path")
+    console = Console(stderr=False)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, cwac=args.cwac,
+                      iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
+                      gammas=tuple(args.gammas), tile=args.tile, lam=args.lam,
+                      first_last_bits=args.first_last_bits, progress=not args.quiet).validate()
+    model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
+    data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
+    t0 = time.perf_counter()
+    result, art = api.quantize(model, data.x, cfg)
+    api.save_artifact(art, out)
+    console.print(_loss_table(result))
+    console.print(f"calibrated {len(result.blocks)} blocks in {time.perf_counter() - t0:.1f} s "
+                  f"({cfg.method}, W{cfg.wbits}A{cfg.abits}, {cfg.iters} iters/block) → {out}")
+    eval_spec = args.eval_data or (args.data if args.data in BUILTIN else None)
+    if eval_spec and not args.no_eval:
+        test = load_dataset(eval_spec, "test", input_shape=model.input_shape)
+        if test.y is None:
+            console.print(f"{eval_spec} has no labels: accuracy not evaluated")
+            return 0
+        fp = api.top1(_float_logits(model, test.x), test.y)
+        q = api.evaluate(api.load_artifact(out), test.x, test.y)
+        console.print(f"top-1 on {eval_spec} test ({len(test.x)} images): float {fp * 100:.2f} %, "
+                      f"quantized (reloaded {out.name}) {q * 100:.2f} %")
+    return 0
+
+
+def _float_logits(model, x):
+    import torch
+    with torch.no_grad():
+        return torch.cat([model.float_forward(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+
+
+def _loss_table(result):
+    from rich.table import Table
+    t = Table(title="block reconstruction loss (mean over samples of summed squared error)")
+    for col in ("#", "block", "kind", "layers", "before (RTN)", "after", "s/iter"):
+        t.add_column(col, justify="right" if col not in ("block", "kind") else "left")
+    for i, r in enumerate(result.report, 1):
+        t.add_row(str(i), r.source, r.kind, str(r.layers), f"{r.loss_before:.4g}", f"{r.loss_after:.4g}",
+                  f"{r.sec_per_iter * 1000:.2f} ms" if r.iters else "-")
+    return t
+
+
+def _eval(args) -> int:
+    from waps_tvm import api
+    from waps_tvm.datasets import load_dataset
+    art = api.load_artifact(args.artifact)
+    shape = tuple(art.graph.input.attrs["shape"])
+    test = load_dataset(args.data, "test", n=args.samples, input_shape=shape)
+    if test.y is None:
+        raise ConfigError(f"{args.data} has no labels")
+    print(f"top-1 {api.evaluate(art, test.x, test.y) * 100:.2f} % on {len(test.x)} images of {args.data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
