@@ -140,7 +140,9 @@ def test_usage_errors_exit_2():
 def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
     out = tmp_path / "m.waps"
     p = subprocess.Popen(EXE + ["calibrate", "digit-recognizer", "--data", "mnist", "--iters", "100000",
-                                "-q", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "-q", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a shell's background jobs inherit SIGINT ignored: restore the terminal's default
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(12)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)

@@ -1,0 +1,216 @@
+"""Accuracy benchmark: every method of the calibration engine, like for like.
+
+Models: the pretrained digit-recognizer CNN (PyPI, trained by nobody here) on the full
+MNIST test set; FashionResNet and FashionMobileNetV2 (bench/train_fashion.py) on the full
+Fashion-MNIST test set. For each bit configuration, method and seed: top-1 of the
+fake-quant model rebuilt from the saved .waps artifact, per-block reconstruction loss,
+and calibration seconds per block-iteration. Writes bench/results/accuracy.json (updated
+after every run, so an interrupted benchmark resumes), accuracy.md and
+group_convergence.png (the paper's Fig. 8 for one layer).
+
+    python -m bench.accuracy [--models ...] [--configs W2A4 ...] [--methods ...]
+                             [--seeds 0 1 2] [--iters 300] [--samples 512] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {"digit_recognizer": "mnist", "fashion_resnet": "fashion-mnist", "fashion_mobilenetv2": "fashion-mnist"}
+CONFIGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A32": (2, 32)}
+METHODS = ["rtn", "rtn+cwac", "brecq", "brecq+cwac", "waps", "waps+cwac", "qdrop", "qdrop+waps"]
+LABEL = {"rtn": "RTN", "rtn+cwac": "RTN+CWAC", "brecq": "BRECQ", "brecq+cwac": "BRECQ+CWAC",
+         "waps": "BRECQ+WAPS", "waps+cwac": "BRECQ+WAPS+CWAC", "qdrop": "QDrop", "qdrop+waps": "QDrop+WAPS"}
+
+
+def load_model(name: str):
+    if name == "digit_recognizer":
+        from waps_tvm.model_io import digit_recognizer
+        return digit_recognizer()
+    from bench.models import load_pretrained
+    return load_pretrained(name)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def run_one(model_name: str, config: str, method: str, seed: int, iters: int, samples: int,
+            lam: float, record_groups: bool = False) -> dict:
+    """Calibrate, save, reload, evaluate one (model, config, method, seed)."""
+    import torch
+    torch.set_num_threads(1)
+    from calib import artifact
+    from calib.config import CalibConfig
+    from waps_tvm import api
+    from waps_tvm.datasets import load_dataset
+
+    model = load_model(model_name)
+    data = MODELS[model_name]
+    calib = load_dataset(data, "calib", n=samples, seed=seed)
+    test = load_dataset(data, "test")
+    wb, ab = CONFIGS[config]
+    base, cwac = method.split("+cwac")[0], method.endswith("+cwac")
+    cfg = CalibConfig(wbits=wb, abits=ab, method=base, cwac=cwac, iters=iters, samples=samples,
+                      seed=seed, lam=lam, progress=False)
+    t0 = time.perf_counter()
+    result, art = api.quantize(model, calib.x, cfg)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        path = artifact.save(art, Path(d) / "m.waps")
+        acc = api.evaluate(artifact.load(path), test.x, test.y)
+    row = {"model": model_name, "config": config, "method": method, "seed": seed, "top1": acc,
+           "seconds": seconds, "iters": iters, "samples": samples, "lam": lam,
+           "sec_per_iter": statistics.fmean([r.sec_per_iter for r in result.report if r.iters] or [0.0]),
+           "blocks": [{"name": r.source, "kind": r.kind, "before": r.loss_before, "after": r.loss_after}
+                      for r in result.report]}
+    if record_groups:
+        layers = [(n, l) for n, l in result.model.quant_layers().items() if l.groups is not None and l.groups.history]
+        name, layer = layers[len(layers) // 2]
+        row["group_history"] = {"layer": result.model.graph[name].source,
+                                "assignment": layer.groups.assignment.tolist(),
+                                "probs": [h.tolist() for h in layer.groups.history]}
+    return row
+
+
+def float_accuracy(model_name: str) -> float:
+    import torch
+    from waps_tvm.datasets import load_dataset
+    test = load_dataset(MODELS[model_name], "test")
+    with torch.no_grad():
+        logits = torch.cat([load_model(model_name)(test.x[i:i + 1000]) for i in range(0, len(test.x), 1000)])
+    return float((logits.argmax(1) == test.y).float().mean())
+
+
+def key(r) -> tuple:
+    return (r["model"], r["config"], r["method"], r["seed"])
+
+
+def summarise(results: dict) -> str:
+    runs = results["runs"]
+    lines = [f"# Accuracy benchmark (top-1 %, mean ± std over seeds)", "",
+             f"{results['setup']}", ""]
+    for model in MODELS:
+        mine = [r for r in runs if r["model"] == model]
+        if not mine:
+            continue
+        configs = [c for c in CONFIGS if any(r["config"] == c for r in mine)]
+        lines += [f"## {model} ({MODELS[model]} test, 10k images), float {results['float'][model] * 100:.2f} %", "",
+                  "| method | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+        for m in METHODS:
+            cells = []
+            for c in configs:
+                accs = [r["top1"] * 100 for r in mine if r["config"] == c and r["method"] == m]
+                cells.append(_fmt(accs))
+            if any(cell != "–" for cell in cells):
+                lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Block reconstruction loss: does WAPS lower it?", "",
+              "Blocks (over all seeds) where the WAPS variant's loss after reconstruction is below its",
+              "baseline's, each measured on its own quantized inputs.", "",
+              "| model | config | BRECQ+WAPS < BRECQ | QDrop+WAPS < QDrop | s/iter BRECQ | s/iter BRECQ+WAPS | s/iter QDrop+WAPS |",
+              "|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        for c in CONFIGS:
+            row = [model, c]
+            for a, b in (("waps", "brecq"), ("qdrop+waps", "qdrop")):
+                win = tot = 0
+                for ra in (r for r in runs if r["model"] == model and r["config"] == c and r["method"] == a):
+                    rb = next((r for r in runs if key(r) == (model, c, b, ra["seed"])), None)
+                    if rb:
+                        for x, y in zip(ra["blocks"], rb["blocks"]):
+                            win += x["after"] < y["after"]
+                            tot += 1
+                row.append(f"{win}/{tot}" if tot else "–")
+            for m in ("brecq", "waps", "qdrop+waps"):
+                t = [r["sec_per_iter"] * 1000 for r in runs if r["model"] == model and r["config"] == c and r["method"] == m]
+                row.append(f"{statistics.fmean(t):.1f} ms" if t else "–")
+            if any(v != "–" for v in row[2:]):
+                lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: list[float]) -> str:
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.2f}"
+    return f"{statistics.fmean(v):.2f} ± {statistics.stdev(v):.2f}"
+
+
+def plot_groups(row: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    h = row["group_history"]
+    probs = np.array(h["probs"])                    # [snapshots, units, g]
+    assigned = np.array(h["assignment"])
+    steps = np.linspace(0, row["iters"] * 0.8, probs.shape[0])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i in range(probs.shape[1]):
+        ax.plot(steps, probs[:, i, assigned[i]], lw=0.8, color=f"C{assigned[i]}", alpha=0.7)
+    ax.set_xlabel("calibration iteration")
+    ax.set_ylabel("s(R) of the channel's final group")
+    ax.set_title(f"WAPS group probabilities converging: {row['model']} {h['layer']} ({row['config']})")
+    ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--lam", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    args = p.parse_args(argv)
+    from tqdm import tqdm
+
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "accuracy.json"
+    results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"runs": [], "float": {}}
+    results["setup"] = (f"{args.iters} iterations per block (paper/BRECQ: 20k), {args.samples} calibration "
+                        f"samples, batch 32, λ = {args.lam}, γ^G = (1, 1−2⁻⁴, 1+2⁻⁴), tile 16, "
+                        f"{args.workers} worker processes × 1 thread on a 2-core CPU")
+    for m in args.models:
+        if m not in results["float"]:
+            results["float"][m] = float_accuracy(m)
+    done = {key(r) for r in results["runs"] if r["iters"] == args.iters and r["samples"] == args.samples}
+    jobs = [(m, c, meth, s) for s in args.seeds for m in args.models for c in args.configs
+            for meth in args.methods if (m, c, meth, s) not in done]
+    with ProcessPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="accuracy runs") as bar:
+        futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam): j for j in jobs}
+        for f in as_completed(futs):
+            row = f.result()
+            results["runs"] = [r for r in results["runs"] if key(r) != key(row)] + [row]
+            _atomic_json(out, results)
+            bar.update(1)
+            bar.set_postfix_str(f"{row['model']} {row['config']} {row['method']} s{row['seed']}: {row['top1'] * 100:.2f}%")
+    if "fashion_resnet" in args.models and "waps" in args.methods:
+        row = run_one("fashion_resnet", "W2A4", "waps", 0, args.iters, args.samples, args.lam, record_groups=True)
+        plot_groups(row, RESULTS / "group_convergence.png")
+    (RESULTS / "accuracy.md").write_text(summarise(results))
+    print(summarise(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
