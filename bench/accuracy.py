@@ -26,6 +26,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"digit_recognizer": "mnist", "fashion_resnet": "fashion-mnist", "fashion_mobilenetv2": "fashion-mnist"}
 CONFIGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A32": (2, 32)}
 METHODS = ["rtn", "rtn+cwac", "brecq", "brecq+cwac", "waps", "waps+cwac", "qdrop", "qdrop+waps"]
+# default plan: every method at W2A4 (the acceptance configuration); the main methods
+# elsewhere; no QDrop without activation quantization (it would equal BRECQ)
+PLAN = {"W2A4": METHODS, "W4A4": ["rtn", "brecq", "waps", "qdrop", "qdrop+waps"],
+        "W3A3": ["rtn", "brecq", "waps", "qdrop", "qdrop+waps"], "W2A32": ["rtn", "rtn+cwac", "brecq", "waps"]}
 LABEL = {"rtn": "RTN", "rtn+cwac": "RTN+CWAC", "brecq": "BRECQ", "brecq+cwac": "BRECQ+CWAC",
          "waps": "BRECQ+WAPS", "waps+cwac": "BRECQ+WAPS+CWAC", "qdrop": "QDrop", "qdrop+waps": "QDrop+WAPS"}
 
@@ -174,13 +178,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: PLAN per config")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    p.add_argument("--report-only", action="store_true",
+                   help="no new runs: rewrite accuracy.md and the plot from accuracy.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
@@ -190,12 +196,17 @@ def main(argv=None) -> int:
     results["setup"] = (f"{args.iters} iterations per block (paper/BRECQ: 20k), {args.samples} calibration "
                         f"samples, batch 32, λ = {args.lam}, γ^G = (1, 1−2⁻⁴, 1+2⁻⁴), tile 16, "
                         f"{args.workers} worker processes × 1 thread on a 2-core CPU")
+    if args.report_only and out.exists():
+        results["setup"] = json.loads(out.read_text()).get("setup", results["setup"])
     for m in args.models:
         if m not in results["float"]:
             results["float"][m] = float_accuracy(m)
     done = {key(r) for r in results["runs"] if r["iters"] == args.iters and r["samples"] == args.samples}
-    jobs = [(m, c, meth, s) for s in args.seeds for m in args.models for c in args.configs
-            for meth in args.methods if (m, c, meth, s) not in done]
+    # W2A4 first (all seeds), then the other configurations seed by seed, slowest model
+    # first, so an interrupted run still holds the acceptance table
+    order = sorted(((0 if c == "W2A4" else 1 + s, s, c) for c in args.configs for s in args.seeds))
+    jobs = [] if args.report_only else [(m, c, meth, s) for _, s, c in order for m in reversed(args.models)
+            for meth in (args.methods or PLAN[c]) if (m, c, meth, s) not in done]
     with ProcessPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="accuracy runs") as bar:
         futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam): j for j in jobs}
         for f in as_completed(futs):
@@ -204,7 +215,7 @@ def main(argv=None) -> int:
             _atomic_json(out, results)
             bar.update(1)
             bar.set_postfix_str(f"{row['model']} {row['config']} {row['method']} s{row['seed']}: {row['top1'] * 100:.2f}%")
-    if "fashion_resnet" in args.models and "waps" in args.methods:
+    if "fashion_resnet" in args.models and "waps" in (args.methods or PLAN["W2A4"]):
         row = run_one("fashion_resnet", "W2A4", "waps", 0, args.iters, args.samples, args.lam, record_groups=True)
         plot_groups(row, RESULTS / "group_convergence.png")
     (RESULTS / "accuracy.md").write_text(summarise(results))

@@ -12,6 +12,14 @@ WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (2, 3, 4, 8, FLOAT_BITS)
 
 
+def default_gammas(g: int) -> tuple[float, ...]:
+    """The paper's (1, 1−2^−4, 1+2^−4) extended by (1 ∓ 2^−3, 1 ∓ 2^−2, …) for g > 3."""
+    seq = [1.0] + [1.0 + sign * 2.0 ** -n for n in (4, 3, 2, 1) for sign in (-1, 1)]
+    if not 1 <= g <= len(seq):
+        raise ConfigError(f"--groups {g}: choose between 1 and {len(seq)}")
+    return tuple(seq[:g])
+
+
 @dataclass
 class CalibConfig:
     wbits: int = 4

@@ -7,7 +7,7 @@ import numpy as np
 
 from calib.artifact import TensorQuant, WapsArtifact, LayerRecord, group_scales_of
 from calib.calibrate import CalibResult
-from calib.graph import PARAM_OPS
+from calib.graph import PARAM_OPS, Node
 from calib.quantizers import ActQuantizer
 
 
@@ -43,6 +43,6 @@ def to_artifact(result: CalibResult, producer: str = "waps-tvm") -> WapsArtifact
                         result.config.to_json(), report, producer)
 
 
-def _strip(n):
-    from calib.graph import Node
+def _strip(n: Node) -> Node:
+    """The node without its float parameters (the artifact stores codes instead)."""
     return Node(n.name, n.op, list(n.inputs), dict(n.attrs), {}, n.source, tuple(n.shape))

@@ -7,7 +7,8 @@ BN-folded float model, the reconstruction target.
 A quantized conv/linear computes (eq. 9-11, real arithmetic):
     y = γ^z ⊙ (conv(x ⊙ γ^y, s_w·w̄) + b) + φ^z,  then the fused ReLU/ReLU6,
     then the output activation quantizer.
-x ⊙ γ^y scales each input unit; it equals Σ_p γ_p Σ_{i∈G_p} w̄·x̄ since conv is linear.
+x ⊙ γ^y scales each input unit; it equals Σ_p γ_p Σ_{i∈G_p} w̄·x̄ since conv is linear
+(computed with γ^y and γ^z folded into the weights, see QuantLayer.preact).
 """
 from __future__ import annotations
 
@@ -86,23 +87,39 @@ class QuantLayer(nn.Module):
         g = self.groups.gamma_y()
         return g.repeat_interleave(self.unit_size) if self.unit_size > 1 else g
 
-    def linear_part(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def linear_part(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.op == "conv2d":
             a = self.attrs
-            return F.conv2d(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"])
-        return F.linear(x, w)
+            return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+        return F.linear(x, w, b)
 
     def preact(self, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
-        """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z."""
+        """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z.
+
+        γ^y (per input unit) and γ^z (per output channel) are folded into the small
+        weight tensor rather than applied to activations: conv(x⊙γ^y, w) = conv(x, w⊙γ^y),
+        so WAPS adds no full-size tensor operation to an iteration."""
         if not self.quant:
-            return self.linear_part(x, self.weight) + _expand(self.bias, x.dim())
+            return self.linear_part(x, self.weight, self.bias)
+        w, b = self.qweight(), self.bias
         gy = self.gamma_y()
         if gy is not None:
-            x = x * _expand(gy, x.dim())
-        y = self.linear_part(x, self.qweight()) + _expand(self.bias, x.dim())
+            w = w * self._input_scale(gy)
         if affine:
-            y = _expand(self.gamma_z, x.dim()) * y + _expand(self.phi_z, x.dim())
-        return y
+            gz = self.gamma_z.reshape((-1,) + (1,) * (w.dim() - 1))
+            w, b = w * gz, self.gamma_z * b + self.phi_z
+        return self.linear_part(x, w, b)
+
+    def _input_scale(self, gy: torch.Tensor) -> torch.Tensor:
+        """γ^y [fan_in] laid out like the weight: [1, c, 1, 1], or per conv group
+        [m, c/groups, 1, 1] (output channel k reads the inputs of its group), or [1, c]."""
+        if self.op == "linear":
+            return gy.reshape(1, -1)
+        m, cg = self.weight.shape[:2]
+        groups = self.attrs["groups"]
+        if groups == 1:
+            return gy.reshape(1, -1, 1, 1)
+        return gy.reshape(groups, cg).repeat_interleave(m // groups, dim=0).reshape(m, cg, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = apply_act(self.preact(x), self.attrs["act"])
@@ -121,10 +138,6 @@ class QuantAdd(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = apply_act(a + b, self.act)
         return self.out_quant(y) if self.quant else y
-
-
-def _expand(v: torch.Tensor, dim: int) -> torch.Tensor:
-    return v.reshape((1, -1) + (1,) * (dim - 2))
 
 
 def _glue(node: Node, x: torch.Tensor) -> torch.Tensor:

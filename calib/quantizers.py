@@ -91,8 +91,9 @@ class ActQuantizer(nn.Module):
         self.zero_point.fill_(z)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes x̄ (as float) of a real tensor, round-half-to-even."""
-        return (x / self.scale + self.zero_point).round().clamp(0, self.levels)
+        """Integer codes x̄ (as float) of a real tensor: clamp(round(x/s) + z, 0, 2^A − 1),
+        round half to even. ``forward`` computes exactly this (with an STE)."""
+        return ((x / self.scale).round() + self.zero_point).clamp(0, self.levels)
 
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """The quantizer without its rounding: x clamped to the representable range."""

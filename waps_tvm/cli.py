@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=int, default=d.batch)
     c.add_argument("--samples", type=int, default=d.samples, help="calibration samples")
     c.add_argument("--seed", type=int, default=d.seed)
-    c.add_argument("--gammas", type=_floats, default=d.gammas, help="group scales γ^G, each 1 or 1±2^-n")
+    c.add_argument("--gammas", type=_floats, default=None,
+                   help="group scales γ^G, each 1 or 1±2^-n (default 1,0.9375,1.0625)")
+    c.add_argument("--groups", type=int, default=None, help="g: use the first g default group scales")
     c.add_argument("--tile", type=int, default=d.tile, help="group-size granularity in channels (MAC tile)")
     c.add_argument("--lam", type=float, default=None, help="regulariser weight λ_r = λ_g (default 0.01)")
     c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
@@ -99,9 +101,13 @@ def _calibrate(args) -> int:
         raise ConfigError(f"-o {out}: is a folder, expected a file path")
     console = Console(stderr=False)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    from calib.config import default_gammas
+    if args.gammas and args.groups and len(args.gammas) != args.groups:
+        raise ConfigError(f"--groups {args.groups} contradicts the {len(args.gammas)} --gammas given")
+    gammas = args.gammas or (default_gammas(args.groups) if args.groups else CalibConfig().gammas)
     cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, cwac=args.cwac,
                       iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
-                      gammas=tuple(args.gammas), tile=args.tile, lam=args.lam,
+                      gammas=tuple(gammas), tile=args.tile, lam=args.lam,
                       first_last_bits=args.first_last_bits, progress=not args.quiet).validate()
     model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
     data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)

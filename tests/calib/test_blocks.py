@@ -62,3 +62,20 @@ def test_user_cnn_with_grouped_depthwise_and_plain_add(tiny_resnet):
     check_partition(g, blocks)
     res = [b for b in blocks if b.kind == "residual"]
     assert [sources(g, b) for b in res] == [["a1.0", "a1.3", "down.0"], ["b1.0", "b1.3"]]
+
+
+@pytest.mark.parametrize("name, residual, layers", [
+    ("fashion_resnet", 5, 2), ("fashion_mobilenetv2", 2, 12)])
+def test_benchmark_models_blocks(name, residual, layers):
+    from bench.models import MODELS
+    g, blocks = blocks_of(MODELS[name](), (1, 28, 28))
+    check_partition(g, blocks)
+    assert collections.Counter(b.kind for b in blocks) == {"residual": residual, "layer": layers}
+
+
+def test_digit_recognizer_is_five_single_layer_blocks():
+    from waps_tvm.model_io import digit_recognizer
+    g, blocks = blocks_of(digit_recognizer(), (1, 28, 28))
+    check_partition(g, blocks)
+    assert [sources(g, b) for b in blocks] == [["conv_layers.0"], ["conv_layers.3"], ["conv_layers.6"],
+                                               ["fc_layers.0"], ["fc_layers.2"]]
