@@ -124,6 +124,13 @@ def test_bad_input_is_one_line_exit_2_nothing_written(files, capsys, args, words
     assert not list(files.glob(".out.waps.*"))
 
 
+def test_unwritable_output_is_one_line(files, capsys):
+    (files / "plain.txt").write_text("not a folder")
+    code, _, err = run(["calibrate", "digit-recognizer", "--data", files / "ok.npy", "--method", "rtn",
+                        "--samples", "8", "-q", "--no-eval", "-o", files / "plain.txt" / "m.waps"], capsys)
+    assert_one_line_error(code, err, "cannot write")
+
+
 def test_eval_rejects_corrupt_artifact(tmp_path, capsys):
     (tmp_path / "x.waps").write_bytes(b"nonsense")
     code, _, err = run(["eval", tmp_path / "x.waps", "--data", "mnist"], capsys)
