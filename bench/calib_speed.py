@@ -21,7 +21,7 @@ import torch
 from calib.blocks import find_blocks
 from calib.config import CalibConfig
 from calib.qmodel import QuantModel
-from calib.reconstruct import reconstruct, run_block
+from calib.reconstruct import output_quantizer, reconstruct, run_block
 from calib.calibrate import _init_act_ranges
 from waps_tvm.architectures import get_architecture
 
@@ -58,18 +58,12 @@ def measure(size: int, method: str, iters: int, warmup: int = 3, samples: int = 
     _init_act_ranges(model, block, fp_in)
     model.set_quant(True)
     with torch.no_grad():
-        q_in = {k: model.layer(_producer(g, k)).out_quant(v) for k, v in fp_in.items()}
+        q_in = {k: output_quantizer(model, k)(v) for k, v in fp_in.items()}
     stamps = []
     reconstruct(model, block, q_in, fp_in, fp_out, cfg, torch.Generator().manual_seed(0),
                 lambda t, loss: stamps.append(time.perf_counter()))
     steps = [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
     return statistics.median(steps)
-
-
-def _producer(g, value):
-    while g[value].op not in ("conv2d", "linear", "add"):
-        value = g[value].inputs[0]
-    return value
 
 
 def main(argv=None) -> int:

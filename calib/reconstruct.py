@@ -60,7 +60,7 @@ def _sse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).flatten(1).sum(1).mean()
 
 
-def _output_quantizer(model: QuantModel, value: str):
+def output_quantizer(model: QuantModel, value: str):
     """The quantizer that produces ``value``'s codes (glue nodes inherit their producer's)."""
     g = model.graph
     while g[value].op not in ("conv2d", "linear", "add"):
@@ -93,7 +93,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     for q in quantizers:
         q.drop_prob = cfg.drop_prob if cfg.uses_qdrop else 0.0
 
-    out_quants = [_output_quantizer(model, o) for o in block.outputs]
+    out_quants = [output_quantizer(model, o) for o in block.outputs]
     out_enabled = [q.enabled for q in out_quants]
     # WAPS: a joint soft phase, then groups and rounding are fixed and γ^z/φ^z (and
     # the steps) are fine-tuned against the hard weights (appendix C). Without WAPS
