@@ -100,7 +100,6 @@ def _calibrate(args) -> int:
     if out.exists() and out.is_dir():
         raise ConfigError(f"-o {out}: is a folder, expected a file path")
     console = Console(stderr=False)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     from calib.config import default_gammas
     if args.gammas and args.groups and len(args.gammas) != args.groups:
         raise ConfigError(f"--groups {args.groups} contradicts the {len(args.gammas)} --gammas given")
