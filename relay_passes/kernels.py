@@ -1,0 +1,374 @@
+"""Relax bodies of the integer operations (what each Program op lowers to).
+
+The meaning of every op is defined in relay_passes/reference.py; this module only
+chooses how TVM computes it. A conv2d/linear with WAPS groups has three forms:
+
+    reference  one full-width integer conv per group with the other groups' weights
+               masked to zero (valid for any channel order; g× the MACs)
+    split      one conv per group over a contiguous channel slice (needs contiguous
+               groups: relay_passes/permute.py), then the shift-add merge
+    fused      one TIR kernel (TE, scheduled) that accumulates every group's partial
+               sum for an output element in one pass over its input window, then
+               merges, requantizes and clamps in the same loop nest
+
+Zero points: activations are codes x̄ (uint8, or int32 for pooled sums). The conv
+reads x̄ padded with z_in and subtracts z_in·Σw per group afterwards (exact: every
+window element is a code or a z_in pad), so the MAC itself is u8×s8.
+Requantization is int64: (acc·M + 2^(S−1)) >> S with S = 31 + shift (round half up).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax, te, topi
+import tvm.s_tir as s_tir
+
+from relay_passes.program import Op, param_order
+
+I32, I64 = "int32", "int64"
+
+
+def group_ranges(groups: np.ndarray, n_groups: int) -> list[tuple[int, int]] | None:
+    """[start, end) of each group's channels when each group is one contiguous run
+    (an empty group gives (0, 0)); None when some group is split."""
+    out = []
+    for p in range(n_groups):
+        idx = np.flatnonzero(groups == p)
+        if idx.size == 0:
+            out.append((0, 0))
+        elif idx[-1] - idx[0] + 1 != idx.size:
+            return None
+        else:
+            out.append((int(idx[0]), int(idx[-1]) + 1))
+    return out
+
+
+def requant_constants(op: Op, ndim: int) -> list[np.ndarray]:
+    """M, rounding 2^(S−1) and S as int64 arrays broadcastable over [N, m, ...]."""
+    m = op.params["mult"].size
+    shape = (1, m) + (1,) * (ndim - 2)
+    s = 31 + op.params["shift"].astype(np.int64)
+    return [op.params["mult"].astype(np.int64).reshape(shape),
+            (np.int64(1) << (s - 1)).reshape(shape), s.reshape(shape)]
+
+
+def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
+    """→ (private relax.Function, derived constants appended to the call). ``add_prim(func,
+    name)`` adds a TIR PrimFunc to the module being built and returns its GlobalVar."""
+    lb = relax.BlockBuilder()
+    xs = [relax.Var(f"x{i}", relax.TensorType(s, d)) for i, (s, d) in enumerate(in_types)]
+    pvars = {k: relax.Var(k, relax.TensorType(op.params[k].shape, str(op.params[k].dtype))) for k in param_order(op)}
+    derived_np = _derived(op, in_types)
+    dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
+    attrs = {"waps.kind": op.kind, "waps.attrs": _json(op.attrs), "waps.params": param_order(op)}
+    extra = add_prim
+    with lb.function(op.name, xs + list(pvars.values()) + dvars, attrs=attrs, private=True):
+        with lb.dataflow():
+            out = _BODIES[op.kind](lb, op, xs, pvars, dvars, in_types, extra)
+            out = lb.emit_output(out)
+        lb.emit_func_output(out)
+    return lb.get()[op.name], derived_np
+
+
+def _c(value, dtype: str) -> relax.Expr:
+    """A constant of exactly ``dtype`` (relax.const narrows int64 to int32 by default)."""
+    return relax.const(np.asarray(value, dtype=dtype), dtype)
+
+
+def _json(attrs: dict) -> str:
+    import json
+    return json.dumps(attrs, sort_keys=True)
+
+
+# ---------------------------------------------------------------- derived constants
+
+def _derived(op: Op, in_types) -> list[np.ndarray]:
+    if op.kind in ("conv2d", "linear"):
+        ndim = 4 if op.kind == "conv2d" else 2
+        consts = requant_constants(op, ndim)
+        consts.append(_corrections(op).astype(np.int32))        # [g, m]
+        if op.kind == "linear" or op.attrs.get("form") == "reference":
+            consts.append(_group_masks(op))                       # [g, fan_in] int8
+        return consts
+    return []
+
+
+def _n_groups(op: Op) -> int:
+    return len(op.attrs.get("sigma", [0])) if "groups" in op.params else 1
+
+
+def _group_masks(op: Op) -> np.ndarray:
+    """[g, fan_in] int8: 1 where an input channel (feature) belongs to group p."""
+    w = op.params["w"]
+    fan = w.shape[1] * (op.attrs["conv_groups"] if op.kind == "conv2d" else 1)
+    if "groups" not in op.params:
+        return np.ones((1, fan), np.int8)
+    g = op.params["groups"]
+    return np.stack([(g == p).astype(np.int8) for p in range(_n_groups(op))])
+
+
+def _masked_weights(op: Op) -> list[np.ndarray]:
+    """Per group: w with the other groups' input channels zeroed, [m, cg, kh, kw] or [m, f]."""
+    w = op.params["w"]
+    if "groups" not in op.params:
+        return [w]
+    g = op.params["groups"]
+    out = []
+    for p in range(_n_groups(op)):
+        if op.kind == "conv2d":
+            m, cg = w.shape[:2]
+            cgroups = op.attrs["conv_groups"]
+            per_out = g.reshape(cgroups, cg).repeat(m // cgroups, axis=0)     # [m, cg]
+            out.append(w * (per_out == p)[:, :, None, None].astype(np.int8))
+        else:
+            out.append(w * (g == p)[None, :].astype(np.int8))
+    return out
+
+
+def _corrections(op: Op) -> np.ndarray:
+    """z_in·Σ w_p[k] for each group p and output k (int64 [g, m])."""
+    z = int(op.attrs["z_in"])
+    return np.stack([z * wp.reshape(wp.shape[0], -1).astype(np.int64).sum(1) for wp in _masked_weights(op)])
+
+
+# ---------------------------------------------------------------- bodies
+
+def _quantize(lb, op, xs, P, D, in_types, extra):
+    a = op.attrs
+    x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
+    q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
+    q = relax.op.add(q, _c(a["zero_point"], "float32"))
+    q = relax.op.clip(q, 0, a["qmax"])
+    return lb.emit(relax.op.astype(q, op.dtype))
+
+
+def _dequantize(lb, op, xs, P, D, in_types, extra):
+    a = op.attrs
+    x = relax.op.subtract(relax.op.astype(xs[0], "float32"), _c(a["zero_point"], "float32"))
+    return lb.emit(relax.op.multiply(x, _c(a["scale"], "float32")))
+
+
+def _merge_requant(lb, op, accs: list, P, D):
+    """Σ_p (acc_p − corr_p + σ_p·shift(acc_p − corr_p, n_p)) + bias → requant → clamp."""
+    a = op.attrs
+    m = op.params["w"].shape[0]
+    ndim = 4 if op.kind == "conv2d" else 2
+    shape = (1, m) + (1,) * (ndim - 2)
+    M, R, S, corr = D[0], D[1], D[2], D[3]
+    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    total = lb.emit(relax.op.reshape(P["bias"], shape))
+    for p, acc in enumerate(accs):
+        c = lb.emit(relax.op.reshape(lb.emit(relax.op.strided_slice(corr, [0], [p], [p + 1])), shape))
+        acc = lb.emit(relax.op.subtract(acc, c))
+        total = lb.emit(relax.op.add(total, acc))
+        if sig[p]:
+            half = _c(1 << (ns[p] - 1), I32)
+            sh = relax.op.right_shift(relax.op.add(acc, half), _c(ns[p], I32))
+            total = lb.emit((relax.op.add if sig[p] > 0 else relax.op.subtract)(total, sh))
+    t = lb.emit(relax.op.astype(total, I64))
+    t = relax.op.right_shift(relax.op.add(relax.op.multiply(t, M), R), S)
+    t = relax.op.clip(relax.op.add(t, _c(a["z_out"], I64)), a["lo"], a["hi"])
+    return lb.emit(relax.op.astype(t, op.dtype))
+
+
+def _conv_input(lb, op, x, in_dtype):
+    a = op.attrs
+    ph, pw = a["padding"]
+    if ph or pw:
+        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a["z_in"])))
+    return x
+
+
+def _conv(lb, x, w, op, in_dtype):
+    a = op.attrs
+    if in_dtype != "uint8":
+        w = lb.emit(relax.op.astype(w, in_dtype))
+    return lb.emit(relax.op.nn.conv2d(x, w, strides=a["stride"], padding=0, dilation=a["dilation"],
+                                      groups=a["conv_groups"], out_dtype=I32))
+
+
+def _conv2d(lb, op, xs, P, D, in_types, extra):
+    form = op.attrs.get("form", "reference")
+    if form == "fused" and "groups" in op.params:
+        return _conv2d_fused(lb, op, xs, P, D, in_types, extra)
+    in_dtype = in_types[0][1]
+    x = _conv_input(lb, op, xs[0], in_dtype)
+    g = _n_groups(op)
+    if g == 1:
+        accs = [_conv(lb, x, P["w"], op, in_dtype)]
+    elif form == "split":
+        ranges = group_ranges(op.params["groups"], g)
+        if ranges is None or op.attrs["conv_groups"] != 1:
+            raise ValueError(f"{op.name}: split form needs contiguous groups in an ungrouped conv")
+        accs = []
+        for c0, c1 in ranges:
+            if c1 == c0:
+                accs.append(_c(0, I32))
+                continue
+            xp = lb.emit(relax.op.strided_slice(x, [1], [c0], [c1]))
+            wp = lb.emit(relax.op.strided_slice(P["w"], [1], [c0], [c1]))
+            accs.append(_conv(lb, xp, wp, op, in_dtype))
+    else:                                                       # reference: masked weights
+        mask = D[4]
+        accs = []
+        for p in range(g):
+            mp = lb.emit(relax.op.strided_slice(mask, [0], [p], [p + 1]))
+            if op.attrs["conv_groups"] > 1:
+                m, cg = op.params["w"].shape[:2]
+                cgroups = op.attrs["conv_groups"]
+                mp = lb.emit(relax.op.reshape(mp, (cgroups, 1, cg)))
+                mp = lb.emit(relax.op.repeat(mp, m // cgroups, axis=1))
+                mp = lb.emit(relax.op.reshape(mp, (m, cg, 1, 1)))
+            else:
+                mp = lb.emit(relax.op.reshape(mp, (1, -1, 1, 1)))
+            wp = lb.emit(relax.op.multiply(P["w"], mp))
+            accs.append(_conv(lb, x, wp, op, in_dtype))
+    return _merge_requant(lb, op, accs, P, D)
+
+
+def _linear(lb, op, xs, P, D, in_types, extra):
+    x = lb.emit(relax.op.astype(xs[0], I32))
+    mask = D[4]
+    ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else [(0, op.params["w"].shape[1])]
+    form = op.attrs.get("form", "reference")
+    accs = []
+    for p in range(_n_groups(op)):
+        if form in ("split", "fused") and ranges is not None:
+            c0, c1 = ranges[p]
+            if c1 == c0:
+                accs.append(_c(0, I32))
+                continue
+            xp = lb.emit(relax.op.strided_slice(x, [1], [c0], [c1]))
+            wp = lb.emit(relax.op.strided_slice(P["w"], [1], [c0], [c1]))
+        else:
+            xp = x
+            wp = lb.emit(relax.op.multiply(P["w"], lb.emit(relax.op.strided_slice(mask, [0], [p], [p + 1]))))
+        wt = lb.emit(relax.op.permute_dims(lb.emit(relax.op.astype(wp, I32)), [1, 0]))
+        accs.append(lb.emit(relax.op.matmul(xp, wt, out_dtype=I32)))
+    return _merge_requant(lb, op, accs, P, D)
+
+
+def _add(lb, op, xs, P, D, in_types, extra):
+    a = op.attrs
+    def term(x, z, k):
+        v = relax.op.subtract(relax.op.astype(x, I64), _c(z, I64))
+        return relax.op.multiply(v, _c(k, I64))
+    t = relax.op.add(term(xs[0], a["za"], a["ka"]), term(xs[1], a["zb"], a["kb"]))
+    t = relax.op.right_shift(relax.op.add(t, _c(1 << (a["t"] - 1), I64)), _c(a["t"], I64))
+    t = relax.op.clip(relax.op.add(t, _c(a["z_out"], I64)), a["lo"], a["hi"])
+    return lb.emit(relax.op.astype(t, op.dtype))
+
+
+def _max_pool2d(lb, op, xs, P, D, in_types, extra):
+    a = op.attrs
+    ph, pw = a["padding"]
+    return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw]))
+
+
+def _sum_pool2d(lb, op, xs, P, D, in_types, extra):
+    a = op.attrs
+    (n, c, h, w), dtype = in_types[0]
+    ph, pw = a["padding"]
+    if tuple(a["kernel"]) == (h, w) and ph == 0 and pw == 0:
+        return lb.emit(relax.op.sum(relax.op.astype(xs[0], I32), axis=[2, 3], keepdims=True))
+    x = xs[0]
+    if ph or pw:
+        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a["z_in"])))
+    kh, kw = a["kernel"]
+    ones = np.ones((c, 1, kh, kw), np.int8 if dtype == "uint8" else np.int32)
+    ones = relax.const(ones, str(ones.dtype))
+    return lb.emit(relax.op.nn.conv2d(x, ones, strides=a["stride"], groups=c, out_dtype=I32))
+
+
+def _flatten(lb, op, xs, P, D, in_types, extra):
+    shape = in_types[0][0]
+    return lb.emit(relax.op.reshape(xs[0], (shape[0], int(np.prod(shape[1:])))))
+
+
+def _gather(lb, op, xs, P, D, in_types, extra):
+    return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
+
+
+# ---------------------------------------------------------------- fused TIR kernel
+
+def _group_acc(xp, W, p, c0, c1, shape, kernel, stride, dilation):
+    """acc_p[b, k, i, j] = Σ_{c∈[c0,c1)} Σ_kernel xpad·w, int32 (TE)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    rc = te.reduce_axis((0, c1 - c0), f"rc{p}")
+    ry = te.reduce_axis((0, kh), f"ry{p}")
+    rx = te.reduce_axis((0, kw), f"rx{p}")
+    return te.compute(
+        shape,
+        lambda b, k, i, j: te.sum(
+            xp[b, c0 + rc, i * sh + ry * dh, j * sw + rx * dw].astype(I32) * W[k, c0 + rc, ry, rx].astype(I32),
+            axis=[rc, ry, rx]),
+        name=f"acc{p}")
+
+
+def _conv2d_fused(lb, op, xs, P, D, in_types, extra):
+    (n, c, h, w_), in_dtype = in_types[0]
+    wt = op.params["w"]
+    m, cg, kh, kw = wt.shape
+    a = op.attrs
+    ranges = group_ranges(op.params["groups"], _n_groups(op))
+    if ranges is None or a["conv_groups"] != 1:
+        raise ValueError(f"{op.name}: fused form needs contiguous groups in an ungrouped conv")
+    ph, pw = a["padding"]
+    sh, sw = a["stride"]
+    dh, dw = a["dilation"]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    sig, ns = a["sigma"], a["n"]
+
+    X = te.placeholder((n, c, h, w_), in_dtype, "x")
+    W = te.placeholder((m, cg, kh, kw), "int8", "w")
+    B = te.placeholder((m,), I32, "bias")
+    Mq = te.placeholder((1, m, 1, 1), I64, "mult")
+    Rq = te.placeholder((1, m, 1, 1), I64, "round")
+    Sq = te.placeholder((1, m, 1, 1), I64, "shift")
+    C = te.placeholder((len(ranges), m), I32, "corr")
+    xp = topi.nn.pad(X, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=tvm.tirx.const(a["z_in"], in_dtype), name="xpad")
+    accs = []
+    for p, (c0, c1) in enumerate(ranges):
+        if c1 == c0:
+            accs.append(None)
+            continue
+        accs.append(_group_acc(xp, W, p, c0, c1, (n, m, oh, ow), (kh, kw), (sh, sw), (dh, dw)))
+
+    def epilogue(b, k, i, j):
+        total = B[k]
+        for p, acc in enumerate(accs):
+            if acc is None:
+                continue
+            v = acc[b, k, i, j] - C[p, k]
+            total = total + v
+            if sig[p]:
+                s = (v + (1 << (ns[p] - 1))) >> ns[p]
+                total = total + s if sig[p] > 0 else total - s
+        t = (total.astype(I64) * Mq[0, k, 0, 0] + Rq[0, k, 0, 0]) >> Sq[0, k, 0, 0]
+        t = t + tvm.tirx.const(a["z_out"], I64)
+        t = tvm.tirx.max(tvm.tirx.min(t, tvm.tirx.const(a["hi"], I64)), tvm.tirx.const(a["lo"], I64))
+        return t.astype(op.dtype)
+
+    out = te.compute((n, m, oh, ow), epilogue, name="out")
+    func = te.create_prim_func([X, W, B, Mq, Rq, Sq, C, out])
+    sch = s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock("out"))
+    for p, acc in enumerate(accs):
+        if acc is not None:
+            sch.compute_at(sch.get_sblock(f"acc{p}"), loops[-1])
+    try:
+        sch.compute_inline(sch.get_sblock("xpad"))
+    except Exception:  # noqa: BLE001 (no pad block when padding is zero)
+        pass
+    kname = f"{op.name}_kernel"
+    gv = extra(sch.mod["main"].with_attr("global_symbol", kname), kname)
+    return lb.emit(relax.call_tir(gv, [xs[0], P["w"], P["bias"], D[0], D[1], D[2], D[3]],
+                                  relax.TensorType((n, m, oh, ow), op.dtype)))
+
+
+_BODIES = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear,
+           "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
+           "gather": _gather}

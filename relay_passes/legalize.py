@@ -1,0 +1,56 @@
+"""LegalizeWAPS: choose how each WAPS layer is computed (relay_passes/kernels.py).
+
+``form="split"``: one integer conv/matmul per group over its contiguous channel slice,
+then the shift-add merge and requantization; ``form="fused"``: convs become one TIR
+kernel accumulating all groups per output element in one pass (linear layers, which
+are tiny, stay split). Layers whose groups are not contiguous — grouped convs, whose
+conv-group structure pins their channels, or programs that skipped PermuteChannels —
+keep the masked ``reference`` form: every group reads the whole input with the other
+groups' weights zeroed (exact, g× the MACs); the report lists them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+
+from relay_passes.kernels import group_ranges
+from relay_passes.program import Program, emit, parse
+
+FORMS = ("split", "fused")
+
+
+@dataclass
+class LegalizeReport:
+    form: str
+    legalized: int = 0
+    masked: list[str] = field(default_factory=list)
+
+
+def legalize_waps(program: Program, form: str = "split") -> tuple[Program, LegalizeReport]:
+    if form not in FORMS:
+        raise ValueError(f"unknown WAPS form {form!r} (choose from {', '.join(FORMS)})")
+    prog = program.copy()
+    report = LegalizeReport(form)
+    for op in prog.ops:
+        if op.kind not in ("conv2d", "linear"):
+            continue
+        if "groups" not in op.params:
+            op.attrs["form"] = "plain"
+            continue
+        grouped = op.kind == "conv2d" and op.attrs["conv_groups"] > 1
+        if grouped or group_ranges(op.params["groups"], len(op.attrs["sigma"])) is None:
+            op.attrs["form"] = "reference"
+            report.masked.append(op.attrs.get("layer", op.name))
+            continue
+        op.attrs["form"] = form
+        report.legalized += 1
+    return prog, report
+
+
+def LegalizeWAPS(form: str = "split"):  # noqa: N802 (TVM pass naming)
+    @tvm.ir.transform.module_pass(opt_level=0, name="waps.LegalizeWAPS")
+    def _pass(mod, ctx):
+        prog, _ = legalize_waps(parse(mod), form)
+        return emit(prog)
+    return _pass

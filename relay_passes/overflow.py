@@ -1,0 +1,69 @@
+"""CheckOverflow: prove, per layer, that no int32 intermediate can overflow.
+
+For a conv/linear with input codes x̄ ∈ [0, in_qmax], zero point z, and per output
+channel k and group p the weight mass A_p[k] = Σ_{i∈G_p} Σ_kernel |w[k,i,·]|:
+    |Σ w·x̄|           ≤ A_p·in_qmax           (the u8×s8 conv before the z correction)
+    |acc_p|           ≤ A_p·max(z, in_qmax − z)
+    |acc_p + 2^(n−1)| ≤ |acc_p| + 2^(n−1)      (the rounding add of the group shift)
+    |acc + b|         ≤ Σ_p (|acc_p| + (|acc_p| + 2^(n_p−1)) >> n_p) + |b|
+All must stay ≤ 2^31 − 1 (every partial sum of the merge is bounded by the last line).
+Requantization and residual adds run in int64: |acc·M| < 2^62, |(x − z)·k| < 2^40.
+A layer that fails is rejected by name; the bound uses the layer's actual weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+
+from calib.numerics import INT32_MAX
+from relay_passes.program import Op, Program, emit, parse
+from relay_passes.quantize import CompileError
+
+
+def accumulator_bound(op: Op) -> int:
+    """The largest magnitude any int32 intermediate of ``op`` can reach."""
+    w = np.abs(op.params["w"].astype(np.int64))
+    a = op.attrs
+    xmax, z = int(a["in_qmax"]), int(a["z_in"])
+    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    groups = op.params.get("groups")
+    m = w.shape[0]
+    if op.kind == "conv2d":
+        cg, cgroups = w.shape[1], a["conv_groups"]
+        chan = (np.arange(m)[:, None] // (m // cgroups)) * cg + np.arange(cg)[None, :]      # [m, cg]
+        mass = w.sum(axis=(2, 3))                                                          # [m, cg]
+    else:
+        chan = np.broadcast_to(np.arange(w.shape[1]), w.shape)
+        mass = w
+    worst = 0
+    total = np.abs(op.params["bias"].astype(np.int64))
+    for p in range(len(sig)):
+        sel = np.ones_like(chan, bool) if groups is None else groups[chan] == p
+        a_p = (mass * sel).sum(axis=1)
+        raw = a_p * xmax
+        acc = a_p * max(z, xmax - z)
+        half = (1 << (ns[p] - 1)) if sig[p] else 0
+        total = total + acc + (((acc + half) >> ns[p]) if sig[p] else 0)
+        worst = max(worst, int(raw.max()), int((acc + half).max()))
+    return max(worst, int(total.max()))
+
+
+def check_overflow(program: Program) -> dict[str, int]:
+    """Bound of every conv/linear (name → bound); CompileError naming the first that overflows."""
+    bounds = {}
+    for op in program.ops:
+        if op.kind in ("conv2d", "linear"):
+            b = accumulator_bound(op)
+            if b > INT32_MAX:
+                raise CompileError(f"layer {op.attrs.get('layer', op.name)} could overflow its int32 accumulator "
+                                   f"(bound {b} > 2^31-1); use fewer weight/activation bits or split the layer")
+            bounds[op.name] = b
+    return bounds
+
+
+def CheckOverflow():  # noqa: N802 (TVM pass naming)
+    @tvm.ir.transform.module_pass(opt_level=0, name="waps.CheckOverflow")
+    def _pass(mod, ctx):
+        check_overflow(parse(mod))
+        return mod
+    return _pass

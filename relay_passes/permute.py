@@ -1,0 +1,189 @@
+"""PermuteChannels: make every WAPS layer's input groups contiguous channel runs.
+
+Tensors whose channel order must agree form a class (union-find): an op and the
+inputs of channel-wise ops (add, max/sum pooling, flatten, depthwise conv) share one.
+A class may take any channel order π (position j holds original channel π[j]) when
+its producers are conv/linear layers that can emit their output channels in that
+order (weights, bias, M, shift rows permuted), and it is fixed at the identity when
+it holds the graph input or output or touches a grouped (RegNet-style) conv, whose
+conv-group membership pins its channels. Every conv/linear reading a class reorders
+its weights' input axis (and group labels) by π, which costs nothing at run time.
+
+For each class the pass tries each WAPS consumer's own grouping order (channels
+sorted stably by group label) and the identity, and keeps the one that leaves the
+fewest consumers with split groups; each of those gets an explicit ``gather`` (a
+channel take) before it, into its own order. ``gathers`` on the returned report
+counts them. Flattened tensors carry the class order in blocks of H·W features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+
+from relay_passes.kernels import group_ranges
+from relay_passes.program import INPUT, Op, Program, emit, parse
+
+
+@dataclass
+class PermuteReport:
+    classes: int = 0
+    permuted: int = 0
+    gathers: int = 0
+    gathered_layers: list[str] = field(default_factory=list)
+
+
+def _n_groups(op: Op) -> int:
+    return len(op.attrs["sigma"]) if "groups" in op.params else 1
+
+
+def _wants(op: Op) -> bool:
+    """A consumer whose WAPS groups need contiguous input channels."""
+    return op.kind in ("conv2d", "linear") and "groups" in op.params and not _grouped_conv(op)
+
+
+def _grouped_conv(op: Op) -> bool:
+    return op.kind == "conv2d" and op.attrs["conv_groups"] > 1 and not _depthwise(op)
+
+
+def _depthwise(op: Op) -> bool:
+    return op.kind == "conv2d" and op.attrs["conv_groups"] > 1 and op.params["w"].shape[1] == 1
+
+
+class _UF:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
+    prog = program.copy()
+    uf = _UF()
+    unit: dict[str, int] = {}                 # features per base channel for each tensor
+    for op in prog.ops:
+        uf.find(op.name)
+        unit[op.name] = 1
+        if op.kind in ("max_pool2d", "sum_pool2d", "add") or _depthwise(op):
+            for i in op.inputs:
+                uf.union(op.name, i)
+            unit[op.name] = unit[op.inputs[0]]
+        elif op.kind == "flatten":
+            uf.union(op.name, op.inputs[0])
+            shp = prog.shape_of(op.inputs[0])
+            unit[op.name] = unit[op.inputs[0]] * int(np.prod(shp[2:]))
+    fixed: set[str] = set()
+    for op in prog.ops:
+        if op.kind == "quantize":
+            fixed.add(uf.find(op.name))
+        if op.kind == "dequantize":
+            fixed.add(uf.find(op.inputs[0]))
+        if _grouped_conv(op):
+            fixed.add(uf.find(op.name))
+            fixed.add(uf.find(op.inputs[0]))
+
+    classes: dict[str, list[str]] = {}
+    for op in prog.ops:
+        classes.setdefault(uf.find(op.name), []).append(op.name)
+    readers: dict[str, list[Op]] = {}
+    for op in prog.ops:
+        if op.kind in ("conv2d", "linear") and not _depthwise(op) and op.inputs[0] != INPUT:
+            readers.setdefault(uf.find(op.inputs[0]), []).append(op)
+
+    report = PermuteReport(classes=len(classes))
+    orders: dict[str, np.ndarray] = {}
+    gathers: dict[str, np.ndarray] = {}      # consumer name → its desired order (original channels)
+    for root, members in classes.items():
+        base = _base_channels(prog, members, unit)
+        cons = [c for c in readers.get(root, []) if _wants(c)]
+        labels = {c.name: _base_labels(c, unit[c.inputs[0]]) for c in cons}
+        candidates = [np.arange(base)]
+        if root not in fixed:
+            candidates += [np.argsort(labels[c.name], kind="stable") for c in cons]
+        best, best_bad = None, None
+        for cand in candidates:
+            bad = [c for c in cons if group_ranges(labels[c.name][cand], _n_groups(c)) is None]
+            if best is None or len(bad) < len(best_bad):
+                best, best_bad = cand, bad
+        orders[root] = best
+        if not np.array_equal(best, np.arange(base)):
+            report.permuted += 1
+        for c in best_bad:
+            gathers[c.name] = np.argsort(labels[c.name], kind="stable")
+    _apply(prog, uf, unit, orders, gathers, report)
+    return prog, report
+
+
+def _base_channels(prog: Program, members: list[str], unit: dict[str, int]) -> int:
+    name = members[0]
+    return prog.shape_of(name)[1] // unit[name]
+
+
+def _base_labels(op: Op, u: int) -> np.ndarray:
+    """Group label of each base channel of the consumer's input (first feature of its block)."""
+    return op.params["groups"][::u].astype(np.int64)
+
+
+def _expand(order: np.ndarray, u: int) -> np.ndarray:
+    return (order[:, None] * u + np.arange(u)[None, :]).reshape(-1) if u > 1 else order
+
+
+def _apply(prog: Program, uf: _UF, unit, orders, gathers, report: PermuteReport) -> None:
+    new_ops: list[Op] = []
+    for op in prog.ops:
+        if op.kind in ("conv2d", "linear"):
+            root_out = uf.find(op.name)
+            pi_out = orders[root_out]
+            if op.inputs[0] != INPUT and not _depthwise(op):
+                root_in = uf.find(op.inputs[0])
+                u = unit[op.inputs[0]]
+                order_in = orders[root_in]
+                if op.name in gathers:
+                    want = gathers[op.name]
+                    inv = np.argsort(order_in)
+                    index = _expand(inv[want], u).astype(np.int32)
+                    g = Op("gather", prog.unique_name(f"gather_{op.name}"), [op.inputs[0]], {},
+                           {"index": index}, (), prog.dtype_of(op.inputs[0]))
+                    new_ops.append(g)
+                    op.inputs = [g.name]
+                    order_in = want
+                    report.gathers += 1
+                    report.gathered_layers.append(op.attrs.get("layer", op.name))
+                _permute_inputs(op, _expand(order_in, u))
+            _permute_outputs(op, pi_out)
+        new_ops.append(op)
+    prog.ops = new_ops
+
+
+def _permute_inputs(op: Op, order: np.ndarray) -> None:
+    if op.kind == "conv2d" and op.attrs["conv_groups"] > 1:
+        return                                    # fixed classes only: order is the identity
+    op.params["w"] = np.ascontiguousarray(op.params["w"][:, order])
+    if "groups" in op.params:
+        op.params["groups"] = np.ascontiguousarray(op.params["groups"][order])
+
+
+def _permute_outputs(op: Op, order: np.ndarray) -> None:
+    if np.array_equal(order, np.arange(order.size)):
+        return
+    for k in ("w", "bias", "mult", "shift"):
+        op.params[k] = np.ascontiguousarray(op.params[k][order])
+    if _depthwise(op) and "groups" in op.params:
+        op.params["groups"] = np.ascontiguousarray(op.params["groups"][order])
+
+
+def PermuteChannels():  # noqa: N802 (TVM pass naming)
+    @tvm.ir.transform.module_pass(opt_level=0, name="waps.PermuteChannels")
+    def _pass(mod, ctx):
+        prog, _ = permute_channels(parse(mod))
+        return emit(prog)
+    return _pass

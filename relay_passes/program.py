@@ -1,0 +1,146 @@
+"""The integer program: the view of a lowered Relax module that the passes rewrite.
+
+Every quantized operation is a private Relax function called once from ``main``.
+The function carries three attributes:
+    waps.kind    the operation (see relay_passes/reference.py for each one's meaning)
+    waps.attrs   JSON of its scalar attributes (zero points, clamps, group shifts, form)
+    waps.params  names of its primary tensor arguments, in call order after the inputs
+and its call in ``main`` passes the inputs, then the primary tensors as constants, then
+any derived constants (sliced weights, correction terms) that the body's form needs.
+``parse`` reads a module into a Program (primary tensors only); ``emit`` writes a
+Program back, regenerating bodies and derived constants with relay_passes/kernels.py.
+A pass is parse → rewrite → emit, so the Relax module stays the single source of truth.
+
+``main`` takes the float32 input [N, C, H, W] and returns (dequantized output float32,
+output codes).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+INPUT = "input"
+
+
+@dataclass
+class Op:
+    kind: str
+    name: str
+    inputs: list[str]                      # earlier ops' names, or INPUT
+    attrs: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()            # output shape including the batch
+    dtype: str = "uint8"                   # output dtype
+
+    def copy(self) -> "Op":
+        return Op(self.kind, self.name, list(self.inputs), json.loads(json.dumps(self.attrs)),
+                  dict(self.params), tuple(self.shape), self.dtype)
+
+
+@dataclass
+class Program:
+    input_shape: tuple[int, ...]
+    ops: list[Op]
+    outputs: list[str]                     # (dequantized, codes)
+
+    def __getitem__(self, name: str) -> Op:
+        for op in self.ops:
+            if op.name == name:
+                return op
+        raise KeyError(name)
+
+    def consumers(self) -> dict[str, list[Op]]:
+        users: dict[str, list[Op]] = {INPUT: []}
+        for op in self.ops:
+            users.setdefault(op.name, [])
+            for i in op.inputs:
+                users.setdefault(i, []).append(op)
+        return users
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.input_shape) if name == INPUT else self[name].shape
+
+    def dtype_of(self, name: str) -> str:
+        return "float32" if name == INPUT else self[name].dtype
+
+    def copy(self) -> "Program":
+        return Program(tuple(self.input_shape), [o.copy() for o in self.ops], list(self.outputs))
+
+    def unique_name(self, base: str) -> str:
+        names = {o.name for o in self.ops}
+        if base not in names:
+            return base
+        i = 1
+        while f"{base}_{i}" in names:
+            i += 1
+        return f"{base}_{i}"
+
+
+def emit(program: Program) -> tvm.IRModule:
+    """Write ``program`` as a Relax module (bodies from relay_passes.kernels)."""
+    from relay_passes import kernels
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(tuple(program.input_shape), "float32"))
+    values: dict[str, relax.Expr] = {}
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            values[INPUT] = x
+            for op in program.ops:
+                op.attrs["n_inputs"] = len(op.inputs)
+                in_types = [(program.shape_of(i), program.dtype_of(i)) for i in op.inputs]
+                fn, derived = kernels.build(op, in_types, bb.add_func)
+                gv = bb.add_func(fn, op.name)
+                args = [values[i] for i in op.inputs]
+                args += [relax.const(op.params[k], str(op.params[k].dtype)) for k in param_order(op)]
+                args += [relax.const(v, str(v.dtype)) for v in derived]
+                values[op.name] = bb.emit(relax.Call(gv, args), name_hint=_var_name(op.name))
+                sinfo = values[op.name].ty
+                op.shape = tuple(int(d) for d in sinfo.shape)
+                op.dtype = str(sinfo.dtype)
+            out = bb.emit_output(relax.Tuple([values[n] for n in program.outputs]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def param_order(op: Op) -> list[str]:
+    return sorted(op.params)
+
+
+def _var_name(name: str) -> str:
+    return "v_" + "".join(c if c.isalnum() else "_" for c in name)
+
+
+def parse(mod: tvm.IRModule) -> Program:
+    """Read a module written by ``emit`` (any stage) back into a Program."""
+    main = mod["main"]
+    x = main.params[0]
+    names: dict[relax.Var, str] = {x: INPUT}
+    ops: list[Op] = []
+    outputs: list[str] = []
+    for block in main.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Tuple):
+                outputs = [names[f] for f in v.fields]
+                continue
+            if not (isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar)):
+                raise ValueError(f"not an integer program: unexpected binding {b.var.name_hint}")
+            fn = mod[v.op]
+            kind = str(fn.attrs["waps.kind"])
+            attrs = json.loads(str(fn.attrs["waps.attrs"]))
+            pnames = [str(p) for p in fn.attrs["waps.params"]]
+            n_in = int(attrs["n_inputs"])
+            inputs = [names[a] for a in v.args[:n_in]]
+            params = {k: a.value.numpy() for k, a in zip(pnames, v.args[n_in:n_in + len(pnames)])}
+            sinfo = b.var.ty
+            name = v.op.name_hint
+            ops.append(Op(kind, name, inputs, attrs, params, tuple(int(d) for d in sinfo.shape), str(sinfo.dtype)))
+            names[b.var] = name
+    shape = tuple(int(d) for d in x.ty.shape)
+    return Program(shape, ops, outputs)

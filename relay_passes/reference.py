@@ -1,0 +1,137 @@
+"""The NumPy integer reference: a plain interpreter of a Program, the oracle for every
+backend (llvm, C, npu16 must equal it bit for bit).
+
+It reads each op's kind, attributes and primary tensors (never the Relax body), and
+computes the numeric contract directly (docs/numeric-contract.md):
+
+quantize     x float32 → clip(floor(x/s + 0.5) + z, 0, qmax), float32 arithmetic
+dequantize   codes → (code − z)·s, float32 arithmetic
+conv2d       acc_p[k] = Σ_{i∈G_p ∩ convgroup(k)} Σ_kernel w[k,i,·]·(x[i,·] − z_in), zero
+linear         padding in the real domain (pad code z_in); acc = Σ_p (acc_p + σ_p·shift(acc_p, n_p))
+             + bias; out = clip(requant(acc, M, s) + z_out, lo, hi)
+add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo, hi)
+max_pool2d   window max of codes (padding never wins)
+sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
+flatten      [N, C, H, W] → [N, C·H·W];  gather: channels x[:, index]
+with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s).
+Accumulations run in float64 BLAS, exact because every sum stays far below 2^53.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from calib.numerics import INT32_MAX, INT32_MIN, requantize, shift_round
+from relay_passes.program import INPUT, Op, Program
+
+
+class AccumulatorOverflow(ArithmeticError):
+    pass
+
+
+def run(program: Program, x: np.ndarray, keep: bool = False) -> list[np.ndarray] | dict[str, np.ndarray]:
+    """Execute ``program`` on float32 input ``x``; returns its outputs (or every value with keep)."""
+    env: dict[str, np.ndarray] = {INPUT: np.asarray(x, np.float32)}
+    for op in program.ops:
+        env[op.name] = OPS[op.kind](op, *[env[i] for i in op.inputs])
+    return env if keep else [env[n] for n in program.outputs]
+
+
+def _quantize(op: Op, x):
+    a = op.attrs
+    q = np.floor(x / np.float32(a["scale"]) + np.float32(0.5)) + np.float32(a["zero_point"])
+    return np.clip(q, 0, a["qmax"]).astype(op.dtype)
+
+
+def _dequantize(op: Op, x):
+    a = op.attrs
+    return (x.astype(np.float32) - np.float32(a["zero_point"])) * np.float32(a["scale"])
+
+
+def _windows(x: np.ndarray, kernel, stride, dilation, padding, pad_value: int) -> np.ndarray:
+    """[N, C, OH, OW, kh, kw] int64 view of the padded input's sliding windows."""
+    ph, pw = padding
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=pad_value)
+    kh, kw = kernel
+    dh, dw = dilation
+    win = np.lib.stride_tricks.sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    return win[:, :, ::stride[0], ::stride[1], ::dh, ::dw]
+
+
+def _group_accumulators(op: Op, x: np.ndarray) -> list[np.ndarray]:
+    """acc_p as int64 [N, m, OH, OW] (conv) or [N, m] (linear), one per group."""
+    w = op.params["w"].astype(np.float64)
+    a = op.attrs
+    n_groups = len(a.get("sigma", [0])) if "groups" in op.params else 1
+    groups = op.params.get("groups")
+    if op.kind == "linear":
+        xz = (x.astype(np.int64) - a["z_in"]).astype(np.float64)
+        out = []
+        for p in range(n_groups):
+            sel = np.ones(w.shape[1], bool) if groups is None else groups == p
+            out.append(np.rint(xz[:, sel] @ w[:, sel].T).astype(np.int64))
+        return out
+    m, cg, kh, kw = w.shape
+    cgroups = a["conv_groups"]
+    xz = x.astype(np.int64) - a["z_in"]                       # real-zero padding below
+    win = _windows(xz, (kh, kw), a["stride"], a["dilation"], a["padding"], 0).astype(np.float64)
+    n, c, oh, ow = win.shape[:4]
+    mg = m // cgroups
+    out = []
+    for p in range(n_groups):
+        acc = np.empty((n, m, oh, ow), np.int64)
+        for gi in range(cgroups):
+            chans = np.arange(gi * cg, (gi + 1) * cg)
+            sel = np.ones(cg, bool) if groups is None else groups[chans] == p
+            wg = w[gi * mg:(gi + 1) * mg][:, sel]                       # [mg, c_sel, kh, kw]
+            xg = win[:, chans[sel]]                                     # [N, c_sel, OH, OW, kh, kw]
+            acc[:, gi * mg:(gi + 1) * mg] = np.rint(
+                np.einsum("ncyxij,kcij->nkyx", xg, wg, optimize=True)).astype(np.int64)
+        out.append(acc)
+    return out
+
+
+def _layer(op: Op, x):
+    a = op.attrs
+    accs = _group_accumulators(op, x)
+    total = np.zeros_like(accs[0])
+    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    for p, acc in enumerate(accs):
+        total = total + acc + (sig[p] * shift_round(acc, ns[p]) if sig[p] else 0)
+    bshape = (1, -1) + (1,) * (total.ndim - 2)
+    total = total + op.params["bias"].astype(np.int64).reshape(bshape)
+    if total.min(initial=0) < INT32_MIN or total.max(initial=0) > INT32_MAX:
+        raise AccumulatorOverflow(f"{op.name}: accumulator left int32")
+    y = requantize(total, op.params["mult"].reshape(bshape), op.params["shift"].reshape(bshape))
+    return np.clip(y + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+
+
+def _add(op: Op, a_, b_):
+    a = op.attrs
+    t = (a_.astype(np.int64) - a["za"]) * a["ka"] + (b_.astype(np.int64) - a["zb"]) * a["kb"]
+    t = (t + (1 << (a["t"] - 1))) >> a["t"]
+    return np.clip(t + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+
+
+def _max_pool2d(op: Op, x):
+    a = op.attrs
+    win = _windows(x, a["kernel"], a["stride"], (1, 1), a["padding"], np.iinfo(np.int64).min)
+    return win.max(axis=(4, 5)).astype(op.dtype)
+
+
+def _sum_pool2d(op: Op, x):
+    a = op.attrs
+    win = _windows(x, a["kernel"], a["stride"], (1, 1), a["padding"], a["z_in"])
+    return win.sum(axis=(4, 5)).astype(op.dtype)
+
+
+def _flatten(op: Op, x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _gather(op: Op, x):
+    return np.take(x, op.params["index"], axis=1)
+
+
+OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "linear": _layer,
+       "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
+       "gather": _gather}

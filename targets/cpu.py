@@ -1,0 +1,15 @@
+"""CPU targets (TVM llvm target dicts)."""
+from __future__ import annotations
+
+from calib.errors import ConfigError
+
+TARGETS = ("llvm",)
+
+
+def llvm_target(name: str):
+    """The tvm.target.Target for ``name`` ('llvm': this host's CPU)."""
+    import tvm
+    if name != "llvm":
+        raise ConfigError(f"unknown target {name!r} (choose from {', '.join(TARGETS)})")
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu}) if cpu and cpu != "generic" else tvm.target.Target("llvm")

@@ -1,0 +1,34 @@
+"""Small calibrated artifacts for compiler tests (random weights, a few iterations)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calib.config import CalibConfig
+
+
+def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0):
+    from waps_tvm import api
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn((samples, *input_shape), generator=g)
+    cfg = CalibConfig(wbits=wbits, abits=abits, method="waps", iters=iters, batch=min(8, samples),
+                      samples=samples, seed=seed, progress=False)
+    _, art = api.quantize(model.eval(), data, cfg)
+    return art
+
+
+def scramble_groups(art, seed=0, tile=None):
+    """Give every WAPS layer a random group assignment (tile-granular runs when ``tile``),
+    scattered over its channels: exercises permutation, gathers and every group path."""
+    rng = np.random.default_rng(seed)
+    for rec in art.layers.values():
+        if rec.groups is None:
+            continue
+        c = rec.groups.size
+        g = len(rec.group_scales)
+        if tile:
+            labels = np.repeat(rng.integers(0, g, size=-(-c // tile)), tile)[:c]
+        else:
+            labels = rng.integers(0, g, size=c)
+        rec.groups = rng.permutation(labels).astype(np.int8)
+    return art

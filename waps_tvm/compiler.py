@@ -1,0 +1,102 @@
+"""``waps-tvm compile``: .waps → integer Relax (relay_passes) → TVM llvm build → out/.
+
+The output folder holds
+    model.so     the exported library (Relax VM executable + kernels)
+    meta.json    what a runner needs: input/output shapes, dtypes, layout, the input and
+                 output quantization, target, WAPS form, gathers, versions
+    ir/<stage>.py   the Relax text of each pipeline stage (with dump_ir)
+Files are written to a temporary folder next to ``out`` and renamed into place, so an
+interrupted compile leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from calib.artifact import WapsArtifact
+from calib.errors import ConfigError
+from relay_passes.pipeline import Lowered, lower
+from waps_tvm.frontend import quant_spec, to_relax
+
+META_VERSION = 1
+
+
+def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permute: bool = True) -> Lowered:
+    if batch < 1:
+        raise ConfigError(f"--batch must be at least 1 (got {batch})")
+    return lower(to_relax(art, batch), quant_spec(art), form, permute)
+
+
+def build(lowered: Lowered, target: str = "llvm"):
+    """Relax VM executable of the lowered module for ``target``."""
+    import tvm
+    from tvm import relax
+
+    from targets.cpu import llvm_target
+    tgt = llvm_target(target)
+    with tvm.transform.PassContext(opt_level=3):
+        return relax.build(lowered.module, target=tgt)
+
+
+def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, seconds: float) -> dict:
+    import tvm
+    prog = lowered.program
+    quant = next(o for o in prog.ops if o.kind == "quantize")
+    deq = next(o for o in prog.ops if o.kind == "dequantize")
+    codes = prog[prog.outputs[1]]
+    return {
+        "format": "waps-tvm-compiled", "version": META_VERSION, "target": target,
+        "input": {"shape": list(prog.input_shape), "dtype": "float32", "layout": "NCHW",
+                  "scale": quant.attrs["scale"], "zero_point": quant.attrs["zero_point"],
+                  "qmax": quant.attrs["qmax"]},
+        "output": {"shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
+                   "scale": deq.attrs["scale"], "zero_point": deq.attrs["zero_point"]},
+        "outputs": ["dequantized", "codes"],
+        "waps": {"form": lowered.legalize.form, "legalized_layers": lowered.legalize.legalized,
+                 "masked_layers": lowered.legalize.masked,
+                 "gathers": lowered.permute.gathers if lowered.permute else 0,
+                 "gathered_layers": lowered.permute.gathered_layers if lowered.permute else []},
+        "model": {"producer": art.producer, "config": art.config},
+        "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
+        "compile_seconds": round(seconds, 2),
+    }
+
+
+def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "llvm", batch: int = 1,
+                     form: str = "split", dump_ir: bool = False) -> dict:
+    """Compile ``art`` into the folder ``out`` (replaced atomically); returns the metadata."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out}: exists and is not a folder")
+    t0 = time.perf_counter()
+    lowered = lower_artifact(art, batch, form)
+    ex = build(lowered, target)
+    meta = metadata(art, lowered, target, batch, time.perf_counter() - t0)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        ex.export_library(str(tmp / "model.so"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if dump_ir:
+            (tmp / "ir").mkdir()
+            for name, mod in lowered.stages.items():
+                (tmp / "ir" / f"{name}.py").write_text(mod.script(show_meta=False))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
