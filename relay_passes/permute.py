@@ -68,6 +68,8 @@ class _UF:
 
 def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
     prog = program.copy()
+    if any(not o.shape for o in prog.ops):
+        emit(prog)                          # shapes are needed below
     uf = _UF()
     unit: dict[str, int] = {}                 # features per base channel for each tensor
     for op in prog.ops:

@@ -96,7 +96,9 @@ class _T:
 
 
 def quantize_graph(mod: tvm.IRModule, spec: QuantSpec) -> Program:
-    return _Quantizer(spec).run(mod["main"])
+    prog = _Quantizer(spec).run(mod["main"])
+    emit(prog)                              # fills in every op's shape and dtype
+    return prog
 
 
 def QuantizeGraph(spec: QuantSpec):  # noqa: N802 (TVM pass naming)
@@ -218,7 +220,19 @@ class _Quantizer:
             if len(shape) != 2 or shape[0] != src[0]:
                 raise UnsupportedOpError(f"reshape to {shape} after {self.last_label} (only flatten is supported)")
             return self._new("flatten", "flatten", [t.name], {}, {}, t.codes)
-        raise UnsupportedOpError(f"operation {op.replace('relax.', '')} after {self.last_label} has no integer lowering")
+        raise UnsupportedOpError(f"operation {op.replace('relax.', '')} after {self._where(args)} has no integer lowering")
+
+    def _where(self, args) -> str:
+        """Label of the layer producing the first tensor argument (for error messages)."""
+        for v in args:
+            if isinstance(v, _Done):
+                v = v.result
+            if isinstance(v, _Pending):
+                return v.spec.label
+            if isinstance(v, _T):
+                op = next(o for o in self.ops if o.name == v.name)
+                return op.attrs.get("layer", f"the {op.kind} {op.name}")
+        return self.last_label
 
     # ------------------------------------------------------------ layers
     def _next_layer(self, kind: str) -> LayerQuant:

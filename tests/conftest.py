@@ -40,3 +40,12 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def tiny_resnet():
     torch.manual_seed(0)
     return randomize_bn(TinyResNet())
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact():
+    """A briefly calibrated TinyResNet artifact (W4A4) with scattered WAPS groups."""
+    from tests.compile_helpers import calibrated, scramble_groups
+    torch.manual_seed(0)
+    art = calibrated(randomize_bn(TinyResNet()), (1, 16, 16))
+    return scramble_groups(art, seed=1)

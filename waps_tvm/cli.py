@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from calib.errors import ConfigError, WapsError
+from waps_tvm.runner import RunError as RunnerError
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -64,6 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
+    k.add_argument("model", help="a .waps artifact, or a model as for 'calibrate' (then --data is required)")
+    k.add_argument("--target", default="llvm", help="llvm (this CPU)")
+    k.add_argument("-o", "--output", required=True, help="output folder (model.so, meta.json)")
+    k.add_argument("--batch", type=int, default=1, help="batch size compiled in (default 1)")
+    k.add_argument("--form", default="split", choices=("split", "fused"),
+                   help="WAPS layers as per-group convs (split) or one fused TIR kernel (fused)")
+    k.add_argument("--dump-ir", action="store_true", help="write each pipeline stage's Relax to out/ir/")
+    k.add_argument("--data", help="calibration data, to calibrate a .pt/.pt2/built-in model first")
+    for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed"):
+        src = next(a for a in c._actions if flag in a.option_strings)
+        k.add_argument(flag, type=src.type, default=src.default, choices=src.choices, help=src.help)
+    k.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt nn.Module")
+    k.add_argument("-q", "--quiet", action="store_true")
+
+    r = sub.add_parser("run", help="run a compiled folder with the TVM runtime")
+    r.add_argument("folder")
+    r.add_argument("--input", required=True, help=".npy float32 input [N, C, H, W] (or [C, H, W] for batch 1)")
+    r.add_argument("--output", help="write the outputs to this .npy file")
+    r.add_argument("--codes", action="store_true", help="output the integer codes instead of dequantized values")
+    r.add_argument("--repeat", type=int, default=0, help="also time N runs")
+
     e = sub.add_parser("eval", help="top-1 of a .waps artifact's fake-quant model on labelled data")
     e.add_argument("artifact")
     e.add_argument("--data", required=True)
@@ -78,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "compile":
+            return _compile(args)
+        if args.command == "run":
+            return _run(args)
     except WapsError as e:
+        print(f"waps-tvm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except RunnerError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -126,6 +156,68 @@ def _calibrate(args) -> int:
         q = api.evaluate(api.load_artifact(out), test.x, test.y)
         console.print(f"top-1 on {eval_spec} test ({len(test.x)} images): float {fp * 100:.2f} %, "
                       f"quantized (reloaded {out.name}) {q * 100:.2f} %")
+    return 0
+
+
+def _compile(args) -> int:
+    from waps_tvm import api
+    from waps_tvm.compiler import compile_artifact
+    from targets.cpu import llvm_target
+    llvm_target(args.target)                          # unknown targets fail before any work
+    out = Path(args.output)
+    if str(args.model).endswith(".waps"):
+        art = api.load_artifact(args.model)
+    else:
+        if not args.data:
+            raise ConfigError(f"{args.model} is not a .waps artifact: give --data to calibrate it first")
+        art = _calibrate_for_compile(args)
+    t0 = time.perf_counter()
+    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
+    w = meta["waps"]
+    print(f"compiled for {args.target} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
+          f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
+          f"{w['gathers']} gathers, {len(w['masked_layers'])} masked)")
+    return 0
+
+
+def _calibrate_for_compile(args):
+    from calib.config import CalibConfig
+    from waps_tvm import api
+    from waps_tvm.datasets import load_dataset
+    from waps_tvm.model_io import load_model
+    cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, iters=args.iters,
+                      samples=args.samples, seed=args.seed, progress=not args.quiet).validate()
+    model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
+    data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
+    _, art = api.quantize(model, data.x, cfg)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    api.save_artifact(art, Path(args.output) / "model.waps")
+    return art
+
+
+def _run(args) -> int:
+    import numpy as np
+    from waps_tvm import runner
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise runner.RunError(f"--input {args.input}: cannot read a .npy array ({e})") from None
+    model = runner.load(args.folder)
+    deq, codes = model(x)
+    y = codes if args.codes else deq
+    if args.output:
+        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npy")
+        np.save(tmp, y)
+        tmp.replace(args.output)
+        print(f"wrote {args.output} {y.shape} {y.dtype}")
+    else:
+        np.set_printoptions(precision=4, suppress=True, linewidth=120)
+        print(y)
+        if y.ndim == 2:
+            print("top-1:", y.argmax(1).tolist())
+    if args.repeat:
+        t = np.array(model.time(x, args.repeat)) * 1000
+        print(f"latency over {args.repeat} runs: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
     return 0
 
 

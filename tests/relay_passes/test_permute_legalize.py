@@ -1,0 +1,82 @@
+"""PermuteChannels and LegalizeWAPS: structure after each pass, numerics unchanged."""
+import numpy as np
+import pytest
+
+from relay_passes import reference
+from relay_passes.kernels import group_ranges
+from relay_passes.legalize import legalize_waps
+from relay_passes.permute import permute_channels
+from relay_passes.program import emit
+from relay_passes.quantize import quantize_graph
+from tests.relay_passes.helpers import assert_same, body_ops
+from waps_tvm.frontend import quant_spec, to_relax
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_artifact):
+    return quantize_graph(to_relax(tiny_artifact, 2), quant_spec(tiny_artifact))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(5).normal(size=(2, 1, 16, 16)).astype("float32")
+
+
+def _waps_layers(prog):
+    return [o for o in prog.ops if o.kind in ("conv2d", "linear") and "groups" in o.params
+            and not (o.kind == "conv2d" and o.attrs["conv_groups"] > 1)]
+
+
+def test_scrambled_groups_are_not_contiguous_before(quantized):
+    assert any(group_ranges(o.params["groups"], 3) is None for o in _waps_layers(quantized))
+
+
+def test_permute_makes_every_group_contiguous(quantized, x):
+    prog, report = permute_channels(quantized)
+    for o in _waps_layers(prog):
+        assert group_ranges(o.params["groups"], 3) is not None, o.name
+    gathers = [o for o in prog.ops if o.kind == "gather"]
+    assert report.gathers == len(gathers) >= 1          # the residual stream feeds two WAPS convs
+    assert report.permuted >= 1
+    # numerics: same outputs as before the pass, and llvm equals the reference
+    np.testing.assert_array_equal(reference.run(prog, x)[1], reference.run(quantized, x)[1])
+    assert_same(prog, x)
+
+
+def test_permute_without_disagreement_needs_no_gather(quantized):
+    prog = quantized.copy()
+    # give every consumer of each tensor the same labels: one order serves them all
+    for o in _waps_layers(prog):
+        c = o.params["groups"].size
+        o.params["groups"] = (np.arange(c)[::-1] % 3).astype(np.int8)
+    out, report = permute_channels(prog)
+    readers = {}
+    for o in _waps_layers(out):
+        readers.setdefault(o.inputs[0], []).append(o)
+    assert report.gathers <= sum(len(v) - 1 for v in readers.values() if len(v) > 1) + 1
+
+
+@pytest.mark.parametrize("form", ["split", "fused"])
+def test_legalize_forms(quantized, x, form):
+    permuted, _ = permute_channels(quantized)
+    prog, report = legalize_waps(permuted, form)
+    assert report.legalized == len(_waps_layers(prog))
+    assert report.masked == [o.attrs["layer"] for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
+                             and o.attrs["conv_groups"] > 1]
+    mod = emit(prog)
+    conv = next(o for o in _waps_layers(prog) if o.kind == "conv2d")
+    ops = body_ops(mod, conv.name)
+    if form == "split":
+        nonempty = sum(1 for a, b in group_ranges(conv.params["groups"], 3) if b > a)
+        assert ops.count("relax.nn.conv2d") == nonempty
+        assert ops.count("relax.right_shift") >= 1
+    else:
+        assert ops.count("relax.nn.conv2d") == 0 and ops.count("relax.call_tir") == 1
+    np.testing.assert_array_equal(reference.run(prog, x)[1], reference.run(quantized, x)[1])
+    assert_same(prog, x)
+
+
+def test_split_form_needs_contiguous_groups(quantized):
+    prog, _ = legalize_waps(quantized, "split")          # no permutation: layers stay masked
+    assert prog is not quantized
+    assert any(o.attrs["form"] == "reference" for o in _waps_layers(prog))
