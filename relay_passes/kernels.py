@@ -157,11 +157,13 @@ def _merge_requant(lb, op, accs: list, P, D):
     ndim = 4 if op.kind == "conv2d" else 2
     shape = (1, m) + (1,) * (ndim - 2)
     M, R, S, corr = D[0], D[1], D[2], D[3]
-    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
     total = lb.emit(relax.op.reshape(P["bias"], shape))
     for p, acc in enumerate(accs):
         c = lb.emit(relax.op.reshape(lb.emit(relax.op.strided_slice(corr, [0], [p], [p + 1])), shape))
         acc = lb.emit(relax.op.subtract(acc, c))
+        if frac:
+            acc = lb.emit(relax.op.left_shift(acc, _c(frac, I32)))
         total = lb.emit(relax.op.add(total, acc))
         if sig[p]:
             half = _c(1 << (ns[p] - 1), I32)
@@ -343,6 +345,8 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, extra):
             if acc is None:
                 continue
             v = acc[b, k, i, j] - C[p, k]
+            if a.get("frac", 0):
+                v = v << a["frac"]
             total = total + v
             if sig[p]:
                 s = (v + (1 << (ns[p] - 1))) >> ns[p]

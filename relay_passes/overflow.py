@@ -3,7 +3,7 @@
 For a conv/linear with input codes x̄ ∈ [0, in_qmax], zero point z, and per output
 channel k and group p the weight mass A_p[k] = Σ_{i∈G_p} Σ_kernel |w[k,i,·]|:
     |Σ w·x̄|           ≤ A_p·in_qmax           (the u8×s8 conv before the z correction)
-    |acc_p|           ≤ A_p·max(z, in_qmax − z)
+    |acc_p|           ≤ A_p·max(z, in_qmax − z)·2^L   (L = frac, fractional accumulator bits)
     |acc_p + 2^(n−1)| ≤ |acc_p| + 2^(n−1)      (the rounding add of the group shift)
     |acc + b|         ≤ Σ_p (|acc_p| + (|acc_p| + 2^(n_p−1)) >> n_p) + |b|
 All must stay ≤ 2^31 − 1 (every partial sum of the merge is bounded by the last line).
@@ -41,7 +41,7 @@ def accumulator_bound(op: Op) -> int:
         sel = np.ones_like(chan, bool) if groups is None else groups[chan] == p
         a_p = (mass * sel).sum(axis=1)
         raw = a_p * xmax
-        acc = a_p * max(z, xmax - z)
+        acc = (a_p * max(z, xmax - z)) << a.get("frac", 0)
         half = (1 << (ns[p] - 1)) if sig[p] else 0
         total = total + acc + (((acc + half) >> ns[p]) if sig[p] else 0)
         worst = max(worst, int(raw.max()), int((acc + half).max()))

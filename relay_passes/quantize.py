@@ -13,8 +13,9 @@ tensors is the k-th residual add. Float ops become integer ops:
                                                 into the consumer's requantization)
     reshape to [N, -1]                        → flatten
 with quantize at the input and dequantize at the output. Integer parameters:
-    α′_k = γ^z_k·s_w[k]·s_in / s_out  →  (M_k, shift_k) by quantize_multiplier
-    b_k  = round((γ^z_k·β_k + φ^z_k) / (γ^z_k·s_w[k]·s_in))
+    α′_k = γ^z_k·s_w[k]·s_in / (s_out·2^L)  →  (M_k, shift_k) by quantize_multiplier
+    b_k  = round((γ^z_k·β_k + φ^z_k)·2^L / (γ^z_k·s_w[k]·s_in))
+    L    = fractional accumulator bits (``frac``, up to 8, as many as int32 allows)
     ReLU: lo = z_out;  ReLU6: hi = z_out + round(6/s_out)
 """
 from __future__ import annotations
@@ -29,6 +30,9 @@ from tvm import relax
 from calib.errors import UnsupportedOpError, WapsError
 from calib.numerics import INT32_MAX, quantize_multiplier
 from relay_passes.program import INPUT, Op, Program, emit
+
+
+FRAC_BITS = 8          # at most this many fractional accumulator bits (see _frac_bits)
 
 
 class CompileError(WapsError):
@@ -328,8 +332,9 @@ class _Quantizer:
         s_acc = ls.gamma_z.astype(np.float64) * ls.w_scale.astype(np.float64) * xin.scale
         if np.any(s_acc <= 0) or not np.all(np.isfinite(s_acc)):
             raise CompileError(f"{ls.label}: non-positive output scale γ^z·s_w (cannot requantize)")
-        alpha = s_acc / ls.out.scale
-        bias = np.round((ls.gamma_z.astype(np.float64) * ls.bias + ls.phi_z) / s_acc)
+        frac = self._frac_bits(ls, xin)
+        alpha = s_acc / ls.out.scale / 2.0**frac
+        bias = np.round((ls.gamma_z.astype(np.float64) * ls.bias + ls.phi_z) / s_acc * 2.0**frac)
         if np.any(np.abs(bias) > INT32_MAX // 2):
             raise CompileError(f"{ls.label}: integer bias does not fit int32")
         mult, shift = quantize_multiplier(alpha)
@@ -338,13 +343,25 @@ class _Quantizer:
         lo, hi = self._clamps(ls.out, ls.act, ls.label)
         attrs = dict(p.inputs[1])
         attrs.update({"z_in": int(xin.zero_point), "z_out": int(ls.out.zero_point), "lo": lo, "hi": hi,
-                      "in_qmax": int(xin.qmax), "layer": ls.label, "form": "reference"})
+                      "in_qmax": int(xin.qmax), "layer": ls.label, "form": "reference", "frac": frac})
         params = {"w": ls.w_codes.astype(np.int8), "bias": bias.astype(np.int32),
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
         if ls.groups is not None:
             params["groups"] = ls.groups.astype(np.int8)
             attrs["sigma"], attrs["n"] = list(ls.sigma), list(ls.n)
         return self._new(p.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
+
+    @staticmethod
+    def _frac_bits(ls: LayerQuant, xin: TensorCodes) -> int:
+        """Fractional accumulator bits L: the largest L ≤ FRAC_BITS whose accumulator bound
+        still fits int32 with margin. With L ≥ n_p the group shift is exact (γ_p applied
+        without rounding) and the bias keeps L fractional bits."""
+        w = np.abs(ls.w_codes.astype(np.int64)).reshape(ls.w_codes.shape[0], -1).sum(1).max()
+        bound = max(1, int(w) * max(xin.zero_point, xin.qmax - xin.zero_point, 1))
+        frac = 0
+        while frac < FRAC_BITS and (bound << (frac + 1)) * 2 <= INT32_MAX:
+            frac += 1
+        return frac
 
     def _residual_add(self, p: _Pending) -> _T:
         ad: AddQuant = p.spec

@@ -6,9 +6,10 @@ computes the numeric contract directly (docs/numeric-contract.md):
 
 quantize     x float32 → clip(floor(x/s + 0.5) + z, 0, qmax), float32 arithmetic
 dequantize   codes → (code − z)·s, float32 arithmetic
-conv2d       acc_p[k] = Σ_{i∈G_p ∩ convgroup(k)} Σ_kernel w[k,i,·]·(x[i,·] − z_in), zero
-linear         padding in the real domain (pad code z_in); acc = Σ_p (acc_p + σ_p·shift(acc_p, n_p))
-             + bias; out = clip(requant(acc, M, s) + z_out, lo, hi)
+conv2d       acc_p[k] = (Σ_{i∈G_p ∩ convgroup(k)} Σ_kernel w[k,i,·]·(x[i,·] − z_in)) << L, zero
+linear         padding in the real domain (pad code z_in), L = attribute ``frac`` (fractional
+             accumulator bits); acc = Σ_p (acc_p + σ_p·shift(acc_p, n_p)) + bias;
+             out = clip(requant(acc, M, s) + z_out, lo, hi)
 add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo, hi)
 max_pool2d   window max of codes (padding never wins)
 sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
@@ -94,8 +95,9 @@ def _layer(op: Op, x):
     a = op.attrs
     accs = _group_accumulators(op, x)
     total = np.zeros_like(accs[0])
-    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
     for p, acc in enumerate(accs):
+        acc = acc << frac
         total = total + acc + (sig[p] * shift_round(acc, ns[p]) if sig[p] else 0)
     bshape = (1, -1) + (1,) * (total.ndim - 2)
     total = total + op.params["bias"].astype(np.int64).reshape(bshape)

@@ -174,6 +174,8 @@ def _compile(args) -> int:
     t0 = time.perf_counter()
     meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
     w = meta["waps"]
+    if art_from_data_eval := getattr(args, "_eval_spec", None):
+        _eval_compiled(out, art, art_from_data_eval)
     print(f"compiled for {args.target} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
           f"{w['gathers']} gathers, {len(w['masked_layers'])} masked)")
@@ -190,9 +192,32 @@ def _calibrate_for_compile(args):
     model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
     data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
     _, art = api.quantize(model, data.x, cfg)
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    api.save_artifact(art, Path(args.output) / "model.waps")
+    waps = Path(args.output).with_name(Path(args.output).name + ".waps")
+    api.save_artifact(art, waps)
+    print(f"calibrated {args.model} ({cfg.method}, W{cfg.wbits}A{cfg.abits}) → {waps}")
+    from waps_tvm.datasets import BUILTIN
+    if args.data in BUILTIN:
+        args._eval_spec = args.data
     return art
+
+
+def _eval_compiled(folder: Path, art, spec: str) -> None:
+    """Top-1 of the compiled integer model (TVM runtime) and of the fake-quant model."""
+    import numpy as np
+    from tqdm import tqdm
+    from waps_tvm import api, runner
+    from waps_tvm.datasets import load_dataset
+    test = load_dataset(spec, "test", input_shape=tuple(art.graph.input.attrs["shape"]))
+    model = runner.load(folder)
+    b = model.meta["input"]["shape"][0]
+    n = len(test.x) // b * b
+    preds = [model(test.x[i:i + b].numpy())[0].argmax(1) for i in tqdm(range(0, n, b), desc="compiled model",
+                                                                        leave=False)]
+    y = test.y[:n].numpy()
+    compiled = float((np.concatenate(preds) == y).mean())
+    fq = api.evaluate(art, test.x[:n], test.y[:n])
+    print(f"top-1 on {spec} test ({n} images): compiled integer model (llvm) {compiled * 100:.2f} %, "
+          f"fake-quant {fq * 100:.2f} %")
 
 
 def _run(args) -> int:
