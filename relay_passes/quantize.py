@@ -15,7 +15,7 @@ tensors is the k-th residual add. Float ops become integer ops:
 with quantize at the input and dequantize at the output. Integer parameters:
     α′_k = γ^z_k·s_w[k]·s_in / (s_out·2^L)  →  (M_k, shift_k) by quantize_multiplier
     b_k  = round((γ^z_k·β_k + φ^z_k)·2^L / (γ^z_k·s_w[k]·s_in))
-    L    = fractional accumulator bits (``frac``, up to 8, as many as int32 allows)
+    L    = fractional accumulator bits (``frac``, up to 16, as many as int32 allows)
     ReLU: lo = z_out;  ReLU6: hi = z_out + round(6/s_out)
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from calib.numerics import INT32_MAX, quantize_multiplier
 from relay_passes.program import INPUT, Op, Program, emit
 
 
-FRAC_BITS = 8          # at most this many fractional accumulator bits (see _frac_bits)
+FRAC_BITS = 16         # at most this many fractional accumulator bits (see _frac_bits)
 
 
 class CompileError(WapsError):
@@ -332,7 +332,7 @@ class _Quantizer:
         s_acc = ls.gamma_z.astype(np.float64) * ls.w_scale.astype(np.float64) * xin.scale
         if np.any(s_acc <= 0) or not np.all(np.isfinite(s_acc)):
             raise CompileError(f"{ls.label}: non-positive output scale γ^z·s_w (cannot requantize)")
-        frac = self._frac_bits(ls, xin)
+        frac = self._frac_bits(ls, xin, (ls.gamma_z.astype(np.float64) * ls.bias + ls.phi_z) / s_acc)
         alpha = s_acc / ls.out.scale / 2.0**frac
         bias = np.round((ls.gamma_z.astype(np.float64) * ls.bias + ls.phi_z) / s_acc * 2.0**frac)
         if np.any(np.abs(bias) > INT32_MAX // 2):
@@ -352,14 +352,16 @@ class _Quantizer:
         return self._new(p.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
 
     @staticmethod
-    def _frac_bits(ls: LayerQuant, xin: TensorCodes) -> int:
-        """Fractional accumulator bits L: the largest L ≤ FRAC_BITS whose accumulator bound
-        still fits int32 with margin. With L ≥ n_p the group shift is exact (γ_p applied
-        without rounding) and the bias keeps L fractional bits."""
-        w = np.abs(ls.w_codes.astype(np.int64)).reshape(ls.w_codes.shape[0], -1).sum(1).max()
-        bound = max(1, int(w) * max(xin.zero_point, xin.qmax - xin.zero_point, 1))
+    def _frac_bits(ls: LayerQuant, xin: TensorCodes, bias_units: np.ndarray) -> int:
+        """Fractional accumulator bits L: the largest L ≤ FRAC_BITS for which the layer's
+        accumulator bound (all groups, γ ≤ 1.5, plus the bias in accumulator units) stays
+        below 2^30 after scaling by 2^L. With L ≥ n_p the group shift is exact (γ_p applied
+        without rounding) and the bias keeps L fractional bits. CheckOverflow re-proves it."""
+        w = np.abs(ls.w_codes.astype(np.int64)).reshape(ls.w_codes.shape[0], -1).sum(1)
+        span = max(xin.zero_point, xin.qmax - xin.zero_point, 1)
+        need = float(np.max(w * span * 1.5 + np.abs(bias_units) + 1))
         frac = 0
-        while frac < FRAC_BITS and (bound << (frac + 1)) * 2 <= INT32_MAX:
+        while frac < FRAC_BITS and need * 2.0 ** (frac + 1) < 2.0**30:
             frac += 1
         return frac
 
