@@ -142,7 +142,24 @@ def summarise(results: dict) -> str:
                 row.append(f"{statistics.fmean(t):.1f} ms" if t else "–")
             if any(v != "–" for v in row[2:]):
                 lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + compiled_section()) + "\n"
+
+
+def compiled_section() -> list[str]:
+    """The deployed model's accuracy: the compiled integer program (bench/cpu.py results)."""
+    path = RESULTS / "cpu.json"
+    if not path.exists():
+        return []
+    rows = json.loads(path.read_text())["rows"]
+    out = ["", "## The compiled integer model (TVM llvm build of the .waps, BRECQ+WAPS, seed 0)", "",
+           "What a user deploys: top-1 of the integer-only program (`waps-tvm compile`, run by the TVM",
+           "runtime) over the full test set, beside the fake-quant model of the same artifact, and the",
+           "fraction of images on which their top-1 agree (from `bench/cpu.py`).", "",
+           "| model | config | compiled top-1 | fake-quant top-1 | top-1 agreement |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['config']} | {r['compiled_top1']:.2f} | {r['fakequant_top1']:.2f} | "
+                   f"{r['agreement']:.2f} % |")
+    return out
 
 
 def _fmt(v: list[float]) -> str:

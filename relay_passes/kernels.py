@@ -18,7 +18,6 @@ Requantization is int64: (acc·M + 2^(S−1)) >> S with S = 31 + shift (round ha
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 import tvm
@@ -63,10 +62,9 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
     derived_np = _derived(op, in_types)
     dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
     attrs = {"waps.kind": op.kind, "waps.attrs": _json(op.attrs), "waps.params": param_order(op)}
-    extra = add_prim
     with lb.function(op.name, xs + list(pvars.values()) + dvars, attrs=attrs, private=True):
         with lb.dataflow():
-            out = _BODIES[op.kind](lb, op, xs, pvars, dvars, in_types, extra)
+            out = _BODIES[op.kind](lb, op, xs, pvars, dvars, in_types, add_prim)
             out = lb.emit_output(out)
         lb.emit_func_output(out)
     return lb.get()[op.name], derived_np
@@ -135,7 +133,7 @@ def _corrections(op: Op) -> np.ndarray:
 
 # ---------------------------------------------------------------- bodies
 
-def _quantize(lb, op, xs, P, D, in_types, extra):
+def _quantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
     q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
@@ -144,7 +142,7 @@ def _quantize(lb, op, xs, P, D, in_types, extra):
     return lb.emit(relax.op.astype(q, op.dtype))
 
 
-def _dequantize(lb, op, xs, P, D, in_types, extra):
+def _dequantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     x = relax.op.subtract(relax.op.astype(xs[0], "float32"), _c(a["zero_point"], "float32"))
     return lb.emit(relax.op.multiply(x, _c(a["scale"], "float32")))
@@ -191,10 +189,10 @@ def _conv(lb, x, w, op, in_dtype):
                                       groups=a["conv_groups"], out_dtype=I32))
 
 
-def _conv2d(lb, op, xs, P, D, in_types, extra):
+def _conv2d(lb, op, xs, P, D, in_types, add_prim):
     form = op.attrs.get("form", "reference")
     if form == "fused" and "groups" in op.params:
-        return _conv2d_fused(lb, op, xs, P, D, in_types, extra)
+        return _conv2d_fused(lb, op, xs, P, D, in_types, add_prim)
     in_dtype = in_types[0][1]
     x = _conv_input(lb, op, xs[0], in_dtype)
     g = _n_groups(op)
@@ -230,7 +228,7 @@ def _conv2d(lb, op, xs, P, D, in_types, extra):
     return _merge_requant(lb, op, accs, P, D)
 
 
-def _linear(lb, op, xs, P, D, in_types, extra):
+def _linear(lb, op, xs, P, D, in_types, add_prim):
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
     ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else [(0, op.params["w"].shape[1])]
@@ -252,7 +250,7 @@ def _linear(lb, op, xs, P, D, in_types, extra):
     return _merge_requant(lb, op, accs, P, D)
 
 
-def _add(lb, op, xs, P, D, in_types, extra):
+def _add(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     def term(x, z, k):
         v = relax.op.subtract(relax.op.astype(x, I64), _c(z, I64))
@@ -263,13 +261,13 @@ def _add(lb, op, xs, P, D, in_types, extra):
     return lb.emit(relax.op.astype(t, op.dtype))
 
 
-def _max_pool2d(lb, op, xs, P, D, in_types, extra):
+def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     ph, pw = a["padding"]
     return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw]))
 
 
-def _sum_pool2d(lb, op, xs, P, D, in_types, extra):
+def _sum_pool2d(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     (n, c, h, w), dtype = in_types[0]
     ph, pw = a["padding"]
@@ -284,12 +282,12 @@ def _sum_pool2d(lb, op, xs, P, D, in_types, extra):
     return lb.emit(relax.op.nn.conv2d(x, ones, strides=a["stride"], groups=c, out_dtype=I32))
 
 
-def _flatten(lb, op, xs, P, D, in_types, extra):
+def _flatten(lb, op, xs, P, D, in_types, add_prim):
     shape = in_types[0][0]
     return lb.emit(relax.op.reshape(xs[0], (shape[0], int(np.prod(shape[1:])))))
 
 
-def _gather(lb, op, xs, P, D, in_types, extra):
+def _gather(lb, op, xs, P, D, in_types, add_prim):
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
 
 
@@ -309,7 +307,7 @@ def _group_acc(xp, W, p, c0, c1, shape, kernel, stride, dilation):
         name=f"acc{p}")
 
 
-def _conv2d_fused(lb, op, xs, P, D, in_types, extra):
+def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     (n, c, h, w_), in_dtype = in_types[0]
     wt = op.params["w"]
     m, cg, kh, kw = wt.shape
@@ -368,7 +366,7 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, extra):
     except Exception:  # noqa: BLE001 (no pad block when padding is zero)
         pass
     kname = f"{op.name}_kernel"
-    gv = extra(sch.mod["main"].with_attr("global_symbol", kname), kname)
+    gv = add_prim(sch.mod["main"].with_attr("global_symbol", kname), kname)
     return lb.emit(relax.call_tir(gv, [xs[0], P["w"], P["bias"], D[0], D[1], D[2], D[3]],
                                   relax.TensorType((n, m, oh, ow), op.dtype)))
 

@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 
 from calib.numerics import INT32_MAX
-from relay_passes.program import Op, Program, emit, parse
+from relay_passes.program import Op, Program, parse
 from relay_passes.quantize import CompileError
 
 

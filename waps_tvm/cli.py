@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibrate(args) -> int:
-    import torch
     from rich.console import Console
 
     from calib.config import CalibConfig

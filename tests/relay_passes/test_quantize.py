@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-import tvm
 from tvm import relax
 
 from calib.errors import UnsupportedOpError

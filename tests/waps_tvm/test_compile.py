@@ -13,8 +13,8 @@ import torch
 from calib import artifact
 from relay_passes import reference
 from tests.compile_helpers import calibrated, scramble_groups
-from waps_tvm import cli, runner
-from waps_tvm.compiler import build, compile_artifact, lower_artifact
+from waps_tvm import cli
+from waps_tvm.compiler import build, lower_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 
