@@ -173,11 +173,11 @@ def _compile(args) -> int:
     t0 = time.perf_counter()
     meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
     w = meta["waps"]
-    if art_from_data_eval := getattr(args, "_eval_spec", None):
-        _eval_compiled(out, art, art_from_data_eval)
     print(f"compiled for {args.target} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
           f"{w['gathers']} gathers, {len(w['masked_layers'])} masked)")
+    if spec := getattr(args, "_eval_spec", None):
+        _eval_compiled(out, art, spec, quiet=args.quiet)
     return 0
 
 
@@ -200,7 +200,7 @@ def _calibrate_for_compile(args):
     return art
 
 
-def _eval_compiled(folder: Path, art, spec: str) -> None:
+def _eval_compiled(folder: Path, art, spec: str, quiet: bool = False) -> None:
     """Top-1 of the compiled integer model (TVM runtime) and of the fake-quant model."""
     import numpy as np
     from tqdm import tqdm
@@ -211,7 +211,7 @@ def _eval_compiled(folder: Path, art, spec: str) -> None:
     b = model.meta["input"]["shape"][0]
     n = len(test.x) // b * b
     preds = [model(test.x[i:i + b].numpy())[0].argmax(1) for i in tqdm(range(0, n, b), desc="compiled model",
-                                                                        leave=False)]
+                                                                        leave=False, disable=quiet)]
     y = test.y[:n].numpy()
     compiled = float((np.concatenate(preds) == y).mean())
     fq = api.evaluate(art, test.x[:n], test.y[:n])
