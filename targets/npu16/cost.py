@@ -25,7 +25,6 @@ Cycles (one 16×16 array step = 16 input channels × 16 outputs of one pixel and
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 from targets.npu16.params import NPU16

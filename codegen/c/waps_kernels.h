@@ -1,0 +1,170 @@
+/* waps_kernels.h: the integer operations of a waps-tvm program in portable C99.
+ *
+ * Nothing TVM-specific. Tensors are NCHW (or N×F), contiguous. Activations are codes:
+ * uint8_t, or int32_t "wide" codes after sum pooling (the *_i32 variants). Semantics are
+ * those of relay_passes/reference.py (docs/numeric-contract.md), bit for bit:
+ *   acc_p  = (Σ_{i∈G_p} Σ_taps w·(x − z_in)) · 2^frac           int32 (proven not to overflow)
+ *   acc    = Σ_p (acc_p + σ_p·((acc_p + 2^(n_p−1)) >> n_p)) + bias   arithmetic shifts
+ *   out    = clamp(((int64)acc·M + 2^(S−1)) >> S + z_out, lo, hi),  S = 31 + shift
+ * Right shifts of negative values use asr32/asr64 (floor), never C's implementation-
+ * defined >>; left shifts are multiplications. Float code (quantize/dequantize) must be
+ * compiled without FMA contraction (-ffp-contract=off) to match IEEE single rounding.
+ */
+#ifndef WAPS_KERNELS_H
+#define WAPS_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WAPS_MAX_GROUPS 8
+
+static inline int32_t waps_asr32(int32_t a, int n) { return a >= 0 ? (a >> n) : (int32_t)~(~a >> n); }
+static inline int64_t waps_asr64(int64_t a, int n) { return a >= 0 ? (a >> n) : (int64_t)~(~a >> n); }
+
+static inline int64_t waps_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+/* Σ_p (acc_p·2^frac + σ_p·shift(acc_p·2^frac, n_p)) + bias, then requant and clamp. */
+static inline int64_t waps_epilogue(const int32_t *acc, int ngroups, const int8_t *sigma, const int8_t *nshift,
+                                    int frac, int32_t bias, int32_t mult, int32_t shift,
+                                    int32_t z_out, int32_t lo, int32_t hi) {
+  int32_t total = bias;
+  for (int p = 0; p < ngroups; ++p) {
+    int32_t a = acc[p] * (int32_t)(1 << frac);
+    total += a;
+    if (sigma[p]) {
+      int32_t s = waps_asr32(a + (int32_t)(1 << (nshift[p] - 1)), nshift[p]);
+      total += sigma[p] > 0 ? s : -s;
+    }
+  }
+  int S = 31 + shift;
+  int64_t r = waps_asr64((int64_t)total * (int64_t)mult + ((int64_t)1 << (S - 1)), S);
+  return waps_clamp64(r + z_out, lo, hi);
+}
+
+/* conv2d: x [N,C,H,W] (uint8 or int32 codes via xs/xw), w [M, C/G, KH, KW] int8.
+ * group[c] = WAPS group of input channel c (NULL: one group). */
+#define WAPS_CONV2D(NAME, XT)                                                                       \
+  static void NAME(const XT *x, int N, int C, int H, int W, const int8_t *w, int M, int KH, int KW,   \
+                   int G, int sh, int sw, int ph, int pw, int dh, int dw, const int8_t *group,          \
+                   int ngroups, const int8_t *sigma, const int8_t *nshift, int frac,                    \
+                   const int32_t *bias, const int32_t *mult, const int32_t *shift, int32_t z_in,       \
+                   int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {                               \
+    int OH = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (KW - 1) - 1) / sw + 1; \
+    int CG = C / G, MG = M / G;                                                                         \
+    for (int n = 0; n < N; ++n)                                                                         \
+      for (int k = 0; k < M; ++k) {                                                                     \
+        int g0 = (k / MG) * CG;                                                                         \
+        const int8_t *wk = w + (size_t)k * CG * KH * KW;                                                \
+        for (int oy = 0; oy < OH; ++oy)                                                                 \
+          for (int ox = 0; ox < OW; ++ox) {                                                             \
+            int32_t acc[WAPS_MAX_GROUPS] = {0};                                                         \
+            for (int r = 0; r < CG; ++r) {                                                              \
+              int ci = g0 + r;                                                                          \
+              int p = group ? group[ci] : 0;                                                            \
+              const XT *xc = x + ((size_t)n * C + ci) * H * W;                                          \
+              int32_t s = 0;                                                                            \
+              for (int ky = 0; ky < KH; ++ky) {                                                         \
+                int iy = oy * sh - ph + ky * dh;                                                        \
+                if (iy < 0 || iy >= H) continue;                                                        \
+                for (int kx = 0; kx < KW; ++kx) {                                                       \
+                  int ix = ox * sw - pw + kx * dw;                                                      \
+                  if (ix < 0 || ix >= W) continue;                                                      \
+                  s += (int32_t)wk[(r * KH + ky) * KW + kx] * ((int32_t)xc[iy * W + ix] - z_in);        \
+                }                                                                                       \
+              }                                                                                         \
+              acc[p] += s;                                                                              \
+            }                                                                                           \
+            out[(((size_t)n * M + k) * OH + oy) * OW + ox] = (uint8_t)waps_epilogue(                   \
+                acc, ngroups, sigma, nshift, frac, bias[k], mult[k], shift[k], z_out, lo, hi);         \
+          }                                                                                             \
+      }                                                                                                 \
+  }
+WAPS_CONV2D(waps_conv2d_u8, uint8_t)
+WAPS_CONV2D(waps_conv2d_i32, int32_t)
+
+#define WAPS_LINEAR(NAME, XT)                                                                       \
+  static void NAME(const XT *x, int N, int F, const int8_t *w, int M, const int8_t *group, int ngroups, \
+                   const int8_t *sigma, const int8_t *nshift, int frac, const int32_t *bias,          \
+                   const int32_t *mult, const int32_t *shift, int32_t z_in, int32_t z_out, int32_t lo, \
+                   int32_t hi, uint8_t *out) {                                                          \
+    for (int n = 0; n < N; ++n)                                                                         \
+      for (int k = 0; k < M; ++k) {                                                                     \
+        int32_t acc[WAPS_MAX_GROUPS] = {0};                                                             \
+        for (int f = 0; f < F; ++f)                                                                     \
+          acc[group ? group[f] : 0] += (int32_t)w[(size_t)k * F + f] * ((int32_t)x[(size_t)n * F + f] - z_in); \
+        out[(size_t)n * M + k] = (uint8_t)waps_epilogue(acc, ngroups, sigma, nshift, frac, bias[k], mult[k], \
+                                                        shift[k], z_out, lo, hi);                        \
+      }                                                                                                 \
+  }
+WAPS_LINEAR(waps_linear_u8, uint8_t)
+WAPS_LINEAR(waps_linear_i32, int32_t)
+
+static void waps_add(const uint8_t *a, const uint8_t *b, size_t count, int32_t za, int32_t zb, int64_t ka,
+                     int64_t kb, int t, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+  for (size_t i = 0; i < count; ++i) {
+    int64_t v = ((int64_t)a[i] - za) * ka + ((int64_t)b[i] - zb) * kb;
+    v = waps_asr64(v + ((int64_t)1 << (t - 1)), t);
+    out[i] = (uint8_t)waps_clamp64(v + z_out, lo, hi);
+  }
+}
+
+static void waps_max_pool2d(const uint8_t *x, int N, int C, int H, int W, int KH, int KW, int sh, int sw,
+                            int ph, int pw, uint8_t *out) {
+  int OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int best = 0;
+        for (int ky = 0; ky < KH; ++ky)
+          for (int kx = 0; kx < KW; ++kx) {
+            int iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+            if (iy >= 0 && iy < H && ix >= 0 && ix < W && x[((size_t)nc * H + iy) * W + ix] > best)
+              best = x[((size_t)nc * H + iy) * W + ix];
+          }
+        out[((size_t)nc * OH + oy) * OW + ox] = (uint8_t)best;
+      }
+}
+
+static void waps_sum_pool2d(const uint8_t *x, int N, int C, int H, int W, int KH, int KW, int sh, int sw,
+                            int ph, int pw, int32_t z_in, int32_t *out) {
+  int OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int32_t s = 0;
+        for (int ky = 0; ky < KH; ++ky)
+          for (int kx = 0; kx < KW; ++kx) {
+            int iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+            s += (iy >= 0 && iy < H && ix >= 0 && ix < W) ? (int32_t)x[((size_t)nc * H + iy) * W + ix] : z_in;
+          }
+        out[((size_t)nc * OH + oy) * OW + ox] = s;
+      }
+}
+
+/* out[n, j, ...] = x[n, index[j], ...]; elem = bytes per element, inner = elements per channel */
+static void waps_gather(const void *x, int N, int C, size_t inner, size_t elem, const int32_t *index, int J,
+                        void *out) {
+  for (int n = 0; n < N; ++n)
+    for (int j = 0; j < J; ++j)
+      memcpy((char *)out + (((size_t)n * J + j) * inner) * elem,
+             (const char *)x + (((size_t)n * C + index[j]) * inner) * elem, inner * elem);
+}
+
+static void waps_quantize(const float *x, size_t count, float scale, float zero_point, float qmax, uint8_t *out) {
+  for (size_t i = 0; i < count; ++i) {
+    float q = floorf(x[i] / scale + 0.5f) + zero_point;
+    q = q < 0.0f ? 0.0f : (q > qmax ? qmax : q);
+    out[i] = (uint8_t)q;
+  }
+}
+
+static void waps_dequantize_u8(const uint8_t *x, size_t count, float scale, float zero_point, float *out) {
+  for (size_t i = 0; i < count; ++i) out[i] = ((float)x[i] - zero_point) * scale;
+}
+
+static void waps_dequantize_i32(const int32_t *x, size_t count, float scale, float zero_point, float *out) {
+  for (size_t i = 0; i < count; ++i) out[i] = ((float)x[i] - zero_point) * scale;
+}
+
+#endif /* WAPS_KERNELS_H */
