@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
     k.add_argument("model", help="a .waps artifact, or a model as for 'calibrate' (then --data is required)")
-    k.add_argument("--target", default="llvm", help="llvm (this CPU)")
+    k.add_argument("--target", default="llvm", help="llvm (TVM kernels for this CPU) or c (portable C99 kernels via BYOC)")
     k.add_argument("-o", "--output", required=True, help="output folder (model.so, meta.json)")
     k.add_argument("--batch", type=int, default=1, help="batch size compiled in (default 1)")
     k.add_argument("--form", default="split", choices=("split", "fused"),

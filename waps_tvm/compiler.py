@@ -32,14 +32,19 @@ def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permu
 
 
 def build(lowered: Lowered, target: str = "llvm"):
-    """Relax VM executable of the lowered module for ``target``."""
+    """Relax VM executable of the lowered module for ``target``: 'llvm' (TVM kernels for
+    this CPU) or 'c' (every integer op as portable C99 through BYOC, host glue on llvm)."""
     import tvm
     from tvm import relax
 
     from targets.cpu import llvm_target
-    tgt = llvm_target(target)
+    module = lowered.module
+    if target == "c":
+        from codegen.c.byoc import offload
+        module = offload(module)
+    tgt = llvm_target("llvm" if target == "c" else target)
     with tvm.transform.PassContext(opt_level=3):
-        return relax.build(lowered.module, target=tgt)
+        return relax.build(module, target=tgt)
 
 
 def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, seconds: float) -> dict:
