@@ -1,0 +1,82 @@
+"""Weights in 16×16 MAC tiles, and the channel table each tile row reads.
+
+For a conv/linear with conv groups G, output tiles of 16 channels within each conv group,
+and WAPS groups p (channel lists in the input's memory order; contiguous after
+PermuteChannels), the tiled weights are
+
+    tiles[g, ot, p, it, ky, kx, i, j] = w[g·MG + ot·16 + j, chan_p,g[it·16 + i] − g·CG, ky, kx]
+
+zero where the output j or the row i is past the end (a group that is not a tile multiple
+pads its last tile: fragmentation). ``channels[g, p, it, i]`` is the input channel tile row
+i reads (−1 for a padded row). Every (g, p) has the same number of in-tiles T_p (the
+maximum over conv groups), so the layout is a dense array.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TILE = 16
+
+
+def group_channels(groups: np.ndarray | None, c: int, conv_groups: int, n_groups: int) -> list[list[np.ndarray]]:
+    """[conv group][WAPS group] → input channels (global indices) in memory order."""
+    cg = c // conv_groups
+    out = []
+    for g in range(conv_groups):
+        chans = np.arange(g * cg, (g + 1) * cg)
+        if groups is None:
+            out.append([chans])
+        else:
+            out.append([chans[groups[chans] == p] for p in range(n_groups)])
+    return out
+
+
+def tile_weights(w: np.ndarray, groups: np.ndarray | None, conv_groups: int, n_groups: int, tile: int = TILE):
+    """→ (tiles int8 [G, OT, P, IT, KH, KW, tile, tile], channels int32 [G, P, IT, tile], in_tiles [P])."""
+    if w.ndim == 2:
+        w = w[:, :, None, None]
+    m, cg, kh, kw = w.shape
+    c = cg * conv_groups
+    mg = m // conv_groups
+    chans = group_channels(groups, c, conv_groups, n_groups if groups is not None else 1)
+    n_p = len(chans[0])
+    in_tiles = [max(math.ceil(len(chans[g][p]) / tile) for g in range(conv_groups)) for p in range(n_p)]
+    it_max = max(max(in_tiles), 1)
+    ot = math.ceil(mg / tile)
+    tiles = np.zeros((conv_groups, ot, n_p, it_max, kh, kw, tile, tile), np.int8)
+    table = np.full((conv_groups, n_p, it_max, tile), -1, np.int32)
+    for g in range(conv_groups):
+        for p in range(n_p):
+            ch = chans[g][p]
+            for it in range(math.ceil(len(ch) / tile)):
+                rows = ch[it * tile:(it + 1) * tile]
+                table[g, p, it, :len(rows)] = rows
+                local = rows - g * cg
+                for o in range(ot):
+                    outs = np.arange(g * mg + o * tile, min(g * mg + (o + 1) * tile, (g + 1) * mg))
+                    blk = w[outs][:, local]                                    # [j, i, kh, kw]
+                    tiles[g, o, p, it, :, :, :len(rows), :len(outs)] = blk.transpose(2, 3, 1, 0)
+    return tiles, table, np.array(in_tiles, np.int32)
+
+
+def untile_weights(tiles: np.ndarray, table: np.ndarray, m: int, conv_groups: int) -> np.ndarray:
+    """Inverse of tile_weights (for tests): → w [m, c/G, kh, kw]."""
+    g_, ot, n_p, it_max, kh, kw, tile, _ = tiles.shape
+    mg = m // conv_groups
+    cg = int(table.max() + 1) // conv_groups if table.max() >= 0 else 0
+    w = np.zeros((m, cg, kh, kw), np.int8)
+    for g in range(conv_groups):
+        for o in range(ot):
+            for p in range(n_p):
+                for it in range(it_max):
+                    for i in range(tile):
+                        c = table[g, p, it, i]
+                        if c < 0:
+                            continue
+                        for j in range(tile):
+                            k = g * mg + o * tile + j
+                            if k < (g + 1) * mg:
+                                w[k, c - g * cg] = tiles[g, o, p, it, :, :, i, j]
+    return w

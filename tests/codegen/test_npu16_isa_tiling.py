@@ -1,0 +1,42 @@
+"""npu16 instruction encoding round trip and weight tiling of awkward channel counts."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from codegen.npu16.tiling import tile_weights, untile_weights
+from targets.npu16.isa import Instr, Op, Reg, decode, encode, set_
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(Op)), st.integers(0, 255), st.integers(-(2**63), 2**63 - 1)),
+                max_size=20))
+def test_encoding_round_trip(items):
+    stream = [Instr(op, reg, v) for op, reg, v in items]
+    words = encode(stream)
+    assert words.dtype == np.uint32 and words.shape == (len(stream), 4)
+    assert decode(words) == stream
+
+
+def test_encoding_layout_and_limits():
+    w = encode([set_(Reg.KA, -2), Instr(Op.CONV)])
+    assert list(w[0]) == [1 | (int(Reg.KA) << 8), 0xFFFFFFFE, 0xFFFFFFFF, 0]
+    assert list(w[1]) == [int(Op.CONV), 0, 0, 0]
+    with pytest.raises(ValueError):
+        encode([Instr(Op.SET, 300, 0)])
+
+
+@pytest.mark.parametrize("m,c,conv_groups,n_groups", [(20, 37, 1, 3), (16, 16, 1, 1), (5, 3, 1, 0),
+                                                      (48, 48, 2, 3), (24, 40, 1, 3)])
+def test_tiling_round_trip_for_non_multiples_of_16(m, c, conv_groups, n_groups):
+    rng = np.random.default_rng(m + c)
+    w = rng.integers(-8, 8, (m, c // conv_groups, 3, 3)).astype(np.int8)
+    groups = rng.integers(0, n_groups, c).astype(np.int8) if n_groups else None
+    tiles, table, in_tiles = tile_weights(w, groups, conv_groups, max(n_groups, 1))
+    assert tiles.shape[-2:] == (16, 16) and tiles.shape[1] == -(-(m // conv_groups) // 16)
+    np.testing.assert_array_equal(untile_weights(tiles, table, m, conv_groups), w)
+    # every input channel appears exactly once per conv group's table, padding is -1
+    assert sorted(table[table >= 0].tolist()) == list(range(c))
+    if groups is not None and conv_groups == 1:
+        for p in range(n_groups):
+            assert in_tiles[p] == -(-int((groups == p).sum()) // 16)
