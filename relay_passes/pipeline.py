@@ -30,6 +30,7 @@ class Lowered:
     permute: PermuteReport | None = None
     legalize: LegalizeReport | None = None
     bounds: dict[str, int] = field(default_factory=dict)
+    placement: list[dict] = field(default_factory=list)   # npu16: where each op runs and why
 
 
 def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute: bool = True) -> Lowered:

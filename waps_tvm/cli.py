@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
     k.add_argument("model", help="a .waps artifact, or a model as for 'calibrate' (then --data is required)")
-    k.add_argument("--target", default="llvm", help="llvm (TVM kernels for this CPU) or c (portable C99 kernels via BYOC)")
+    k.add_argument("--target", default="llvm",
+                   help="llvm (TVM kernels for this CPU), c (portable C99 kernels via BYOC) or npu16 "
+                        "(instruction streams run by the npu16 simulator via BYOC)")
     k.add_argument("-o", "--output", required=True, help="output folder (model.so, meta.json)")
     k.add_argument("--batch", type=int, default=1, help="batch size compiled in (default 1)")
     k.add_argument("--form", default="split", choices=("split", "fused"),
@@ -176,6 +178,11 @@ def _compile(args) -> int:
     print(f"compiled for {args.target} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
           f"{w['gathers']} gathers, {len(w['masked_layers'])} masked)")
+    host = [p for p in meta.get("placement", []) if p["target"] != "npu16"]
+    if meta.get("placement"):
+        print(f"npu16 runs {len(meta['placement']) - len(host)} of {len(meta['placement'])} ops; on the host (llvm):")
+        for p in host:
+            print(f"  {p['op']} ({p['kind']}): {p['reason']}")
     if spec := getattr(args, "_eval_spec", None):
         _eval_compiled(out, art, spec, quiet=args.quiet)
     return 0

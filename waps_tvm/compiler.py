@@ -42,7 +42,10 @@ def build(lowered: Lowered, target: str = "llvm"):
     if target == "c":
         from codegen.c.byoc import offload
         module = offload(module)
-    tgt = llvm_target("llvm" if target == "c" else target)
+    elif target == "npu16":
+        from codegen.npu16.byoc import offload as npu_offload
+        module, lowered.placement = npu_offload(module)
+    tgt = llvm_target("llvm" if target in ("c", "npu16") else target)
     with tvm.transform.PassContext(opt_level=3):
         return relax.build(module, target=tgt)
 
@@ -65,10 +68,16 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, secon
                  "masked_layers": lowered.legalize.masked,
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
                  "gathered_layers": lowered.permute.gathered_layers if lowered.permute else []},
+        "placement": [{k: v for k, v in row.items() if k != "lowered"} for row in lowered.placement],
         "model": {"producer": art.producer, "config": art.config},
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
         "compile_seconds": round(seconds, 2),
     }
+
+
+def _save_npu16_streams(lowered: Lowered) -> None:
+    """Keep the encoded instruction streams for the report (stream words per op)."""
+    lowered.streams = {row["op"]: row["lowered"].words for row in lowered.placement if row["lowered"] is not None}
 
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "llvm", batch: int = 1,
@@ -81,6 +90,8 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
     lowered = lower_artifact(art, batch, form)
     ex = build(lowered, target)
     meta = metadata(art, lowered, target, batch, time.perf_counter() - t0)
+    if lowered.placement:
+        _save_npu16_streams(lowered)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -89,6 +100,9 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
     try:
         ex.export_library(str(tmp / "model.so"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if getattr(lowered, "streams", None):
+            import numpy as np
+            np.savez(tmp / "npu16_streams.npz", **lowered.streams)
         if dump_ir:
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():

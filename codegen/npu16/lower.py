@@ -1,0 +1,93 @@
+"""Integer-program op → npu16 instruction stream (+ tiled weights and channel tables).
+
+``lower_op(kind, attrs, shapes, params)`` returns an ``NpuOp`` or raises ``NotOnNpu``
+with the reason an op stays on the host (llvm): float arithmetic (quantize/dequantize),
+pure layout changes (flatten), or shapes the array cannot take (more than 8 WAPS groups).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from codegen.npu16.tiling import tile_weights
+from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, set_
+
+
+class NotOnNpu(Exception):
+    """The op runs on the host; the message says why."""
+
+
+@dataclass
+class NpuOp:
+    stream: list[Instr]
+    tiles: np.ndarray | None = None          # int8 (conv: tiled; depthwise: raw [M, KH, KW])
+    table: np.ndarray | None = None          # int32 channel table (conv)
+    counts: dict = field(default_factory=dict)
+
+    @property
+    def words(self) -> np.ndarray:
+        return encode(self.stream)
+
+
+def lower_op(kind: str, a: dict, in_shapes: list[tuple[int, ...]], in_dtypes: list[str],
+             params: dict[str, np.ndarray]) -> NpuOp:
+    if kind in ("quantize", "dequantize"):
+        raise NotOnNpu("float arithmetic: npu16 is integer-only")
+    if kind == "flatten":
+        raise NotOnNpu("layout only (a reshape): nothing for the NPU to compute")
+    wide = int(in_dtypes[0] != "uint8")
+    s: list[Instr] = []
+    if kind in ("conv2d", "linear"):
+        shape = in_shapes[0] if kind == "conv2d" else (in_shapes[0][0], in_shapes[0][1], 1, 1)
+        n, c, h, w = shape
+        wt = params["w"] if kind == "conv2d" else params["w"][:, :, None, None]
+        m, cg, kh, kw = wt.shape
+        g = a.get("conv_groups", 1)
+        sig, ns = a.get("sigma", [0]), a.get("n", [0])
+        groups = params.get("groups")
+        if len(sig) > MAX_GROUPS:
+            raise NotOnNpu(f"{len(sig)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
+        stride = a.get("stride", [1, 1])
+        pad = a.get("padding", [0, 0])
+        dil = a.get("dilation", [1, 1])
+        regs = {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
+                Reg.SH: stride[0], Reg.SW: stride[1], Reg.PH: pad[0], Reg.PW: pad[1], Reg.DH: dil[0],
+                Reg.DW: dil[1], Reg.Z_IN: a["z_in"], Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"],
+                Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: wide}
+        s += [set_(r, v) for r, v in regs.items()]
+        if g > 1 and cg == 1 and g == c and groups is None:
+            s.append(Instr(Op.DWCONV))
+            s.append(Instr(Op.END))
+            return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
+        tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1)
+        p_count = len(in_tiles)
+        s.append(set_(Reg.NGROUPS, p_count))
+        for p in range(p_count):
+            s += [set_(Reg.SIGMA0 + p, sig[p] if groups is not None else 0),
+                  set_(Reg.NSHIFT0 + p, ns[p] if groups is not None else 0),
+                  set_(Reg.TILES0 + p, int(in_tiles[p]))]
+        s += [Instr(Op.CONV), Instr(Op.END)]
+        return NpuOp(s, tiles=tiles, table=table)
+    if kind == "add":
+        s += [set_(Reg.COUNT, int(np.prod(in_shapes[0]))), set_(Reg.ZA, a["za"]), set_(Reg.ZB, a["zb"]),
+              set_(Reg.KA, a["ka"]), set_(Reg.KB, a["kb"]), set_(Reg.T, a["t"]), set_(Reg.Z_OUT, a["z_out"]),
+              set_(Reg.LO, a["lo"]), set_(Reg.HI, a["hi"]), Instr(Op.ADD), Instr(Op.END)]
+        return NpuOp(s)
+    if kind in ("max_pool2d", "sum_pool2d"):
+        if wide:
+            raise NotOnNpu("pooling of int32 (pooled) codes")
+        n, c, h, w = in_shapes[0]
+        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        s += [set_(r, v) for r, v in {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.KH: kh, Reg.KW: kw,
+                                       Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw,
+                                       Reg.Z_IN: a.get("z_in", 0)}.items()]
+        s += [Instr(Op.MAXPOOL if kind == "max_pool2d" else Op.SUMPOOL), Instr(Op.END)]
+        return NpuOp(s)
+    if kind == "gather":
+        shape = in_shapes[0]
+        inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        s += [set_(Reg.N, shape[0]), set_(Reg.C, shape[1]), set_(Reg.OUT_CHANNELS, params["index"].size),
+              set_(Reg.INNER, inner), set_(Reg.IN_WIDE, wide), Instr(Op.GATHER), Instr(Op.END)]
+        return NpuOp(s)
+    raise NotOnNpu(f"no npu16 lowering for {kind}")

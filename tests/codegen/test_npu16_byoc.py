@@ -1,0 +1,115 @@
+"""--target npu16: BYOC partitions run as instruction streams on the simulator, bit-exact."""
+import ctypes
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calib import artifact
+from codegen.npu16.lower import NotOnNpu, lower_op
+from relay_passes import reference
+from targets.npu16.cost import LayerShape, layer_cost
+from targets.npu16.params import NPU16
+from waps_tvm import cli
+from waps_tvm.compiler import lower_artifact
+
+
+def test_compile_npu16_runs_bit_exact_in_a_fresh_process_and_reports_placement(tiny_artifact, tmp_path, capsys):
+    path = artifact.save(tiny_artifact, tmp_path / "t.waps")
+    assert cli.main(["compile", str(path), "--target", "npu16", "-o", str(tmp_path / "out"), "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "on the host (llvm)" in text and "float arithmetic: npu16 is integer-only" in text
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    where = {p["kind"]: p["target"] for p in meta["placement"]}
+    assert where == {"quantize": "llvm", "dequantize": "llvm", "flatten": "llvm", "conv2d": "npu16",
+                     "linear": "npu16", "add": "npu16", "sum_pool2d": "npu16", "gather": "npu16"}
+    assert all(p["reason"] for p in meta["placement"] if p["target"] == "llvm")
+    x = np.random.default_rng(3).normal(size=(2, 1, 16, 16)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\nfrom waps_tvm import runner\n"
+            f"m = runner.load({str(tmp_path / 'out')!r})\n"
+            f"np.save({str(tmp_path / 'codes.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r}))[1])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ref = reference.run(lower_artifact(tiny_artifact, 2).program, x)
+    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), ref[1])
+
+
+def test_unsupported_ops_stay_on_the_host():
+    with pytest.raises(NotOnNpu, match="at most 8"):
+        lower_op("linear", {"sigma": [0] * 9, "n": [0] * 9, "z_in": 0, "z_out": 0, "lo": 0, "hi": 15},
+                 [(1, 32)], ["uint8"], {"w": np.zeros((4, 32), np.int8), "groups": np.zeros(32, np.int8)})
+    with pytest.raises(NotOnNpu, match="integer-only"):
+        lower_op("quantize", {}, [(1, 3, 4, 4)], ["float32"], {})
+
+
+_DRIVER = r'''
+#include "npu16_sim.h"
+int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, const int32_t *table,
+        const int32_t *bias, const int32_t *mult, const int32_t *shift, int64_t *counters) {
+  npu16_bufs b; memset(&b, 0, sizeof(b));
+  b.x = x; b.out = out; b.tiles = tiles; b.table = table; b.bias = bias; b.mult = mult; b.shift = shift;
+  npu16_counters c; memset(&c, 0, sizeof(c));
+  int rc = npu16_execute(prog, &b, &c);
+  memcpy(counters, &c, sizeof(c));
+  return rc;
+}
+'''
+
+
+@pytest.mark.parametrize("c,m,groups_sizes", [(48, 32, (16, 16, 16)), (40, 20, (20, 10, 10)), (24, 16, ())])
+def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
+    from pathlib import Path
+    sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
+    (tmp_path / "drv.c").write_text(_DRIVER)
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{sim}", str(tmp_path / "drv.c"),
+                    "-o", str(tmp_path / "drv.so")], check=True)
+    lib = ctypes.CDLL(str(tmp_path / "drv.so"))
+    rng = np.random.default_rng(0)
+    w = rng.integers(-2, 2, (m, c, 3, 3)).astype(np.int8)
+    groups = np.repeat(np.arange(len(groups_sizes)), groups_sizes).astype(np.int8) if groups_sizes else None
+    attrs = {"conv_groups": 1, "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "z_in": 3, "z_out": 0,
+             "lo": 0, "hi": 255, "frac": 2, "sigma": [0, -1, 1], "n": [0, 4, 4]}
+    params = {"w": w}
+    if groups is not None:
+        params["groups"] = groups
+    low = lower_op("conv2d", attrs, [(1, c, 6, 6)], ["uint8"], params)
+    x = rng.integers(0, 16, (1, c, 6, 6)).astype(np.uint8)
+    out = np.zeros((1, m, 6, 6), np.uint8)
+    bias = np.zeros(m, np.int32)
+    mult = np.full(m, 2**30, np.int32)
+    shift = np.full(m, 8, np.int32)
+    cnt = np.zeros(8, np.int64)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)                              # noqa: E731
+    assert lib.run(p(np.ascontiguousarray(low.words)), p(x), p(out), p(low.tiles), p(low.table), p(bias),
+                   p(mult), p(shift), p(cnt)) == 0
+    macs, steps, waps, shifts, adds, epi = (int(v) for v in cnt[:6])
+    scaled = (False, True, True) if groups_sizes else ()
+    model = layer_cost(LayerShape("l", c, m, 6, 6, 3, 3, group_sizes=tuple(groups_sizes), scaled=scaled),
+                       NPU16(arrays=1, waps_pipelined=False))
+    assert steps == model.compute_cycles
+    assert waps == model.waps_cycles
+    assert macs == model.macs and epi == m * 36
+    assert shifts == model.shifts and adds == model.adds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "regnet_x_600mf", "mnasnet0_5"])
+def test_torchvision_npu16_bit_exact(arch):
+    import torch
+    import tvm
+
+    from tests.compile_helpers import calibrated, scramble_groups
+    from tests.conftest import randomize_bn
+    from waps_tvm.architectures import get_architecture
+    from waps_tvm.compiler import build
+    torch.manual_seed(0)
+    art = scramble_groups(calibrated(randomize_bn(get_architecture(arch, 10)), (3, 32, 32), wbits=2), seed=6, tile=16)
+    lowered = lower_artifact(art, 2)
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype("float32")
+    vm = tvm.runtime.vm.VirtualMachine(build(lowered, "npu16"), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x))
+    ref = reference.run(lowered.program, x)
+    np.testing.assert_array_equal(out[1].numpy(), ref[1])
