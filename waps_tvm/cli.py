@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         src = next(a for a in c._actions if flag in a.option_strings)
         k.add_argument(flag, type=src.type, default=src.default, choices=src.choices, help=src.help)
     k.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt nn.Module")
+    k.add_argument("--eval-samples", type=int, default=None,
+                   help="test images for the compiled-model top-1 after a one-step compile "
+                        "(default: all; 2000 for npu16, whose simulator is slow)")
     k.add_argument("-q", "--quiet", action="store_true")
 
     r = sub.add_parser("run", help="run a compiled folder with the TVM runtime")
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="write the outputs to this .npy file")
     r.add_argument("--codes", action="store_true", help="output the integer codes instead of dequantized values")
     r.add_argument("--repeat", type=int, default=0, help="also time N runs")
+
+    rp = sub.add_parser("report", help="per-layer npu16 ops and cycles of a compiled folder (--target npu16)")
+    rp.add_argument("folder")
 
     e = sub.add_parser("eval", help="top-1 of a .waps artifact's fake-quant model on labelled data")
     e.add_argument("artifact")
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "report":
+            return _report(args)
     except WapsError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -184,7 +192,9 @@ def _compile(args) -> int:
         for p in host:
             print(f"  {p['op']} ({p['kind']}): {p['reason']}")
     if spec := getattr(args, "_eval_spec", None):
-        _eval_compiled(out, art, spec, quiet=args.quiet)
+        # the npu16 simulator runs about 100 images/s on the bundled model: 2000 by default
+        limit = args.eval_samples or (2000 if args.target == "npu16" else None)
+        _eval_compiled(out, art, spec, quiet=args.quiet, limit=limit)
     return 0
 
 
@@ -207,13 +217,13 @@ def _calibrate_for_compile(args):
     return art
 
 
-def _eval_compiled(folder: Path, art, spec: str, quiet: bool = False) -> None:
+def _eval_compiled(folder: Path, art, spec: str, quiet: bool = False, limit: int | None = None) -> None:
     """Top-1 of the compiled integer model (TVM runtime) and of the fake-quant model."""
     import numpy as np
     from tqdm import tqdm
     from waps_tvm import api, runner
     from waps_tvm.datasets import load_dataset
-    test = load_dataset(spec, "test", input_shape=tuple(art.graph.input.attrs["shape"]))
+    test = load_dataset(spec, "test", n=limit, input_shape=tuple(art.graph.input.attrs["shape"]))
     model = runner.load(folder)
     b = model.meta["input"]["shape"][0]
     n = len(test.x) // b * b
@@ -222,7 +232,7 @@ def _eval_compiled(folder: Path, art, spec: str, quiet: bool = False) -> None:
     y = test.y[:n].numpy()
     compiled = float((np.concatenate(preds) == y).mean())
     fq = api.evaluate(art, test.x[:n], test.y[:n])
-    print(f"top-1 on {spec} test ({n} images): compiled integer model (llvm) {compiled * 100:.2f} %, "
+    print(f"top-1 on {spec} test ({n} images): compiled integer model ({model.meta['target']}) {compiled * 100:.2f} %, "
           f"fake-quant {fq * 100:.2f} %")
 
 
@@ -250,6 +260,59 @@ def _run(args) -> int:
         t = np.array(model.time(x, args.repeat)) * 1000
         print(f"latency over {args.repeat} runs: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
     return 0
+
+
+def _report(args) -> int:
+    import json
+    folder = Path(args.folder)
+    path = folder / "report.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no report.json (compile with --target npu16 to get one)")
+    rep = json.loads(path.read_text())
+    rows, tot = rep["ops"], rep["totals"]
+    head = ("op", "kind", "target", "shape", "MACs", "int ops", "shifts", "compute", "DMA", "epilogue",
+            "cycles", "WAPS overhead")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["target"] != "npu16":
+            lines.append(f"| {r['op']} | {r['kind']} | host (llvm): {r['reason']} | {tuple(r['shape'])} |"
+                         + " – |" * 8)
+            continue
+        ov = 100.0 * (r["cycles"] - r["cycles_no_groups"]) / max(r["cycles_no_groups"], 1)
+        lines.append(f"| {r['op']} | {r['kind']} | npu16 | {tuple(r['shape'])} | {r['macs']} | {r['int_ops']} | "
+                     f"{r['shift_ops']} | {r['compute']} | {r['dma']} | {r['epilogue']} | {r['cycles']} | "
+                     f"{ov:+.1f} % |")
+    clock = rep["npu"]["clock_mhz"]
+    lines.append(f"| **total** | | | | {tot['macs']} | {tot['int_ops']} | {tot['shift_ops']} | {tot['compute']} | "
+                 f"{tot['dma']} | {tot['epilogue']} | {tot['cycles']} | {tot['waps_overhead_pct']:+.2f} % |")
+    summary = (f"npu16 ({rep['npu']['arrays']} array(s), {clock:g} MHz): {tot['cycles']} cycles = "
+               f"{tot['cycles'] / clock:.1f} µs per batch; WAPS groups cost {tot['waps_overhead_pct']:+.2f} % "
+               f"against the same layers without groups; {tot['gathers']} gathers; "
+               f"{len(tot['host_ops'])} ops on the host")
+    text = "\n".join(lines) + "\n\n" + summary + "\n"
+    print(text)
+    (folder / "report.md").write_text("# npu16 report\n\n" + text)
+    _plot_cycles(rows, folder / "cycles.png")
+    print(f"wrote {folder / 'report.md'} and {folder / 'cycles.png'}")
+    return 0
+
+
+def _plot_cycles(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    npu = [r for r in rows if r["target"] == "npu16"]
+    fig, ax = plt.subplots(figsize=(max(6, len(npu) * 0.35), 3.5))
+    x = range(len(npu))
+    ax.bar(x, [r["cycles_no_groups"] for r in npu], label="without groups")
+    ax.bar(x, [r["cycles"] - r["cycles_no_groups"] for r in npu], bottom=[r["cycles_no_groups"] for r in npu],
+           label="WAPS groups")
+    ax.set_xticks(list(x), [r["op"] for r in npu], rotation=90, fontsize=7)
+    ax.set_ylabel("cycles")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _float_logits(model, x):

@@ -102,7 +102,13 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if getattr(lowered, "streams", None):
             import numpy as np
+
+            from targets.npu16.params import DEFAULT
+            from targets.npu16.report import op_costs, totals
             np.savez(tmp / "npu16_streams.npz", **lowered.streams)
+            rows = op_costs(lowered.program, meta["placement"], DEFAULT)
+            (tmp / "report.json").write_text(json.dumps({"npu": DEFAULT.to_json(), "ops": rows,
+                                                         "totals": totals(rows)}, indent=1))
         if dump_ir:
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():

@@ -113,3 +113,18 @@ def test_torchvision_npu16_bit_exact(arch):
     out = vm["main"](tvm.runtime.tensor(x))
     ref = reference.run(lowered.program, x)
     np.testing.assert_array_equal(out[1].numpy(), ref[1])
+
+
+def test_report_table_json_and_chart(tiny_artifact, tmp_path, capsys):
+    path = artifact.save(tiny_artifact, tmp_path / "t.waps")
+    assert cli.main(["compile", str(path), "--target", "npu16", "-o", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "| **total** |" in text and "WAPS groups cost" in text and "host (llvm): float arithmetic" in text
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    convs = [r for r in rep["ops"] if r["kind"] == "conv2d" and r["target"] == "npu16"]
+    assert convs and all(r["cycles"] >= r["cycles_no_groups"] > 0 for r in convs)
+    assert rep["totals"]["gathers"] >= 1
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "cycles.png").stat().st_size > 1000
+    assert cli.main(["report", str(tmp_path)]) == 2                     # not a compiled folder

@@ -1,11 +1,9 @@
 """The command line end to end: real console script for the main job, in-process
 ``main()`` for the error corpus (each must be one line, exit 2, nothing written)."""
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,6 +63,23 @@ def test_main_job_calibrates_saves_and_evaluates(tmp_path):
     p = subprocess.run(EXE + ["eval", str(out), "--data", "mnist", "--samples", "2000"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "top-1" in p.stdout
+
+
+@pytest.mark.slow
+def test_readme_main_job_compiles_for_npu16_and_reports(tmp_path):
+    """The README's first command, with fewer iterations and test images."""
+    out = tmp_path / "mnist"
+    p = subprocess.run(EXE + ["compile", "digit-recognizer", "--data", "mnist", "--target", "npu16", "--samples", "128",
+                              "--iters", "40", "--eval-samples", "300", "-q", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "compiled integer model (npu16)" in p.stdout and "npu16 runs" in p.stdout
+    compiled = float(p.stdout.split("(npu16)")[1].split("%")[0])
+    fake = float(p.stdout.split("fake-quant")[1].split("%")[0])
+    assert compiled > 95.0 and abs(compiled - fake) <= 1.0
+    assert (tmp_path / "mnist.waps").is_file()
+    p = subprocess.run(EXE + ["report", str(out)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "| **total** |" in p.stdout and (out / "cycles.png").is_file()
 
 
 def test_pt2_program_and_trusted_pickle(tmp_path, capsys):
