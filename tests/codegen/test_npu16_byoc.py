@@ -128,3 +128,26 @@ def test_report_table_json_and_chart(tiny_artifact, tmp_path, capsys):
     assert rep["totals"]["gathers"] >= 1
     assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "cycles.png").stat().st_size > 1000
     assert cli.main(["report", str(tmp_path)]) == 2                     # not a compiled folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digit-recognizer", "fashion_resnet", "fashion_mobilenetv2"])
+def test_benchmark_models_npu16_and_c_equal_llvm_and_reference(name):
+    import tvm
+
+    from calib.config import CalibConfig
+    from tests.waps_tvm.test_compile import _benchmark
+    from waps_tvm import api
+    from waps_tvm.compiler import build
+    from waps_tvm.datasets import load_dataset
+    model, data = _benchmark(name)
+    calib = load_dataset(data, "calib", n=64, input_shape=model.input_shape)
+    _, art = api.quantize(model, calib.x, CalibConfig(wbits=2, abits=4, iters=30, samples=64, progress=False))
+    lowered = lower_artifact(art, 2)
+    x = load_dataset(data, "test", n=2, input_shape=model.input_shape).x.numpy()
+    ref = reference.run(lowered.program, x)
+    for target in ("llvm", "c", "npu16"):
+        vm = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(x))
+        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=target)
+        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=target)
