@@ -16,6 +16,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,16 +160,27 @@ def load(path: str | os.PathLike) -> WapsArtifact:
         raise ArtifactError(f"{path}: artifact is missing {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError(f"{path}: manifest.json is not valid JSON") from None
-    except (ValueError, TypeError, AttributeError, OSError, EOFError, zipfile.LargeZipFile, NotImplementedError) as e:
-        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
+    except (ValueError, TypeError, AttributeError, OSError, EOFError, zipfile.LargeZipFile, NotImplementedError,
+            zlib.error, OverflowError) as e:
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {_first_line(e)})") from None
     try:
         art = _build(manifest, arrays)
     except ArtifactError:
         raise
-    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {e})") from None
-    validate(art, str(path))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as e:
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        validate(art, str(path))
+    except ArtifactError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as e:
+        raise ArtifactError(f"{path}: malformed artifact ({type(e).__name__}: {_first_line(e)})") from None
     return art
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def _check_header(path: Path, m: dict) -> None:

@@ -31,6 +31,8 @@ class Lowered:
     legalize: LegalizeReport | None = None
     bounds: dict[str, int] = field(default_factory=dict)
     placement: list[dict] = field(default_factory=list)   # npu16: where each op runs and why
+    final: tvm.IRModule | None = None                     # what relax.build received (after BYOC)
+    streams: dict = field(default_factory=dict)           # npu16: encoded stream per op
 
 
 def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute: bool = True) -> Lowered:

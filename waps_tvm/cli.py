@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="per-layer npu16 ops and cycles of a compiled folder (--target npu16)")
     rp.add_argument("folder")
 
+    ins = sub.add_parser("inspect", help="lowered graphs of a compiled folder: Relax stages, ONNX, netron")
+    ins.add_argument("folder")
+    ins.add_argument("--stage", help="print the Relax text of a stage (imported, quantized, permuted, legalized, "
+                                     "partitioned, final; needs compile --dump-ir)")
+    ins.add_argument("--netron", action="store_true", help="serve out/graph.onnx with netron on localhost")
+    ins.add_argument("--port", type=int, default=0, help="netron port (default: any free port)")
+    ins.add_argument("--serve-seconds", type=float, default=None, help="stop serving after this many seconds")
+
     e = sub.add_parser("eval", help="top-1 of a .waps artifact's fake-quant model on labelled data")
     e.add_argument("artifact")
     e.add_argument("--data", required=True)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "inspect":
+            return _inspect(args)
     except WapsError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -259,6 +269,41 @@ def _run(args) -> int:
     if args.repeat:
         t = np.array(model.time(x, args.repeat)) * 1000
         print(f"latency over {args.repeat} runs: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
+    return 0
+
+
+def _inspect(args) -> int:
+    from collections import Counter
+
+    from waps_tvm.inspect import stage_text
+    folder = Path(args.folder)
+    graph = folder / "graph.onnx"
+    if not graph.is_file():
+        raise ConfigError(f"{folder}: no graph.onnx (not a folder written by 'waps-tvm compile')")
+    if args.stage:
+        print(stage_text(folder, args.stage))
+        return 0
+    import onnx
+    model = onnx.load(str(graph))
+    kinds = Counter((n.op_type, next((a.s.decode() for a in n.attribute if a.name == "target"), "?"))
+                    for n in model.graph.node)
+    print(f"{graph}: {len(model.graph.node)} nodes in domain ai.waps")
+    for (op, tgt), k in sorted(kinds.items()):
+        print(f"  {op:<11} ×{k:<4} on {tgt}")
+    stages = sorted(p.stem for p in (folder / "ir").glob("*.py")) if (folder / "ir").is_dir() else []
+    print(f"Relax stages: {', '.join(stages) if stages else 'none (compile with --dump-ir)'}")
+    if args.netron:
+        import netron
+        address = netron.start(str(graph), address=("127.0.0.1", args.port), browse=False)
+        host, port = address if isinstance(address, tuple) else ("127.0.0.1", args.port)
+        print(f"netron serving {graph} at http://{host}:{port}", flush=True)
+        try:
+            if args.serve_seconds is not None:
+                time.sleep(args.serve_seconds)
+            else:
+                netron.wait()
+        finally:
+            netron.stop(address)
     return 0
 
 

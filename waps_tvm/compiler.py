@@ -42,9 +42,12 @@ def build(lowered: Lowered, target: str = "llvm"):
     if target == "c":
         from codegen.c.byoc import offload
         module = offload(module)
+        lowered.stages["partitioned"] = module
     elif target == "npu16":
         from codegen.npu16.byoc import offload as npu_offload
         module, lowered.placement = npu_offload(module)
+        lowered.stages["partitioned"] = module
+    lowered.final = module
     tgt = llvm_target("llvm" if target in ("c", "npu16") else target)
     with tvm.transform.PassContext(opt_level=3):
         return relax.build(module, target=tgt)
@@ -89,6 +92,8 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
     t0 = time.perf_counter()
     lowered = lower_artifact(art, batch, form)
     ex = build(lowered, target)
+    from waps_tvm.inspect import to_onnx
+    onnx_model = to_onnx(lowered.program, target, lowered.placement)
     meta = metadata(art, lowered, target, batch, time.perf_counter() - t0)
     if lowered.placement:
         _save_npu16_streams(lowered)
@@ -100,7 +105,8 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
     try:
         ex.export_library(str(tmp / "model.so"))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if getattr(lowered, "streams", None):
+        (tmp / "graph.onnx").write_bytes(onnx_model.SerializeToString())
+        if lowered.streams:
             import numpy as np
 
             from targets.npu16.params import DEFAULT
@@ -113,6 +119,8 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():
                 (tmp / "ir" / f"{name}.py").write_text(mod.script(show_meta=False))
+            if lowered.final is not None:
+                (tmp / "ir" / "final.py").write_text(lowered.final.script(show_meta=False))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
