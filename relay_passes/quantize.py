@@ -131,7 +131,7 @@ class _Quantizer:
         out = None
         for block in main.body.blocks:
             for b in block.bindings:
-                self.env[b.var] = self._visit(b.value, b.var)
+                self.env[b.var] = self._visit(b.value)
         out = self.env[main.body.body] if main.body.body in self.env else self._value(main.body.body)
         if isinstance(out, list):
             out = [o for o in out if o is not None]
@@ -178,7 +178,7 @@ class _Quantizer:
         raise CompileError(f"expected an activation tensor at {where} (after {self.last_label})")
 
     # ------------------------------------------------------------ bindings
-    def _visit(self, e, var):
+    def _visit(self, e):
         if isinstance(e, (tvm.ir.Constant, relax.Var, relax.Tuple)):
             return self._value(e)
         if isinstance(e, relax.TupleGetItem):

@@ -32,3 +32,19 @@ def scramble_groups(art, seed=0, tile=None):
             labels = rng.integers(0, g, size=c)
         rec.groups = rng.permutation(labels).astype(np.int8)
     return art
+
+
+def run_in_fresh_process(folder, x: np.ndarray, tmp) -> np.ndarray:
+    """Run a compiled folder in a new Python process where torch cannot be imported (the
+    runner needs only NumPy and the TVM runtime); returns the output codes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    tmp = Path(tmp)
+    np.save(tmp / "fresh_x.npy", x)
+    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\nfrom waps_tvm import runner\n"
+            f"m = runner.load({str(folder)!r})\n"
+            f"np.save({str(tmp / 'fresh_codes.npy')!r}, m(np.load({str(tmp / 'fresh_x.npy')!r}))[1])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return np.load(tmp / "fresh_codes.npy")

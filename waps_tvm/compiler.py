@@ -46,6 +46,7 @@ def build(lowered: Lowered, target: str = "llvm"):
     elif target == "npu16":
         from codegen.npu16.byoc import offload as npu_offload
         module, lowered.placement = npu_offload(module)
+        lowered.streams = {r["op"]: r["lowered"].words for r in lowered.placement if r["lowered"] is not None}
         lowered.stages["partitioned"] = module
     lowered.final = module
     tgt = llvm_target("llvm" if target in ("c", "npu16") else target)
@@ -78,11 +79,6 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, secon
     }
 
 
-def _save_npu16_streams(lowered: Lowered) -> None:
-    """Keep the encoded instruction streams for the report (stream words per op)."""
-    lowered.streams = {row["op"]: row["lowered"].words for row in lowered.placement if row["lowered"] is not None}
-
-
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "llvm", batch: int = 1,
                      form: str = "split", dump_ir: bool = False) -> dict:
     """Compile ``art`` into the folder ``out`` (replaced atomically); returns the metadata."""
@@ -95,8 +91,6 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
     from waps_tvm.inspect import to_onnx
     onnx_model = to_onnx(lowered.program, target, lowered.placement)
     meta = metadata(art, lowered, target, batch, time.perf_counter() - t0)
-    if lowered.placement:
-        _save_npu16_streams(lowered)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -43,12 +43,12 @@ class ArtifactModule(nn.Module):
             if n.op == "conv2d":
                 y = F.conv2d(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b"),
                              a["stride"], a["padding"], a["dilation"], a["groups"])
-                y = _act(y, a.get("act"))
+                y = apply_act(y, a.get("act"))
             elif n.op == "linear":
-                y = _act(F.linear(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b")),
+                y = apply_act(F.linear(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b")),
                          a.get("act"))
             elif n.op == "add":
-                y = _act(ins[0] + ins[1], a.get("act"))
+                y = apply_act(ins[0] + ins[1], a.get("act"))
             elif n.op == "max_pool2d":
                 y = F.max_pool2d(ins[0], a["kernel"], a["stride"], a["padding"])
             elif n.op == "avg_pool2d":
@@ -63,14 +63,6 @@ class ArtifactModule(nn.Module):
                 raise CompileError(f"operation {n.op} at {n.label()} has no integer lowering")
             env[n.name] = y
         return env[self.graph.output]
-
-
-def _act(y: torch.Tensor, act: str | None) -> torch.Tensor:
-    if act == "relu":
-        return F.relu(y)
-    if act == "relu6":
-        return y.clamp(0, 6)
-    return y
 
 
 def to_relax(art: WapsArtifact, batch: int = 1):

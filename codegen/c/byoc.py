@@ -15,51 +15,19 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from codegen.c.emit import KERNELS, _f
+from codegen.byoc_source import entry_function, register, symbol
+from codegen.byoc_source import offload as byoc_offload
+from codegen.c.emit import KERNELS, float_literal
 
 CODEGEN = "waps_c"
-_PRELUDE = r'''
-#include <tvm/ffi/c_api.h>
-#include <dlpack/dlpack.h>
-#include <stdint.h>
-#include <stddef.h>
-static inline void* waps_ptr(const TVMFFIAny* a) {
-  DLTensor* t = a->type_index == kTVMFFIDLTensorPtr ? (DLTensor*)a->v_ptr : TVMFFITensorGetDLTensorPtr(a->v_obj);
-  return (char*)t->data + t->byte_offset;
-}
-'''
 
 
 def offload(mod: tvm.IRModule) -> tvm.IRModule:
     """Mark every integer-op function for the C codegen, then run RunCodegen."""
-    _register()
-    updates = {}
-    for gv, fn in mod.functions.items():
-        if isinstance(fn, relax.Function) and fn.attrs is not None and "waps.kind" in fn.attrs:
-            updates[gv] = fn.with_attr("Codegen", CODEGEN).with_attr("global_symbol", _symbol(gv.name_hint))
-    for gv, fn in updates.items():
-        mod[gv] = fn
-    return relax.transform.RunCodegen()(mod)
-
-
-def _symbol(name: str) -> str:
-    return "waps_c_" + "".join(c if c.isalnum() else "_" for c in name)
-
-
-def _register() -> None:
-    if tvm.get_global_func(f"relax.ext.{CODEGEN}", allow_missing=True) is None:
-        tvm.register_global_func(f"relax.ext.{CODEGEN}", _codegen)
-
-
-def _codegen(functions, options, constant_names):
-    create = tvm.get_global_func("runtime.CSourceModuleCreate")
-    parts = [_PRELUDE, KERNELS.read_text()]
-    symbols = []
-    for fn in functions:
-        sym = str(fn.attrs["global_symbol"])
-        symbols.append(sym)
-        parts.append(_entry(fn, sym))
-    return [create("\n".join(parts), "cc", symbols, [])]
+    register(CODEGEN, KERNELS.read_text, _entry)
+    names = {gv.name_hint: symbol("waps_c_", gv.name_hint) for gv, fn in mod.functions.items()
+             if isinstance(fn, relax.Function) and fn.attrs is not None and "waps.kind" in fn.attrs}
+    return byoc_offload(mod, CODEGEN, names)
 
 
 def _shape(v) -> tuple[int, ...]:
@@ -74,7 +42,6 @@ def _entry(fn: relax.Function, sym: str) -> str:
     params = list(fn.params)
     ins = params[:n_in]
     arg = {k: f"args[{n_in + i}]" for i, k in enumerate(pnames)}
-    out_shape = tuple(int(d) for d in fn.ret_ty.shape) if hasattr(fn, "ret_ty") else None
     in_shape, in_dtype = _shape(ins[0]), str(ins[0].ty.dtype)
     sfx = "u8" if in_dtype == "uint8" else "i32"
     ptr = lambda e, t: f"({t}*)waps_ptr(&{e})"                       # noqa: E731
@@ -99,11 +66,11 @@ def _entry(fn: relax.Function, sym: str) -> str:
             lines.append(f"waps_conv2d_{sfx}({x}, {n}, {c}, {h}, {w}, {ptr(arg['w'], 'const int8_t')}, {w_shape[0]}, "
                          f"{w_shape[2]}, {w_shape[3]}, {a['conv_groups']}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, " + tail)
     elif kind == "quantize":
-        lines.append(f"waps_quantize({x}, {int(np.prod(in_shape))}, {_f(a['scale'])}, {_f(a['zero_point'])}, "
-                     f"{_f(a['qmax'])}, {ptr(out, 'uint8_t')});")
+        lines.append(f"waps_quantize({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
+                     f"{float_literal(a['qmax'])}, {ptr(out, 'uint8_t')});")
     elif kind == "dequantize":
-        lines.append(f"waps_dequantize_{sfx}({x}, {int(np.prod(in_shape))}, {_f(a['scale'])}, "
-                     f"{_f(a['zero_point'])}, {ptr(out, 'float')});")
+        lines.append(f"waps_dequantize_{sfx}({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, "
+                     f"{float_literal(a['zero_point'])}, {ptr(out, 'float')});")
     elif kind == "add":
         lines.append(f"waps_add({x}, {ptr('args[1]', 'const uint8_t')}, {int(np.prod(in_shape))}, {a['za']}, {a['zb']}, "
                      f"{a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {ptr(out, 'uint8_t')});")
@@ -125,8 +92,4 @@ def _entry(fn: relax.Function, sym: str) -> str:
                      f"{j}, waps_ptr(&{out}));")
     else:
         raise ValueError(f"no C kernel for {kind}")
-    del out_shape
-    body = "\n  ".join(lines)
-    return (f'extern "C" TVM_FFI_DLL_EXPORT int __tvm_ffi_{sym}(void* self, const TVMFFIAny* args, '
-            f"int32_t num_args, TVMFFIAny* result) {{\n  {body}\n  result->type_index = kTVMFFINone;\n"
-            f"  result->v_int64 = 0;\n  return 0;\n}}\n")
+    return entry_function(sym, lines)

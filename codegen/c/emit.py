@@ -68,11 +68,11 @@ def _call(op: Op, v: str, program: Program, buf: dict) -> str:
     in_dtype = program.dtype_of(op.inputs[0]) if op.inputs else ""
     suffix = "u8" if in_dtype == "uint8" else "i32"
     if op.kind == "quantize":
-        return (f"waps_quantize(input, {int(np.prod(in_shape))}, {_f(a['scale'])}, {_f(a['zero_point'])}, "
-                f"{_f(a['qmax'])}, buf_{v});")
+        return (f"waps_quantize(input, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
+                f"{float_literal(a['qmax'])}, buf_{v});")
     if op.kind == "dequantize":
-        return (f"waps_dequantize_{suffix}({x}, {int(np.prod(in_shape))}, {_f(a['scale'])}, "
-                f"{_f(a['zero_point'])}, output);")
+        return (f"waps_dequantize_{suffix}({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, "
+                f"{float_literal(a['zero_point'])}, output);")
     if op.kind in ("conv2d", "linear"):
         groups = f"{v}_groups" if "groups" in op.params else "0"
         ng = len(a.get("sigma", [0]))
@@ -105,7 +105,7 @@ def _call(op: Op, v: str, program: Program, buf: dict) -> str:
     raise ValueError(f"no C kernel for {op.kind}")
 
 
-def _f(v: float) -> str:
+def float_literal(v: float) -> str:
     """An exact float32 literal: the double that prints this float32, cast to float."""
     return f"((float){float(np.float32(v))!r})"
 

@@ -16,24 +16,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from codegen.byoc_source import entry_function, register, symbol
+from codegen.byoc_source import offload as byoc_offload
 from codegen.npu16.lower import NotOnNpu, NpuOp, lower_op
 
 CODEGEN = "waps_npu16"
 SIM = Path(__file__).resolve().parents[2] / "targets" / "npu16" / "npu16_sim.h"
-_PRELUDE = r'''
-#include <tvm/ffi/c_api.h>
-#include <dlpack/dlpack.h>
-#include <stdint.h>
-static inline void* waps_ptr(const TVMFFIAny* a) {
-  DLTensor* t = a->type_index == kTVMFFIDLTensorPtr ? (DLTensor*)a->v_ptr : TVMFFITensorGetDLTensorPtr(a->v_obj);
-  return (char*)t->data + t->byte_offset;
-}
-'''
 _LOWERED: dict[str, NpuOp] = {}
-
-
-def _symbol(name: str) -> str:
-    return "waps_npu16_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
 def placement(mod: tvm.IRModule) -> list[dict]:
@@ -55,35 +44,14 @@ def placement(mod: tvm.IRModule) -> list[dict]:
 
 
 def offload(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[dict]]:
-    _register()
+    register(CODEGEN, SIM.read_text, lambda fn, sym: _entry(fn, sym, _LOWERED[sym]))
     where = placement(mod)
-    updates = {}
+    names = {}
     for row in where:
-        if row["target"] != "npu16":
-            continue
-        gv = mod.get_global_var(row["op"])
-        sym = _symbol(row["op"])
-        _LOWERED[sym] = row["lowered"]
-        updates[gv] = mod[gv].with_attr("Codegen", CODEGEN).with_attr("global_symbol", sym)
-    for gv, fn in updates.items():
-        mod[gv] = fn
-    return relax.transform.RunCodegen()(mod), where
-
-
-def _register() -> None:
-    if tvm.get_global_func(f"relax.ext.{CODEGEN}", allow_missing=True) is None:
-        tvm.register_global_func(f"relax.ext.{CODEGEN}", _codegen)
-
-
-def _codegen(functions, options, constant_names):
-    create = tvm.get_global_func("runtime.CSourceModuleCreate")
-    parts = [_PRELUDE, SIM.read_text()]
-    symbols = []
-    for fn in functions:
-        sym = str(fn.attrs["global_symbol"])
-        symbols.append(sym)
-        parts.append(_entry(fn, sym, _LOWERED[sym]))
-    return [create("\n".join(parts), "cc", symbols, [])]
+        if row["target"] == "npu16":
+            names[row["op"]] = symbol("waps_npu16_", row["op"])
+            _LOWERED[names[row["op"]]] = row["lowered"]
+    return byoc_offload(mod, CODEGEN, names), where
 
 
 def _carray(name: str, arr: np.ndarray, ctype: str) -> str:
@@ -110,9 +78,5 @@ def _entry(fn: relax.Function, sym: str, low: NpuOp) -> str:
     for k in ("bias", "mult", "shift", "index"):
         if k in arg:
             bind.append(f"b.{k} = (const int32_t*)waps_ptr({arg[k]});")
-    body = "\n  ".join(bind)
-    return ("\n".join(decl) + f"\nstatic npu16_counters {sym}_counters;\n"
-            f'extern "C" TVM_FFI_DLL_EXPORT int __tvm_ffi_{sym}(void* self, const TVMFFIAny* args, '
-            f"int32_t num_args, TVMFFIAny* result) {{\n  {body}\n"
-            f"  int rc = npu16_execute({sym}_prog, &b, &{sym}_counters);\n"
-            f"  result->type_index = kTVMFFINone;\n  result->v_int64 = 0;\n  return rc;\n}}\n")
+    bind.append(f"int rc = npu16_execute({sym}_prog, &b, &{sym}_counters);")
+    return "\n".join(decl) + f"\nstatic npu16_counters {sym}_counters;\n" + entry_function(sym, bind, "rc")

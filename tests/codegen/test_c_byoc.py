@@ -1,12 +1,11 @@
 """--target c: every integer op offloaded to C99 through BYOC, inside the exported module."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from calib import artifact
 from relay_passes import reference
+from tests.compile_helpers import run_in_fresh_process
 from waps_tvm import cli
 from waps_tvm.compiler import lower_artifact
 
@@ -25,14 +24,9 @@ def test_compile_c_target_runs_bit_exact_in_a_fresh_process(tiny_artifact, tmp_p
     path = artifact.save(tiny_artifact, tmp_path / "t.waps")
     assert cli.main(["compile", str(path), "--target", "c", "-o", str(tmp_path / "out"), "--batch", "2"]) == 0
     x = np.random.default_rng(9).normal(size=(2, 1, 16, 16)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\nfrom waps_tvm import runner\n"
-            f"m = runner.load({str(tmp_path / 'out')!r})\n"
-            f"np.save({str(tmp_path / 'codes.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r}))[1])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    codes = run_in_fresh_process(tmp_path / "out", x, tmp_path)
     ref = reference.run(lower_artifact(tiny_artifact, 2).program, x)
-    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), ref[1])
+    np.testing.assert_array_equal(codes, ref[1])
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 import ctypes
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from codegen.npu16.lower import NotOnNpu, lower_op
 from relay_passes import reference
 from targets.npu16.cost import LayerShape, layer_cost
 from targets.npu16.params import NPU16
+from tests.compile_helpers import run_in_fresh_process
 from waps_tvm import cli
 from waps_tvm.compiler import lower_artifact
 
@@ -27,14 +27,9 @@ def test_compile_npu16_runs_bit_exact_in_a_fresh_process_and_reports_placement(t
                      "linear": "npu16", "add": "npu16", "sum_pool2d": "npu16", "gather": "npu16"}
     assert all(p["reason"] for p in meta["placement"] if p["target"] == "llvm")
     x = np.random.default_rng(3).normal(size=(2, 1, 16, 16)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\nfrom waps_tvm import runner\n"
-            f"m = runner.load({str(tmp_path / 'out')!r})\n"
-            f"np.save({str(tmp_path / 'codes.npy')!r}, m(np.load({str(tmp_path / 'x.npy')!r}))[1])\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    codes = run_in_fresh_process(tmp_path / "out", x, tmp_path)
     ref = reference.run(lower_artifact(tiny_artifact, 2).program, x)
-    np.testing.assert_array_equal(np.load(tmp_path / "codes.npy"), ref[1])
+    np.testing.assert_array_equal(codes, ref[1])
 
 
 def test_unsupported_ops_stay_on_the_host():
