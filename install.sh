@@ -5,11 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+# Debian packages: Fashion-MNIST (bench/ and tests), chromium + chromedriver (the netron browser test)
+need=()
+[ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${need[@]}" >/dev/null
   else
-    echo "install.sh: note: 'sudo apt-get install dataset-fashion-mnist' enables the Fashion-MNIST benchmarks" >&2
+    echo "install.sh: note: 'sudo apt-get install ${need[*]}' enables the Fashion-MNIST benchmarks and the browser test" >&2
   fi
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -4,6 +4,7 @@ place only when complete)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         src = next(a for a in c._actions if flag in a.option_strings)
         k.add_argument(flag, type=src.type, default=src.default, choices=src.choices, help=src.help)
     k.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt nn.Module")
+    k.add_argument("--eval-data", help="labelled test data (mnist | fashion-mnist | digits, a .npz with y, an "
+                                       "image folder): the report gets the compiled and fake-quant top-1 and "
+                                       "their agreement (default: the built-in data of a one-step compile)")
     k.add_argument("--eval-samples", type=int, default=None,
-                   help="test images for the compiled-model top-1 after a one-step compile "
+                   help="test images for the compiled-model top-1 "
                         "(default: all; 2000 for npu16, whose simulator is slow)")
     k.add_argument("-q", "--quiet", action="store_true")
 
@@ -92,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--codes", action="store_true", help="output the integer codes instead of dequantized values")
     r.add_argument("--repeat", type=int, default=0, help="also time N runs")
 
-    rp = sub.add_parser("report", help="per-layer npu16 ops and cycles of a compiled folder (--target npu16)")
+    rp = sub.add_parser("report", help="the compile report of a compiled folder: per-op targets, groups, gathers, "
+                                       "npu16 costs, accuracy (prints it, rewrites report.md and its PNGs)")
     rp.add_argument("folder")
 
     ins = sub.add_parser("inspect", help="lowered graphs of a compiled folder: Relax stages, ONNX, netron")
@@ -131,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunnerError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:                       # e.g. `waps-tvm report out | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("waps-tvm: interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -190,6 +198,11 @@ def _compile(args) -> int:
         if not args.data:
             raise ConfigError(f"{args.model} is not a .waps artifact: give --data to calibrate it first")
         art = _calibrate_for_compile(args)
+    test = None
+    if spec := args.eval_data or getattr(args, "_eval_spec", None):   # checked before any compile work
+        # the npu16 simulator runs about 100 images/s on the bundled model: 2000 by default
+        limit = args.eval_samples or (2000 if args.target == "npu16" else None)
+        test = _eval_set(spec, art, limit, args.batch)
     t0 = time.perf_counter()
     meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
     w = meta["waps"]
@@ -201,10 +214,8 @@ def _compile(args) -> int:
         print(f"npu16 runs {len(meta['placement']) - len(host)} of {len(meta['placement'])} ops; on the host (llvm):")
         for p in host:
             print(f"  {p['op']} ({p['kind']}): {p['reason']}")
-    if spec := getattr(args, "_eval_spec", None):
-        # the npu16 simulator runs about 100 images/s on the bundled model: 2000 by default
-        limit = args.eval_samples or (2000 if args.target == "npu16" else None)
-        _eval_compiled(out, art, spec, quiet=args.quiet, limit=limit)
+    if test is not None:
+        _eval_compiled(out, art, spec, test, quiet=args.quiet)
     return 0
 
 
@@ -227,23 +238,40 @@ def _calibrate_for_compile(args):
     return art
 
 
-def _eval_compiled(folder: Path, art, spec: str, quiet: bool = False, limit: int | None = None) -> None:
-    """Top-1 of the compiled integer model (TVM runtime) and of the fake-quant model."""
-    import numpy as np
-    from tqdm import tqdm
-    from waps_tvm import api, runner
+def _eval_set(spec: str, art, limit: int | None, batch: int):
     from waps_tvm.datasets import load_dataset
     test = load_dataset(spec, "test", n=limit, input_shape=tuple(art.graph.input.attrs["shape"]))
+    if test.y is None:
+        raise ConfigError(f"--eval-data {spec}: has no labels")
+    if len(test.x) < batch:
+        raise ConfigError(f"--eval-data {spec}: fewer images ({len(test.x)}) than the compiled batch ({batch})")
+    return test
+
+
+def _eval_compiled(folder: Path, art, spec: str, test, quiet: bool = False) -> None:
+    """Top-1 of the compiled integer model (TVM runtime) and of the fake-quant model, and how
+    often they agree; printed and added to the folder's report."""
+    import json
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from waps_tvm import api, report, runner
     model = runner.load(folder)
     b = model.meta["input"]["shape"][0]
     n = len(test.x) // b * b
     preds = [model(test.x[i:i + b].numpy())[0].argmax(1) for i in tqdm(range(0, n, b), desc="compiled model",
                                                                         leave=False, disable=quiet)]
-    y = test.y[:n].numpy()
-    compiled = float((np.concatenate(preds) == y).mean())
-    fq = api.evaluate(art, test.x[:n], test.y[:n])
-    print(f"top-1 on {spec} test ({n} images): compiled integer model ({model.meta['target']}) {compiled * 100:.2f} %, "
-          f"fake-quant {fq * 100:.2f} %")
+    with torch.no_grad():
+        fq_pred = api.predict(api.build_fake_quant(art), test.x[:n]).argmax(1).numpy()
+    acc = report.accuracy(spec, test.y[:n].numpy(), np.concatenate(preds), fq_pred)
+    rep = json.loads((folder / "report.json").read_text())
+    rep["accuracy"] = acc
+    report.write(folder, rep)
+    print(f"top-1 on {spec} test ({n} images): compiled integer model ({model.meta['target']}) "
+          f"{acc['compiled_top1'] * 100:.2f} %, fake-quant {acc['fake_quant_top1'] * 100:.2f} %, "
+          f"agreement {acc['agreement'] * 100:.2f} %")
 
 
 def _run(args) -> int:
@@ -284,7 +312,10 @@ def _inspect(args) -> int:
         print(stage_text(folder, args.stage))
         return 0
     import onnx
-    model = onnx.load(str(graph))
+    try:
+        model = onnx.load(str(graph))
+    except Exception as e:  # noqa: BLE001 (protobuf's DecodeError and friends)
+        raise ConfigError(f"{graph}: not a readable ONNX graph ({type(e).__name__}); recompile the folder") from None
     kinds = Counter((n.op_type, next((a.s.decode() for a in n.attribute if a.name == "target"), "?"))
                     for n in model.graph.node)
     print(f"{graph}: {len(model.graph.node)} nodes in domain ai.waps")
@@ -309,55 +340,21 @@ def _inspect(args) -> int:
 
 def _report(args) -> int:
     import json
+
+    from waps_tvm import report
     folder = Path(args.folder)
     path = folder / "report.json"
     if not path.is_file():
-        raise ConfigError(f"{folder}: no report.json (compile with --target npu16 to get one)")
-    rep = json.loads(path.read_text())
-    rows, tot = rep["ops"], rep["totals"]
-    head = ("op", "kind", "target", "shape", "MACs", "int ops", "shifts", "compute", "DMA", "epilogue",
-            "cycles", "WAPS overhead")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        if r["target"] != "npu16":
-            lines.append(f"| {r['op']} | {r['kind']} | host (llvm): {r['reason']} | {tuple(r['shape'])} |"
-                         + " – |" * 8)
-            continue
-        ov = 100.0 * (r["cycles"] - r["cycles_no_groups"]) / max(r["cycles_no_groups"], 1)
-        lines.append(f"| {r['op']} | {r['kind']} | npu16 | {tuple(r['shape'])} | {r['macs']} | {r['int_ops']} | "
-                     f"{r['shift_ops']} | {r['compute']} | {r['dma']} | {r['epilogue']} | {r['cycles']} | "
-                     f"{ov:+.1f} % |")
-    clock = rep["npu"]["clock_mhz"]
-    lines.append(f"| **total** | | | | {tot['macs']} | {tot['int_ops']} | {tot['shift_ops']} | {tot['compute']} | "
-                 f"{tot['dma']} | {tot['epilogue']} | {tot['cycles']} | {tot['waps_overhead_pct']:+.2f} % |")
-    summary = (f"npu16 ({rep['npu']['arrays']} array(s), {clock:g} MHz): {tot['cycles']} cycles = "
-               f"{tot['cycles'] / clock:.1f} µs per batch; WAPS groups cost {tot['waps_overhead_pct']:+.2f} % "
-               f"against the same layers without groups; {tot['gathers']} gathers; "
-               f"{len(tot['host_ops'])} ops on the host")
-    text = "\n".join(lines) + "\n\n" + summary + "\n"
+        raise ConfigError(f"{folder}: no report.json (not a folder written by 'waps-tvm compile')")
+    try:
+        rep = json.loads(path.read_text())
+        text = report.markdown(rep)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a waps-tvm report ({type(e).__name__}: {e})") from None
     print(text)
-    (folder / "report.md").write_text("# npu16 report\n\n" + text)
-    _plot_cycles(rows, folder / "cycles.png")
-    print(f"wrote {folder / 'report.md'} and {folder / 'cycles.png'}")
+    written = report.write(folder, rep)
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _plot_cycles(rows, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    npu = [r for r in rows if r["target"] == "npu16"]
-    fig, ax = plt.subplots(figsize=(max(6, len(npu) * 0.35), 3.5))
-    x = range(len(npu))
-    ax.bar(x, [r["cycles_no_groups"] for r in npu], label="without groups")
-    ax.bar(x, [r["cycles"] - r["cycles_no_groups"] for r in npu], bottom=[r["cycles_no_groups"] for r in npu],
-           label="WAPS groups")
-    ax.set_xticks(list(x), [r["op"] for r in npu], rotation=90, fontsize=7)
-    ax.set_ylabel("cycles")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _float_logits(model, x):

@@ -10,6 +10,7 @@ interrupted compile leaves nothing half-written.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,17 +99,15 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         ex.export_library(str(tmp / "model.so"))
+        lib = (tmp / "model.so").read_bytes()
+        meta["library"] = {"file": "model.so", "bytes": len(lib), "sha256": hashlib.sha256(lib).hexdigest()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "graph.onnx").write_bytes(onnx_model.SerializeToString())
         if lowered.streams:
             import numpy as np
-
-            from targets.npu16.params import DEFAULT
-            from targets.npu16.report import op_costs, totals
             np.savez(tmp / "npu16_streams.npz", **lowered.streams)
-            rows = op_costs(lowered.program, meta["placement"], DEFAULT)
-            (tmp / "report.json").write_text(json.dumps({"npu": DEFAULT.to_json(), "ops": rows,
-                                                         "totals": totals(rows)}, indent=1))
+        from waps_tvm import report
+        report.write(tmp, report.build(lowered.program, meta["placement"], target))
         if dump_ir:
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():

@@ -5,6 +5,7 @@ or an nn.Module through the Python API. Everything ends as a captured Graph.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -85,25 +86,39 @@ def load_model(spec: str, arch: str | None = None, trust_pickle: bool = False,
     if path.is_dir():
         raise ModelError(f"{spec}: is a folder, expected a .pt2 / .pt file")
     if path.suffix == ".pt2":
+        log = logging.getLogger("torch.export")        # it logs a traceback before raising on a bad archive
+        level = log.level
+        log.setLevel(logging.CRITICAL)
         try:
             prog = torch.export.load(str(path))
         except Exception as e:  # torch raises many types for a bad archive
             raise ModelError(f"{spec}: not a readable torch.export program ({type(e).__name__})") from None
+        finally:
+            log.setLevel(level)
         ph = [n for n in prog.graph.nodes if n.op == "placeholder" and n.name in prog.graph_signature.user_inputs]
         shape = tuple(int(d) for d in ph[0].meta["val"].shape[1:]) if ph else None
         if shape is None or len(shape) != 3:
             raise ModelError(f"{spec}: the program must take one N×C×H×W input")
+        _check_finite(prog.state_dict.items(), spec)
         return LoadedModel(path.stem, shape, program=prog)
     obj = _load_torch_file(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         shape = _need_shape(input_shape, spec)
+        _check_finite(obj.state_dict().items(), spec)
         return LoadedModel(path.stem, shape, module=obj.eval())
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not arch:
             raise ModelError(f"{spec} is a state dict: name its architecture with --arch (a torchvision model name)")
+        _check_finite(obj.items(), spec)
         return LoadedModel(path.stem, _need_shape(input_shape, spec, default=(3, 224, 224)),
                            module=torchvision_model(arch, obj))
     raise ModelError(f"{spec}: holds a {type(obj).__name__}, expected an nn.Module or a state dict")
+
+
+def _check_finite(named_tensors, spec) -> None:
+    for name, t in named_tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{spec}: {name} holds NaN or Inf values")
 
 
 def _need_shape(shape, spec, default=None) -> tuple[int, int, int]:

@@ -6,6 +6,7 @@ else of waps-tvm (and under TVM_USE_RUNTIME_LIB=1). The module's main takes floa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ def load(folder: str | Path) -> Compiled:
         raise RunError(f"{meta_path}: unreadable ({e})") from None
     if meta.get("format") != "waps-tvm-compiled" or meta.get("version") != 1:
         raise RunError(f"{meta_path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
+    check_library(meta, lib_path)
     import tvm
     try:
         lib = tvm.runtime.load_module(str(lib_path))
@@ -63,6 +65,17 @@ def load(folder: str | Path) -> Compiled:
     except Exception as e:  # noqa: BLE001 (TVM raises many types; one line for the user)
         raise RunError(f"{lib_path}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return Compiled(folder, meta, vm)
+
+
+def check_library(meta: dict, lib_path: Path) -> None:
+    """A damaged shared library can crash the process when loaded (a truncated ELF is a bus
+    error inside dlopen), so its size and SHA-256 are checked against meta.json first."""
+    want = meta.get("library")
+    if not want:
+        return                                   # folders compiled before the checksum existed
+    data = lib_path.read_bytes()
+    if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        raise RunError(f"{lib_path}: damaged ({len(data)} bytes, checksum differs from meta.json); recompile it")
 
 
 def check_input(meta: dict, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,213 @@
+"""The per-compile report: ``out/report.json``, ``out/report.md`` and its PNGs.
+
+Written by ``waps-tvm compile`` for every target and re-rendered by ``waps-tvm report``.
+One row per integer op of the lowered program: where it runs (llvm, c, npu16 or the
+host of an npu16 build, with the reason), its output shape, MACs, the WAPS group sizes
+with each group's shift γ_p = 1 + σ_p·2^−n_p, the fractional accumulator bits, whether a
+gather feeds it; for npu16 builds also its npu16 cost (targets/npu16/report.py: ops and
+cycles from the cost model the simulator's counters equal). When the compile was given
+labelled data, the report also holds the compiled model's top-1, the fake-quant top-1
+and how often their predictions agree.
+
+Files are written to a temporary name and renamed, so a reader never sees half a report.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FILES = ("report.json", "report.md", "groups.png", "cycles.png")
+
+
+def build(program, placement: list[dict], target: str) -> dict:
+    """Report rows and totals of a lowered ``program`` (relay_passes.program.Program)."""
+    where = {p["op"]: p for p in placement}
+    costs = {}
+    npu = None
+    if target == "npu16":
+        from targets.npu16.params import DEFAULT
+        from targets.npu16.report import op_costs
+        npu = DEFAULT.to_json()
+        costs = {r["op"]: r for r in op_costs(program, placement, DEFAULT)}
+    rows = []
+    for op in program.ops:
+        place = where.get(op.name, {"target": target, "reason": ""})
+        a = op.attrs
+        row = {"op": op.name, "kind": op.kind, "layer": a.get("layer", ""), "target": place["target"],
+               "reason": place.get("reason", ""), "shape": list(op.shape), "macs": _macs(program, op),
+               "in_channels": _in_channels(op),
+               "group_sizes": [], "sigma": [], "n": [], "frac_bits": a.get("frac", 0),
+               "gathered": any(program[i].kind == "gather" for i in op.inputs if i != "input")}
+        if "groups" in op.params:
+            labels = op.params["groups"]
+            row["group_sizes"] = [int((labels == p).sum()) for p in range(len(a["sigma"]))]
+            row["sigma"], row["n"] = [int(s) for s in a["sigma"]], [int(n) for n in a["n"]]
+        if "cycles" in costs.get(op.name, {}):
+            c = costs[op.name]
+            row["npu16"] = {k: c[k] for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles",
+                                              "cycles_no_groups")}
+        rows.append(row)
+    return {"target": target, "npu": npu, "ops": rows, "totals": _totals(rows), "accuracy": None}
+
+
+def _macs(program, op) -> int:
+    if op.kind == "conv2d":
+        m, cg, kh, kw = op.params["w"].shape
+        return int(np.prod(op.shape)) * cg * kh * kw
+    if op.kind == "linear":
+        return int(np.prod(op.shape)) * op.params["w"].shape[1]
+    return 0
+
+
+def _in_channels(op) -> int:
+    if op.kind == "conv2d":
+        return int(op.params["w"].shape[1] * op.attrs["conv_groups"])
+    if op.kind == "linear":
+        return int(op.params["w"].shape[1])
+    return 0
+
+
+def _totals(rows: list[dict]) -> dict:
+    t = {"ops": len(rows), "macs": sum(r["macs"] for r in rows),
+         "waps_layers": sum(1 for r in rows if len(r["group_sizes"]) > 1),
+         "gathers": sum(1 for r in rows if r["kind"] == "gather"),
+         "by_target": {}}
+    for r in rows:
+        t["by_target"][r["target"]] = t["by_target"].get(r["target"], 0) + 1
+    npu = [r["npu16"] for r in rows if "npu16" in r]
+    if npu:
+        for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles", "cycles_no_groups"):
+            t[k] = int(sum(c[k] for c in npu))
+        t["waps_overhead_pct"] = 100.0 * (t["cycles"] - t["cycles_no_groups"]) / max(t["cycles_no_groups"], 1)
+    return t
+
+
+def accuracy(data: str, labels: np.ndarray, compiled: np.ndarray, fake_quant: np.ndarray) -> dict:
+    """Top-1 of both models and their agreement, from predicted classes [N] and labels [N]."""
+    return {"data": data, "images": int(len(labels)),
+            "compiled_top1": float((compiled == labels).mean()),
+            "fake_quant_top1": float((fake_quant == labels).mean()),
+            "agreement": float((compiled == fake_quant).mean()),
+            "disagreements": int((compiled != fake_quant).sum())}
+
+
+def _groups_cell(r: dict) -> str:
+    if len(r["group_sizes"]) <= 1:
+        return "–"
+    parts = []
+    for size, s, n in zip(r["group_sizes"], r["sigma"], r["n"]):
+        gamma = "1" if s == 0 else f"1{'+' if s > 0 else '−'}2^-{n}"
+        parts.append(f"{size}×{gamma}")
+    return " · ".join(parts)
+
+
+def markdown(rep: dict) -> str:
+    """The report as Markdown (what ``waps-tvm report`` prints)."""
+    npu = rep["npu"] is not None
+    head = ["op", "kind", "runs on", "shape", "MACs", "groups (channels × γ)", "L", "gather in"]
+    if npu:
+        head += ["int ops", "shifts", "compute", "DMA", "epilogue", "cycles", "WAPS overhead"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rep["ops"]:
+        runs = r["target"] if not r["reason"] else f"{r['target']}: {r['reason']}"
+        cells = [r["op"], r["kind"], runs, "×".join(map(str, r["shape"])), f"{r['macs']:,}" if r["macs"] else "–",
+                 _groups_cell(r), str(r["frac_bits"]) if r["macs"] else "–", "yes" if r["gathered"] else ""]
+        if npu:
+            c = r.get("npu16")
+            if c:
+                ov = 100.0 * (c["cycles"] - c["cycles_no_groups"]) / max(c["cycles_no_groups"], 1)
+                cells += [f"{c['int_ops']:,}", f"{c['shift_ops']:,}", f"{c['compute']:,}", f"{c['dma']:,}",
+                          f"{c['epilogue']:,}", f"{c['cycles']:,}", f"{ov:+.1f} %"]
+            else:
+                cells += ["–"] * 7
+        lines.append("| " + " | ".join(cells) + " |")
+    t = rep["totals"]
+    total = ["**total**", "", "", "", f"{t['macs']:,}", "", "", f"{t['gathers']} gathers"]
+    if npu:
+        total += [f"{t[k]:,}" for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles")]
+        total.append(f"{t['waps_overhead_pct']:+.2f} %")
+    lines.append("| " + " | ".join(total) + " |")
+    where = ", ".join(f"{k} {v}" for k, v in sorted(t["by_target"].items()))
+    out = [f"# waps-tvm compile report ({rep['target']})", "",
+           f"{t['ops']} integer ops ({where}); {t['macs']:,} MACs per batch; {t['waps_layers']} layers with "
+           f"WAPS groups; {t['gathers']} gathers.", ""]
+    if npu:
+        clock = rep["npu"]["clock_mhz"]
+        out += [f"npu16 ({rep['npu']['arrays']} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
+                f"{t['cycles'] / clock:.1f} µs per batch; WAPS groups cost {t['waps_overhead_pct']:+.2f} % against "
+                f"the same layers without groups.", ""]
+    if acc := rep.get("accuracy"):
+        out += [f"Accuracy on {acc['data']} ({acc['images']} labelled images): compiled integer model "
+                f"{acc['compiled_top1'] * 100:.2f} %, fake-quant {acc['fake_quant_top1'] * 100:.2f} %, "
+                f"predictions agree on {acc['agreement'] * 100:.2f} % ({acc['disagreements']} differ).", ""]
+    out += lines + ["", "![group sizes per layer](groups.png)"]
+    if npu:
+        out += ["", "![npu16 cycles per op](cycles.png)"]
+    return "\n".join(out) + "\n"
+
+
+def write(folder: str | os.PathLike, rep: dict) -> list[Path]:
+    """Write report.json, report.md, groups.png (and cycles.png for npu16) into ``folder``."""
+    folder = Path(folder)
+    written = [_atomic(folder / "report.json", json.dumps(rep, indent=1).encode()),
+               _atomic(folder / "report.md", markdown(rep).encode())]
+    written.append(_plot(folder / "groups.png", lambda ax: _plot_groups(ax, rep["ops"])))
+    if rep["npu"] is not None:
+        written.append(_plot(folder / "cycles.png", lambda ax: _plot_cycles(ax, rep["ops"])))
+    return written
+
+
+def _atomic(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+def _plot(path: Path, draw) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    draw(ax)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _plot_groups(ax, rows) -> None:
+    layers = [r for r in rows if r["macs"]]
+    colors = {0: "#4c72b0", 1: "#dd8452", -1: "#55a868"}
+    seen = set()
+    for i, r in enumerate(layers):
+        sizes = r["group_sizes"] or [r["in_channels"]]
+        sigmas = r["sigma"] or [0]
+        bottom = 0
+        for size, s in zip(sizes, sigmas):
+            label = {0: "γ = 1", 1: "γ = 1 + 2^-n", -1: "γ = 1 − 2^-n"}[int(np.sign(s))]
+            ax.bar(i, size, bottom=bottom, color=colors[int(np.sign(s))],
+                   label=None if label in seen else label)
+            seen.add(label)
+            bottom += size
+    ax.set_xticks(range(len(layers)), [r["op"] for r in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("input channels per group")
+    ax.set_title("WAPS groups per layer")
+    ax.legend(fontsize=7)
+
+
+def _plot_cycles(ax, rows) -> None:
+    npu = [r for r in rows if "npu16" in r]
+    x = range(len(npu))
+    base = [r["npu16"]["cycles_no_groups"] for r in npu]
+    ax.bar(x, base, label="without groups")
+    ax.bar(x, [r["npu16"]["cycles"] - b for r, b in zip(npu, base)], bottom=base, label="WAPS groups")
+    ax.set_xticks(list(x), [r["op"] for r in npu], rotation=90, fontsize=6)
+    ax.set_ylabel("npu16 cycles")
+    ax.set_title("npu16 cycles per op")
+    ax.legend(fontsize=7)
