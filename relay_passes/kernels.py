@@ -24,6 +24,7 @@ import tvm
 from tvm import relax, te, topi
 import tvm.s_tir as s_tir
 
+from relay_passes import fast_kernels as fast
 from relay_passes.program import Op, param_order
 
 I32, I64 = "int32", "int64"
@@ -82,12 +83,43 @@ def _json(attrs: dict) -> str:
 
 # ---------------------------------------------------------------- derived constants
 
+def _fast_plan(op: Op, in_types) -> str | None:
+    """Which fast_kernels body a ``fast``-form op gets (None: the split/reference body)."""
+    if op.attrs.get("form") != "fast":
+        return None
+    if op.kind == "conv2d":
+        ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+            [(0, op.params["w"].shape[1])]
+        if op.attrs["conv_groups"] > 1:
+            ranges = ranges or [(0, 0)]                        # depthwise: any channel order
+        if fast.conv_fits(op, in_types[0][1], ranges):
+            return "conv" if op.attrs["conv_groups"] == 1 else "depthwise"
+        return None
+    if op.kind == "linear":
+        ok = "groups" not in op.params or group_ranges(op.params["groups"], _n_groups(op)) is not None
+        return "linear" if ok else None
+    return op.kind if op.kind in ("add", "max_pool2d", "quantize") else None
+
+
 def _derived(op: Op, in_types) -> list[np.ndarray]:
+    plan = _fast_plan(op, in_types)
+    if plan == "conv":
+        m16 = -(-op.params["w"].shape[0] // 16) * 16
+        corr = _corrections(op).astype(np.int32)
+        return [fast.pack_weights(op.params["w"]), *fast.epilogue_tables(op, False, m16),
+                np.pad(corr, ((0, 0), (0, m16 - corr.shape[1])))]
+    if plan == "depthwise":
+        corr = _corrections(op).sum(0, keepdims=True).astype(np.int32)
+        t = fast.epilogue_tables(op, True)
+        return [fast.pack_depthwise(op.params["w"]), *t[:4], corr, *t[4:]]
+    if plan == "linear":
+        t = fast.epilogue_tables(op, False)
+        return [np.ascontiguousarray(op.params["w"].T), *t, _corrections(op).astype(np.int32)]
     if op.kind in ("conv2d", "linear"):
         ndim = 4 if op.kind == "conv2d" else 2
         consts = requant_constants(op, ndim)
         consts.append(_corrections(op).astype(np.int32))        # [g, m]
-        if op.kind == "linear" or op.attrs.get("form") == "reference":
+        if op.kind == "linear" or _conv_form(op, in_types) == "reference":
             consts.append(_group_masks(op))                       # [g, fan_in] int8
         return consts
     return []
@@ -135,6 +167,15 @@ def _corrections(op: Op) -> np.ndarray:
 
 def _quantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
+    if _fast_plan(op, in_types):
+        X = te.placeholder(in_types[0][0], "float32", "x")
+
+        def q(*i):
+            v = te.floor(X(*i) / tvm.tirx.const(a["scale"], "float32") + tvm.tirx.const(0.5, "float32"))
+            v = v + tvm.tirx.const(a["zero_point"], "float32")
+            v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a["qmax"], "float32")), tvm.tirx.const(0, "float32"))
+            return v.astype(op.dtype)
+        return _call_fast(lb, op, add_prim, fast.elementwise("q", q, [X], X.shape, op.dtype), xs, op.shape)
     x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
     q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
     q = relax.op.add(q, _c(a["zero_point"], "float32"))
@@ -189,8 +230,26 @@ def _conv(lb, x, w, op, in_dtype):
                                       groups=a["conv_groups"], out_dtype=I32))
 
 
-def _conv2d(lb, op, xs, P, D, in_types, add_prim):
+def _conv_form(op: Op, in_types) -> str:
+    """The body a conv2d gets: fast's conv/depthwise kernels, else split or fused over contiguous
+    groups of an ungrouped conv, else the masked reference (also for 'plain' layers)."""
     form = op.attrs.get("form", "reference")
+    if form == "fast":
+        plan = _fast_plan(op, in_types)
+        if plan:
+            return plan
+        form = "split"                                   # a shape the fast kernels do not take
+    if form in ("split", "fused") and "groups" in op.params:
+        ranges = group_ranges(op.params["groups"], _n_groups(op))
+        if ranges is None or op.attrs["conv_groups"] != 1:
+            return "reference"
+    return form
+
+
+def _conv2d(lb, op, xs, P, D, in_types, add_prim):
+    form = _conv_form(op, in_types)
+    if form in ("conv", "depthwise"):
+        return _conv2d_fast(lb, op, xs, D, in_types, add_prim, form)
     if form == "fused" and "groups" in op.params:
         return _conv2d_fused(lb, op, xs, P, D, in_types, add_prim)
     in_dtype = in_types[0][1]
@@ -198,7 +257,7 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
     g = _n_groups(op)
     if g == 1:
         accs = [_conv(lb, x, P["w"], op, in_dtype)]
-    elif form == "split":
+    elif form in ("split", "fused"):
         ranges = group_ranges(op.params["groups"], g)
         if ranges is None or op.attrs["conv_groups"] != 1:
             raise ValueError(f"{op.name}: split form needs contiguous groups in an ungrouped conv")
@@ -229,13 +288,18 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _linear(lb, op, xs, P, D, in_types, add_prim):
+    if _fast_plan(op, in_types):
+        ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+            [(0, op.params["w"].shape[1])]
+        func, shape = fast.linear(op, in_types[0][0], in_types[0][1], ranges)
+        return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
     ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else [(0, op.params["w"].shape[1])]
     form = op.attrs.get("form", "reference")
     accs = []
     for p in range(_n_groups(op)):
-        if form in ("split", "fused") and ranges is not None:
+        if form in ("split", "fused", "fast") and ranges is not None:
             c0, c1 = ranges[p]
             if c1 == c0:
                 accs.append(_c(0, I32))
@@ -252,6 +316,16 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
 
 def _add(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
+    if _fast_plan(op, in_types):
+        A = te.placeholder(in_types[0][0], in_types[0][1], "a")
+        B = te.placeholder(in_types[1][0], in_types[1][1], "b")
+        k64 = lambda v: tvm.tirx.const(v, I64)  # noqa: E731
+
+        def add(*i):
+            t = (A(*i).astype(I64) - k64(a["za"])) * k64(a["ka"]) + (B(*i).astype(I64) - k64(a["zb"])) * k64(a["kb"])
+            t = ((t + k64(1 << (a["t"] - 1))) >> k64(a["t"])) + k64(a["z_out"])
+            return tvm.tirx.max(tvm.tirx.min(t, k64(a["hi"])), k64(a["lo"])).astype(op.dtype)
+        return _call_fast(lb, op, add_prim, fast.elementwise("add", add, [A, B], A.shape, op.dtype), xs, op.shape)
     def term(x, z, k):
         v = relax.op.subtract(relax.op.astype(x, I64), _c(z, I64))
         return relax.op.multiply(v, _c(k, I64))
@@ -263,6 +337,9 @@ def _add(lb, op, xs, P, D, in_types, add_prim):
 
 def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
+    if _fast_plan(op, in_types):
+        func, shape = fast.max_pool(op, in_types[0][0], in_types[0][1])
+        return _call_fast(lb, op, add_prim, func, xs, shape)
     ph, pw = a["padding"]
     return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw]))
 
@@ -289,6 +366,28 @@ def _flatten(lb, op, xs, P, D, in_types, add_prim):
 
 def _gather(lb, op, xs, P, D, in_types, add_prim):
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
+
+
+# ---------------------------------------------------------------- fast form (fast_kernels.py)
+
+def _call_fast(lb, op, add_prim, func, args, shape):
+    name = f"{op.name}_kernel"
+    gv = add_prim(func.with_attr("global_symbol", name), name)
+    return lb.emit(relax.call_tir(gv, list(args), relax.TensorType(tuple(shape), op.dtype)))
+
+
+def _conv2d_fast(lb, op, xs, D, in_types, add_prim, plan):
+    if plan == "depthwise":
+        func, shape = fast.depthwise(op, in_types[0][0])
+        return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
+    ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+        [(0, op.params["w"].shape[1])]
+    func, shape = fast.conv2d(op, in_types[0][0], ranges, op.attrs.get("dot", "none"))
+    out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
+    m = op.params["w"].shape[0]
+    if shape[1] != m:                                    # output channels were padded to 16
+        out = lb.emit(relax.op.strided_slice(out, [1], [0], [m]))
+    return out
 
 
 # ---------------------------------------------------------------- fused TIR kernel

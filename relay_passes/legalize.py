@@ -17,7 +17,7 @@ import tvm
 from relay_passes.kernels import group_ranges
 from relay_passes.program import Program, emit, parse
 
-FORMS = ("split", "fused")
+FORMS = ("split", "fused", "fast")
 
 
 @dataclass
@@ -27,18 +27,28 @@ class LegalizeReport:
     masked: list[str] = field(default_factory=list)
 
 
-def legalize_waps(program: Program, form: str = "split") -> tuple[Program, LegalizeReport]:
+def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> tuple[Program, LegalizeReport]:
+    """``dot``: the fast form's inner product ('vnni': AVX-512 VNNI vpdpbusd; 'none')."""
     if form not in FORMS:
         raise ValueError(f"unknown WAPS form {form!r} (choose from {', '.join(FORMS)})")
     prog = program.copy()
     report = LegalizeReport(form)
     for op in prog.ops:
+        if form == "fast" and op.kind in ("add", "max_pool2d", "quantize"):
+            op.attrs["form"] = "fast"
         if op.kind not in ("conv2d", "linear"):
             continue
+        if form == "fast":
+            op.attrs["dot"] = dot
         if "groups" not in op.params:
-            op.attrs["form"] = "plain"
+            op.attrs["form"] = "fast" if form == "fast" else "plain"
             continue
         grouped = op.kind == "conv2d" and op.attrs["conv_groups"] > 1
+        depthwise = grouped and op.params["w"].shape[1] == 1 and op.attrs["conv_groups"] == op.params["w"].shape[0]
+        if form == "fast" and depthwise:                 # one group per channel: per-channel σ, n tables
+            op.attrs["form"] = "fast"
+            report.legalized += 1
+            continue
         if grouped or group_ranges(op.params["groups"], len(op.attrs["sigma"])) is None:
             op.attrs["form"] = "reference"
             report.masked.append(op.attrs.get("layer", op.name))
@@ -48,9 +58,9 @@ def legalize_waps(program: Program, form: str = "split") -> tuple[Program, Legal
     return prog, report
 
 
-def LegalizeWAPS(form: str = "split"):  # noqa: N802 (TVM pass naming)
+def LegalizeWAPS(form: str = "split", dot: str = "none"):  # noqa: N802 (TVM pass naming)
     @tvm.ir.transform.module_pass(opt_level=0, name="waps.LegalizeWAPS")
     def _pass(mod, ctx):
-        prog, _ = legalize_waps(parse(mod), form)
+        prog, _ = legalize_waps(parse(mod), form, dot)
         return emit(prog)
     return _pass

@@ -35,7 +35,8 @@ class Lowered:
     streams: dict = field(default_factory=dict)           # npu16: encoded stream per op
 
 
-def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute: bool = True) -> Lowered:
+def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute: bool = True,
+          dot: str = "none") -> Lowered:
     stages = {"imported": float_mod}
     prog = quantize_graph(float_mod, spec)
     stages["quantized"] = emit(prog)
@@ -44,7 +45,7 @@ def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute
     if permute:
         prog, perm_report = permute_channels(prog)
         stages["permuted"] = emit(prog)
-    prog, leg_report = legalize_waps(prog, form)
+    prog, leg_report = legalize_waps(prog, form, dot)
     module = emit(prog)
     stages["legalized"] = module
     return Lowered(prog, module, stages, perm_report, leg_report, bounds)

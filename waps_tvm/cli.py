@@ -69,12 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
     k.add_argument("model", help="a .waps artifact, or a model as for 'calibrate' (then --data is required)")
     k.add_argument("--target", default="llvm",
-                   help="llvm (TVM kernels for this CPU), c (portable C99 kernels via BYOC) or npu16 "
-                        "(instruction streams run by the npu16 simulator via BYOC)")
+                   help="llvm (TVM kernels for this CPU), aarch64 (ARMv8.2-A+dotprod, cross-compiled), "
+                        "c (portable C99 kernels via BYOC), npu16 (instruction streams run by the npu16 "
+                        "simulator via BYOC), or a JSON llvm target dict, e.g. "
+                        "'{\"kind\": \"llvm\", \"mtriple\": \"aarch64-linux-gnu\", \"mcpu\": \"cortex-a53\"}'")
     k.add_argument("-o", "--output", required=True, help="output folder (model.so, meta.json)")
     k.add_argument("--batch", type=int, default=1, help="batch size compiled in (default 1)")
-    k.add_argument("--form", default="split", choices=("split", "fused"),
-                   help="WAPS layers as per-group convs (split) or one fused TIR kernel (fused)")
+    k.add_argument("--form", default="fast", choices=("fast", "split", "fused"),
+                   help="how TVM computes the integer ops: fast (default: scheduled multi-threaded kernels, "
+                        "VNNI where the CPU has it), split (per-group Relax convs) or fused (one naive TIR "
+                        "kernel per WAPS conv)")
     k.add_argument("--dump-ir", action="store_true", help="write each pipeline stage's Relax to out/ir/")
     k.add_argument("--data", help="calibration data, to calibrate a .pt/.pt2/built-in model first")
     for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed"):
@@ -95,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", help="write the outputs to this .npy file")
     r.add_argument("--codes", action="store_true", help="output the integer codes instead of dequantized values")
     r.add_argument("--repeat", type=int, default=0, help="also time N runs")
+    where = r.add_mutually_exclusive_group()
+    where.add_argument("--emulate", action="store_true",
+                       help="run an aarch64 build under qemu (set up by scripts/aarch64-emulation.sh)")
+    where.add_argument("--rpc", metavar="HOST:PORT", help="run on a TVM RPC server (python -m tvm.exec.rpc_server)")
+
+    rs = sub.add_parser("rpc-server", help="serve TVM RPC on this machine, or as aarch64 under qemu (--emulate)")
+    rs.add_argument("--emulate", action="store_true", help="an aarch64 server under qemu")
+    rs.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    rs.add_argument("--port", type=int, default=9090)
 
     rp = sub.add_parser("report", help="the compile report of a compiled folder: per-op targets, groups, gathers, "
                                        "npu16 costs, accuracy (prints it, rewrites report.md and its PNGs)")
@@ -130,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "rpc-server":
+            return _rpc_server(args)
     except WapsError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -189,8 +204,9 @@ def _calibrate(args) -> int:
 def _compile(args) -> int:
     from waps_tvm import api
     from waps_tvm.compiler import compile_artifact
-    from targets.cpu import llvm_target
-    llvm_target(args.target)                          # unknown targets fail before any work
+    from targets.cpu import export_cc, resolve
+    target = resolve(args.target)                     # unknown targets and missing cross gcc fail
+    export_cc(target)                                 # before any work
     out = Path(args.output)
     if str(args.model).endswith(".waps"):
         art = api.load_artifact(args.model)
@@ -199,14 +215,22 @@ def _compile(args) -> int:
             raise ConfigError(f"{args.model} is not a .waps artifact: give --data to calibrate it first")
         art = _calibrate_for_compile(args)
     test = None
-    if spec := args.eval_data or getattr(args, "_eval_spec", None):   # checked before any compile work
+    spec = args.eval_data or getattr(args, "_eval_spec", None)
+    if spec and target.cross:
+        if args.eval_data:
+            raise ConfigError(f"--eval-data: a {target.name} build does not run on this machine; evaluate a "
+                              "--target llvm build, or run this one with `waps-tvm run --emulate` or --rpc")
+        print(f"note: no test-set evaluation for {target.name} (does not run here); "
+              "`waps-tvm run --emulate` runs it under qemu")
+        spec = None
+    if spec:                                                            # checked before any compile work
         # the npu16 simulator runs about 100 images/s on the bundled model: 2000 by default
         limit = args.eval_samples or (2000 if args.target == "npu16" else None)
         test = _eval_set(spec, art, limit, args.batch)
     t0 = time.perf_counter()
     meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
     w = meta["waps"]
-    print(f"compiled for {args.target} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
+    print(f"compiled for {target.name} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
           f"{w['gathers']} gathers, {len(w['masked_layers'])} masked)")
     host = [p for p in meta.get("placement", []) if p["target"] != "npu16"]
@@ -281,8 +305,22 @@ def _run(args) -> int:
         x = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise runner.RunError(f"--input {args.input}: cannot read a .npy array ({e})") from None
-    model = runner.load(args.folder)
-    deq, codes = model(x)
+    times = None
+    if args.emulate:
+        from waps_tvm import emulation
+        deq, codes, times = emulation.run(args.folder, x, args.repeat)
+    elif args.rpc:
+        from waps_tvm import remote
+        model = remote.load(args.folder, args.rpc)
+        try:
+            deq, codes = model(x)
+            if args.repeat:
+                times = model.time(x, args.repeat)
+        finally:
+            model.close()
+    else:
+        model = runner.load(args.folder)
+        deq, codes = model(x)
     y = codes if args.codes else deq
     if args.output:
         tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npy")
@@ -295,9 +333,34 @@ def _run(args) -> int:
         if y.ndim == 2:
             print("top-1:", y.argmax(1).tolist())
     if args.repeat:
-        t = np.array(model.time(x, args.repeat)) * 1000
-        print(f"latency over {args.repeat} runs: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
+        t = np.array(times if times is not None else model.time(x, args.repeat)) * 1000
+        where = " (emulated aarch64 under qemu)" if args.emulate else f" (on {args.rpc})" if args.rpc else ""
+        print(f"latency over {args.repeat} runs{where}: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
     return 0
+
+
+def _rpc_server(args) -> int:
+    """TVM's RPC server in the foreground until Ctrl-C (which stops its worker processes too)."""
+    import signal
+    import subprocess
+    if args.emulate:
+        from waps_tvm import emulation
+        proc = emulation.rpc_server(args.host, args.port)
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", args.host,
+                                 "--port", str(args.port), "--port-end", str(args.port + 1)], start_new_session=True)
+    print(f"TVM RPC server{' (aarch64 under qemu)' if args.emulate else ''} on {args.host}:{args.port}; "
+          "Ctrl-C stops it", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # `kill` also stops the server's group
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _inspect(args) -> int:

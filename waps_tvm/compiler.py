@@ -1,9 +1,11 @@
 """``waps-tvm compile``: .waps → integer Relax (relay_passes) → TVM llvm build → out/.
 
 The output folder holds
-    model.so     the exported library (Relax VM executable + kernels)
+    model.so     the exported library (Relax VM executable + kernels), linked by a cross gcc
+                 for cross targets (targets/cpu.py)
     meta.json    what a runner needs: input/output shapes, dtypes, layout, the input and
-                 output quantization, target, WAPS form, gathers, versions
+                 output quantization, target (name, llvm target dict, machine), WAPS form,
+                 gathers, versions
     ir/<stage>.py   the Relax text of each pipeline stage (with dump_ir)
 Files are written to a temporary folder next to ``out`` and renamed into place, so an
 interrupted compile leaves nothing half-written.
@@ -21,48 +23,59 @@ from pathlib import Path
 from calib.artifact import WapsArtifact
 from calib.errors import ConfigError
 from relay_passes.pipeline import Lowered, lower
+from targets.cpu import CpuTarget, export_cc, llvm_target, resolve, target_config
 from waps_tvm.frontend import quant_spec, to_relax
 
 META_VERSION = 1
 
 
-def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permute: bool = True) -> Lowered:
+def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permute: bool = True,
+                   target: str | CpuTarget = "llvm") -> Lowered:
+    """``form``: split | fused | fast (relay_passes/legalize.py); the fast form's inner product
+    is VNNI's vpdpbusd when ``target`` is this machine and its CPU has AVX-512 VNNI."""
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1 (got {batch})")
-    return lower(to_relax(art, batch), quant_spec(art), form, permute)
+    return lower(to_relax(art, batch), quant_spec(art), form, permute, dot_product(target) if form == "fast" else "none")
 
 
-def build(lowered: Lowered, target: str = "llvm"):
+def dot_product(target: str | CpuTarget) -> str:
+    from relay_passes.fast_kernels import host_dot
+    return host_dot() if resolve(target).config == {"kind": "llvm"} else "none"
+
+
+def build(lowered: Lowered, target: str | CpuTarget = "llvm"):
     """Relax VM executable of the lowered module for ``target``: 'llvm' (TVM kernels for
-    this CPU) or 'c' (every integer op as portable C99 through BYOC, host glue on llvm)."""
+    this CPU), 'aarch64' or a JSON llvm target dict (TVM kernels for that CPU), 'c' (every
+    integer op as portable C99 through BYOC, host glue on llvm) or 'npu16'."""
     import tvm
     from tvm import relax
 
-    from targets.cpu import llvm_target
+    tgt = resolve(target)
     module = lowered.module
-    if target == "c":
+    if tgt.name == "c":
         from codegen.c.byoc import offload
         module = offload(module)
         lowered.stages["partitioned"] = module
-    elif target == "npu16":
+    elif tgt.name == "npu16":
         from codegen.npu16.byoc import offload as npu_offload
         module, lowered.placement = npu_offload(module)
         lowered.streams = {r["op"]: r["lowered"].words for r in lowered.placement if r["lowered"] is not None}
         lowered.stages["partitioned"] = module
     lowered.final = module
-    tgt = llvm_target("llvm" if target in ("c", "npu16") else target)
     with tvm.transform.PassContext(opt_level=3):
-        return relax.build(module, target=tgt)
+        return relax.build(module, target=llvm_target(tgt))
 
 
-def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, seconds: float) -> dict:
+def metadata(art: WapsArtifact, lowered: Lowered, target: CpuTarget, batch: int, seconds: float) -> dict:
     import tvm
     prog = lowered.program
     quant = next(o for o in prog.ops if o.kind == "quantize")
     deq = next(o for o in prog.ops if o.kind == "dequantize")
     codes = prog[prog.outputs[1]]
     return {
-        "format": "waps-tvm-compiled", "version": META_VERSION, "target": target,
+        "format": "waps-tvm-compiled", "version": META_VERSION, "target": target.name,
+        # the runner refuses a library built for another machine (runner.check_arch)
+        "llvm_target": target_config(target), "arch": target.arch,
         "input": {"shape": list(prog.input_shape), "dtype": "float32", "layout": "NCHW",
                   "scale": quant.attrs["scale"], "zero_point": quant.attrs["zero_point"],
                   "qmax": quant.attrs["qmax"]},
@@ -80,25 +93,30 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: str, batch: int, secon
     }
 
 
-def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "llvm", batch: int = 1,
-                     form: str = "split", dump_ir: bool = False) -> dict:
-    """Compile ``art`` into the folder ``out`` (replaced atomically); returns the metadata."""
+def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
+                     form: str = "fast", dump_ir: bool = False) -> dict:
+    """Compile ``art`` into the folder ``out`` (replaced atomically) for ``target`` (a name or
+    a JSON llvm target dict, targets/cpu.py); returns the metadata."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out}: exists and is not a folder")
+    tgt = resolve(target)
+    cc = export_cc(tgt)                              # a missing cross gcc fails before any work
     t0 = time.perf_counter()
-    lowered = lower_artifact(art, batch, form)
-    ex = build(lowered, target)
+    if tgt.name in ("c", "npu16"):
+        form = "split"            # their BYOC codegens replace the integer ops' bodies anyway
+    lowered = lower_artifact(art, batch, form, target=tgt)
+    ex = build(lowered, tgt)
     from waps_tvm.inspect import to_onnx
-    onnx_model = to_onnx(lowered.program, target, lowered.placement)
-    meta = metadata(art, lowered, target, batch, time.perf_counter() - t0)
+    onnx_model = to_onnx(lowered.program, tgt.name, lowered.placement)
+    meta = metadata(art, lowered, tgt, batch, time.perf_counter() - t0)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        ex.export_library(str(tmp / "model.so"))
+        ex.export_library(str(tmp / "model.so"), **({"cc": cc} if cc else {}))
         lib = (tmp / "model.so").read_bytes()
         meta["library"] = {"file": "model.so", "bytes": len(lib), "sha256": hashlib.sha256(lib).hexdigest()}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -107,7 +125,7 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str = "l
             import numpy as np
             np.savez(tmp / "npu16_streams.npz", **lowered.streams)
         from waps_tvm import report
-        report.write(tmp, report.build(lowered.program, meta["placement"], target))
+        report.write(tmp, report.build(lowered.program, meta["placement"], tgt.name))
         if dump_ir:
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():

@@ -1,13 +1,17 @@
 """Run a compiled folder with the TVM runtime and the Relax VM.
 
 Imports only NumPy and TVM (runtime), so it runs in a fresh process beside nothing
-else of waps-tvm (and under TVM_USE_RUNTIME_LIB=1). The module's main takes float32
-[N, C, H, W] and returns (dequantized float32, output codes).
+else of waps-tvm, and under TVM_USE_RUNTIME_LIB=1 on an aarch64 Python that has the TVM
+runtime only (``waps-tvm run --emulate`` runs ``python -m waps_tvm.runner`` under qemu). The
+module's main takes float32 [N, C, H, W] and returns (dequantized float32, output codes).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +51,31 @@ class Compiled:
 
 
 def load(folder: str | Path) -> Compiled:
+    meta, lib_path = read_folder(folder)
+    check_arch(Path(folder), meta)
+    import tvm
+    from tvm.runtime.vm import VirtualMachine    # not imported by `import tvm` in runtime-only mode
+    use_all_cores(tvm)
+    try:
+        lib = tvm.runtime.load_module(str(lib_path))
+        vm = VirtualMachine(lib, tvm.cpu())
+    except Exception as e:  # noqa: BLE001 (TVM raises many types; one line for the user)
+        raise RunError(f"{lib_path}: cannot load ({first_line(e)})") from None
+    return Compiled(Path(folder), meta, vm)
+
+
+def use_all_cores(tvm) -> None:
+    """TVM's thread pool takes half the logical CPUs (it assumes hyper-threading): one thread on
+    a 2-core machine without SMT. Use every CPU this process may run on, unless TVM_NUM_THREADS says."""
+    if os.environ.get("TVM_NUM_THREADS"):
+        return
+    config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if config is not None:
+        config(0, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+
+
+def read_folder(folder: str | Path) -> tuple[dict, Path]:
+    """meta.json and the path of a compiled folder's library, checked (format, checksum)."""
     folder = Path(folder)
     meta_path, lib_path = folder / "meta.json", folder / "model.so"
     if not meta_path.is_file() or not lib_path.is_file():
@@ -58,13 +87,25 @@ def load(folder: str | Path) -> Compiled:
     if meta.get("format") != "waps-tvm-compiled" or meta.get("version") != 1:
         raise RunError(f"{meta_path}: unknown format {meta.get('format')!r} version {meta.get('version')!r}")
     check_library(meta, lib_path)
-    import tvm
-    try:
-        lib = tvm.runtime.load_module(str(lib_path))
-        vm = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())
-    except Exception as e:  # noqa: BLE001 (TVM raises many types; one line for the user)
-        raise RunError(f"{lib_path}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return Compiled(folder, meta, vm)
+    return meta, lib_path
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def machine() -> str:
+    arch = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(arch, arch)
+
+
+def check_arch(folder: Path, meta: dict) -> None:
+    """Loading another machine's library fails deep in dlopen; say what to do instead."""
+    arch = meta.get("arch")                      # folders compiled before cross targets: this machine
+    if arch and arch != machine():
+        how = "under emulation with `waps-tvm run --emulate`, " if arch == "aarch64" else ""
+        raise RunError(f"{folder}: compiled for {arch}; run it on an {arch} machine, "
+                       f"{how}or with --rpc host:port")
 
 
 def check_library(meta: dict, lib_path: Path) -> None:
@@ -90,3 +131,33 @@ def check_input(meta: dict, x: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise RunError("input holds NaN or Inf values")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m waps_tvm.runner FOLDER X.npy OUTDIR [--repeat N]``: what ``waps-tvm run --emulate``
+    runs under qemu. Writes OUTDIR/dequantized.npy, codes.npy and times.npy (seconds per
+    call); a RunError is one line on stderr and exit code 2."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m waps_tvm.runner")
+    p.add_argument("folder")
+    p.add_argument("input")
+    p.add_argument("outdir")
+    p.add_argument("--repeat", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        model = load(args.folder)
+        x = np.load(args.input, allow_pickle=False)
+        deq, codes = model(x)
+        times = model.time(x, args.repeat) if args.repeat else []
+    except RunError as e:
+        print(f"{e}", file=sys.stderr)
+        return e.exit_code
+    out = Path(args.outdir)
+    np.save(out / "dequantized.npy", deq)
+    np.save(out / "codes.npy", codes)
+    np.save(out / "times.npy", np.asarray(times, dtype=np.float64))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,9 @@ from relay_passes.program import Program, emit
 
 def run_llvm(program: Program, x: np.ndarray) -> list[np.ndarray]:
     from tvm import relax
-    ex = relax.build(emit(program), target="llvm")
+
+    from targets.cpu import llvm_target
+    ex = relax.build(emit(program), target=llvm_target("llvm"))     # this CPU (the fast form may use VNNI)
     vm = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())
     out = vm["main"](tvm.runtime.tensor(x))
     return [out[0].numpy(), out[1].numpy()]

@@ -1,8 +1,9 @@
 """PermuteChannels and LegalizeWAPS: structure after each pass, numerics unchanged."""
 import numpy as np
 import pytest
+import tvm
 
-from relay_passes import reference
+from relay_passes import fast_kernels, reference
 from relay_passes.kernels import group_ranges
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
@@ -72,6 +73,28 @@ def test_legalize_forms(quantized, x, form):
         assert ops.count("relax.right_shift") >= 1
     else:
         assert ops.count("relax.nn.conv2d") == 0 and ops.count("relax.call_tir") == 1
+    np.testing.assert_array_equal(reference.run(prog, x)[1], reference.run(quantized, x)[1])
+    assert_same(prog, x)
+
+
+@pytest.mark.parametrize("dot", ["vnni", "none"])
+def test_fast_form_is_one_scheduled_kernel_per_op(quantized, x, dot):
+    if dot == "vnni" and fast_kernels.host_dot() != "vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    permuted, _ = permute_channels(quantized)
+    prog, report = legalize_waps(permuted, "fast", dot)
+    depthwise = [o for o in prog.ops if o.kind == "conv2d" and o.attrs["conv_groups"] == o.params["w"].shape[0]
+                 and o.params["w"].shape[1] == 1]
+    assert depthwise and all(o.attrs["form"] == "fast" for o in depthwise)
+    assert report.masked == [o.attrs["layer"] for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
+                             and 1 < o.attrs["conv_groups"] and o not in depthwise]
+    mod = emit(prog)
+    for op in prog.ops:
+        if op.attrs.get("form") == "fast" and op.kind != "conv2d" or op in depthwise:
+            ops = body_ops(mod, op.name)
+            assert ops.count("relax.call_tir") == 1 and "relax.nn.conv2d" not in ops, (op.name, ops)
+    kernels = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
     np.testing.assert_array_equal(reference.run(prog, x)[1], reference.run(quantized, x)[1])
     assert_same(prog, x)
 

@@ -45,7 +45,7 @@ def test_compile_writes_library_metadata_and_stages(compiled):
     out = compiled / "out"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["input"]["shape"] == [2, 1, 16, 16] and meta["input"]["layout"] == "NCHW"
-    assert meta["output"]["shape"] == [2, 10] and meta["waps"]["form"] == "split"
+    assert meta["output"]["shape"] == [2, 10] and meta["waps"]["form"] == "fast"
     assert meta["waps"]["gathers"] >= 1 and meta["versions"]["tvm"]
     assert sorted(p.stem for p in (out / "ir").iterdir()) == ["final", "imported", "legalized", "permuted", "quantized"]
     assert (out / "graph.onnx").is_file()
@@ -137,7 +137,7 @@ def test_compile_errors_are_one_line(compiled, tiny_artifact, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("form", ["split", "fused"])
+@pytest.mark.parametrize("form", ["split", "fused", "fast"])
 def test_tiny_resnet_bit_exact_tile_groups(tiny_artifact, form):
     art = scramble_groups(copy.deepcopy(tiny_artifact), seed=7, tile=16)
     _bit_exact(art, 3, form)
@@ -158,6 +158,7 @@ def test_torchvision_architectures_bit_exact(arch):
     art = scramble_groups(calibrated(model, (3, 32, 32), wbits=2, abits=4), seed=3, tile=16)
     _bit_exact(art, 1, "split")
     _bit_exact(art, 4, "fused", seed=1)
+    _bit_exact(art, 2, "fast", seed=2)
 
 
 @pytest.mark.slow
@@ -172,6 +173,7 @@ def test_benchmark_models_bit_exact_and_agree_with_fake_quant(name):
     from waps_tvm import api
     _, art = api.quantize(model, calib.x, CalibConfig(wbits=2, abits=4, iters=60, samples=128, progress=False))
     _bit_exact(art, 1, "split")
+    _bit_exact(art, 1, "fast")
     test = load_dataset(data, "test", n=2000, input_shape=model.input_shape)
     lowered = lower_artifact(art, 250, "fused")
     vm = tvm.runtime.vm.VirtualMachine(build(lowered), tvm.cpu())

@@ -1,0 +1,202 @@
+"""CPU latency against ONNX Runtime int8 and PyTorch fp32, one run, ratios (batch 1, llvm).
+
+For each model, side by side in one process:
+  * PyTorch fp32 eager; ONNX Runtime fp32 and int8 (static QDQ of the same float model with
+    onnxruntime.quantization: uint8 activations, int8 per-channel weights, MinMax on the
+    calibration images; 2 intra-op threads);
+  * waps-tvm's integer model in the ``fast`` form (the untuned default schedules: VNNI where
+    the CPU has it, all cores), with WAPS groups and with the groups removed (same artifact),
+    so ``groups/no-groups`` is the cost of WAPS on this CPU;
+  * for the small benchmark models also the ``split`` form (TVM's unscheduled default).
+Models: the benchmark models (calibrated artifacts from bench/.cache, like bench/cpu.py) and
+torchvision ResNet-18 and MobileNetV2 at 224×224 (random weights: latency only; the integer
+model gets WAPS groups of whole 16-channel tiles at random, which is what calibration
+produces structurally). Writes bench/results/cpu_ort.json, cpu_ort.md and cpu_ort.png.
+
+    python -m bench.cpu_ort [--models ...] [--repeat 100]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BENCH = ("fashion_resnet", "fashion_mobilenetv2", "digit-recognizer")
+TORCHVISION = ("resnet18", "mobilenet_v2")
+
+
+def _time(fn, repeat: int) -> float:
+    for _ in range(max(3, repeat // 10)):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1000
+
+
+def model_and_artifact(name: str):
+    """(float nn.Module, calibration images [N, C, H, W], .waps artifact)."""
+    from tests.compile_helpers import calibrated, scramble_groups
+    if name in TORCHVISION:
+        import torchvision
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        x = torch.randn(8, 3, 224, 224)
+        art = scramble_groups(calibrated(model, (3, 224, 224), iters=0, samples=8), seed=0, tile=16)
+        return model, x, art
+    from bench.accuracy import MODELS, load_model
+    from bench.cpu import artifact_for
+    from waps_tvm.datasets import load_dataset
+    art = artifact_for(name, "W4A4", 300, 512)
+    x = load_dataset(MODELS[name], "calib", n=64, seed=1, input_shape=(1, 28, 28)).x
+    return load_model(name).eval(), x, art
+
+
+def ort_sessions(model, x_calib: torch.Tensor, folder: Path):
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    fp32, pre, int8 = folder / "m.onnx", folder / "m.pre.onnx", folder / "m.int8.onnx"
+    torch.onnx.export(model, (x_calib[:1],), str(fp32), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"])
+    quant_pre_process(str(fp32), str(pre))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": x_calib[i:i + 1].numpy()} for i in range(len(x_calib))])
+
+        def get_next(self):
+            return next(self.it, None)
+    quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = os.cpu_count()
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return (ort.InferenceSession(str(fp32), so, providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"]))
+
+
+def without_groups(art):
+    plain = copy.deepcopy(art)
+    for rec in plain.layers.values():
+        rec.groups, rec.group_scales = None, []
+    return plain
+
+
+def tvm_ms(art, form: str, x: np.ndarray, repeat: int) -> tuple[float, dict]:
+    import tvm
+
+    from relay_passes import reference
+    from waps_tvm.compiler import build, lower_artifact
+    low = lower_artifact(art, 1, form)
+    vm = tvm.runtime.vm.VirtualMachine(build(low), tvm.cpu())
+    xt = tvm.runtime.tensor(x)
+    codes = vm["main"](xt)[1].numpy()
+    exact = bool(np.array_equal(codes, reference.run(low.program, x)[1]))
+    info = {"gathers": low.permute.gathers, "waps_layers": low.legalize.legalized, "bit_exact": exact}
+    return _time(lambda: vm["main"](xt), repeat), info
+
+
+def measure(name: str, repeat: int) -> dict:
+    import tvm
+
+    from relay_passes.fast_kernels import host_dot
+    from waps_tvm.runner import use_all_cores
+    use_all_cores(tvm)
+    model, x_calib, art = model_and_artifact(name)
+    x = x_calib[:1].numpy()
+    row = {"model": name, "input": list(x.shape), "dot": host_dot()}
+    with torch.no_grad():
+        xt = torch.from_numpy(x)
+        row["pytorch_fp32_ms"] = _time(lambda: model(xt), repeat)
+    with tempfile.TemporaryDirectory() as d:
+        s32, s8 = ort_sessions(model, x_calib, Path(d))
+        row["ort_fp32_ms"] = _time(lambda: s32.run(None, {"input": x}), repeat)
+        row["ort_int8_ms"] = _time(lambda: s8.run(None, {"input": x}), repeat)
+    row["tvm_fast_ms"], info = tvm_ms(art, "fast", x, repeat)
+    row.update(info)
+    row["tvm_fast_nogroups_ms"], _ = tvm_ms(without_groups(art), "fast", x, repeat)
+    if name not in TORCHVISION:                      # TVM's unscheduled default: seconds at 224×224
+        row["tvm_split_ms"], _ = tvm_ms(art, "split", x, max(5, repeat // 5))
+    row["fast_vs_ort_int8"] = row["tvm_fast_ms"] / row["ort_int8_ms"]
+    row["groups_cost_pct"] = 100 * (row["tvm_fast_ms"] / row["tvm_fast_nogroups_ms"] - 1)
+    return row
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    lines = [f"# CPU latency against ONNX Runtime int8 ({meta['machine']}, batch 1)", "",
+             f"Median ms over {meta['repeat']} runs in one process; TVM `fast` form = untuned default schedules "
+             f"(inner product: {rows[0]['dot'] if rows else '?'}), {meta['tvm_threads']} threads; ORT "
+             f"{meta['onnxruntime']} with {meta['ort_threads']} intra-op threads. `fast/ORT` < 1 means waps-tvm "
+             "is faster; `groups` is the WAPS-group cost against the same integer model without groups.", "",
+             "| model | input | PyTorch fp32 | ORT fp32 | ORT int8 | TVM split (unscheduled) | TVM fast, no groups | "
+             "TVM fast, WAPS | fast/ORT int8 | groups | bit-exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        split = f"{r['tvm_split_ms']:.3f}" if "tvm_split_ms" in r else "–"
+        lines.append(f"| {r['model']} | {'×'.join(map(str, r['input'][1:]))} | {r['pytorch_fp32_ms']:.3f} | "
+                     f"{r['ort_fp32_ms']:.3f} | {r['ort_int8_ms']:.3f} | {split} | {r['tvm_fast_nogroups_ms']:.3f} | "
+                     f"{r['tvm_fast_ms']:.3f} | {r['fast_vs_ort_int8']:.2f}× | {r['groups_cost_pct']:+.1f} % | "
+                     f"{'yes' if r['bit_exact'] else 'NO'} |")
+    return "\n".join(lines) + "\n\n![latency](cpu_ort.png)\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [("pytorch_fp32_ms", "PyTorch fp32"), ("ort_fp32_ms", "ORT fp32"), ("ort_int8_ms", "ORT int8"),
+            ("tvm_fast_nogroups_ms", "TVM fast, no groups"), ("tvm_fast_ms", "TVM fast, WAPS")]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(keys)
+    for k, (key, label) in enumerate(keys):
+        ax.bar([i + k * width for i in range(len(rows))], [r[key] for r in rows], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["model"] for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per image (log)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=[*TORCHVISION, *BENCH])
+    p.add_argument("--repeat", type=int, default=100)
+    args = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count())
+    import onnxruntime
+    import tvm
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, args.repeat))
+        print(json.dumps(rows[-1]), flush=True)
+    meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{tvm.target.codegen.llvm_get_system_cpu()}",
+            "repeat": args.repeat, "onnxruntime": onnxruntime.__version__, "ort_threads": os.cpu_count(),
+            "tvm_threads": os.environ.get("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_ort.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / "cpu_ort.md").write_text(report(rows, meta))
+    plot(rows, RESULTS / "cpu_ort.png")
+    print(report(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,388 @@
+"""Scheduled CPU kernels of the ``fast`` form: one TIR PrimFunc per integer op, multi-threaded,
+vectorized and, where the target has AVX-512 VNNI, tensorized with ``vpdpbusd``.
+
+TVM's default llvm pipeline leaves every Relax op as a naive single-threaded loop nest;
+these kernels are the untuned default schedules (meta-schedule can tune them further).
+The numbers they compute are exactly those of relay_passes/reference.py; only the layout
+inside a kernel changes:
+
+conv2d (ungrouped, uint8 codes in)
+    ``pack``: x [N, C, H, W] → NHWC [N, H+2ph, W+2pw, C4] padded with z_in (C4 = C rounded
+    up to 4; padded channels meet zero weights). Weights are packed at compile time to
+    [M16/16, C4/4, KH, KW, 16, 4] int8 (M16 = M rounded up to 16). Each WAPS group p (a
+    contiguous channel run whose ends are multiples of 4) accumulates acc_p over its
+    [c0/4, c1/4) block of the reduction in int32: the inner 16×4 u8·s8 dot product is one
+    ``vpdpbusd`` on x86 with VNNI (``dot``="vnni"), plain vectorized code otherwise. The
+    epilogue — z-correction, shift-add merge with L fractional bits, int64 requantization,
+    clamp — runs on each register tile right after it is accumulated (compute_at), and
+    stores NCHW, so the op's contract is unchanged.
+depthwise conv2d (conv_groups = C = M)
+    NHWC, int32 MACs vectorized over 16 channels; a WAPS depthwise layer has one group per
+    channel, so σ and n become per-channel tables in the same epilogue.
+add, max_pool2d, quantize
+    one loop nest each, parallel over the outer axes, vectorized along the inner one.
+
+A layer whose shape does not fit (grouped convs, int32 inputs, group ends not on a multiple
+of 4) keeps the split/reference body of relay_passes/kernels.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+import tvm.s_tir as s_tir
+from tvm import te, topi
+from tvm.tirx import const
+
+I32, I64 = "int32", "int64"
+VNNI = "waps_dot_16x4_u8i8i32_vnni"
+
+
+def _register_vnni() -> None:
+    """TVM 0.27's own 'dot_16x4_vnni' passes <16 x i32> operands, which LLVM 22's
+    llvm.x86.avx512.vpdpbusd.512 (<64 x i8>) rejects; this is the same intrinsic, typed right."""
+    from tvm.s_tir import TensorIntrin        # not tvm.s_tir.tensor_intrin: importing it parses every
+    from tvm.script import tirx as T           # target's intrinsics (about a minute on 2 cores)
+    try:
+        TensorIntrin.get(VNNI)
+        return
+    except Exception:  # noqa: BLE001 (not registered yet)
+        pass
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            a_i8 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
+            c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                c.vload([0], dtype="int32x16"), a_i8, b.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+
+    TensorIntrin.register(VNNI, desc, impl)
+
+
+def host_dot() -> str:
+    """'vnni' when this machine's CPU has AVX-512 VNNI (and TVM's LLVM knows it), else 'none'."""
+    try:
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+        feats = set(tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu})))
+    except Exception:  # noqa: BLE001
+        return "none"
+    return "vnni" if "avx512vnni" in feats else "none"
+
+
+# ---------------------------------------------------------------- which ops fit
+
+def conv_fits(op, in_dtype: str, ranges) -> bool:
+    a = op.attrs
+    if in_dtype != "uint8" or ranges is None:
+        return False
+    if a["conv_groups"] == 1:
+        return all(c0 % 4 == 0 and (c1 % 4 == 0 or c1 == op.params["w"].shape[1]) for c0, c1 in ranges if c1 > c0)
+    m, cg = op.params["w"].shape[:2]
+    return cg == 1 and a["conv_groups"] == m             # depthwise
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+    """[M, C, KH, KW] int8 → [M16/16, C4/4, KH, KW, 16, 4] (zero rows/columns pad M and C)."""
+    m, c, kh, kw = w.shape
+    m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
+    wp = np.zeros((m16, c4, kh, kw), np.int8)
+    wp[:m, :c] = w
+    return np.ascontiguousarray(wp.reshape(m16 // 16, 16, c4 // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def pack_depthwise(w: np.ndarray) -> np.ndarray:
+    """[C, 1, KH, KW] int8 → [KH, KW, C]."""
+    return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
+
+
+def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> list[np.ndarray]:
+    """Flat per-channel constants: bias (int32 [M]), M, 2^(S−1), S (int64 [M]); zero-padded to
+    ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M])."""
+    s = 31 + op.params["shift"].astype(np.int64)
+    out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int64), np.int64(1) << (s - 1), s]
+    if pad_to:
+        out = [np.pad(t, (0, pad_to - t.size)) for t in out]
+    if per_channel_groups:
+        a = op.attrs
+        m = op.params["w"].shape[0]
+        if "groups" in op.params:
+            g = op.params["groups"].astype(np.int64)
+            sig = np.asarray(a["sigma"], np.int32)[g]
+            n = np.maximum(np.asarray(a["n"], np.int32)[g], 1)
+        else:
+            sig, n = np.zeros(m, np.int32), np.ones(m, np.int32)
+        out += [sig, n]
+    return out
+
+
+# ---------------------------------------------------------------- schedules
+
+def _pick_block(ow: int, k16: int) -> tuple[int, int]:
+    """(reg_n, oc_blk): at most 16 zmm accumulators, fewest loads per vpdpbusd; reg_n | OW."""
+    best = None
+    for ob in (1, 2, 4):
+        if k16 % ob:
+            continue
+        for rn in range(1, min(ow, 16) + 1):
+            if ow % rn == 0 and rn * ob <= 16:
+                score = (ob + rn) / (ob * rn)
+                if best is None or score < best[0]:
+                    best = (score, (rn, ob))
+    return best[1]
+
+
+def _parallel_vectorize(sch, block: str, n_outer: int) -> None:
+    loops = sch.get_loops(sch.get_sblock(block))
+    if n_outer > 1:
+        sch.parallel(sch.fuse(*loops[:n_outer]))
+    else:
+        sch.parallel(loops[0])
+    sch.vectorize(sch.get_loops(sch.get_sblock(block))[-1])
+
+
+def _pack(x, a, c4: int):
+    """NCHW codes → padded NHWC [N, Hp, Wp, C4] (z_in outside the image and in padded channels)."""
+    n, c, h, w = x.shape
+    ph, pw = a["padding"]
+    z = const(a["z_in"], "uint8")
+
+    def value(b, i, j, ch):
+        inside = tvm.tirx.all(i >= ph, i < h + ph, j >= pw, j < w + pw, ch < c)
+        ii = tvm.tirx.max(tvm.tirx.min(i - ph, h - 1), 0)     # clamped: every load is in bounds,
+        jj = tvm.tirx.max(tvm.tirx.min(j - pw, w - 1), 0)     # so the select vectorizes
+        return tvm.tirx.if_then_else(inside, x[b, tvm.tirx.min(ch, c - 1), ii, jj], z)
+    return te.compute((n, h + 2 * ph, w + 2 * pw, c4), value, name="pack")
+
+
+def _requant(total, k, M, R, S, a, dtype):
+    t = (total.astype(I64) * M[k] + R[k]) >> S[k]
+    t = t + const(a["z_out"], I64)
+    return tvm.tirx.max(tvm.tirx.min(t, const(a["hi"], I64)), const(a["lo"], I64)).astype(dtype)
+
+
+def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
+    (sh, sw), (dh, dw) = stride, dilation
+
+    def acc(b, ko, i, j, ki):
+        return te.sum(xp[b, i * sh + ry * dh, j * sw + rx * dw, (i0 + ico) * 4 + ici].astype(I32)
+                      * W[ko, i0 + ico, ry, rx, ki, ici].astype(I32), axis=[ico, ry, rx, ici])
+    return acc
+
+
+def conv2d(op, in_shape, ranges, dot: str):
+    """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
+    (x, w_packed, bias, M, R, S, corr[g, M16]) (tables padded to M16) → out [N, M16, OH, OW]."""
+    n, c, h, w_ = in_shape
+    m, _, kh, kw = op.params["w"].shape
+    a = op.attrs
+    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
+    g = len(ranges)
+    X = te.placeholder((n, c, h, w_), "uint8", "x")
+    W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
+    B = te.placeholder((m16,), I32, "bias")
+    M, R, S = (te.placeholder((m16,), I64, nm) for nm in ("mult", "round", "shift"))
+    C = te.placeholder((g, m16), I32, "corr")
+    xp = _pack(X, a, c4)
+    accs = {}
+    for p, (c0, c1) in enumerate(ranges):
+        if c1 == c0:
+            continue
+        i0, i1 = c0 // 4, -(-c1 // 4)
+        ico = te.reduce_axis((0, i1 - i0), f"ico{p}")
+        ry, rx = te.reduce_axis((0, kh), f"ry{p}"), te.reduce_axis((0, kw), f"rx{p}")
+        ici = te.reduce_axis((0, 4), f"ici{p}")
+        accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, (sh, sw), (dh, dw)),
+                             name=f"acc{p}")
+    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
+
+    def epilogue(b, k, i, j):
+        total = B[k]
+        for p, acc in accs.items():
+            v = acc[b, k // 16, i, j, k % 16] - C[p, k]
+            if frac:
+                v = v << frac
+            total = total + v
+            if sig[p]:
+                s = (v + (1 << (ns[p] - 1))) >> ns[p]
+                total = total + s if sig[p] > 0 else total - s
+        return _requant(total, k, M, R, S, a, op.dtype)
+
+    out = te.compute((n, m16, oh, ow), epilogue, name="out")
+    func = te.create_prim_func([X, W, B, M, R, S, C, out])
+    sch = s_tir.Schedule(func)
+    _parallel_vectorize(sch, "pack", 2)
+    reg_n, oc_blk = _pick_block(ow, m16 // 16)
+    b_, k_, i_, j_ = sch.get_loops(sch.get_sblock("out"))
+    koo, koi, ki = sch.split(k_, [None, oc_blk, 16])
+    jo, ji = sch.split(j_, [None, reg_n])
+    sch.reorder(b_, koo, i_, jo, koi, ji, ki)
+    sch.parallel(sch.fuse(b_, koo, i_))
+    for p in accs:
+        blk = sch.get_sblock(f"acc{p}")
+        sch.compute_at(blk, jo, preserve_unit_loops=True)
+        loops = sch.get_loops(blk)
+        # under jo: b, ko, i, j, ki (spatial, extents 1/oc_blk/1/reg_n/16) then ico, ry, rx, ici
+        sb, sko, si, sj, ski, rico, rry, rrx, rici = loops[-9:]
+        if dot == "vnni":
+            sch.reorder(rico, rry, rrx, sko, sj, ski, rici)
+        else:
+            sch.reorder(rico, rry, rrx, rici, sko, sj, ski)
+            sch.vectorize(ski)
+        init = sch.decompose_reduction(blk, rico)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(sj)
+        sch.unroll(sko)
+        if dot == "vnni":
+            sch.tensorize(ski, VNNI)
+    sch.vectorize(ki)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, m16, oh, ow)
+
+
+def depthwise(op, in_shape):
+    """(PrimFunc, output shape) of a depthwise conv; arguments
+    (x, w [KH, KW, C], bias, M, R, S, corr[1, C] (summed over groups), σ_k, n_k) → [N, C, OH, OW]."""
+    n, c, h, w_ = in_shape
+    kh, kw = op.params["w"].shape[2:]
+    a = op.attrs
+    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    X = te.placeholder((n, c, h, w_), "uint8", "x")
+    W = te.placeholder((kh, kw, c), "int8", "w")
+    B = te.placeholder((c,), I32, "bias")
+    M, R, S = (te.placeholder((c,), I64, nm) for nm in ("mult", "round", "shift"))
+    C = te.placeholder((1, c), I32, "corr")
+    SG, NS = te.placeholder((c,), I32, "sig"), te.placeholder((c,), I32, "n")
+    xp = _pack(X, a, c)
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute((n, oh, ow, c), lambda b, i, j, k: te.sum(
+        xp[b, i * sh + ry * dh, j * sw + rx * dw, k].astype(I32) * W[ry, rx, k].astype(I32), axis=[ry, rx]),
+        name="acc")
+    frac = a.get("frac", 0)
+
+    def epilogue(b, k, i, j):
+        v = acc[b, i, j, k] - C[0, k]
+        if frac:
+            v = v << frac
+        s = (v + (const(1, I32) << (NS[k] - 1))) >> NS[k]
+        return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype)
+
+    out = te.compute((n, c, oh, ow), epilogue, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, W, B, M, R, S, C, SG, NS, out]))
+    _parallel_vectorize(sch, "pack", 2)
+    blk = sch.get_sblock("acc")
+    b_, i_, j_, k_, rry, rrx = sch.get_loops(blk)
+    sch.parallel(sch.fuse(b_, i_))
+    if c % 16 == 0:
+        ko, ki = sch.split(k_, [None, 16])
+        sch.reorder(j_, ko, rry, rrx, ki)
+        sch.vectorize(ki)
+    sch.decompose_reduction(blk, rry)
+    _parallel_vectorize(sch, "out", 2)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, c, oh, ow)
+
+
+def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
+    """A one-loop-nest kernel ``out[idx] = tensor_fn(*inputs)(idx)``, parallel over all but the
+    last axis, vectorized along it."""
+    out = te.compute(out_shape, tensor_fn, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
+    _parallel_vectorize(sch, "out", max(1, len(out_shape) - 1))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def max_pool(op, in_shape, dtype: str):
+    n, c, h, w_ = in_shape
+    a = op.attrs
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    X = te.placeholder(in_shape, dtype, "x")
+    low = tvm.tirx.min_value(dtype)
+    xp = topi.nn.pad(X, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=low, name="xpad")
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w_ + 2 * pw - kw) // sw + 1
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    out = te.compute((n, c, oh, ow), lambda b, k, i, j: te.max(xp[b, k, i * sh + ry, j * sw + rx], axis=[ry, rx]),
+                     name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, out]))
+    if ph or pw:
+        sch.compute_inline(sch.get_sblock("xpad"))
+    blk = sch.get_sblock("out")
+    b_, k_, i_, j_, rry, rrx = sch.get_loops(blk)
+    sch.parallel(sch.fuse(b_, k_, i_))
+    sch.reorder(rry, rrx, j_)
+    sch.vectorize(j_)
+    init = sch.decompose_reduction(blk, rry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, c, oh, ow)
+
+
+def _dot(X, W, c0, r):
+    return lambda i, j: te.sum(X[i, c0 + r].astype(I32) * W[c0 + r, j].astype(I32), axis=r)
+
+
+def linear(op, in_shape, in_dtype: str, ranges):
+    """(PrimFunc, output shape) of a linear layer with contiguous groups; arguments
+    (x [N, C], wT [C, M] int8, bias, M, R, S, corr [g, M]) → [N, M]. Vectorized over outputs."""
+    n, c = in_shape
+    m = op.params["w"].shape[0]
+    a = op.attrs
+    X = te.placeholder((n, c), in_dtype, "x")
+    W = te.placeholder((c, m), "int8", "wt")
+    B = te.placeholder((m,), I32, "bias")
+    M, R, S = (te.placeholder((m,), I64, nm) for nm in ("mult", "round", "shift"))
+    C = te.placeholder((len(ranges), m), I32, "corr")
+    accs = {}
+    for p, (c0, c1) in enumerate(ranges):
+        if c1 > c0:
+            r = te.reduce_axis((0, c1 - c0), f"r{p}")
+            accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
+    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
+
+    def epilogue(i, j):
+        total = B[j]
+        for p, acc in accs.items():
+            v = acc[i, j] - C[p, j]
+            if frac:
+                v = v << frac
+            total = total + v
+            if sig[p]:
+                s = (v + (1 << (ns[p] - 1))) >> ns[p]
+                total = total + s if sig[p] > 0 else total - s
+        return _requant(total, j, M, R, S, a, op.dtype)
+
+    out = te.compute((n, m), epilogue, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))
+    i_, j_ = sch.get_loops(sch.get_sblock("out"))
+    lanes = next(v for v in (16, 8, 4, 2, 1) if m % v == 0)
+    jo, ji = sch.split(j_, [None, lanes])
+    sch.reorder(jo, i_, ji)
+    sch.parallel(jo)
+    for p in accs:
+        blk = sch.get_sblock(f"acc{p}")
+        sch.compute_at(blk, i_, preserve_unit_loops=True)
+        si, sj, rr = sch.get_loops(blk)[-3:]
+        sch.reorder(rr, sj)
+        sch.vectorize(sj)                      # before decompose_reduction (compact dataflow)
+        sch.decompose_reduction(blk, rr)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, m)
+
+
+_register_vnni()

@@ -1,0 +1,181 @@
+"""--target aarch64 and JSON llvm targets: cross export, emulated and RPC runs bit-exact
+against the x86 build and the NumPy reference, and the one-line errors around them.
+
+The runs need scripts/aarch64-emulation.sh (cross gcc, qemu-user, the aarch64 Python in
+.aarch64/); without it they fail in CI and are skipped elsewhere."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from calib import artifact
+from calib.errors import ConfigError
+from relay_passes import reference
+from targets import cpu
+from waps_tvm import cli, emulation, runner
+from waps_tvm.compiler import lower_artifact
+
+x86_host = pytest.mark.skipif(runner.machine() == "aarch64", reason="on an aarch64 machine aarch64 builds run natively")
+CORTEX_A53 = '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"}'
+
+
+def _require(check) -> None:
+    try:
+        check()
+    except (ConfigError, runner.RunError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs scripts/aarch64-emulation.sh before the tests: {e}")
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def builds(tiny_artifact, tmp_path_factory):
+    """The TinyResNet artifact compiled for llvm, aarch64 and a Cortex-A53 JSON dict, an input,
+    and the reference interpreter's outputs for it."""
+    _require(lambda: cpu.export_cc("aarch64"))
+    d = tmp_path_factory.mktemp("a64")
+    waps = artifact.save(tiny_artifact, d / "tiny.waps")
+    for name, target in (("llvm", "llvm"), ("aarch64", "aarch64"), ("a53", CORTEX_A53)):
+        assert cli.main(["compile", str(waps), "--target", target, "-o", str(d / name)]) == 0
+    x = np.random.default_rng(3).normal(size=(1, 1, 16, 16)).astype("float32")
+    np.save(d / "x.npy", x)
+    ref = reference.run(lower_artifact(tiny_artifact, 1).program, x)
+    return d, x, ref
+
+
+def _run(capsys, folder, x_path, *extra):
+    assert cli.main(["run", str(folder), "--input", str(x_path), *extra]) == 0, capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("waps-tvm: error: "), err
+    return err
+
+
+def test_meta_records_the_target_and_the_library_is_aarch64(builds):
+    d, _, _ = builds
+    meta = json.loads((d / "aarch64" / "meta.json").read_text())
+    assert meta["target"] == "aarch64" and meta["arch"] == "aarch64"
+    assert meta["llvm_target"] == cpu.AARCH64
+    a53 = json.loads((d / "a53" / "meta.json").read_text())
+    assert a53["target"] == "llvm:aarch64-linux-gnu:cortex-a53" and a53["llvm_target"]["mcpu"] == "cortex-a53"
+    llvm = json.loads((d / "llvm" / "meta.json").read_text())
+    assert llvm["target"] == "llvm" and llvm["arch"] == runner.machine()
+    elf = (d / "aarch64" / "model.so").read_bytes()[:20]
+    assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183   # EM_AARCH64
+
+
+def test_emulated_runs_equal_x86_and_the_reference(builds, capsys):
+    _require(emulation.python)
+    d, x, ref = builds
+    x86 = runner.load(d / "llvm")(x)
+    np.testing.assert_array_equal(x86[1], ref[1])
+    np.testing.assert_array_equal(x86[0], ref[0])
+    for name in ("aarch64", "a53"):
+        _run(capsys, d / name, d / "x.npy", "--emulate", "--codes", "--output", str(d / f"{name}_codes.npy"))
+        _run(capsys, d / name, d / "x.npy", "--emulate", "--output", str(d / f"{name}_deq.npy"))
+        codes, deq = np.load(d / f"{name}_codes.npy"), np.load(d / f"{name}_deq.npy")
+        assert codes.dtype == x86[1].dtype and codes.tobytes() == x86[1].tobytes(), name
+        assert deq.dtype == np.float32 and deq.tobytes() == x86[0].tobytes(), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rpc_server_under_qemu_runs_bit_exact(builds, capsys):
+    _require(emulation.python)
+    d, _, ref = builds
+    port = _free_port()
+    server = emulation.rpc_server("127.0.0.1", port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120                # qemu start + `import tvm` of the server
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "RPC server did not start"
+                time.sleep(0.5)
+        _run(capsys, d / "aarch64", d / "x.npy", "--rpc", f"127.0.0.1:{port}", "--codes",
+             "--output", str(d / "rpc_codes.npy"), "--repeat", "2")
+        assert "latency over 2 runs (on 127.0.0.1" in capsys.readouterr().out
+        codes = np.load(d / "rpc_codes.npy")
+        assert codes.dtype == ref[1].dtype and codes.tobytes() == np.ascontiguousarray(ref[1]).tobytes()
+        # an x86 library on the aarch64 server: one line saying what it was compiled for
+        err = _one_line_error(capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--rpc", f"127.0.0.1:{port}"])
+        assert f"(compiled for {runner.machine()})" in err
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@x86_host
+def test_aarch64_folder_run_natively_is_one_line(builds, capsys):
+    d, _, _ = builds
+    err = _one_line_error(capsys, ["run", str(d / "aarch64"), "--input", str(d / "x.npy")])
+    assert "compiled for aarch64" in err and "--emulate" in err and "--rpc host:port" in err
+
+
+def test_unreachable_rpc_endpoint_is_one_line_and_quick(builds, capsys):
+    d, _, _ = builds
+    port = _free_port()                                  # closed again: nothing listens there
+    t0 = time.monotonic()
+    err = _one_line_error(capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--rpc", f"127.0.0.1:{port}"])
+    assert f"127.0.0.1:{port}" in err and time.monotonic() - t0 < 10
+    assert "host:port" in _one_line_error(capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--rpc", "nohost"])
+
+
+@x86_host
+def test_emulating_a_native_build_or_without_setup_is_one_line(builds, capsys, monkeypatch, tmp_path):
+    d, _, _ = builds
+    assert "run it without --emulate" in _one_line_error(
+        capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--emulate"])
+    monkeypatch.setenv("WAPS_AARCH64_ROOT", str(tmp_path))
+    assert "scripts/aarch64-emulation.sh" in _one_line_error(
+        capsys, ["run", str(d / "aarch64"), "--input", str(d / "x.npy"), "--emulate"])
+
+
+@pytest.mark.parametrize("target, says", [
+    ("arm", "choose from llvm, aarch64, c, npu16"),
+    ('{"kind": "llvm", "mtriple": ', "not valid JSON"),
+    ('{"kind": "cuda"}', "only llvm target dicts"),
+    ('{"kind": "llvm", "bogus": 1}', "Unknown config option 'bogus'"),
+    ('{"kind": "llvm", "mtriple": "foo-bar-baz"}', "no backend for 'foo'"),
+    ('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "nonsense"}', "mcpu 'nonsense'"),
+    ('{"kind": "llvm", "mattr": "+neon"}', '"mattr" must be a list'),
+])
+def test_bad_targets_are_one_line_errors_before_any_work(target, says, tmp_path, capsys):
+    # the artifact path does not exist: the target is checked first
+    err = _one_line_error(capsys, ["compile", str(tmp_path / "none.waps"), "--target", target, "-o", str(tmp_path / "o")])
+    assert says in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_cross_compiler_names_the_setup(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    err = _one_line_error(capsys, ["compile", str(tmp_path / "none.waps"), "--target", "aarch64", "-o", str(tmp_path / "o")])
+    assert "aarch64-linux-gnu-gcc" in err and "scripts/aarch64-emulation.sh" in err
+    assert cpu.export_cc("llvm") is None                 # native targets link with TVM's default
+
+
+def test_target_resolution():
+    assert cpu.resolve("aarch64").cross == (cpu.host_arch() != "aarch64")
+    assert cpu.resolve("llvm").arch == cpu.host_arch() and not cpu.resolve("npu16").cross
+    t = cpu.resolve(CORTEX_A53)
+    assert (t.arch, t.triple, t.name) == ("aarch64", "aarch64-linux-gnu", "llvm:aarch64-linux-gnu:cortex-a53")
+    assert cpu.resolve('{"mtriple": "arm64-apple-macos"}').arch == "aarch64"
+    assert cpu.resolve('{"kind": "llvm"}').name == "llvm"

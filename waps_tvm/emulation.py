@@ -1,0 +1,80 @@
+"""Run aarch64 builds on an x86_64 machine under qemu-user.
+
+``scripts/aarch64-emulation.sh`` puts an arm64 Debian python3.11 (the sysroot) and the
+aarch64 TVM runtime and NumPy wheels into ``.aarch64/`` at the repository root (or
+``$WAPS_AARCH64_ROOT``). :func:`run` starts ``python -m waps_tvm.runner`` there under
+qemu-aarch64-static with only the TVM runtime library loaded (TVM_USE_RUNTIME_LIB=1); the
+input and outputs travel as .npy files in a temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from waps_tvm.runner import RunError, check_input, read_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP = "scripts/aarch64-emulation.sh"
+
+
+def root() -> Path:
+    return Path(os.environ.get("WAPS_AARCH64_ROOT") or REPO / ".aarch64")
+
+
+def python() -> Path:
+    """The aarch64 python launcher; a RunError naming the setup command when it is missing."""
+    launcher = root() / "sysroot/usr/bin/python3-qemu"
+    qemu = os.environ.get("QEMU", "qemu-aarch64-static")
+    if not launcher.is_file() or not (root() / "site/tvm").is_dir() or shutil.which(qemu) is None:
+        raise RunError(f"aarch64 emulation is not set up (no {launcher if shutil.which(qemu) else qemu}): "
+                       f"run {SETUP} (as root, once)")
+    return launcher
+
+
+def env() -> dict:
+    """The environment of the emulated python: none of this venv's paths, waps_tvm importable,
+    only libtvm_runtime.so loaded (the sysroot holds no compiler library)."""
+    e = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # the launcher puts the aarch64 site-packages in front of this
+    e.update(PYTHONPATH=str(REPO), PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1")
+    return e
+
+
+def command(*args: str) -> list[str]:
+    """argv that runs the aarch64 python with ``args``."""
+    return [str(python()), *args]
+
+
+def run(folder: str | Path, x: np.ndarray, repeat: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """(dequantized, codes, seconds per call for ``repeat`` calls) of the compiled folder run
+    under qemu. Timings are emulated aarch64, not of any real board."""
+    folder = Path(folder).resolve()
+    meta, _ = read_folder(folder)
+    if meta.get("arch", "x86_64") != "aarch64":
+        raise RunError(f"{folder}: --emulate runs aarch64 builds; this one is for {meta.get('arch', 'x86_64')} "
+                       "(run it without --emulate)")
+    x = check_input(meta, x)
+    cmd = command("-m", "waps_tvm.runner")
+    with tempfile.TemporaryDirectory(prefix="waps-emulate-") as tmp:
+        tmp = Path(tmp)
+        np.save(tmp / "x.npy", x)
+        r = subprocess.run([*cmd, str(folder), str(tmp / "x.npy"), str(tmp), "--repeat", str(repeat)],
+                           env=env(), cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            raise RunError(f"emulated run failed (exit {r.returncode}): {lines[-1] if lines else 'no output'}")
+        return (np.load(tmp / "dequantized.npy"), np.load(tmp / "codes.npy"),
+                np.load(tmp / "times.npy").tolist())
+
+
+def rpc_server(host: str = "127.0.0.1", port: int = 9090, **popen) -> subprocess.Popen:
+    """Start TVM's RPC server under qemu in its own process group (the server listens in a
+    child process: stop it with ``os.killpg(proc.pid, signal.SIGTERM)``). The launcher is
+    sys.executable there, so the server's popen workers start under qemu too."""
+    cmd = command("-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port), "--port-end", str(port + 1))
+    return subprocess.Popen(cmd, env=env(), start_new_session=True, **popen)
