@@ -27,6 +27,8 @@ of 4) keeps the split/reference body of relay_passes/kernels.py.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import tvm
 import tvm.s_tir as s_tir
@@ -133,6 +135,54 @@ def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> 
 
 # ---------------------------------------------------------------- schedules
 
+class _Policy:
+    """Where a kernel's schedule comes from. By default: the schedule written here. Under
+    ``tuned(database, target)``: the best record of a meta-schedule database (waps-tvm tune)
+    for the kernel's unscheduled workload, else the default. Under ``collect()``: the
+    default, and each (unscheduled PrimFunc, default Schedule) pair is kept for tuning."""
+    database = None
+    target = None
+    collected: list | None = None
+
+
+_UNSCHEDULED: dict[int, object] = {}
+
+
+@contextmanager
+def tuned(database, target):
+    _Policy.database, _Policy.target = database, target
+    try:
+        yield
+    finally:
+        _Policy.database = _Policy.target = None
+
+
+@contextmanager
+def collect():
+    _Policy.collected = []
+    try:
+        yield _Policy.collected
+    finally:
+        _Policy.collected = None
+
+
+def _schedule(func):
+    sch = s_tir.Schedule(func)
+    _UNSCHEDULED[id(sch)] = func
+    return sch
+
+
+def _finish(sch):
+    func = _UNSCHEDULED.pop(id(sch))
+    if _Policy.database is not None:
+        best = _Policy.database.query_schedule(tvm.IRModule({"main": func}), _Policy.target, "main")
+        if best is not None:
+            return best.mod["main"].with_attr("tirx.is_scheduled", True)
+    if _Policy.collected is not None:
+        _Policy.collected.append((func, sch))
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 def _pick_block(ow: int, k16: int) -> tuple[int, int]:
     """(reg_n, oc_blk): at most 16 zmm accumulators, fewest loads per vpdpbusd; reg_n | OW."""
     best = None
@@ -228,7 +278,7 @@ def conv2d(op, in_shape, ranges, dot: str):
 
     out = te.compute((n, m16, oh, ow), epilogue, name="out")
     func = te.create_prim_func([X, W, B, M, R, S, C, out])
-    sch = s_tir.Schedule(func)
+    sch = _schedule(func)
     _parallel_vectorize(sch, "pack", 2)
     reg_n, oc_blk = _pick_block(ow, m16 // 16)
     b_, k_, i_, j_ = sch.get_loops(sch.get_sblock("out"))
@@ -254,7 +304,7 @@ def conv2d(op, in_shape, ranges, dot: str):
         if dot == "vnni":
             sch.tensorize(ski, VNNI)
     sch.vectorize(ki)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, m16, oh, ow)
+    return _finish(sch), (n, m16, oh, ow)
 
 
 def depthwise(op, in_shape):
@@ -287,7 +337,7 @@ def depthwise(op, in_shape):
         return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype)
 
     out = te.compute((n, c, oh, ow), epilogue, name="out")
-    sch = s_tir.Schedule(te.create_prim_func([X, W, B, M, R, S, C, SG, NS, out]))
+    sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, SG, NS, out]))
     _parallel_vectorize(sch, "pack", 2)
     blk = sch.get_sblock("acc")
     b_, i_, j_, k_, rry, rrx = sch.get_loops(blk)
@@ -298,16 +348,16 @@ def depthwise(op, in_shape):
         sch.vectorize(ki)
     sch.decompose_reduction(blk, rry)
     _parallel_vectorize(sch, "out", 2)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, c, oh, ow)
+    return _finish(sch), (n, c, oh, ow)
 
 
 def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
     """A one-loop-nest kernel ``out[idx] = tensor_fn(*inputs)(idx)``, parallel over all but the
     last axis, vectorized along it."""
     out = te.compute(out_shape, tensor_fn, name="out")
-    sch = s_tir.Schedule(te.create_prim_func([*inputs, out]))
+    sch = _schedule(te.create_prim_func([*inputs, out]))
     _parallel_vectorize(sch, "out", max(1, len(out_shape) - 1))
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return _finish(sch)
 
 
 def max_pool(op, in_shape, dtype: str):
@@ -321,7 +371,7 @@ def max_pool(op, in_shape, dtype: str):
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     out = te.compute((n, c, oh, ow), lambda b, k, i, j: te.max(xp[b, k, i * sh + ry, j * sw + rx], axis=[ry, rx]),
                      name="out")
-    sch = s_tir.Schedule(te.create_prim_func([X, out]))
+    sch = _schedule(te.create_prim_func([X, out]))
     if ph or pw:
         sch.compute_inline(sch.get_sblock("xpad"))
     blk = sch.get_sblock("out")
@@ -331,7 +381,7 @@ def max_pool(op, in_shape, dtype: str):
     sch.vectorize(j_)
     init = sch.decompose_reduction(blk, rry)
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, c, oh, ow)
+    return _finish(sch), (n, c, oh, ow)
 
 
 def _dot(X, W, c0, r):
@@ -369,7 +419,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
         return _requant(total, j, M, R, S, a, op.dtype)
 
     out = te.compute((n, m), epilogue, name="out")
-    sch = s_tir.Schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))
+    sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))
     i_, j_ = sch.get_loops(sch.get_sblock("out"))
     lanes = next(v for v in (16, 8, 4, 2, 1) if m % v == 0)
     jo, ji = sch.split(j_, [None, lanes])
@@ -382,7 +432,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
         sch.reorder(rr, sj)
         sch.vectorize(sj)                      # before decompose_reduction (compact dataflow)
         sch.decompose_reduction(blk, rr)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True), (n, m)
+    return _finish(sch), (n, m)
 
 
 _register_vnni()

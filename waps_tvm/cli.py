@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: all; 2000 for npu16, whose simulator is slow)")
     k.add_argument("-q", "--quiet", action="store_true")
 
+    k.add_argument("--tuning-records", help="a folder written by 'waps-tvm tune': each kernel is built from its "
+                                            "best record (fast form, llvm)")
+
+    t = sub.add_parser("tune", help="meta-schedule search (XGBoost cost model) over a model's kernels")
+    t.add_argument("model", help="a .waps artifact")
+    t.add_argument("--target", default="llvm", help="llvm (candidates are measured on this machine)")
+    t.add_argument("--trials", type=int, default=200, help="search trials over all kernels (default 200)")
+    t.add_argument("--work-dir", required=True, help="records folder (meta-schedule JSON database), reused")
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("-q", "--quiet", action="store_true")
+
     r = sub.add_parser("run", help="run a compiled folder with the TVM runtime")
     r.add_argument("folder")
     r.add_argument("--input", required=True, help=".npy float32 input [N, C, H, W] (or [C, H, W] for batch 1)")
@@ -137,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             return _eval(args)
         if args.command == "compile":
             return _compile(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "run":
             return _run(args)
         if args.command == "report":
@@ -228,7 +241,14 @@ def _compile(args) -> int:
         limit = args.eval_samples or (2000 if args.target == "npu16" else None)
         test = _eval_set(spec, art, limit, args.batch)
     t0 = time.perf_counter()
-    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir)
+    if args.tuning_records:
+        if args.form != "fast":
+            raise ConfigError("--tuning-records applies to the fast form (drop --form)")
+        from waps_tvm.tuning import load_records
+        records = load_records(args.tuning_records, art, args.batch, args.target)
+    else:
+        records = None
+    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records)
     w = meta["waps"]
     print(f"compiled for {target.name} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
@@ -296,6 +316,19 @@ def _eval_compiled(folder: Path, art, spec: str, test, quiet: bool = False) -> N
     print(f"top-1 on {spec} test ({n} images): compiled integer model ({model.meta['target']}) "
           f"{acc['compiled_top1'] * 100:.2f} %, fake-quant {acc['fake_quant_top1'] * 100:.2f} %, "
           f"agreement {acc['agreement'] * 100:.2f} %")
+
+
+def _tune(args) -> int:
+    from waps_tvm import api
+    from waps_tvm.tuning import tune
+    if not str(args.model).endswith(".waps"):
+        raise ConfigError(f"{args.model}: tune takes a .waps artifact (calibrate first)")
+    art = api.load_artifact(args.model)
+    s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet)
+    print(f"tuned {s['kernels']} kernels with {s['trials']} trials in {s['seconds']:.0f} s → {args.work_dir}: "
+          f"sum of kernel times {s['default_ms']:.3f} ms (default schedules) → {s['best_ms']:.3f} ms (best records); "
+          f"{s['searched']} kernels searched (meta-schedule's rules fail on the others), {s['improved']} improved")
+    return 0
 
 
 def _run(args) -> int:

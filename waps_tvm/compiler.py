@@ -94,9 +94,10 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: CpuTarget, batch: int,
 
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
-                     form: str = "fast", dump_ir: bool = False) -> dict:
+                     form: str = "fast", dump_ir: bool = False, records=None) -> dict:
     """Compile ``art`` into the folder ``out`` (replaced atomically) for ``target`` (a name or
-    a JSON llvm target dict, targets/cpu.py); returns the metadata."""
+    a JSON llvm target dict, targets/cpu.py); returns the metadata. ``records``: (meta-schedule
+    database, its target) from waps_tvm.tuning.load_records — the fast kernels' schedules."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out}: exists and is not a folder")
@@ -105,11 +106,17 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
     t0 = time.perf_counter()
     if tgt.name in ("c", "npu16"):
         form = "split"            # their BYOC codegens replace the integer ops' bodies anyway
-    lowered = lower_artifact(art, batch, form, target=tgt)
+    if records is not None:
+        from relay_passes.fast_kernels import tuned
+        with tuned(*records):
+            lowered = lower_artifact(art, batch, form, target=tgt)
+    else:
+        lowered = lower_artifact(art, batch, form, target=tgt)
     ex = build(lowered, tgt)
     from waps_tvm.inspect import to_onnx
     onnx_model = to_onnx(lowered.program, tgt.name, lowered.placement)
     meta = metadata(art, lowered, tgt, batch, time.perf_counter() - t0)
+    meta["waps"]["tuning_records"] = records is not None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

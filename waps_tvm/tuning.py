@@ -1,0 +1,198 @@
+"""``waps-tvm tune``: meta-schedule search with TVM's XGBoost cost model over a model's kernels.
+
+The tasks are the fast form's kernels (relay_passes/fast_kernels.py) in their unscheduled
+form, one per distinct workload. Before searching, each kernel's default schedule is
+measured and committed to the database as a tuning record, so the database's best record
+for a kernel is never slower than the untuned build (up to timing noise); meta-schedule's
+evolutionary search, guided by the XGBoost model, then adds candidates. Records are
+meta-schedule's JSON database in ``--work-dir`` (database_workload.json,
+database_tuning_record.json), plus ``waps-tuning.json`` naming the target the records were
+measured on. ``compile --tuning-records DIR`` builds every kernel from its best record.
+Runs reuse and extend an existing work dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from calib.errors import ConfigError
+
+INFO = "waps-tuning.json"
+
+
+def ms_target(target):
+    """The llvm target that meta-schedule measures on: this machine's CPU and core count."""
+    import tvm
+
+    from targets.cpu import llvm_target, resolve
+    tgt = resolve(target)
+    if tgt.config != {"kind": "llvm"}:
+        raise ConfigError(f"tuning measures candidates on this machine: --target {tgt.name} cannot be tuned here "
+                          "(tune --target llvm)")
+    exported = llvm_target(tgt).export()
+    config = {k: str(exported[k]) for k in ("kind", "mcpu", "mtriple") if k in exported}
+    return tvm.target.Target({**config, "num-cores": _cores()})
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _build(mod, target, _params):
+    """meta-schedule's default builder minus its import of every target's tensor intrinsics
+    (about a minute per build batch on 2 cores)."""
+    import tvm
+    mod = tvm.s_tir.transform.RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.driver.build(mod, target=target)
+
+
+def _measure(sch, target, repeat: int = 20) -> float:
+    """Seconds per call of a scheduled kernel on random inputs."""
+    import tvm
+    lib = tvm.compile(sch.mod, target=target)
+    dev = tvm.cpu()
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.integers(0, 3, size=[int(d) for d in a.shape]).astype(str(a.dtype)), dev)
+            for a in ArgInfo.from_prim_func(sch.mod["main"])]
+    mod = lib.mod if hasattr(lib, "mod") else lib
+    timer = mod.time_evaluator("main", dev, number=5, repeat=repeat)
+    return float(np.median(timer(*args).results))
+
+
+def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True) -> dict:
+    """Tune ``art``'s kernels; returns a summary (tasks, trials, seconds, per-task best ms)."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    from relay_passes import fast_kernels
+    from waps_tvm.compiler import lower_artifact
+    if trials < 0:
+        raise ConfigError(f"--trials must be at least 0 (got {trials})")
+    target_ms = ms_target(target)
+    work = Path(work_dir)
+    info_path = work / INFO
+    if info_path.exists():
+        _check_info(info_path, target_ms)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--work-dir {work}: {e.strerror or e}") from None
+    os.environ.setdefault("TVM_NUM_THREADS", str(_cores()))      # the runner's workers use every core too
+    t0 = time.perf_counter()
+    with fast_kernels.collect() as pairs:
+        lower_artifact(art, batch, "fast", target="llvm")
+    unique = {}
+    for func, sch in pairs:
+        unique.setdefault(tvm_ffi.structural_hash(func), (func, sch))
+    db = ms.database.JSONDatabase(work_dir=str(work))
+    if progress:
+        print(f"{len(unique)} distinct kernels; measuring their default schedules", flush=True)
+    defaults = {}
+    for h, (func, sch) in unique.items():
+        mod = tvm.IRModule({"main": func})
+        workload = db.commit_workload(mod)
+        secs = _measure(sch, target_ms)
+        defaults[h] = secs
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [tvm.runtime.convert(secs)], target_ms, ms.arg_info.ArgInfo.from_prim_func(func)))
+    skipped = len(unique)
+    if trials:
+        contexts = [ms.TuneContext(mod=tvm.IRModule({"main": func}), target=target_ms,
+                                   space_generator="post-order-apply", search_strategy="evolutionary",
+                                   task_name=f"k{i}", num_threads=_cores())
+                    for i, (func, _) in enumerate(unique.values())]
+        searchable = []
+        for ctx in contexts:      # some of meta-schedule's rules fail on some kernels (a TVM limit):
+            try:                  # those keep their default schedule
+                if len(ctx.generate_design_space()) > 0:
+                    searchable.append(ctx)
+            except Exception:  # noqa: BLE001 (ScheduleError and friends)
+                pass
+        skipped = len(contexts) - len(searchable)
+        contexts = searchable
+        logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        logger.setLevel(logging.INFO if progress else logging.WARNING)
+        if progress and not logger.handlers:      # the task scheduler's table after each round
+            logger.addHandler(logging.StreamHandler())
+    if trials and contexts:
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=str(work),
+            max_trials_global=trials, num_trials_per_iter=min(16, max(trials, 1)), database=db,
+            cost_model=ms.cost_model.XGBModel(num_warmup_samples=min(32, max(trials // 2, 1)),
+                                              num_tuning_cores=_cores()),
+            builder=ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build),
+            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
+                                                                                    min_repeat_ms=20)))
+    best = {}
+    improved = 0
+    for h, (func, _) in unique.items():
+        rec = db.get_top_k(db.commit_workload(tvm.IRModule({"main": func})), 1)
+        secs = float(np.mean([float(v) for v in rec[0].run_secs])) if rec else defaults[h]
+        best[h] = secs
+        improved += secs < defaults[h] * 0.98
+    info = {"format": "waps-tvm-tuning", "version": 1, "target": _key(target_ms),
+            "kernels": len(unique), "trials": trials + (json.loads(info_path.read_text()).get("trials", 0)
+                                                         if info_path.exists() else 0)}
+    tmp = info_path.with_name(f".{INFO}.tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(info_path)
+    return {"kernels": len(unique), "trials": trials, "seconds": time.perf_counter() - t0, "improved": improved,
+            "searched": len(unique) - skipped,
+            "default_ms": 1000 * sum(defaults.values()), "best_ms": 1000 * sum(best.values())}
+
+
+KEYS = ("kind", "mcpu", "mtriple", "num-cores")
+
+
+def _key(target) -> dict:
+    """The target fields that decide whether records apply (plain JSON)."""
+    exported = target.export()
+    return {k: (int(exported[k]) if k == "num-cores" else str(exported[k])) for k in KEYS if k in exported}
+
+
+def _check_info(path: Path, target_ms) -> None:
+    try:
+        info = json.loads(path.read_text())
+        recorded = info["target"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a waps-tvm tuning record folder ({type(e).__name__})") from None
+    here = _key(target_ms)
+    for key in KEYS:
+        if recorded.get(key) != here.get(key):
+            raise ConfigError(f"{path.parent}: records were measured for {key}={recorded.get(key)!r}, this target "
+                              f"has {here.get(key)!r}; tune again for this target")
+
+
+def load_records(work_dir: str | os.PathLike, art, batch: int, target: str):
+    """(database, meta-schedule target) after checking that the records were measured for this
+    target and cover this model's kernels; a ConfigError (one line) otherwise."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from relay_passes import fast_kernels
+    from waps_tvm.compiler import lower_artifact
+    work = Path(work_dir)
+    if not (work / INFO).is_file() or not (work / "database_workload.json").is_file():
+        raise ConfigError(f"--tuning-records {work}: not a folder written by 'waps-tvm tune'")
+    target_ms = ms_target(target)
+    _check_info(work / INFO, target_ms)
+    try:
+        db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
+    except Exception as e:  # noqa: BLE001 (TVM raises several types for a bad JSON file)
+        raise ConfigError(f"--tuning-records {work}: unreadable ({str(e).splitlines()[0] if str(e) else e})") from None
+    with fast_kernels.collect() as pairs:
+        lower_artifact(art, batch, "fast", target="llvm")
+    # tune records every kernel's default schedule before searching, so records made for this
+    # model cover all of its kernels
+    known = sum(db.has_workload(tvm.IRModule({"main": func})) for func, _ in pairs)
+    if known < len(pairs):
+        raise ConfigError(f"--tuning-records {work}: only {known} of this model's {len(pairs)} kernels are in the "
+                          f"records (tuned for another model, batch size or waps-tvm version)")
+    return db, target_ms
