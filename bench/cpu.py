@@ -56,8 +56,10 @@ def without_groups(art):
     return plain
 
 
-def _time(fn, repeat: int) -> float:
-    fn()
+def _time(fn, repeat: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
     ts = []
     for _ in range(repeat):
         t0 = time.perf_counter()

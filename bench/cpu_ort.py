@@ -22,9 +22,7 @@ import copy
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +35,8 @@ TORCHVISION = ("resnet18", "mobilenet_v2")
 
 
 def _time(fn, repeat: int) -> float:
-    for _ in range(max(3, repeat // 10)):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1000
+    from bench.cpu import _time as median_ms
+    return median_ms(fn, repeat, warmup=max(3, repeat // 10))
 
 
 def model_and_artifact(name: str):

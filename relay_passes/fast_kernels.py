@@ -220,6 +220,21 @@ def _pack(x, a, c4: int):
     return te.compute((n, h + 2 * ph, w + 2 * pw, c4), value, name="pack")
 
 
+def merge_groups(bias, corrected: dict, a: dict):
+    """The WAPS shift-add (TIR expressions): bias + Σ_p v_p + σ_p·((v_p + 2^(n_p−1)) >> n_p),
+    v_p = (acc_p − corr_p) << L, over the non-empty groups ``corrected`` {p: acc_p − corr_p}."""
+    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
+    total = bias
+    for p, v in corrected.items():
+        if frac:
+            v = v << frac
+        total = total + v
+        if sig[p]:
+            s = (v + (1 << (ns[p] - 1))) >> ns[p]
+            total = total + s if sig[p] > 0 else total - s
+    return total
+
+
 def _requant(total, k, M, R, S, a, dtype):
     t = (total.astype(I64) * M[k] + R[k]) >> S[k]
     t = t + const(a["z_out"], I64)
@@ -262,18 +277,8 @@ def conv2d(op, in_shape, ranges, dot: str):
         ici = te.reduce_axis((0, 4), f"ici{p}")
         accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, (sh, sw), (dh, dw)),
                              name=f"acc{p}")
-    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
-
     def epilogue(b, k, i, j):
-        total = B[k]
-        for p, acc in accs.items():
-            v = acc[b, k // 16, i, j, k % 16] - C[p, k]
-            if frac:
-                v = v << frac
-            total = total + v
-            if sig[p]:
-                s = (v + (1 << (ns[p] - 1))) >> ns[p]
-                total = total + s if sig[p] > 0 else total - s
+        total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, a)
         return _requant(total, k, M, R, S, a, op.dtype)
 
     out = te.compute((n, m16, oh, ow), epilogue, name="out")
@@ -404,19 +409,9 @@ def linear(op, in_shape, in_dtype: str, ranges):
         if c1 > c0:
             r = te.reduce_axis((0, c1 - c0), f"r{p}")
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
-    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
-
     def epilogue(i, j):
-        total = B[j]
-        for p, acc in accs.items():
-            v = acc[i, j] - C[p, j]
-            if frac:
-                v = v << frac
-            total = total + v
-            if sig[p]:
-                s = (v + (1 << (ns[p] - 1))) >> ns[p]
-                total = total + s if sig[p] > 0 else total - s
-        return _requant(total, j, M, R, S, a, op.dtype)
+        return _requant(merge_groups(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, a),
+                        j, M, R, S, a, op.dtype)
 
     out = te.compute((n, m), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))

@@ -419,7 +419,6 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     dh, dw = a["dilation"]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    sig, ns = a["sigma"], a["n"]
 
     X = te.placeholder((n, c, h, w_), in_dtype, "x")
     W = te.placeholder((m, cg, kh, kw), "int8", "w")
@@ -437,17 +436,8 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
         accs.append(_group_acc(xp, W, p, c0, c1, (n, m, oh, ow), (kh, kw), (sh, sw), (dh, dw)))
 
     def epilogue(b, k, i, j):
-        total = B[k]
-        for p, acc in enumerate(accs):
-            if acc is None:
-                continue
-            v = acc[b, k, i, j] - C[p, k]
-            if a.get("frac", 0):
-                v = v << a["frac"]
-            total = total + v
-            if sig[p]:
-                s = (v + (1 << (ns[p] - 1))) >> ns[p]
-                total = total + s if sig[p] > 0 else total - s
+        total = fast.merge_groups(B[k], {p: acc[b, k, i, j] - C[p, k] for p, acc in enumerate(accs)
+                                         if acc is not None}, a)
         t = (total.astype(I64) * Mq[0, k, 0, 0] + Rq[0, k, 0, 0]) >> Sq[0, k, 0, 0]
         t = t + tvm.tirx.const(a["z_out"], I64)
         t = tvm.tirx.max(tvm.tirx.min(t, tvm.tirx.const(a["hi"], I64)), tvm.tirx.const(a["lo"], I64))

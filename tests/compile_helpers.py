@@ -48,3 +48,19 @@ def run_in_fresh_process(folder, x: np.ndarray, tmp) -> np.ndarray:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return np.load(tmp / "fresh_codes.npy")
+
+
+def rewrite_archive(src, dst, version=None, drop=()):
+    """Copy the .waps ZIP ``src`` to ``dst`` with the manifest's version replaced and the
+    members in ``drop`` left out (for loader error tests)."""
+    import json
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.namelist():
+            if item in drop:
+                continue
+            data = zin.read(item)
+            if item == "manifest.json" and version is not None:
+                data = json.dumps({**json.loads(data), "version": version}).encode()
+            zout.writestr(item, data)
+    return dst

@@ -5,13 +5,10 @@ line ``waps-tvm: error: …``, exit code 2, and nothing half-written next to the
 Ctrl-C — are also covered in test_cli.py; the .waps loader is fuzzed in
 tests/calib/test_artifact_fuzz.py.)
 """
-import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import zipfile
 
 import numpy as np
 import pytest
@@ -19,6 +16,7 @@ import torch
 from torch import nn
 
 from calib import artifact
+from tests.compile_helpers import rewrite_archive
 from tests.waps_tvm.test_cli import EXE, assert_one_line_error, run
 
 
@@ -57,18 +55,8 @@ def corpus(tiny_artifact, tmp_path_factory):
     for i in range(len(blob) // 3, len(blob) // 3 + 64):
         flipped[i] ^= 0xFF
     (d / "flipped.waps").write_bytes(bytes(flipped))
-    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(d / "v2.waps", "w") as zout:
-        for item in zin.namelist():
-            data = zin.read(item)
-            if item == "manifest.json":
-                m = json.loads(data)
-                m["version"] = 2
-                data = json.dumps(m).encode()
-            zout.writestr(item, data)
-    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(d / "nomanifest.waps", "w") as zout:
-        for item in zin.namelist():
-            if item != "manifest.json":
-                zout.writestr(item, zin.read(item))
+    rewrite_archive(good, d / "v2.waps", version=2)
+    rewrite_archive(good, d / "nomanifest.waps", drop=("manifest.json",))
 
     model = Small().eval()
     prog = torch.export.export(model, (torch.randn(1, 1, 16, 16),))

@@ -3,7 +3,6 @@ import copy
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from calib import artifact
 from relay_passes import reference
-from tests.compile_helpers import calibrated, scramble_groups
+from tests.compile_helpers import calibrated, rewrite_archive, scramble_groups
 from waps_tvm import cli
 from waps_tvm.compiler import build, lower_artifact
 
@@ -116,15 +115,7 @@ def test_compile_errors_are_one_line(compiled, tiny_artifact, tmp_path, capsys):
     good = compiled / "tiny.waps"
     assert cli.main(["compile", str(good), "--target", "cuda", "-o", str(tmp_path / "o")]) == 2
     assert "unknown target 'cuda'" in capsys.readouterr().err
-    bad = tmp_path / "v99.waps"
-    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
-        for item in zin.namelist():
-            data = zin.read(item)
-            if item == "manifest.json":
-                m = json.loads(data)
-                m["version"] = 99
-                data = json.dumps(m).encode()
-            zout.writestr(item, data)
+    bad = rewrite_archive(good, tmp_path / "v99.waps", version=99)
     assert cli.main(["compile", str(bad), "-o", str(tmp_path / "o")]) == 2
     assert "version 99 is not supported" in capsys.readouterr().err
     weight_only = copy.deepcopy(tiny_artifact)
