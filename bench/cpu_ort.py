@@ -202,6 +202,7 @@ def main(argv=None) -> int:
     import onnxruntime
     import tvm
     rows = []
+    cores = len(os.sched_getaffinity(0))        # before TVM's pool pins this thread to one core
     for name in args.models:
         rows.append(measure_reference(name, args.repeat))
         print(json.dumps(rows[-1]), flush=True)
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{tvm.target.codegen.llvm_get_system_cpu()}",
             "repeat": args.repeat, "onnxruntime": onnxruntime.__version__, "ort_threads": os.cpu_count(),
-            "tvm_threads": os.environ.get("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))}
+            "tvm_threads": os.environ.get("TVM_NUM_THREADS", str(cores))}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_ort.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "cpu_ort.md").write_text(report(rows, meta))

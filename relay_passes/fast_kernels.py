@@ -4,23 +4,25 @@ vectorized and, where the target has AVX-512 VNNI, tensorized with ``vpdpbusd``.
 TVM's default llvm pipeline leaves every Relax op as a naive single-threaded loop nest;
 these kernels are the untuned default schedules (meta-schedule can tune them further).
 The numbers they compute are exactly those of relay_passes/reference.py; only the layout
-inside a kernel changes:
+changes: activations are NHWC between these kernels (relay_passes/program.py converts at
+the edges), and each kernel packs what it needs:
 
 conv2d (ungrouped, uint8 codes in)
-    ``pack``: x [N, C, H, W] → NHWC [N, H+2ph, W+2pw, C4] padded with z_in (C4 = C rounded
-    up to 4; padded channels meet zero weights). Weights are packed at compile time to
-    [M16/16, C4/4, KH, KW, 16, 4] int8 (M16 = M rounded up to 16). Each WAPS group p (a
+    ``pack``: x [N, H, W, C] → [N, H+2ph, W+2pw, C4] padded with z_in (C4 = C rounded
+    up to 4; padded channels meet zero weights; skipped when there is nothing to pad).
+    Weights are packed at compile time to [M16/16, C4/4, KH, KW, 16, 4] int8 (M16 = M rounded up to 16). Each WAPS group p (a
     contiguous channel run whose ends are multiples of 4) accumulates acc_p over its
     [c0/4, c1/4) block of the reduction in int32: the inner 16×4 u8·s8 dot product is one
     ``vpdpbusd`` on x86 with VNNI (``dot``="vnni"), plain vectorized code otherwise. The
     epilogue — z-correction, shift-add merge with L fractional bits, int64 requantization,
-    clamp — runs on each register tile right after it is accumulated (compute_at), and
-    stores NCHW, so the op's contract is unchanged.
+    clamp — runs on each register tile right after it is accumulated (compute_at) and
+    stores [N, OH, OW, M16].
 depthwise conv2d (conv_groups = C = M)
-    NHWC, int32 MACs vectorized over 16 channels; a WAPS depthwise layer has one group per
-    channel, so σ and n become per-channel tables in the same epilogue.
-add, max_pool2d, quantize
-    one loop nest each, parallel over the outer axes, vectorized along the inner one.
+    int32 MACs vectorized over 16 channels, read through the padding; a WAPS depthwise layer
+    has one group per channel, so σ and n become per-channel tables in the same epilogue.
+add, max_pool2d, quantize, gather
+    one loop nest each, parallel over the outer axes, vectorized along the inner one (a
+    gather's channel loop is unrolled instead).
 
 A layer whose shape does not fit (grouped convs, int32 inputs, group ends not on a multiple
 of 4) keeps the split/reference body of relay_passes/kernels.py.
@@ -114,10 +116,10 @@ def pack_depthwise(w: np.ndarray) -> np.ndarray:
 
 
 def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> list[np.ndarray]:
-    """Flat per-channel constants: bias (int32 [M]), M, 2^(S−1), S (int64 [M]); zero-padded to
+    """Flat per-channel constants: bias, M (int32 [M]), 2^(S−1), S (int64 [M]); zero-padded to
     ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M])."""
     s = 31 + op.params["shift"].astype(np.int64)
-    out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int64), np.int64(1) << (s - 1), s]
+    out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int32), np.int64(1) << (s - 1), s]
     if pad_to:
         out = [np.pad(t, (0, pad_to - t.size)) for t in out]
     if per_channel_groups:
@@ -206,18 +208,28 @@ def _parallel_vectorize(sch, block: str, n_outer: int) -> None:
     sch.vectorize(sch.get_loops(sch.get_sblock(block))[-1])
 
 
-def _pack(x, a, c4: int):
-    """NCHW codes → padded NHWC [N, Hp, Wp, C4] (z_in outside the image and in padded channels)."""
-    n, c, h, w = x.shape
+def _window_value(x, a, c: int):
+    """x[b, i, j, ch] of the NHWC input seen through the padding: z_in outside the image and
+    in channels ≥ c. Indices are clamped, so every load is in bounds and the select vectorizes."""
+    _, h, w, _ = x.shape
     ph, pw = a["padding"]
     z = const(a["z_in"], "uint8")
 
     def value(b, i, j, ch):
         inside = tvm.tirx.all(i >= ph, i < h + ph, j >= pw, j < w + pw, ch < c)
-        ii = tvm.tirx.max(tvm.tirx.min(i - ph, h - 1), 0)     # clamped: every load is in bounds,
-        jj = tvm.tirx.max(tvm.tirx.min(j - pw, w - 1), 0)     # so the select vectorizes
-        return tvm.tirx.if_then_else(inside, x[b, tvm.tirx.min(ch, c - 1), ii, jj], z)
-    return te.compute((n, h + 2 * ph, w + 2 * pw, c4), value, name="pack")
+        ii = tvm.tirx.max(tvm.tirx.min(i - ph, h - 1), 0)
+        jj = tvm.tirx.max(tvm.tirx.min(j - pw, w - 1), 0)
+        return tvm.tirx.if_then_else(inside, x[b, ii, jj, tvm.tirx.min(ch, c - 1)], z)
+    return value
+
+
+def _pack(x, a, c4: int):
+    """NHWC codes → padded [N, Hp, Wp, C4]; the input itself when there is nothing to pad."""
+    n, h, w, c = x.shape
+    ph, pw = a["padding"]
+    if ph == pw == 0 and c4 == c:
+        return x
+    return te.compute((n, h + 2 * ph, w + 2 * pw, c4), _window_value(x, a, c), name="pack")
 
 
 def merge_groups(bias, corrected: dict, a: dict):
@@ -236,7 +248,7 @@ def merge_groups(bias, corrected: dict, a: dict):
 
 
 def _requant(total, k, M, R, S, a, dtype):
-    t = (total.astype(I64) * M[k] + R[k]) >> S[k]
+    t = (total.astype(I64) * M[k].astype(I64) + R[k]) >> S[k]     # i32×i32→i64: one vpmuldq
     t = t + const(a["z_out"], I64)
     return tvm.tirx.max(tvm.tirx.min(t, const(a["hi"], I64)), const(a["lo"], I64)).astype(dtype)
 
@@ -252,7 +264,8 @@ def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
 
 def conv2d(op, in_shape, ranges, dot: str):
     """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
-    (x, w_packed, bias, M, R, S, corr[g, M16]) (tables padded to M16) → out [N, M16, OH, OW]."""
+    (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16]) (tables padded to M16) →
+    out [N, OH, OW, M16]. ``in_shape`` is logical (NCHW)."""
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
     a = op.attrs
@@ -261,10 +274,10 @@ def conv2d(op, in_shape, ranges, dot: str):
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
     g = len(ranges)
-    X = te.placeholder((n, c, h, w_), "uint8", "x")
+    X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
     B = te.placeholder((m16,), I32, "bias")
-    M, R, S = (te.placeholder((m16,), I64, nm) for nm in ("mult", "round", "shift"))
+    M, R, S = te.placeholder((m16,), I32, "mult"), *(te.placeholder((m16,), I64, nm) for nm in ("round", "shift"))
     C = te.placeholder((g, m16), I32, "corr")
     xp = _pack(X, a, c4)
     accs = {}
@@ -277,16 +290,17 @@ def conv2d(op, in_shape, ranges, dot: str):
         ici = te.reduce_axis((0, 4), f"ici{p}")
         accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, (sh, sw), (dh, dw)),
                              name=f"acc{p}")
-    def epilogue(b, k, i, j):
+    def epilogue(b, i, j, k):
         total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, a)
         return _requant(total, k, M, R, S, a, op.dtype)
 
-    out = te.compute((n, m16, oh, ow), epilogue, name="out")
+    out = te.compute((n, oh, ow, m16), epilogue, name="out")
     func = te.create_prim_func([X, W, B, M, R, S, C, out])
     sch = _schedule(func)
-    _parallel_vectorize(sch, "pack", 2)
+    if xp is not X:
+        _parallel_vectorize(sch, "pack", 2)
     reg_n, oc_blk = _pick_block(ow, m16 // 16)
-    b_, k_, i_, j_ = sch.get_loops(sch.get_sblock("out"))
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     koo, koi, ki = sch.split(k_, [None, oc_blk, 16])
     jo, ji = sch.split(j_, [None, reg_n])
     sch.reorder(b_, koo, i_, jo, koi, ji, ki)
@@ -309,51 +323,57 @@ def conv2d(op, in_shape, ranges, dot: str):
         if dot == "vnni":
             sch.tensorize(ski, VNNI)
     sch.vectorize(ki)
-    return _finish(sch), (n, m16, oh, ow)
+    return _finish(sch), (n, oh, ow, m16)
 
 
 def depthwise(op, in_shape):
-    """(PrimFunc, output shape) of a depthwise conv; arguments
-    (x, w [KH, KW, C], bias, M, R, S, corr[1, C] (summed over groups), σ_k, n_k) → [N, C, OH, OW]."""
+    """(PrimFunc, output shape) of a depthwise conv; arguments (x [N, H, W, C], w [KH, KW, C],
+    bias, M, R, S, corr[1, C] (summed over groups), σ_k, n_k) → [N, OH, OW, C]. The window is
+    read through the padding (no packed copy); each 16-channel tile of an output pixel is
+    accumulated in registers and requantized in place."""
     n, c, h, w_ = in_shape
     kh, kw = op.params["w"].shape[2:]
     a = op.attrs
     (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    X = te.placeholder((n, c, h, w_), "uint8", "x")
+    X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((kh, kw, c), "int8", "w")
     B = te.placeholder((c,), I32, "bias")
-    M, R, S = (te.placeholder((c,), I64, nm) for nm in ("mult", "round", "shift"))
+    M, R, S = te.placeholder((c,), I32, "mult"), *(te.placeholder((c,), I64, nm) for nm in ("round", "shift"))
     C = te.placeholder((1, c), I32, "corr")
     SG, NS = te.placeholder((c,), I32, "sig"), te.placeholder((c,), I32, "n")
-    xp = _pack(X, a, c)
+    xv = _window_value(X, a, c)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute((n, oh, ow, c), lambda b, i, j, k: te.sum(
-        xp[b, i * sh + ry * dh, j * sw + rx * dw, k].astype(I32) * W[ry, rx, k].astype(I32), axis=[ry, rx]),
+        xv(b, i * sh + ry * dh, j * sw + rx * dw, k).astype(I32) * W[ry, rx, k].astype(I32), axis=[ry, rx]),
         name="acc")
     frac = a.get("frac", 0)
 
-    def epilogue(b, k, i, j):
+    def epilogue(b, i, j, k):
         v = acc[b, i, j, k] - C[0, k]
         if frac:
             v = v << frac
         s = (v + (const(1, I32) << (NS[k] - 1))) >> NS[k]
         return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype)
 
-    out = te.compute((n, c, oh, ow), epilogue, name="out")
+    out = te.compute((n, oh, ow, c), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, SG, NS, out]))
-    _parallel_vectorize(sch, "pack", 2)
-    blk = sch.get_sblock("acc")
-    b_, i_, j_, k_, rry, rrx = sch.get_loops(blk)
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b_, i_))
-    if c % 16 == 0:
-        ko, ki = sch.split(k_, [None, 16])
-        sch.reorder(j_, ko, rry, rrx, ki)
-        sch.vectorize(ki)
-    sch.decompose_reduction(blk, rry)
-    _parallel_vectorize(sch, "out", 2)
-    return _finish(sch), (n, c, oh, ow)
+    lanes = next(v for v in (16, 8, 4, 2, 1) if c % v == 0)
+    ko, ki = sch.split(k_, [None, lanes])
+    blk = sch.get_sblock("acc")
+    sch.compute_at(blk, ko, preserve_unit_loops=True)
+    sk, rry, rrx = sch.get_loops(blk)[-3:]
+    sch.reorder(rry, rrx, sk)
+    sch.vectorize(sk)
+    init = sch.decompose_reduction(blk, rry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(rry)
+    sch.unroll(rrx)
+    sch.vectorize(ki)
+    return _finish(sch), (n, oh, ow, c)
 
 
 def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
@@ -366,27 +386,43 @@ def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
 
 
 def max_pool(op, in_shape, dtype: str):
+    """(PrimFunc, output shape): x [N, H, W, C] → [N, OH, OW, C]; ``in_shape`` is logical."""
     n, c, h, w_ = in_shape
     a = op.attrs
     (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    X = te.placeholder(in_shape, dtype, "x")
+    X = te.placeholder((n, h, w_, c), dtype, "x")
     low = tvm.tirx.min_value(dtype)
-    xp = topi.nn.pad(X, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=low, name="xpad")
+    xp = topi.nn.pad(X, [0, ph, pw, 0], [0, ph, pw, 0], pad_value=low, name="xpad")
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w_ + 2 * pw - kw) // sw + 1
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-    out = te.compute((n, c, oh, ow), lambda b, k, i, j: te.max(xp[b, k, i * sh + ry, j * sw + rx], axis=[ry, rx]),
+    out = te.compute((n, oh, ow, c), lambda b, i, j, k: te.max(xp[b, i * sh + ry, j * sw + rx, k], axis=[ry, rx]),
                      name="out")
     sch = _schedule(te.create_prim_func([X, out]))
     if ph or pw:
         sch.compute_inline(sch.get_sblock("xpad"))
     blk = sch.get_sblock("out")
-    b_, k_, i_, j_, rry, rrx = sch.get_loops(blk)
-    sch.parallel(sch.fuse(b_, k_, i_))
-    sch.reorder(rry, rrx, j_)
-    sch.vectorize(j_)
+    b_, i_, j_, k_, rry, rrx = sch.get_loops(blk)
+    sch.parallel(sch.fuse(b_, i_))
+    sch.reorder(rry, rrx, k_)
+    sch.vectorize(k_)
     init = sch.decompose_reduction(blk, rry)
     sch.vectorize(sch.get_loops(init)[-1])
-    return _finish(sch), (n, c, oh, ow)
+    return _finish(sch), (n, oh, ow, c)
+
+
+def gather(in_shape, dtype: str):
+    """(PrimFunc, output shape): out[b, i, j, k] = x[b, i, j, index[k]] on NHWC maps
+    (``in_shape`` logical); parallel over rows, the channel loop unrolled when short."""
+    n, c, h, w_ = in_shape
+    X = te.placeholder((n, h, w_, c), dtype, "x")
+    index = te.placeholder((c,), I32, "index")
+    out = te.compute((n, h, w_, c), lambda b, i, j, k: X[b, i, j, index[k]], name="out")
+    sch = _schedule(te.create_prim_func([X, index, out]))
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b_, i_))
+    if c <= 64:
+        sch.unroll(k_)
+    return _finish(sch), (n, h, w_, c)
 
 
 def _dot(X, W, c0, r):
@@ -402,7 +438,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
     X = te.placeholder((n, c), in_dtype, "x")
     W = te.placeholder((c, m), "int8", "wt")
     B = te.placeholder((m,), I32, "bias")
-    M, R, S = (te.placeholder((m,), I64, nm) for nm in ("mult", "round", "shift"))
+    M, R, S = te.placeholder((m,), I32, "mult"), *(te.placeholder((m,), I64, nm) for nm in ("round", "shift"))
     C = te.placeholder((len(ranges), m), I32, "corr")
     accs = {}
     for p, (c0, c1) in enumerate(ranges):

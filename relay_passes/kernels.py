@@ -25,7 +25,7 @@ from tvm import relax, te, topi
 import tvm.s_tir as s_tir
 
 from relay_passes import fast_kernels as fast
-from relay_passes.program import Op, param_order
+from relay_passes.program import Op, input_layout, layout_of, param_order, physical
 
 I32, I64 = "int32", "int64"
 
@@ -58,7 +58,7 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
     """→ (private relax.Function, derived constants appended to the call). ``add_prim(func,
     name)`` adds a TIR PrimFunc to the module being built and returns its GlobalVar."""
     lb = relax.BlockBuilder()
-    xs = [relax.Var(f"x{i}", relax.TensorType(s, d)) for i, (s, d) in enumerate(in_types)]
+    xs = [relax.Var(f"x{i}", relax.TensorType(physical(s, input_layout(op)), d)) for i, (s, d) in enumerate(in_types)]
     pvars = {k: relax.Var(k, relax.TensorType(op.params[k].shape, str(op.params[k].dtype))) for k in param_order(op)}
     derived_np = _derived(op, in_types)
     dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
@@ -99,6 +99,25 @@ def _fast_plan(op: Op, in_types) -> str | None:
         ok = "groups" not in op.params or group_ranges(op.params["groups"], _n_groups(op)) is not None
         return "linear" if ok else None
     return op.kind if op.kind in ("add", "max_pool2d", "quantize") else None
+
+
+def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
+    """The layout of a fast-form op (relay_passes/program.py): NHWC for the fast kernels, which
+    are written for it, and for the layout-free ops that follow them (gather, dequantize, a
+    global sum pool, a flatten of 1×1 maps); NCHW for everything else."""
+    plan = _fast_plan(op, in_types)
+    if plan in ("conv", "depthwise", "max_pool2d", "quantize") or (plan == "add" and len(in_types[0][0]) == 4):
+        return "NHWC"
+    if not in_layouts or in_layouts[0] != "NHWC" or len(in_types[0][0]) != 4:
+        return "NCHW"
+    if op.kind in ("gather", "dequantize"):
+        return "NHWC"
+    (_, _, h, w) = in_types[0][0]
+    if op.kind == "sum_pool2d" and tuple(op.attrs["kernel"]) == (h, w) and not any(op.attrs["padding"]):
+        return "NHWC"
+    if op.kind == "flatten" and h == w == 1:
+        return "NHWC"
+    return "NCHW"
 
 
 def _derived(op: Op, in_types) -> list[np.ndarray]:
@@ -169,13 +188,16 @@ def _quantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     if _fast_plan(op, in_types):
         X = te.placeholder(in_types[0][0], "float32", "x")
+        nhwc = layout_of(op) == "NHWC"
 
         def q(*i):
-            v = te.floor(X(*i) / tvm.tirx.const(a["scale"], "float32") + tvm.tirx.const(0.5, "float32"))
+            v = X(i[0], i[3], i[1], i[2]) if nhwc else X(*i)              # NHWC out from the NCHW input
+            v = te.floor(v / tvm.tirx.const(a["scale"], "float32") + tvm.tirx.const(0.5, "float32"))
             v = v + tvm.tirx.const(a["zero_point"], "float32")
             v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a["qmax"], "float32")), tvm.tirx.const(0, "float32"))
             return v.astype(op.dtype)
-        return _call_fast(lb, op, add_prim, fast.elementwise("q", q, [X], X.shape, op.dtype), xs, op.shape)
+        shape = physical(in_types[0][0], layout_of(op))
+        return _call_fast(lb, op, add_prim, fast.elementwise("q", q, [X], shape, op.dtype), xs, shape)
     x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
     q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
     q = relax.op.add(q, _c(a["zero_point"], "float32"))
@@ -317,15 +339,16 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
 def _add(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     if _fast_plan(op, in_types):
-        A = te.placeholder(in_types[0][0], in_types[0][1], "a")
-        B = te.placeholder(in_types[1][0], in_types[1][1], "b")
+        shape = physical(in_types[0][0], layout_of(op))
+        A = te.placeholder(shape, in_types[0][1], "a")
+        B = te.placeholder(shape, in_types[1][1], "b")
         k64 = lambda v: tvm.tirx.const(v, I64)  # noqa: E731
 
         def add(*i):
             t = (A(*i).astype(I64) - k64(a["za"])) * k64(a["ka"]) + (B(*i).astype(I64) - k64(a["zb"])) * k64(a["kb"])
             t = ((t + k64(1 << (a["t"] - 1))) >> k64(a["t"])) + k64(a["z_out"])
             return tvm.tirx.max(tvm.tirx.min(t, k64(a["hi"])), k64(a["lo"])).astype(op.dtype)
-        return _call_fast(lb, op, add_prim, fast.elementwise("add", add, [A, B], A.shape, op.dtype), xs, op.shape)
+        return _call_fast(lb, op, add_prim, fast.elementwise("add", add, [A, B], shape, op.dtype), xs, shape)
     def term(x, z, k):
         v = relax.op.subtract(relax.op.astype(x, I64), _c(z, I64))
         return relax.op.multiply(v, _c(k, I64))
@@ -349,7 +372,8 @@ def _sum_pool2d(lb, op, xs, P, D, in_types, add_prim):
     (n, c, h, w), dtype = in_types[0]
     ph, pw = a["padding"]
     if tuple(a["kernel"]) == (h, w) and ph == 0 and pw == 0:
-        return lb.emit(relax.op.sum(relax.op.astype(xs[0], I32), axis=[2, 3], keepdims=True))
+        axes = [1, 2] if layout_of(op) == "NHWC" else [2, 3]
+        return lb.emit(relax.op.sum(relax.op.astype(xs[0], I32), axis=axes, keepdims=True))
     x = xs[0]
     if ph or pw:
         x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a["z_in"])))
@@ -365,6 +389,9 @@ def _flatten(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _gather(lb, op, xs, P, D, in_types, add_prim):
+    if layout_of(op) == "NHWC":                          # only in the fast form
+        func, shape = fast.gather(in_types[0][0], in_types[0][1])
+        return _call_fast(lb, op, add_prim, func, [xs[0], P["index"]], shape)
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
 
 
@@ -385,8 +412,8 @@ def _conv2d_fast(lb, op, xs, D, in_types, add_prim, plan):
     func, shape = fast.conv2d(op, in_types[0][0], ranges, op.attrs.get("dot", "none"))
     out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
     m = op.params["w"].shape[0]
-    if shape[1] != m:                                    # output channels were padded to 16
-        out = lb.emit(relax.op.strided_slice(out, [1], [0], [m]))
+    if shape[3] != m:                                    # output channels were padded to 16
+        out = lb.emit(relax.op.strided_slice(out, [3], [0], [m]))
     return out
 
 

@@ -3,7 +3,8 @@
 ``form="split"``: one integer conv/matmul per group over its contiguous channel slice,
 then the shift-add merge and requantization; ``form="fused"``: convs become one TIR
 kernel accumulating all groups per output element in one pass (linear layers, which
-are tiny, stay split). Layers whose groups are not contiguous — grouped convs, whose
+are tiny, stay split); ``form="fast"``: scheduled kernels (relay_passes/fast_kernels.py),
+with activations kept NHWC between them. Layers whose groups are not contiguous — grouped convs, whose
 conv-group structure pins their channels, or programs that skipped PermuteChannels —
 keep the masked ``reference`` form: every group reads the whole input with the other
 groups' weights zeroed (exact, g× the MACs); the report lists them.
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from relay_passes.kernels import group_ranges
-from relay_passes.program import Program, emit, parse
+from relay_passes.kernels import choose_layout, group_ranges
+from relay_passes.program import INPUT, Program, emit, parse
 
 FORMS = ("split", "fused", "fast")
 
@@ -34,6 +35,7 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
     prog = program.copy()
     report = LegalizeReport(form)
     for op in prog.ops:
+        op.attrs.pop("layout", None)
         if form == "fast" and op.kind in ("add", "max_pool2d", "quantize"):
             op.attrs["form"] = "fast"
         if op.kind not in ("conv2d", "linear"):
@@ -55,7 +57,19 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
             continue
         op.attrs["form"] = form
         report.legalized += 1
+    if form == "fast":
+        _choose_layouts(prog)
     return prog, report
+
+
+def _choose_layouts(prog: Program) -> None:
+    """NHWC through runs of fast kernels (kernels.choose_layout); ``emit`` converts at the edges."""
+    layouts = {INPUT: "NCHW"}
+    for op in prog.ops:
+        in_types = [(prog.shape_of(i), prog.dtype_of(i)) for i in op.inputs]
+        layouts[op.name] = choose_layout(op, in_types, [layouts[i] for i in op.inputs])
+        if layouts[op.name] == "NHWC":
+            op.attrs["layout"] = "NHWC"
 
 
 def LegalizeWAPS(form: str = "split", dot: str = "none"):  # noqa: N802 (TVM pass naming)

@@ -154,7 +154,7 @@ def _apply(prog: Program, uf: _UF, unit, orders, gathers, report: PermuteReport)
                     inv = np.argsort(order_in)
                     index = _expand(inv[want], u).astype(np.int32)
                     g = Op("gather", prog.unique_name(f"gather_{op.name}"), [op.inputs[0]], {},
-                           {"index": index}, (), prog.dtype_of(op.inputs[0]))
+                           {"index": index}, prog.shape_of(op.inputs[0]), prog.dtype_of(op.inputs[0]))
                     new_ops.append(g)
                     op.inputs = [g.name]
                     order_in = want

@@ -13,6 +13,12 @@ A pass is parse → rewrite → emit, so the Relax module stays the single sourc
 
 ``main`` takes the float32 input [N, C, H, W] and returns (dequantized output float32,
 output codes).
+
+Layout: an Op's ``shape`` is always logical (NCHW for 4-D values). An op whose attrs say
+``"layout": "NHWC"`` (set by LegalizeWAPS for the fast form) takes its 4-D inputs and gives
+its 4-D output physically as NHWC; ``emit`` inserts ``permute_dims`` in ``main`` wherever a
+producer's and a consumer's layouts differ (and on 4-D outputs), and ``parse`` reads those
+conversions back as plain edges.
 """
 from __future__ import annotations
 
@@ -25,6 +31,27 @@ import tvm
 from tvm import relax
 
 INPUT = "input"
+TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+
+
+def layout_of(op: "Op") -> str:
+    return op.attrs.get("layout", "NCHW")
+
+
+def input_layout(op: "Op") -> str:
+    """The layout an op reads its 4-D inputs in (a quantize reads the float input as given)."""
+    return "NCHW" if op.kind == "quantize" else layout_of(op)
+
+
+def physical(shape, layout: str) -> tuple[int, ...]:
+    """Logical (NCHW) shape → the shape stored in ``layout``."""
+    shape = tuple(int(d) for d in shape)
+    return (shape[0], shape[2], shape[3], shape[1]) if layout == "NHWC" and len(shape) == 4 else shape
+
+
+def logical(shape, layout: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in shape)
+    return (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" and len(shape) == 4 else shape
 
 
 @dataclass
@@ -88,6 +115,17 @@ def emit(program: Program) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(tuple(program.input_shape), "float32"))
     values: dict[str, relax.Expr] = {}
+    layouts = {INPUT: "NCHW"}
+    converted: dict[tuple[str, str], relax.Expr] = {}
+
+    def value_in(name: str, layout: str) -> relax.Expr:
+        if len(program.shape_of(name)) != 4 or layouts[name] == layout:
+            return values[name]
+        if (name, layout) not in converted:
+            axes = TO_NHWC if layout == "NHWC" else TO_NCHW
+            converted[name, layout] = bb.emit(relax.op.permute_dims(values[name], axes))
+        return converted[name, layout]
+
     with bb.function("main", [x]):
         with bb.dataflow():
             values[INPUT] = x
@@ -96,14 +134,15 @@ def emit(program: Program) -> tvm.IRModule:
                 in_types = [(program.shape_of(i), program.dtype_of(i)) for i in op.inputs]
                 fn, derived = kernels.build(op, in_types, bb.add_func)
                 gv = bb.add_func(fn, op.name)
-                args = [values[i] for i in op.inputs]
+                args = [value_in(i, input_layout(op)) for i in op.inputs]
                 args += [relax.const(op.params[k], str(op.params[k].dtype)) for k in param_order(op)]
                 args += [relax.const(v, str(v.dtype)) for v in derived]
                 values[op.name] = bb.emit(relax.Call(gv, args), name_hint=_var_name(op.name))
+                layouts[op.name] = layout_of(op)
                 sinfo = values[op.name].ty
-                op.shape = tuple(int(d) for d in sinfo.shape)
+                op.shape = logical(sinfo.shape, layout_of(op))
                 op.dtype = str(sinfo.dtype)
-            out = bb.emit_output(relax.Tuple([values[n] for n in program.outputs]))
+            out = bb.emit_output(relax.Tuple([value_in(n, "NCHW") for n in program.outputs]))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -129,6 +168,9 @@ def parse(mod: tvm.IRModule) -> Program:
             if isinstance(v, relax.Tuple):
                 outputs = [names[f] for f in v.fields]
                 continue
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.permute_dims":
+                names[b.var] = names[v.args[0]]              # a layout conversion emitted by ``emit``
+                continue
             if not (isinstance(v, relax.Call) and isinstance(v.op, relax.GlobalVar)):
                 raise ValueError(f"not an integer program: unexpected binding {b.var.name_hint}")
             fn = mod[v.op]
@@ -140,7 +182,8 @@ def parse(mod: tvm.IRModule) -> Program:
             params = {k: a.value.numpy() for k, a in zip(pnames, v.args[n_in:n_in + len(pnames)])}
             sinfo = b.var.ty
             name = v.op.name_hint
-            ops.append(Op(kind, name, inputs, attrs, params, tuple(int(d) for d in sinfo.shape), str(sinfo.dtype)))
+            ops.append(Op(kind, name, inputs, attrs, params, logical(sinfo.shape, attrs.get("layout", "NCHW")),
+                          str(sinfo.dtype)))
             names[b.var] = name
     shape = tuple(int(d) for d in x.ty.shape)
     return Program(shape, ops, outputs)

@@ -61,6 +61,8 @@ def build(lowered: Lowered, target: str | CpuTarget = "llvm"):
         module, lowered.placement = npu_offload(module)
         lowered.streams = {r["op"]: r["lowered"].words for r in lowered.placement if r["lowered"] is not None}
         lowered.stages["partitioned"] = module
+    else:                                  # one VM frame for the whole model, not one per op
+        module = relax.transform.InlinePrivateFunctions()(module)
     lowered.final = module
     with tvm.transform.PassContext(opt_level=3):
         return relax.build(module, target=llvm_target(tgt))

@@ -7,7 +7,7 @@ from relay_passes import fast_kernels, reference
 from relay_passes.kernels import group_ranges
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
-from relay_passes.program import emit
+from relay_passes.program import INPUT, emit, input_layout, layout_of, parse
 from relay_passes.quantize import quantize_graph
 from tests.relay_passes.helpers import assert_same, body_ops
 from waps_tvm.frontend import quant_spec, to_relax
@@ -96,6 +96,23 @@ def test_fast_form_is_one_scheduled_kernel_per_op(quantized, x, dot):
     kernels = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert kernels and all(f.attrs["tirx.is_scheduled"] for f in kernels)
     np.testing.assert_array_equal(reference.run(prog, x)[1], reference.run(quantized, x)[1])
+    assert_same(prog, x)
+
+
+def test_fast_form_keeps_nhwc_between_kernels(quantized, x):
+    prog, _ = legalize_waps(permute_channels(quantized)[0], "fast", "none")
+    layouts = {INPUT: "NCHW", **{o.name: layout_of(o) for o in prog.ops}}
+    assert layouts[prog.ops[0].name] == "NHWC"                     # the quantize transposes
+    assert any(o.kind == "gather" and layouts[o.name] == "NHWC" for o in prog.ops)
+    # a conversion exactly where a 4-D value crosses layouts, each made once, plus 4-D outputs
+    crossings = {(i, input_layout(o)) for o in prog.ops for i in o.inputs
+                 if len(prog.shape_of(i)) == 4 and layouts[i] != input_layout(o)}
+    crossings |= {(n, "NCHW") for n in prog.outputs if len(prog[n].shape) == 4 and layouts[n] != "NCHW"}
+    mod = emit(prog)
+    assert body_ops(mod, "main").count("relax.permute_dims") == len(crossings)
+    again = parse(mod)                                            # shapes stay logical (NCHW)
+    assert [(o.name, o.shape, layout_of(o)) for o in again.ops] == [(o.name, o.shape, layout_of(o)) for o in prog.ops]
+    np.testing.assert_array_equal(reference.run(again, x)[1], reference.run(quantized, x)[1])
     assert_same(prog, x)
 
 
