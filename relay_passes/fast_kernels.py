@@ -188,7 +188,7 @@ def _finish(sch):
 def _pick_block(ow: int, k16: int) -> tuple[int, int]:
     """(reg_n, oc_blk): at most 16 zmm accumulators, fewest loads per vpdpbusd; reg_n | OW."""
     best = None
-    for ob in (1, 2, 4):
+    for ob in (1, 2, 3, 4, 6):
         if k16 % ob:
             continue
         for rn in range(1, min(ow, 16) + 1):
@@ -362,11 +362,15 @@ def depthwise(op, in_shape):
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b_, i_))
     lanes = next(v for v in (16, 8, 4, 2, 1) if c % v == 0)
+    px = next(v for v in (8, 4, 2, 1) if ow % v == 0)       # pixels sharing each weight load
     ko, ki = sch.split(k_, [None, lanes])
+    jo, ji = sch.split(j_, [None, px])
+    sch.reorder(jo, ko, ji, ki)
     blk = sch.get_sblock("acc")
     sch.compute_at(blk, ko, preserve_unit_loops=True)
-    sk, rry, rrx = sch.get_loops(blk)[-3:]
-    sch.reorder(rry, rrx, sk)
+    sj, sk, rry, rrx = sch.get_loops(blk)[-4:]
+    sch.reorder(rry, rrx, sj, sk)
+    sch.unroll(sj)
     sch.vectorize(sk)
     init = sch.decompose_reduction(blk, rry)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -431,9 +435,10 @@ def _dot(X, W, c0, r):
 
 def linear(op, in_shape, in_dtype: str, ranges):
     """(PrimFunc, output shape) of a linear layer with contiguous groups; arguments
-    (x [N, C], wT [C, M] int8, bias, M, R, S, corr [g, M]) → [N, M]. Vectorized over outputs."""
+    (x [N, C], wT [C, M16] int8, bias, M, R, S, corr [g, M16]) → [N, M16] (M rounded up to 16,
+    tables zero-padded). Vectorized over 16 outputs."""
     n, c = in_shape
-    m = op.params["w"].shape[0]
+    m = -(-op.params["w"].shape[0] // 16) * 16
     a = op.attrs
     X = te.placeholder((n, c), in_dtype, "x")
     W = te.placeholder((c, m), "int8", "wt")
@@ -452,8 +457,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
     out = te.compute((n, m), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))
     i_, j_ = sch.get_loops(sch.get_sblock("out"))
-    lanes = next(v for v in (16, 8, 4, 2, 1) if m % v == 0)
-    jo, ji = sch.split(j_, [None, lanes])
+    jo, ji = sch.split(j_, [None, 16])
     sch.reorder(jo, i_, ji)
     sch.parallel(jo)
     for p in accs:

@@ -132,8 +132,11 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
         t = fast.epilogue_tables(op, True)
         return [fast.pack_depthwise(op.params["w"]), *t[:4], corr, *t[4:]]
     if plan == "linear":
-        t = fast.epilogue_tables(op, False)
-        return [np.ascontiguousarray(op.params["w"].T), *t, _corrections(op).astype(np.int32)]
+        m = op.params["w"].shape[0]
+        m16 = -(-m // 16) * 16
+        wt = np.pad(op.params["w"].T, ((0, 0), (0, m16 - m)))
+        corr = np.pad(_corrections(op).astype(np.int32), ((0, 0), (0, m16 - m)))
+        return [np.ascontiguousarray(wt), *fast.epilogue_tables(op, False, m16), corr]
     if op.kind in ("conv2d", "linear"):
         ndim = 4 if op.kind == "conv2d" else 2
         consts = requant_constants(op, ndim)
@@ -314,7 +317,9 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
         ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
             [(0, op.params["w"].shape[1])]
         func, shape = fast.linear(op, in_types[0][0], in_types[0][1], ranges)
-        return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
+        out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
+        m = op.params["w"].shape[0]
+        return out if shape[1] == m else lb.emit(relax.op.strided_slice(out, [1], [0], [m]))
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
     ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else [(0, op.params["w"].shape[1])]
