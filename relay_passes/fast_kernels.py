@@ -205,39 +205,69 @@ def _parallel_vectorize(sch, block: str, n_outer: int) -> None:
         sch.parallel(sch.fuse(*loops[:n_outer]))
     else:
         sch.parallel(loops[0])
-    sch.vectorize(sch.get_loops(sch.get_sblock(block))[-1])
+    _vectorize_channels(sch, sch.get_sblock(block))
 
 
-def _window_value(x, a, c: int):
+def _window_value(x, a, c: int, index=None):
     """x[b, i, j, ch] of the NHWC input seen through the padding: z_in outside the image and
-    in channels ≥ c. Indices are clamped, so every load is in bounds and the select vectorizes."""
+    in channels ≥ c; with ``index``, channel ch reads x's channel index[ch]. Indices are
+    clamped, so every load is in bounds and the select vectorizes."""
     _, h, w, _ = x.shape
     ph, pw = a["padding"]
     z = const(a["z_in"], "uint8")
 
     def value(b, i, j, ch):
+        cc = tvm.tirx.min(ch, c - 1)
+        cc = index[cc] if index is not None else cc
         inside = tvm.tirx.all(i >= ph, i < h + ph, j >= pw, j < w + pw, ch < c)
         ii = tvm.tirx.max(tvm.tirx.min(i - ph, h - 1), 0)
         jj = tvm.tirx.max(tvm.tirx.min(j - pw, w - 1), 0)
-        return tvm.tirx.if_then_else(inside, x[b, ii, jj, tvm.tirx.min(ch, c - 1)], z)
+        return tvm.tirx.if_then_else(inside, x[b, ii, jj, cc], z)
     return value
 
 
-def _pack(x, a, c4: int):
-    """NHWC codes → padded [N, Hp, Wp, C4]; the input itself when there is nothing to pad."""
+def _vectorize_channels(sch, block) -> None:
+    """Vectorize a block's innermost (channel) loop in 64-lane pieces when it divides."""
+    ch = sch.get_loops(block)[-1]
+    extent = int(sch.get(ch).extent)
+    if extent > 64 and extent % 64 == 0:
+        ch = sch.split(ch, [None, 64])[1]
+    sch.vectorize(ch)
+
+
+def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1)):
+    """NHWC codes → padded [N, Hp, Wp, C4] (channel ch = x[..., index[ch]]·scale[ch] when
+    given); the input itself when there is nothing to pad, scale or gather. Without padding a
+    ``subsample`` (a pointwise conv's stride) keeps only the pixels the conv reads."""
     n, h, w, c = x.shape
     ph, pw = a["padding"]
-    if ph == pw == 0 and c4 == c:
+    if ph == pw == 0 and c4 == c and scale is None and index is None:
         return x
-    return te.compute((n, h + 2 * ph, w + 2 * pw, c4), _window_value(x, a, c), name="pack")
+    shape = (n, h + 2 * ph, w + 2 * pw, c4)
+    if ph == pw == 0 and c4 == c:
+        sh, sw = subsample
+        shape = (n, (h - 1) // sh + 1, (w - 1) // sw + 1, c4)
+        value = lambda b, i, j, ch: x[b, i * sh, j * sw, index[ch] if index is not None else ch]  # noqa: E731
+    else:
+        value = _window_value(x, a, c, index)
+    if scale is not None:
+        return te.compute(shape, lambda b, i, j, ch: value(b, i, j, ch) * scale[ch], name="pack")
+    return te.compute(shape, value, name="pack")
 
 
 def merge_groups(bias, corrected: dict, a: dict):
     """The WAPS shift-add (TIR expressions): bias + Σ_p v_p + σ_p·((v_p + 2^(n_p−1)) >> n_p),
-    v_p = (acc_p − corr_p) << L, over the non-empty groups ``corrected`` {p: acc_p − corr_p}."""
+    v_p = (acc_p − corr_p) << L, over the non-empty groups ``corrected`` {p: acc_p − corr_p}.
+
+    When n_p ≤ L the shift is exact (v_p is a multiple of 2^n_p, so the rounding half never
+    carries): the group's term is (acc_p − corr_p)·(2^L + σ_p·2^(L−n_p)), one multiply.
+    It fits int32 because CheckOverflow bounds |v_p| + |v_p >> n_p|."""
     sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
     total = bias
     for p, v in corrected.items():
+        if sig[p] and ns[p] <= frac:
+            total = total + v * ((1 << frac) + sig[p] * (1 << (frac - ns[p])))
+            continue
         if frac:
             v = v << frac
         total = total + v
@@ -262,10 +292,55 @@ def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
     return acc
 
 
-def conv2d(op, in_shape, ranges, dot: str):
+def fold_groups(op) -> tuple[str, np.ndarray, int] | None:
+    """One accumulator for all WAPS groups of a conv, when that is exact: (side, a_c, s, perm).
+
+    With n_p ≤ L every group's term is linear, (acc_p − corr_p)·K_p with
+    K_p = 2^L + σ_p·2^(L−n_p) (see merge_groups), and K_p = a_p·2^s for
+    s = L − max{n_p : σ_p ≠ 0}. So Σ_p K_p·(acc_p − corr_p) = 2^s·(acc′ − corr′), where acc′
+    is the plain conv with every input channel c scaled by a_c = a_{g(c)}: on the weights
+    (side 'w') when w·a_c still fits int8, else on the codes (side 'x') when in_qmax·a_c and
+    z_in·a_c fit uint8 (A4 codes: 15·17 = 255). None when neither fits, some n_p > L, or the
+    scaled u8×s8 sum could leave int32. The groups need not be contiguous any more, so a
+    folded gather (``in_index``, a permutation) moves into the weights: ``perm`` is its
+    inverse, and channel c of the weights and of a_c is taken from perm[c]."""
+    a = op.attrs
+    if "groups" not in op.params:
+        return None
+    sig, ns, frac = a["sigma"], a["n"], a.get("frac", 0)
+    if any(sg and n > frac for sg, n in zip(sig, ns)):
+        return None
+    shift = frac - max([n for sg, n in zip(sig, ns) if sg] or [0])
+    ap = np.array([((1 << frac) + sg * (1 << (frac - n)) if sg else 1 << frac) >> shift
+                   for sg, n in zip(sig, ns)], np.int64)
+    per_c = ap[op.params["groups"]]
+    mass = (np.abs(op.params["w"].astype(np.int64)).sum(axis=(2, 3)) * per_c[None, :]).sum(1)
+    if int(mass.max()) * int(a["in_qmax"]) > 2**31 - 1:
+        return None
+    w = op.params["w"].astype(np.int64) * per_c[None, :, None, None]
+    if w.min() >= -128 and w.max() <= 127:
+        side = "w"
+    elif int(a["in_qmax"]) * int(per_c.max()) <= 255 and int(a["z_in"]) * int(per_c.max()) <= 255:
+        side = "x"
+    else:
+        return None
+    return side, per_c, shift, _inverse(op.params.get("in_index"))
+
+
+def _inverse(index) -> np.ndarray | None:
+    """The inverse of a channel permutation (None if ``index`` is absent or not one)."""
+    if index is None or not np.array_equal(np.sort(index), np.arange(index.size)):
+        return None
+    return np.argsort(index)
+
+
+def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
     """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
-    (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16]) (tables padded to M16) →
-    out [N, OH, OW, M16]. ``in_shape`` is logical (NCHW)."""
+    (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16] [, x_scale [C4] uint8]
+    [, in_index [C] int32]) (tables padded to M16) → out [N, OH, OW, M16]. ``in_shape`` is
+    logical (NCHW). With ``fold`` (fold_groups) there is one group over all channels, corr
+    has one row, the merge is bias + (acc − corr)·2^s, and side 'x' scales the codes while
+    packing them; an ``in_index`` param (a folded gather) is applied while packing too."""
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
     a = op.attrs
@@ -273,13 +348,25 @@ def conv2d(op, in_shape, ranges, dot: str):
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
+    merge = a
+    if fold is not None:
+        ranges, merge = [(0, c)], {"frac": fold[2]}
     g = len(ranges)
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
     B = te.placeholder((m16,), I32, "bias")
     M, R, S = te.placeholder((m16,), I32, "mult"), *(te.placeholder((m16,), I64, nm) for nm in ("round", "shift"))
     C = te.placeholder((g, m16), I32, "corr")
-    xp = _pack(X, a, c4)
+    extra, scale, index = [], None, None
+    if fold is not None and fold[0] == "x":
+        scale = te.placeholder((c4,), "uint8", "x_scale")
+        extra.append(scale)
+    if "in_index" in op.params and (fold is None or fold[3] is None):
+        index = te.placeholder((c,), I32, "in_index")
+        extra.append(index)
+    pointwise = kh == kw == 1 and ph == pw == 0
+    xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1))
+    stride = (1, 1) if pointwise and xp is not X else (sh, sw)      # a pointwise pack is subsampled
     accs = {}
     for p, (c0, c1) in enumerate(ranges):
         if c1 == c0:
@@ -288,26 +375,39 @@ def conv2d(op, in_shape, ranges, dot: str):
         ico = te.reduce_axis((0, i1 - i0), f"ico{p}")
         ry, rx = te.reduce_axis((0, kh), f"ry{p}"), te.reduce_axis((0, kw), f"rx{p}")
         ici = te.reduce_axis((0, 4), f"ici{p}")
-        accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, (sh, sw), (dh, dw)),
+        accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw)),
                              name=f"acc{p}")
     def epilogue(b, i, j, k):
-        total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, a)
+        total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, merge)
         return _requant(total, k, M, R, S, a, op.dtype)
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
-    func = te.create_prim_func([X, W, B, M, R, S, C, out])
+    func = te.create_prim_func([X, W, B, M, R, S, C, *extra, out])
     sch = _schedule(func)
-    if xp is not X:
+    # a pointwise conv packs (scales, gathers) each input row inside the row loop that uses it
+    # (one parallel region instead of two); other packs are a parallel pass of their own
+    row_pack = xp is not X and pointwise
+    if xp is not X and not row_pack:
         _parallel_vectorize(sch, "pack", 2)
     reg_n, oc_blk = _pick_block(ow, m16 // 16)
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     koo, koi, ki = sch.split(k_, [None, oc_blk, 16])
     jo, ji = sch.split(j_, [None, reg_n])
-    sch.reorder(b_, koo, i_, jo, koi, ji, ki)
-    sch.parallel(sch.fuse(b_, koo, i_))
+    if row_pack:
+        sch.reorder(b_, i_, koo, jo, koi, ji, ki)
+        rows = sch.fuse(b_, i_)
+    else:
+        sch.reorder(b_, koo, i_, jo, koi, ji, ki)
+        rows = sch.fuse(b_, koo, i_)
+    sch.parallel(rows)
+    for p in accs:
+        sch.compute_at(sch.get_sblock(f"acc{p}"), jo, preserve_unit_loops=True)
+    if row_pack:
+        pack = sch.get_sblock("pack")
+        sch.compute_at(pack, rows, preserve_unit_loops=True)
+        _vectorize_channels(sch, pack)
     for p in accs:
         blk = sch.get_sblock(f"acc{p}")
-        sch.compute_at(blk, jo, preserve_unit_loops=True)
         loops = sch.get_loops(blk)
         # under jo: b, ko, i, j, ki (spatial, extents 1/oc_blk/1/reg_n/16) then ico, ry, rx, ici
         sb, sko, si, sj, ski, rico, rry, rrx, rici = loops[-9:]

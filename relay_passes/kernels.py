@@ -83,7 +83,7 @@ def _json(attrs: dict) -> str:
 
 # ---------------------------------------------------------------- derived constants
 
-def _fast_plan(op: Op, in_types) -> str | None:
+def fast_plan(op: Op, in_types) -> str | None:
     """Which fast_kernels body a ``fast``-form op gets (None: the split/reference body)."""
     if op.attrs.get("form") != "fast":
         return None
@@ -105,7 +105,7 @@ def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
     """The layout of a fast-form op (relay_passes/program.py): NHWC for the fast kernels, which
     are written for it, and for the layout-free ops that follow them (gather, dequantize, a
     global sum pool, a flatten of 1×1 maps); NCHW for everything else."""
-    plan = _fast_plan(op, in_types)
+    plan = fast_plan(op, in_types)
     if plan in ("conv", "depthwise", "max_pool2d", "quantize") or (plan == "add" and len(in_types[0][0]) == 4):
         return "NHWC"
     if not in_layouts or in_layouts[0] != "NHWC" or len(in_types[0][0]) != 4:
@@ -121,12 +121,26 @@ def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
 
 
 def _derived(op: Op, in_types) -> list[np.ndarray]:
-    plan = _fast_plan(op, in_types)
+    plan = fast_plan(op, in_types)
     if plan == "conv":
         m16 = -(-op.params["w"].shape[0] // 16) * 16
-        corr = _corrections(op).astype(np.int32)
-        return [fast.pack_weights(op.params["w"]), *fast.epilogue_tables(op, False, m16),
-                np.pad(corr, ((0, 0), (0, m16 - corr.shape[1])))]
+        fold = fast.fold_groups(op)
+        w, extra = op.params["w"], []
+        if fold is None:
+            corr = _corrections(op)
+        else:                                   # one accumulator: channel c scaled by a_c
+            side, a_c, _, perm = fold
+            if perm is not None:                # the folded gather moves into the weights
+                w, a_c = w[:, perm], a_c[perm]
+            scaled = w.astype(np.int64) * a_c[None, :, None, None]
+            corr = int(op.attrs["z_in"]) * scaled.reshape(w.shape[0], -1).sum(1)[None, :]
+            if side == "w":
+                w = scaled.astype(np.int8)
+            else:
+                extra = [np.pad(a_c, (0, -(-a_c.size // 4) * 4 - a_c.size)).astype(np.uint8)]
+        corr = corr.astype(np.int32)
+        return [fast.pack_weights(w), *fast.epilogue_tables(op, False, m16),
+                np.pad(corr, ((0, 0), (0, m16 - corr.shape[1]))), *extra]
     if plan == "depthwise":
         corr = _corrections(op).sum(0, keepdims=True).astype(np.int32)
         t = fast.epilogue_tables(op, True)
@@ -189,7 +203,7 @@ def _corrections(op: Op) -> np.ndarray:
 
 def _quantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
-    if _fast_plan(op, in_types):
+    if fast_plan(op, in_types):
         X = te.placeholder(in_types[0][0], "float32", "x")
         nhwc = layout_of(op) == "NHWC"
 
@@ -260,7 +274,7 @@ def _conv_form(op: Op, in_types) -> str:
     groups of an ungrouped conv, else the masked reference (also for 'plain' layers)."""
     form = op.attrs.get("form", "reference")
     if form == "fast":
-        plan = _fast_plan(op, in_types)
+        plan = fast_plan(op, in_types)
         if plan:
             return plan
         form = "split"                                   # a shape the fast kernels do not take
@@ -274,7 +288,10 @@ def _conv_form(op: Op, in_types) -> str:
 def _conv2d(lb, op, xs, P, D, in_types, add_prim):
     form = _conv_form(op, in_types)
     if form in ("conv", "depthwise"):
-        return _conv2d_fast(lb, op, xs, D, in_types, add_prim, form)
+        return _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, form)
+    if "in_index" in op.params:                           # a gather folded into this conv
+        axis = 3 if layout_of(op) == "NHWC" else 1
+        xs = [lb.emit(relax.op.take(xs[0], P["in_index"], axis=axis)), *xs[1:]]
     if form == "fused" and "groups" in op.params:
         return _conv2d_fused(lb, op, xs, P, D, in_types, add_prim)
     in_dtype = in_types[0][1]
@@ -313,7 +330,7 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _linear(lb, op, xs, P, D, in_types, add_prim):
-    if _fast_plan(op, in_types):
+    if fast_plan(op, in_types):
         ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
             [(0, op.params["w"].shape[1])]
         func, shape = fast.linear(op, in_types[0][0], in_types[0][1], ranges)
@@ -343,7 +360,7 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
 
 def _add(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
-    if _fast_plan(op, in_types):
+    if fast_plan(op, in_types):
         shape = physical(in_types[0][0], layout_of(op))
         A = te.placeholder(shape, in_types[0][1], "a")
         B = te.placeholder(shape, in_types[1][1], "b")
@@ -365,7 +382,7 @@ def _add(lb, op, xs, P, D, in_types, add_prim):
 
 def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
-    if _fast_plan(op, in_types):
+    if fast_plan(op, in_types):
         func, shape = fast.max_pool(op, in_types[0][0], in_types[0][1])
         return _call_fast(lb, op, add_prim, func, xs, shape)
     ph, pw = a["padding"]
@@ -408,14 +425,16 @@ def _call_fast(lb, op, add_prim, func, args, shape):
     return lb.emit(relax.call_tir(gv, list(args), relax.TensorType(tuple(shape), op.dtype)))
 
 
-def _conv2d_fast(lb, op, xs, D, in_types, add_prim, plan):
+def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan):
     if plan == "depthwise":
         func, shape = fast.depthwise(op, in_types[0][0])
         return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
     ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
         [(0, op.params["w"].shape[1])]
-    func, shape = fast.conv2d(op, in_types[0][0], ranges, op.attrs.get("dot", "none"))
-    out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
+    fold = fast.fold_groups(op)
+    func, shape = fast.conv2d(op, in_types[0][0], ranges, op.attrs.get("dot", "none"), fold)
+    index = [P["in_index"]] if "in_index" in op.params and (fold is None or fold[3] is None) else []
+    out = _call_fast(lb, op, add_prim, func, [xs[0], *D, *index], shape)
     m = op.params["w"].shape[0]
     if shape[3] != m:                                    # output channels were padded to 16
         out = lb.emit(relax.op.strided_slice(out, [3], [0], [m]))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from relay_passes.kernels import choose_layout, group_ranges
+from relay_passes.kernels import fast_plan, choose_layout, group_ranges
 from relay_passes.program import INPUT, Program, emit, parse
 
 FORMS = ("split", "fused", "fast")
@@ -58,8 +58,27 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
         op.attrs["form"] = form
         report.legalized += 1
     if form == "fast":
+        _fold_gathers(prog)
         _choose_layouts(prog)
     return prog, report
+
+
+def _fold_gathers(prog: Program) -> None:
+    """A gather whose only consumer is a fast conv becomes that conv's ``in_index``: the conv's
+    input packing reads the channels through it, so the gathered map is never written."""
+    users = prog.consumers()
+    folded = set()
+    for g in prog.ops:
+        if g.kind != "gather" or len(users[g.name]) != 1 or g.name in prog.outputs:
+            continue
+        conv = users[g.name][0]
+        in_types = [(prog.shape_of(i), prog.dtype_of(i)) for i in conv.inputs]
+        if conv.kind != "conv2d" or "in_index" in conv.params or fast_plan(conv, in_types) != "conv":
+            continue
+        conv.params["in_index"] = g.params["index"]
+        conv.inputs = list(g.inputs)
+        folded.add(g.name)
+    prog.ops = [o for o in prog.ops if o.name not in folded]
 
 
 def _choose_layouts(prog: Program) -> None:

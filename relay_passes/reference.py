@@ -9,7 +9,8 @@ dequantize   codes → (code − z)·s, float32 arithmetic
 conv2d       acc_p[k] = (Σ_{i∈G_p ∩ convgroup(k)} Σ_kernel w[k,i,·]·(x[i,·] − z_in)) << L, zero
 linear         padding in the real domain (pad code z_in), L = attribute ``frac`` (fractional
              accumulator bits); acc = Σ_p (acc_p + σ_p·shift(acc_p, n_p)) + bias;
-             out = clip(requant(acc, M, s) + z_out, lo, hi)
+             out = clip(requant(acc, M, s) + z_out, lo, hi); a conv with an ``in_index``
+             param (a gather folded in by LegalizeWAPS, fast form) reads x[:, in_index]
 add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo, hi)
 max_pool2d   window max of codes (padding never wins)
 sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
@@ -93,6 +94,8 @@ def _group_accumulators(op: Op, x: np.ndarray) -> list[np.ndarray]:
 
 def _layer(op: Op, x):
     a = op.attrs
+    if "in_index" in op.params:
+        x = np.take(x, op.params["in_index"], axis=1)
     accs = _group_accumulators(op, x)
     total = np.zeros_like(accs[0])
     sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)

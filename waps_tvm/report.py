@@ -40,7 +40,9 @@ def build(program, placement: list[dict], target: str) -> dict:
                "reason": place.get("reason", ""), "shape": list(op.shape), "macs": _macs(program, op),
                "in_channels": _in_channels(op),
                "group_sizes": [], "sigma": [], "n": [], "frac_bits": a.get("frac", 0),
-               "gathered": any(program[i].kind == "gather" for i in op.inputs if i != "input")}
+               "gather_folded": "in_index" in op.params,     # fast form: read through the index
+               "gathered": "in_index" in op.params
+                           or any(program[i].kind == "gather" for i in op.inputs if i != "input")}
         if "groups" in op.params:
             labels = op.params["groups"]
             row["group_sizes"] = [int((labels == p).sum()) for p in range(len(a["sigma"]))]
@@ -73,7 +75,7 @@ def _in_channels(op) -> int:
 def _totals(rows: list[dict]) -> dict:
     t = {"ops": len(rows), "macs": sum(r["macs"] for r in rows),
          "waps_layers": sum(1 for r in rows if len(r["group_sizes"]) > 1),
-         "gathers": sum(1 for r in rows if r["kind"] == "gather"),
+         "gathers": sum(1 for r in rows if r["kind"] == "gather" or r.get("gather_folded")),
          "by_target": {}}
     for r in rows:
         t["by_target"][r["target"]] = t["by_target"].get(r["target"], 0) + 1

@@ -1,0 +1,70 @@
+"""Fast-form kernels: the exact folds (WAPS groups into one accumulator, gathers into the
+conv that reads them) against the NumPy reference, on each side of their conditions."""
+import copy
+
+import numpy as np
+import pytest
+
+from relay_passes import fast_kernels
+from relay_passes.legalize import legalize_waps
+from relay_passes.permute import permute_channels
+from relay_passes.quantize import quantize_graph
+from tests.compile_helpers import scramble_groups
+from tests.relay_passes.helpers import assert_same
+from waps_tvm.frontend import quant_spec, to_relax
+
+
+@pytest.fixture(scope="module")
+def permuted(tiny_artifact):
+    """TinyResNet (W4A4) with 4-channel scattered groups: fast convs, and a gather before one."""
+    art = scramble_groups(copy.deepcopy(tiny_artifact), seed=7, tile=4)
+    return permute_channels(quantize_graph(to_relax(art, 2), quant_spec(art)))[0]
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(11).normal(size=(2, 1, 16, 16)).astype("float32")
+
+
+def _waps_convs(prog):
+    return [o for o in prog.ops if o.kind == "conv2d" and "groups" in o.params and o.attrs["conv_groups"] == 1]
+
+
+def _clip_weights(prog):                     # |w| ≤ 7: w·17 fits int8, the fold goes on the weights
+    for o in _waps_convs(prog):
+        o.params["w"] = np.clip(o.params["w"], -7, 7).astype(np.int8)
+
+
+def _shift_beyond_frac(prog):                # n_p > L: the shift rounds, no fold is exact
+    for o in _waps_convs(prog):
+        o.attrs["n"] = [o.attrs["frac"] + 1 if s else n for s, n in zip(o.attrs["sigma"], o.attrs["n"])]
+
+
+@pytest.mark.parametrize("side, change", [("x", None), ("w", _clip_weights), (None, _shift_beyond_frac)])
+def test_group_fold_is_exact_on_each_side(permuted, x, side, change):
+    prog = permuted.copy()
+    if change:
+        change(prog)
+    prog, _ = legalize_waps(prog, "fast", fast_kernels.host_dot())
+    convs = _waps_convs(prog)
+    assert convs and all(o.attrs.get("layout") == "NHWC" for o in convs)       # all took the fast kernel
+    folds = [fast_kernels.fold_groups(o) for o in convs]
+    sides = {f[0] if f else None for f in folds}
+    assert sides == {side} if side != "x" else "x" in sides and None not in sides   # as-calibrated W4: mixed
+    # the gathers in front of fast convs are gone: read through the weights (fold) or the packing
+    assert not any(o.kind == "gather" and o.attrs.get("layout") == "NHWC"
+                   and any(c.inputs == [o.name] for c in convs) for o in prog.ops)
+    folded = [(o, f) for o, f in zip(convs, folds) if "in_index" in o.params]
+    assert folded and all((f is not None and f[3] is not None) == (side is not None) for _, f in folded)
+    assert_same(prog, x)
+
+
+def test_fold_rejects_sums_that_could_leave_int32(permuted):
+    op = copy.deepcopy(_waps_convs(permuted)[0])
+    op.params["w"] = np.full_like(op.params["w"], -8)
+    op.attrs["in_qmax"] = 15
+    assert fast_kernels.fold_groups(op) is not None
+    op.params["w"] = np.full((1, 2**21, 1, 1), -8, np.int8)            # 2^21 · 8 · 17 · 15 > 2^31
+    op.params["groups"] = np.zeros(2**21, np.int8)
+    op.attrs["sigma"], op.attrs["n"] = [1], [4]
+    assert fast_kernels.fold_groups(op) is None
