@@ -277,10 +277,21 @@ def merge_groups(bias, corrected: dict, a: dict):
     return total
 
 
-def _requant(total, k, M, R, S, a, dtype):
+def _requant(total, k, M, R, S, a, dtype, narrow: bool = False):
+    """clip(((total·M + 2^(S−1)) >> S) + z_out, lo, hi) of an int32 ``total``. ``narrow`` (every
+    S ≥ 31, i.e. every shift ≥ 0): the shifted value fits int32 (|total·M| < 2^62), so it is
+    clamped to [lo − z_out, hi − z_out] in int32 lanes before adding z_out: the same value."""
     t = (total.astype(I64) * M[k].astype(I64) + R[k]) >> S[k]     # i32×i32→i64: one vpmuldq
-    t = t + const(a["z_out"], I64)
+    z = a["z_out"]
+    if narrow:
+        t = tvm.tirx.max(tvm.tirx.min(t.astype(I32), const(a["hi"] - z, I32)), const(a["lo"] - z, I32))
+        return (t + const(z, I32)).astype(dtype)
+    t = t + const(z, I64)
     return tvm.tirx.max(tvm.tirx.min(t, const(a["hi"], I64)), const(a["lo"], I64)).astype(dtype)
+
+
+def _narrow(op) -> bool:
+    return int(op.params["shift"].min()) >= 0
 
 
 def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
@@ -379,7 +390,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
                              name=f"acc{p}")
     def epilogue(b, i, j, k):
         total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, merge)
-        return _requant(total, k, M, R, S, a, op.dtype)
+        return _requant(total, k, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
     func = te.create_prim_func([X, W, B, M, R, S, C, *extra, out])
@@ -426,11 +437,21 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
     return _finish(sch), (n, oh, ow, m16)
 
 
+def depthwise_factors(op) -> np.ndarray | None:
+    """K_k = 2^L + σ_k·2^(L−n_k) (int32 [C]) when every channel's shift is exact (σ_k = 0 or
+    n_k ≤ L, see merge_groups): the merge is then bias + (acc − corr)·K_k. None otherwise."""
+    sig, n = epilogue_tables(op, True)[4:]
+    frac = op.attrs.get("frac", 0)
+    if np.any((sig != 0) & (n > frac)):
+        return None
+    return ((1 << frac) + sig.astype(np.int64) * (np.int64(1) << np.maximum(frac - n, 0))).astype(np.int32)
+
+
 def depthwise(op, in_shape):
     """(PrimFunc, output shape) of a depthwise conv; arguments (x [N, H, W, C], w [KH, KW, C],
-    bias, M, R, S, corr[1, C] (summed over groups), σ_k, n_k) → [N, OH, OW, C]. The window is
-    read through the padding (no packed copy); each 16-channel tile of an output pixel is
-    accumulated in registers and requantized in place."""
+    bias, M, R, S, corr[1, C] (summed over groups), then K_k (depthwise_factors) or σ_k, n_k)
+    → [N, OH, OW, C]. The window is read through the padding (no packed copy); each
+    16-channel tile of an output pixel is accumulated in registers and requantized in place."""
     n, c, h, w_ = in_shape
     kh, kw = op.params["w"].shape[2:]
     a = op.attrs
@@ -442,7 +463,11 @@ def depthwise(op, in_shape):
     B = te.placeholder((c,), I32, "bias")
     M, R, S = te.placeholder((c,), I32, "mult"), *(te.placeholder((c,), I64, nm) for nm in ("round", "shift"))
     C = te.placeholder((1, c), I32, "corr")
-    SG, NS = te.placeholder((c,), I32, "sig"), te.placeholder((c,), I32, "n")
+    linear = depthwise_factors(op) is not None
+    if linear:
+        tables = [te.placeholder((c,), I32, "k_factor")]
+    else:
+        tables = [te.placeholder((c,), I32, "sig"), te.placeholder((c,), I32, "n")]
     xv = _window_value(X, a, c)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     acc = te.compute((n, oh, ow, c), lambda b, i, j, k: te.sum(
@@ -452,13 +477,16 @@ def depthwise(op, in_shape):
 
     def epilogue(b, i, j, k):
         v = acc[b, i, j, k] - C[0, k]
+        if linear:
+            return _requant(B[k] + v * tables[0][k], k, M, R, S, a, op.dtype, _narrow(op))
+        SG, NS = tables
         if frac:
             v = v << frac
         s = (v + (const(1, I32) << (NS[k] - 1))) >> NS[k]
-        return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype)
+        return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, oh, ow, c), epilogue, name="out")
-    sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, SG, NS, out]))
+    sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, *tables, out]))
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b_, i_))
     lanes = next(v for v in (16, 8, 4, 2, 1) if c % v == 0)
@@ -486,6 +514,22 @@ def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
     out = te.compute(out_shape, tensor_fn, name="out")
     sch = _schedule(te.create_prim_func([*inputs, out]))
     _parallel_vectorize(sch, "out", max(1, len(out_shape) - 1))
+    return _finish(sch)
+
+
+def to_nhwc(name: str, tensor_fn, inputs, out_shape, out_dtype: str):
+    """A kernel writing NHWC ``out[b, i, j, k] = tensor_fn(b, i, j, k)`` from NCHW inputs (the
+    quantize of the float input): parallel over rows, vectorized along W (contiguous reads),
+    channels unrolled."""
+    out = te.compute(out_shape, tensor_fn, name="out")
+    sch = _schedule(te.create_prim_func([*inputs, out]))
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b_, i_))
+    lanes = next(v for v in (16, 8, 4, 2, 1) if out_shape[2] % v == 0)
+    jo, ji = sch.split(j_, [None, lanes])
+    sch.reorder(jo, k_, ji)
+    sch.unroll(k_)
+    sch.vectorize(ji)
     return _finish(sch)
 
 

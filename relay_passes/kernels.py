@@ -144,7 +144,8 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
     if plan == "depthwise":
         corr = _corrections(op).sum(0, keepdims=True).astype(np.int32)
         t = fast.epilogue_tables(op, True)
-        return [fast.pack_depthwise(op.params["w"]), *t[:4], corr, *t[4:]]
+        k = fast.depthwise_factors(op)
+        return [fast.pack_depthwise(op.params["w"]), *t[:4], corr, *([k] if k is not None else t[4:])]
     if plan == "linear":
         m = op.params["w"].shape[0]
         m16 = -(-m // 16) * 16
@@ -214,7 +215,8 @@ def _quantize(lb, op, xs, P, D, in_types, add_prim):
             v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a["qmax"], "float32")), tvm.tirx.const(0, "float32"))
             return v.astype(op.dtype)
         shape = physical(in_types[0][0], layout_of(op))
-        return _call_fast(lb, op, add_prim, fast.elementwise("q", q, [X], shape, op.dtype), xs, shape)
+        kernel = fast.to_nhwc if nhwc else fast.elementwise
+        return _call_fast(lb, op, add_prim, kernel("q", q, [X], shape, op.dtype), xs, shape)
     x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
     q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
     q = relax.op.add(q, _c(a["zero_point"], "float32"))

@@ -18,7 +18,11 @@ from waps_tvm.frontend import quant_spec, to_relax
 def permuted(tiny_artifact):
     """TinyResNet (W4A4) with 4-channel scattered groups: fast convs, and a gather before one."""
     art = scramble_groups(copy.deepcopy(tiny_artifact), seed=7, tile=4)
-    return permute_channels(quantize_graph(to_relax(art, 2), quant_spec(art)))[0]
+    prog = permute_channels(quantize_graph(to_relax(art, 2), quant_spec(art)))[0]
+    for o in _depthwise(prog):                  # WAPS on the depthwise conv too: a group per channel
+        o.params["groups"] = (np.arange(o.params["w"].shape[0]) % 3).astype(np.int8)
+        o.attrs["sigma"], o.attrs["n"] = [0, -1, 1], [4, 4, 4]
+    return prog
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,13 @@ def _clip_weights(prog):                     # |w| ≤ 7: w·17 fits int8, the f
 
 
 def _shift_beyond_frac(prog):                # n_p > L: the shift rounds, no fold is exact
-    for o in _waps_convs(prog):
+    for o in _waps_convs(prog) + _depthwise(prog):
         o.attrs["n"] = [o.attrs["frac"] + 1 if s else n for s, n in zip(o.attrs["sigma"], o.attrs["n"])]
+
+
+def _depthwise(prog):
+    return [o for o in prog.ops if o.kind == "conv2d"
+            and o.attrs["conv_groups"] == o.params["w"].shape[0] > 1 and o.params["w"].shape[1] == 1]
 
 
 @pytest.mark.parametrize("side, change", [("x", None), ("w", _clip_weights), (None, _shift_beyond_frac)])
@@ -54,6 +63,9 @@ def test_group_fold_is_exact_on_each_side(permuted, x, side, change):
     # the gathers in front of fast convs are gone: read through the weights (fold) or the packing
     assert not any(o.kind == "gather" and o.attrs.get("layout") == "NHWC"
                    and any(c.inputs == [o.name] for c in convs) for o in prog.ops)
+    # depthwise: one multiply per channel (K_k) exactly when the per-channel fold is
+    dws = _depthwise(prog)
+    assert dws and all((fast_kernels.depthwise_factors(o) is None) == (side is None) for o in dws)
     folded = [(o, f) for o, f in zip(convs, folds) if "in_index" in o.params]
     assert folded and all((f is not None and f[3] is not None) == (side is not None) for _, f in folded)
     assert_same(prog, x)
