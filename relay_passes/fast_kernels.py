@@ -303,7 +303,7 @@ def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
     return acc
 
 
-def fold_groups(op) -> tuple[str, np.ndarray, int] | None:
+def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     """One accumulator for all WAPS groups of a conv, when that is exact: (side, a_c, s, perm).
 
     With n_p ≤ L every group's term is linear, (acc_p − corr_p)·K_p with

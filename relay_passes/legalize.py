@@ -64,8 +64,9 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
 
 
 def _fold_gathers(prog: Program) -> None:
-    """A gather whose only consumer is a fast conv becomes that conv's ``in_index``: the conv's
-    input packing reads the channels through it, so the gathered map is never written."""
+    """A gather whose only consumer is a fast conv becomes that conv's ``in_index``: the gathered
+    map is never written. The kernel permutes its weights instead when its groups fold
+    (fast_kernels.fold_groups), else its input packing reads the channels through the index."""
     users = prog.consumers()
     folded = set()
     for g in prog.ops:
