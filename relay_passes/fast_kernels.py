@@ -79,6 +79,21 @@ def _register_vnni() -> None:
     TensorIntrin.register(VNNI, desc, impl)
 
 
+TVM_VNNI = "dot_16x4_vnni"
+
+
+def alias_tvm_vnni() -> None:
+    """Make TVM's own intrinsic name 'dot_16x4_vnni' — the one meta-schedule's VNNI rule
+    tensorizes with, and that tuning records name — mean the verified implementation above.
+    TVM's version does not build with LLVM 22, so without this every VNNI candidate of a
+    search fails, and a records folder holding such candidates cannot even be read. Imports
+    TVM's x86 intrinsics first (about 20 s), so that their own registration cannot collide."""
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401 (registers TVM's versions)
+    from tvm.s_tir import TensorIntrin
+    ours = TensorIntrin.get(VNNI)
+    TensorIntrin.register(TVM_VNNI, ours.desc, ours.impl, override=True)
+
+
 def host_dot() -> str:
     """'vnni' when this machine's CPU has AVX-512 VNNI (and TVM's LLVM knows it), else 'none'."""
     try:

@@ -327,7 +327,9 @@ def _tune(args) -> int:
     s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet)
     print(f"tuned {s['kernels']} kernels with {s['trials']} trials in {s['seconds']:.0f} s → {args.work_dir}: "
           f"sum of kernel times {s['default_ms']:.3f} ms (default schedules) → {s['best_ms']:.3f} ms (best records); "
-          f"{s['searched']} kernels searched (meta-schedule's rules fail on the others), {s['improved']} improved")
+          f"{s['searched']} kernels searched"
+          + (f" (meta-schedule's rules fail on the other {s['kernels'] - s['searched']})"
+             if s["searched"] < s["kernels"] else "") + f", {s['improved']} improved")
     return 0
 
 

@@ -86,6 +86,7 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
         raise ConfigError(f"--work-dir {work}: {e.strerror or e}") from None
     os.environ.setdefault("TVM_NUM_THREADS", str(_cores()))      # the runner's workers use every core too
     t0 = time.perf_counter()
+    fast_kernels.alias_tvm_vnni()              # meta-schedule's VNNI candidates: our intrinsic
     with fast_kernels.collect() as pairs:
         lower_artifact(art, batch, "fast", target="llvm")
     unique = {}
@@ -183,6 +184,7 @@ def load_records(work_dir: str | os.PathLike, art, batch: int, target: str):
         raise ConfigError(f"--tuning-records {work}: not a folder written by 'waps-tvm tune'")
     target_ms = ms_target(target)
     _check_info(work / INFO, target_ms)
+    fast_kernels.alias_tvm_vnni()              # records may name it (tune searched with it)
     try:
         db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
     except Exception as e:  # noqa: BLE001 (TVM raises several types for a bad JSON file)

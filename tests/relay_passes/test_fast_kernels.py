@@ -80,3 +80,14 @@ def test_fold_rejects_sums_that_could_leave_int32(permuted):
     op.params["groups"] = np.zeros(2**21, np.int8)
     op.attrs["sigma"], op.attrs["n"] = [1], [4]
     assert fast_kernels.fold_groups(op) is None
+
+
+def test_tvm_vnni_name_builds_exactly_after_alias(permuted, x, monkeypatch):
+    """meta-schedule's VNNI rule and its records use TVM's name 'dot_16x4_vnni', whose own body
+    does not build with LLVM 22; after alias_tvm_vnni it is ours: it builds, bit-exact."""
+    if fast_kernels.host_dot() != "vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    fast_kernels.alias_tvm_vnni()
+    monkeypatch.setattr(fast_kernels, "VNNI", fast_kernels.TVM_VNNI)
+    prog, _ = legalize_waps(permuted.copy(), "fast", "vnni")
+    assert_same(prog, x)
