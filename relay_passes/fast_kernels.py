@@ -119,7 +119,7 @@ def conv_fits(op, in_dtype: str, ranges) -> bool:
 def pack_weights(w: np.ndarray) -> np.ndarray:
     """[M, C, KH, KW] int8 → [M16/16, C4/4, KH, KW, 16, 4] (zero rows/columns pad M and C)."""
     m, c, kh, kw = w.shape
-    m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
+    m16, c4 = round_up(m, 16), round_up(c, 4)
     wp = np.zeros((m16, c4, kh, kw), np.int8)
     wp[:m, :c] = w
     return np.ascontiguousarray(wp.reshape(m16 // 16, 16, c4 // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3))
@@ -130,24 +130,29 @@ def pack_depthwise(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))
 
 
+def round_up(v: int, k: int) -> int:
+    return -(-v // k) * k
+
+
 def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> list[np.ndarray]:
     """Flat per-channel constants: bias, M (int32 [M]), 2^(S−1), S (int64 [M]); zero-padded to
-    ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M])."""
+    ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M], channel_groups)."""
     s = 31 + op.params["shift"].astype(np.int64)
     out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int32), np.int64(1) << (s - 1), s]
     if pad_to:
         out = [np.pad(t, (0, pad_to - t.size)) for t in out]
     if per_channel_groups:
-        a = op.attrs
-        m = op.params["w"].shape[0]
-        if "groups" in op.params:
-            g = op.params["groups"].astype(np.int64)
-            sig = np.asarray(a["sigma"], np.int32)[g]
-            n = np.maximum(np.asarray(a["n"], np.int32)[g], 1)
-        else:
-            sig, n = np.zeros(m, np.int32), np.ones(m, np.int32)
-        out += [sig, n]
+        out += list(channel_groups(op))
     return out
+
+
+def channel_groups(op) -> tuple[np.ndarray, np.ndarray]:
+    """σ_k, n_k (int32 [M]) of a depthwise layer, whose WAPS groups are one per channel."""
+    m = op.params["w"].shape[0]
+    if "groups" not in op.params:
+        return np.zeros(m, np.int32), np.ones(m, np.int32)
+    g = op.params["groups"].astype(np.int64)
+    return np.asarray(op.attrs["sigma"], np.int32)[g], np.maximum(np.asarray(op.attrs["n"], np.int32)[g], 1)
 
 
 # ---------------------------------------------------------------- schedules
@@ -373,7 +378,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
     (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    m16, c4 = -(-m // 16) * 16, -(-c // 4) * 4
+    m16, c4 = round_up(m, 16), round_up(c, 4)
     merge = a
     if fold is not None:
         ranges, merge = [(0, c)], {"frac": fold[2]}
@@ -455,7 +460,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
 def depthwise_factors(op) -> np.ndarray | None:
     """K_k = 2^L + σ_k·2^(L−n_k) (int32 [C]) when every channel's shift is exact (σ_k = 0 or
     n_k ≤ L, see merge_groups): the merge is then bias + (acc − corr)·K_k. None otherwise."""
-    sig, n = epilogue_tables(op, True)[4:]
+    sig, n = channel_groups(op)
     frac = op.attrs.get("frac", 0)
     if np.any((sig != 0) & (n > frac)):
         return None
@@ -597,7 +602,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
     (x [N, C], wT [C, M16] int8, bias, M, R, S, corr [g, M16]) → [N, M16] (M rounded up to 16,
     tables zero-padded). Vectorized over 16 outputs."""
     n, c = in_shape
-    m = -(-op.params["w"].shape[0] // 16) * 16
+    m = round_up(op.params["w"].shape[0], 16)
     a = op.attrs
     X = te.placeholder((n, c), in_dtype, "x")
     W = te.placeholder((c, m), "int8", "wt")

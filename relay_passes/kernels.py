@@ -123,7 +123,7 @@ def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
 def _derived(op: Op, in_types) -> list[np.ndarray]:
     plan = fast_plan(op, in_types)
     if plan == "conv":
-        m16 = -(-op.params["w"].shape[0] // 16) * 16
+        m16 = fast.round_up(op.params["w"].shape[0], 16)
         fold = fast.fold_groups(op)
         w, extra = op.params["w"], []
         if fold is None:
@@ -137,18 +137,18 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
             if side == "w":
                 w = scaled.astype(np.int8)
             else:
-                extra = [np.pad(a_c, (0, -(-a_c.size // 4) * 4 - a_c.size)).astype(np.uint8)]
+                extra = [np.pad(a_c, (0, fast.round_up(a_c.size, 4) - a_c.size)).astype(np.uint8)]
         corr = corr.astype(np.int32)
         return [fast.pack_weights(w), *fast.epilogue_tables(op, False, m16),
                 np.pad(corr, ((0, 0), (0, m16 - corr.shape[1]))), *extra]
     if plan == "depthwise":
         corr = _corrections(op).sum(0, keepdims=True).astype(np.int32)
-        t = fast.epilogue_tables(op, True)
         k = fast.depthwise_factors(op)
-        return [fast.pack_depthwise(op.params["w"]), *t[:4], corr, *([k] if k is not None else t[4:])]
+        tables = fast.epilogue_tables(op, k is None)            # σ_k, n_k only where K_k does not apply
+        return [fast.pack_depthwise(op.params["w"]), *tables[:4], corr, *([k] if k is not None else tables[4:])]
     if plan == "linear":
         m = op.params["w"].shape[0]
-        m16 = -(-m // 16) * 16
+        m16 = fast.round_up(m, 16)
         wt = np.pad(op.params["w"].T, ((0, 0), (0, m16 - m)))
         corr = np.pad(_corrections(op).astype(np.int32), ((0, 0), (0, m16 - m)))
         return [np.ascontiguousarray(wt), *fast.epilogue_tables(op, False, m16), corr]
