@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=50)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    from waps_tvm.runner import use_all_cores
+    use_all_cores()
     CACHE.mkdir(exist_ok=True)
     rows = []
     for name in args.models:

@@ -13,7 +13,7 @@ torchvision ResNet-18 and MobileNetV2 at 224×224 (random weights: latency only;
 model gets WAPS groups of whole 16-channel tiles at random, which is what calibration
 produces structurally). Writes bench/results/cpu_ort.json, cpu_ort.md and cpu_ort.png.
 
-    python -m bench.cpu_ort [--models ...] [--repeat 100]
+    python -m bench.cpu_ort [--models ...] [--repeat 100] [--rounds 10]
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent / ".cache"
 BENCH = ("fashion_resnet", "fashion_mobilenetv2")
 TORCHVISION = ("resnet18", "mobilenet_v2")
-
-
-def _time(fn, repeat: int) -> float:
-    from bench.cpu import _time as median_ms
-    return median_ms(fn, repeat, warmup=max(3, repeat // 10))
 
 
 def model_and_artifact(name: str):
@@ -105,7 +101,8 @@ def ort_sessions(model, x_calib: torch.Tensor, folder: Path):
             ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"]))
 
 
-def tvm_ms(art, form: str, x: np.ndarray, repeat: int) -> tuple[float, dict]:
+def tvm_call(art, form: str, x: np.ndarray) -> tuple[object, dict]:
+    """(a call of the compiled model on ``x``, its facts: gathers, WAPS layers, bit-exact)."""
     import tvm
 
     from relay_passes import reference
@@ -116,41 +113,45 @@ def tvm_ms(art, form: str, x: np.ndarray, repeat: int) -> tuple[float, dict]:
     codes = vm["main"](xt)[1].numpy()
     exact = bool(np.array_equal(codes, reference.run(low.program, x)[1]))
     info = {"gathers": low.permute.gathers, "waps_layers": low.legalize.legalized, "bit_exact": exact}
-    return _time(lambda: vm["main"](xt), repeat), info
+    return (lambda: vm["main"](xt)), info
 
 
-def measure_reference(name: str, repeat: int) -> dict:
-    """PyTorch fp32 and ONNX Runtime fp32/int8 — before TVM's thread pool exists, whose
-    spinning workers would otherwise steal the cores from them."""
-    model, x_calib, _ = model_and_artifact(name)
-    x = x_calib[:1].numpy()
-    row = {"model": name, "input": list(x.shape)}
-    with torch.no_grad():
-        xt = torch.from_numpy(x)
-        row["pytorch_fp32_ms"] = _time(lambda: model(xt), repeat)
-    with tempfile.TemporaryDirectory() as d:
-        s32, s8 = ort_sessions(model, x_calib, Path(d))
-        row["ort_fp32_ms"] = _time(lambda: s32.run(None, {"input": x}), repeat)
-        row["ort_int8_ms"] = _time(lambda: s8.run(None, {"input": x}), repeat)
-    return row
+def interleaved_ms(calls: dict, repeat: int, rounds: int) -> dict:
+    """Median ms of each call over ``repeat`` timed calls, taken in ``rounds`` alternating
+    blocks (each after two warm-up calls and a 20 ms pause that lets the other engines'
+    spinning threads go idle), so a machine that speeds up or slows down meanwhile moves all
+    of them alike."""
+    from bench.cpu import _time as median_ms
+    samples: dict = {k: [] for k in calls}
+    per = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            time.sleep(0.02)
+            samples[key].append(median_ms(fn, per, warmup=2))
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
-def measure_tvm(row: dict, repeat: int) -> dict:
-    import tvm
-
+def measure(name: str, repeat: int, rounds: int) -> dict:
+    """One model's row: PyTorch fp32, ORT fp32/int8 and the TVM builds, timed interleaved."""
     from bench.cpu import without_groups
     from relay_passes.fast_kernels import host_dot
-    from waps_tvm.runner import use_all_cores
-    use_all_cores(tvm)
-    name = row["model"]
-    _, x_calib, art = model_and_artifact(name)
+    model, x_calib, art = model_and_artifact(name)
     x = x_calib[:1].numpy()
-    row["dot"] = host_dot()
-    row["tvm_fast_ms"], info = tvm_ms(art, "fast", x, repeat)
+    row = {"model": name, "input": list(x.shape), "dot": host_dot()}
+    xt = torch.from_numpy(x)
+    calls = {"pytorch_fp32_ms": lambda: model(xt)}
+    with tempfile.TemporaryDirectory() as d:
+        s32, s8 = ort_sessions(model, x_calib, Path(d))
+    calls["ort_fp32_ms"] = lambda: s32.run(None, {"input": x})
+    calls["ort_int8_ms"] = lambda: s8.run(None, {"input": x})
+    calls["tvm_fast_ms"], info = tvm_call(art, "fast", x)
     row.update(info)
-    row["tvm_fast_nogroups_ms"], _ = tvm_ms(without_groups(art), "fast", x, repeat)
+    calls["tvm_fast_nogroups_ms"], _ = tvm_call(without_groups(art), "fast", x)
+    with torch.no_grad():
+        row.update(interleaved_ms(calls, repeat, rounds))
     if name not in TORCHVISION:                      # TVM's unscheduled default: seconds at 224×224
-        row["tvm_split_ms"], _ = tvm_ms(art, "split", x, max(5, repeat // 5))
+        split, _ = tvm_call(art, "split", x)
+        row["tvm_split_ms"] = interleaved_ms({"s": split}, max(5, repeat // 5), 1)["s"]
     row["fast_vs_ort_int8"] = row["tvm_fast_ms"] / row["ort_int8_ms"]
     row["groups_cost_pct"] = 100 * (row["tvm_fast_ms"] / row["tvm_fast_nogroups_ms"] - 1)
     return row
@@ -158,7 +159,8 @@ def measure_tvm(row: dict, repeat: int) -> dict:
 
 def report(rows: list[dict], meta: dict) -> str:
     lines = [f"# CPU latency against ONNX Runtime int8 ({meta['machine']}, batch 1)", "",
-             f"Median ms over {meta['repeat']} runs in one process; TVM `fast` form = untuned default schedules "
+             f"Median ms over {meta['repeat']} runs in one process, every engine timed in "
+             f"{meta['rounds']} alternating blocks; TVM `fast` form = untuned default schedules "
              f"(inner product: {rows[0]['dot'] if rows else '?'}), {meta['tvm_threads']} threads; ORT "
              f"{meta['onnxruntime']} with {meta['ort_threads']} intra-op threads. `fast/ORT` < 1 means waps-tvm "
              "is faster; `groups` is the WAPS-group cost against the same integer model without groups.", "",
@@ -197,22 +199,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[*TORCHVISION, *BENCH])
     p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=10, help="alternating timing blocks per model")
     args = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count())
     import onnxruntime
     import tvm
+
+    from waps_tvm.runner import use_all_cores
+    use_all_cores()                              # before TVM's thread pool exists
     rows = []
-    cores = len(os.sched_getaffinity(0))        # before TVM's pool pins this thread to one core
     for name in args.models:
-        rows.append(measure_reference(name, args.repeat))
+        rows.append(measure(name, args.repeat, args.rounds))
         print(json.dumps(rows[-1]), flush=True)
-    for row in rows:
-        measure_tvm(row, args.repeat)
-        print(json.dumps(row), flush=True)
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{tvm.target.codegen.llvm_get_system_cpu()}",
             "repeat": args.repeat, "onnxruntime": onnxruntime.__version__, "ort_threads": os.cpu_count(),
-            "tvm_threads": os.environ.get("TVM_NUM_THREADS", str(cores))}
+            "tvm_threads": os.environ["TVM_NUM_THREADS"], "rounds": args.rounds}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_ort.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (RESULTS / "cpu_ort.md").write_text(report(rows, meta))

@@ -39,11 +39,18 @@ from tvm.tirx import const
 
 I32, I64 = "int32", "int64"
 VNNI = "waps_dot_16x4_u8i8i32_vnni"
+# ARM dot product (ARMv8.2-A +dotprod): four ``sdot`` (signed) per 16×4 tile. The codes are
+# uint8 in the description and read as int8 by sdot, so it is exact only for codes ≤ 127;
+# larger codes are packed as u ^ 0x80 (read as u − 128) and the conv's z-correction takes
+# 128·Σw back (see conv_dot).
+SDOT = "waps_dot_16x4_u7i8i32_sdot"
+DOT_INTRIN = {"vnni": VNNI, "sdot": SDOT}
 
 
-def _register_vnni() -> None:
-    """TVM 0.27's own 'dot_16x4_vnni' passes <16 x i32> operands, which LLVM 22's
-    llvm.x86.avx512.vpdpbusd.512 (<64 x i8>) rejects; this is the same intrinsic, typed right."""
+def _register_dots() -> None:
+    """VNNI: TVM 0.27's own 'dot_16x4_vnni' passes <16 x i32> operands, which LLVM 22's
+    llvm.x86.avx512.vpdpbusd.512 (<64 x i8>) rejects; this is the same intrinsic, typed right.
+    SDOT: the same 16×4 description, as four NEON ``sdot`` on 4-lane quarters of the tile."""
     from tvm.s_tir import TensorIntrin        # not tvm.s_tir.tensor_intrin: importing it parses every
     from tvm.script import tirx as T           # target's intrinsics (about a minute on 2 cores)
     try:
@@ -78,6 +85,22 @@ def _register_vnni() -> None:
 
     TensorIntrin.register(VNNI, desc, impl)
 
+    @T.prim_func(s_tir=True)
+    def sdot_impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+                  c: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            a_i32 = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            a_i8 = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
+            for q in T.unroll(4):
+                c[T.ramp(q * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                    c.vload([q * 4], dtype="int32x4"), b.vload([q * 4, 0], dtype="int8x16"), a_i8,
+                    dtype="int32x4")
+
+    TensorIntrin.register(SDOT, desc, sdot_impl)
+
 
 TVM_VNNI = "dot_16x4_vnni"
 
@@ -108,7 +131,11 @@ def host_dot() -> str:
 
 def conv_fits(op, in_dtype: str, ranges) -> bool:
     a = op.attrs
-    if in_dtype != "uint8" or ranges is None:
+    if in_dtype != "uint8":
+        return False
+    if a["conv_groups"] == 1 and fold_groups(op) is not None:
+        return True                         # one accumulator: where the groups end does not matter
+    if ranges is None:
         return False
     if a["conv_groups"] == 1:
         return all(c0 % 4 == 0 and (c1 % 4 == 0 or c1 == op.params["w"].shape[1]) for c0, c1 in ranges if c1 > c0)
@@ -205,14 +232,15 @@ def _finish(sch):
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _pick_block(ow: int, k16: int) -> tuple[int, int]:
-    """(reg_n, oc_blk): at most 16 zmm accumulators, fewest loads per vpdpbusd; reg_n | OW."""
+def _pick_block(ow: int, k16: int, tiles: int) -> tuple[int, int]:
+    """(reg_n, oc_blk): at most ``tiles`` 16-lane accumulators (16 of AVX-512's 32 zmm; 6 of
+    NEON's 32 q registers, 4 each), fewest loads per dot product; reg_n | OW."""
     best = None
     for ob in (1, 2, 3, 4, 6):
         if k16 % ob:
             continue
         for rn in range(1, min(ow, 16) + 1):
-            if ow % rn == 0 and rn * ob <= 16:
+            if ow % rn == 0 and rn * ob <= tiles:
                 score = (ob + rn) / (ob * rn)
                 if best is None or score < best[0]:
                     best = (score, (rn, ob))
@@ -255,13 +283,14 @@ def _vectorize_channels(sch, block) -> None:
     sch.vectorize(ch)
 
 
-def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1)):
+def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = False):
     """NHWC codes → padded [N, Hp, Wp, C4] (channel ch = x[..., index[ch]]·scale[ch] when
-    given); the input itself when there is nothing to pad, scale or gather. Without padding a
-    ``subsample`` (a pointwise conv's stride) keeps only the pixels the conv reads."""
+    given, ^ 0x80 with ``flip``); the input itself when there is nothing to pad, scale, gather
+    or flip. Without padding a ``subsample`` (a pointwise conv's stride) keeps only the pixels
+    the conv reads."""
     n, h, w, c = x.shape
     ph, pw = a["padding"]
-    if ph == pw == 0 and c4 == c and scale is None and index is None:
+    if ph == pw == 0 and c4 == c and scale is None and index is None and not flip:
         return x
     shape = (n, h + 2 * ph, w + 2 * pw, c4)
     if ph == pw == 0 and c4 == c:
@@ -270,9 +299,10 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1)):
         value = lambda b, i, j, ch: x[b, i * sh, j * sw, index[ch] if index is not None else ch]  # noqa: E731
     else:
         value = _window_value(x, a, c, index)
-    if scale is not None:
-        return te.compute(shape, lambda b, i, j, ch: value(b, i, j, ch) * scale[ch], name="pack")
-    return te.compute(shape, value, name="pack")
+    scaled = value if scale is None else (lambda b, i, j, ch: value(b, i, j, ch) * scale[ch])
+    if flip:
+        return te.compute(shape, lambda b, i, j, ch: scaled(b, i, j, ch) ^ const(0x80, "uint8"), name="pack")
+    return te.compute(shape, scaled, name="pack")
 
 
 def merge_groups(bias, corrected: dict, a: dict):
@@ -314,6 +344,11 @@ def _narrow(op) -> bool:
     return int(op.params["shift"].min()) >= 0
 
 
+def _round_shift(shape):
+    """The placeholders of the 2^(S−1) and S tables (int64)."""
+    return te.placeholder(shape, I64, "round"), te.placeholder(shape, I64, "shift")
+
+
 def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
     (sh, sw), (dh, dw) = stride, dilation
 
@@ -351,7 +386,7 @@ def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     w = op.params["w"].astype(np.int64) * per_c[None, :, None, None]
     if w.min() >= -128 and w.max() <= 127:
         side = "w"
-    elif int(a["in_qmax"]) * int(per_c.max()) <= 255 and int(a["z_in"]) * int(per_c.max()) <= 255:
+    elif max(int(a["in_qmax"]), int(a["z_in"])) * int(per_c.max()) <= 255:
         side = "x"
     else:
         return None
@@ -365,13 +400,31 @@ def _inverse(index) -> np.ndarray | None:
     return np.argsort(index)
 
 
-def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
+def conv_dot(op, fold) -> tuple[str, bool]:
+    """(inner product, flip) of an ungrouped fast conv: the op's ``dot`` attribute (LegalizeWAPS),
+    and for 'sdot' whether its packed codes can exceed 127 (in_qmax or z_in, times a_c on the
+    code side of a fold). Then the pack stores u ^ 0x80, which sdot reads as u − 128, so the
+    accumulator is acc − 128·Σw and the z-correction adds 128·Σw back (kernels.py): exact.
+    A flip needs one accumulator (a fold, or no groups); otherwise the conv gets 'none'."""
+    dot = op.attrs.get("dot", "none")
+    if dot != "sdot":
+        return dot, False
+    a = op.attrs
+    top = max(int(a["in_qmax"]), int(a["z_in"])) * (int(fold[1].max()) if fold and fold[0] == "x" else 1)
+    if top <= 127:
+        return dot, False
+    return ("sdot", True) if fold is not None or "groups" not in op.params else ("none", False)
+
+
+def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
     (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16] [, x_scale [C4] uint8]
     [, in_index [C] int32]) (tables padded to M16) → out [N, OH, OW, M16]. ``in_shape`` is
     logical (NCHW). With ``fold`` (fold_groups) there is one group over all channels, corr
     has one row, the merge is bias + (acc − corr)·2^s, and side 'x' scales the codes while
-    packing them; an ``in_index`` param (a folded gather) is applied while packing too."""
+    packing them; an ``in_index`` param (a folded gather) is applied while packing too. The
+    inner product is conv_dot's (a flipped sdot pack stores codes ^ 0x80)."""
+    dot, flip = conv_dot(op, fold)
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
     a = op.attrs
@@ -386,7 +439,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
     B = te.placeholder((m16,), I32, "bias")
-    M, R, S = te.placeholder((m16,), I32, "mult"), *(te.placeholder((m16,), I64, nm) for nm in ("round", "shift"))
+    M, (R, S) = te.placeholder((m16,), I32, "mult"), _round_shift((m16,))
     C = te.placeholder((g, m16), I32, "corr")
     extra, scale, index = [], None, None
     if fold is not None and fold[0] == "x":
@@ -396,7 +449,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
         index = te.placeholder((c,), I32, "in_index")
         extra.append(index)
     pointwise = kh == kw == 1 and ph == pw == 0
-    xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1))
+    xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1), flip)
     stride = (1, 1) if pointwise and xp is not X else (sh, sw)      # a pointwise pack is subsampled
     accs = {}
     for p, (c0, c1) in enumerate(ranges):
@@ -420,7 +473,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
     row_pack = xp is not X and pointwise
     if xp is not X and not row_pack:
         _parallel_vectorize(sch, "pack", 2)
-    reg_n, oc_blk = _pick_block(ow, m16 // 16)
+    reg_n, oc_blk = _pick_block(ow, m16 // 16, 6 if dot == "sdot" else 16)
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     koo, koi, ki = sch.split(k_, [None, oc_blk, 16])
     jo, ji = sch.split(j_, [None, reg_n])
@@ -442,7 +495,7 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
         loops = sch.get_loops(blk)
         # under jo: b, ko, i, j, ki (spatial, extents 1/oc_blk/1/reg_n/16) then ico, ry, rx, ici
         sb, sko, si, sj, ski, rico, rry, rrx, rici = loops[-9:]
-        if dot == "vnni":
+        if dot in DOT_INTRIN:
             sch.reorder(rico, rry, rrx, sko, sj, ski, rici)
         else:
             sch.reorder(rico, rry, rrx, rici, sko, sj, ski)
@@ -451,8 +504,8 @@ def conv2d(op, in_shape, ranges, dot: str, fold: tuple | None = None):
         sch.vectorize(sch.get_loops(init)[-1])
         sch.unroll(sj)
         sch.unroll(sko)
-        if dot == "vnni":
-            sch.tensorize(ski, VNNI)
+        if dot in DOT_INTRIN:
+            sch.tensorize(ski, DOT_INTRIN[dot])
     sch.vectorize(ki)
     return _finish(sch), (n, oh, ow, m16)
 
@@ -481,7 +534,7 @@ def depthwise(op, in_shape):
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((kh, kw, c), "int8", "w")
     B = te.placeholder((c,), I32, "bias")
-    M, R, S = te.placeholder((c,), I32, "mult"), *(te.placeholder((c,), I64, nm) for nm in ("round", "shift"))
+    M, (R, S) = te.placeholder((c,), I32, "mult"), _round_shift((c,))
     C = te.placeholder((1, c), I32, "corr")
     linear = depthwise_factors(op) is not None
     if linear:
@@ -607,7 +660,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
     X = te.placeholder((n, c), in_dtype, "x")
     W = te.placeholder((c, m), "int8", "wt")
     B = te.placeholder((m,), I32, "bias")
-    M, R, S = te.placeholder((m,), I32, "mult"), *(te.placeholder((m,), I64, nm) for nm in ("round", "shift"))
+    M, (R, S) = te.placeholder((m,), I32, "mult"), _round_shift((m,))
     C = te.placeholder((len(ranges), m), I32, "corr")
     accs = {}
     for p, (c0, c1) in enumerate(ranges):
@@ -616,7 +669,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
     def epilogue(i, j):
         return _requant(merge_groups(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, a),
-                        j, M, R, S, a, op.dtype)
+                        j, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, m), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))
@@ -634,4 +687,4 @@ def linear(op, in_shape, in_dtype: str, ranges):
     return _finish(sch), (n, m)
 
 
-_register_vnni()
+_register_dots()

@@ -138,6 +138,8 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
                 w = scaled.astype(np.int8)
             else:
                 extra = [np.pad(a_c, (0, fast.round_up(a_c.size, 4) - a_c.size)).astype(np.uint8)]
+        if fast.conv_dot(op, fold)[1]:           # codes packed as u ^ 0x80: sdot sums w·(u − 128)
+            corr = corr - 128 * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)[None, :]
         corr = corr.astype(np.int32)
         return [fast.pack_weights(w), *fast.epilogue_tables(op, False, m16),
                 np.pad(corr, ((0, 0), (0, m16 - corr.shape[1]))), *extra]
@@ -434,7 +436,7 @@ def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan):
     ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
         [(0, op.params["w"].shape[1])]
     fold = fast.fold_groups(op)
-    func, shape = fast.conv2d(op, in_types[0][0], ranges, op.attrs.get("dot", "none"), fold)
+    func, shape = fast.conv2d(op, in_types[0][0], ranges, fold)
     index = [P["in_index"]] if "in_index" in op.params and (fold is None or fold[3] is None) else []
     out = _call_fast(lb, op, add_prim, func, [xs[0], *D, *index], shape)
     m = op.params["w"].shape[0]

@@ -29,7 +29,8 @@ class LegalizeReport:
 
 
 def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> tuple[Program, LegalizeReport]:
-    """``dot``: the fast form's inner product ('vnni': AVX-512 VNNI vpdpbusd; 'none')."""
+    """``dot``: the fast form's inner product ('vnni': AVX-512 VNNI vpdpbusd; 'sdot': ARM
+    dot product, see fast_kernels.conv_dot; 'none')."""
     if form not in FORMS:
         raise ValueError(f"unknown WAPS form {form!r} (choose from {', '.join(FORMS)})")
     prog = program.copy()

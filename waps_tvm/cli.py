@@ -94,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-q", "--quiet", action="store_true")
 
     k.add_argument("--tuning-records", help="a folder written by 'waps-tvm tune': each kernel is built from its "
-                                            "best record (fast form, llvm)")
+                                            "best record (fast form; llvm, or the cross target it was tuned for)")
 
     t = sub.add_parser("tune", help="meta-schedule search (XGBoost cost model) over a model's kernels")
     t.add_argument("model", help="a .waps artifact")
-    t.add_argument("--target", default="llvm", help="llvm (candidates are measured on this machine)")
+    t.add_argument("--target", default="llvm", help="llvm (candidates are measured on this machine), or aarch64 / a "
+                                                    "JSON llvm dict measured on a board through --rpc")
+    t.add_argument("--rpc", metavar="HOST:PORT", help="the TVM RPC server on the board that a cross target's "
+                                                      "candidates run on (waps-tvm rpc-server [--emulate])")
     t.add_argument("--trials", type=int, default=200, help="search trials over all kernels (default 200)")
     t.add_argument("--work-dir", required=True, help="records folder (meta-schedule JSON database), reused")
     t.add_argument("--batch", type=int, default=1)
@@ -324,12 +327,12 @@ def _tune(args) -> int:
     if not str(args.model).endswith(".waps"):
         raise ConfigError(f"{args.model}: tune takes a .waps artifact (calibrate first)")
     art = api.load_artifact(args.model)
-    s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet)
+    s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet, rpc=args.rpc)
     print(f"tuned {s['kernels']} kernels with {s['trials']} trials in {s['seconds']:.0f} s → {args.work_dir}: "
           f"sum of kernel times {s['default_ms']:.3f} ms (default schedules) → {s['best_ms']:.3f} ms (best records); "
           f"{s['searched']} kernels searched"
           + (f" (meta-schedule's rules fail on the other {s['kernels'] - s['searched']})"
-             if s["searched"] < s["kernels"] else "") + f", {s['improved']} improved")
+             if s["trials"] and s["searched"] < s["kernels"] else "") + f", {s['improved']} improved")
     return 0
 
 

@@ -32,15 +32,23 @@ META_VERSION = 1
 def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permute: bool = True,
                    target: str | CpuTarget = "llvm") -> Lowered:
     """``form``: split | fused | fast (relay_passes/legalize.py); the fast form's inner product
-    is VNNI's vpdpbusd when ``target`` is this machine and its CPU has AVX-512 VNNI."""
+    is chosen for ``target`` by :func:`dot_product`."""
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1 (got {batch})")
     return lower(to_relax(art, batch), quant_spec(art), form, permute, dot_product(target) if form == "fast" else "none")
 
 
 def dot_product(target: str | CpuTarget) -> str:
+    """The fast form's inner product for ``target``: 'vnni' for this machine when its CPU has
+    AVX-512 VNNI, 'sdot' for an aarch64 target whose mattr has "+dotprod" (--target aarch64
+    does), else 'none' (vectorized int32 multiply-adds)."""
     from relay_passes.fast_kernels import host_dot
-    return host_dot() if resolve(target).config == {"kind": "llvm"} else "none"
+    tgt = resolve(target)
+    if tgt.config == {"kind": "llvm"}:
+        return host_dot()
+    mattr = tgt.config.get("mattr", [])
+    mattr = mattr.split(",") if isinstance(mattr, str) else list(mattr)
+    return "sdot" if tgt.arch == "aarch64" and "+dotprod" in mattr else "none"
 
 
 def build(lowered: Lowered, target: str | CpuTarget = "llvm"):

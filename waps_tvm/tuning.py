@@ -25,18 +25,26 @@ from calib.errors import ConfigError
 INFO = "waps-tuning.json"
 
 
-def ms_target(target):
-    """The llvm target that meta-schedule measures on: this machine's CPU and core count."""
+def ms_target(target, cores: int | None = None):
+    """The llvm target that meta-schedule measures on, with its core count: this machine's CPU
+    for 'llvm'; for a cross target (aarch64, a JSON dict) its own dict and ``cores``, the count
+    of the board behind --rpc (or, when loading records, the one they were measured with)."""
     import tvm
 
     from targets.cpu import llvm_target, resolve
     tgt = resolve(target)
-    if tgt.config != {"kind": "llvm"}:
-        raise ConfigError(f"tuning measures candidates on this machine: --target {tgt.name} cannot be tuned here "
-                          "(tune --target llvm)")
-    exported = llvm_target(tgt).export()
-    config = {k: str(exported[k]) for k in ("kind", "mcpu", "mtriple") if k in exported}
-    return tvm.target.Target({**config, "num-cores": _cores()})
+    if tgt.config == {"kind": "llvm"}:
+        exported = llvm_target(tgt).export()
+        config = {k: str(exported[k]) for k in ("kind", "mcpu", "mtriple") if k in exported}
+        return tvm.target.Target({**config, "num-cores": _cores()})
+    if tgt.name in ("c", "npu16"):
+        raise ConfigError(f"--target {tgt.name} has no TVM kernels to tune (tune --target llvm or aarch64)")
+    if not tgt.cross:
+        raise ConfigError(f"--target {tgt.name}: tune this machine with --target llvm")
+    if cores is None:
+        raise ConfigError(f"--target {tgt.name} is tuned on the board itself: pass --rpc HOST:PORT of a TVM RPC "
+                          "server there (waps-tvm rpc-server, or rpc-server --emulate for qemu)")
+    return tvm.target.Target({**tgt.config, "num-cores": int(cores)})
 
 
 def _cores() -> int:
@@ -65,8 +73,74 @@ def _measure(sch, target, repeat: int = 20) -> float:
     return float(np.median(timer(*args).results))
 
 
-def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True) -> dict:
-    """Tune ``art``'s kernels; returns a summary (tasks, trials, seconds, per-task best ms)."""
+def _export_cross(cc: str, mod) -> str:
+    """A built kernel as a shared library linked by the cross gcc ``cc`` (meta-schedule's builder
+    would write a .tar that the board has no compiler to link)."""
+    import tempfile
+    path = os.path.join(tempfile.mkdtemp(prefix="waps-tune-"), "kernel.so")
+    mod.export_library(path, cc=cc)
+    return path
+
+
+def _rpc_session(rpc_config):
+    """meta-schedule's RPC runner without a tracker: the server at --rpc directly (its
+    tracker_host/port carry the address)."""
+    from tvm import rpc
+    return rpc.connect(rpc_config.tracker_host, rpc_config.tracker_port,
+                       session_timeout=rpc_config.session_timeout_sec)
+
+
+def _alloc_remote(session, device, args_info, alloc_repeat):
+    """Random small codes for a kernel's arguments, made here and copied to the board (the TVM
+    runtime there may be built without tvm.contrib.random)."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(alloc_repeat):
+        args = []
+        for info in args_info:
+            arg = ArgInfo.from_json(info)
+            host = rng.integers(0, 3, size=[int(d) for d in arg.shape]).astype(str(arg.dtype))
+            args.append(tvm.runtime.tensor(host, device))
+        out.append(args)
+    return out
+
+
+def _remote_cores(address: str) -> int:
+    """The thread count of the TVM runtime behind ``address``."""
+    from waps_tvm import remote
+    session = remote.connect(address)
+    try:
+        return int(session.get_function("runtime.NumThreads")())
+    finally:
+        del session
+
+
+def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> float:
+    """Seconds per call of a scheduled kernel on the board behind ``address``."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from waps_tvm import remote
+    path = _export_cross(cc, tvm.compile(sch.mod, target=target))
+    session = remote.connect(address)
+    name = f"waps_default_{os.getpid()}_{time.monotonic_ns()}.so"
+    session.upload(path, target=name)
+    lib = session.load_module(name)
+    dev = session.cpu()
+    args = _alloc_remote(session, dev, [a.as_json() for a in ArgInfo.from_prim_func(sch.mod["main"])], 1)[0]
+    timer = lib.time_evaluator(lib.entry_name, dev, number=3, repeat=repeat)
+    secs = float(np.median(timer(*args).results))
+    del lib, session
+    return secs
+
+
+def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True,
+         rpc: str | None = None) -> dict:
+    """Tune ``art``'s kernels; returns a summary (tasks, trials, seconds, per-task best ms).
+    ``target`` 'llvm' measures on this machine; a cross target (aarch64) on the TVM RPC server
+    at ``rpc`` (host:port), each candidate linked by the cross gcc and uploaded."""
     import tvm
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -75,7 +149,13 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
     from waps_tvm.compiler import lower_artifact
     if trials < 0:
         raise ConfigError(f"--trials must be at least 0 (got {trials})")
-    target_ms = ms_target(target)
+    from targets.cpu import export_cc, resolve
+    cross = resolve(target).cross
+    if rpc is not None and not cross:
+        raise ConfigError("--rpc measures a cross target's kernels on its board (tune --target aarch64 --rpc ...); "
+                          "--target llvm is measured on this machine")
+    cc = export_cc(target) if cross else None
+    target_ms = ms_target(target, _remote_cores(rpc) if cross and rpc else None)
     work = Path(work_dir)
     info_path = work / INFO
     if info_path.exists():
@@ -86,9 +166,10 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
         raise ConfigError(f"--work-dir {work}: {e.strerror or e}") from None
     os.environ.setdefault("TVM_NUM_THREADS", str(_cores()))      # the runner's workers use every core too
     t0 = time.perf_counter()
-    fast_kernels.alias_tvm_vnni()              # meta-schedule's VNNI candidates: our intrinsic
+    if not cross:
+        fast_kernels.alias_tvm_vnni()          # meta-schedule's VNNI candidates: our intrinsic
     with fast_kernels.collect() as pairs:
-        lower_artifact(art, batch, "fast", target="llvm")
+        lower_artifact(art, batch, "fast", target=target)
     unique = {}
     for func, sch in pairs:
         unique.setdefault(tvm_ffi.structural_hash(func), (func, sch))
@@ -99,11 +180,11 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
     for h, (func, sch) in unique.items():
         mod = tvm.IRModule({"main": func})
         workload = db.commit_workload(mod)
-        secs = _measure(sch, target_ms)
+        secs = _measure_remote(sch, target_ms, rpc, cc) if cross else _measure(sch, target_ms)
         defaults[h] = secs
         db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, [tvm.runtime.convert(secs)], target_ms, ms.arg_info.ArgInfo.from_prim_func(func)))
-    skipped = len(unique)
+    skipped = 0                                # kernels meta-schedule's rules cannot search
     if trials:
         contexts = [ms.TuneContext(mod=tvm.IRModule({"main": func}), target=target_ms,
                                    space_generator="post-order-apply", search_strategy="evolutionary",
@@ -123,14 +204,27 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
         if progress and not logger.handlers:      # the task scheduler's table after each round
             logger.addHandler(logging.StreamHandler())
     if trials and contexts:
+        evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20)
+        if cross:
+            import functools
+
+            from waps_tvm.remote import parse_address
+            host, port = parse_address(rpc)
+            builder = ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build,
+                                              f_export=functools.partial(_export_cross, cc))
+            runner = ms.runner.RPCRunner(
+                ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",
+                                    session_timeout_sec=300),
+                evaluator, max_workers=1, f_create_session=_rpc_session, f_alloc_argument=_alloc_remote)
+        else:
+            builder = ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build)
+            runner = ms.runner.LocalRunner(evaluator_config=evaluator)
         ms.tune.tune_tasks(
             tasks=contexts, task_weights=[1.0] * len(contexts), work_dir=str(work),
             max_trials_global=trials, num_trials_per_iter=min(16, max(trials, 1)), database=db,
             cost_model=ms.cost_model.XGBModel(num_warmup_samples=min(32, max(trials // 2, 1)),
                                               num_tuning_cores=_cores()),
-            builder=ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build),
-            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1,
-                                                                                    min_repeat_ms=20)))
+            builder=builder, runner=runner)
     best = {}
     improved = 0
     for h, (func, _) in unique.items():
@@ -182,15 +276,21 @@ def load_records(work_dir: str | os.PathLike, art, batch: int, target: str):
     work = Path(work_dir)
     if not (work / INFO).is_file() or not (work / "database_workload.json").is_file():
         raise ConfigError(f"--tuning-records {work}: not a folder written by 'waps-tvm tune'")
-    target_ms = ms_target(target)
+    try:
+        cores = json.loads((work / INFO).read_text())["target"].get("num-cores")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        cores = None                           # _check_info names the problem
+    from targets.cpu import resolve
+    target_ms = ms_target(target, cores if resolve(target).cross else None)
     _check_info(work / INFO, target_ms)
-    fast_kernels.alias_tvm_vnni()              # records may name it (tune searched with it)
+    if not resolve(target).cross:
+        fast_kernels.alias_tvm_vnni()          # records may name it (tune searched with it)
     try:
         db = ms.database.JSONDatabase(work_dir=str(work), allow_missing=False)
     except Exception as e:  # noqa: BLE001 (TVM raises several types for a bad JSON file)
         raise ConfigError(f"--tuning-records {work}: unreadable ({str(e).splitlines()[0] if str(e) else e})") from None
     with fast_kernels.collect() as pairs:
-        lower_artifact(art, batch, "fast", target="llvm")
+        lower_artifact(art, batch, "fast", target=target)
     # tune records every kernel's default schedule before searching, so records made for this
     # model cover all of its kernels
     known = sum(db.has_workload(tvm.IRModule({"main": func})) for func, _ in pairs)

@@ -5,6 +5,7 @@ The runs need scripts/aarch64-emulation.sh (cross gcc, qemu-user, the aarch64 Py
 .aarch64/); without it they fail in CI and are skipped elsewhere."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,22 @@ def test_meta_records_the_target_and_the_library_is_aarch64(builds):
     assert elf[:4] == b"\x7fELF" and int.from_bytes(elf[18:20], "little") == 183   # EM_AARCH64
 
 
+def _sdot_count(lib) -> int:
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        _require(lambda: (_ for _ in ()).throw(runner.RunError("no aarch64-linux-gnu-objdump (binutils)")))
+    text = subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    return sum("\tsdot\t" in line for line in text.splitlines())
+
+
+def test_aarch64_convs_use_the_arm_dot_product(builds):
+    """--target aarch64 has +dotprod: the convs are tensorized with NEON sdot (A4 codes ≤ 127);
+    the Cortex-A53 dict (ARMv8.0, no dot product) gets plain vectorized code."""
+    d, _, _ = builds
+    assert _sdot_count(d / "aarch64" / "model.so") >= 16
+    assert _sdot_count(d / "a53" / "model.so") == 0
+
+
 def test_emulated_runs_equal_x86_and_the_reference(builds, capsys):
     _require(emulation.python)
     d, x, ref = builds
@@ -92,9 +109,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_rpc_server_under_qemu_runs_bit_exact(builds, capsys):
+@pytest.fixture(scope="module")
+def server_port():
+    """An aarch64 TVM RPC server under qemu (waps-tvm rpc-server --emulate) on a free port."""
     _require(emulation.python)
-    d, _, ref = builds
     port = _free_port()
     server = emulation.rpc_server("127.0.0.1", port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -106,14 +124,7 @@ def test_rpc_server_under_qemu_runs_bit_exact(builds, capsys):
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "RPC server did not start"
                 time.sleep(0.5)
-        _run(capsys, d / "aarch64", d / "x.npy", "--rpc", f"127.0.0.1:{port}", "--codes",
-             "--output", str(d / "rpc_codes.npy"), "--repeat", "2")
-        assert "latency over 2 runs (on 127.0.0.1" in capsys.readouterr().out
-        codes = np.load(d / "rpc_codes.npy")
-        assert codes.dtype == ref[1].dtype and codes.tobytes() == np.ascontiguousarray(ref[1]).tobytes()
-        # an x86 library on the aarch64 server: one line saying what it was compiled for
-        err = _one_line_error(capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--rpc", f"127.0.0.1:{port}"])
-        assert f"(compiled for {runner.machine()})" in err
+        yield port
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -123,7 +134,44 @@ def test_rpc_server_under_qemu_runs_bit_exact(builds, capsys):
             server.wait()
 
 
-@x86_host
+def test_rpc_server_under_qemu_runs_bit_exact(builds, server_port, capsys):
+    d, _, ref = builds
+    port = server_port
+    _run(capsys, d / "aarch64", d / "x.npy", "--rpc", f"127.0.0.1:{port}", "--codes",
+         "--output", str(d / "rpc_codes.npy"), "--repeat", "2")
+    assert "latency over 2 runs (on 127.0.0.1" in capsys.readouterr().out
+    codes = np.load(d / "rpc_codes.npy")
+    assert codes.dtype == ref[1].dtype and codes.tobytes() == np.ascontiguousarray(ref[1]).tobytes()
+    # an x86 library on the aarch64 server: one line saying what it was compiled for
+    err = _one_line_error(capsys, ["run", str(d / "llvm"), "--input", str(d / "x.npy"), "--rpc", f"127.0.0.1:{port}"])
+    assert f"(compiled for {runner.machine()})" in err
+
+
+def test_tune_aarch64_through_rpc_and_compile_with_the_records(builds, server_port, capsys):
+    """tune --target aarch64 --rpc: every candidate is linked by the cross gcc, uploaded to the
+    emulated board and timed there; compile --tuning-records builds the aarch64 library from the
+    records, and it still equals the reference bit for bit."""
+    d, _, ref = builds
+    rec = d / "rec_a64"
+    argv = ["tune", str(d / "tiny.waps"), "--target", "aarch64", "--rpc", f"127.0.0.1:{server_port}",
+            "--work-dir", str(rec), "--trials", "8", "-q"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "8 trials" in out and "best records" in out, out
+    info = json.loads((rec / "waps-tuning.json").read_text())
+    assert info["target"]["mtriple"] == "aarch64-linux-gnu" and info["target"]["num-cores"] >= 1
+    records = [json.loads(line) for line in (rec / "database_tuning_record.json").read_text().splitlines()]
+    workloads = (rec / "database_workload.json").read_text().splitlines()
+    measured = [r for r in records if all(float(s) < 1e9 for s in r[1][1])]
+    assert len(measured) > len(workloads)          # the defaults, and candidates the board ran
+    assert cli.main(["compile", str(d / "tiny.waps"), "--target", "aarch64", "--tuning-records", str(rec),
+                     "-o", str(d / "tuned_a64"), "-q"]) == 0, capsys.readouterr().err
+    _run(capsys, d / "tuned_a64", d / "x.npy", "--emulate", "--codes", "--output", str(d / "tuned_codes.npy"))
+    assert np.load(d / "tuned_codes.npy").tobytes() == np.ascontiguousarray(ref[1]).tobytes()
+    # records of the aarch64 board do not apply to this machine's llvm build
+    _one_line_error(capsys, ["compile", str(d / "tiny.waps"), "--tuning-records", str(rec), "-o", str(d / "no")])
+
+
 def test_aarch64_folder_run_natively_is_one_line(builds, capsys):
     d, _, _ = builds
     err = _one_line_error(capsys, ["run", str(d / "aarch64"), "--input", str(d / "x.npy")])

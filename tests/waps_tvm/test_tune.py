@@ -63,7 +63,9 @@ def test_records_of_another_model_or_target_are_one_line(files, capsys, tmp_path
     _err(capsys, ["compile", str(files / "a.waps"), "-o", str(tmp_path / "o"), "--tuning-records", str(tmp_path)],
          "not a folder written by 'waps-tvm tune'")
     _err(capsys, ["tune", str(files / "a.waps"), "--work-dir", str(tmp_path / "r"), "--target", "aarch64"],
-         "cannot be tuned here")
+         "is tuned on the board itself", "--rpc")
+    _err(capsys, ["tune", str(files / "a.waps"), "--work-dir", str(tmp_path / "r"), "--rpc", "127.0.0.1:9"],
+         "--rpc measures a cross target")
     assert not (tmp_path / "o").exists()
 
 
