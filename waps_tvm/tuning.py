@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -110,11 +111,7 @@ def _alloc_remote(session, device, args_info, alloc_repeat):
 def _remote_cores(address: str) -> int:
     """The thread count of the TVM runtime behind ``address``."""
     from waps_tvm import remote
-    session = remote.connect(address)
-    try:
-        return int(session.get_function("runtime.NumThreads")())
-    finally:
-        del session
+    return int(remote.connect(address).get_function("runtime.NumThreads")())
 
 
 def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> float:
@@ -123,10 +120,11 @@ def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> flo
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from waps_tvm import remote
-    path = _export_cross(cc, tvm.compile(sch.mod, target=target))
+    path = Path(_export_cross(cc, tvm.compile(sch.mod, target=target)))
     session = remote.connect(address)
     name = f"waps_default_{os.getpid()}_{time.monotonic_ns()}.so"
-    session.upload(path, target=name)
+    session.upload(str(path), target=name)
+    shutil.rmtree(path.parent)
     lib = session.load_module(name)
     dev = session.cpu()
     args = _alloc_remote(session, dev, [a.as_json() for a in ArgInfo.from_prim_func(sch.mod["main"])], 1)[0]
