@@ -160,7 +160,7 @@ def test_tune_aarch64_through_rpc_and_compile_with_the_records(builds, server_po
     assert "8 trials" in out and "best records" in out, out
     info = json.loads((rec / "waps-tuning.json").read_text())
     assert info["target"]["mtriple"] == "aarch64-linux-gnu" and info["target"]["num-cores"] >= 1
-    records = [json.loads(line) for line in (rec / "database_tuning_record.json").read_text().splitlines()]
+    records = [json.loads(line) for line in (rec / "search" / "database_tuning_record.json").read_text().splitlines()]
     workloads = (rec / "database_workload.json").read_text().splitlines()
     measured = [r for r in records if all(float(s) < 1e9 for s in r[1][1])]
     assert len(measured) > len(workloads)          # the defaults, and candidates the board ran

@@ -78,9 +78,11 @@ def test_search_with_xgboost_extends_the_records_and_is_no_slower(files, tiny_ar
     before = float(summary.split("ms (default schedules)")[0].split()[-1])
     after = float(summary.split("ms (best records)")[0].split()[-1])
     assert after <= before                      # the defaults are records too: the best is never worse
-    lines = (rec / "database_tuning_record.json").read_text().splitlines()
+    search = (rec / "search" / "database_tuning_record.json").read_text().splitlines()
     workloads = (rec / "database_workload.json").read_text().splitlines()
-    assert len(lines) > len(workloads)          # the search added candidates beside the defaults
+    assert len(search) > len(workloads)         # the search measured candidates beside the defaults
+    chosen = (rec / "database_tuning_record.json").read_text().splitlines()
+    assert len(chosen) == len(workloads)        # compile's records: one per kernel
     out = files / "out_search"
     assert cli.main(["compile", str(files / "a.waps"), "-o", str(out), "--tuning-records", str(rec), "-q"]) == 0
     x = np.random.default_rng(1).normal(size=(1, 1, 16, 16)).astype(np.float32)
