@@ -63,18 +63,16 @@ def _build(mod, target, _params):
     return tvm.driver.build(mod, target=target)
 
 
-def _measure(sch, target, repeat: int = 20) -> float:
-    """Seconds per call of a scheduled kernel on random inputs."""
+def _measure(sch, target, repeat: int = 20) -> tuple[float, np.ndarray]:
+    """(seconds per call, output) of a scheduled kernel on _random_args (its last argument is
+    its output)."""
     import tvm
     lib = tvm.compile(sch.mod, target=target)
     dev = tvm.cpu()
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
-    rng = np.random.default_rng(0)
-    args = [tvm.runtime.tensor(rng.integers(0, 3, size=[int(d) for d in a.shape]).astype(str(a.dtype)), dev)
-            for a in ArgInfo.from_prim_func(sch.mod["main"])]
+    args = _random_args(sch.mod["main"], dev)
     mod = lib.mod if hasattr(lib, "mod") else lib
     timer = mod.time_evaluator("main", dev, number=5, repeat=repeat)
-    return float(np.median(timer(*args).results))
+    return float(np.median(timer(*args).results)), args[-1].numpy()
 
 
 def _export_cross(cc: str, mod) -> str:
@@ -94,21 +92,22 @@ def _rpc_session(rpc_config):
                        session_timeout=rpc_config.session_timeout_sec)
 
 
-def _alloc_remote(session, device, args_info, alloc_repeat):
-    """Random small codes for a kernel's arguments, made here and copied to the board (the TVM
-    runtime there may be built without tvm.contrib.random)."""
+def _random_args(arg_infos, device) -> list:
+    """Random small codes (0..2) for a kernel's arguments — a PrimFunc's, or meta-schedule's
+    ArgInfo JSON list — made here and placed on ``device`` (this CPU, or a board's over RPC,
+    whose TVM runtime may be built without tvm.contrib.random)."""
     import tvm
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    infos = ArgInfo.from_prim_func(arg_infos) if isinstance(arg_infos, tvm.tirx.PrimFunc) else \
+        [ArgInfo.from_json(info) for info in arg_infos]
     rng = np.random.default_rng(0)
-    out = []
-    for _ in range(alloc_repeat):
-        args = []
-        for info in args_info:
-            arg = ArgInfo.from_json(info)
-            host = rng.integers(0, 3, size=[int(d) for d in arg.shape]).astype(str(arg.dtype))
-            args.append(tvm.runtime.tensor(host, device))
-        out.append(args)
-    return out
+    return [tvm.runtime.tensor(rng.integers(0, 3, size=[int(d) for d in a.shape]).astype(str(a.dtype)), device)
+            for a in infos]
+
+
+def _alloc_remote(session, device, args_info, alloc_repeat):
+    """meta-schedule's RPC argument allocator: _random_args, ``alloc_repeat`` times."""
+    return [_random_args(args_info, device) for _ in range(alloc_repeat)]
 
 
 def _remote_cores(address: str) -> int:
@@ -117,10 +116,9 @@ def _remote_cores(address: str) -> int:
     return int(remote.connect(address).get_function("runtime.NumThreads")())
 
 
-def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> float:
-    """Seconds per call of a scheduled kernel on the board behind ``address``."""
+def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> tuple[float, np.ndarray]:
+    """_measure on the board behind ``address``."""
     import tvm
-    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from waps_tvm import remote
     path = Path(_export_cross(cc, tvm.compile(sch.mod, target=target)))
@@ -130,11 +128,11 @@ def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> flo
     shutil.rmtree(path.parent)
     lib = session.load_module(name)
     dev = session.cpu()
-    args = _alloc_remote(session, dev, [a.as_json() for a in ArgInfo.from_prim_func(sch.mod["main"])], 1)[0]
+    args = _random_args(sch.mod["main"], dev)
     timer = lib.time_evaluator(lib.entry_name, dev, number=3, repeat=repeat)
-    secs = float(np.median(timer(*args).results))
+    secs, out = float(np.median(timer(*args).results)), args[-1].numpy()
     del lib, session
-    return secs
+    return secs, out
 
 
 def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True,
@@ -177,15 +175,15 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
     (work / SEARCH).mkdir(exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=str(work / SEARCH))
 
-    def measure(sch) -> float:
+    def measure(sch) -> tuple[float, np.ndarray]:
         return _measure_remote(sch, target_ms, rpc, cc) if cross else _measure(sch, target_ms)
     if progress:
         print(f"{len(unique)} distinct kernels; measuring their default schedules", flush=True)
-    defaults = {}
+    defaults, expected = {}, {}
     for h, (func, sch) in unique.items():
         mod = tvm.IRModule({"main": func})
         workload = db.commit_workload(mod)
-        defaults[h] = measure(sch)
+        defaults[h], expected[h] = measure(sch)
         db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, [tvm.runtime.convert(defaults[h])], target_ms,
             ms.arg_info.ArgInfo.from_prim_func(func)))
@@ -232,7 +230,7 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
             builder=builder, runner=runner)
     if progress:
         print("re-measuring each kernel's best candidates beside its default schedule", flush=True)
-    best = _select(unique, db, defaults, measure, target_ms, work)
+    best = _select(unique, db, defaults, expected, measure, target_ms, work)
     improved = sum(best[h] < defaults[h] for h in unique)
     info = {"format": "waps-tvm-tuning", "version": 1, "target": _key(target_ms),
             "kernels": len(unique), "trials": trials + (json.loads(info_path.read_text()).get("trials", 0)
@@ -245,12 +243,15 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
             "default_ms": 1000 * sum(defaults.values()), "best_ms": 1000 * sum(best.values())}
 
 
-def _select(unique: dict, db, defaults: dict, measure, target_ms, work: Path, top: int = 3) -> dict:
+def _select(unique: dict, db, defaults: dict, expected: dict, measure, target_ms, work: Path,
+            top: int = 3) -> dict:
     """Write the records compile applies: one per kernel, in ``work``'s own database (the search
     history stays in SEARCH). A search candidate's time comes from one short run of
     meta-schedule's runner, the default's from ``measure``, so the search's best is biased to
     lucky timings; the ``top`` candidates are timed again by ``measure`` and one replaces the
-    default schedule only when it is at least 2 % faster. Returns seconds per kernel chosen."""
+    default schedule only when it is at least 2 % faster and its output on the same inputs is
+    byte-identical to the default's (``expected``): a schedule must not change the numbers, and
+    under qemu some aarch64 candidates did. Returns seconds per kernel chosen."""
     import tempfile
 
     import tvm
@@ -267,8 +268,8 @@ def _select(unique: dict, db, defaults: dict, measure, target_ms, work: Path, to
                     continue                       # not even its lucky run beat the default
                 sch = s_tir.Schedule(mod)
                 rec.trace.apply_to_schedule(sch, remove_postproc=False)
-                secs = measure(sch)
-                if secs < 0.98 * defaults[h] and secs < best_secs:
+                secs, got = measure(sch)
+                if secs < 0.98 * defaults[h] and secs < best_secs and np.array_equal(got, expected[h]):
                     best_secs, best_trace = secs, rec.trace
             chosen[h] = best_secs
             out.commit_tuning_record(ms.database.TuningRecord(
