@@ -10,6 +10,13 @@ Rounding choices (fixed here, documented in docs/numeric-contract.md):
   int32 multiplier M ∈ [2^30, 2^31) and a right shift s, round-half-up:
   ``(acc·M + 2^(30+s)) >> (31+s)``, i.e. ``round_half_up(acc·M/2^(31+s))``. This is
   what TVM's ``q_multiply_shift`` computes (ties upward).
+- ``add_rescale``: ``((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t`` in int64, one rounding.
+- ``apply_table``: an elementwise function of A-bit codes is a table of 2^A output codes.
+
+This is the NumPy rendering of the contract. The same primitives exist once as TIR
+expression builders (``relay_passes/numeric_tir.py``, every TVM form) and once in C
+(``targets/waps_numeric.h``, the C kernels and the npu16 simulator);
+``tests/calib/test_numeric_core.py`` holds the three equal on edge values.
 """
 from __future__ import annotations
 
@@ -54,13 +61,30 @@ def shift_round(a: np.ndarray, n: int) -> np.ndarray:
     return (a + (1 << (n - 1))) >> n
 
 
-def merge_groups(acc_groups: list[np.ndarray], scales: list[GroupScale]) -> np.ndarray:
-    """acc = Σ_p (acc_p + σ_p·shift_round(acc_p, n_p)), int64 (callers check int32 range)."""
+def group_term(acc: np.ndarray, scale: GroupScale, frac: int = 0) -> np.ndarray:
+    """One group's share of the merge: v + σ·shift_round(v, n) with v = acc·2^frac (int64)."""
+    v = np.asarray(acc, dtype=np.int64) << frac
+    return v + scale.sigma * shift_round(v, scale.n) if scale.sigma else v
+
+
+def merge_groups(acc_groups: list[np.ndarray], scales: list[GroupScale], frac: int = 0) -> np.ndarray:
+    """acc = Σ_p group_term(acc_p, γ_p, L), int64 (callers check the int32 range)."""
     total = np.zeros_like(np.asarray(acc_groups[0], dtype=np.int64))
     for acc, gs in zip(acc_groups, scales):
-        acc = np.asarray(acc, dtype=np.int64)
-        total = total + acc + (gs.sigma * shift_round(acc, gs.n) if gs.sigma else 0)
+        total = total + group_term(acc, gs, frac)
     return total
+
+
+def group_factor(scale: GroupScale, frac: int) -> int | None:
+    """K with group_term(acc, γ, L) == acc·K for every integer acc, or None.
+
+    When n ≤ L, acc·2^L is a multiple of 2^n, so the rounding half never carries and the
+    shift is exact: K = 2^L + σ·2^(L−n). The fast kernels use this to fold groups."""
+    if not scale.sigma:
+        return 1 << frac
+    if scale.n > frac:
+        return None
+    return (1 << frac) + scale.sigma * (1 << (frac - scale.n))
 
 
 def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +103,13 @@ def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, 0, m).astype(np.int64), np.where(zero, 0, shift)
 
 
+def requant_tables(multiplier: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-channel constants of ``requantize`` as the TVM forms hold them: M, the rounding
+    term 2^(S−1) and the total shift S = 31 + s (int64 arrays of the inputs' shape)."""
+    s = 31 + np.asarray(shift, dtype=np.int64)
+    return np.asarray(multiplier, dtype=np.int64), np.left_shift(np.int64(1), s - 1), s
+
+
 def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """round_half_up(acc·M·2^(-31-s)) in exact integer arithmetic (Python ints via object
     arrays would be slow; int64 suffices because |acc| < 2^31 and M < 2^31 → < 2^62)."""
@@ -90,3 +121,37 @@ def requantize(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray) -> np
     r = np.where(left, 0, total)
     rounding = np.where(r > 0, np.left_shift(np.int64(1), np.maximum(r - 1, 0)), 0)
     return np.where(left, prod << np.maximum(-total, 0), (prod + rounding) >> r)
+
+
+def clamp(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """min(max(v, lo), hi) in int64."""
+    return np.clip(np.asarray(v, dtype=np.int64), lo, hi)
+
+
+def output_codes(acc: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, z_out: int, lo: int, hi: int
+                 ) -> np.ndarray:
+    """A layer's output codes: clamp(requantize(acc, M, s) + z_out, lo, hi), int64."""
+    return clamp(requantize(acc, multiplier, shift) + z_out, lo, hi)
+
+
+def add_rescale(a: np.ndarray, za: int, ka: int, b: np.ndarray, zb: int, kb: int, t: int) -> np.ndarray:
+    """The residual add's sum before z_out: ((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t, int64
+    (|(x − z)·k| < 2^40, so no intermediate leaves int64); t ≥ 1."""
+    v = (np.asarray(a, np.int64) - za) * ka + (np.asarray(b, np.int64) - zb) * kb
+    return (v + (1 << (t - 1))) >> t
+
+
+def code_table(fn, in_scale: float, in_zero: int, in_qmax: int, out_scale: float, out_zero: int,
+               out_qmax: int) -> np.ndarray:
+    """An elementwise function of A-bit codes as a table: entry c (0 ≤ c ≤ in_qmax) is
+    clamp(round_half_even(fn((c − z_in)·s_in)/s_out) + z_out, 0, out_qmax), float32 like the
+    fake-quant model (torch.round is half to even). uint8 [in_qmax + 1]."""
+    x = (np.arange(in_qmax + 1, dtype=np.float32) - np.float32(in_zero)) * np.float32(in_scale)
+    y = np.asarray(fn(x), dtype=np.float32)
+    q = np.rint(y / np.float32(out_scale)) + np.float32(out_zero)
+    return np.clip(q, 0, out_qmax).astype(np.uint8)
+
+
+def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """table[codes]: the output codes of an elementwise function (see ``code_table``)."""
+    return np.asarray(table)[np.asarray(codes, dtype=np.int64)]

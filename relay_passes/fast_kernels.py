@@ -37,6 +37,9 @@ import tvm.s_tir as s_tir
 from tvm import te, topi
 from tvm.tirx import const
 
+from calib.numerics import GroupScale, requant_tables
+from relay_passes import numeric_tvm as nt
+
 I32, I64 = "int32", "int64"
 VNNI = "waps_dot_16x4_u8i8i32_vnni"
 # ARM dot product (ARMv8.2-A +dotprod): four ``sdot`` (signed) per 16×4 tile. The codes are
@@ -164,8 +167,8 @@ def round_up(v: int, k: int) -> int:
 def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> list[np.ndarray]:
     """Flat per-channel constants: bias, M (int32 [M]), 2^(S−1), S (int64 [M]); zero-padded to
     ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M], channel_groups)."""
-    s = 31 + op.params["shift"].astype(np.int64)
-    out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int32), np.int64(1) << (s - 1), s]
+    _, rounding, total_shift = requant_tables(op.params["mult"], op.params["shift"])
+    out = [op.params["bias"].astype(np.int32), op.params["mult"].astype(np.int32), rounding, total_shift]
     if pad_to:
         out = [np.pad(t, (0, pad_to - t.size)) for t in out]
     if per_channel_groups:
@@ -305,39 +308,14 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
     return te.compute(shape, scaled, name="pack")
 
 
-def merge_groups(bias, corrected: dict, a: dict):
-    """The WAPS shift-add (TIR expressions): bias + Σ_p v_p + σ_p·((v_p + 2^(n_p−1)) >> n_p),
-    v_p = (acc_p − corr_p) << L, over the non-empty groups ``corrected`` {p: acc_p − corr_p}.
-
-    When n_p ≤ L the shift is exact (v_p is a multiple of 2^n_p, so the rounding half never
-    carries): the group's term is (acc_p − corr_p)·(2^L + σ_p·2^(L−n_p)), one multiply.
-    It fits int32 because CheckOverflow bounds |v_p| + |v_p >> n_p|."""
-    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
-    total = bias
-    for p, v in corrected.items():
-        if sig[p] and ns[p] <= frac:
-            total = total + v * ((1 << frac) + sig[p] * (1 << (frac - ns[p])))
-            continue
-        if frac:
-            v = v << frac
-        total = total + v
-        if sig[p]:
-            s = (v + (1 << (ns[p] - 1))) >> ns[p]
-            total = total + s if sig[p] > 0 else total - s
-    return total
+def _merge(bias, corrected: dict, a: dict):
+    """The WAPS merge of an op whose attrs ``a`` hold σ, n and frac (numeric_tvm.merge_groups)."""
+    return nt.merge_groups(nt.TIR, bias, corrected, nt.scales_of(a), a.get("frac", 0))
 
 
 def _requant(total, k, M, R, S, a, dtype, narrow: bool = False):
-    """clip(((total·M + 2^(S−1)) >> S) + z_out, lo, hi) of an int32 ``total``. ``narrow`` (every
-    S ≥ 31, i.e. every shift ≥ 0): the shifted value fits int32 (|total·M| < 2^62), so it is
-    clamped to [lo − z_out, hi − z_out] in int32 lanes before adding z_out: the same value."""
-    t = (total.astype(I64) * M[k].astype(I64) + R[k]) >> S[k]     # i32×i32→i64: one vpmuldq
-    z = a["z_out"]
-    if narrow:
-        t = tvm.tirx.max(tvm.tirx.min(t.astype(I32), const(a["hi"] - z, I32)), const(a["lo"] - z, I32))
-        return (t + const(z, I32)).astype(dtype)
-    t = t + const(z, I64)
-    return tvm.tirx.max(tvm.tirx.min(t, const(a["hi"], I64)), const(a["lo"], I64)).astype(dtype)
+    """The output code of channel k from an int32 ``total`` (numeric_tvm.output_code)."""
+    return nt.output_code(nt.TIR, total, M[k], R[k], S[k], a["z_out"], a["lo"], a["hi"], dtype, narrow)
 
 
 def _narrow(op) -> bool:
@@ -362,7 +340,7 @@ def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     """One accumulator for all WAPS groups of a conv, when that is exact: (side, a_c, s, perm).
 
     With n_p ≤ L every group's term is linear, (acc_p − corr_p)·K_p with
-    K_p = 2^L + σ_p·2^(L−n_p) (see merge_groups), and K_p = a_p·2^s for
+    K_p = 2^L + σ_p·2^(L−n_p) (numerics.group_factor), and K_p = a_p·2^s for
     s = L − max{n_p : σ_p ≠ 0}. So Σ_p K_p·(acc_p − corr_p) = 2^s·(acc′ − corr′), where acc′
     is the plain conv with every input channel c scaled by a_c = a_{g(c)}: on the weights
     (side 'w') when w·a_c still fits int8, else on the codes (side 'x') when in_qmax·a_c and
@@ -377,8 +355,7 @@ def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     if any(sg and n > frac for sg, n in zip(sig, ns)):
         return None
     shift = frac - max([n for sg, n in zip(sig, ns) if sg] or [0])
-    ap = np.array([((1 << frac) + sg * (1 << (frac - n)) if sg else 1 << frac) >> shift
-                   for sg, n in zip(sig, ns)], np.int64)
+    ap = nt.group_factors(nt.scales_of(a), frac) >> shift
     per_c = ap[op.params["groups"]]
     mass = (np.abs(op.params["w"].astype(np.int64)).sum(axis=(2, 3)) * per_c[None, :]).sum(1)
     if int(mass.max()) * int(a["in_qmax"]) > 2**31 - 1:
@@ -462,7 +439,7 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
         accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw)),
                              name=f"acc{p}")
     def epilogue(b, i, j, k):
-        total = merge_groups(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, merge)
+        total = _merge(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, merge)
         return _requant(total, k, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
@@ -514,12 +491,10 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
 
 def depthwise_factors(op) -> np.ndarray | None:
     """K_k = 2^L + σ_k·2^(L−n_k) (int32 [C]) when every channel's shift is exact (σ_k = 0 or
-    n_k ≤ L, see merge_groups): the merge is then bias + (acc − corr)·K_k. None otherwise."""
+    n_k ≤ L, numerics.group_factor): the merge is then bias + (acc − corr)·K_k. None otherwise."""
     sig, n = channel_groups(op)
-    frac = op.attrs.get("frac", 0)
-    if np.any((sig != 0) & (n > frac)):
-        return None
-    return ((1 << frac) + sig.astype(np.int64) * (np.int64(1) << np.maximum(frac - n, 0))).astype(np.int32)
+    factors = nt.group_factors([GroupScale(int(g), int(k)) for g, k in zip(sig, n)], op.attrs.get("frac", 0))
+    return None if factors is None else factors.astype(np.int32)
 
 
 def _window_sum_fits_int16(op) -> bool:
@@ -566,10 +541,8 @@ def depthwise(op, in_shape):
         if linear:
             return _requant(B[k] + v * tables[0][k], k, M, R, S, a, op.dtype, _narrow(op))
         SG, NS = tables
-        if frac:
-            v = v << frac
-        s = (v + (const(1, I32) << (NS[k] - 1))) >> NS[k]
-        return _requant(B[k] + v + SG[k] * s, k, M, R, S, a, op.dtype, _narrow(op))
+        return _requant(B[k] + nt.group_term_by(nt.TIR, v, SG[k], NS[k], frac), k, M, R, S, a, op.dtype,
+                        _narrow(op))
 
     out = te.compute((n, oh, ow, c), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, *tables, out]))
@@ -681,7 +654,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
             r = te.reduce_axis((0, c1 - c0), f"r{p}")
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
     def epilogue(i, j):
-        return _requant(merge_groups(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, a),
+        return _requant(_merge(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, a),
                         j, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, m), epilogue, name="out")

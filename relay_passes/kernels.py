@@ -24,7 +24,9 @@ import tvm
 from tvm import relax, te, topi
 import tvm.s_tir as s_tir
 
+from calib.numerics import requant_tables
 from relay_passes import fast_kernels as fast
+from relay_passes import numeric_tvm as nt
 from relay_passes.program import Op, input_layout, layout_of, param_order, physical
 
 I32, I64 = "int32", "int64"
@@ -47,11 +49,8 @@ def group_ranges(groups: np.ndarray, n_groups: int) -> list[tuple[int, int]] | N
 
 def requant_constants(op: Op, ndim: int) -> list[np.ndarray]:
     """M, rounding 2^(S−1) and S as int64 arrays broadcastable over [N, m, ...]."""
-    m = op.params["mult"].size
-    shape = (1, m) + (1,) * (ndim - 2)
-    s = 31 + op.params["shift"].astype(np.int64)
-    return [op.params["mult"].astype(np.int64).reshape(shape),
-            (np.int64(1) << (s - 1)).reshape(shape), s.reshape(shape)]
+    shape = (1, op.params["mult"].size) + (1,) * (ndim - 2)
+    return [t.reshape(shape) for t in requant_tables(op.params["mult"], op.params["shift"])]
 
 
 def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
@@ -233,28 +232,18 @@ def _dequantize(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _merge_requant(lb, op, accs: list, P, D):
-    """Σ_p (acc_p − corr_p + σ_p·shift(acc_p − corr_p, n_p)) + bias → requant → clamp."""
+    """Σ_p group_term(acc_p − corr_p) + bias → output code, as Relax ops (numeric_tvm)."""
     a = op.attrs
-    m = op.params["w"].shape[0]
-    ndim = 4 if op.kind == "conv2d" else 2
-    shape = (1, m) + (1,) * (ndim - 2)
+    ar = nt.RelaxArith(lb)
+    shape = (1, op.params["w"].shape[0]) + (1,) * ((4 if op.kind == "conv2d" else 2) - 2)
     M, R, S, corr = D[0], D[1], D[2], D[3]
-    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
-    total = lb.emit(relax.op.reshape(P["bias"], shape))
-    for p, acc in enumerate(accs):
+
+    def corrected(p, acc):
         c = lb.emit(relax.op.reshape(lb.emit(relax.op.strided_slice(corr, [0], [p], [p + 1])), shape))
-        acc = lb.emit(relax.op.subtract(acc, c))
-        if frac:
-            acc = lb.emit(relax.op.left_shift(acc, _c(frac, I32)))
-        total = lb.emit(relax.op.add(total, acc))
-        if sig[p]:
-            half = _c(1 << (ns[p] - 1), I32)
-            sh = relax.op.right_shift(relax.op.add(acc, half), _c(ns[p], I32))
-            total = lb.emit((relax.op.add if sig[p] > 0 else relax.op.subtract)(total, sh))
-    t = lb.emit(relax.op.astype(total, I64))
-    t = relax.op.right_shift(relax.op.add(relax.op.multiply(t, M), R), S)
-    t = relax.op.clip(relax.op.add(t, _c(a["z_out"], I64)), a["lo"], a["hi"])
-    return lb.emit(relax.op.astype(t, op.dtype))
+        return ar.sub(acc, c)
+    total = nt.merge_groups(ar, lb.emit(relax.op.reshape(P["bias"], shape)),
+                            {p: corrected(p, acc) for p, acc in enumerate(accs)}, nt.scales_of(a), a.get("frac", 0))
+    return nt.output_code(ar, total, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
 
 
 def _conv_input(lb, op, x, in_dtype):
@@ -368,20 +357,11 @@ def _add(lb, op, xs, P, D, in_types, add_prim):
         shape = physical(in_types[0][0], layout_of(op))
         A = te.placeholder(shape, in_types[0][1], "a")
         B = te.placeholder(shape, in_types[1][1], "b")
-        k64 = lambda v: tvm.tirx.const(v, I64)  # noqa: E731
 
         def add(*i):
-            t = (A(*i).astype(I64) - k64(a["za"])) * k64(a["ka"]) + (B(*i).astype(I64) - k64(a["zb"])) * k64(a["kb"])
-            t = ((t + k64(1 << (a["t"] - 1))) >> k64(a["t"])) + k64(a["z_out"])
-            return tvm.tirx.max(tvm.tirx.min(t, k64(a["hi"])), k64(a["lo"])).astype(op.dtype)
+            return nt.residual_add(nt.TIR, A(*i), B(*i), a, op.dtype)
         return _call_fast(lb, op, add_prim, fast.elementwise("add", add, [A, B], shape, op.dtype), xs, shape)
-    def term(x, z, k):
-        v = relax.op.subtract(relax.op.astype(x, I64), _c(z, I64))
-        return relax.op.multiply(v, _c(k, I64))
-    t = relax.op.add(term(xs[0], a["za"], a["ka"]), term(xs[1], a["zb"], a["kb"]))
-    t = relax.op.right_shift(relax.op.add(t, _c(1 << (a["t"] - 1), I64)), _c(a["t"], I64))
-    t = relax.op.clip(relax.op.add(t, _c(a["z_out"], I64)), a["lo"], a["hi"])
-    return lb.emit(relax.op.astype(t, op.dtype))
+    return nt.residual_add(nt.RelaxArith(lb), xs[0], xs[1], a, op.dtype)
 
 
 def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
@@ -491,12 +471,10 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
         accs.append(_group_acc(xp, W, p, c0, c1, (n, m, oh, ow), (kh, kw), (sh, sw), (dh, dw)))
 
     def epilogue(b, k, i, j):
-        total = fast.merge_groups(B[k], {p: acc[b, k, i, j] - C[p, k] for p, acc in enumerate(accs)
-                                         if acc is not None}, a)
-        t = (total.astype(I64) * Mq[0, k, 0, 0] + Rq[0, k, 0, 0]) >> Sq[0, k, 0, 0]
-        t = t + tvm.tirx.const(a["z_out"], I64)
-        t = tvm.tirx.max(tvm.tirx.min(t, tvm.tirx.const(a["hi"], I64)), tvm.tirx.const(a["lo"], I64))
-        return t.astype(op.dtype)
+        total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k, i, j] - C[p, k] for p, acc in enumerate(accs)
+                                               if acc is not None}, nt.scales_of(a), a.get("frac", 0))
+        return nt.output_code(nt.TIR, total, Mq[0, k, 0, 0], Rq[0, k, 0, 0], Sq[0, k, 0, 0], a["z_out"], a["lo"],
+                              a["hi"], op.dtype)
 
     out = te.compute((n, m, oh, ow), epilogue, name="out")
     func = te.create_prim_func([X, W, B, Mq, Rq, Sq, C, out])

@@ -15,14 +15,16 @@ add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo
 max_pool2d   window max of codes (padding never wins)
 sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
 flatten      [N, C, H, W] → [N, C·H·W];  gather: channels x[:, index]
-with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s).
+with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s), each
+rule taken from calib/numerics.py (the NumPy definition of the contract).
 Accumulations run in float64 BLAS, exact because every sum stays far below 2^53.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from calib.numerics import INT32_MAX, INT32_MIN, requantize, shift_round
+from calib.numerics import (INT32_MAX, INT32_MIN, GroupScale, add_rescale, clamp, merge_groups,
+                            output_codes)
 from relay_passes.program import INPUT, Op, Program
 
 
@@ -97,24 +99,21 @@ def _layer(op: Op, x):
     if "in_index" in op.params:
         x = np.take(x, op.params["in_index"], axis=1)
     accs = _group_accumulators(op, x)
-    total = np.zeros_like(accs[0])
-    sig, ns, frac = a.get("sigma", [0]), a.get("n", [0]), a.get("frac", 0)
-    for p, acc in enumerate(accs):
-        acc = acc << frac
-        total = total + acc + (sig[p] * shift_round(acc, ns[p]) if sig[p] else 0)
+    scales = [GroupScale(int(sg), int(n)) for sg, n in zip(a.get("sigma", [0]), a.get("n", [0]))]
+    total = merge_groups(accs, scales, a.get("frac", 0))
     bshape = (1, -1) + (1,) * (total.ndim - 2)
     total = total + op.params["bias"].astype(np.int64).reshape(bshape)
     if total.min(initial=0) < INT32_MIN or total.max(initial=0) > INT32_MAX:
         raise AccumulatorOverflow(f"{op.name}: accumulator left int32")
-    y = requantize(total, op.params["mult"].reshape(bshape), op.params["shift"].reshape(bshape))
-    return np.clip(y + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+    y = output_codes(total, op.params["mult"].reshape(bshape), op.params["shift"].reshape(bshape),
+                     a["z_out"], a["lo"], a["hi"])
+    return y.astype(op.dtype)
 
 
 def _add(op: Op, a_, b_):
     a = op.attrs
-    t = (a_.astype(np.int64) - a["za"]) * a["ka"] + (b_.astype(np.int64) - a["zb"]) * a["kb"]
-    t = (t + (1 << (a["t"] - 1))) >> a["t"]
-    return np.clip(t + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+    t = add_rescale(a_, a["za"], a["ka"], b_, a["zb"], a["kb"], a["t"])
+    return clamp(t + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
 
 
 def _max_pool2d(op: Op, x):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from waps_tvm.runner import RunError, check_input, read_folder
+from waps_tvm.runner import RunError, check_samples, read_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP = "scripts/aarch64-emulation.sh"
@@ -58,7 +58,7 @@ def run(folder: str | Path, x: np.ndarray, repeat: int = 0) -> tuple[np.ndarray,
     if meta.get("arch", "x86_64") != "aarch64":
         raise RunError(f"{folder}: --emulate runs aarch64 builds; this one is for {meta.get('arch', 'x86_64')} "
                        "(run it without --emulate)")
-    x = check_input(meta, x)
+    x = check_samples(meta, x)                   # the runner under qemu takes it in batches
     cmd = command("-m", "waps_tvm.runner")
     with tempfile.TemporaryDirectory(prefix="waps-emulate-") as tmp:
         tmp = Path(tmp)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from waps_tvm.runner import RunError, check_input, first_line, read_folder
+from waps_tvm.runner import RunError, check_input, first_batch, first_line, read_folder, run_batches
 
 CONNECT_TIMEOUT_S = 5.0
 HANDSHAKE_TIMEOUT_S = 60.0
@@ -71,6 +71,10 @@ class RemoteCompiled:
         self.vm.invoke_stateful("main")
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs for any number of samples, one compiled batch per remote call."""
+        return run_batches(self._call_batch, self.meta, x)
+
+    def _call_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._invoke(x)
         deq, codes = self.vm.get_outputs("main")
         return deq.numpy(), codes.numpy()
@@ -83,8 +87,9 @@ class RemoteCompiled:
         gc.collect()
 
     def time(self, x: np.ndarray, repeat: int) -> list[float]:
-        """Seconds per call, timed on the server (after one warm-up)."""
-        self._invoke(x)
+        """Seconds per call of one compiled batch (the first of ``x``), timed on the server
+        (after one warm-up)."""
+        self._invoke(first_batch(self.meta, x))
         timer = self.vm.time_evaluator("invoke_stateful", self.session.cpu(), number=1, repeat=repeat)
         return list(timer("main").results)
 

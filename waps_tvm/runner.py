@@ -3,7 +3,10 @@
 Imports only NumPy and TVM (runtime), so it runs in a fresh process beside nothing
 else of waps-tvm, and under TVM_USE_RUNTIME_LIB=1 on an aarch64 Python that has the TVM
 runtime only (``waps-tvm run --emulate`` runs ``python -m waps_tvm.runner`` under qemu). The
-module's main takes float32 [N, C, H, W] and returns (dequantized float32, output codes).
+module's main takes float32 [B, C, H, W] (B: the compiled batch) and returns (dequantized float32,
+output codes); ``run_batches`` runs any number of samples through it in chunks of B (the
+last chunk padded, its extra rows dropped): one compiled shape, any input count, the same on
+this machine, under emulation and over RPC.
 """
 from __future__ import annotations
 
@@ -32,15 +35,19 @@ class Compiled:
     vm: object
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Outputs for any number of samples (run_batches)."""
+        return run_batches(self._call_batch, self.meta, x)
+
+    def _call_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import tvm
-        x = check_input(self.meta, x)
-        out = self.vm["main"](tvm.runtime.tensor(x))
+        out = self.vm["main"](tvm.runtime.tensor(check_input(self.meta, x)))
         return out[0].numpy(), out[1].numpy()
 
     def time(self, x: np.ndarray, repeat: int) -> list[float]:
-        """Seconds per call for ``repeat`` calls (after one warm-up)."""
+        """Seconds per call of one compiled batch (the first of ``x``), ``repeat`` calls after one
+        warm-up."""
         import tvm
-        x = tvm.runtime.tensor(check_input(self.meta, x))
+        x = tvm.runtime.tensor(first_batch(self.meta, x))
         self.vm["main"](x)
         times = []
         for _ in range(repeat):
@@ -123,17 +130,57 @@ def check_library(meta: dict, lib_path: Path) -> None:
 
 
 def check_input(meta: dict, x: np.ndarray) -> np.ndarray:
+    """``x`` as the compiled module's exact input: float32 [B, C, H, W] (B = compiled batch)."""
+    x = check_samples(meta, x)
     want = tuple(meta["input"]["shape"])
-    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
-        raise RunError(f"input must be a float array of shape {want}, got dtype {getattr(x, 'dtype', type(x))}")
-    if x.ndim == len(want) - 1 and (1, *x.shape) == want:
-        x = x[None]
     if tuple(x.shape) != want:
-        raise RunError(f"input shape {tuple(x.shape)} does not match the compiled shape {want} "
-                       f"(recompile with --batch {x.shape[0] if x.ndim == len(want) else 'N'})")
+        raise RunError(f"input shape {tuple(x.shape)} is not one batch of the compiled shape {want} "
+                       "(run_batches takes any number of samples)")
+    return x
+
+
+def check_samples(meta: dict, x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 [S, C, H, W] for any S ≥ 1 (one sample may omit the batch axis)."""
+    want = tuple(meta["input"]["shape"])
+    sample = want[1:]
+    if not isinstance(x, np.ndarray) or x.dtype.kind != "f":
+        raise RunError(f"input must be a float array of shape (N, {', '.join(map(str, sample))}), "
+                       f"got dtype {getattr(x, 'dtype', type(x))}")
+    if tuple(x.shape) == sample:
+        x = x[None]
+    if x.ndim != len(want) or tuple(x.shape[1:]) != sample or x.shape[0] == 0:
+        raise RunError(f"input shape {tuple(x.shape)} does not match the compiled shape {want}: "
+                       f"give N ≥ 1 samples of shape {sample}")
     if not np.all(np.isfinite(x)):
         raise RunError("input holds NaN or Inf values")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def batches(meta: dict, x: np.ndarray) -> list[np.ndarray]:
+    """[S, ...] samples as chunks of the compiled batch B; the last chunk is padded with copies
+    of its last sample. Samples never interact in a compiled model, so the padding changes
+    no other sample's outputs; ``run_batches`` drops its rows."""
+    b = int(meta["input"]["shape"][0])
+    out = []
+    for i in range(0, len(x), b):
+        part = x[i:i + b]
+        if len(part) < b:
+            part = np.concatenate([part, np.repeat(part[-1:], b - len(part), axis=0)])
+        out.append(np.ascontiguousarray(part))
+    return out
+
+
+def first_batch(meta: dict, x: np.ndarray) -> np.ndarray:
+    """The first compiled batch of any number of samples (what latency is timed on)."""
+    return batches(meta, check_samples(meta, x))[0]
+
+
+def run_batches(call, meta: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dequantized, codes) for any number of samples: ``call`` (one compiled batch → its two
+    outputs) runs on each chunk of ``batches``; the results are joined and trimmed to S rows."""
+    x = check_samples(meta, x)
+    outs = [call(part) for part in batches(meta, x)]
+    return (np.concatenate([o[0] for o in outs])[:len(x)], np.concatenate([o[1] for o in outs])[:len(x)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,13 +18,14 @@ from tvm import relax
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.c.emit import KERNELS, float_literal
+from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
 
 
 def offload(mod: tvm.IRModule) -> tvm.IRModule:
     """Mark every integer-op function for the C codegen, then run RunCodegen."""
-    register(CODEGEN, KERNELS.read_text, _entry)
+    register(CODEGEN, lambda: inline_source(KERNELS), _entry)
     names = {gv.name_hint: symbol("waps_c_", gv.name_hint) for gv, fn in mod.functions.items()
              if isinstance(fn, relax.Function) and fn.attrs is not None and "waps.kind" in fn.attrs}
     return byoc_offload(mod, CODEGEN, names)

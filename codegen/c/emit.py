@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from relay_passes.program import INPUT, Op, Program
+from targets.c_source import NUMERIC_H
 
 KERNELS = Path(__file__).resolve().parent / "waps_kernels.h"
+INCLUDE_DIRS = (KERNELS.parent, NUMERIC_H.parent)     # waps_kernels.h includes waps_numeric.h
 CFLAGS = ["-std=c99", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Wno-unused-function"]
 C_TYPES = {"uint8": "uint8_t", "int32": "int32_t", "float32": "float", "int8": "int8_t"}
 
@@ -116,7 +118,7 @@ def build_shared(program: Program, path: str | Path, cc: str = "gcc") -> Path:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "model.c"
         src.write_text(emit_c(program))
-        r = subprocess.run([cc, *CFLAGS, f"-I{KERNELS.parent}", str(src), "-o", str(path), "-lm"],
+        r = subprocess.run([cc, *CFLAGS, *(f"-I{d}" for d in INCLUDE_DIRS), str(src), "-o", str(path), "-lm"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             first = next((ln for ln in r.stderr.splitlines() if "error" in ln), r.stderr.strip()[:200])

@@ -17,29 +17,17 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "waps_numeric.h"
+
 #define WAPS_MAX_GROUPS 8
 
-static inline int32_t waps_asr32(int32_t a, int n) { return a >= 0 ? (a >> n) : (int32_t)~(~a >> n); }
-static inline int64_t waps_asr64(int64_t a, int n) { return a >= 0 ? (a >> n) : (int64_t)~(~a >> n); }
-
-static inline int64_t waps_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
-
-/* Σ_p (acc_p·2^frac + σ_p·shift(acc_p·2^frac, n_p)) + bias, then requant and clamp. */
+/* Σ_p group_term(acc_p, σ_p, n_p, frac) + bias, then the output code. */
 static inline int64_t waps_epilogue(const int32_t *acc, int ngroups, const int8_t *sigma, const int8_t *nshift,
                                     int frac, int32_t bias, int32_t mult, int32_t shift,
                                     int32_t z_out, int32_t lo, int32_t hi) {
   int32_t total = bias;
-  for (int p = 0; p < ngroups; ++p) {
-    int32_t a = acc[p] * (int32_t)(1 << frac);
-    total += a;
-    if (sigma[p]) {
-      int32_t s = waps_asr32(a + (int32_t)(1 << (nshift[p] - 1)), nshift[p]);
-      total += sigma[p] > 0 ? s : -s;
-    }
-  }
-  int S = 31 + shift;
-  int64_t r = waps_asr64((int64_t)total * (int64_t)mult + ((int64_t)1 << (S - 1)), S);
-  return waps_clamp64(r + z_out, lo, hi);
+  for (int p = 0; p < ngroups; ++p) total += waps_group_term(acc[p], sigma[p], nshift[p], frac);
+  return waps_output_code(total, mult, shift, z_out, lo, hi);
 }
 
 /* conv2d: x [N,C,H,W] (uint8 or int32 codes via xs/xw), w [M, C/G, KH, KW] int8.
@@ -103,9 +91,7 @@ WAPS_LINEAR(waps_linear_i32, int32_t)
 static void waps_add(const uint8_t *a, const uint8_t *b, size_t count, int32_t za, int32_t zb, int64_t ka,
                      int64_t kb, int t, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
   for (size_t i = 0; i < count; ++i) {
-    int64_t v = ((int64_t)a[i] - za) * ka + ((int64_t)b[i] - zb) * kb;
-    v = waps_asr64(v + ((int64_t)1 << (t - 1)), t);
-    out[i] = (uint8_t)waps_clamp64(v + z_out, lo, hi);
+    out[i] = (uint8_t)waps_clamp64(waps_add_rescale(a[i], za, ka, b[i], zb, kb, t) + z_out, lo, hi);
   }
 }
 

@@ -19,6 +19,7 @@ from tvm import relax
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.npu16.lower import NotOnNpu, NpuOp, lower_op
+from targets.c_source import inline_source
 
 CODEGEN = "waps_npu16"
 SIM = Path(__file__).resolve().parents[2] / "targets" / "npu16" / "npu16_sim.h"
@@ -44,7 +45,7 @@ def placement(mod: tvm.IRModule) -> list[dict]:
 
 
 def offload(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[dict]]:
-    register(CODEGEN, SIM.read_text, lambda fn, sym: _entry(fn, sym, _LOWERED[sym]))
+    register(CODEGEN, lambda: inline_source(SIM), lambda fn, sym: _entry(fn, sym, _LOWERED[sym]))
     where = placement(mod)
     names = {}
     for row in where:

@@ -6,13 +6,16 @@
  * table, zero point subtracted, padding = real zero) by a 16×16 weight tile into the D1
  * accumulators. On a group switch D1 is scaled into D2 (acc·2^frac + σ·shift), one cycle
  * per group, plus one to merge; the epilogue adds the bias, requantizes (int64,
- * round half up) and clamps, 8 values per cycle. Arithmetic = waps_kernels.h, bit for bit.
+ * round half up) and clamps, 8 values per cycle. Every rounding, shift and requantization
+ * is a primitive of targets/waps_numeric.h, the C definition the C kernels share.
  */
 #ifndef NPU16_SIM_H
 #define NPU16_SIM_H
 
 #include <stdint.h>
 #include <string.h>
+
+#include "waps_numeric.h"
 
 enum { NPU16_END = 0, NPU16_SET = 1, NPU16_CONV = 2, NPU16_DWCONV = 3, NPU16_ADD = 4, NPU16_MAXPOOL = 5,
        NPU16_SUMPOOL = 6, NPU16_GATHER = 7 };
@@ -32,17 +35,13 @@ typedef struct {
   const int32_t *bias, *mult, *shift, *index;
 } npu16_bufs;
 
-static inline int32_t npu16_asr32(int32_t a, int n) { return a >= 0 ? (a >> n) : (int32_t)~(~a >> n); }
-static inline int64_t npu16_asr64(int64_t a, int n) { return a >= 0 ? (a >> n) : (int64_t)~(~a >> n); }
 
 static inline int32_t npu16_in(const npu16_bufs *b, int wide, size_t i) {
   return wide ? ((const int32_t *)b->x)[i] : (int32_t)((const uint8_t *)b->x)[i];
 }
 
 static inline uint8_t npu16_requant(int64_t acc, int32_t mult, int32_t shift, const int64_t *r) {
-  int S = 31 + shift;
-  int64_t v = npu16_asr64(acc * (int64_t)mult + ((int64_t)1 << (S - 1)), S) + r[R_ZOUT];
-  return (uint8_t)(v < r[R_LO] ? r[R_LO] : (v > r[R_HI] ? r[R_HI] : v));
+  return (uint8_t)waps_output_code(acc, mult, shift, (int32_t)r[R_ZOUT], (int32_t)r[R_LO], (int32_t)r[R_HI]);
 }
 
 static void npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
@@ -78,15 +77,8 @@ static void npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c)
                       c->macs += valid;
                     }
                   }
-              for (int j = 0; j < 16; ++j) {            /* group switch: D1 scaled into D2 */
-                int32_t a = d1[j] * (int32_t)(1 << frac);
-                d2[j] += a;
-                if (r[R_SIGMA0 + p]) {
-                  int nsh = (int)r[R_NSHIFT0 + p];
-                  int32_t s = npu16_asr32(a + (int32_t)(1 << (nsh - 1)), nsh);
-                  d2[j] += r[R_SIGMA0 + p] > 0 ? s : -s;
-                }
-              }
+              for (int j = 0; j < 16; ++j)              /* group switch: D1 scaled into D2 */
+                d2[j] += waps_group_term(d1[j], (int)r[R_SIGMA0 + p], (int)r[R_NSHIFT0 + p], frac);
               if (P > 1) {
                 c->waps_cycles += 1;
                 if (r[R_SIGMA0 + p]) { c->shifts += valid; c->adds += valid; }
@@ -131,7 +123,7 @@ static void npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *
           for (int j = 0; j < valid; ++j) {
             int k = k0 + j;
             ((uint8_t *)b->out)[(((size_t)n * C + k) * OH + oy) * OW + ox] =
-                npu16_requant((int64_t)d1[j] * (1 << frac) + b->bias[k], b->mult[k], b->shift[k], r);
+                npu16_requant((int64_t)waps_group_term(d1[j], 0, 0, frac) + b->bias[k], b->mult[k], b->shift[k], r);
           }
           c->epilogue_values += valid;
         }
@@ -142,9 +134,8 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
   const uint8_t *x = (const uint8_t *)b->x, *y = (const uint8_t *)b->x2;
   int t = (int)r[R_T];
   for (int64_t i = 0; i < r[R_COUNT]; ++i) {
-    int64_t v = ((int64_t)x[i] - r[R_ZA]) * r[R_KA] + ((int64_t)y[i] - r[R_ZB]) * r[R_KB];
-    v = npu16_asr64(v + ((int64_t)1 << (t - 1)), t) + r[R_ZOUT];
-    ((uint8_t *)b->out)[i] = (uint8_t)(v < r[R_LO] ? r[R_LO] : (v > r[R_HI] ? r[R_HI] : v));
+    int64_t v = waps_add_rescale(x[i], r[R_ZA], r[R_KA], y[i], r[R_ZB], r[R_KB], t) + r[R_ZOUT];
+    ((uint8_t *)b->out)[i] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);
   }
   c->epilogue_values += r[R_COUNT];
   c->dma_in_bytes += 2 * r[R_COUNT];

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from codegen.c.emit import CFLAGS, KERNELS, build_shared, emit_c, run_shared
+from codegen.c.emit import CFLAGS, INCLUDE_DIRS, KERNELS, build_shared, emit_c, run_shared
 from relay_passes import reference
 from tests.compile_helpers import calibrated, scramble_groups
 from waps_tvm.compiler import lower_artifact
@@ -34,10 +34,10 @@ def test_generated_c_is_plain_c99_without_tvm(tiny_artifact, tmp_path):
     src = emit_c(prog)
     for text in (src, KERNELS.read_text()):
         includes = [ln for ln in text.splitlines() if ln.startswith("#include")]
-        assert all(i.split()[1] in ('"waps_kernels.h"', "<math.h>", "<stdint.h>", "<string.h>") for i in includes)
+        assert all(i.split()[1] in ('"waps_kernels.h"', '"waps_numeric.h"', "<math.h>", "<stdint.h>", "<string.h>") for i in includes)
         assert not any(tok in text for tok in ("TVMFFI", "TVMValue", "tvm_", "DLTensor", "dlpack"))
     (tmp_path / "m.c").write_text(src)
-    r = subprocess.run(["gcc", *CFLAGS, "-pedantic", "-Werror", f"-I{KERNELS.parent}", str(tmp_path / "m.c"),
+    r = subprocess.run(["gcc", *CFLAGS, "-pedantic", "-Werror", *(f"-I{d}" for d in INCLUDE_DIRS), str(tmp_path / "m.c"),
                         "-o", str(tmp_path / "m.so"), "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 

@@ -59,7 +59,7 @@ def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
     from pathlib import Path
     sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
     (tmp_path / "drv.c").write_text(_DRIVER)
-    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{sim}", str(tmp_path / "drv.c"),
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{sim}", f"-I{sim.parent}", str(tmp_path / "drv.c"),
                     "-o", str(tmp_path / "drv.so")], check=True)
     lib = ctypes.CDLL(str(tmp_path / "drv.so"))
     rng = np.random.default_rng(0)

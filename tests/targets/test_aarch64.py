@@ -227,3 +227,18 @@ def test_target_resolution():
     assert (t.arch, t.triple, t.name) == ("aarch64", "aarch64-linux-gnu", "llvm:aarch64-linux-gnu:cortex-a53")
     assert cpu.resolve('{"mtriple": "arm64-apple-macos"}').arch == "aarch64"
     assert cpu.resolve('{"kind": "llvm"}').name == "llvm"
+
+
+def test_emulated_and_rpc_runs_take_any_number_of_samples(builds, server_port, capsys):
+    """One more sample than the compiled batch: two chunks under qemu and over RPC, the padded
+    rows dropped; each sample's codes are the reference's."""
+    d, x, ref = builds
+    more = np.concatenate([x, x[:1]])
+    np.save(d / "more.npy", more)
+    want = np.concatenate([ref[1], ref[1][:1]])
+    _run(capsys, d / "aarch64", d / "more.npy", "--emulate", "--codes", "--output", str(d / "more_emu.npy"))
+    _run(capsys, d / "aarch64", d / "more.npy", "--rpc", f"127.0.0.1:{server_port}", "--codes",
+         "--output", str(d / "more_rpc.npy"))
+    for name in ("more_emu.npy", "more_rpc.npy"):
+        codes = np.load(d / name)
+        assert codes.shape == want.shape and codes.tobytes() == np.ascontiguousarray(want).tobytes(), name

@@ -1,0 +1,54 @@
+/* waps_numeric.h: the integer primitives of the numeric contract, the one C definition.
+ *
+ * Included by the portable C kernels (codegen/c/waps_kernels.h) and by the npu16
+ * simulator (targets/npu16/npu16_sim.h). The NumPy definition is calib/numerics.py, the
+ * TIR one relay_passes/numeric_tir.py; tests/calib/test_numeric_core.py holds all three
+ * equal on edge values. docs/numeric-contract.md states the rules:
+ *   shift_round(a, n) = (a + 2^(n−1)) >> n            arithmetic, round half up; n = 0: a
+ *   group_term(acc, σ, n, L) = v + σ·shift_round(v, n),  v = acc·2^L        int32
+ *   requant(acc, M, s)  = (acc·M + 2^(S−1)) >> S,  S = 31 + s ∈ [1, 62]      int64
+ *   add_rescale         = ((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t         int64
+ * Right shifts of negative values use waps_asr32/64 (floor), never C's implementation-
+ * defined >>; left shifts are multiplications.
+ */
+#ifndef WAPS_NUMERIC_H
+#define WAPS_NUMERIC_H
+
+#include <stdint.h>
+
+static inline int32_t waps_asr32(int32_t a, int n) { return a >= 0 ? (a >> n) : (int32_t)~(~a >> n); }
+static inline int64_t waps_asr64(int64_t a, int n) { return a >= 0 ? (a >> n) : (int64_t)~(~a >> n); }
+
+static inline int64_t waps_clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+static inline int32_t waps_shift_round32(int32_t a, int n) {
+  return n == 0 ? a : waps_asr32(a + (int32_t)(1 << (n - 1)), n);
+}
+
+/* One WAPS group's share of the merge (int32; the overflow proof bounds it). */
+static inline int32_t waps_group_term(int32_t acc, int sigma, int n, int frac) {
+  int32_t v = acc * (int32_t)(1 << frac);
+  if (sigma == 0) return v;
+  int32_t s = waps_shift_round32(v, n);
+  return sigma > 0 ? v + s : v - s;
+}
+
+static inline int64_t waps_requant(int64_t acc, int32_t mult, int32_t shift) {
+  int S = 31 + shift;
+  return waps_asr64(acc * (int64_t)mult + ((int64_t)1 << (S - 1)), S);
+}
+
+/* clamp(requant(acc) + z_out, lo, hi): a layer's output code. */
+static inline int64_t waps_output_code(int64_t acc, int32_t mult, int32_t shift, int32_t z_out, int32_t lo,
+                                       int32_t hi) {
+  return waps_clamp64(waps_requant(acc, mult, shift) + z_out, lo, hi);
+}
+
+static inline int64_t waps_add_rescale(int64_t a, int64_t za, int64_t ka, int64_t b, int64_t zb, int64_t kb, int t) {
+  return waps_asr64((a - za) * ka + (b - zb) * kb + ((int64_t)1 << (t - 1)), t);
+}
+
+/* An elementwise function of codes: table[code] (tables from calib/numerics.code_table). */
+static inline uint8_t waps_table(const uint8_t *table, int32_t code) { return table[code]; }
+
+#endif /* WAPS_NUMERIC_H */
