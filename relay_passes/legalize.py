@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import tvm
 
 from relay_passes.kernels import fast_plan, choose_layout, group_ranges
-from relay_passes.program import INPUT, Program, emit, parse
+from relay_passes.program import waps_pass, INPUT, Program, emit, parse
 
 FORMS = ("split", "fused", "fast")
 
@@ -93,9 +92,12 @@ def _choose_layouts(prog: Program) -> None:
             op.attrs["layout"] = "NHWC"
 
 
-def LegalizeWAPS(form: str = "split", dot: str = "none"):  # noqa: N802 (TVM pass naming)
-    @tvm.ir.transform.module_pass(opt_level=0, name="waps.LegalizeWAPS")
+def LegalizeWAPS(form: str = "split", dot: str = "none", sink=None):  # noqa: N802 (TVM pass naming)
+    """The pass; ``sink(LegalizeReport)`` receives its report when given."""
+    @waps_pass("waps.LegalizeWAPS")
     def _pass(mod, ctx):
-        prog, _ = legalize_waps(parse(mod), form, dot)
+        prog, report = legalize_waps(parse(mod), form, dot)
+        if sink is not None:
+            sink(report)
         return emit(prog)
     return _pass

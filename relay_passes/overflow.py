@@ -12,11 +12,12 @@ A layer that fails is rejected by name; the bound uses the layer's actual weight
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-import tvm
 
 from calib.numerics import INT32_MAX
-from relay_passes.program import Op, Program, parse
+from relay_passes.program import waps_pass, Op, Program, parse
 from relay_passes.quantize import CompileError
 
 
@@ -61,9 +62,17 @@ def check_overflow(program: Program) -> dict[str, int]:
     return bounds
 
 
-def CheckOverflow():  # noqa: N802 (TVM pass naming)
-    @tvm.ir.transform.module_pass(opt_level=0, name="waps.CheckOverflow")
+@dataclass
+class OverflowReport:
+    bounds: dict[str, int]                  # conv/linear op → largest int32 intermediate
+
+
+def CheckOverflow(sink=None):  # noqa: N802 (TVM pass naming)
+    """The pass (the module is unchanged); ``sink(OverflowReport)`` receives the bounds."""
+    @waps_pass("waps.CheckOverflow")
     def _pass(mod, ctx):
-        check_overflow(parse(mod))
+        bounds = check_overflow(parse(mod))
+        if sink is not None:
+            sink(OverflowReport(bounds))
         return mod
     return _pass

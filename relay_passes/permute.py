@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import tvm
 
 from relay_passes.kernels import group_ranges
-from relay_passes.program import INPUT, Op, Program, emit, parse
+from relay_passes.program import waps_pass, INPUT, Op, Program, emit, parse
 
 
 @dataclass
@@ -183,9 +182,12 @@ def _permute_outputs(op: Op, order: np.ndarray) -> None:
         op.params["groups"] = np.ascontiguousarray(op.params["groups"][order])
 
 
-def PermuteChannels():  # noqa: N802 (TVM pass naming)
-    @tvm.ir.transform.module_pass(opt_level=0, name="waps.PermuteChannels")
+def PermuteChannels(sink=None):  # noqa: N802 (TVM pass naming)
+    """The pass; ``sink(PermuteReport)`` receives its report when given."""
+    @waps_pass("waps.PermuteChannels")
     def _pass(mod, ctx):
-        prog, _ = permute_channels(parse(mod))
+        prog, report = permute_channels(parse(mod))
+        if sink is not None:
+            sink(report)
         return emit(prog)
     return _pass

@@ -1,11 +1,17 @@
-"""The pass pipeline from the imported float module to the final integer module.
+"""The pass pipeline: the integer Program from the artifact to the final integer module.
 
-    imported   float Relax from torch.export (waps_tvm.frontend)
-    quantized  QuantizeGraph: integer ops, WAPS layers in masked reference form
-               (CheckOverflow proves every int32 intermediate fits, or rejects)
-    permuted   PermuteChannels: groups made contiguous, gathers where consumers disagree
-    legalized  LegalizeWAPS: split (per-group convs) or fused (one TIR kernel) form
-Each stage is a Relax IRModule kept for inspection (``compile --dump-ir``).
+The frontend (waps_tvm/frontend.py) builds the Program straight from the artifact's layer
+graph; the pipeline emits it as Relax once and runs a ``tvm.transform.Sequential`` of
+module passes over it, each one parse → rewrite → emit (relay_passes/program.py):
+
+    quantized  the Program as built (integer ops, WAPS layers in masked reference form)
+    waps.CheckOverflow    proves every int32 intermediate fits, or rejects the layer
+    waps.PermuteChannels  → permuted: groups made contiguous, gathers where consumers disagree
+    waps.LegalizeWAPS     → legalized: split, fused or fast form per op
+    your passes           (``extra_passes``: any tvm.transform passes over the same module)
+
+A PassInstrument keeps the module after every pass, which ``compile --dump-ir`` and
+``inspect`` show by stage name.
 """
 from __future__ import annotations
 
@@ -13,13 +19,13 @@ from dataclasses import dataclass, field
 
 import tvm
 
-from relay_passes.legalize import LegalizeReport, legalize_waps
-from relay_passes.overflow import check_overflow
-from relay_passes.permute import PermuteReport, permute_channels
-from relay_passes.program import Program, emit
-from relay_passes.quantize import QuantSpec, quantize_graph
+from relay_passes.legalize import LegalizeReport, LegalizeWAPS
+from relay_passes.overflow import CheckOverflow, OverflowReport
+from relay_passes.permute import PermuteChannels, PermuteReport
+from relay_passes.program import Program, emit, parse, run_passes
 
-STAGES = ("imported", "quantized", "permuted", "legalized")
+STAGES = ("quantized", "permuted", "legalized")
+_STAGE_OF_PASS = {"waps.PermuteChannels": "permuted", "waps.LegalizeWAPS": "legalized"}
 
 
 @dataclass
@@ -34,18 +40,45 @@ class Lowered:
     final: tvm.IRModule | None = None                     # what relax.build received (after BYOC)
     streams: dict = field(default_factory=dict)           # npu16: encoded stream per op
 
+    def record(self, report) -> None:
+        """A pass's report (the ``sink`` of each waps pass)."""
+        if isinstance(report, OverflowReport):
+            self.bounds = report.bounds
+        elif isinstance(report, PermuteReport):
+            self.permute = report
+        elif isinstance(report, LegalizeReport):
+            self.legalize = report
 
-def lower(float_mod: tvm.IRModule, spec: QuantSpec, form: str = "split", permute: bool = True,
-          dot: str = "none") -> Lowered:
-    stages = {"imported": float_mod}
-    prog = quantize_graph(float_mod, spec)
-    stages["quantized"] = emit(prog)
-    bounds = check_overflow(prog)
-    perm_report = None
+
+@tvm.instrument.pass_instrument
+class StageRecorder:
+    """Keeps the module after each pass: waps passes by stage name, others by pass name."""
+
+    def __init__(self, stages: dict[str, tvm.IRModule]):
+        self.stages = stages
+
+    def run_after_pass(self, mod, info):
+        name = str(info.name)
+        if name not in ("waps.CheckOverflow", "waps.pipeline"):
+            self.stages[_STAGE_OF_PASS.get(name, name)] = mod
+
+
+def passes(form: str = "split", permute: bool = True, dot: str = "none", sink=None) -> list:
+    """The waps passes in order (each reports to ``sink``)."""
+    seq = [CheckOverflow(sink)]
     if permute:
-        prog, perm_report = permute_channels(prog)
-        stages["permuted"] = emit(prog)
-    prog, leg_report = legalize_waps(prog, form, dot)
-    module = emit(prog)
-    stages["legalized"] = module
-    return Lowered(prog, module, stages, perm_report, leg_report, bounds)
+        seq.append(PermuteChannels(sink))
+    seq.append(LegalizeWAPS(form, dot, sink))
+    return seq
+
+
+def lower(program: Program, form: str = "split", permute: bool = True, dot: str = "none",
+          extra_passes: tuple = ()) -> Lowered:
+    """Run the pipeline on the frontend's Program; ``extra_passes`` run after LegalizeWAPS."""
+    quantized = emit(program)
+    lowered = Lowered(program, quantized, {"quantized": quantized})
+    seq = tvm.transform.Sequential([*passes(form, permute, dot, lowered.record), *extra_passes],
+                                   name="waps.pipeline")
+    lowered.module = run_passes(seq, quantized, [StageRecorder(lowered.stages)])
+    lowered.program = parse(lowered.module)
+    return lowered

@@ -30,6 +30,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from calib.errors import WapsError
+
 INPUT = "input"
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
@@ -187,3 +189,33 @@ def parse(mod: tvm.IRModule) -> Program:
             names[b.var] = name
     shape = tuple(int(d) for d in x.ty.shape)
     return Program(shape, ops, outputs)
+
+
+_RAISED: list[WapsError] = []        # errors of waps passes, re-raised by run_passes with their type
+
+
+def waps_pass(name: str):
+    """``tvm.ir.transform.module_pass`` for a waps pass body ``fn(mod, ctx)``. A WapsError (a
+    named layer the compiler rejects) raised inside crosses TVM's FFI as a RuntimeError;
+    ``run_passes`` raises the original again, so the CLI still prints one line."""
+    def wrap(fn):
+        def body(mod, ctx):
+            try:
+                return fn(mod, ctx)
+            except WapsError as e:
+                _RAISED.append(e)
+                raise
+        return tvm.ir.transform.module_pass(body, opt_level=0, name=name)
+    return wrap
+
+
+def run_passes(seq, mod: tvm.IRModule, instruments: list) -> tvm.IRModule:
+    """``seq(mod)`` under a PassContext with ``instruments``, WapsErrors kept as they are."""
+    _RAISED.clear()
+    try:
+        with tvm.transform.PassContext(opt_level=0, instruments=instruments):
+            return seq(mod)
+    except Exception:
+        if _RAISED:
+            raise _RAISED.pop() from None
+        raise

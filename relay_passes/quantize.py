@@ -1,17 +1,15 @@
-"""QuantizeGraph: float Relax (from torch.export) + calibration results → integer Program.
+"""QuantizeGraph: the integer rules that turn calibrated layers into Program ops.
 
-Layers are matched by graph structure: the k-th conv2d/matmul binding of ``main`` is
-the k-th layer of the spec (calibration's graph order, the order torch.export emitted),
-and its weight constant must equal the spec's dequantized weights; the k-th add of two
-tensors is the k-th residual add. Float ops become integer ops:
+The frontend (waps_tvm/frontend.py) walks the artifact's layer graph and calls one
+``ProgramBuilder`` method per node, so every layer is identified by its graph node (never
+by position in another IR) and the integer program is emitted as Relax once:
 
-    conv2d + bias add [+ relu | clip(0, 6)]   → conv2d (requant α′, bias b, clamps)
-    matmul + bias add [+ relu]                → linear
+    conv2d / linear [+ relu | relu6]          → conv2d / linear (requant α′, bias b, clamps)
     add(tensor, tensor) [+ relu]              → add (one rounding, common shift t)
     max_pool2d                                → max_pool2d on codes
-    avg_pool2d / adaptive_avg_pool2d(1) / mean → sum_pool2d (int32 sums, 1/count folded
+    avg_pool2d / global_avg_pool              → sum_pool2d (int32 sums, 1/count folded
                                                 into the consumer's requantization)
-    reshape to [N, -1]                        → flatten
+    flatten                                   → flatten
 with quantize at the input and dequantize at the output. Integer parameters:
     α′_k = γ^z_k·s_w[k]·s_in / (s_out·2^L)  →  (M_k, shift_k) by quantize_multiplier
     b_k  = round((γ^z_k·β_k + φ^z_k)·2^L / (γ^z_k·s_w[k]·s_in))
@@ -24,8 +22,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import tvm
-from tvm import relax
 
 from calib.errors import UnsupportedOpError, WapsError
 from calib.numerics import INT32_MAX, quantize_multiplier
@@ -76,243 +72,37 @@ class AddQuant:
 
 
 @dataclass
-class QuantSpec:
-    input: TensorCodes
-    layers: list[LayerQuant]
-    adds: list[AddQuant]
+class Value:
+    """A value of the program being built: the op that produces it and its codes."""
 
-
-@dataclass
-class _Pending:
-    """A conv/linear/add whose bias add and activation may still follow."""
-
-    kind: str
-    spec: LayerQuant | AddQuant
-    inputs: list
-    bias_seen: bool = False
-    act_seen: str | None = None
-
-
-@dataclass
-class _T:
     name: str
     codes: TensorCodes
 
 
-def quantize_graph(mod: tvm.IRModule, spec: QuantSpec) -> Program:
-    prog = _Quantizer(spec).run(mod["main"])
-    emit(prog)                              # fills in every op's shape and dtype
-    return prog
+class ProgramBuilder:
+    """Appends integer ops to a Program, one call per graph node, in graph order."""
 
-
-def QuantizeGraph(spec: QuantSpec):  # noqa: N802 (TVM pass naming)
-    @tvm.ir.transform.module_pass(opt_level=0, name="waps.QuantizeGraph")
-    def _pass(mod, ctx):
-        return emit(quantize_graph(mod, spec))
-    return _pass
-
-
-class _Quantizer:
-    def __init__(self, spec: QuantSpec):
-        self.spec = spec
-        self.layers = list(spec.layers)
-        self.adds = list(spec.adds)
+    def __init__(self, input_shape: tuple[int, ...], codes: TensorCodes):
+        self.input_shape = tuple(input_shape)
         self.ops: list[Op] = []
-        self.env: dict = {}
-        self.last_label = "the model input"
+        self.input = self._new("quantize", "quantize", [INPUT], {"scale": codes.scale, "zero_point": codes.zero_point,
+                                                                 "qmax": codes.qmax}, {}, codes)
 
-    # ------------------------------------------------------------ driver
-    def run(self, main: relax.Function) -> Program:
-        x = main.params[0]
-        shape = tuple(int(d) for d in x.ty.shape)
-        q = self.spec.input
-        self.env[x] = self._new("quantize", "quantize", [INPUT], {"scale": q.scale, "zero_point": q.zero_point,
-                                                                  "qmax": q.qmax}, {}, q)
-        out = None
-        for block in main.body.blocks:
-            for b in block.bindings:
-                self.env[b.var] = self._visit(b.value)
-        out = self.env[main.body.body] if main.body.body in self.env else self._value(main.body.body)
-        if isinstance(out, list):
-            out = [o for o in out if o is not None]
-            if len(out) != 1:
-                raise CompileError("the model must have exactly one output tensor")
-            out = out[0]
-        t = self._tensor(out, "the graph output")
-        if self.layers or self.adds:
-            left = (self.layers or self.adds)[0].label
-            raise CompileError(f"layer {left} of the artifact was not found in the exported graph")
-        deq = self._new("dequantize", "dequantize", [t.name], {"scale": t.codes.scale,
-                        "zero_point": t.codes.zero_point}, {}, None, dtype="float32")
-        return Program(shape, self.ops, [deq.name, t.name])
+    def finish(self, out: Value) -> Program:
+        """The program returning (dequantized ``out``, its codes); shapes and dtypes filled in."""
+        deq = self._new("dequantize", "dequantize", [out.name], {"scale": out.codes.scale,
+                        "zero_point": out.codes.zero_point}, {}, None, dtype="float32")
+        prog = Program(self.input_shape, self.ops, [deq.name, out.name])
+        emit(prog)
+        return prog
 
-    def _new(self, kind, base, inputs, attrs, params, codes, dtype=None) -> _T:
-        name = base
-        i = 1
-        while any(o.name == name for o in self.ops):
-            name = f"{base}_{i}"
-            i += 1
+    def _new(self, kind, base, inputs, attrs, params, codes, dtype=None) -> Value:
+        names = {o.name for o in self.ops}
+        name, i = base, 1
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
         self.ops.append(Op(kind, name, list(inputs), attrs, params, (), dtype or codes.dtype))
-        return _T(name, codes)
-
-    def _value(self, e):
-        if isinstance(e, tvm.ir.Constant):
-            return e.value.numpy() if hasattr(e.value, "numpy") else e   # tensor, or a scalar argument
-        if isinstance(e, relax.Var):
-            return self.env[e]
-        if isinstance(e, relax.Tuple):
-            return [self._value(f) for f in e.fields]
-        if isinstance(e, relax.ShapeExpr):
-            return tuple(int(v) for v in e.values)
-        if hasattr(e, "value"):                 # PrimValue / IntImm / FloatImm arguments
-            return e
-        raise CompileError(f"unsupported expression {type(e).__name__} after {self.last_label}")
-
-    def _tensor(self, v, where: str) -> _T:
-        if isinstance(v, _Done):
-            return v.result
-        if isinstance(v, _Pending):
-            return self._materialize(v)
-        if isinstance(v, _T):
-            return v
-        raise CompileError(f"expected an activation tensor at {where} (after {self.last_label})")
-
-    # ------------------------------------------------------------ bindings
-    def _visit(self, e):
-        if isinstance(e, (tvm.ir.Constant, relax.Var, relax.Tuple)):
-            return self._value(e)
-        if isinstance(e, relax.TupleGetItem):
-            return self._value(e.tuple_value)[e.index]
-        if not isinstance(e, relax.Call) or not isinstance(e.op, tvm.ir.Op):
-            raise CompileError(f"unsupported expression {type(e).__name__} after {self.last_label}")
-        op = e.op.name
-        args = [self._value(a) for a in e.args]
-        a = e.attrs
-        if op == "relax.reshape" and isinstance(args[0], np.ndarray):
-            return args[0].reshape([int(d) for d in e.ty.shape])
-        if op == "relax.permute_dims" and isinstance(args[0], np.ndarray):
-            return np.transpose(args[0], [int(v) for v in a.axes] if a.axes is not None else None)
-        if op == "relax.nn.conv2d":
-            return self._conv(args, a, e)
-        if op == "relax.matmul":
-            return self._matmul(args, e)
-        if op == "relax.add":
-            return self._add(args)
-        if op in ("relax.nn.relu", "relax.clip"):
-            return self._act(op, args, e)
-        if op == "relax.zeros_like":
-            return None
-        if op == "relax.nn.max_pool2d":
-            return self._pool("max_pool2d", args[0], a, e)
-        if op == "relax.nn.avg_pool2d":
-            if not bool(a.count_include_pad) and any(int(p) for p in a.padding):
-                raise UnsupportedOpError(f"avg_pool2d with count_include_pad=False after {self.last_label}")
-            return self._pool("sum_pool2d", args[0], a, e)
-        if op == "relax.nn.adaptive_avg_pool2d":
-            if [int(v) for v in a.output_size] != [1, 1]:
-                raise UnsupportedOpError(f"adaptive_avg_pool2d to a size other than 1x1 after {self.last_label}")
-            return self._global_pool(args[0], e, keepdims=True)
-        if op == "relax.mean":
-            axes = sorted(int(v) % 4 for v in a.axis)
-            if axes != [2, 3]:
-                raise UnsupportedOpError(f"mean over axes {axes} after {self.last_label}")
-            return self._global_pool(args[0], e, keepdims=bool(a.keepdims))
-        if op in ("relax.reshape", "relax.flatten"):
-            t = self._tensor(args[0], op)
-            shape = [int(d) for d in e.ty.shape]
-            src = [int(d) for d in e.args[0].ty.shape]
-            if len(shape) != 2 or shape[0] != src[0]:
-                raise UnsupportedOpError(f"reshape to {shape} after {self.last_label} (only flatten is supported)")
-            return self._new("flatten", "flatten", [t.name], {}, {}, t.codes)
-        raise UnsupportedOpError(f"operation {op.replace('relax.', '')} after {self._where(args)} has no integer lowering")
-
-    def _where(self, args) -> str:
-        """Label of the layer producing the first tensor argument (for error messages)."""
-        for v in args:
-            if isinstance(v, _Done):
-                v = v.result
-            if isinstance(v, _Pending):
-                return v.spec.label
-            if isinstance(v, _T):
-                op = next(o for o in self.ops if o.name == v.name)
-                return op.attrs.get("layer", f"the {op.kind} {op.name}")
-        return self.last_label
-
-    # ------------------------------------------------------------ layers
-    def _next_layer(self, kind: str) -> LayerQuant:
-        if not self.layers:
-            raise CompileError(f"the exported graph has more conv/linear layers than the artifact (after {self.last_label})")
-        ls = self.layers.pop(0)
-        if ls.kind != kind:
-            raise CompileError(f"graph structure mismatch: expected {ls.kind} {ls.label}, found {kind}")
-        return ls
-
-    def _conv(self, args, a, e):
-        x, w = args
-        ls = self._next_layer("conv2d")
-        deq = ls.w_codes.astype(np.float32) * ls.w_scale.reshape(-1, 1, 1, 1)
-        if not isinstance(w, np.ndarray) or w.shape != deq.shape or not np.allclose(w, deq, rtol=1e-5, atol=1e-6):
-            raise CompileError(f"graph structure mismatch at {ls.label}: its weights differ from the artifact's")
-        pad = [int(v) for v in a.padding]
-        if pad[0] != pad[2] or pad[1] != pad[3]:
-            raise UnsupportedOpError(f"asymmetric padding in {ls.label}")
-        attrs = {"stride": [int(v) for v in a.strides], "padding": [pad[0], pad[1]],
-                 "dilation": [int(v) for v in a.dilation], "conv_groups": int(a.groups)}
-        return _Pending("conv2d", ls, [x, attrs])
-
-    def _matmul(self, args, e):
-        x, wt = args
-        ls = self._next_layer("linear")
-        deq = ls.w_codes.astype(np.float32) * ls.w_scale.reshape(-1, 1)
-        if not isinstance(wt, np.ndarray) or wt.T.shape != deq.shape or not np.allclose(wt.T, deq, rtol=1e-5, atol=1e-6):
-            raise CompileError(f"graph structure mismatch at {ls.label}: its weights differ from the artifact's")
-        return _Pending("linear", ls, [x, {}])
-
-    def _add(self, args):
-        a, b = args
-        for p, c in ((a, b), (b, a)):
-            if isinstance(p, _Pending) and p.kind != "add" and isinstance(c, np.ndarray):
-                if p.bias_seen or p.act_seen:
-                    break
-                bias = c.reshape(-1)
-                if bias.shape != p.spec.bias.shape or not np.allclose(bias, p.spec.bias, rtol=1e-5, atol=1e-6):
-                    raise CompileError(f"graph structure mismatch at {p.spec.label}: its bias differs from the artifact's")
-                p.bias_seen = True
-                return p
-        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-            raise UnsupportedOpError(f"adding a constant tensor after {self.last_label}")
-        if not self.adds:
-            raise CompileError(f"the exported graph has more residual adds than the artifact (after {self.last_label})")
-        return _Pending("add", self.adds.pop(0), [a, b], bias_seen=True)
-
-    def _act(self, op, args, e):
-        p = args[0]
-        if op == "relax.clip":
-            lo, hi = float(e.args[1].value), float(e.args[2].value)
-            if (lo, hi) != (0.0, 6.0):
-                raise UnsupportedOpError(f"clip({lo}, {hi}) after {self.last_label}")
-            act = "relu6"
-        else:
-            act = "relu"
-        if not isinstance(p, _Pending) or p.act_seen:
-            raise UnsupportedOpError(f"a standalone {act} after {self.last_label} (not fused into a layer)")
-        if p.spec.act != act:
-            raise CompileError(f"graph structure mismatch at {p.spec.label}: activation {act}, artifact has {p.spec.act}")
-        p.act_seen = act
-        return p
-
-    def _materialize(self, p: _Pending) -> _T:
-        ls = p.spec
-        if p.act_seen != ls.act or not p.bias_seen:
-            raise CompileError(f"graph structure mismatch at {ls.label}: bias or activation missing")
-        if p.kind == "add":
-            t = self._residual_add(p)
-        else:
-            t = self._layer(p)
-        self.last_label = ls.label
-        p.__class__ = _Done                      # later reads of the same var reuse the result
-        p.result = t
-        return t
+        return Value(name, codes)
 
     def _clamps(self, out: TensorCodes, act: str | None, label: str) -> tuple[int, int]:
         lo, hi = 0, out.qmax
@@ -322,9 +112,8 @@ class _Quantizer:
             hi = min(hi, out.zero_point + int(round(6.0 / out.scale)))
         return lo, hi
 
-    def _layer(self, p: _Pending) -> _T:
-        ls: LayerQuant = p.spec
-        x = self._tensor(p.inputs[0], ls.label)
+    def layer(self, ls: LayerQuant, x: Value, conv: dict) -> Value:
+        """A conv2d (``conv``: stride, padding, dilation, conv_groups) or linear (``conv`` empty)."""
         xin = x.codes
         if ls.out is None or ls.out.qmax > 255:
             raise CompileError(f"{ls.label}: weight-only (float activation) artifacts cannot be compiled to an "
@@ -341,7 +130,7 @@ class _Quantizer:
         if np.any(shift < -30):
             raise CompileError(f"{ls.label}: requantization multiplier {alpha.max():.3g} too large")
         lo, hi = self._clamps(ls.out, ls.act, ls.label)
-        attrs = dict(p.inputs[1])
+        attrs = dict(conv)
         attrs.update({"z_in": int(xin.zero_point), "z_out": int(ls.out.zero_point), "lo": lo, "hi": hi,
                       "in_qmax": int(xin.qmax), "layer": ls.label, "form": "reference", "frac": frac})
         params = {"w": ls.w_codes.astype(np.int8), "bias": bias.astype(np.int32),
@@ -349,7 +138,7 @@ class _Quantizer:
         if ls.groups is not None:
             params["groups"] = ls.groups.astype(np.int8)
             attrs["sigma"], attrs["n"] = list(ls.sigma), list(ls.n)
-        return self._new(p.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
+        return self._new(ls.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
 
     @staticmethod
     def _frac_bits(ls: LayerQuant, xin: TensorCodes, bias_units: np.ndarray) -> int:
@@ -365,9 +154,7 @@ class _Quantizer:
             frac += 1
         return frac
 
-    def _residual_add(self, p: _Pending) -> _T:
-        ad: AddQuant = p.spec
-        a, b = (self._tensor(v, ad.label) for v in p.inputs)
+    def residual_add(self, ad: AddQuant, a: Value, b: Value) -> Value:
         if a.codes.qmax > 255 or b.codes.qmax > 255:
             raise UnsupportedOpError(f"{ad.label}: adding pooled (wide) tensors is not supported")
         ra, rb = a.codes.scale / ad.out.scale, b.codes.scale / ad.out.scale
@@ -378,40 +165,25 @@ class _Quantizer:
                  "z_out": ad.out.zero_point, "lo": lo, "hi": hi, "layer": ad.label}
         return self._new("add", _op_name(ad.label), [a.name, b.name], attrs, {}, ad.out)
 
-    # ------------------------------------------------------------ pooling
-    def _pool(self, kind, v, a, e) -> _T:
-        t = self._tensor(v, kind)
-        pad = [int(x) for x in a.padding]
-        if pad[0] != pad[2] or pad[1] != pad[3] or bool(a.ceil_mode) or any(int(d) != 1 for d in a.dilation):
-            raise UnsupportedOpError(f"{kind} with asymmetric padding, ceil_mode or dilation after {self.last_label}")
-        attrs = {"kernel": [int(x) for x in a.pool_size], "stride": [int(x) for x in a.strides],
-                 "padding": [pad[0], pad[1]]}
-        if kind == "max_pool2d":
-            if t.codes.qmax > 255:
-                raise UnsupportedOpError(f"max_pool2d of a pooled (wide) tensor after {self.last_label}")
-            return self._new(kind, "max_pool", [t.name], attrs, {}, t.codes)
-        count = attrs["kernel"][0] * attrs["kernel"][1]
-        return self._sum(t, attrs, count)
+    # ------------------------------------------------------------ pooling, layout
+    def max_pool(self, t: Value, attrs: dict, label: str) -> Value:
+        """``attrs``: kernel, stride, padding (symmetric [ph, pw])."""
+        if t.codes.qmax > 255:
+            raise UnsupportedOpError(f"max_pool2d of a pooled (wide) tensor at {label}")
+        return self._new("max_pool2d", "max_pool", [t.name], dict(attrs), {}, t.codes)
 
-    def _global_pool(self, v, e, keepdims: bool) -> _T:
-        t = self._tensor(v, "global average pool")
-        h, w = [int(d) for d in e.args[0].ty.shape][2:]
-        out = self._sum(t, {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, h * w)
-        if not keepdims:
-            out = self._new("flatten", "flatten", [out.name], {}, {}, out.codes)
-        return out
-
-    def _sum(self, t: _T, attrs: dict, count: int) -> _T:
+    def sum_pool(self, t: Value, attrs: dict, label: str) -> Value:
+        """Window sums (average pooling with the padding counted, 1/count folded downstream)."""
         c = t.codes
-        attrs["z_in"] = int(c.zero_point)
+        count = attrs["kernel"][0] * attrs["kernel"][1]
         wide = TensorCodes(c.scale / count, c.zero_point * count, c.qmax * count)
         if wide.qmax > INT32_MAX:
-            raise CompileError(f"pooling window of {count} after {self.last_label} overflows int32")
-        return self._new("sum_pool2d", "sum_pool", [t.name], attrs, {}, wide, dtype="int32")
+            raise CompileError(f"pooling window of {count} at {label} overflows int32")
+        return self._new("sum_pool2d", "sum_pool", [t.name], {**attrs, "z_in": int(c.zero_point)}, {}, wide,
+                         dtype="int32")
 
-
-class _Done(_Pending):
-    result: _T
+    def flatten(self, t: Value) -> Value:
+        return self._new("flatten", "flatten", [t.name], {}, {}, t.codes)
 
 
 def _op_name(label: str) -> str:

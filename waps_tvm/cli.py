@@ -129,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="lowered graphs of a compiled folder: Relax stages, ONNX, netron")
     ins.add_argument("folder")
-    ins.add_argument("--stage", help="print the Relax text of a stage (imported, quantized, permuted, legalized, "
-                                     "partitioned, final; needs compile --dump-ir)")
+    ins.add_argument("--stage", help="print the Relax text of a stage (quantized, permuted, legalized, "
+                                     "partitioned, final, or an extra pass's name; needs compile --dump-ir)")
     ins.add_argument("--netron", action="store_true", help="serve out/graph.onnx with netron on localhost")
     ins.add_argument("--port", type=int, default=0, help="netron port (default: any free port)")
     ins.add_argument("--serve-seconds", type=float, default=None, help="stop serving after this many seconds")

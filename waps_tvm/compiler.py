@@ -24,7 +24,7 @@ from calib.artifact import WapsArtifact
 from calib.errors import ConfigError
 from relay_passes.pipeline import Lowered, lower
 from targets.cpu import CpuTarget, export_cc, llvm_target, resolve, target_config
-from waps_tvm.frontend import quant_spec, to_relax
+from waps_tvm.frontend import to_program
 
 META_VERSION = 1
 
@@ -35,7 +35,7 @@ def lower_artifact(art: WapsArtifact, batch: int = 1, form: str = "split", permu
     is chosen for ``target`` by :func:`dot_product`."""
     if batch < 1:
         raise ConfigError(f"--batch must be at least 1 (got {batch})")
-    return lower(to_relax(art, batch), quant_spec(art), form, permute, dot_product(target) if form == "fast" else "none")
+    return lower(to_program(art, batch), form, permute, dot_product(target) if form == "fast" else "none")
 
 
 def dot_product(target: str | CpuTarget) -> str:

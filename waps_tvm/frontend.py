@@ -1,10 +1,13 @@
-"""The torch → Relax frontend: a .waps artifact becomes a float Relax module (through
-torch.export and ``from_exported_program``) plus the calibration results the
-QuantizeGraph pass attaches to it.
+"""The frontend: a .waps artifact becomes the integer Program, straight from its layer graph.
 
-The float model is rebuilt from the artifact's graph with dequantized weights
-(codes·s_w), so each conv/linear's weight constant in Relax identifies its layer;
-QuantizeGraph matches layers by graph order and checks those constants.
+``to_program`` walks the artifact's graph (calibration's own record of the model, node by
+node) and calls relay_passes.quantize.ProgramBuilder once per node, so each layer is
+identified by its graph node and its calibration record, never by its position in
+another IR; the Program is emitted as Relax once, by the pipeline. (The earlier route —
+rebuild a torch module, torch.export it, import float Relax, match layers by position —
+crossed three IRs and could pair a layer with another's parameters; see docs/compiler.md.)
+
+``to_relax`` still gives the float model as Relax, for the fp32 TVM baseline of bench/cpu.py.
 """
 from __future__ import annotations
 
@@ -14,14 +17,72 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.artifact import TensorQuant, WapsArtifact
-from calib.errors import ArtifactError
-from calib.graph import PARAM_OPS, Graph
+from calib.errors import ArtifactError, UnsupportedOpError
+from calib.graph import PARAM_OPS, Graph, Node
 from calib.qmodel import apply_act, key
-from relay_passes.quantize import AddQuant, CompileError, LayerQuant, QuantSpec, TensorCodes
+from relay_passes.program import Program
+from relay_passes.quantize import AddQuant, CompileError, LayerQuant, ProgramBuilder, TensorCodes, Value
+
+
+def to_program(art: WapsArtifact, batch: int = 1) -> Program:
+    """The integer Program of ``art`` for inputs [batch, C, H, W] (shapes and dtypes filled in)."""
+    return build_program(art, batch)[0]
+
+
+def build_program(art: WapsArtifact, batch: int = 1) -> tuple[Program, dict[str, Value]]:
+    """The Program and, per graph node, the program value that computes it (op name and codes)."""
+    g = art.graph
+    b = ProgramBuilder((batch, *g.input.attrs["shape"]), _codes(art.quant[g.input.name], "the model input"))
+    env: dict[str, Value] = {g.input.name: b.input}
+    for n in g:
+        if n.op == "input":
+            continue
+        xs = [env[i] for i in n.inputs]
+        env[n.name] = _lower_node(art, b, n, xs)
+    return b.finish(env[g.output]), env
+
+
+def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) -> Value:
+    a = n.attrs
+    if n.op in PARAM_OPS:
+        conv = {}
+        if n.op == "conv2d":
+            conv = {"stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
+                    "conv_groups": int(a["groups"])}
+        return b.layer(layer_quant(art, n), xs[0], conv)
+    if n.op == "add":
+        return b.residual_add(AddQuant(n.label(), a.get("act"), _codes(art.quant[n.name], n.label())), *xs)
+    if n.op == "max_pool2d":
+        return b.max_pool(xs[0], _window(a), n.label())
+    if n.op == "avg_pool2d":
+        return b.sum_pool(xs[0], _window(a), n.label())
+    if n.op == "global_avg_pool":
+        h, w = art.graph[n.inputs[0]].shape[1:]
+        return b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, n.label())
+    if n.op == "flatten":
+        return b.flatten(xs[0])
+    if n.op in ("relu", "relu6"):
+        raise UnsupportedOpError(f"a standalone {n.op} at {n.label()} (not fused into a layer)")
+    raise UnsupportedOpError(f"operation {n.op} at {n.label()} has no integer lowering")
+
+
+def _window(a: dict) -> dict:
+    return {"kernel": list(a["kernel"]), "stride": list(a["stride"]), "padding": list(a["padding"])}
+
+
+def layer_quant(art: WapsArtifact, n: Node) -> LayerQuant:
+    """The calibration results of conv/linear node ``n`` that the integer rules need."""
+    rec = art.layers.get(n.name)
+    if rec is None:
+        raise ArtifactError(f"artifact has no parameters for layer {n.label()}")
+    groups = None if rec.groups is None else np.repeat(rec.groups.astype(np.int8), rec.unit_size)
+    return LayerQuant(n.op, n.label(), rec.w_codes, rec.w_scale, rec.bias, rec.gamma_z, rec.phi_z, groups,
+                      [s.sigma for s in rec.group_scales], [s.n for s in rec.group_scales], n.attrs.get("act"),
+                      _codes(art.quant[n.name], n.label()))
 
 
 class ArtifactModule(nn.Module):
-    """The float (BN-folded) model an artifact describes, weights = codes·s_w."""
+    """The float (BN-folded) model an artifact describes, weights = codes·s_w (benchmarks)."""
 
     def __init__(self, art: WapsArtifact):
         super().__init__()
@@ -80,24 +141,3 @@ def _codes(tq: TensorQuant, where: str) -> TensorCodes:
         raise CompileError(f"{where} is a float activation (weight-only artifact): integer compilation needs "
                            f"--abits 8 or less")
     return TensorCodes(float(tq.scale), int(tq.zero_point), (1 << tq.bits) - 1)
-
-
-def quant_spec(art: WapsArtifact) -> QuantSpec:
-    """The calibration results QuantizeGraph needs, in graph order."""
-    g = art.graph
-    layers, adds = [], []
-    for n in g:
-        if n.op in PARAM_OPS:
-            rec = art.layers.get(n.name)
-            if rec is None:
-                raise ArtifactError(f"artifact has no parameters for layer {n.label()}")
-            groups = None
-            if rec.groups is not None:
-                groups = np.repeat(rec.groups.astype(np.int8), rec.unit_size)
-            layers.append(LayerQuant(
-                n.op, n.label(), rec.w_codes, rec.w_scale, rec.bias, rec.gamma_z, rec.phi_z, groups,
-                [s.sigma for s in rec.group_scales], [s.n for s in rec.group_scales], n.attrs.get("act"),
-                _codes(art.quant[n.name], n.label())))
-        elif n.op == "add":
-            adds.append(AddQuant(n.label(), n.attrs.get("act"), _codes(art.quant[n.name], n.label())))
-    return QuantSpec(_codes(art.quant[g.input.name], "the model input"), layers, adds)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 DOMAIN = "ai.waps"
-STAGES = ("imported", "quantized", "permuted", "legalized", "partitioned", "final")
+STAGES = ("quantized", "permuted", "legalized", "partitioned", "final")   # plus any extra pass's name
 
 
 def to_onnx(program, target: str, placement: list[dict] | None = None):
@@ -100,9 +100,9 @@ def to_onnx(program, target: str, placement: list[dict] | None = None):
 
 def stage_text(folder: Path, stage: str) -> str:
     from calib.errors import ConfigError
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
     path = Path(folder) / "ir" / f"{stage}.py"
+    if not path.is_file() and stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)}, or a pass of yours)")
     if not path.is_file():
         have = sorted(p.stem for p in (Path(folder) / "ir").glob("*.py")) if (Path(folder) / "ir").is_dir() else []
         hint = f"stages here: {', '.join(have)}" if have else "compile with --dump-ir to keep the stages"

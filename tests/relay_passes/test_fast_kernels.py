@@ -8,17 +8,16 @@ import pytest
 from relay_passes import fast_kernels
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
-from relay_passes.quantize import quantize_graph
 from tests.compile_helpers import scramble_groups
 from tests.relay_passes.helpers import assert_same
-from waps_tvm.frontend import quant_spec, to_relax
+from waps_tvm.frontend import to_program
 
 
 @pytest.fixture(scope="module")
 def permuted(tiny_artifact):
     """TinyResNet (W4A4) with 4-channel scattered groups: fast convs, and a gather before one."""
     art = scramble_groups(copy.deepcopy(tiny_artifact), seed=7, tile=4)
-    prog = permute_channels(quantize_graph(to_relax(art, 2), quant_spec(art)))[0]
+    prog = permute_channels(to_program(art, 2))[0]
     for o in _depthwise(prog):                  # WAPS on the depthwise conv too: a group per channel
         o.params["groups"] = (np.arange(o.params["w"].shape[0]) % 3).astype(np.int8)
         o.attrs["sigma"], o.attrs["n"] = [0, -1, 1], [4, 4, 4]

@@ -8,14 +8,13 @@ from relay_passes.kernels import group_ranges
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
 from relay_passes.program import INPUT, emit, input_layout, layout_of, parse
-from relay_passes.quantize import quantize_graph
 from tests.relay_passes.helpers import assert_same, body_ops
-from waps_tvm.frontend import quant_spec, to_relax
+from waps_tvm.frontend import to_program
 
 
 @pytest.fixture(scope="module")
 def quantized(tiny_artifact):
-    return quantize_graph(to_relax(tiny_artifact, 2), quant_spec(tiny_artifact))
+    return to_program(tiny_artifact, 2)
 
 
 @pytest.fixture(scope="module")

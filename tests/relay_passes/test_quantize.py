@@ -2,19 +2,17 @@
 import numpy as np
 import pytest
 import torch
-from tvm import relax
 
 from calib.errors import UnsupportedOpError
 from calib.fakequant import build_fake_quant
 from relay_passes import reference
 from relay_passes.program import emit, parse
-from relay_passes.quantize import CompileError, quantize_graph
 from tests.relay_passes.helpers import assert_same
-from waps_tvm.frontend import quant_spec, to_relax
+from waps_tvm.frontend import to_program
 
 
 def test_structure(tiny_artifact):
-    prog = quantize_graph(to_relax(tiny_artifact, 2), quant_spec(tiny_artifact))
+    prog = to_program(tiny_artifact, 2)
     kinds = [o.kind for o in prog.ops]
     assert kinds[0] == "quantize" and kinds[-1] == "dequantize"
     assert kinds.count("conv2d") == 6 and kinds.count("linear") == 1 and kinds.count("add") == 2
@@ -33,7 +31,7 @@ def test_structure(tiny_artifact):
 
 
 def test_agrees_with_fake_quant(tiny_artifact):
-    prog = quantize_graph(to_relax(tiny_artifact, 64), quant_spec(tiny_artifact))
+    prog = to_program(tiny_artifact, 64)
     x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         fq = build_fake_quant(tiny_artifact)(x).numpy()
@@ -47,46 +45,43 @@ def test_agrees_with_fake_quant(tiny_artifact):
 
 
 def test_llvm_equals_reference(tiny_artifact):
-    prog = quantize_graph(to_relax(tiny_artifact, 2), quant_spec(tiny_artifact))
+    prog = to_program(tiny_artifact, 2)
     assert_same(prog, np.random.default_rng(0).normal(size=(2, 1, 16, 16)).astype("float32"))
 
 
-def _float_module(extra_op):
-    """conv → bias → relu → <extra_op> as a float Relax module, plus a matching spec."""
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((1, 2, 4, 4), "float32"))
-    w = np.ones((3, 2, 1, 1), np.float32) * 0.5
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.nn.conv2d(x, relax.const(w)))
-            y = bb.emit(relax.op.add(y, relax.const(np.zeros((1, 3, 1, 1), np.float32))))
-            y = bb.emit(relax.op.nn.relu(y))
-            y = bb.emit_output(extra_op(y))
-        bb.emit_func_output(y)
-    from relay_passes.quantize import LayerQuant, QuantSpec, TensorCodes
-    layer = LayerQuant("conv2d", "features.0 (conv)", np.ones((3, 2, 1, 1), np.int8), np.full(3, 0.5, np.float32),
-                       np.zeros(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32), None, act="relu",
-                       out=TensorCodes(0.1, 0, 15))
-    return bb.get(), QuantSpec(TensorCodes(0.1, 8, 255), [layer], [])
+def _one_conv_artifact(tail_op: str | None = None):
+    """input [2, 4, 4] → 1×1 conv (3 outputs, weights 1·0.5, relu) [→ a node of ``tail_op``]."""
+    from calib.artifact import LayerRecord, TensorQuant, WapsArtifact
+    from calib.graph import Graph, Node
+    nodes = [Node("x", "input", [], {"shape": [2, 4, 4]}, shape=(2, 4, 4)),
+             Node("conv", "conv2d", ["x"], {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                                            "act": "relu"}, source="features.0", shape=(3, 4, 4))]
+    if tail_op:
+        nodes.append(Node("tail", tail_op, ["conv"], {}, source="features.1", shape=(3, 4, 4)))
+    rec = LayerRecord(wbits=4, unit_size=1, w_codes=np.ones((3, 2, 1, 1), np.int8), w_scale=np.full(3, 0.5, np.float32),
+                      bias=np.zeros(3, np.float32), gamma_z=np.ones(3, np.float32), phi_z=np.zeros(3, np.float32))
+    quant = {"x": TensorQuant(8, 0.1, 8), "conv": TensorQuant(4, 0.1, 0)}
+    return WapsArtifact(Graph(nodes, nodes[-1].name), {"conv": rec}, quant, {})
 
 
-def test_unsupported_op_is_named_with_its_place():
-    mod, spec = _float_module(relax.op.sigmoid)
-    with pytest.raises(UnsupportedOpError, match=r"sigmoid after features.0 \(conv\)"):
-        quantize_graph(mod, spec)
+@pytest.mark.parametrize("op,match", [("sigmoid", r"operation sigmoid at tail \(features.1\) has no integer"),
+                                      ("relu", r"standalone relu at tail \(features.1\)")])
+def test_unsupported_op_is_named_with_its_place(op, match):
+    with pytest.raises(UnsupportedOpError, match=match):
+        to_program(_one_conv_artifact(op), 1)
 
 
 def test_supported_small_module_matches_hand_computation():
-    mod, spec = _float_module(lambda y: y)
-    prog = quantize_graph(mod, spec)
+    prog = to_program(_one_conv_artifact(), 1)
     x = np.full((1, 2, 4, 4), 0.3, np.float32)              # code 11 (z 8 + 3)
     deq, codes = reference.run(prog, x)
     # acc = Σ w(x̄−z) = 2·1·3 = 6; α′ = 0.5·0.1/0.1 = 0.5 → 3
     assert (codes == 3).all() and np.allclose(deq, 0.3)
 
 
-def test_mismatched_weights_are_rejected():
-    mod, spec = _float_module(lambda y: y)
-    spec.layers[0].w_codes = spec.layers[0].w_codes * 2
-    with pytest.raises(CompileError, match="weights differ"):
-        quantize_graph(mod, spec)
+def test_layer_without_calibration_record_is_named():
+    from calib.errors import ArtifactError
+    art = _one_conv_artifact()
+    art.layers.clear()
+    with pytest.raises(ArtifactError, match=r"no parameters for layer conv \(features.0\)"):
+        to_program(art, 1)

@@ -46,7 +46,7 @@ def test_compile_writes_library_metadata_and_stages(compiled):
     assert meta["input"]["shape"] == [2, 1, 16, 16] and meta["input"]["layout"] == "NCHW"
     assert meta["output"]["shape"] == [2, 10] and meta["waps"]["form"] == "fast"
     assert meta["waps"]["gathers"] >= 1 and meta["versions"]["tvm"]
-    assert sorted(p.stem for p in (out / "ir").iterdir()) == ["final", "imported", "legalized", "permuted", "quantized"]
+    assert sorted(p.stem for p in (out / "ir").iterdir()) == ["final", "legalized", "permuted", "quantized"]
     assert (out / "graph.onnx").is_file()
     assert not [p for p in compiled.iterdir() if p.name.startswith(".")]     # no temp folders left
 

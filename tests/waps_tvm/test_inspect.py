@@ -35,7 +35,7 @@ def test_onnx_shows_groups_epilogues_gathers_and_placement(compiled_npu16, capsy
 
 
 def test_stages_print_and_missing_stage_is_one_line(compiled_npu16, capsys):
-    for stage in ("imported", "quantized", "permuted", "legalized", "partitioned", "final"):
+    for stage in ("quantized", "permuted", "legalized", "partitioned", "final"):
         assert cli.main(["inspect", str(compiled_npu16), "--stage", stage]) == 0
         assert "def main" in capsys.readouterr().out
     assert cli.main(["inspect", str(compiled_npu16), "--stage", "nope"]) == 2

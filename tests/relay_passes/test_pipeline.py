@@ -1,0 +1,37 @@
+"""The pipeline: a tvm.transform.Sequential of module passes, extensible, stages recorded by
+a PassInstrument, compile errors keeping their type across TVM's FFI."""
+import numpy as np
+import pytest
+import tvm
+
+from relay_passes import reference
+from relay_passes.overflow import CompileError
+from relay_passes.pipeline import lower
+from relay_passes.program import parse, waps_pass
+from waps_tvm.frontend import to_program
+
+
+def test_stages_are_recorded_and_user_passes_run_after_legalize(tiny_artifact):
+    seen = []
+
+    @tvm.ir.transform.module_pass(opt_level=0, name="user.CountOps")
+    def count_ops(mod, ctx):
+        seen.append([op.kind for op in parse(mod).ops])
+        return mod
+
+    program = to_program(tiny_artifact, 2)
+    lowered = lower(program, "split", extra_passes=(count_ops,))
+    assert list(lowered.stages) == ["quantized", "permuted", "legalized", "user.CountOps"]
+    assert seen and seen[0] == [op.kind for op in lowered.program.ops]
+    assert lowered.permute is not None and lowered.legalize.form == "split" and lowered.bounds
+    x = np.random.default_rng(0).normal(size=(2, 1, 16, 16)).astype("float32")
+    np.testing.assert_array_equal(reference.run(lowered.program, x)[1], reference.run(program, x)[1])
+
+
+def test_a_rejected_layer_keeps_its_error_type_through_the_passes(tiny_artifact):
+    @waps_pass("user.Reject")
+    def reject(mod, ctx):
+        raise CompileError("layer conv9 is not allowed here")
+
+    with pytest.raises(CompileError, match="layer conv9 is not allowed here"):
+        lower(to_program(tiny_artifact, 1), "split", extra_passes=(reject,))
