@@ -7,12 +7,12 @@ import torch
 from calib.config import CalibConfig
 
 
-def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0):
+def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0, gammas=None):
     from waps_tvm import api
     g = torch.Generator().manual_seed(seed)
     data = torch.randn((samples, *input_shape), generator=g)
     cfg = CalibConfig(wbits=wbits, abits=abits, method="waps", iters=iters, batch=min(8, samples),
-                      samples=samples, seed=seed, progress=False)
+                      samples=samples, seed=seed, progress=False, **({"gammas": tuple(gammas)} if gammas else {}))
     _, art = api.quantize(model.eval(), data, cfg)
     return art
 

@@ -242,3 +242,24 @@ def test_emulated_and_rpc_runs_take_any_number_of_samples(builds, server_port, c
     for name in ("more_emu.npy", "more_rpc.npy"):
         codes = np.load(d / name)
         assert codes.shape == want.shape and codes.tobytes() == np.ascontiguousarray(want).tobytes(), name
+
+
+def test_unfolded_group_accumulators_bit_exact_under_qemu(tiny_artifact, tmp_path, monkeypatch, capsys):
+    """With n_p > L no group folds into a shared accumulator (fast_kernels.fold_groups is None),
+    so each aarch64 conv keeps one accumulator per group and the shift-add runs on the tile:
+    that path, under qemu, equals the reference."""
+    _require(emulation.python)
+    _require(lambda: cpu.export_cc("aarch64"))
+    from relay_passes import fast_kernels, quantize
+    monkeypatch.setattr(quantize, "FRAC_BITS", 2)                 # L ≤ 2 < n = 4 for every scaled group
+    lowered = lower_artifact(tiny_artifact, 1, "fast", target="aarch64")
+    fast_grouped = [op for op in lowered.program.ops if op.kind == "conv2d" and "groups" in op.params
+                    and op.attrs.get("form") == "fast"]
+    assert fast_grouped and all(fast_kernels.fold_groups(op) is None for op in fast_grouped)
+    waps = artifact.save(tiny_artifact, tmp_path / "tiny.waps")
+    assert cli.main(["compile", str(waps), "--target", "aarch64", "-o", str(tmp_path / "a64")]) == 0
+    x = np.random.default_rng(4).normal(size=(1, 1, 16, 16)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    _run(capsys, tmp_path / "a64", tmp_path / "x.npy", "--emulate", "--codes", "--output", str(tmp_path / "c.npy"))
+    want = reference.run(lowered.program, x)[1]
+    assert np.load(tmp_path / "c.npy").tobytes() == np.ascontiguousarray(want).tobytes()
