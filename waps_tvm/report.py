@@ -140,7 +140,8 @@ def markdown(rep: dict) -> str:
            f"WAPS groups; {t['gathers']} gathers.", ""]
     if npu:
         clock = rep["npu"]["clock_mhz"]
-        out += [f"npu16 ({rep['npu']['arrays']} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
+        tile = rep["npu"].get("tile", 16)
+        out += [f"npu16 ({rep['npu']['arrays']} {tile}×{tile} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
                 f"{t['cycles'] / clock:.1f} µs per batch; WAPS groups cost {t['waps_overhead_pct']:+.2f} % against "
                 f"the same layers without groups.", ""]
     if acc := rep.get("accuracy"):
