@@ -110,7 +110,13 @@ def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
             changes.update({_SRAM[k]: v for k, v in value.items()})
         else:
             changes[_RENAMED.get(key, key)] = value
-    return replace(base or DEFAULT, **changes)
+    try:
+        return replace(base or DEFAULT, **changes)
+    except NpuConfigError as e:          # name the key as the config spells it
+        msg = str(e)
+        for key, name in [*_RENAMED.items(), *((f"sram_kib.{k}", v) for k, v in _SRAM.items())]:
+            msg = msg.replace(name, key)
+        raise NpuConfigError(msg) from None
 
 
 def load_config(path: str | Path) -> NPU16:

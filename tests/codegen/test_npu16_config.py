@@ -33,10 +33,10 @@ def test_config_round_trip_and_defaults():
     ({"arrays": 5}, "1 to 4 MAC arrays"),
     ({"clock_mhz": -1}, "clock_mhz must be positive"),
     ({"dma_bytes_per_cycle": 0}, "dma_bytes_per_cycle must be at least 1"),
-    ({"epilogue_lanes": 2.5}, "epilogue_width: expected int"),
+    ({"epilogue_lanes": 2.5}, "epilogue_lanes: expected int"),
     ({"waps_pipelined": 1}, "waps_pipelined: expected bool"),
     ({"sram_kib": 512}, "sram_kib must be an object"),
-    ({"sram_kib": {"weights": 0}}, "sram_weight_kib must be at least 1"),
+    ({"sram_kib": {"weights": 0}}, "sram_kib.weights must be at least 1"),
     ([16], "must be a JSON object"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, cfg, msg):
