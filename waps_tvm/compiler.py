@@ -154,11 +154,12 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
             np.savez(tmp / "npu16_streams.npz", **lowered.streams)
         counters = None
         if npu is not None:
+            from codegen.npu16.byoc import counter_symbols
             from targets.npu16.counters import measure
             (tmp / "npu_config.json").write_text(json.dumps(npu.to_config(), indent=1))
-            syms = {r["symbol"]: r["op"] for r in meta["placement"] if r.get("symbol")}
-            counted = measure(tmp / "model.so", tuple(meta["input"]["shape"]), sorted(syms))
-            counters = {syms[s]: c for s, c in counted.items()}
+            op_of = {r["symbol"]: r["op"] for r in meta["placement"] if r.get("symbol")}
+            counted = measure(tmp / "model.so", tuple(meta["input"]["shape"]), counter_symbols(meta["placement"]))
+            counters = {op_of[s]: c for s, c in counted.items()}
         from waps_tvm import report
         report.write(tmp, report.build(lowered.program, meta["placement"], tgt.name, npu, counters))
         if dump_ir:

@@ -33,7 +33,7 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
         from targets.npu16.params import DEFAULT
         from targets.npu16.report import op_costs
         costs = {r["op"]: r for r in op_costs(program, placement, npu or DEFAULT, counters)}
-        npu = (npu or DEFAULT).to_json()
+        npu = (npu or DEFAULT).to_config()       # the keys of --npu-config
     rows = []
     for op in program.ops:
         place = where.get(op.name, {"target": target, "reason": ""})

@@ -82,7 +82,7 @@ def test_tiles_8_16_32_bit_exact_with_counters_equal_to_the_estimator(tiny_artif
         meta = json.loads((out / "meta.json").read_text())
         assert from_config(meta["npu16"]) == npu and load_config(out / "npu_config.json") == npu
         rep = json.loads((out / "report.json").read_text())
-        assert rep["npu"]["tile"] == tile
+        assert rep["npu"]["tile"] == tile and from_config(rep["npu"]) == npu
         # every offloaded op's counts are the simulator's counters, equal to the estimator
         counted = {r["op"]: r["npu16"] for r in rep["ops"] if "npu16" in r}
         assert counted and all(c["counted"] for c in counted.values())
