@@ -24,8 +24,10 @@ def symbol(prefix: str, name: str) -> str:
     return prefix + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def register(codegen: str, library: Callable[[], str], entry: Callable[[relax.Function, str], str]) -> None:
-    """Register ``relax.ext.<codegen>``: PRELUDE + library() + entry(fn, symbol) per function."""
+def register(codegen: str, library: Callable[[], str], entry: Callable[[relax.Function, str], str],
+             footer: Callable[[list[str]], tuple[str, str]] | None = None) -> None:
+    """Register ``relax.ext.<codegen>``: PRELUDE + library() + entry(fn, symbol) per function
+    [+ footer(symbols) → (one more exported symbol, its code) over all of them]."""
     if tvm.get_global_func(f"relax.ext.{codegen}", allow_missing=True) is not None:
         return
 
@@ -35,6 +37,10 @@ def register(codegen: str, library: Callable[[], str], entry: Callable[[relax.Fu
             sym = str(fn.attrs["global_symbol"])
             symbols.append(sym)
             parts.append(entry(fn, sym))
+        if footer is not None:
+            sym, code = footer(list(symbols))
+            symbols.append(sym)
+            parts.append(code)
         return [tvm.get_global_func("runtime.CSourceModuleCreate")("\n".join(parts), "cc", symbols, [])]
     tvm.register_global_func(f"relax.ext.{codegen}", _codegen)
 

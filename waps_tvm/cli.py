@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test images for the compiled-model top-1 "
                         "(default: all; 2000 for npu16, whose simulator is slow)")
     k.add_argument("-q", "--quiet", action="store_true")
+    k.add_argument("--npu-config", metavar="FILE",
+                   help="npu16 machine as JSON (--target npu16): tile, arrays, clock_mhz, dma_bytes_per_cycle, "
+                        "epilogue_lanes, sram_kib {weights, activations, accumulators}, waps_switch_cycles, "
+                        "waps_merge_cycles, waps_pipelined; omitted keys keep the default 16x16 npu16")
 
     k.add_argument("--tuning-records", help="a folder written by 'waps-tvm tune': each kernel is built from its "
                                             "best record (fast form; llvm, or the cross target it was tuned for)")
@@ -223,6 +227,12 @@ def _compile(args) -> int:
     from targets.cpu import export_cc, resolve
     target = resolve(args.target)                     # unknown targets and missing cross gcc fail
     export_cc(target)                                 # before any work
+    npu = None
+    if args.npu_config:
+        if target.name != "npu16":
+            raise ConfigError(f"--npu-config describes the npu16 machine; it does not apply to --target {target.name}")
+        from targets.npu16.params import load_config
+        npu = load_config(args.npu_config)
     out = Path(args.output)
     if str(args.model).endswith(".waps"):
         art = api.load_artifact(args.model)
@@ -251,7 +261,7 @@ def _compile(args) -> int:
         records = load_records(args.tuning_records, art, args.batch, args.target)
     else:
         records = None
-    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records)
+    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records, npu=npu)
     w = meta["waps"]
     print(f"compiled for {target.name} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
@@ -261,6 +271,10 @@ def _compile(args) -> int:
         print(f"npu16 runs {len(meta['placement']) - len(host)} of {len(meta['placement'])} ops; on the host (llvm):")
         for p in host:
             print(f"  {p['op']} ({p['kind']}): {p['reason']}")
+    if "npu16" in meta:
+        m = meta["npu16"]
+        print(f"npu16 machine: {m['tile']}x{m['tile']} MAC array x{m['arrays']}, {m['clock_mhz']:g} MHz, DMA "
+              f"{m['dma_bytes_per_cycle']} B/cycle, epilogue {m['epilogue_lanes']} lanes (in {out}/npu_config.json)")
     if test is not None:
         _eval_compiled(out, art, spec, test, quiet=args.quiet)
     return 0

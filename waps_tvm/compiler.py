@@ -51,10 +51,11 @@ def dot_product(target: str | CpuTarget) -> str:
     return "sdot" if tgt.arch == "aarch64" and "+dotprod" in mattr else "none"
 
 
-def build(lowered: Lowered, target: str | CpuTarget = "llvm"):
+def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None):
     """Relax VM executable of the lowered module for ``target``: 'llvm' (TVM kernels for
     this CPU), 'aarch64' or a JSON llvm target dict (TVM kernels for that CPU), 'c' (every
-    integer op as portable C99 through BYOC, host glue on llvm) or 'npu16'."""
+    integer op as portable C99 through BYOC, host glue on llvm) or 'npu16' (on the machine
+    ``npu``, a targets.npu16.params.NPU16; default today's npu16)."""
     import tvm
     from tvm import relax
 
@@ -66,7 +67,7 @@ def build(lowered: Lowered, target: str | CpuTarget = "llvm"):
         lowered.stages["partitioned"] = module
     elif tgt.name == "npu16":
         from codegen.npu16.byoc import offload as npu_offload
-        module, lowered.placement = npu_offload(module)
+        module, lowered.placement = npu_offload(module, *([npu] if npu is not None else []))
         lowered.streams = {r["op"]: r["lowered"].words for r in lowered.placement if r["lowered"] is not None}
         lowered.stages["partitioned"] = module
     else:                                  # one VM frame for the whole model, not one per op
@@ -104,15 +105,23 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: CpuTarget, batch: int,
 
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
-                     form: str = "fast", dump_ir: bool = False, records=None) -> dict:
+                     form: str = "fast", dump_ir: bool = False, records=None, npu=None) -> dict:
     """Compile ``art`` into the folder ``out`` (replaced atomically) for ``target`` (a name or
     a JSON llvm target dict, targets/cpu.py); returns the metadata. ``records``: (meta-schedule
-    database, its target) from waps_tvm.tuning.load_records — the fast kernels' schedules."""
+    database, its target) from waps_tvm.tuning.load_records — the fast kernels' schedules.
+    ``npu``: the npu16 machine (targets.npu16.params.NPU16) of an npu16 build, recorded in
+    meta.json and npu_config.json; the report's npu16 counts are the simulator's counters
+    from one run of the compiled library."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out}: exists and is not a folder")
     tgt = resolve(target)
     cc = export_cc(tgt)                              # a missing cross gcc fails before any work
+    if npu is not None and tgt.name != "npu16":
+        raise ConfigError(f"--npu-config describes the npu16 machine; it does not apply to --target {tgt.name}")
+    if tgt.name == "npu16":
+        from targets.npu16.params import DEFAULT
+        npu = npu or DEFAULT
     t0 = time.perf_counter()
     if tgt.name in ("c", "npu16"):
         form = "split"            # their BYOC codegens replace the integer ops' bodies anyway
@@ -122,11 +131,13 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
             lowered = lower_artifact(art, batch, form, target=tgt)
     else:
         lowered = lower_artifact(art, batch, form, target=tgt)
-    ex = build(lowered, tgt)
+    ex = build(lowered, tgt, npu)
     from waps_tvm.inspect import to_onnx
     onnx_model = to_onnx(lowered.program, tgt.name, lowered.placement)
     meta = metadata(art, lowered, tgt, batch, time.perf_counter() - t0)
     meta["waps"]["tuning_records"] = records is not None
+    if npu is not None:
+        meta["npu16"] = npu.to_config()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -141,8 +152,16 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
         if lowered.streams:
             import numpy as np
             np.savez(tmp / "npu16_streams.npz", **lowered.streams)
+        counters = None
+        if npu is not None:
+            from codegen.npu16.byoc import counter_symbols
+            from targets.npu16.counters import measure
+            (tmp / "npu_config.json").write_text(json.dumps(npu.to_config(), indent=1))
+            op_of = {r["symbol"]: r["op"] for r in meta["placement"] if r.get("symbol")}
+            counted = measure(tmp / "model.so", tuple(meta["input"]["shape"]), counter_symbols(meta["placement"]))
+            counters = {op_of[s]: c for s, c in counted.items()}
         from waps_tvm import report
-        report.write(tmp, report.build(lowered.program, meta["placement"], tgt.name))
+        report.write(tmp, report.build(lowered.program, meta["placement"], tgt.name, npu, counters))
         if dump_ir:
             (tmp / "ir").mkdir()
             for name, mod in lowered.stages.items():

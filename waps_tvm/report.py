@@ -5,7 +5,8 @@ One row per integer op of the lowered program: where it runs (llvm, c, npu16 or 
 host of an npu16 build, with the reason), its output shape, MACs, the WAPS group sizes
 with each group's shift γ_p = 1 + σ_p·2^−n_p, the fractional accumulator bits, whether a
 gather feeds it; for npu16 builds also its npu16 cost (targets/npu16/report.py: ops and
-cycles from the cost model the simulator's counters equal). When the compile was given
+cycles from the simulator's counters read out of the compiled module after a run, on the
+npu16 config the build used). When the compile was given
 labelled data, the report also holds the compiled model's top-1, the fake-quant top-1
 and how often their predictions agree.
 
@@ -22,16 +23,17 @@ import numpy as np
 FILES = ("report.json", "report.md", "groups.png", "cycles.png")
 
 
-def build(program, placement: list[dict], target: str) -> dict:
-    """Report rows and totals of a lowered ``program`` (relay_passes.program.Program)."""
+def build(program, placement: list[dict], target: str, npu=None, counters: dict | None = None) -> dict:
+    """Report rows and totals of a lowered ``program`` (relay_passes.program.Program).
+    npu16: ``npu`` the machine (params.NPU16, default today's), ``counters`` {op: simulator
+    counters} (else the estimator's counts)."""
     where = {p["op"]: p for p in placement}
     costs = {}
-    npu = None
     if target == "npu16":
         from targets.npu16.params import DEFAULT
         from targets.npu16.report import op_costs
-        npu = DEFAULT.to_json()
-        costs = {r["op"]: r for r in op_costs(program, placement, DEFAULT)}
+        costs = {r["op"]: r for r in op_costs(program, placement, npu or DEFAULT, counters)}
+        npu = (npu or DEFAULT).to_config()       # the keys of --npu-config
     rows = []
     for op in program.ops:
         place = where.get(op.name, {"target": target, "reason": ""})
@@ -50,7 +52,7 @@ def build(program, placement: list[dict], target: str) -> dict:
         if "cycles" in costs.get(op.name, {}):
             c = costs[op.name]
             row["npu16"] = {k: c[k] for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles",
-                                              "cycles_no_groups")}
+                                              "cycles_no_groups", "counted", "counters")}
         rows.append(row)
     return {"target": target, "npu": npu, "ops": rows, "totals": _totals(rows), "accuracy": None}
 
@@ -138,7 +140,8 @@ def markdown(rep: dict) -> str:
            f"WAPS groups; {t['gathers']} gathers.", ""]
     if npu:
         clock = rep["npu"]["clock_mhz"]
-        out += [f"npu16 ({rep['npu']['arrays']} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
+        tile = rep["npu"].get("tile", 16)
+        out += [f"npu16 ({rep['npu']['arrays']} {tile}×{tile} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
                 f"{t['cycles'] / clock:.1f} µs per batch; WAPS groups cost {t['waps_overhead_pct']:+.2f} % against "
                 f"the same layers without groups.", ""]
     if acc := rep.get("accuracy"):

@@ -1,8 +1,11 @@
 """Integer-program op → npu16 instruction stream (+ tiled weights and channel tables).
 
-``lower_op(kind, attrs, shapes, params)`` returns an ``NpuOp`` or raises ``NotOnNpu``
-with the reason an op stays on the host (llvm): float arithmetic (quantize/dequantize),
-pure layout changes (flatten), or shapes the array cannot take (more than 8 WAPS groups).
+``lower_op(kind, attrs, shapes, dtypes, params, npu)`` returns an ``NpuOp`` or raises
+``NotOnNpu`` with the reason an op stays on the host (llvm): float arithmetic
+(quantize/dequantize), pure layout changes (flatten), or shapes the array cannot take
+(more than MAX_GROUPS WAPS groups). Every stream starts with the machine registers of
+``npu`` (targets/npu16/params.py; default today's npu16), and weights are tiled for its
+array side ``npu.tile``.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codegen.npu16.tiling import tile_weights
-from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, set_
+from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
+from targets.npu16.params import DEFAULT, NPU16
 
 
 class NotOnNpu(Exception):
@@ -31,13 +35,13 @@ class NpuOp:
 
 
 def lower_op(kind: str, a: dict, in_shapes: list[tuple[int, ...]], in_dtypes: list[str],
-             params: dict[str, np.ndarray]) -> NpuOp:
+             params: dict[str, np.ndarray], npu: NPU16 = DEFAULT) -> NpuOp:
     if kind in ("quantize", "dequantize"):
         raise NotOnNpu("float arithmetic: npu16 is integer-only")
     if kind == "flatten":
         raise NotOnNpu("layout only (a reshape): nothing for the NPU to compute")
     wide = int(in_dtypes[0] != "uint8")
-    s: list[Instr] = []
+    s: list[Instr] = machine_registers(npu)
     if kind in ("conv2d", "linear"):
         shape = in_shapes[0] if kind == "conv2d" else (in_shapes[0][0], in_shapes[0][1], 1, 1)
         n, c, h, w = shape
@@ -56,11 +60,11 @@ def lower_op(kind: str, a: dict, in_shapes: list[tuple[int, ...]], in_dtypes: li
                 Reg.DW: dil[1], Reg.Z_IN: a["z_in"], Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"],
                 Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: wide}
         s += [set_(r, v) for r, v in regs.items()]
-        if g > 1 and cg == 1 and g == c and groups is None:
+        if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
             s.append(Instr(Op.DWCONV))
             s.append(Instr(Op.END))
             return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
-        tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1)
+        tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1, npu.tile)
         p_count = len(in_tiles)
         s.append(set_(Reg.NGROUPS, p_count))
         for p in range(p_count):

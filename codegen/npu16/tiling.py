@@ -1,10 +1,11 @@
-"""Weights in 16×16 MAC tiles, and the channel table each tile row reads.
+"""Weights in T×T MAC tiles (T = the array side, params.NPU16.tile), and the channel table
+each tile row reads.
 
-For a conv/linear with conv groups G, output tiles of 16 channels within each conv group,
+For a conv/linear with conv groups G, output tiles of T channels within each conv group,
 and WAPS groups p (channel lists in the input's memory order; contiguous after
 PermuteChannels), the tiled weights are
 
-    tiles[g, ot, p, it, ky, kx, i, j] = w[g·MG + ot·16 + j, chan_p,g[it·16 + i] − g·CG, ky, kx]
+    tiles[g, ot, p, it, ky, kx, i, j] = w[g·MG + ot·T + j, chan_p,g[it·T + i] − g·CG, ky, kx]
 
 zero where the output j or the row i is past the end (a group that is not a tile multiple
 pads its last tile: fragmentation). ``channels[g, p, it, i]`` is the input channel tile row
@@ -17,7 +18,9 @@ import math
 
 import numpy as np
 
-TILE = 16
+from targets.npu16.params import DEFAULT
+
+TILE = DEFAULT.tile
 
 
 def group_channels(groups: np.ndarray | None, c: int, conv_groups: int, n_groups: int) -> list[list[np.ndarray]]:

@@ -1,27 +1,37 @@
-"""The npu16 cost model: integer operations and cycles per layer, from shapes alone.
+"""The npu16 cost model: an analytical estimator of the simulator's counters, from shapes.
 
-A layer is a conv/linear ``LayerShape``: input channels c, output channels m, kernel
-kh×kw, output pixels oh×ow, conv groups G, and the sizes of its WAPS groups (empty: none).
-A linear layer is a 1×1 conv over one pixel.
+The simulator (npu16_sim.h) counts what runs; this module predicts the same numbers
+without running anything, for architecture sweeps and the paper's tables. A hypothesis
+test (tests/targets/test_npu16_cost.py) holds every counter equal to this estimate:
+empty groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA.
+
+A layer is a conv/linear ``LayerShape``: batch n, input channels c, output channels m,
+kernel kh×kw, output pixels oh×ow, conv groups G, and the sizes of its WAPS groups
+(empty: none). A linear layer is a 1×1 conv over one pixel. T = the array side (tile),
+A = arrays, OT = ⌈(m/G)/T⌉ output tiles per conv group, T_p = input tiles of WAPS group p
+(the maximum over conv groups; 0 for an empty group).
 
 Operations (the paper's Table 6 counting):
-    MACs        m·oh·ow·(c/G)·kh·kw;  base integer ops = 2·MACs (multiply + add)
-    WAPS ops    per output element, per *scaled* group (σ ≠ 0): one shift and one add
-                (γ = 1 groups need neither) → 4 per output for the default g = 3
-Cycles (one 16×16 array step = 16 input channels × 16 outputs of one pixel and tap):
-    compute     oh·ow·kh·kw · Σ_p ⌈|G_p ∩ conv group|/16⌉ · ⌈out tiles/arrays⌉
-                (groups split the reduction, so a group smaller than a tile or not a
-                tile multiple wastes array rows: fragmentation); depthwise convs use one
-                array row per output (⌈m/16⌉ tiles, one input channel each)
-    waps        per output tile and pixel, W = waps_switch_cycles per non-empty group
-                (D1 → scale → D2) + waps_merge_cycles (appendix B: 4 for g = 3).
-                Serial: W per tile. Pipelined (default): the scaling of one tile overlaps
-                the next tile's accumulation of S array steps, so a tile costs max(0, W − S)
-                extra, plus W once per layer to drain the pipeline
-    dma         (weights·wbits/8 + input·abits_in/8 + output·abits_out/8) / dma_bytes_per_cycle
-    epilogue    m·oh·ow / epilogue_width  (requant, activation)
-    total       max(compute + waps, dma, epilogue): the three units are pipelined
-                (decoupled access/execute as in VTA), so the slowest one bounds a layer
+    MACs        n·m·oh·ow·(c/G)·kh·kw;  base integer ops = 2·MACs (multiply + add)
+    WAPS ops    per output element, per non-empty *scaled* group (σ ≠ 0): one shift and
+                one add (γ = 1 groups need neither) → 4 per output for the default g = 3
+Cycles (one array step = T input channels × T outputs of one pixel and tap):
+    compute     S · n·G·oh·ow·⌈OT/A⌉ with S = kh·kw·Σ_p T_p array steps per output tile:
+                the A arrays take consecutive output tiles in lockstep. Groups split the
+                reduction, so a group smaller than a tile or not a tile multiple wastes
+                array rows (fragmentation). Depthwise: S = kh·kw, channel tiles ⌈m/T⌉
+    waps        with ≥ 2 groups, per output tile W = waps_switch_cycles per *non-empty*
+                group (D1 → scale → D2; an empty group has no switch, appendix B) +
+                waps_merge_cycles (4 for g = 3). Serial: W per tile. Pipelined (default):
+                the scaling of one tile overlaps the next tile's S array steps, so a tile
+                stalls max(0, W − S), plus W once per layer to drain the pipeline
+    dma         (weight tiles as stored: n_tiles·T²·wbits/8, depthwise m·kh·kw·wbits/8;
+                input·abits_in/8; output·abits_out/8) / dma_bytes_per_cycle, rounded up
+    epilogue    Σ over output tiles and pixels of ⌈valid outputs/epilogue_width⌉
+    total       max(compute + waps, dma, epilogue): the units are decoupled (as in VTA),
+                so the slowest one bounds a layer
+Element-wise ops (``elementwise_cost``): add and pooling run through the epilogue, a
+gather only through DMA.
 """
 from __future__ import annotations
 
@@ -47,14 +57,18 @@ class LayerShape:
     wbits: int = 4
     abits_in: int = 4
     abits_out: int = 4
+    n: int = 1                            # batch
+    # [conv group][WAPS group] sizes when known exactly (grouped convs); else group_sizes
+    # are assumed spread over the conv groups in proportion
+    conv_group_sizes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def depthwise(self) -> bool:
-        return self.conv_groups > 1 and self.c == self.conv_groups
+        return self.conv_groups == self.c == self.m > 1 and not self.group_sizes
 
     @property
     def outputs(self) -> int:
-        return self.m * self.oh * self.ow
+        return self.n * self.m * self.oh * self.ow
 
     @property
     def macs(self) -> int:
@@ -74,6 +88,8 @@ class LayerCost:
     dma_cycles: int
     epilogue_cycles: int
     bytes: dict = field(default_factory=dict)
+    array_steps: int = 0
+    epilogue_values: int = 0
 
     @property
     def cycles(self) -> int:
@@ -84,49 +100,92 @@ class LayerCost:
         d["cycles"] = self.cycles
         return d
 
+    def counters(self) -> dict:
+        """The simulator's counters (targets/npu16/isa.COUNTERS) this estimate predicts."""
+        return {"macs": self.macs, "array_steps": self.array_steps, "waps_cycles": self.waps_cycles,
+                "shifts": self.shifts, "adds": self.adds, "epilogue_values": self.epilogue_values,
+                "dma_in_bytes": self.bytes["weights"] + self.bytes["input"], "dma_out_bytes": self.bytes["output"],
+                "compute_cycles": self.compute_cycles, "dma_cycles": self.dma_cycles,
+                "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles}
+
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def reduction_tiles(layer: LayerShape, tile: int) -> int:
-    """Array steps along the reduction for one output tile, pixel and tap."""
+def group_tiles(layer: LayerShape, tile: int) -> list[int]:
+    """T_p: input tiles of each WAPS group per output tile (one entry when there are no
+    groups); the maximum over conv groups, 0 for a group empty in every conv group."""
     cg = layer.c // layer.conv_groups
     if layer.depthwise:
-        return 1
+        return [1]
     if not layer.group_sizes:
-        return _ceil(cg, tile)
+        return [_ceil(cg, tile)]
+    if layer.conv_group_sizes:
+        return [max(_ceil(sizes[p], tile) for sizes in layer.conv_group_sizes) for p in range(len(layer.group_sizes))]
     if layer.conv_groups == 1:
-        return sum(_ceil(s, tile) for s in layer.group_sizes if s)
+        return [_ceil(s, tile) for s in layer.group_sizes]
     # grouped conv: each conv group's channels split by WAPS group (assume proportional)
     total = sum(layer.group_sizes)
-    return sum(_ceil(max(1, round(s * cg / total)), tile) for s in layer.group_sizes if s)
+    return [_ceil(max(1, round(s * cg / total)), tile) if s else 0 for s in layer.group_sizes]
+
+
+def reduction_tiles(layer: LayerShape, tile: int) -> int:
+    """Array steps along the reduction for one output tile, pixel and tap."""
+    return sum(group_tiles(layer, tile))
 
 
 def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
-    t = npu.tile
-    out_tiles = _ceil(layer.m, t)
-    pix = layer.oh * layer.ow
-    steps = pix * layer.kh * layer.kw * reduction_tiles(layer, t) * _ceil(out_tiles, npu.arrays)
-    n_scaled = sum(1 for s, sc in zip(layer.group_sizes, layer.scaled) if s and sc)
-    n_groups = sum(1 for s in layer.group_sizes if s)
+    t, a = npu.tile, npu.arrays
+    pix = layer.n * layer.oh * layer.ow
+    g = 1 if layer.depthwise else layer.conv_groups
+    mg = layer.m // g
+    ot = _ceil(mg, t)
+    tiles_p = group_tiles(layer, t)
+    steps_per_tile = layer.kh * layer.kw * sum(tiles_p)
+    lead_tiles = pix * g * _ceil(ot, a)                # output tiles (× pixels) the lead array computes
+    grouped = len(layer.group_sizes) > 1
+    active = [p for p, n_t in enumerate(tiles_p) if n_t] if grouped else []
+    n_scaled = sum(1 for p in active if layer.scaled[p])
     waps_cycles = 0
-    if n_groups:
-        per_tile = n_groups * npu.waps_switch_cycles + npu.waps_merge_cycles
-        tiles = pix * _ceil(out_tiles, npu.arrays)
+    if grouped:
+        per_tile = len(active) * npu.waps_switch_cycles + npu.waps_merge_cycles
         if npu.waps_pipelined:
-            steps_per_tile = layer.kh * layer.kw * reduction_tiles(layer, t)
-            waps_cycles = tiles * max(0, per_tile - steps_per_tile) + per_tile
+            waps_cycles = lead_tiles * max(0, per_tile - steps_per_tile) + (per_tile if lead_tiles else 0)
         else:
-            waps_cycles = tiles * per_tile
+            waps_cycles = lead_tiles * per_tile
     h, w = layer.h or layer.oh, layer.w or layer.ow
-    bytes_ = {"weights": _ceil(layer.m * (layer.c // layer.conv_groups) * layer.kh * layer.kw * layer.wbits, 8),
-              "input": _ceil(layer.c * h * w * layer.abits_in, 8),
+    weights = layer.m * layer.kh * layer.kw if layer.depthwise else g * ot * steps_per_tile * t * t
+    bytes_ = {"weights": _ceil(weights * layer.wbits, 8),
+              "input": _ceil(layer.n * layer.c * h * w * layer.abits_in, 8),
               "output": _ceil(layer.outputs * layer.abits_out, 8)}
     dma = _ceil(sum(bytes_.values()), npu.dma_bytes_per_cycle)
-    epi = _ceil(layer.outputs, npu.epilogue_width)
+    valid = [min(t, mg - o * t) for o in range(ot)]
+    epi = pix * g * sum(_ceil(v, npu.epilogue_width) for v in valid)
     return LayerCost(layer.name, layer.macs, 2 * layer.macs, 2 * n_scaled * layer.outputs,
-                     n_scaled * layer.outputs, n_scaled * layer.outputs, steps, waps_cycles, dma, epi, bytes_)
+                     n_scaled * layer.outputs, n_scaled * layer.outputs, lead_tiles * steps_per_tile, waps_cycles,
+                     dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs)
+
+
+def elementwise_cost(name: str, kind: str, in_elems: int, out_elems: int, npu: NPU16, taps: int = 1,
+                     in_bytes: int = 1) -> LayerCost:
+    """An add (two inputs of ``in_elems`` uint8 codes), a max/sum pool (``taps`` window
+    values per output; a sum pool writes int32) or a gather (``in_bytes`` per element,
+    ``out_elems`` moved) as the simulator runs it."""
+    if kind == "add":
+        b = {"weights": 0, "input": 2 * in_elems, "output": out_elems}
+        values = out_elems
+    elif kind in ("max_pool2d", "sum_pool2d"):
+        b = {"weights": 0, "input": in_elems, "output": out_elems * (4 if kind == "sum_pool2d" else 1)}
+        values = out_elems * taps
+    elif kind == "gather":
+        b = {"weights": 0, "input": out_elems * in_bytes, "output": out_elems * in_bytes}
+        values = 0
+    else:
+        raise ValueError(f"no npu16 element-wise cost for {kind}")
+    dma = _ceil(sum(b.values()), npu.dma_bytes_per_cycle)
+    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, dma, _ceil(values, npu.epilogue_width), b,
+                     epilogue_values=values)
 
 
 def tile_aligned_sizes(c: int, g: int, tile: int) -> tuple[int, ...]:

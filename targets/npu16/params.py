@@ -1,19 +1,43 @@
-"""The accelerator as data: every number the cost model uses, none in code."""
+"""The accelerator as data: every number the tiler, lowering, simulator and cost model use.
+
+``load_config(path)`` reads a JSON config (``waps-tvm compile --npu-config FILE``) into an
+``NPU16``; an omitted key keeps today's npu16. Keys (JSON → field):
+
+    tile                 int, 1..MAX_TILE   MAC array side (input ch × output ch per step)
+    arrays               int, 1..4          MAC arrays, each on its own output tile
+    clock_mhz            number > 0
+    dma_bytes_per_cycle  int >= 1
+    epilogue_lanes       int >= 1           → epilogue_width (values per cycle)
+    sram_kib             {"weights", "activations", "accumulators"}: ints >= 1 (KiB)
+    waps_switch_cycles   int >= 0           waps_merge_cycles  int >= 0
+    waps_pipelined       bool
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from calib.errors import ConfigError
+
+MAX_TILE = 64          # the simulator's accumulator registers (D1/D2) are sized for this
+
+
+class NpuConfigError(ConfigError, ValueError):
+    """An npu16 parameter or config file is invalid (also a ValueError: the dataclass checks)."""
 
 
 @dataclass(frozen=True)
 class NPU16:
-    """A 16 (input channels) × 16 (output channels) int8 MAC array, 1–4 of them.
+    """A tile (input channels) × tile (output channels) int8 MAC array, 1–4 of them.
 
-    arrays             MAC arrays; each computes a different 16-output tile
+    arrays             MAC arrays; each computes a different output tile
     tile               MAC array side (input channels × output channels per cycle)
     clock_mhz          clock for converting cycles to time
     dma_bytes_per_cycle  off-chip ↔ SRAM bandwidth
     epilogue_width     values per cycle through requant/activation (the paper's 8)
-    waps_switch_cycles cycles per group switch (accumulate in D1, scale into D2)
+    waps_switch_cycles cycles per non-empty group switch (accumulate in D1, scale into D2)
     waps_merge_cycles  cycles to merge the group partial sums
     waps_pipelined     the D1→D2 scaling and merge of one output tile overlap the next
                        tile's accumulation (the paper's pipelined RTL, Table 8); False
@@ -34,13 +58,80 @@ class NPU16:
     sram_acc_kib: int = 64
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            want = {"bool": bool, "float": (int, float)}.get(f.type, int)
+            if isinstance(v, bool) != (want is bool) or not isinstance(v, want):
+                raise NpuConfigError(f"npu16 {f.name}: expected {f.type}, got {v!r}")
         if not 1 <= self.arrays <= 4:
-            raise ValueError(f"npu16 has 1 to 4 MAC arrays, not {self.arrays}")
-        if self.tile < 1 or self.dma_bytes_per_cycle < 1 or self.epilogue_width < 1:
-            raise ValueError("tile, DMA width and epilogue width must be positive")
+            raise NpuConfigError(f"npu16 has 1 to 4 MAC arrays, not {self.arrays}")
+        if not 1 <= self.tile <= MAX_TILE:
+            raise NpuConfigError(f"npu16 tile must be 1 to {MAX_TILE}, not {self.tile}")
+        if not (self.clock_mhz > 0 and math.isfinite(self.clock_mhz)):
+            raise NpuConfigError(f"npu16 clock_mhz must be positive, not {self.clock_mhz}")
+        for name in ("dma_bytes_per_cycle", "epilogue_width", "sram_weight_kib", "sram_act_kib", "sram_acc_kib"):
+            if getattr(self, name) < 1:
+                raise NpuConfigError(f"npu16 {name} must be at least 1, not {getattr(self, name)}")
+        for name in ("waps_switch_cycles", "waps_merge_cycles"):
+            if getattr(self, name) < 0:
+                raise NpuConfigError(f"npu16 {name} must not be negative, not {getattr(self, name)}")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def to_config(self) -> dict:
+        """The JSON config that ``from_config`` reads back into this machine."""
+        d = asdict(self)
+        sram = {"weights": d.pop("sram_weight_kib"), "activations": d.pop("sram_act_kib"),
+                "accumulators": d.pop("sram_acc_kib")}
+        d["epilogue_lanes"] = d.pop("epilogue_width")
+        return {**d, "sram_kib": sram}
+
+
+_RENAMED = {"epilogue_lanes": "epilogue_width"}
+_SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
+KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "epilogue_lanes", "sram_kib",
+        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined")
+
+
+def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
+    """A JSON config object → NPU16; omitted keys keep ``base`` (default: today's npu16)."""
+    if not isinstance(cfg, dict):
+        raise NpuConfigError(f"npu16 config must be a JSON object, not {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(KEYS))
+    if unknown:
+        raise NpuConfigError(f"npu16 config: unknown key(s) {', '.join(unknown)} (known: {', '.join(KEYS)})")
+    changes = {}
+    for key, value in cfg.items():
+        if key == "sram_kib":
+            if not isinstance(value, dict) or set(value) - set(_SRAM):
+                raise NpuConfigError('npu16 config: sram_kib must be an object with keys among '
+                                     f'{", ".join(_SRAM)} (KiB), not {json.dumps(value)}')
+            changes.update({_SRAM[k]: v for k, v in value.items()})
+        else:
+            changes[_RENAMED.get(key, key)] = value
+    try:
+        return replace(base or DEFAULT, **changes)
+    except NpuConfigError as e:          # name the key as the config spells it
+        msg = str(e)
+        for key, name in [*_RENAMED.items(), *((f"sram_kib.{k}", v) for k, v in _SRAM.items())]:
+            msg = msg.replace(name, key)
+        raise NpuConfigError(msg) from None
+
+
+def load_config(path: str | Path) -> NPU16:
+    """Read ``path`` (JSON) → NPU16. NpuConfigError (one line) on a missing file, bad JSON,
+    an unknown key or a bad value."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise NpuConfigError(f"--npu-config {path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NpuConfigError(f"--npu-config {path}: not JSON ({e})") from None
+    try:
+        return from_config(cfg)
+    except NpuConfigError as e:
+        raise NpuConfigError(f"--npu-config {path}: {e}") from None
 
 
 DEFAULT = NPU16()

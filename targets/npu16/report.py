@@ -1,9 +1,10 @@
 """Per-op npu16 costs of a compiled program (what ``waps-tvm report`` shows).
 
-Conv/linear/depthwise layers use the cost model of targets/npu16/cost.py, which the
-simulator's counters equal (tests/codegen/test_npu16_byoc.py); element-wise ops (add,
-pooling) go through the 8-wide epilogue unit, gathers through DMA. Each conv/linear also
-gets its cost without WAPS groups (the same layer, one group) for the overhead column.
+The counts of an op come from the simulator's counters read out of the compiled module
+after a run (targets/npu16/counters.py) when given, else from the analytical estimator
+(targets/npu16/cost.py), which tests hold equal to the counters. Each conv/linear also
+gets the estimated cycles of the same layer without WAPS groups (one group) for the
+overhead column.
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from dataclasses import replace
 
 import numpy as np
 
-from targets.npu16.cost import LayerShape, layer_cost
+from targets.npu16.cost import LayerCost, LayerShape, elementwise_cost, layer_cost
 from targets.npu16.params import NPU16
 
 
-def _layer_shape(op, in_shape, out_shape) -> LayerShape:
+def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
+    """The cost model's view of a conv/linear op of the integer program, exactly as lowered."""
     w = op.params["w"]
     a = op.attrs
     if op.kind == "linear":
@@ -26,42 +28,56 @@ def _layer_shape(op, in_shape, out_shape) -> LayerShape:
         m, cg, kh, kw = w.shape
         g = a["conv_groups"]
         c = cg * g
-        _, _, oh, ow = out_shape
+        _, _, oh, ow = op.shape
         h, wd = in_shape[2], in_shape[3]
-    sizes, scaled = (), ()
+    sizes, scaled, per_group = (), (), ()
     if "groups" in op.params:
-        labels = op.params["groups"]
-        sizes = tuple(int((labels == p).sum()) for p in range(len(a["sigma"])))
+        labels = np.asarray(op.params["groups"])
+        n_p = len(a["sigma"])
+        sizes = tuple(int((labels == p).sum()) for p in range(n_p))
         scaled = tuple(bool(s) for s in a["sigma"])
-    return LayerShape(op.name, c, m, oh, ow, kh, kw, g, sizes, scaled, h, wd,
-                      wbits=8, abits_in=8, abits_out=8)   # npu16 stores int8 weights and codes
+        cg = c // g
+        per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == p).sum()) for p in range(n_p)) for i in range(g))
+    return LayerShape(op.name, c, m, oh, ow, kh, kw, g, sizes, scaled, h, wd, wbits=8,   # npu16 stores int8
+                      abits_in=8 if in_dtype == "uint8" else 32, abits_out=8, n=in_shape[0],
+                      conv_group_sizes=per_group if g > 1 else ())
 
 
-def op_costs(program, placement: list[dict], npu: NPU16) -> list[dict]:
+def estimate(program, op, npu: NPU16) -> LayerCost:
+    """The estimator's counts for one offloaded op (what its counters will say)."""
+    in_shape = tuple(program.shape_of(op.inputs[0]))
+    in_dtype = program.dtype_of(op.inputs[0])
+    if op.kind in ("conv2d", "linear"):
+        return layer_cost(layer_shape(op, in_shape, in_dtype), npu)
+    taps = int(np.prod(op.attrs.get("kernel", [1, 1]))) if "pool" in op.kind else 1
+    return elementwise_cost(op.name, op.kind, int(np.prod(in_shape)), int(np.prod(op.shape)), npu, taps,
+                            1 if in_dtype == "uint8" else 4)
+
+
+def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:
+    """One row per op; ``counters``: {op name: simulator counters} of the offloaded ops."""
     where = {p["op"]: p for p in placement}
     rows = []
     for op in program.ops:
         place = where.get(op.name, {"target": "llvm", "reason": ""})
         row = {"op": op.name, "kind": op.kind, "layer": op.attrs.get("layer", ""), "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape)}
-        in_shape = program.shape_of(op.inputs[0]) if op.inputs else ()
-        if place["target"] == "npu16" and op.kind in ("conv2d", "linear"):
-            shape = _layer_shape(op, in_shape, op.shape)
-            cost = layer_cost(shape, npu)
-            plain = layer_cost(replace(shape, group_sizes=(), scaled=()), npu)
-            row.update(macs=cost.macs, int_ops=cost.base_ops + cost.waps_ops, shift_ops=cost.shifts,
-                       compute=cost.compute_cycles + cost.waps_cycles, dma=cost.dma_cycles,
-                       epilogue=cost.epilogue_cycles, cycles=cost.cycles, cycles_no_groups=plain.cycles,
-                       groups=list(shape.group_sizes))
-        elif place["target"] == "npu16":
-            n_out = int(np.prod(op.shape))
-            taps = int(np.prod(op.attrs.get("kernel", [1, 1]))) if "pool" in op.kind else 1
-            elem = 1 if program.dtype_of(op.inputs[0]) == "uint8" else 4
-            moved = n_out * elem * (2 if op.kind == "gather" else 1) + int(np.prod(in_shape)) * elem
-            epi = 0 if op.kind == "gather" else -(-n_out * taps // npu.epilogue_width)
-            dma = -(-moved // npu.dma_bytes_per_cycle)
-            row.update(macs=0, int_ops=n_out * taps if op.kind != "gather" else 0, shift_ops=0, compute=0,
-                       dma=dma, epilogue=epi, cycles=max(dma, epi), cycles_no_groups=max(dma, epi), groups=[])
+        if place["target"] == "npu16":
+            est = estimate(program, op, npu)
+            cnt = counters[op.name] if counters is not None else est.counters()
+            plain = est.cycles
+            groups = []
+            if op.kind in ("conv2d", "linear"):
+                shape = layer_shape(op, program.shape_of(op.inputs[0]), program.dtype_of(op.inputs[0]))
+                plain = layer_cost(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=()), npu).cycles
+                groups = list(shape.group_sizes)
+                int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
+            else:
+                int_ops = cnt["epilogue_values"]
+            row.update(macs=cnt["macs"], int_ops=int_ops, shift_ops=cnt["shifts"],
+                       compute=cnt["compute_cycles"] + cnt["waps_cycles"], waps=cnt["waps_cycles"],
+                       dma=cnt["dma_cycles"], epilogue=cnt["epilogue_cycles"], cycles=cnt["cycles"],
+                       cycles_no_groups=plain, groups=groups, counted=counters is not None, counters=cnt)
         rows.append(row)
     return rows
 

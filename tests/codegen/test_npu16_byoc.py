@@ -10,6 +10,7 @@ from calib import artifact
 from codegen.npu16.lower import NotOnNpu, lower_op
 from relay_passes import reference
 from targets.npu16.cost import LayerShape, layer_cost
+from targets.npu16.isa import COUNTERS, c_header
 from targets.npu16.params import NPU16
 from tests.compile_helpers import run_in_fresh_process
 from waps_tvm import cli
@@ -59,7 +60,8 @@ def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
     from pathlib import Path
     sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
     (tmp_path / "drv.c").write_text(_DRIVER)
-    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{sim}", f"-I{sim.parent}", str(tmp_path / "drv.c"),
+    (tmp_path / "npu16_isa.h").write_text(c_header())
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{tmp_path}", f"-I{sim}", f"-I{sim.parent}", str(tmp_path / "drv.c"),
                     "-o", str(tmp_path / "drv.so")], check=True)
     lib = ctypes.CDLL(str(tmp_path / "drv.so"))
     rng = np.random.default_rng(0)
@@ -70,20 +72,21 @@ def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
     params = {"w": w}
     if groups is not None:
         params["groups"] = groups
-    low = lower_op("conv2d", attrs, [(1, c, 6, 6)], ["uint8"], params)
+    npu = NPU16(arrays=1, waps_pipelined=False)
+    low = lower_op("conv2d", attrs, [(1, c, 6, 6)], ["uint8"], params, npu)
     x = rng.integers(0, 16, (1, c, 6, 6)).astype(np.uint8)
     out = np.zeros((1, m, 6, 6), np.uint8)
     bias = np.zeros(m, np.int32)
     mult = np.full(m, 2**30, np.int32)
     shift = np.full(m, 8, np.int32)
-    cnt = np.zeros(8, np.int64)
+    cnt = np.zeros(len(COUNTERS), np.int64)
     p = lambda a: a.ctypes.data_as(ctypes.c_void_p)                              # noqa: E731
     assert lib.run(p(np.ascontiguousarray(low.words)), p(x), p(out), p(low.tiles), p(low.table), p(bias),
                    p(mult), p(shift), p(cnt)) == 0
     macs, steps, waps, shifts, adds, epi = (int(v) for v in cnt[:6])
     scaled = (False, True, True) if groups_sizes else ()
     model = layer_cost(LayerShape("l", c, m, 6, 6, 3, 3, group_sizes=tuple(groups_sizes), scaled=scaled),
-                       NPU16(arrays=1, waps_pipelined=False))
+                       npu)
     assert steps == model.compute_cycles
     assert waps == model.waps_cycles
     assert macs == model.macs and epi == m * 36

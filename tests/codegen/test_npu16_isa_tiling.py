@@ -40,3 +40,19 @@ def test_tiling_round_trip_for_non_multiples_of_16(m, c, conv_groups, n_groups):
     if groups is not None and conv_groups == 1:
         for p in range(n_groups):
             assert in_tiles[p] == -(-int((groups == p).sum()) // 16)
+
+
+def test_c_isa_header_is_generated_from_python_and_the_simulator_has_no_copy():
+    import re
+    from pathlib import Path
+
+    from targets.npu16.isa import COUNTERS, MAX_GROUPS, c_header
+    h = c_header()
+    for r in Reg:
+        assert re.search(rf"\bR_\w+ = {int(r)}\b", h), r
+    assert all(f"NPU16_{o.name} = {int(o)}" in h for o in Op)
+    assert f"#define NPU16_MAX_GROUPS {MAX_GROUPS}" in h and ", ".join(COUNTERS) in h
+    sim = (Path(__file__).resolve().parents[2] / "targets" / "npu16" / "npu16_sim.h").read_text()
+    code = re.sub(r"/\*.*?\*/", "", sim, flags=re.S)
+    assert "enum" not in code and "int64_t macs" not in code          # opcodes, registers, counters
+    assert not re.findall(r"\b(16|256)\b", code), "the array size written into the simulator"

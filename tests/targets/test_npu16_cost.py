@@ -1,7 +1,14 @@
-"""npu16 cost model against small cases computed by hand, fragmentation, and Table 6."""
+"""npu16 cost model against small cases computed by hand, fragmentation, Table 6, and the
+simulator's counters (hypothesis)."""
+import ctypes
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from targets.npu16.cost import LayerShape, even_sizes, layer_cost, tile_aligned_sizes
 from targets.npu16.params import NPU16
@@ -61,3 +68,128 @@ def test_table6_reproduces_the_paper_convention():
         got = table6(layers_of(name))["paper"]["extra_gops"]
         assert abs(got / MODELS[name][1] - 1) <= 0.15, (name, got)
     assert abs(table6(layers_of("resnet18"))["paper"]["extra_gops"] * 2 / MODELS["resnet18"][1] - 1) <= 0.15
+
+
+# --- the estimator against the simulator's counters -------------------------------------
+
+_DRIVER = r'''
+#include "npu16_sim.h"
+int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, const int32_t *table,
+        const int32_t *bias, const int32_t *mult, const int32_t *shift, int64_t *counters) {
+  npu16_bufs b; memset(&b, 0, sizeof(b));
+  b.x = x; b.out = out; b.tiles = tiles; b.table = table; b.bias = bias; b.mult = mult; b.shift = shift;
+  npu16_counters c; memset(&c, 0, sizeof(c));
+  int rc = npu16_execute(prog, &b, &c);
+  memcpy(counters, &c, sizeof(c));
+  return rc;
+}
+'''
+
+
+@pytest.fixture(scope="module")
+def simulator(tmp_path_factory):
+    """The simulator behind a ctypes driver; the ISA header generated from isa.py."""
+    from targets.npu16.isa import c_header
+    d = tmp_path_factory.mktemp("sim")
+    (d / "drv.c").write_text(_DRIVER)
+    (d / "npu16_isa.h").write_text(c_header())
+    sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{d}", f"-I{sim}", f"-I{sim.parent}", str(d / "drv.c"),
+                    "-o", str(d / "drv.so")], check=True)
+    return ctypes.CDLL(str(d / "drv.so"))
+
+
+def _simulate(lib, low, x, m, out_shape):
+    from targets.npu16.isa import COUNTERS
+    out = np.zeros(out_shape, np.uint8)
+    bias = np.arange(m, dtype=np.int32) - m // 2
+    mult = np.full(m, 2**30, np.int32)
+    shift = np.full(m, 6, np.int32)
+    cnt = np.zeros(len(COUNTERS), np.int64)
+    tiles = low.tiles if low.tiles is not None else np.zeros(1, np.int8)
+    table = low.table if low.table is not None else np.zeros(1, np.int32)
+    p = lambda a: a.ctypes.data_as(ctypes.c_void_p)                              # noqa: E731
+    rc = lib.run(p(np.ascontiguousarray(low.words)), p(x), p(out), p(tiles), p(table), p(bias), p(mult),
+                 p(shift), p(cnt))
+    assert rc == 0
+    return out, dict(zip(COUNTERS, (int(v) for v in cnt)))
+
+
+@st.composite
+def _layers(draw):
+    kind = draw(st.sampled_from(["conv", "grouped", "depthwise", "linear"]))
+    g = {"conv": 1, "linear": 1, "grouped": 2, "depthwise": None}[kind]
+    c = draw(st.integers(2 if kind == "depthwise" else 1, 40)) * (2 if kind == "grouped" else 1)
+    if kind == "depthwise":
+        g = m = c
+    else:
+        m = draw(st.integers(1, 40)) * (2 if kind == "grouped" else 1)
+    k = 1 if kind == "linear" else draw(st.sampled_from([1, 3]))
+    stride, pad = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([0, 1]))) if k == 3 else (1, 0)
+    hw = 1 if kind == "linear" else draw(st.integers(k - 2 * pad, 6))
+    n = draw(st.integers(1, 2))
+    groups = None
+    if kind != "depthwise" and draw(st.booleans()):
+        p = draw(st.integers(2, 4))
+        # sizes with empty groups likely: labels drawn from a subset of the groups
+        used = draw(st.lists(st.integers(0, p - 1), min_size=1, max_size=p, unique=True))
+        groups = np.array([used[draw(st.integers(0, len(used) - 1))] for _ in range(c)], np.int8)
+        if draw(st.booleans()):
+            groups = np.sort(groups)                       # contiguous, as after PermuteChannels
+        sigma = [draw(st.sampled_from([-1, 0, 1])) for _ in range(p)]
+        shifts = [draw(st.integers(1, 6)) for _ in range(p)]
+    else:
+        sigma, shifts = [0], [0]
+    npu = NPU16(tile=draw(st.sampled_from([8, 16, 32])), arrays=draw(st.integers(1, 4)),
+                dma_bytes_per_cycle=draw(st.integers(1, 32)), epilogue_width=draw(st.integers(1, 16)),
+                waps_switch_cycles=draw(st.integers(0, 2)), waps_merge_cycles=draw(st.integers(0, 2)),
+                waps_pipelined=draw(st.booleans()))
+    return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, sigma=sigma, shifts=shifts, npu=npu,
+                stride=stride, pad=pad, seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_layers())
+def test_estimator_equals_the_simulator_counters(simulator, L):
+    """Every counter of a random conv/linear/depthwise layer on a random machine: empty WAPS
+    groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA and epilogue widths.
+    The outputs do not depend on the machine (equal to the default npu16's)."""
+    from codegen.npu16.lower import lower_op
+    rng = np.random.default_rng(L["seed"])
+    c, m, g, k, hw, n = L["c"], L["m"], L["g"], L["k"], L["hw"], L["n"]
+    w = rng.integers(-8, 8, (m, c // g, k, k)).astype(np.int8)
+    attrs = {"conv_groups": g, "stride": [L["stride"]] * 2, "padding": [L["pad"]] * 2, "dilation": [1, 1],
+             "z_in": 3, "z_out": 2, "lo": 0, "hi": 255, "frac": 1, "sigma": L["sigma"], "n": L["shifts"]}
+    params = {"w": w} if L["groups"] is None else {"w": w, "groups": L["groups"]}
+    low = lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params, L["npu"])
+    oh = (hw + 2 * L["pad"] - k) // L["stride"] + 1
+    x = rng.integers(0, 16, (n, c, hw, hw)).astype(np.uint8)
+    out, counted = _simulate(simulator, low, x, m, (n, m, oh, oh))
+    sizes, scaled, per_group = (), (), ()
+    if L["groups"] is not None:
+        labels, p = L["groups"], len(L["sigma"])
+        sizes = tuple(int((labels == q).sum()) for q in range(p))
+        scaled = tuple(bool(s) for s in L["sigma"])
+        cg = c // g
+        per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == q).sum()) for q in range(p)) for i in range(g))
+    shape = LayerShape("l", c, m, oh, oh, k, k, g, sizes, scaled, hw, hw, wbits=8, abits_in=8, abits_out=8, n=n,
+                       conv_group_sizes=per_group if g > 1 else ())
+    assert layer_cost(shape, L["npu"]).counters() == counted
+    ref_out, _ = _simulate(simulator, lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params), x, m,
+                           (n, m, oh, oh))
+    np.testing.assert_array_equal(out, ref_out)
+
+
+def test_empty_group_costs_nothing(simulator):
+    """Issue 12's 32-channel layer with groups 16/16/0: no D1→D2 switch, no shifts for the
+    empty (scaled) group — appendix B's 3 cycles (2 switches + merge), one shift per output."""
+    from codegen.npu16.lower import lower_op
+    w = np.ones((16, 32, 1, 1), np.int8)
+    groups = np.repeat([0, 1], 16).astype(np.int8)
+    attrs = {"conv_groups": 1, "z_in": 0, "z_out": 0, "lo": 0, "hi": 255, "sigma": [0, -1, 1], "n": [0, 4, 4]}
+    npu = NPU16(waps_pipelined=False)
+    low = lower_op("conv2d", attrs, [(1, 32, 6, 6)], ["uint8"], {"w": w, "groups": groups}, npu)
+    _, counted = _simulate(simulator, low, np.ones((1, 32, 6, 6), np.uint8), 16, (1, 16, 6, 6))
+    assert counted["waps_cycles"] == 36 * 3 and counted["shifts"] == 16 * 36
+    est = layer_cost(LayerShape("l", 32, 16, 6, 6, group_sizes=(16, 16, 0), scaled=(False, True, True)), npu)
+    assert est.waps_cycles == 108 and est.shifts == 576
