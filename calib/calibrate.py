@@ -3,7 +3,8 @@
 Float and quantized activations advance together, one block at a time: each
 block is reconstructed from the *quantized* outputs of the blocks before it
 towards the float model's outputs (BRECQ), and only tensors that later blocks
-still read are kept, so memory is the frontier, not the whole network.
+still read are kept, so memory is the frontier, not the whole network; quantized
+activations are kept as their integer codes (calib/frontier.py).
 Everything runs on one device (``cfg.device``); after each block the state can be
 checkpointed and a run resumed from it (calib/checkpoint.py).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from calib import frontier
 from calib.blocks import Block, find_blocks
 from calib.checkpoint import Checkpoint, Fingerprint, progress
 from calib.config import CalibConfig
@@ -25,7 +27,8 @@ from calib.device import resolve_device
 from calib.errors import CheckpointError, ConfigError, DataError
 from calib.graph import Graph
 from calib.qmodel import QuantModel
-from calib.reconstruct import block_loss, block_modules, reconstruct, run_block
+from calib.frontier import Tensors
+from calib.reconstruct import block_modules, reconstruct
 
 
 @dataclass
@@ -90,8 +93,8 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
     model.input_quant.init_from(x)
     inp = graph.input.name
     with torch.no_grad():
-        fp_env = {inp: x}
-        q_env = {inp: model.input_quant(x)}
+        fp_env: Tensors = {inp: x}
+        q_env: Tensors = {inp: frontier.encode(model.input_quant(x), model.input_quant)}
 
     def advance(i: int, fp_out: dict, q_out: dict) -> None:
         """Move the frontier past block i: add its outputs, drop what no later block reads."""
@@ -110,9 +113,9 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
             for i in range(first):  # rebuild the frontier: the evaluation that produced it
                 block = blocks[i]
                 model.set_quant(False)
-                fp_out = run_block(model, block, {k: fp_env[k] for k in block.inputs})
+                fp_out = frontier.evaluate(model, block, {k: fp_env[k] for k in block.inputs})
                 model.set_quant(True)
-                q_out = run_block(model, block, {k: q_env[k] for k in block.inputs})
+                q_out = frontier.evaluate(model, block, {k: q_env[k] for k in block.inputs}, compact=True)
                 advance(i, fp_out, q_out)
         if cfg.progress:
             tqdm.write(f"resuming after block {first}/{len(blocks)} from {ckpt_path}")
@@ -126,10 +129,10 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
         fp_in = {k: fp_env[k] for k in block.inputs}
         q_in = {k: q_env[k] for k in block.inputs}
         model.set_quant(False)
-        fp_out = run_block(model, block, fp_in)
+        fp_out = frontier.evaluate(model, block, fp_in)
         _init_act_ranges(model, block, fp_in)
         model.set_quant(True)
-        before = block_loss(model, block, q_in, fp_out)
+        before = frontier.loss(model, block, q_in, fp_out)
         layers, _ = block_modules(model, block)
         iters = cfg.iters if (cfg.method != "rtn" and layers) else 0
         if iters:
@@ -149,10 +152,11 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
                     layer.groups = None
         if cfg.cwac and layers:
             compensate_block(model, block, q_in, fp_in)
-        after = block_loss(model, block, q_in, fp_out)
-        with torch.no_grad():
-            q_out = run_block(model, block, q_in)
+        after = frontier.loss(model, block, q_in, fp_out)
+        q_out = frontier.evaluate(model, block, q_in, compact=True)
+        del fp_in, q_in
         advance(i, fp_out, q_out)
+        del fp_out, q_out
         result.report.append(BlockReport(block.name, block.kind, _source(graph, block), len(layers),
                                          before, after, time.perf_counter() - t0, iters))
         if ckpt_path is not None:
