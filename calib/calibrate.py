@@ -10,6 +10,7 @@ checkpointed and a run resumed from it (calib/checkpoint.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -79,9 +80,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    with torch.device(device):  # quantizer state is created where it will be used
-        model = QuantModel(graph, cfg)
-    model = model.to(device).eval()
+    model = build_model(graph, cfg, device)
     blocks = find_blocks(graph, residual=cfg.blockwise)
     result = CalibResult(model, blocks, cfg)
 
@@ -167,6 +166,16 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
                        f"loss {before:.4g} → {after:.4g}")
     result.seconds = earlier + time.perf_counter() - start
     return result
+
+
+def build_model(graph: Graph, cfg: CalibConfig, device: torch.device) -> QuantModel:
+    """The QuantModel with every tensor on ``device``: the float parameters are moved
+    first and the quantizer state is created there, so nothing (a range search, an
+    initial step) ever mixes devices."""
+    nodes = [dataclasses.replace(n, params={k: v.to(device) for k, v in n.params.items()}) for n in graph]
+    with torch.device(device):
+        model = QuantModel(graph.replace(nodes), cfg)
+    return model.to(device).eval()
 
 
 def _open_checkpoint(path: Path | None, resume: bool, graph: Graph, data: torch.Tensor,

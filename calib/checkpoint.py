@@ -74,7 +74,7 @@ def _tensor_digest(t: torch.Tensor, h=None) -> str:
     h = h or hashlib.sha256()
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -101,3 +101,13 @@ def test_cuda_calibration_writes_an_artifact_from_cpu_copies(setup, tmp_path):
     # different RNG streams and kernels: the same meaning, not the same bits
     assert sum(r.loss_after for r in result.report) < 1.5 * sum(r.loss_after for r in cpu.report)
     assert set(art.layers) == set(to_artifact(cpu).layers)
+
+
+def test_model_is_built_on_a_device_other_than_the_cpu(setup):
+    """'meta' stands in for a GPU: any CPU tensor mixed into the construction (a range
+    search grid, an initial step) raises, as it would on CUDA."""
+    from calib.calibrate import build_model
+    graph, _ = setup
+    model = build_model(graph, CalibConfig(wbits=2, abits=4, method="qdrop+waps", tile=8), torch.device("meta"))
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert tensors and {t.device.type for t in tensors.values()} == {"meta"}
