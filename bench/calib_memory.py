@@ -52,11 +52,12 @@ def child(arch: str, samples: int, iters: int) -> dict:
             "rss_before_gb": round(before, 3), "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1)}
 
 
-def measure(arch: str, samples: int, iters: int) -> dict:
+def measure(arch: str, samples: int, iters: int) -> dict | None:
     p = subprocess.run([sys.executable, "-m", "bench.calib_memory", "--child", arch, str(samples), str(iters)],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if p.returncode != 0:
-        raise SystemExit(f"{arch} N={samples} failed:\n{p.stderr[-2000:]}")
+        print(f"{arch} N={samples} failed (exit {p.returncode}):\n{p.stderr[-2000:]}", flush=True)
+        return None
     row = json.loads(p.stdout.strip().splitlines()[-1])
     print(f"{arch:9s} N={samples:5d}: peak {row['peak_rss_gb']:.2f} GB "
           f"(before calibrating {row['rss_before_gb']:.2f} GB), {row['seconds']:.0f} s", flush=True)
@@ -73,22 +74,13 @@ def fit(rows: list[dict]) -> tuple[float, float]:
     return my - b * mn, b
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", nargs=3, metavar=("ARCH", "N", "ITERS"), help=argparse.SUPPRESS)
-    ap.add_argument("--samples", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. to keep a baseline)")
-    args = ap.parse_args()
-    if args.child:
-        arch, n, iters = args.child
-        print(json.dumps(child(arch, int(n), int(iters))))
-        return
-    rows, fits = [], {}
-    for arch in args.models:
-        mine = [measure(arch, n, args.iters) for n in args.samples]
-        rows += mine
+def write(rows: list[dict], args) -> Path:
+    """Results so far: the measured rows and, per model with two or more, the fit."""
+    fits = {}
+    for arch in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == arch), key=lambda r: r["samples"])
+        if len({r["samples"] for r in mine}) < 2:
+            continue
         a, b = fit(mine)
         fits[arch] = {"base_gb": round(a, 3), "mb_per_sample": round(b * 1024, 2),
                       "extrapolated_peak_gb_at_1024": round(a + b * REFERENCE_SAMPLES, 2),
@@ -97,20 +89,49 @@ def main() -> None:
     stem = f"calib_memory{args.tag}"
     (RESULTS / f"{stem}.json").write_text(json.dumps({"rows": rows, "fit": fits, "limit_gb": LIMIT_GB}, indent=1))
     md = ["# Calibration peak memory (ResNet at 224×224, CPU)", "",
-          f"`python -m bench.calib_memory --samples {' '.join(map(str, args.samples))} --iters {args.iters}`: "
-          "one fresh process per row, peak RSS from `getrusage`, random weights and images, waps W2A4, "
-          "batch 32, 2 threads. Measured on a 2-core machine shared with other jobs (timings are noisy; "
-          "memory is not).", "",
+          f"`python -m bench.calib_memory {' '.join(sys.argv[1:])}`: one fresh process per row, peak RSS "
+          "from `getrusage`, random weights and images, waps W2A4, batch 32, 2 threads. Measured on a "
+          "2-core machine shared with other jobs (seconds are noisy; memory is not).", "",
           "| model | samples | peak RSS (GB) | RSS before calibrating (GB) | seconds |", "|---|---:|---:|---:|---:|"]
     md += [f"| {r['model']} | {r['samples']} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {r['seconds']:.0f} |"
-           for r in rows]
-    md += ["", f"Linear fit peak = a + b·N through the measured rows, **extrapolated** (not measured) to "
-           f"{REFERENCE_SAMPLES} samples:", "",
-           "| model | a (GB) | b (MB/sample) | peak at 1024 (GB, extrapolated) | under 24 GB |", "|---|---:|---:|---:|---|"]
-    md += [f"| {k} | {f['base_gb']:.2f} | {f['mb_per_sample']:.2f} | {f['extrapolated_peak_gb_at_1024']:.1f} | "
-           f"{'yes' if f['extrapolated_peak_gb_at_1024'] < LIMIT_GB else 'no'} |" for k, f in fits.items()]
+           for r in sorted(rows, key=lambda r: (r["model"], r["samples"]))]
+    if fits:
+        md += ["", f"Linear fit peak = a + b·N through the measured rows, **extrapolated** (not measured) to "
+               f"{REFERENCE_SAMPLES} samples:", "",
+               "| model | a (GB) | b (MB/sample) | peak at 1024 (GB, extrapolated) | under 24 GB |",
+               "|---|---:|---:|---:|---|"]
+        md += [f"| {k} | {f['base_gb']:.2f} | {f['mb_per_sample']:.2f} | {f['extrapolated_peak_gb_at_1024']:.1f} | "
+               f"{'yes' if f['extrapolated_peak_gb_at_1024'] < LIMIT_GB else 'no'} |" for k, f in fits.items()]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {RESULTS / stem}.md and .json")
+    return RESULTS / f"{stem}.md"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", nargs=3, metavar=("ARCH", "N", "ITERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--samples", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--runs", nargs="+", metavar="ARCH:N", help="measure these pairs instead of models × samples")
+    ap.add_argument("--jobs", type=int, default=1, help="measurements run side by side (each its own process)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. to keep a baseline)")
+    args = ap.parse_args()
+    if args.child:
+        arch, n, iters = args.child
+        print(json.dumps(child(arch, int(n), int(iters))))
+        return
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+    rows = []
+    with ThreadPoolExecutor(args.jobs) as pool:
+        runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs
+                else [(arch, n) for arch in args.models for n in args.samples])
+        jobs = [pool.submit(measure, arch, n, args.iters) for arch, n in runs]
+        path = None
+        for job in as_completed(jobs):
+            if job.result() is not None:
+                rows.append(job.result())
+                path = write(rows, args)  # after every row: a long run keeps what it measured
+    print(f"wrote {path} and .json")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
     with torch.no_grad():
         fp_env: Tensors = {inp: x}
         q_env: Tensors = {inp: frontier.encode(model.input_quant(x), model.input_quant)}
+    del x  # a device copy of the data lives only as long as the frontier holds it
 
     def advance(i: int, fp_out: dict, q_out: dict) -> None:
         """Move the frontier past block i: add its outputs, drop what no later block reads."""
