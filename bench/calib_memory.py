@@ -25,7 +25,17 @@ REFERENCE_SAMPLES = 1024
 LIMIT_GB = 24.0
 
 
-def child(arch: str, samples: int, iters: int) -> dict:
+def _shorten_range_searches(steps: int) -> None:
+    """Fewer candidates in the L2.4 range searches. Memory-neutral: the candidates are
+    tried one after another, each with temporaries of the same size (the activation
+    search works on a subsample of at most 2M values), so only the time changes; on
+    this shared 2-core machine one 100-candidate activation search took 94 s."""
+    from calib import quantizers
+    quantizers.init_act_range.__defaults__ = (steps,)
+    quantizers.init_weight_scale.__defaults__ = (steps,)
+
+
+def child(arch: str, samples: int, iters: int, search_steps: int = 0) -> dict:
     """One calibration in this process; returns its peak RSS and timings."""
     import torch
 
@@ -34,6 +44,8 @@ def child(arch: str, samples: int, iters: int) -> dict:
     from waps_tvm.architectures import get_architecture
 
     torch.set_num_threads(2)
+    if search_steps:
+        _shorten_range_searches(search_steps)
     torch.manual_seed(0)
     net = get_architecture(arch).eval()
     for m in net.modules():
@@ -48,12 +60,14 @@ def child(arch: str, samples: int, iters: int) -> dict:
     result, _ = api.quantize(net, x, cfg, input_shape=(3, 224, 224))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"model": arch, "samples": samples, "iters": iters, "blocks": len(result.blocks),
+    return {"model": arch, "samples": samples, "iters": iters, "search_steps": search_steps or "default",
+            "blocks": len(result.blocks),
             "rss_before_gb": round(before, 3), "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1)}
 
 
-def measure(arch: str, samples: int, iters: int) -> dict | None:
-    p = subprocess.run([sys.executable, "-m", "bench.calib_memory", "--child", arch, str(samples), str(iters)],
+def measure(arch: str, samples: int, iters: int, search_steps: int = 0) -> dict | None:
+    p = subprocess.run([sys.executable, "-m", "bench.calib_memory", "--child", arch, str(samples), str(iters),
+                        str(search_steps)],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     if p.returncode != 0:
         print(f"{arch} N={samples} failed (exit {p.returncode}):\n{p.stderr[-2000:]}", flush=True)
@@ -91,7 +105,9 @@ def write(rows: list[dict], args) -> Path:
     md = ["# Calibration peak memory (ResNet at 224×224, CPU)", "",
           f"`python -m bench.calib_memory {' '.join(sys.argv[1:])}`: one fresh process per row, peak RSS "
           "from `getrusage`, random weights and images, waps W2A4, batch 32, 2 threads. Measured on a "
-          "2-core machine shared with other jobs (seconds are noisy; memory is not).", "",
+          "2-core machine shared with other jobs (seconds are noisy; memory is not)."
+          + (f" Range searches shortened to {args.search_steps} candidates (memory-neutral, see "
+             "`_shorten_range_searches`): the seconds are not calibration times." if args.search_steps else ""), "",
           "| model | samples | peak RSS (GB) | RSS before calibrating (GB) | seconds |", "|---|---:|---:|---:|---:|"]
     md += [f"| {r['model']} | {r['samples']} | {r['peak_rss_gb']:.2f} | {r['rss_before_gb']:.2f} | {r['seconds']:.0f} |"
            for r in sorted(rows, key=lambda r: (r["model"], r["samples"]))]
@@ -108,24 +124,27 @@ def write(rows: list[dict], args) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", nargs=3, metavar=("ARCH", "N", "ITERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("ARCH", "N", "ITERS", "STEPS"), help=argparse.SUPPRESS)
     ap.add_argument("--samples", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--runs", nargs="+", metavar="ARCH:N", help="measure these pairs instead of models × samples")
+    ap.add_argument("--search-steps", type=int, default=0,
+                    help="candidates per L2.4 range search (default: calibration's own; fewer is faster "
+                         "and does not change peak memory)")
     ap.add_argument("--jobs", type=int, default=1, help="measurements run side by side (each its own process)")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. to keep a baseline)")
     args = ap.parse_args()
     if args.child:
-        arch, n, iters = args.child
-        print(json.dumps(child(arch, int(n), int(iters))))
+        arch, n, iters, steps = args.child
+        print(json.dumps(child(arch, int(n), int(iters), int(steps))))
         return
     from concurrent.futures import ThreadPoolExecutor, as_completed
     rows = []
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs
                 else [(arch, n) for arch in args.models for n in args.samples])
-        jobs = [pool.submit(measure, arch, n, args.iters) for arch, n in runs]
+        jobs = [pool.submit(measure, arch, n, args.iters, args.search_steps) for arch, n in runs]
         path = None
         for job in as_completed(jobs):
             if job.result() is not None:

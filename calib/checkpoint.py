@@ -74,7 +74,7 @@ def _tensor_digest(t: torch.Tensor, h=None) -> str:
     h = h or hashlib.sha256()
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
     return h.hexdigest()
 
 
@@ -111,7 +111,7 @@ class Checkpoint:
         layers = model.quant_layers()
         return Checkpoint(
             fingerprint, blocks_done, n_blocks,
-            {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},  # saved at once: no copy needed
             [name for name, l in layers.items() if l.groups is None],
             {name: [torch.from_numpy(np.ascontiguousarray(h)) for h in l.groups.history]
              for name, l in layers.items() if l.groups is not None and l.groups.history},

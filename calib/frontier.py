@@ -65,17 +65,20 @@ class _Sink:
             self.zero_point = quantizer.zero_point.detach().clone()
             self.levels = quantizer.levels
 
-    def put(self, start: int, y: torch.Tensor) -> None:
+    def put(self, start: int, y: torch.Tensor, rows: int = 32) -> None:
         if self.store is None:
             dtype = torch.uint8 if self.coded else y.dtype
             self.store = torch.empty((self.n, *y.shape[1:]), dtype=dtype, device=y.device)
-        if self.coded:
-            q = ((y / self.scale).round() + self.zero_point).clamp(0, self.levels)
-            if torch.equal(_decode(q, self.scale, self.zero_point), y):
-                self.store[start:start + len(y)] = q.to(torch.uint8)
-                return
-            self._to_float(start, y.dtype)
-        self.store[start:start + len(y)] = y
+        # encoded ``rows`` samples at a time: its temporaries stay small beside the chunk
+        for i in range(0, len(y), rows):
+            part = y[i:i + rows]
+            if self.coded:
+                q = ((part / self.scale).round_() + self.zero_point).clamp_(0, self.levels)
+                if torch.equal(_decode(q, self.scale, self.zero_point), part):
+                    self.store[start + i:start + i + len(part)] = q.to(torch.uint8)
+                    continue
+                self._to_float(start + i, y.dtype)
+            self.store[start + i:start + i + len(part)] = part
 
     def _to_float(self, filled: int, dtype: torch.dtype) -> None:
         """A chunk off the grid: keep the whole tensor as floats from here on."""
@@ -133,7 +136,7 @@ def loss(model: QuantModel, block: Block, q_in: Tensors, fp_out: Tensors, chunk:
     n, total = count(q_in), 0.0
     for i in range(0, n, chunk):
         env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in q_in.items()})
-        total += sum(float(((env[o] - fp_out[o][i:i + chunk]) ** 2).sum()) for o in block.outputs)
+        total += sum(float((env[o] - fp_out[o][i:i + chunk]).pow_(2).sum()) for o in block.outputs)
     return total / n
 
 
