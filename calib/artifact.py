@@ -5,7 +5,8 @@ Format version 1 (documented in docs/waps-format.md). A ZIP archive holding
                        arrays (dtype, shape, sha256 of each), report
     arrays/<key>.npy   one NumPy array per entry (loaded with allow_pickle=False)
 Writes go to a temporary file in the destination folder, then os.replace, so a
-reader never sees a half-written artifact. The loader checks structure, hashes,
+reader never sees a half-written artifact. The bytes are a function of the content
+alone (fixed member timestamps, no timings): the same calibration gives the same file. The loader checks structure, hashes,
 dtypes, shapes and value ranges, and raises ArtifactError with one line otherwise.
 """
 from __future__ import annotations
@@ -118,9 +119,9 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
         raise ArtifactError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-            z.writestr("manifest.json", json.dumps(manifest, indent=1, allow_nan=False))
+            z.writestr(_entry("manifest.json"), json.dumps(manifest, indent=1, allow_nan=False))
             for k, b in buffers.items():
-                z.writestr(f"arrays/{k}.npy", b)
+                z.writestr(_entry(f"arrays/{k}.npy"), b)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
@@ -129,6 +130,14 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _entry(name: str) -> zipfile.ZipInfo:
+    """A zip member with a fixed timestamp and mode: the same artifact gives the same bytes."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
 
 
 def load(path: str | os.PathLike) -> WapsArtifact:

@@ -3,23 +3,33 @@
 Float and quantized activations advance together, one block at a time: each
 block is reconstructed from the *quantized* outputs of the blocks before it
 towards the float model's outputs (BRECQ), and only tensors that later blocks
-still read are kept, so memory is the frontier, not the whole network.
+still read are kept, so memory is the frontier, not the whole network; quantized
+activations are kept as their integer codes (calib/frontier.py).
+Everything runs on one device (``cfg.device``); after each block the state can be
+checkpointed and a run resumed from it (calib/checkpoint.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from calib import frontier
 from calib.blocks import Block, find_blocks
+from calib.checkpoint import Checkpoint, Fingerprint, progress
 from calib.config import CalibConfig
 from calib.cwac import compensate_block
-from calib.errors import DataError
+from calib.device import resolve_device
+from calib.errors import CheckpointError, ConfigError, DataError
 from calib.graph import Graph
 from calib.qmodel import QuantModel
-from calib.reconstruct import block_loss, block_modules, reconstruct, run_block
+from calib.frontier import Tensors
+from calib.reconstruct import block_modules, reconstruct
 
 
 @dataclass
@@ -53,14 +63,24 @@ def check_data(x: torch.Tensor) -> None:
         raise DataError(f"calibration data holds {bad} NaN/Inf values")
 
 
-def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig) -> CalibResult:
-    """Quantize ``graph`` with calibration images ``data`` [N, C, H, W] (float32)."""
+def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
+              checkpoint: str | os.PathLike | None = None, resume: bool = False) -> CalibResult:
+    """Quantize ``graph`` with calibration images ``data`` [N, C, H, W] (float32, any device).
+
+    Runs on ``cfg.device``. With ``checkpoint`` (a path), the state after every block is
+    written there atomically; ``resume`` continues from it and gives the same result,
+    bit for bit, as an uninterrupted run. Without ``resume`` an existing checkpoint is
+    refused rather than overwritten (it may hold hours of work). The caller deletes it
+    once the result is safely stored."""
     cfg.validate()
     check_data(data)
+    device = resolve_device(cfg.device)
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+    saved = _open_checkpoint(ckpt_path, resume, graph, data, cfg, device)
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
-    model = QuantModel(graph, cfg).eval()
+    model = build_model(graph, cfg, device)
     blocks = find_blocks(graph, residual=cfg.blockwise)
     result = CalibResult(model, blocks, cfg)
 
@@ -68,22 +88,51 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig) -> CalibResult
     for i, b in enumerate(blocks):
         for v in b.inputs:
             readers[v] = i  # last block that reads v
-    x = data.float().contiguous()
+    x = data.to(device=device, dtype=torch.float32).contiguous()
     model.input_quant.init_from(x)
     inp = graph.input.name
     with torch.no_grad():
-        fp_env = {inp: x}
-        q_env = {inp: model.input_quant(x)}
+        fp_env: Tensors = {inp: x}
+        q_env: Tensors = {inp: frontier.encode(model.input_quant(x), model.input_quant)}
+    del x  # a device copy of the data lives only as long as the frontier holds it
 
-    for i, block in enumerate(blocks):
+    def advance(i: int, fp_out: dict, q_out: dict) -> None:
+        """Move the frontier past block i: add its outputs, drop what no later block reads."""
+        fp_env.update(fp_out)
+        q_env.update(q_out)
+        for env in (fp_env, q_env):
+            for k in [k for k in env if readers.get(k, -1) <= i and k != graph.output]:
+                del env[k]
+
+    first = 0
+    if saved is not None:
+        saved.restore(model, gen)
+        result.report = [BlockReport(**r) for r in saved.report]
+        first = saved.blocks_done
+        if first < len(blocks):
+            for i in range(first):  # rebuild the frontier: the evaluation that produced it
+                block = blocks[i]
+                model.set_quant(False)
+                fp_out = frontier.evaluate(model, block, {k: fp_env[k] for k in block.inputs})
+                model.set_quant(True)
+                q_out = frontier.evaluate(model, block, {k: q_env[k] for k in block.inputs}, compact=True)
+                advance(i, fp_out, q_out)
+        if cfg.progress:
+            tqdm.write(f"resuming after block {first}/{len(blocks)} from {ckpt_path}")
+    fingerprint = saved.fingerprint if saved is not None else (
+        Fingerprint.of(graph, data, cfg, device) if ckpt_path is not None else None)
+    earlier = saved.seconds if saved is not None else 0.0
+
+    for i in range(first, len(blocks)):
+        block = blocks[i]
         t0 = time.perf_counter()
         fp_in = {k: fp_env[k] for k in block.inputs}
         q_in = {k: q_env[k] for k in block.inputs}
         model.set_quant(False)
-        fp_out = run_block(model, block, fp_in)
+        fp_out = frontier.evaluate(model, block, fp_in)
         _init_act_ranges(model, block, fp_in)
         model.set_quant(True)
-        before = block_loss(model, block, q_in, fp_out)
+        before = frontier.loss(model, block, q_in, fp_out)
         layers, _ = block_modules(model, block)
         iters = cfg.iters if (cfg.method != "rtn" and layers) else 0
         if iters:
@@ -103,21 +152,53 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig) -> CalibResult
                     layer.groups = None
         if cfg.cwac and layers:
             compensate_block(model, block, q_in, fp_in)
-        after = block_loss(model, block, q_in, fp_out)
-        with torch.no_grad():
-            q_out = run_block(model, block, q_in)
-        fp_env.update(fp_out)
-        q_env.update(q_out)
-        for env in (fp_env, q_env):
-            for k in [k for k in env if readers.get(k, -1) <= i and k != graph.output]:
-                del env[k]
+        after = frontier.loss(model, block, q_in, fp_out)
+        q_out = frontier.evaluate(model, block, q_in, compact=True)
+        del fp_in, q_in
+        advance(i, fp_out, q_out)
+        del fp_out, q_out
         result.report.append(BlockReport(block.name, block.kind, _source(graph, block), len(layers),
                                          before, after, time.perf_counter() - t0, iters))
+        if ckpt_path is not None:
+            Checkpoint.capture(model, fingerprint, i + 1, len(blocks), [asdict(r) for r in result.report],
+                               gen, earlier + time.perf_counter() - start).save(ckpt_path)
         if cfg.progress:
             tqdm.write(f"block {i + 1}/{len(blocks)} {block.kind:8s} {_source(graph, block):28s} "
                        f"loss {before:.4g} → {after:.4g}")
-    result.seconds = time.perf_counter() - start
+    result.seconds = earlier + time.perf_counter() - start
     return result
+
+
+def build_model(graph: Graph, cfg: CalibConfig, device: torch.device) -> QuantModel:
+    """The QuantModel with every tensor on ``device``: the float parameters are moved
+    first and the quantizer state is created there, so nothing (a range search, an
+    initial step) ever mixes devices."""
+    nodes = [dataclasses.replace(n, params={k: v.to(device) for k, v in n.params.items()}) for n in graph]
+    with torch.device(device):
+        model = QuantModel(graph.replace(nodes), cfg)
+    return model.to(device).eval()
+
+
+def _open_checkpoint(path: Path | None, resume: bool, graph: Graph, data: torch.Tensor,
+                     cfg: CalibConfig, device: torch.device) -> Checkpoint | None:
+    """The checkpoint to continue from (checked against this run), or None to start afresh."""
+    if path is None:
+        if resume:
+            raise ConfigError("resuming needs a checkpoint path")
+        return None
+    if not resume:
+        if path.exists():
+            done = progress(path)
+            what = f"{done[0]} of {done[1]} blocks of an interrupted calibration" if done else "a checkpoint"
+            raise CheckpointError(f"{path} holds {what}: add --resume to continue it, or delete it to start over")
+        try:  # fail now, not after the first block
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from None
+        return None
+    saved = Checkpoint.load(path)
+    saved.check(Fingerprint.of(graph, data, cfg, device), path)
+    return saved
 
 
 def _source(graph: Graph, block: Block) -> str:

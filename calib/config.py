@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from calib.device import check_device_name
 from calib.errors import ConfigError
 from calib.numerics import group_scale
 from calib.quantizers import FLOAT_BITS
@@ -44,6 +45,7 @@ class CalibConfig:
     harden_at: float = 0.8         # fraction of iterations after which groups are fixed
     drop_prob: float = 0.5         # QDrop
     progress: bool = True
+    device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
     extra: dict = field(default_factory=dict)
 
     @property
@@ -93,9 +95,13 @@ class CalibConfig:
             raise ConfigError("--tile must be ≥ 1")
         if not 0 <= self.drop_prob <= 1:
             raise ConfigError("drop probability must be in [0, 1]")
+        check_device_name(self.device)
         return self
 
     def to_json(self) -> dict:
+        """The recipe, as the artifact records it: how it was run (progress bars, device)
+        is not part of what was computed."""
         d = asdict(self)
         d.pop("progress")
+        d.pop("device")
         return d

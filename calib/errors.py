@@ -25,3 +25,7 @@ class ArtifactError(WapsError):
 
 class ConfigError(WapsError):
     """An option value is out of range or contradicts another."""
+
+
+class CheckpointError(WapsError):
+    """A calibration checkpoint is unreadable, or belongs to another run (options, model, data)."""

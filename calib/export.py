@@ -28,19 +28,25 @@ def to_artifact(result: CalibResult, producer: str = "waps-tvm") -> WapsArtifact
             groups = None
             scales = []
             if layer.groups is not None and layer.groups.hard:
-                groups = layer.groups.assignment.numpy().astype(np.int8)
+                groups = _np(layer.groups.assignment).astype(np.int8)
                 scales = group_scales_of(layer.groups.gammas.tolist())
             layers[n.name] = LayerRecord(
-                layer.wbits, layer.unit_size, layer.w_codes.numpy().astype(np.int8),
-                layer.w_scale.numpy().astype(np.float32), layer.bias.numpy().astype(np.float32),
-                layer.gamma_z.detach().numpy().astype(np.float32), layer.phi_z.detach().numpy().astype(np.float32),
+                layer.wbits, layer.unit_size, _np(layer.w_codes).astype(np.int8),
+                _np(layer.w_scale).astype(np.float32), _np(layer.bias).astype(np.float32),
+                _np(layer.gamma_z).astype(np.float32), _np(layer.phi_z).astype(np.float32),
                 groups, scales)
             quant[n.name] = _tq(layer.out_quant)
         elif n.op == "add":
             quant[n.name] = _tq(model.layer(n.name).out_quant)
-    report = [dict(asdict(r), sec_per_iter=r.sec_per_iter) for r in result.report]
+    # timings stay out: they would make two runs of the same calibration differ in bytes
+    report = [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in result.report]
     return WapsArtifact(graph.replace([_strip(n) for n in graph]), layers, quant,
                         result.config.to_json(), report, producer)
+
+
+def _np(t) -> np.ndarray:
+    """A CPU NumPy copy of a tensor on any device."""
+    return t.detach().cpu().numpy()
 
 
 def _strip(n: Node) -> Node:

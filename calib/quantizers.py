@@ -47,9 +47,10 @@ def init_act_range(x: torch.Tensor, bits: int, steps: int = 100) -> tuple[float,
     """(scale, zero_point) for an asymmetric A-bit quantizer of samples ``x``.
 
     Searches shrunken [min, max] ranges (BRECQ's L2.4 search) keeping 0 representable."""
-    x = x.detach().flatten().double()
+    x = x.detach().flatten()
     if x.numel() > 2_000_000:  # a strided subsample keeps the search fast on big tensors
         x = x[:: x.numel() // 2_000_000 + 1]
+    x = x.double()  # after subsampling: a float64 copy of all of x would be 2x its size
     lo0, hi0 = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     levels = 2**bits - 1
     best, best_err = None, float("inf")

@@ -112,12 +112,12 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             for layer in layers:
                 layer.freeze()
             opt = torch.optim.Adam(affine_params, lr=cfg.lr_affine) if affine_params else None
-        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator)
+        idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator, device=generator.device)
         inputs = {}
         for k, v in q_in.items():
             x = v[idx]
             if cfg.uses_qdrop:
-                keep_fp = torch.rand(x.shape, generator=generator) < cfg.drop_prob
+                keep_fp = torch.rand(x.shape, generator=generator, device=x.device) < cfg.drop_prob
                 x = torch.where(keep_fp, fp_in[k][idx], x)
             inputs[k] = x
         for q in out_quants:

@@ -1,10 +1,11 @@
 """The ``waps-tvm`` command line. Errors become one line and exit code 2 here, and
 only here; Ctrl-C exits 130 with nothing half-written (artifacts are renamed into
-place only when complete)."""
+place only when complete); an interrupted calibration says how to resume it."""
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
     c.add_argument("--eval-data", help="labelled data for top-1 (default: the built-in test split)")
     c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
+    c.add_argument("--device", default=d.device, help="where to calibrate: auto (CUDA when available, "
+                                                    "the default), cpu, cuda or cuda:N")
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint OUTPUT.ckpt (same arguments)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
@@ -148,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = build_parser().parse_args(argv)
+        args._argv = argv
         if args.command == "calibrate":
             return _calibrate(args)
         if args.command == "eval":
@@ -183,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
 def _calibrate(args) -> int:
     from rich.console import Console
 
+    from calib.checkpoint import checkpoint_path, progress
     from calib.config import CalibConfig
+    from calib.device import resolve_device
+    from calib.errors import CheckpointError
     from waps_tvm import api
     from waps_tvm.datasets import BUILTIN, load_dataset
     from waps_tvm.model_io import load_model
@@ -199,12 +209,27 @@ def _calibrate(args) -> int:
     cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, cwac=args.cwac,
                       iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
                       gammas=tuple(gammas), tile=args.tile, lam=args.lam,
-                      first_last_bits=args.first_last_bits, progress=not args.quiet).validate()
+                      first_last_bits=args.first_last_bits, progress=not args.quiet,
+                      device=args.device).validate()
+    resolve_device(cfg.device)                        # no CUDA: one line before any work
+    ckpt = checkpoint_path(out)
+    if args.resume and not ckpt.exists():
+        raise CheckpointError(f"--resume: no checkpoint {ckpt} to continue (a run writes it after its first block)")
     model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
     data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
     t0 = time.perf_counter()
-    result, art = api.quantize(model, data.x, cfg)
+    try:
+        result, art = api.quantize(model, data.x, cfg, checkpoint=ckpt, resume=args.resume)
+    except KeyboardInterrupt:
+        done = progress(ckpt)
+        if done is None:
+            raise
+        again = args._argv + ([] if args.resume else ["--resume"])
+        print(f"waps-tvm: interrupted after {done[0]} of {done[1]} blocks (checkpoint {ckpt}); "
+              f"continue with: waps-tvm {shlex.join(again)}", file=sys.stderr)
+        return 130
     api.save_artifact(art, out)
+    ckpt.unlink(missing_ok=True)
     console.print(_loss_table(result))
     console.print(f"calibrated {len(result.blocks)} blocks in {time.perf_counter() - t0:.1f} s "
                   f"({cfg.method}, W{cfg.wbits}A{cfg.abits}, {cfg.iters} iters/block) → {out}")

@@ -171,3 +171,129 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
     assert p.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def small_pt2(tmp_path):
+    torch.manual_seed(0)
+    prog = torch.export.export(Small().eval(), (torch.zeros(1, 1, 8, 8),))
+    torch.export.save(prog, tmp_path / "m.pt2")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32))
+    return tmp_path
+
+
+def test_ctrl_c_after_a_block_says_how_to_resume_and_resume_finishes(small_pt2, capsys, monkeypatch):
+    from calib import calibrate as calibrate_mod
+    d = small_pt2
+    args = ["calibrate", d / "m.pt2", "--data", d / "x.npy", "--iters", "3", "--batch", "8", "--samples", "32",
+            "--device", "cpu", "-q", "--no-eval", "-o", d / "a.waps"]
+    real, calls = calibrate_mod.reconstruct, []
+
+    def interrupted_in_block_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(calibrate_mod, "reconstruct", interrupted_in_block_2)
+        code, _, err = run(args, capsys)
+    assert code == 130
+    assert "interrupted after 1 of 2 blocks" in err and "Traceback" not in err
+    assert err.strip().endswith("--resume") and "continue with: waps-tvm calibrate" in err
+    ckpt = d / "a.waps.ckpt"
+    assert ckpt.is_file() and not (d / "a.waps").exists()
+
+    code, _, err = run([*args[:-2], "--iters", "4", "-o", d / "a.waps", "--resume"], capsys)
+    assert_one_line_error(code, err, "a.waps.ckpt", "other options")
+    code, _, err = run(args, capsys)
+    assert_one_line_error(code, err, "1 of 2 blocks", "add --resume")
+    assert not (d / "a.waps").exists() and ckpt.is_file()
+
+    code, _, err = run(args + ["--resume"], capsys)
+    assert code == 0, err
+    assert (d / "a.waps").is_file() and not ckpt.exists()
+    code, _, err = run(args[:-2] + ["-o", d / "b.waps"], capsys)
+    assert code == 0, err
+    assert (d / "a.waps").read_bytes() == (d / "b.waps").read_bytes()
+
+
+def test_resume_without_checkpoint_and_cuda_without_cuda_are_one_line(small_pt2, capsys):
+    d = small_pt2
+    base = ["calibrate", d / "m.pt2", "--data", d / "x.npy", "--method", "rtn", "-q", "--no-eval", "-o", d / "a.waps"]
+    code, _, err = run(base + ["--resume"], capsys)
+    assert_one_line_error(code, err, "no checkpoint", "a.waps.ckpt")
+    code, _, err = run(base + ["--device", "tpu"], capsys)
+    assert_one_line_error(code, err, "--device tpu")
+    if not torch.cuda.is_available():
+        code, _, err = run(base + ["--device", "cuda"], capsys)
+        assert_one_line_error(code, err, "CUDA is not available")
+    assert sorted(p.name for p in d.iterdir()) == ["m.pt2", "x.npy"]
+
+
+def _tiny_resnet_pt2(folder):
+    from tests.conftest import TinyResNet, randomize_bn
+    torch.manual_seed(0)
+    prog = torch.export.export(randomize_bn(TinyResNet(16)), (torch.zeros(1, 1, 8, 8),))
+    torch.export.save(prog, folder / "tiny.pt2")
+    return folder / "tiny.pt2"
+
+
+def _calib_args(model, out):
+    """4 blocks (stem, two residual units, fc) on the bundled 8×8 digits; a few seconds each."""
+    return ["calibrate", str(model), "--data", "digits", "--samples", "64", "--iters", "30", "--batch", "16",
+            "--method", "qdrop+waps", "--device", "cpu", "--no-eval", "-q", "-o", str(out)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    model = _tiny_resnet_pt2(d)
+    p = subprocess.run(EXE + _calib_args(model, d / "ref.waps"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return model, (d / "ref.waps").read_bytes()
+
+
+def _wait_for_blocks(proc, ckpt, blocks: int) -> tuple[int, int]:
+    from calib.checkpoint import progress
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        done = progress(ckpt)
+        if done and done[0] >= blocks:
+            return done
+        assert proc.poll() is None, "the calibration ended before it could be stopped"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_killed_calibration_resumes_to_the_same_bytes(uninterrupted, tmp_path):
+    model, reference = uninterrupted
+    out, ckpt = tmp_path / "m.waps", tmp_path / "m.waps.ckpt"
+    p = subprocess.Popen(EXE + _calib_args(model, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = _wait_for_blocks(p, ckpt, 2)
+    p.kill()                                       # SIGKILL: no handler, no cleanup
+    p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    assert done[0] < done[1] == 4 and not out.exists()
+    r = subprocess.run(EXE + _calib_args(model, out) + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == reference
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["m.waps"]  # checkpoint and temp files gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_resume_command_which_finishes_the_run(uninterrupted, tmp_path):
+    import shlex
+    model, reference = uninterrupted
+    out = tmp_path / "m.waps"
+    p = subprocess.Popen(EXE + _calib_args(model, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_blocks(p, tmp_path / "m.waps.ckpt", 1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err
+    command = shlex.split(err.split("continue with: ")[1].strip())
+    assert command[0] == "waps-tvm" and command[-1] == "--resume"
+    r = subprocess.run(EXE + command[1:], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == reference

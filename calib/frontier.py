@@ -1,0 +1,144 @@
+"""Cached block activations, stored compactly and evaluated in chunks.
+
+Calibration keeps, for every sample, the float and the quantized values of the
+tensors later blocks read (the frontier). Quantized values lie on their quantizer's
+grid, x = s·(x̄ − z): they are kept as their uint8 codes x̄ (4× smaller) and decoded
+on indexing with the very expression the quantizer evaluates, so the decoded
+tensor equals the float one bit for bit. Each chunk is checked on encoding (decode
+and compare); a value that is not on the grid (e.g. after an average pool) stays
+float32. Float activations stay float32: fp16 would change the result.
+
+Block outputs are written chunk by chunk into one preallocated buffer (no list of
+chunks plus a concatenated copy), and block losses are accumulated chunk by chunk,
+so a block's evaluation never holds more than its inputs, its outputs and one chunk.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from calib.blocks import Block
+from calib.qmodel import QuantModel
+from calib.quantizers import ActQuantizer
+
+
+class Codes:
+    """Activation codes x̄ [N, ...] uint8 of one quantizer; ``codes[i]`` gives the float
+    values s·(x̄ − z) (float32, same device), exactly what the quantizer produced."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
+        self.codes, self.scale, self.zero_point = codes, scale, zero_point
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() * self.codes.element_size()
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return _decode(self.codes[index], self.scale, self.zero_point)
+
+
+Stored = Union[torch.Tensor, Codes]
+Tensors = dict[str, Stored]
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    # the same operations, dtypes and order as ActQuantizer.forward: (q − z)·s
+    return (codes.to(scale.dtype) - zero_point) * scale
+
+
+class _Sink:
+    """Collects a block output chunk by chunk, as codes while every chunk is on the grid."""
+
+    def __init__(self, n: int, quantizer: ActQuantizer | None):
+        self.n, self.store = n, None
+        self.coded = quantizer is not None and quantizer.enabled and quantizer.levels <= 255
+        if self.coded:
+            self.scale = quantizer.scale.detach().clone()
+            self.zero_point = quantizer.zero_point.detach().clone()
+            self.levels = quantizer.levels
+
+    def put(self, start: int, y: torch.Tensor, rows: int = 32) -> None:
+        if self.store is None:
+            dtype = torch.uint8 if self.coded else y.dtype
+            self.store = torch.empty((self.n, *y.shape[1:]), dtype=dtype, device=y.device)
+        # encoded ``rows`` samples at a time: its temporaries stay small beside the chunk
+        for i in range(0, len(y), rows):
+            part = y[i:i + rows]
+            if self.coded:
+                q = ((part / self.scale).round_() + self.zero_point).clamp_(0, self.levels)
+                if torch.equal(_decode(q, self.scale, self.zero_point), part):
+                    self.store[start + i:start + i + len(part)] = q.to(torch.uint8)
+                    continue
+                self._to_float(start + i, y.dtype)
+            self.store[start + i:start + i + len(part)] = part
+
+    def _to_float(self, filled: int, dtype: torch.dtype) -> None:
+        """A chunk off the grid: keep the whole tensor as floats from here on."""
+        store = torch.empty(self.store.shape, dtype=dtype, device=self.store.device)
+        store[:filled] = _decode(self.store[:filled], self.scale, self.zero_point)
+        self.store, self.coded = store, False
+
+    def result(self) -> Stored:
+        return Codes(self.store, self.scale, self.zero_point) if self.coded else self.store
+
+
+def producer_quantizer(model: QuantModel, value: str) -> ActQuantizer:
+    """The quantizer whose grid ``value`` lies on if it is quantized: its producer's
+    output quantizer, looking through parameter-free nodes (pooling, flatten, ReLU)."""
+    g = model.graph
+    while g[value].op not in ("conv2d", "linear", "add", "input"):
+        value = g[value].inputs[0]
+    return model.input_quant if g[value].op == "input" else model.layer(value).out_quant
+
+
+@torch.no_grad()
+def encode(x: torch.Tensor, quantizer: ActQuantizer, chunk: int = 256) -> Stored:
+    """``x`` (quantized values) as codes of ``quantizer`` where exact, else as it is."""
+    sink = _Sink(len(x), quantizer)
+    if not sink.coded:
+        return x
+    for i in range(0, len(x), chunk):
+        sink.put(i, x[i:i + chunk])
+    return sink.result()
+
+
+def count(inputs: Tensors) -> int:
+    return next(iter(inputs.values())).shape[0]
+
+
+@torch.no_grad()
+def evaluate(model: QuantModel, block: Block, inputs: Tensors, compact: bool = False,
+             chunk: int = 256) -> Tensors:
+    """Block outputs for all samples (the model's current quant mode), chunk by chunk.
+    ``compact``: store each output as codes of the quantizer that produced it where exact."""
+    n = count(inputs)
+    sinks = {o: _Sink(n, producer_quantizer(model, o) if compact else None) for o in block.outputs}
+    for i in range(0, n, chunk):
+        env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in inputs.items()})
+        for o, sink in sinks.items():
+            sink.put(i, env[o])
+    return {o: s.result() for o, s in sinks.items()}
+
+
+@torch.no_grad()
+def loss(model: QuantModel, block: Block, q_in: Tensors, fp_out: Tensors, chunk: int = 256) -> float:
+    """Mean over samples of the summed squared error of the block outputs (eval mode),
+    accumulated chunk by chunk."""
+    model.eval()
+    n, total = count(q_in), 0.0
+    for i in range(0, n, chunk):
+        env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in q_in.items()})
+        total += sum(float((env[o] - fp_out[o][i:i + chunk]).pow_(2).sum()) for o in block.outputs)
+    return total / n
+
+
+def nbytes(values: Tensors) -> int:
+    return sum(v.nbytes if isinstance(v, Codes) else v.numel() * v.element_size() for v in values.values())
