@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 from calib.errors import ConfigError
 from calib.numerics import group_scale
+from calib.product_groups import GROUP_PROBS
 from calib.quantizers import FLOAT_BITS
 
 METHODS = ("rtn", "adaround", "brecq", "waps", "qdrop", "qdrop+waps")
@@ -43,6 +44,7 @@ class CalibConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     harden_at: float = 0.8         # fraction of iterations after which groups are fixed
     drop_prob: float = 0.5         # QDrop
+    group_prob: str = "sigmoid"    # eq. 15: σ(R_ip)/Σ_j σ(R_ij) as printed, or "softmax"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -91,6 +93,8 @@ class CalibConfig:
             group_scale(g)
         if self.tile < 1:
             raise ConfigError("--tile must be ≥ 1")
+        if self.group_prob not in GROUP_PROBS:
+            raise ConfigError(f"--group-prob {self.group_prob}: choose one of {', '.join(GROUP_PROBS)}")
         if not 0 <= self.drop_prob <= 1:
             raise ConfigError("drop probability must be in [0, 1]")
         return self

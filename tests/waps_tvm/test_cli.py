@@ -171,3 +171,15 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
     assert p.returncode == 130
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_group_prob_flag_is_recorded_in_the_artifact(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(Small().eval(), (torch.zeros(1, 1, 8, 8),)), tmp_path / "m.pt2")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32))
+    for prob in ("softmax", "sigmoid"):
+        code, _, err = run(["calibrate", tmp_path / "m.pt2", "--data", tmp_path / "x.npy", "--iters", "3",
+                            "--samples", "32", "--group-prob", prob, "--no-eval", "-q",
+                            "-o", tmp_path / f"{prob}.waps"], capsys)
+        assert code == 0, err
+        assert artifact.load(tmp_path / f"{prob}.waps").config["group_prob"] == prob
