@@ -5,7 +5,8 @@ and samples so the whole comparison fits in about 15 minutes of two CPU cores), 
 summed per-block reconstruction loss after calibration, and top-1 of the model rebuilt
 from the saved artifact on the full test set. Seeds pair the two forms (same calibration
 images, same batches), so the verdict uses the per-seed differences: a difference is
-"within noise" when its mean is under two standard errors of those differences.
+"within noise" when its mean is under two standard errors of those differences. Top-1
+decides where it differs beyond noise, else the block loss, else the paper's form wins.
 
     python -m bench.eq15 [--models digit_recognizer fashion_resnet fashion_mobilenetv2] [--seeds 0 1 2]
                          [--iters 200] [--samples 256] [--workers 2]
@@ -68,11 +69,16 @@ def paired(runs: list[dict], model: str, metric: str) -> dict:
 
 
 def verdict(summary: dict) -> str:
-    """'sigmoid' unless the softmax is better beyond noise on top-1 for some model and
-    not worse beyond noise on any (ties go to the paper's form)."""
-    better_soft = [s for s in summary.values() if not s["top1"]["within_noise"] and s["top1"]["diff"] < 0]
-    better_sig = [s for s in summary.values() if not s["top1"]["within_noise"] and s["top1"]["diff"] > 0]
-    return "softmax" if better_soft and not better_sig else "sigmoid"
+    """The better form: top-1 decides where it differs beyond noise (and no model
+    disagrees); else the summed block loss does (lower is better) under the same rule;
+    if neither tells them apart, the paper's form ("sigmoid")."""
+    for metric, sign in (("top1", 1), ("block_loss", -1)):
+        beyond = [s[metric]["diff"] * sign for s in summary.values() if not s[metric]["within_noise"]]
+        if beyond and all(d > 0 for d in beyond):
+            return "sigmoid"
+        if beyond and all(d < 0 for d in beyond):
+            return "softmax"
+    return "sigmoid"
 
 
 def render(res: dict) -> str:
