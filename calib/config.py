@@ -44,7 +44,7 @@ class CalibConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     harden_at: float = 0.8         # fraction of iterations after which groups are fixed
     drop_prob: float = 0.5         # QDrop
-    group_prob: str = "sigmoid"    # eq. 15: σ(R_ip)/Σ_j σ(R_ij) as printed, or "softmax"
+    group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     extra: dict = field(default_factory=dict)
 

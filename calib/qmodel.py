@@ -42,7 +42,7 @@ class QuantLayer(nn.Module):
     """A conv2d or linear with quantized weights, optional WAPS groups and γ^z/φ^z."""
 
     def __init__(self, node: Node, wbits: int, out_bits: int, unit_size: int,
-                 gammas: list[float] | None, group_prob: str = "sigmoid"):
+                 gammas: list[float] | None, group_prob: str = "softmax"):
         super().__init__()
         self.op, self.attrs, self.wbits = node.op, dict(node.attrs), wbits
         w, b = node.params["weight"], node.params["bias"]
