@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from calib.device import check_device_name
 from calib.errors import ConfigError
 from calib.numerics import group_scale
+from calib.product_groups import GROUP_PROBS
 from calib.quantizers import FLOAT_BITS
 
 METHODS = ("rtn", "adaround", "brecq", "waps", "qdrop", "qdrop+waps")
@@ -44,6 +45,7 @@ class CalibConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     harden_at: float = 0.8         # fraction of iterations after which groups are fixed
     drop_prob: float = 0.5         # QDrop
+    group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
     extra: dict = field(default_factory=dict)
@@ -93,6 +95,8 @@ class CalibConfig:
             group_scale(g)
         if self.tile < 1:
             raise ConfigError("--tile must be ≥ 1")
+        if self.group_prob not in GROUP_PROBS:
+            raise ConfigError(f"--group-prob {self.group_prob}: choose one of {', '.join(GROUP_PROBS)}")
         if not 0 <= self.drop_prob <= 1:
             raise ConfigError("drop probability must be in [0, 1]")
         check_device_name(self.device)

@@ -2,8 +2,10 @@
 
 Each input unit i (a channel; for a linear after a flatten, the producer channel
 whose H·W features it reads) learns logits R[i, :] over g groups with fixed scales
-γ^G. The rectified softmax s(R_ip) = clamp(softmax(R_i)_p·(ζ − τ) + τ, 0, 1) gives
-γ^y_i = Σ_p γ_p·s_ip / Σ_j s_ij while soft. A channel *settles* the first step
+γ^G. The group probability (eq. 15) is s(R_ip) = clamp(π_ip·(ζ − τ) + τ, 0, 1) with
+π_ip = σ(R_ip) / Σ_j σ(R_ij) as the paper writes it ("sigmoid"), or π_i = softmax(R_i)
+("softmax", the default: same top-1, 5-7 % lower block loss, bench/results/eq15.md);
+it gives γ^y_i = Σ_p γ_p·s_ip / Σ_j s_ij while soft. A channel *settles* the first step
 its s becomes one-hot; hardening assigns groups whose sizes are whole tiles
 (the last group in memory order may hold the partial tile), serving channels in
 the order they settled so early, decisive channels keep their group.
@@ -17,9 +19,31 @@ from torch import nn
 from calib.rounding import TAU, ZETA, binary_regulariser
 
 
+GROUP_PROBS = ("sigmoid", "softmax")
+
+
 def rectified_softmax(r: torch.Tensor) -> torch.Tensor:
-    """s [c, g] from logits R [c, g] (eq. 15)."""
+    """s [c, g] from logits R [c, g] with π = softmax(R_i)."""
     return (torch.softmax(r, dim=1) * (ZETA - TAU) + TAU).clamp(0, 1)
+
+
+def rectified_sigmoid_ratio(r: torch.Tensor) -> torch.Tensor:
+    """s [c, g] from logits R [c, g] with π_ip = σ(R_ip) / Σ_j σ(R_ij) (eq. 15 as printed).
+
+    Unlike the softmax, π depends on the logits' absolute values, not only their
+    differences: s = 1 needs π ≥ (1 − τ)/(ζ − τ) = 11/12, so the losing logits' σ must
+    sum to at most 1/11 of the winner's (they must go well negative)."""
+    sig = torch.sigmoid(r)
+    return (sig / sig.sum(1, keepdim=True) * (ZETA - TAU) + TAU).clamp(0, 1)
+
+
+def group_probabilities(r: torch.Tensor, form: str) -> torch.Tensor:
+    """s [c, g] for ``form`` in GROUP_PROBS."""
+    if form == "sigmoid":
+        return rectified_sigmoid_ratio(r)
+    if form == "softmax":
+        return rectified_softmax(r)
+    raise ValueError(f"unknown group probability form {form!r}; choose one of {GROUP_PROBS}")
 
 
 def assign_tile_groups(scores: np.ndarray, settled_at: np.ndarray, tile: int) -> np.ndarray:
@@ -55,10 +79,14 @@ def assign_tile_groups(scores: np.ndarray, settled_at: np.ndarray, tile: int) ->
 
 
 class ProductGroups(nn.Module):
-    """Learnable group membership of ``units`` input units over the scales ``gammas``."""
+    """Learnable group membership of ``units`` input units over the scales ``gammas``;
+    ``prob`` selects the eq. 15 form (GROUP_PROBS)."""
 
-    def __init__(self, units: int, gammas: list[float]):
+    def __init__(self, units: int, gammas: list[float], prob: str = "softmax"):
         super().__init__()
+        if prob not in GROUP_PROBS:
+            raise ValueError(f"unknown group probability form {prob!r}; choose one of {GROUP_PROBS}")
+        self.prob = prob
         g = len(gammas)
         self.register_buffer("gammas", torch.tensor(gammas, dtype=torch.float32))
         # start every unit undecided; the γ=1 group is slightly preferred so the soft
@@ -75,7 +103,7 @@ class ProductGroups(nn.Module):
         return bool(self.assignment[0] >= 0)
 
     def probs(self) -> torch.Tensor:
-        return rectified_softmax(self.r)
+        return group_probabilities(self.r, self.prob)
 
     def gamma_y(self) -> torch.Tensor:
         """γ^y [units]: soft mixture while learning, exactly γ_p once hard."""

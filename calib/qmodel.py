@@ -42,7 +42,7 @@ class QuantLayer(nn.Module):
     """A conv2d or linear with quantized weights, optional WAPS groups and γ^z/φ^z."""
 
     def __init__(self, node: Node, wbits: int, out_bits: int, unit_size: int,
-                 gammas: list[float] | None):
+                 gammas: list[float] | None, group_prob: str = "softmax"):
         super().__init__()
         self.op, self.attrs, self.wbits = node.op, dict(node.attrs), wbits
         w, b = node.params["weight"], node.params["bias"]
@@ -57,7 +57,7 @@ class QuantLayer(nn.Module):
         self.unit_size = unit_size
         in_features = w.shape[1] * (node.attrs.get("groups", 1) if node.op == "conv2d" else 1)
         self.units = in_features // unit_size
-        self.groups = ProductGroups(self.units, gammas) if gammas else None
+        self.groups = ProductGroups(self.units, gammas, group_prob) if gammas else None
         self.out_quant = ActQuantizer(out_bits)
         self.quant = True
 
@@ -226,7 +226,7 @@ class QuantModel(nn.Module):
                 units = n.params["weight"].shape[1] * n.attrs.get("groups", 1) // us
                 wants_groups = cfg.uses_waps and not n.is_depthwise and units > cfg.tile
                 self.ops[key(n.name)] = QuantLayer(n, wb, bits[n.name], us,
-                                                   list(cfg.gammas) if wants_groups else None)
+                                                   list(cfg.gammas) if wants_groups else None, cfg.group_prob)
             elif n.op == "add":
                 self.ops[key(n.name)] = QuantAdd(n, bits[n.name])
 

@@ -19,6 +19,43 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+class _FakeQuant(torch.autograd.Function):
+    """``ActQuantizer``'s training forward/backward as one autograd node.
+
+    Values are bit-identical to the unfused expression (clamp(round(x/s) + z, 0, L) − z)·s;
+    gradients are those of that expression under autograd (STE through the rounding,
+    clamp gradient zero where the code is 0 or L, boundaries included, as torch's clamp
+    gives): ∂/∂x = g·[0 < v < L], ∂/∂s = Σ g·(x̂ − x·[0 < v < L])/s. Why: the unfused form
+    makes ~8 full-size tensors per quantizer and as many more in backward; this keeps one
+    float output and a one-byte mask."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+        v = x / scale
+        v.round_().add_(zero_point)
+        inside = (v > 0).logical_and_(v < levels)
+        v.clamp_(0, levels).sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(x, v, inside, scale)
+        return v
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, out, inside, scale = ctx.saved_tensors
+        gx = g * inside if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[1]:
+            e = x * inside
+            torch.sub(out, e, out=e)
+            gs = torch.dot(g.reshape(-1), e.reshape(-1)).div(scale).reshape(scale.shape)
+        return gx, gs, None, None
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+    """Fused fake quantization with LSQ gradients (see _FakeQuant); x float32, scale and
+    zero_point 0-dim, same values as ``ActQuantizer`` unfused."""
+    return _FakeQuant.apply(x, scale, zero_point, levels)
+
+
 def weight_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
@@ -79,6 +116,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.enabled = bits < FLOAT_BITS
         self.drop_prob = 0.0
+        self.fused = True  # training forward through fake_quant (same values, fewer passes)
 
     @property
     def levels(self) -> int:
@@ -107,8 +145,11 @@ class ActQuantizer(nn.Module):
         if not self.enabled:
             return x
         s = self.scale
-        q = (round_ste(x / s) + self.zero_point).clamp(0, self.levels)
-        xq = (q - self.zero_point) * s
+        if self.fused and torch.is_grad_enabled():
+            xq = fake_quant(x, s, self.zero_point, self.levels)
+        else:
+            q = (round_ste(x / s) + self.zero_point).clamp(0, self.levels)
+            xq = (q - self.zero_point) * s
         if self.training and self.drop_prob > 0:
             keep_fp = torch.rand_like(x) < self.drop_prob
             return torch.where(keep_fp, x, xq)

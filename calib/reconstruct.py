@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from calib.blocks import Block
 from calib.config import CalibConfig
@@ -17,6 +18,20 @@ from calib.qmodel import QuantAdd, QuantLayer, QuantModel
 from calib.rounding import BetaSchedule, cosine_lr
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """Per-iteration speed levers of the reconstruction loop; each keeps the result
+    (final block loss within ±2 %) and can be switched off to time it against the
+    plain path (bench/calib_speed.py). Defaults: all on."""
+    cache_glue: bool = True     # parameter-free nodes that read only block inputs run once, not per step
+    fused_quant: bool = True    # one autograd node per activation quantizer (quantizers.fake_quant)
+    fused_loss: bool = True     # squared error as one mse_loss kernel instead of four passes
+
+    @classmethod
+    def none(cls) -> "Speedups":
+        return cls(**{f: False for f in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -57,7 +72,47 @@ def block_loss(model: QuantModel, block: Block, q_in: Tensors, fp_out: Tensors) 
 
 
 def _sse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the per-sample summed squared error."""
     return ((a - b) ** 2).flatten(1).sum(1).mean()
+
+
+def _sse_fused(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """_sse in one kernel each way (same value up to summation order)."""
+    return F.mse_loss(a, b, reduction="sum") / a.shape[0]
+
+
+def leading_glue(model: QuantModel, block: Block) -> list[str]:
+    """The block's first nodes that are parameter-free and read only block inputs (or
+    each other), e.g. ResNet's max-pool before layer1.0: nothing in them learns, so
+    their outputs can be computed once for all samples instead of every iteration."""
+    lead, known = [], set(block.inputs)
+    for name in block.nodes:
+        n = model.graph[name]
+        if n.op in ("conv2d", "linear", "add") or not set(n.inputs) <= known:
+            break
+        lead.append(name)
+        known.add(name)
+    return [] if set(lead) & set(block.outputs) else lead
+
+
+def _precompute(model: QuantModel, block: Block, lead: list[str], q_in: Tensors, fp_in: Tensors,
+                chunk: int = 256) -> tuple[tuple[str, ...], Tensors, Tensors]:
+    """(remaining nodes, their quantized inputs, their float inputs) with ``lead`` evaluated."""
+    rest = tuple(n for n in block.nodes if n not in lead)
+    produced = set(rest)
+    needed = [v for v in dict.fromkeys(i for n in rest for i in model.graph[n].inputs) if v not in produced]
+
+    def run(inputs: Tensors) -> Tensors:
+        n = next(iter(inputs.values())).shape[0]
+        parts: dict[str, list[torch.Tensor]] = {v: [] for v in needed}
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                env = model.run(lead, {k: v[i:i + chunk] for k, v in inputs.items()})
+                for v in needed:
+                    parts[v].append(env[v])
+        return {v: torch.cat(p).contiguous() for v, p in parts.items()}
+
+    return rest, run(q_in), run(fp_in)
 
 
 def output_quantizer(model: QuantModel, value: str):
@@ -69,7 +124,8 @@ def output_quantizer(model: QuantModel, value: str):
 
 
 def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, fp_out: Tensors,
-                cfg: CalibConfig, generator: torch.Generator, on_step=None) -> None:
+                cfg: CalibConfig, generator: torch.Generator, on_step=None,
+                speed: Speedups = Speedups()) -> None:
     """Learn rounding (and WAPS groups, γ^z/φ^z) of one block in place, then freeze it."""
     layers, adds = block_modules(model, block)
     quantizers = [m.out_quant for m in (*layers, *adds) if m.out_quant.enabled]
@@ -98,6 +154,13 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     # WAPS: a joint soft phase, then groups and rounding are fixed and γ^z/φ^z (and
     # the steps) are fine-tuned against the hard weights (appendix C). Without WAPS
     # there is nothing to fine-tune, so rounding learns for all iterations.
+    for q in quantizers:
+        q.fused = speed.fused_quant
+    sse = _sse_fused if speed.fused_loss else _sse
+    nodes = block.nodes
+    lead = leading_glue(model, block) if speed.cache_glue else []
+    if lead:
+        nodes, q_in, fp_in = _precompute(model, block, lead, q_in, fp_in)
     harden_step = int(cfg.harden_at * cfg.iters) if cfg.uses_waps else cfg.iters
     schedule = BetaSchedule(harden_step, cfg.warmup, *cfg.beta)
     n = next(iter(q_in.values())).shape[0]
@@ -122,7 +185,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             inputs[k] = x
         for q in out_quants:
             q.enabled = False
-        env = model.run(block.nodes, inputs)
+        env = model.run(nodes, inputs)
         for q, on in zip(out_quants, out_enabled):
             q.enabled = on
         target = {o: fp_out[o][idx] for o in block.outputs}
@@ -130,8 +193,8 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         # quantizer's range but not rounded: the STE through a coarse output rounding
         # biases them (it reads rounding error as a mismatch to fix). The output steps
         # learn from the quantized output (LSQ).
-        rec = sum(_sse(out_quants[i].clip(env[o]), target[o]) for i, o in enumerate(block.outputs))
-        loss = rec + sum(_sse(out_quants[i](env[o].detach()), target[o]) for i, o in enumerate(block.outputs)
+        rec = sum(sse(out_quants[i].clip(env[o]), target[o]) for i, o in enumerate(block.outputs))
+        loss = rec + sum(sse(out_quants[i](env[o].detach()), target[o]) for i, o in enumerate(block.outputs)
                          if out_enabled[i])
         if t < harden_step and schedule.active(t) and lam > 0:
             beta = schedule(t)
@@ -165,4 +228,5 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         layer.phi_z.requires_grad_(False)
     for q in quantizers:
         q.drop_prob = 0.0
+        q.fused = True
     model.eval()

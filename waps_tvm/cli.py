@@ -32,7 +32,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calib.config import ACT_BITS, METHODS, WEIGHT_BITS, CalibConfig
+    from calib.config import ACT_BITS, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
     d = CalibConfig()
     p = argparse.ArgumentParser(prog="waps-tvm", description="WAPS-Quant PTQ and TVM compilation for a 16x16 NPU")
     p.add_argument("--version", action="version", version=f"waps-tvm {__import__('waps_tvm').__version__}")
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group scales γ^G, each 1 or 1±2^-n (default 1,0.9375,1.0625)")
     c.add_argument("--groups", type=int, default=None, help="g: use the first g default group scales")
     c.add_argument("--tile", type=int, default=d.tile, help="group-size granularity in channels (MAC tile)")
+    c.add_argument("--group-prob", default=d.group_prob, choices=GROUP_PROBS,
+                   help=f"eq. 15 group probability: sigmoid ratio as printed, or softmax (default {d.group_prob})")
     c.add_argument("--lam", type=float, default=None, help="regulariser weight λ_r = λ_g (default 0.01)")
     c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
     c.add_argument("--eval-data", help="labelled data for top-1 (default: the built-in test split)")
@@ -208,7 +210,7 @@ def _calibrate(args) -> int:
     gammas = args.gammas or (default_gammas(args.groups) if args.groups else CalibConfig().gammas)
     cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, cwac=args.cwac,
                       iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
-                      gammas=tuple(gammas), tile=args.tile, lam=args.lam,
+                      gammas=tuple(gammas), tile=args.tile, lam=args.lam, group_prob=args.group_prob,
                       first_last_bits=args.first_last_bits, progress=not args.quiet,
                       device=args.device).validate()
     resolve_device(cfg.device)                        # no CUDA: one line before any work

@@ -2,14 +2,19 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from calib.product_groups import ProductGroups, assign_tile_groups, rectified_softmax
+import pytest
+
+from calib.config import CalibConfig
+from calib.errors import ConfigError
+from calib.product_groups import (ProductGroups, assign_tile_groups, group_probabilities, rectified_sigmoid_ratio,
+                                  rectified_softmax)
 from calib.rounding import BetaSchedule
 
 GAMMAS = [1.0, 1 - 2**-4, 1 + 2**-4]
 
 
 def test_gamma_y_follows_eq14():
-    pg = ProductGroups(4, GAMMAS)
+    pg = ProductGroups(4, GAMMAS, "softmax")
     with torch.no_grad():
         pg.r.copy_(torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0, 0, 0]]))
     s = rectified_softmax(pg.r)
@@ -19,14 +24,15 @@ def test_gamma_y_follows_eq14():
     assert abs(float(gy[3].detach()) - np.mean(GAMMAS)) < 1e-6
 
 
-def test_rectified_softmax_converges_to_one_hot_under_the_regulariser():
+@pytest.mark.parametrize("prob", ["softmax", "sigmoid"])
+def test_rectified_softmax_converges_to_one_hot_under_the_regulariser(prob):
     """Minimising a loss that prefers a group per channel plus the annealed regulariser
     drives every channel to an exactly one-hot s, and the channels settle one by one."""
     torch.manual_seed(0)
     c = 48
     # 16 channels per group, shuffled: a tile-granular assignment can match it exactly
     target = torch.tensor(np.random.default_rng(0).permutation(np.repeat(GAMMAS, 16)), dtype=torch.float32)
-    pg = ProductGroups(c, GAMMAS)
+    pg = ProductGroups(c, GAMMAS, prob)
     opt = torch.optim.Adam([pg.r], lr=0.05)
     sched = BetaSchedule(600, 0.2, 20, 2)
     for t in range(600):
@@ -70,3 +76,47 @@ def test_tile_assignment_serves_early_settlers_first():
     assert np.all(out[16:20] == 0)
     assert np.all(out[20:] == 1)
     assert (out[:16] == 1).sum() == 4
+
+
+def test_sigmoid_ratio_is_eq15_as_printed():
+    r = torch.tensor([[2.0, -1.0, 0.5], [9.0, -9.0, -9.0], [0.0, 0.0, 0.0]])
+    sig = 1 / (1 + torch.exp(-r))
+    expect = (sig / sig.sum(1, keepdim=True) * 1.2 - 0.1).clamp(0, 1)
+    assert torch.allclose(rectified_sigmoid_ratio(r), expect)
+    assert torch.equal(rectified_sigmoid_ratio(r)[1], torch.tensor([1.0, 0.0, 0.0]))  # one-hot is reachable
+    assert torch.allclose(group_probabilities(r, "sigmoid"), expect)
+
+
+def test_sigmoid_ratio_depends_on_logit_level_softmax_does_not():
+    """The two forms differ: the softmax is shift-invariant per row, eq. 15's ratio is not
+    (R = [9, 0, 0] is one-hot under softmax but still undecided under the sigmoid ratio)."""
+    r = torch.tensor([[9.0, 0.0, 0.0]])
+    assert torch.allclose(rectified_softmax(r), rectified_softmax(r + 5))
+    assert not torch.allclose(rectified_sigmoid_ratio(r), rectified_sigmoid_ratio(r + 5))
+    assert torch.equal(rectified_softmax(r), torch.tensor([[1.0, 0.0, 0.0]]))
+    assert float(rectified_sigmoid_ratio(r)[0, 0]) < 0.6
+
+
+def test_product_groups_use_the_chosen_form_and_reject_others():
+    r = torch.tensor([[1.0, -2.0, 0.3]])
+    for prob, fn in (("sigmoid", rectified_sigmoid_ratio), ("softmax", rectified_softmax)):
+        pg = ProductGroups(1, GAMMAS, prob)
+        with torch.no_grad():
+            pg.r.copy_(r)
+        assert torch.allclose(pg.probs(), fn(r))
+    with pytest.raises(ValueError, match="group probability"):
+        ProductGroups(1, GAMMAS, "tanh")
+
+
+def test_config_group_prob_is_validated_recorded_and_reaches_the_layers():
+    from calib.capture import capture, export_module
+    from calib.qmodel import QuantModel
+    with pytest.raises(ConfigError, match="--group-prob"):
+        CalibConfig(group_prob="tanh").validate()
+    assert CalibConfig(group_prob="softmax").to_json()["group_prob"] == "softmax"
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3))
+    g = capture(export_module(net.eval(), (1, 8, 8)))
+    for prob in ("softmax", "sigmoid"):
+        model = QuantModel(g, CalibConfig(method="waps", group_prob=prob))
+        grouped = [l for l in model.quant_layers().values() if l.groups is not None]
+        assert grouped and all(l.groups.prob == prob for l in grouped)

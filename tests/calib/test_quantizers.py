@@ -82,3 +82,28 @@ def test_beta_schedule_warmup_then_linear_decay():
     assert b(0) == 20 and b(200) == 20
     assert abs(b(600) - 11) < 1e-9
     assert b(1000) == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), zp=st.integers(0, 3), scale=st.floats(0.05, 0.5), seed=st.integers(0, 1000))
+def test_fused_fake_quant_equals_the_unfused_expression_and_its_gradients(bits, zp, scale, seed):
+    """Same values bit for bit; same ∂/∂x and ∂/∂s as autograd through the unfused form
+    (including zero gradient where the code lands exactly on 0 or 2^A − 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 5, 5, generator=g) * 2
+    x[0, 0, 0, :3] = torch.tensor([0.0, -zp * scale, (2**bits - 1 - zp) * scale])  # exact boundaries
+    up = torch.randn(x.shape, generator=g)
+    grads = []
+    for fused in (False, True):
+        q = ActQuantizer(bits)
+        q.scale.data.fill_(scale)
+        q.zero_point.fill_(zp)
+        q.fused = fused
+        xi = x.clone().requires_grad_(True)
+        y = q(xi)
+        (y * up).sum().backward()
+        grads.append((y.detach(), xi.grad, q.scale.grad))
+    (y0, gx0, gs0), (y1, gx1, gs1) = grads
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gs1, gs0, rtol=1e-4, atol=1e-4)

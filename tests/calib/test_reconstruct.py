@@ -46,3 +46,63 @@ def test_rtn_and_cwac_need_no_iterations(setup):
     comp = calibrate(graph, x, CalibConfig(wbits=2, abits=4, method="rtn", cwac=True, progress=False)).report
     assert all(r.iters == 0 for r in plain + comp)
     assert sum(r.loss_after for r in comp) < sum(r.loss_after for r in plain)
+
+
+class _PoolNet(torch.nn.Module):
+    """Stem, max-pool, one residual unit, pool, fc: the max-pool heads the unit's block."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.body(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def pooled():
+    from tests.conftest import randomize_bn
+    torch.manual_seed(0)
+    graph = fuse_activations(fold_batch_norm(capture(export_module(randomize_bn(_PoolNet()), (1, 16, 16)))))
+    return graph, torch.randn(96, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+def test_leading_glue_is_the_parameter_free_head_of_a_block(pooled):
+    from calib.blocks import find_blocks
+    from calib.qmodel import QuantModel
+    from calib.reconstruct import leading_glue
+    graph, _ = pooled
+    model = QuantModel(graph, CalibConfig())
+    heads = [[graph[n].op for n in leading_glue(model, b)] for b in find_blocks(graph)]
+    assert ["max_pool2d"] in heads
+    assert ["global_avg_pool", "flatten"] in heads or ["avg_pool2d", "flatten"] in heads
+    assert heads[0] == []  # the stem conv reads the input directly
+
+
+def _calibrate_with(graph, x, method, speed, monkeypatch):
+    import functools
+    from calib import calibrate as calibrate_mod
+    from calib.reconstruct import reconstruct
+    monkeypatch.setattr(calibrate_mod, "reconstruct", functools.partial(reconstruct, speed=speed))
+    cfg = CalibConfig(wbits=2, abits=4, method=method, iters=40, batch=16, tile=8, lam=0.1, progress=False)
+    return [r.loss_after for r in calibrate_mod.calibrate(graph, x, cfg).report]
+
+
+@pytest.mark.parametrize("method", ["brecq", "waps", "qdrop"])
+def test_speedups_keep_the_result(pooled, method, monkeypatch):
+    """Caching the glue head changes nothing for BRECQ/WAPS (same batches, same numbers);
+    fused quantizers and loss change only summation order: final losses within 2 %."""
+    from calib.reconstruct import Speedups
+    graph, x = pooled
+    plain = _calibrate_with(graph, x, method, Speedups.none(), monkeypatch)
+    fast = _calibrate_with(graph, x, method, Speedups(), monkeypatch)
+    if method != "qdrop":
+        glue_only = _calibrate_with(graph, x, method, Speedups(True, False, False), monkeypatch)
+        assert glue_only == plain
+    assert abs(sum(fast) - sum(plain)) <= 0.02 * sum(plain)

@@ -297,3 +297,15 @@ def test_ctrl_c_prints_the_resume_command_which_finishes_the_run(uninterrupted, 
     r = subprocess.run(EXE + command[1:], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == reference
+
+
+def test_group_prob_flag_is_recorded_in_the_artifact(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(Small().eval(), (torch.zeros(1, 1, 8, 8),)), tmp_path / "m.pt2")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((32, 1, 8, 8)).astype(np.float32))
+    for prob in ("softmax", "sigmoid"):
+        code, _, err = run(["calibrate", tmp_path / "m.pt2", "--data", tmp_path / "x.npy", "--iters", "3",
+                            "--samples", "32", "--group-prob", prob, "--no-eval", "-q",
+                            "-o", tmp_path / f"{prob}.waps"], capsys)
+        assert code == 0, err
+        assert artifact.load(tmp_path / f"{prob}.waps").config["group_prob"] == prob
