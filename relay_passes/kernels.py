@@ -61,7 +61,10 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
     pvars = {k: relax.Var(k, relax.TensorType(op.params[k].shape, str(op.params[k].dtype))) for k in param_order(op)}
     derived_np = _derived(op, in_types)
     dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
-    attrs = {"waps.kind": op.kind, "waps.attrs": _json(op.attrs), "waps.params": param_order(op)}
+    # waps.name keeps two ops with equal bodies (e.g. two gathers by the same index) distinct:
+    # BlockBuilder.add_func returns the existing GlobalVar for a structurally equal function
+    attrs = {"waps.kind": op.kind, "waps.name": op.name, "waps.attrs": _json(op.attrs),
+             "waps.params": param_order(op)}
     with lb.function(op.name, xs + list(pvars.values()) + dvars, attrs=attrs, private=True):
         with lb.dataflow():
             out = _BODIES[op.kind](lb, op, xs, pvars, dvars, in_types, add_prim)

@@ -1,8 +1,9 @@
 """The integer program: the view of a lowered Relax module that the passes rewrite.
 
 Every quantized operation is a private Relax function called once from ``main``.
-The function carries three attributes:
+The function carries four attributes:
     waps.kind    the operation (see relay_passes/reference.py for each one's meaning)
+    waps.name    the op's name (unique in the program)
     waps.attrs   JSON of its scalar attributes (zero points, clamps, group shifts, form)
     waps.params  names of its primary tensor arguments, in call order after the inputs
 and its call in ``main`` passes the inputs, then the primary tensors as constants, then
@@ -114,6 +115,9 @@ def emit(program: Program) -> tvm.IRModule:
     """Write ``program`` as a Relax module (bodies from relay_passes.kernels)."""
     from relay_passes import kernels
 
+    names = [op.name for op in program.ops]
+    if len(set(names)) != len(names):
+        raise ValueError(f"op names are not unique: {sorted({n for n in names if names.count(n) > 1})}")
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(tuple(program.input_shape), "float32"))
     values: dict[str, relax.Expr] = {}
@@ -183,7 +187,7 @@ def parse(mod: tvm.IRModule) -> Program:
             inputs = [names[a] for a in v.args[:n_in]]
             params = {k: a.value.numpy() for k, a in zip(pnames, v.args[n_in:n_in + len(pnames)])}
             sinfo = b.var.ty
-            name = v.op.name_hint
+            name = str(fn.attrs["waps.name"]) if "waps.name" in fn.attrs else v.op.name_hint
             ops.append(Op(kind, name, inputs, attrs, params, logical(sinfo.shape, attrs.get("layout", "NCHW")),
                           str(sinfo.dtype)))
             names[b.var] = name

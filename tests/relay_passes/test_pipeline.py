@@ -35,3 +35,20 @@ def test_a_rejected_layer_keeps_its_error_type_through_the_passes(tiny_artifact)
 
     with pytest.raises(CompileError, match="layer conv9 is not allowed here"):
         lower(to_program(tiny_artifact, 1), "split", extra_passes=(reject,))
+
+
+def test_ops_with_equal_bodies_keep_their_own_names(tiny_artifact):
+    """Two gathers by the same index have structurally equal Relax functions; each keeps its
+    name through emit → parse (BlockBuilder would otherwise hand both the first's GlobalVar)."""
+    from relay_passes.program import Op, emit
+    prog = to_program(tiny_artifact, 1)
+    q = prog.ops[0]
+    index = np.arange(q.shape[1], dtype=np.int32)
+    for name in ("gather_a", "gather_b"):
+        prog.ops.insert(1, Op("gather", name, [q.name], {}, {"index": index}, q.shape, q.dtype))
+    prog.ops[3].inputs = ["gather_a"]
+    names = [op.name for op in prog.ops]
+    assert [op.name for op in parse(emit(prog)).ops] == names
+    prog.ops[1].name = "gather_a"
+    with pytest.raises(ValueError, match="not unique"):
+        emit(prog)
