@@ -64,3 +64,34 @@ def rewrite_archive(src, dst, version=None, drop=()):
                 data = json.dumps({**json.loads(data), "version": version}).encode()
             zout.writestr(item, data)
     return dst
+
+
+_NPU16_DRIVER = r'''
+#include "npu16_sim.h"
+int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, const int32_t *table,
+        const int32_t *bias, const int32_t *mult, const int32_t *shift, int64_t *counters) {
+  npu16_bufs b; memset(&b, 0, sizeof(b));
+  b.x = x; b.out = out; b.tiles = tiles; b.table = table; b.bias = bias; b.mult = mult; b.shift = shift;
+  npu16_counters c; memset(&c, 0, sizeof(c));
+  int rc = npu16_execute(prog, &b, &c);
+  memcpy(counters, &c, sizeof(c));
+  return rc;
+}
+'''
+
+
+def npu16_simulator(folder):
+    """The npu16 simulator behind a ctypes driver ``run(prog, x, out, tiles, table, bias, mult,
+    shift, counters)``, compiled in ``folder`` with the ISA header generated from isa.py."""
+    import ctypes
+    import subprocess
+    from pathlib import Path
+
+    from targets.c_source import INCLUDE_DIR
+    from targets.npu16.isa import c_header
+    folder = Path(folder)
+    (folder / "drv.c").write_text(_NPU16_DRIVER)
+    (folder / "npu16_isa.h").write_text(c_header())
+    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{folder}", f"-I{INCLUDE_DIR / 'npu16'}",
+                    f"-I{INCLUDE_DIR}", str(folder / "drv.c"), "-o", str(folder / "drv.so")], check=True)
+    return ctypes.CDLL(str(folder / "drv.so"))

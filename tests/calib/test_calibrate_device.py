@@ -8,33 +8,21 @@ import torch
 
 from calib import artifact
 from calib.calibrate import calibrate
-from calib.capture import capture, export_module
 from calib.config import CalibConfig
 from calib.device import resolve_device
 from calib.errors import ConfigError
 from calib.export import to_artifact
-from calib.fold_bn import fold_batch_norm
-from calib.fuse import fuse_activations
-
-
-@pytest.fixture(scope="module")
-def setup():
-    from tests.conftest import TinyResNet, randomize_bn
-    torch.manual_seed(0)
-    net = randomize_bn(TinyResNet(16))
-    graph = fuse_activations(fold_batch_norm(capture(export_module(net, (1, 8, 8)))))
-    return graph, torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 def _bytes(graph, x, cfg, tmp_path, name) -> bytes:
     return artifact.save(to_artifact(calibrate(graph, x, cfg)), tmp_path / name).read_bytes()
 
 
-def test_no_tensor_is_created_on_an_implicit_device(setup, tmp_path):
+def test_no_tensor_is_created_on_an_implicit_device(tiny_graph_data, tmp_path):
     """With torch's default device set to 'meta', any tensor calib/ creates without naming
     its device would be a meta tensor: mixing it with the real ones fails, or its value
     (.item(), .numpy()) cannot be read. The run must instead give the very same artifact."""
-    graph, x = setup
+    graph, x = tiny_graph_data
     cfg = CalibConfig(wbits=2, abits=4, method="qdrop+waps", cwac=True, iters=6, batch=8, tile=8,
                       device="cpu", progress=False)
     expected = _bytes(graph, x, cfg, tmp_path, "a.waps")
@@ -49,8 +37,8 @@ def test_no_tensor_is_created_on_an_implicit_device(setup, tmp_path):
     assert artifact.save(to_artifact(result), tmp_path / "b.waps").read_bytes() == expected
 
 
-def test_artifact_records_the_recipe_not_the_device(setup, tmp_path):
-    graph, x = setup
+def test_artifact_records_the_recipe_not_the_device(tiny_graph_data, tmp_path):
+    graph, x = tiny_graph_data
     cfg = CalibConfig(wbits=4, abits=4, method="waps", iters=2, batch=8, tile=8, device="cpu", progress=False)
     path = artifact.save(to_artifact(calibrate(graph, x, cfg)), tmp_path / "a.waps")
     with zipfile.ZipFile(path) as z:
@@ -59,11 +47,11 @@ def test_artifact_records_the_recipe_not_the_device(setup, tmp_path):
     assert all("seconds" not in r for r in manifest["report"])
 
 
-def test_same_calibration_gives_the_same_bytes(setup, tmp_path):
+def test_same_calibration_gives_the_same_bytes(tiny_graph_data, tmp_path):
     """No timings in the report and fixed zip member timestamps (zip stores 2-second
     resolution: the second save is made at least 2 s after the first)."""
     import time
-    graph, x = setup
+    graph, x = tiny_graph_data
     cfg = CalibConfig(wbits=4, abits=4, method="waps", iters=3, batch=8, tile=8, device="cpu", progress=False)
     t0 = time.time()
     first = _bytes(graph, x, cfg, tmp_path, "a.waps")
@@ -90,8 +78,8 @@ def test_auto_and_cpu_resolve_here():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_calibration_writes_an_artifact_from_cpu_copies(setup, tmp_path):
-    graph, x = setup
+def test_cuda_calibration_writes_an_artifact_from_cpu_copies(tiny_graph_data, tmp_path):
+    graph, x = tiny_graph_data
     cfg = CalibConfig(wbits=2, abits=4, method="qdrop+waps", cwac=True, iters=6, batch=8, tile=8,
                       device="cuda", progress=False)
     result = calibrate(graph, x, cfg)
@@ -103,11 +91,11 @@ def test_cuda_calibration_writes_an_artifact_from_cpu_copies(setup, tmp_path):
     assert set(art.layers) == set(to_artifact(cpu).layers)
 
 
-def test_model_is_built_on_a_device_other_than_the_cpu(setup):
+def test_model_is_built_on_a_device_other_than_the_cpu(tiny_graph_data):
     """'meta' stands in for a GPU: any CPU tensor mixed into the construction (a range
     search grid, an initial step) raises, as it would on CUDA."""
     from calib.calibrate import build_model
-    graph, _ = setup
+    graph, _ = tiny_graph_data
     model = build_model(graph, CalibConfig(wbits=2, abits=4, method="qdrop+waps", tile=8), torch.device("meta"))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     assert tensors and {t.device.type for t in tensors.values()} == {"meta"}

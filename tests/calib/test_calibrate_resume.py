@@ -6,22 +6,10 @@ import torch
 
 from calib import artifact, calibrate as calibrate_mod
 from calib.calibrate import calibrate
-from calib.capture import capture, export_module
 from calib.checkpoint import Checkpoint, progress
 from calib.config import CalibConfig
 from calib.errors import CheckpointError
 from calib.export import to_artifact
-from calib.fold_bn import fold_batch_norm
-from calib.fuse import fuse_activations
-
-
-@pytest.fixture(scope="module")
-def setup():
-    from tests.conftest import TinyResNet, randomize_bn
-    torch.manual_seed(0)
-    net = randomize_bn(TinyResNet(16))
-    graph = fuse_activations(fold_batch_norm(capture(export_module(net, (1, 8, 8)))))
-    return graph, torch.randn(48, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 
 
 CFG = dict(wbits=2, abits=4, method="qdrop+waps", iters=6, batch=8, tile=8, device="cpu", progress=False)
@@ -47,8 +35,8 @@ def _save(result, path):
     return artifact.save(to_artifact(result), path).read_bytes()
 
 
-def test_resume_after_a_crash_gives_the_same_bytes(setup, tmp_path, monkeypatch):
-    graph, x = setup
+def test_resume_after_a_crash_gives_the_same_bytes(tiny_graph_data, tmp_path, monkeypatch):
+    graph, x = tiny_graph_data
     cfg = CalibConfig(**CFG)
     reference = _save(calibrate(graph, x, cfg), tmp_path / "ref.waps")
     ckpt = tmp_path / "m.waps.ckpt"
@@ -63,10 +51,10 @@ def test_resume_after_a_crash_gives_the_same_bytes(setup, tmp_path, monkeypatch)
     assert _save(resumed, tmp_path / "resumed.waps") == reference
 
 
-def test_resume_restores_rng_state(setup, tmp_path, monkeypatch):
+def test_resume_restores_rng_state(tiny_graph_data, tmp_path, monkeypatch):
     """Without the stored RNG states the batches after the crash would differ: a resume
     whose checkpoint lost them must not reproduce the reference."""
-    graph, x = setup
+    graph, x = tiny_graph_data
     cfg = CalibConfig(**CFG)
     reference = _save(calibrate(graph, x, cfg), tmp_path / "ref.waps")
     ckpt = tmp_path / "m.waps.ckpt"
@@ -80,8 +68,8 @@ def test_resume_restores_rng_state(setup, tmp_path, monkeypatch):
     assert _save(calibrate(graph, x, cfg, checkpoint=ckpt, resume=True), tmp_path / "r.waps") != reference
 
 
-def test_checkpoint_of_another_run_is_refused(setup, tmp_path, monkeypatch):
-    graph, x = setup
+def test_checkpoint_of_another_run_is_refused(tiny_graph_data, tmp_path, monkeypatch):
+    graph, x = tiny_graph_data
     cfg = CalibConfig(**CFG)
     ckpt = tmp_path / "m.waps.ckpt"
     with monkeypatch.context() as m:

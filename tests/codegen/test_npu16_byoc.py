@@ -1,7 +1,6 @@
 """--target npu16: BYOC partitions run as instruction streams on the simulator, bit-exact."""
 import ctypes
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from calib import artifact
 from codegen.npu16.lower import NotOnNpu, lower_op
 from relay_passes import reference
 from targets.npu16.cost import LayerShape, layer_cost
-from targets.npu16.isa import COUNTERS, c_header
+from targets.npu16.isa import COUNTERS
 from targets.npu16.params import NPU16
 from tests.compile_helpers import run_in_fresh_process
 from waps_tvm import cli
@@ -41,29 +40,12 @@ def test_unsupported_ops_stay_on_the_host():
         lower_op("quantize", {}, [(1, 3, 4, 4)], ["float32"], {})
 
 
-_DRIVER = r'''
-#include "npu16_sim.h"
-int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, const int32_t *table,
-        const int32_t *bias, const int32_t *mult, const int32_t *shift, int64_t *counters) {
-  npu16_bufs b; memset(&b, 0, sizeof(b));
-  b.x = x; b.out = out; b.tiles = tiles; b.table = table; b.bias = bias; b.mult = mult; b.shift = shift;
-  npu16_counters c; memset(&c, 0, sizeof(c));
-  int rc = npu16_execute(prog, &b, &c);
-  memcpy(counters, &c, sizeof(c));
-  return rc;
-}
-'''
 
 
 @pytest.mark.parametrize("c,m,groups_sizes", [(48, 32, (16, 16, 16)), (40, 20, (20, 10, 10)), (24, 16, ())])
 def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
-    from pathlib import Path
-    sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
-    (tmp_path / "drv.c").write_text(_DRIVER)
-    (tmp_path / "npu16_isa.h").write_text(c_header())
-    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{tmp_path}", f"-I{sim}", f"-I{sim.parent}", str(tmp_path / "drv.c"),
-                    "-o", str(tmp_path / "drv.so")], check=True)
-    lib = ctypes.CDLL(str(tmp_path / "drv.so"))
+    from tests.compile_helpers import npu16_simulator
+    lib = npu16_simulator(tmp_path)
     rng = np.random.default_rng(0)
     w = rng.integers(-2, 2, (m, c, 3, 3)).astype(np.int8)
     groups = np.repeat(np.arange(len(groups_sizes)), groups_sizes).astype(np.int8) if groups_sizes else None

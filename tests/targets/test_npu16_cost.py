@@ -1,9 +1,7 @@
 """npu16 cost model against small cases computed by hand, fragmentation, Table 6, and the
 simulator's counters (hypothesis)."""
 import ctypes
-import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,31 +70,13 @@ def test_table6_reproduces_the_paper_convention():
 
 # --- the estimator against the simulator's counters -------------------------------------
 
-_DRIVER = r'''
-#include "npu16_sim.h"
-int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, const int32_t *table,
-        const int32_t *bias, const int32_t *mult, const int32_t *shift, int64_t *counters) {
-  npu16_bufs b; memset(&b, 0, sizeof(b));
-  b.x = x; b.out = out; b.tiles = tiles; b.table = table; b.bias = bias; b.mult = mult; b.shift = shift;
-  npu16_counters c; memset(&c, 0, sizeof(c));
-  int rc = npu16_execute(prog, &b, &c);
-  memcpy(counters, &c, sizeof(c));
-  return rc;
-}
-'''
 
 
 @pytest.fixture(scope="module")
 def simulator(tmp_path_factory):
     """The simulator behind a ctypes driver; the ISA header generated from isa.py."""
-    from targets.npu16.isa import c_header
-    d = tmp_path_factory.mktemp("sim")
-    (d / "drv.c").write_text(_DRIVER)
-    (d / "npu16_isa.h").write_text(c_header())
-    sim = Path(__file__).resolve().parents[2] / "targets" / "npu16"
-    subprocess.run(["gcc", "-std=c99", "-O1", "-shared", "-fPIC", f"-I{d}", f"-I{sim}", f"-I{sim.parent}", str(d / "drv.c"),
-                    "-o", str(d / "drv.so")], check=True)
-    return ctypes.CDLL(str(d / "drv.so"))
+    from tests.compile_helpers import npu16_simulator
+    return npu16_simulator(tmp_path_factory.mktemp("sim"))
 
 
 def _simulate(lib, low, x, m, out_shape):
