@@ -35,15 +35,21 @@ def _save(result, path):
     return artifact.save(to_artifact(result), path).read_bytes()
 
 
-def test_resume_after_a_crash_gives_the_same_bytes(tiny_graph_data, tmp_path, monkeypatch):
-    graph, x = tiny_graph_data
-    cfg = CalibConfig(**CFG)
+def _reference_and_crashed_run(graph, x, cfg, tmp_path, monkeypatch):
+    """(the uninterrupted run's bytes, the checkpoint of a run that crashed in block 3)."""
     reference = _save(calibrate(graph, x, cfg), tmp_path / "ref.waps")
     ckpt = tmp_path / "m.waps.ckpt"
     with monkeypatch.context() as m:
         _crash_at_block(m, 3)
         with pytest.raises(Crash):
             calibrate(graph, x, cfg, checkpoint=ckpt)
+    return reference, ckpt
+
+
+def test_resume_after_a_crash_gives_the_same_bytes(tiny_graph_data, tmp_path, monkeypatch):
+    graph, x = tiny_graph_data
+    cfg = CalibConfig(**CFG)
+    reference, ckpt = _reference_and_crashed_run(graph, x, cfg, tmp_path, monkeypatch)
     assert progress(ckpt) == (2, 4)
     torch.manual_seed(123)  # the resumed run must not depend on the RNG state it starts in
     resumed = calibrate(graph, x, cfg, checkpoint=ckpt, resume=True)
@@ -56,12 +62,7 @@ def test_resume_restores_rng_state(tiny_graph_data, tmp_path, monkeypatch):
     whose checkpoint lost them must not reproduce the reference."""
     graph, x = tiny_graph_data
     cfg = CalibConfig(**CFG)
-    reference = _save(calibrate(graph, x, cfg), tmp_path / "ref.waps")
-    ckpt = tmp_path / "m.waps.ckpt"
-    with monkeypatch.context() as m:
-        _crash_at_block(m, 3)
-        with pytest.raises(Crash):
-            calibrate(graph, x, cfg, checkpoint=ckpt)
+    reference, ckpt = _reference_and_crashed_run(graph, x, cfg, tmp_path, monkeypatch)
     ck = Checkpoint.load(ckpt)
     ck.rng["generator"] = torch.Generator().manual_seed(99).get_state()
     ck.save(ckpt)
