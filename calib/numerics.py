@@ -11,6 +11,7 @@ Rounding choices (fixed here, documented in docs/numeric-contract.md):
   ``(acc·M + 2^(30+s)) >> (31+s)``, i.e. ``round_half_up(acc·M/2^(31+s))``. This is
   what TVM's ``q_multiply_shift`` computes (ties upward).
 - ``add_rescale``: ``((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t`` in int64, one rounding.
+- ``rescale``: ``((x − z)·k + 2^(t−1)) >> t``, the add rescale of one operand (concat).
 - ``apply_table``: an elementwise function of A-bit codes is a table of 2^A output codes.
 
 This is the NumPy rendering of the contract. The same primitives exist once as TIR
@@ -139,6 +140,12 @@ def add_rescale(a: np.ndarray, za: int, ka: int, b: np.ndarray, zb: int, kb: int
     (|(x − z)·k| < 2^40, so no intermediate leaves int64); t ≥ 1."""
     v = (np.asarray(a, np.int64) - za) * ka + (np.asarray(b, np.int64) - zb) * kb
     return (v + (1 << (t - 1))) >> t
+
+
+def rescale(x: np.ndarray, z: int, k: int, t: int) -> np.ndarray:
+    """One tensor moved to another scale: ((x − z)·k + 2^(t−1)) >> t, int64; t ≥ 1 (add_rescale
+    with one operand; a concat's inputs go through it to the shared output scale)."""
+    return ((np.asarray(x, np.int64) - z) * k + (1 << (t - 1))) >> t
 
 
 def code_table(fn, in_scale: float, in_zero: int, in_qmax: int, out_scale: float, out_zero: int,

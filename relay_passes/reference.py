@@ -12,8 +12,18 @@ linear         padding in the real domain (pad code z_in), L = attribute ``frac`
              out = clip(requant(acc, M, s) + z_out, lo, hi); a conv with an ``in_index``
              param (a gather folded in by LegalizeWAPS, fast form) reads x[:, in_index]
 add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo, hi)
-max_pool2d   window max of codes (padding never wins)
+max_pool2d   window max of codes (padding never wins; ``dilation`` attribute, default 1)
 sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
+avg_pool2d   box average with its own rounding: output row i reads input rows [h0_i, h1_i), column
+             j columns [w0_j, w1_j) (params, windows clipped to the input), then
+             clip(requant(Σ(x − z_in), mult[rq[i,j]], shift[rq[i,j]]) + z_out, lo, hi); the divisor
+             (window count or kernel area) is folded into mult/shift, so one op covers
+             count_include_pad either way, ceil_mode, adaptive pooling and spatial means
+pad          [N, C, H, W] → [N, C, H+top+bottom, W+left+right] filled with ``value`` (a code)
+concat       along axis 1; input i becomes clip(rescale(x_i, z_i, k_i, t) + z_out, lo, hi)
+table        table[x]: an elementwise function of codes (calib/numerics.code_table)
+mul          clip(requant((a − za)·(b − zb), mult, shift) + z_out, lo, hi); b is a's shape or
+             [N, C, 1, 1] (broadcast over H, W)
 flatten      [N, C, H, W] → [N, C·H·W];  gather: channels x[:, index]
 with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s), each
 rule taken from calib/numerics.py (the NumPy definition of the contract).
@@ -23,8 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.numerics import (INT32_MAX, INT32_MIN, GroupScale, add_rescale, clamp, merge_groups,
-                            output_codes)
+from calib.numerics import (INT32_MAX, INT32_MIN, GroupScale, add_rescale, apply_table, clamp, merge_groups,
+                            output_codes, requantize, rescale)
 from relay_passes.program import INPUT, Op, Program
 
 
@@ -118,8 +128,39 @@ def _add(op: Op, a_, b_):
 
 def _max_pool2d(op: Op, x):
     a = op.attrs
-    win = _windows(x, a["kernel"], a["stride"], (1, 1), a["padding"], np.iinfo(np.int64).min)
+    win = _windows(x, a["kernel"], a["stride"], a.get("dilation", (1, 1)), a["padding"], np.iinfo(np.int64).min)
     return win.max(axis=(4, 5)).astype(op.dtype)
+
+
+def _avg_pool2d(op: Op, x):
+    a, p = op.attrs, op.params
+    xz = x.astype(np.int64) - a["z_in"]
+    rows = np.stack([xz[:, :, h0:h1].sum(2) for h0, h1 in zip(p["h0"], p["h1"])], 2)       # [N, C, OH, W]
+    sums = np.stack([rows[..., w0:w1].sum(3) for w0, w1 in zip(p["w0"], p["w1"])], 3)      # [N, C, OH, OW]
+    rq = p["rq"]
+    y = output_codes(sums, p["mult"][rq], p["shift"][rq], a["z_out"], a["lo"], a["hi"])
+    return y.astype(op.dtype)
+
+
+def _pad(op: Op, x):
+    top, left, bottom, right = op.attrs["pads"]
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=op.attrs["value"]).astype(op.dtype)
+
+
+def _concat(op: Op, *xs):
+    a = op.attrs
+    parts = [clamp(rescale(x, z, k, a["t"]) + a["z_out"], a["lo"], a["hi"]) for x, z, k in zip(xs, a["zs"], a["ks"])]
+    return np.concatenate(parts, axis=1).astype(op.dtype)
+
+
+def _table(op: Op, x):
+    return apply_table(op.params["table"], x).astype(op.dtype)
+
+
+def _mul(op: Op, a_, b_):
+    a = op.attrs
+    prod = (a_.astype(np.int64) - a["za"]) * (b_.astype(np.int64) - a["zb"])
+    return clamp(requantize(prod, a["mult"], a["shift"]) + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
 
 
 def _sum_pool2d(op: Op, x):
@@ -138,4 +179,5 @@ def _gather(op: Op, x):
 
 OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "linear": _layer,
        "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
-       "gather": _gather}
+       "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
+       "mul": _mul}
