@@ -296,10 +296,13 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
     if ph == pw == 0 and c4 == c and scale is None and index is None and not flip:
         return x
     shape = (n, h + 2 * ph, w + 2 * pw, c4)
-    if ph == pw == 0 and c4 == c:
+    if ph == pw == 0:
         sh, sw = subsample
         shape = (n, (h - 1) // sh + 1, (w - 1) // sw + 1, c4)
-        value = lambda b, i, j, ch: x[b, i * sh, j * sw, index[ch] if index is not None else ch]  # noqa: E731
+
+        def value(b, i, j, ch):             # channels past c (zero weight rows) read channel c − 1
+            cc = tvm.tirx.min(ch, c - 1) if c4 != c else ch
+            return x[b, i * sh, j * sw, index[cc] if index is not None else cc]
     else:
         value = _window_value(x, a, c, index)
     scaled = value if scale is None else (lambda b, i, j, ch: value(b, i, j, ch) * scale[ch])
@@ -617,19 +620,20 @@ def max_pool(op, in_shape, dtype: str):
     return _finish(sch), (n, oh, ow, c)
 
 
-def gather(in_shape, dtype: str):
+def gather(in_shape, dtype: str, j: int):
     """(PrimFunc, output shape): out[b, i, j, k] = x[b, i, j, index[k]] on NHWC maps
-    (``in_shape`` logical); parallel over rows, the channel loop unrolled when short."""
+    (``in_shape`` logical, ``j`` output channels: a permutation or a selection); parallel
+    over rows, the channel loop unrolled when short."""
     n, c, h, w_ = in_shape
     X = te.placeholder((n, h, w_, c), dtype, "x")
-    index = te.placeholder((c,), I32, "index")
-    out = te.compute((n, h, w_, c), lambda b, i, j, k: X[b, i, j, index[k]], name="out")
+    index = te.placeholder((j,), I32, "index")
+    out = te.compute((n, h, w_, j), lambda b, i, jj, k: X[b, i, jj, index[k]], name="out")
     sch = _schedule(te.create_prim_func([X, index, out]))
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     sch.parallel(sch.fuse(b_, i_))
-    if c <= 64:
+    if j <= 64:
         sch.unroll(k_)
-    return _finish(sch), (n, h, w_, c)
+    return _finish(sch), (n, h, w_, j)
 
 
 def _dot(X, W, c0, r):

@@ -100,6 +100,8 @@ def fast_plan(op: Op, in_types) -> str | None:
     if op.kind == "linear":
         ok = "groups" not in op.params or group_ranges(op.params["groups"], _n_groups(op)) is not None
         return "linear" if ok else None
+    if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
+        return None
     return op.kind if op.kind in ("add", "max_pool2d", "quantize") else None
 
 
@@ -373,7 +375,64 @@ def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
         func, shape = fast.max_pool(op, in_types[0][0], in_types[0][1])
         return _call_fast(lb, op, add_prim, func, xs, shape)
     ph, pw = a["padding"]
-    return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw]))
+    return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw],
+                                          dilation=a.get("dilation", [1, 1])))
+
+
+def _avg_pool2d(lb, op, xs, P, D, in_types, add_prim):
+    """One TE kernel for every form: window bounds and requant tables read per output element."""
+    a, p = op.attrs, op.params
+    (n, c, h, w), dtype = in_types[0]
+    oh, ow, d = p["h0"].size, p["w0"].size, p["mult"].size
+    kh, kw = int((p["h1"] - p["h0"]).max()), int((p["w1"] - p["w0"]).max())
+    X = te.placeholder((n, c, h, w), dtype, "x")
+    H0, H1 = te.placeholder((oh,), I32, "h0"), te.placeholder((oh,), I32, "h1")
+    W0, W1 = te.placeholder((ow,), I32, "w0"), te.placeholder((ow,), I32, "w1")
+    RQ = te.placeholder((oh, ow), I32, "rq")
+    Mq, Rq, Sq = (te.placeholder((d,), I64, nm) for nm in ("mult", "round", "shift"))
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    zero = tvm.tirx.const(0, I32)
+
+    def window(b, k, i, j):
+        inside = tvm.tirx.all(H0[i] + ry < H1[i], W0[j] + rx < W1[j])
+        y, x = tvm.tirx.min(H0[i] + ry, h - 1), tvm.tirx.min(W0[j] + rx, w - 1)
+        v = X[b, k, y, x].astype(I32) - tvm.tirx.const(a["z_in"], I32)
+        return te.sum(tvm.tirx.if_then_else(inside, v, zero), axis=[ry, rx])
+    sums = te.compute((n, c, oh, ow), window, name="sums")
+    out = te.compute((n, c, oh, ow), lambda b, k, i, j: nt.output_code(
+        nt.TIR, sums[b, k, i, j], Mq[RQ[i, j]], Rq[RQ[i, j]], Sq[RQ[i, j]], a["z_out"], a["lo"], a["hi"], op.dtype),
+        name="out")
+    func = te.create_prim_func([X, H0, H1, W0, W1, RQ, Mq, Rq, Sq, out])
+    tables = [_c(t, I64) for t in requant_tables(p["mult"], p["shift"])]
+    return _call_fast(lb, op, add_prim, func, [xs[0], P["h0"], P["h1"], P["w0"], P["w1"], P["rq"], *tables],
+                      (n, c, oh, ow))
+
+
+def _pad(lb, op, xs, P, D, in_types, add_prim):
+    top, left, bottom, right = op.attrs["pads"]
+    return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs["value"])))
+
+
+def _concat(lb, op, xs, P, D, in_types, add_prim):
+    a = op.attrs
+    ar = nt.RelaxArith(lb)
+    parts = []
+    for x, z, k in zip(xs, a["zs"], a["ks"]):
+        v = ar.clamp(ar.add(nt.rescale(ar, x, z, k, a["t"]), ar.const(a["z_out"], I64)), a["lo"], a["hi"], I64)
+        parts.append(ar.cast(v, op.dtype))
+    return lb.emit(relax.op.concat(parts, axis=1))
+
+
+def _table(lb, op, xs, P, D, in_types, add_prim):
+    return lb.emit(relax.op.take(P["table"], lb.emit(relax.op.astype(xs[0], I32)), axis=0))
+
+
+def _mul(lb, op, xs, P, D, in_types, add_prim):
+    a = op.attrs
+    ar = nt.RelaxArith(lb)
+    prod = ar.mul(ar.sub(ar.cast(xs[0], I32), ar.const(a["za"], I32)), ar.sub(ar.cast(xs[1], I32), ar.const(a["zb"], I32)))
+    M, R, S = (_c(t, I64) for t in requant_tables(np.array(a["mult"]), np.array(a["shift"])))
+    return nt.output_code(ar, prod, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
 
 
 def _sum_pool2d(lb, op, xs, P, D, in_types, add_prim):
@@ -399,7 +458,7 @@ def _flatten(lb, op, xs, P, D, in_types, add_prim):
 
 def _gather(lb, op, xs, P, D, in_types, add_prim):
     if layout_of(op) == "NHWC":                          # only in the fast form
-        func, shape = fast.gather(in_types[0][0], in_types[0][1])
+        func, shape = fast.gather(in_types[0][0], in_types[0][1], op.params["index"].size)
         return _call_fast(lb, op, add_prim, func, [xs[0], P["index"]], shape)
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
 
@@ -498,4 +557,5 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
 
 _BODIES = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear,
            "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
-           "gather": _gather}
+           "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
+           "mul": _mul}

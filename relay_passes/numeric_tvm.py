@@ -151,6 +151,11 @@ def add_rescale(ar, a: Expr, za: int, ka: int, b: Expr, zb: int, kb: int, t: int
     return shift_round(ar, ar.add(term(a, za, ka), term(b, zb, kb)), t, I64)
 
 
+def rescale(ar, x: Expr, z: int, k: int, t: int) -> Expr:
+    """((x − z)·k + 2^(t−1)) >> t in int64 from codes ``x`` (a concat input moved to the output scale)."""
+    return shift_round(ar, ar.mul(ar.sub(ar.cast(x, I64), ar.const(z, I64)), ar.const(k, I64)), t, I64)
+
+
 def residual_add(ar, a: Expr, b: Expr, attrs: dict, dtype: str) -> Expr:
     """The add op: clamp(add_rescale(a, b) + z_out, lo, hi) cast to ``dtype``."""
     v = add_rescale(ar, a, attrs["za"], attrs["ka"], b, attrs["zb"], attrs["kb"], attrs["t"])

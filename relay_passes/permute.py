@@ -1,12 +1,14 @@
 """PermuteChannels: make every WAPS layer's input groups contiguous channel runs.
 
 Tensors whose channel order must agree form a class (union-find): an op and the
-inputs of channel-wise ops (add, max/sum pooling, flatten, depthwise conv) share one.
+inputs of channel-wise ops (relay_passes/opset.py: Channels.CHANNELWISE, and depthwise
+convs) share one; the inputs and output of a PINNED op (concat, gather, quantize,
+dequantize) keep the identity order.
 A class may take any channel order π (position j holds original channel π[j]) when
 its producers are conv/linear layers that can emit their output channels in that
 order (weights, bias, M, shift rows permuted), and it is fixed at the identity when
-it holds the graph input or output or touches a grouped (RegNet-style) conv, whose
-conv-group membership pins its channels. Every conv/linear reading a class reorders
+it touches a pinned op or a grouped (RegNet-style) conv, whose conv-group membership
+pins its channels. Every conv/linear reading a class reorders
 its weights' input axis (and group labels) by π, which costs nothing at run time.
 
 For each class the pass tries each WAPS consumer's own grouping order (channels
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relay_passes.kernels import group_ranges
+from relay_passes.opset import KINDS, Channels
 from relay_passes.program import waps_pass, INPUT, Op, Program, emit, parse
 
 
@@ -74,23 +77,18 @@ def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
     for op in prog.ops:
         uf.find(op.name)
         unit[op.name] = 1
-        if op.kind in ("max_pool2d", "sum_pool2d", "add") or _depthwise(op):
-            for i in op.inputs:
-                uf.union(op.name, i)
-            unit[op.name] = unit[op.inputs[0]]
-        elif op.kind == "flatten":
+        if op.kind == "flatten":
             uf.union(op.name, op.inputs[0])
             shp = prog.shape_of(op.inputs[0])
             unit[op.name] = unit[op.inputs[0]] * int(np.prod(shp[2:]))
+        elif KINDS[op.kind].channels is Channels.CHANNELWISE or _depthwise(op):
+            for i in op.inputs:
+                uf.union(op.name, i)
+            unit[op.name] = unit[op.inputs[0]]
     fixed: set[str] = set()
     for op in prog.ops:
-        if op.kind == "quantize":
-            fixed.add(uf.find(op.name))
-        if op.kind == "dequantize":
-            fixed.add(uf.find(op.inputs[0]))
-        if _grouped_conv(op):
-            fixed.add(uf.find(op.name))
-            fixed.add(uf.find(op.inputs[0]))
+        if KINDS[op.kind].channels is Channels.PINNED or _grouped_conv(op):
+            fixed.update(uf.find(v) for v in [op.name, *op.inputs])
 
     classes: dict[str, list[str]] = {}
     for op in prog.ops:

@@ -1,0 +1,190 @@
+"""The op set of the integer program: every kind declared once, with how it treats channels
+and a random small case that the conformance test runs on every backend.
+
+A kind's meaning is its NumPy reference (relay_passes/reference.py); each backend has one
+table from kind to handler (reference.OPS, kernels._BODIES, the C codegens' call tables,
+codegen/npu16/lower.py, the ONNX rendering in waps_tvm/inspect.py).
+tests/relay_passes/test_op_conformance.py checks that every table covers ``KINDS`` and runs
+each kind's ``example`` on every backend against the reference, so a new kind is tested
+everywhere by registering it here.
+
+Channel rules (what PermuteChannels may do across an op):
+    LAYER        conv2d/linear: emits its output channels in any order (rows permuted)
+    CHANNELWISE  output channel c depends only on input channel c of each input: an order
+                 of the output is the order of its inputs (one class)
+    PINNED       mixes or selects channels (concat, gather) or reads floats: its inputs and
+                 output keep the identity order
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+
+from calib.numerics import GroupScale, code_table, quantize_multiplier
+from relay_passes.program import INPUT, Op, Program
+
+
+class Channels(Enum):
+    LAYER = "layer"
+    CHANNELWISE = "channelwise"
+    PINNED = "pinned"
+
+
+@dataclass(frozen=True)
+class OpKind:
+    name: str
+    channels: Channels
+    example: Callable[[np.random.Generator], Program]     # a random small program using the kind
+
+
+# ---------------------------------------------------------------- example programs
+
+def _program(shape, ops: list[Op], out: str, z_out: int = 0, scale: float = 0.05) -> Program:
+    """quantize → ops → dequantize of ``out``; the first op reads the quantize ``q``."""
+    q = Op("quantize", "q", [INPUT], {"scale": 0.02, "zero_point": 128, "qmax": 255})
+    deq = Op("dequantize", "deq", [out], {"scale": scale, "zero_point": z_out}, dtype="float32")
+    return Program(tuple(shape), [q, *ops, deq], ["deq", out])
+
+
+def _requant(rng, real: float, m: int) -> tuple[np.ndarray, np.ndarray]:
+    mult, shift = quantize_multiplier(real * rng.uniform(0.5, 1.5, m))
+    return mult.astype(np.int32), shift.astype(np.int32)
+
+
+def _layer_params(rng, m: int, fan: int, wshape, n_groups: int) -> tuple[dict, dict]:
+    w = rng.integers(-8, 8, wshape).astype(np.int8)
+    mult, shift = _requant(rng, 0.5 / (fan * 8), m)
+    params = {"w": w, "bias": rng.integers(-500, 500, m).astype(np.int32), "mult": mult, "shift": shift}
+    attrs = {"z_in": 128, "z_out": int(rng.integers(0, 256)), "lo": 0, "hi": 255, "in_qmax": 255, "form": "reference",
+             "frac": 4, "layer": "example"}
+    if n_groups > 1:
+        params["groups"] = rng.integers(0, n_groups, fan).astype(np.int8)
+        scales = [GroupScale(int(rng.integers(-1, 2)), int(rng.integers(1, 6))) for _ in range(n_groups)]
+        attrs["sigma"] = [s.sigma for s in scales]
+        attrs["n"] = [s.n if s.sigma else 0 for s in scales]
+    return attrs, params
+
+
+def _conv2d(rng) -> Program:
+    c = int(rng.choice([3, 8, 20]))
+    depthwise = rng.random() < 0.3
+    m, cg, g = (c, 1, c) if depthwise else (int(rng.integers(4, 24)), c, 1)
+    k = int(rng.choice([1, 3]))
+    attrs, params = _layer_params(rng, m, c, (m, cg, k, k), 1 if depthwise or c < 8 else int(rng.integers(1, 4)))
+    attrs.update(stride=[int(rng.integers(1, 3))] * 2, padding=[k // 2, k // 2], dilation=[1, 1], conv_groups=g)
+    return _program((2, c, 9, 7), [Op("conv2d", "op", ["q"], attrs, params)], "op", attrs["z_out"])
+
+
+def _linear(rng) -> Program:
+    f, m = int(rng.integers(8, 40)), int(rng.integers(3, 20))
+    attrs, params = _layer_params(rng, m, f, (m, f), int(rng.integers(1, 4)))
+    flat = Op("flatten", "flat", ["q"])
+    return _program((2, f, 1, 1), [flat, Op("linear", "op", ["flat"], attrs, params)], "op", attrs["z_out"])
+
+
+def _add(rng) -> Program:
+    ka, kb = (int(v) for v in rng.integers(1 << 20, 1 << 23, 2))
+    attrs = {"za": 128, "zb": 128, "ka": ka, "kb": kb, "t": 22, "z_out": 100, "lo": 100, "hi": 255}
+    pool = Op("max_pool2d", "b", ["q"], {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1]})
+    return _program((2, 5, 6, 6), [pool, Op("add", "op", ["q", "b"], attrs)], "op", 100)
+
+
+def _max_pool2d(rng) -> Program:
+    k = int(rng.integers(2, 4))
+    d = int(rng.integers(1, 3))
+    attrs = {"kernel": [k, k], "stride": [int(rng.integers(1, 3))] * 2, "padding": [k // 2, 0], "dilation": [d, 1]}
+    return _program((2, 3, 9, 8), [Op("max_pool2d", "op", ["q"], attrs)], "op", 128)
+
+
+def _sum_pool2d(rng) -> Program:
+    attrs = {"kernel": [3, 2], "stride": [2, 1], "padding": [1, 0], "z_in": 128}
+    return _program((2, 3, 7, 6), [Op("sum_pool2d", "op", ["q"], attrs, dtype="int32")], "op", 128 * 6, 0.02 / 6)
+
+
+def _avg_pool2d(rng) -> Program:
+    """Adaptive-pooling windows: overlapping, of varying size, one divisor per distinct count."""
+    h, w, oh, ow = 7, 5, int(rng.integers(1, 5)), int(rng.integers(1, 7))
+    h0 = (np.arange(oh) * h) // oh
+    h1 = -((-(np.arange(oh) + 1) * h) // oh)
+    w0 = (np.arange(ow) * w) // ow
+    w1 = -((-(np.arange(ow) + 1) * w) // ow)
+    counts = (h1 - h0)[:, None] * (w1 - w0)[None, :]
+    distinct, rq = np.unique(counts, return_inverse=True)
+    mult, shift = quantize_multiplier(0.02 / (0.03 * distinct))
+    params = {"h0": h0.astype(np.int32), "h1": h1.astype(np.int32), "w0": w0.astype(np.int32),
+              "w1": w1.astype(np.int32), "rq": rq.reshape(oh, ow).astype(np.int32),
+              "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+    attrs = {"z_in": 128, "z_out": 120, "lo": 0, "hi": 255}
+    return _program((2, 3, h, w), [Op("avg_pool2d", "op", ["q"], attrs, params)], "op", 120, 0.03)
+
+
+def _pad(rng) -> Program:
+    pads = [int(v) for v in rng.integers(0, 3, 4)]
+    return _program((1, 2, 4, 5), [Op("pad", "op", ["q"], {"pads": pads, "value": 128})], "op", 128)
+
+
+def _concat(rng) -> Program:
+    k = int(rng.integers(1, 4))
+    ops = [Op("max_pool2d", f"b{i}", ["q"], {"kernel": [i + 1, i + 1], "stride": [1, 1], "padding": [0, 0]})
+           for i in range(k)]
+    # same spatial size: pool with padding that keeps H, W
+    for i, o in enumerate(ops):
+        o.attrs.update(kernel=[2 * i + 1, 2 * i + 1], padding=[i, i])
+    t = 16
+    ks = [int(v) for v in rng.integers(1 << 14, 1 << 17, k)]
+    attrs = {"zs": [128] * k, "ks": ks, "t": t, "z_out": 60, "lo": 0, "hi": 255}
+    return _program((2, 3, 5, 4), [*ops, Op("concat", "op", [o.name for o in ops], attrs)], "op", 60)
+
+
+def _table(rng) -> Program:
+    fn = [lambda x: x * np.clip(x + 3, 0, 6) / 6, lambda x: 1 / (1 + np.exp(-x)), np.tanh][int(rng.integers(0, 3))]
+    table = code_table(fn, 0.02, 128, 255, 0.01, 40, 255)
+    return _program((2, 3, 4, 4), [Op("table", "op", ["q"], {}, {"table": table})], "op", 40, 0.01)
+
+
+def _mul(rng) -> Program:
+    mult, shift = quantize_multiplier(np.array([0.02 * 0.02 / 0.01 * rng.uniform(0.5, 2)]))
+    gate = Op("max_pool2d", "gate", ["q"], {"kernel": [4, 4], "stride": [4, 4], "padding": [0, 0]})
+    attrs = {"za": 128, "zb": int(rng.integers(0, 256)), "mult": int(mult[0]), "shift": int(shift[0]),
+             "z_out": 128, "lo": 0, "hi": 255}
+    return _program((2, 3, 4, 4), [gate, Op("mul", "op", ["q", "gate"], attrs)], "op", 128, 0.01)
+
+
+def _flatten(rng) -> Program:
+    return _program((2, 3, 2, 2), [Op("flatten", "op", ["q"])], "op", 128)
+
+
+def _gather(rng) -> Program:
+    index = rng.permutation(6)[: int(rng.integers(1, 7))].astype(np.int32)
+    return _program((2, 6, 3, 2), [Op("gather", "op", ["q"], {}, {"index": index})], "op", 128)
+
+
+def _quantize(rng) -> Program:
+    return _program((2, 3, 3, 3), [], "q", 128, 0.02)
+
+
+KINDS: dict[str, OpKind] = {k.name: k for k in [
+    OpKind("quantize", Channels.PINNED, _quantize),
+    OpKind("dequantize", Channels.PINNED, _quantize),
+    OpKind("conv2d", Channels.LAYER, _conv2d),
+    OpKind("linear", Channels.LAYER, _linear),
+    OpKind("add", Channels.CHANNELWISE, _add),
+    OpKind("mul", Channels.CHANNELWISE, _mul),
+    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d),
+    OpKind("sum_pool2d", Channels.CHANNELWISE, _sum_pool2d),
+    OpKind("avg_pool2d", Channels.CHANNELWISE, _avg_pool2d),
+    OpKind("pad", Channels.CHANNELWISE, _pad),
+    OpKind("table", Channels.CHANNELWISE, _table),
+    OpKind("flatten", Channels.CHANNELWISE, _flatten),
+    OpKind("concat", Channels.PINNED, _concat),
+    OpKind("gather", Channels.PINNED, _gather),
+]}
+
+
+def kind(name: str) -> OpKind:
+    if name not in KINDS:
+        raise KeyError(f"unknown integer op kind {name!r}")
+    return KINDS[name]
