@@ -8,6 +8,7 @@
  *   group_term(acc, σ, n, L) = v + σ·shift_round(v, n),  v = acc·2^L        int32
  *   requant(acc, M, s)  = (acc·M + 2^(S−1)) >> S,  S = 31 + s ∈ [1, 62]      int64
  *   add_rescale         = ((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t         int64
+ *   rescale(x, z, k, t) = ((x − z)·k + 2^(t−1)) >> t                          int64 (concat)
  * Right shifts of negative values use waps_asr32/64 (floor), never C's implementation-
  * defined >>; left shifts are multiplications.
  */
@@ -46,6 +47,12 @@ static inline int64_t waps_output_code(int64_t acc, int32_t mult, int32_t shift,
 
 static inline int64_t waps_add_rescale(int64_t a, int64_t za, int64_t ka, int64_t b, int64_t zb, int64_t kb, int t) {
   return waps_asr64((a - za) * ka + (b - zb) * kb + ((int64_t)1 << (t - 1)), t);
+}
+
+/* One tensor moved to another scale (each concat input): ((x − z)·k + 2^(t−1)) >> t, t ≥ 1.
+ * k may exceed int32 (a large scale ratio), so everything is int64; |(x − z)·k| < 2^62. */
+static inline int64_t waps_rescale(int64_t x, int64_t z, int64_t k, int t) {
+  return waps_asr64((x - z) * k + ((int64_t)1 << (t - 1)), t);
 }
 
 /* An elementwise function of codes: table[code] (tables from calib/numerics.code_table). */

@@ -77,12 +77,25 @@ int run(const uint32_t *prog, const void *x, void *out, const int8_t *tiles, con
   memcpy(counters, &c, sizeof(c));
   return rc;
 }
+/* every buffer: k inputs (xs), the AVGPOOL window table in ``table``, the LUT */
+int run_ops(const uint32_t *prog, const void *const *xs, int nxs, void *out, const int8_t *tiles,
+            const int32_t *table, const uint8_t *lut, const int32_t *bias, const int32_t *mult,
+            const int32_t *shift, int64_t *counters) {
+  npu16_bufs b; memset(&b, 0, sizeof(b));
+  b.xs = xs; b.x = xs[0]; b.x2 = nxs > 1 ? xs[1] : 0; b.out = out; b.tiles = tiles; b.table = table;
+  b.lut = lut; b.bias = bias; b.mult = mult; b.shift = shift;
+  npu16_counters c; memset(&c, 0, sizeof(c));
+  int rc = npu16_execute(prog, &b, &c);
+  memcpy(counters, &c, sizeof(c));
+  return rc;
+}
 '''
 
 
 def npu16_simulator(folder):
     """The npu16 simulator behind a ctypes driver ``run(prog, x, out, tiles, table, bias, mult,
-    shift, counters)``, compiled in ``folder`` with the ISA header generated from isa.py."""
+    shift, counters)`` and ``run_ops(prog, xs, nxs, out, tiles, table, lut, bias, mult, shift,
+    counters)`` (k inputs, a lookup table), compiled in ``folder`` with the ISA header generated from isa.py."""
     import ctypes
     import subprocess
     from pathlib import Path

@@ -17,7 +17,7 @@ from tvm import relax
 
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
-from codegen.c.emit import KERNELS, float_literal
+from codegen.c.emit import KERNELS, SHARED_KINDS, float_literal, kernel_call
 from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
@@ -33,6 +33,11 @@ def offload(mod: tvm.IRModule) -> tvm.IRModule:
 
 def _shape(v) -> tuple[int, ...]:
     return tuple(int(d) for d in v.ty.shape)
+
+
+def _out_shape(fn: relax.Function) -> tuple[int, ...]:
+    """The op's output shape: its result (DPS: the last argument after RunCodegen)."""
+    return tuple(int(d) for d in fn.ret_ty.shape)
 
 
 def _entry(fn: relax.Function, sym: str) -> str:
@@ -75,12 +80,16 @@ def _entry(fn: relax.Function, sym: str) -> str:
     elif kind == "add":
         lines.append(f"waps_add({x}, {ptr('args[1]', 'const uint8_t')}, {int(np.prod(in_shape))}, {a['za']}, {a['zb']}, "
                      f"{a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {ptr(out, 'uint8_t')});")
-    elif kind in ("max_pool2d", "sum_pool2d"):
+    elif kind == "sum_pool2d":
         n, c, h, w = in_shape
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        extra = f", {a['z_in']}" if kind == "sum_pool2d" else ""
-        odt = "uint8_t" if kind == "max_pool2d" else "int32_t"
-        lines.append(f"waps_{kind}({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}{extra}, {ptr(out, odt)});")
+        lines.append(f"waps_sum_pool2d({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, "
+                     f"{ptr(out, 'int32_t')});")
+    elif kind in SHARED_KINDS:
+        ptypes = {"table": "const uint8_t"}
+        lines += kernel_call(kind, a, [_shape(v) for v in ins], _out_shape(fn),
+                             [ptr(f"args[{i}]", "const uint8_t") for i in range(n_in)],
+                             {k: ptr(e, ptypes.get(k, "const int32_t")) for k, e in arg.items()}, ptr(out, "uint8_t"))
     elif kind == "flatten":
         size = int(np.prod(in_shape)) * (1 if in_dtype == "uint8" else 4)
         lines.append(f"memcpy(waps_ptr(&{out}), waps_ptr(&args[0]), {size});")

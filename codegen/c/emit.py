@@ -95,8 +95,12 @@ def _call(op: Op, v: str, program: Program, buf: dict) -> str:
     if op.kind in ("max_pool2d", "sum_pool2d"):
         n, c, h, w = in_shape
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        extra = f", {a['z_in']}" if op.kind == "sum_pool2d" else ""
-        return f"waps_{op.kind}({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}{extra}, buf_{v});"
+        if op.kind == "sum_pool2d":
+            return f"waps_sum_pool2d({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, buf_{v});"
+    if op.kind in SHARED_KINDS:
+        ins = [buf[i] for i in op.inputs]
+        return " ".join(kernel_call(op.kind, a, [program.shape_of(i) for i in op.inputs], op.shape, ins,
+                                    {k: f"{v}_{k}" for k in op.params}, f"buf_{v}"))
     if op.kind == "flatten":
         return f"memcpy(buf_{v}, {x}, sizeof(buf_{v}));"
     if op.kind == "gather":
@@ -105,6 +109,49 @@ def _call(op: Op, v: str, program: Program, buf: dict) -> str:
         elem = 1 if in_dtype == "uint8" else 4
         return f"waps_gather({x}, {n}, {c}, {inner}, {elem}, {v}_index, {op.params['index'].size}, buf_{v});"
     raise ValueError(f"no C kernel for {op.kind}")
+
+
+SHARED_KINDS = ("max_pool2d", "avg_pool2d", "pad", "concat", "table", "mul")
+
+
+def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], param: dict[str, str],
+                out: str) -> list[str]:
+    """C statements computing one uint8 op of ``SHARED_KINDS`` (the C program and the C BYOC
+    entries both call this): ``ins`` the input pointers, ``param`` {param name: pointer}."""
+    shape = tuple(in_shapes[0])
+    if kind == "max_pool2d":
+        n, c, h, w = shape
+        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+        dh, dw = a.get("dilation", (1, 1))
+        return [f"waps_max_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, {out});"]
+    if kind == "avg_pool2d":
+        n, c, h, w = shape
+        oh, ow = out_shape[2:]
+        tabs = ", ".join(param[k] for k in ("h0", "h1", "w0", "w1", "rq", "mult", "shift"))
+        return [f"waps_avg_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['z_in']}, {a['z_out']}, "
+                f"{a['lo']}, {a['hi']}, {out});"]
+    if kind == "pad":
+        n, c, h, w = shape
+        top, left, bottom, right = a["pads"]
+        return [f"waps_pad({ins[0]}, {n}, {c}, {h}, {w}, {top}, {left}, {bottom}, {right}, {a['value']}, {out});"]
+    if kind == "concat":
+        c_out = int(out_shape[1])
+        lines, off = [], 0
+        for x, s, z, k in zip(ins, in_shapes, a["zs"], a["ks"]):
+            inner = int(np.prod(s[2:])) if len(s) > 2 else 1
+            lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a['t']}, "
+                         f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});")
+            off += int(s[1])
+        return lines
+    if kind == "table":
+        return [f"waps_lookup({ins[0]}, {int(np.prod(shape))}, {param['table']}, {out});"]
+    if kind == "mul":
+        nc = shape[0] * shape[1]
+        inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        bcast = int(int(np.prod(in_shapes[1])) != int(np.prod(shape)))
+        return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a['za']}, {a['zb']}, {a['mult']}, {a['shift']}, "
+                f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
+    raise ValueError(f"no C kernel for {kind}")
 
 
 def float_literal(v: float) -> str:

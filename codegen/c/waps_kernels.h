@@ -95,16 +95,17 @@ static void waps_add(const uint8_t *a, const uint8_t *b, size_t count, int32_t z
   }
 }
 
+/* Window max of codes; padding never wins (a window of padding only gives 0). Dilation dh, dw. */
 static void waps_max_pool2d(const uint8_t *x, int N, int C, int H, int W, int KH, int KW, int sh, int sw,
-                            int ph, int pw, uint8_t *out) {
-  int OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
+                            int ph, int pw, int dh, int dw, uint8_t *out) {
+  int OH = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (KW - 1) - 1) / sw + 1;
   for (int nc = 0; nc < N * C; ++nc)
     for (int oy = 0; oy < OH; ++oy)
       for (int ox = 0; ox < OW; ++ox) {
         int best = 0;
         for (int ky = 0; ky < KH; ++ky)
           for (int kx = 0; kx < KW; ++kx) {
-            int iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+            int iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw;
             if (iy >= 0 && iy < H && ix >= 0 && ix < W && x[((size_t)nc * H + iy) * W + ix] > best)
               best = x[((size_t)nc * H + iy) * W + ix];
           }
@@ -126,6 +127,65 @@ static void waps_sum_pool2d(const uint8_t *x, int N, int C, int H, int W, int KH
           }
         out[((size_t)nc * OH + oy) * OW + ox] = s;
       }
+}
+
+/* Box average: output (i, j) sums x − z_in over rows [h0[i], h1[i]) and columns [w0[j], w1[j])
+ * (windows already clipped to the input; an empty window sums 0) in int64, then
+ * clamp(requant(sum, mult[rq[i,j]], shift[rq[i,j]]) + z_out, lo, hi). */
+static void waps_avg_pool2d(const uint8_t *x, int N, int C, int H, int W, int OH, int OW, const int32_t *h0,
+                            const int32_t *h1, const int32_t *w0, const int32_t *w1, const int32_t *rq,
+                            const int32_t *mult, const int32_t *shift, int32_t z_in, int32_t z_out, int32_t lo,
+                            int32_t hi, uint8_t *out) {
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int64_t s = 0;
+        for (int iy = h0[oy]; iy < h1[oy]; ++iy)
+          for (int ix = w0[ox]; ix < w1[ox]; ++ix) s += (int64_t)x[((size_t)nc * H + iy) * W + ix] - z_in;
+        int q = rq[oy * OW + ox];
+        out[((size_t)nc * OH + oy) * OW + ox] = (uint8_t)waps_output_code(s, mult[q], shift[q], z_out, lo, hi);
+      }
+}
+
+/* [N, C, H, W] → [N, C, H + top + bottom, W + left + right], the border filled with ``value``. */
+static void waps_pad(const uint8_t *x, int N, int C, int H, int W, int top, int left, int bottom, int right,
+                     uint8_t value, uint8_t *out) {
+  int OH = H + top + bottom, OW = W + left + right;
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int iy = oy - top, ix = ox - left;
+        out[((size_t)nc * OH + oy) * OW + ox] =
+            (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((size_t)nc * H + iy) * W + ix] : value;
+      }
+}
+
+/* One concat input x [N, C, inner] into channels [c_off, c_off + C) of out [N, c_out, inner]:
+ * clamp(rescale(x, z, k, t) + z_out, lo, hi). */
+static void waps_concat_part(const uint8_t *x, int N, int C, size_t inner, int c_off, int c_out, int32_t z,
+                             int64_t k, int t, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c)
+      for (size_t i = 0; i < inner; ++i)
+        out[((size_t)n * c_out + c_off + c) * inner + i] =
+            (uint8_t)waps_clamp64(waps_rescale(x[((size_t)n * C + c) * inner + i], z, k, t) + z_out, lo, hi);
+}
+
+/* out[i] = table[x[i]]: an elementwise function of codes. */
+static void waps_lookup(const uint8_t *x, size_t count, const uint8_t *table, uint8_t *out) {
+  for (size_t i = 0; i < count; ++i) out[i] = waps_table(table, x[i]);
+}
+
+/* a [NC, inner] times b ([NC, inner], or [NC] broadcast over inner when b_bcast):
+ * clamp(requant((a − za)·(b − zb), mult, shift) + z_out, lo, hi). */
+static void waps_mul(const uint8_t *a, const uint8_t *b, size_t NC, size_t inner, int b_bcast, int32_t za,
+                     int32_t zb, int32_t mult, int32_t shift, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+  for (size_t nc = 0; nc < NC; ++nc)
+    for (size_t i = 0; i < inner; ++i) {
+      int64_t bv = b[b_bcast ? nc : nc * inner + i];
+      int64_t prod = ((int64_t)a[nc * inner + i] - za) * (bv - zb);
+      out[nc * inner + i] = (uint8_t)waps_output_code(prod, mult, shift, z_out, lo, hi);
+    }
 }
 
 /* out[n, j, ...] = x[n, index[j], ...]; elem = bytes per element, inner = elements per channel */

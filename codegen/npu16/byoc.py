@@ -95,12 +95,18 @@ def _entry(fn: relax.Function, sym: str, low: NpuOp) -> str:
             "b.out = waps_ptr(&args[num_args - 1]);"]
     if n_in > 1:
         bind.append("b.x2 = waps_ptr(&args[1]);")
+    if n_in > 2:                                     # a concat of k inputs: CONCAT reads xs[INPUT_SEL]
+        bind.append(f"const void *xs[{n_in}] = {{{', '.join(f'waps_ptr(&args[{i}])' for i in range(n_in))}}};")
+        bind.append("b.xs = xs;")
     if low.tiles is not None:
         decl.append(_carray(f"{sym}_tiles", low.tiles, "int8_t"))
         bind.append(f"b.tiles = {sym}_tiles;")
     if low.table is not None:
         decl.append(_carray(f"{sym}_table", low.table, "int32_t"))
         bind.append(f"b.table = {sym}_table;")
+    if low.lut is not None:
+        decl.append(_carray(f"{sym}_lut", low.lut, "uint8_t"))
+        bind.append(f"b.lut = {sym}_lut;")
     for k in ("bias", "mult", "shift", "index"):
         if k in arg:
             bind.append(f"b.{k} = (const int32_t*)waps_ptr({arg[k]});")

@@ -31,7 +31,15 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
     total       max(compute + waps, dma, epilogue): the units are decoupled (as in VTA),
                 so the slowest one bounds a layer
 Element-wise ops (``elementwise_cost``): add and pooling run through the epilogue, a
-gather only through DMA.
+gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
+``concat_cost``, ``lut_cost``, ``mul_cost``):
+    pad         DMA only: input bytes in, padded bytes out
+    avg_pool2d  epilogue: one value per window tap and one per output (requant); DMA: input,
+                the int32 window table (2·OH + 2·OW + OH·OW) and D (mult, shift) pairs, output
+    concat      one command per input (epilogue rescale, its bytes in and out); a
+                multi-command op costs the sum of its commands' max(dma, epilogue)
+    table       LUT unit in the epilogue: one value per code; DMA: codes + the 2^A-entry table
+    mul         epilogue: one value per output; DMA: a, b (N·C when broadcast), output
 """
 from __future__ import annotations
 
@@ -90,9 +98,12 @@ class LayerCost:
     bytes: dict = field(default_factory=dict)
     array_steps: int = 0
     epilogue_values: int = 0
+    commands: tuple = ()                  # per-command costs of an op run as several commands
 
     @property
     def cycles(self) -> int:
+        if self.commands:                 # the simulator bounds each command by its slowest unit
+            return sum(c.cycles for c in self.commands)
         return max(self.compute_cycles + self.waps_cycles, self.dma_cycles, self.epilogue_cycles)
 
     def to_json(self) -> dict:
@@ -186,6 +197,41 @@ def elementwise_cost(name: str, kind: str, in_elems: int, out_elems: int, npu: N
     dma = _ceil(sum(b.values()), npu.dma_bytes_per_cycle)
     return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, dma, _ceil(values, npu.epilogue_width), b,
                      epilogue_values=values)
+
+
+def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0) -> LayerCost:
+    """One command through DMA and the epilogue (no MAC array)."""
+    b = {"weights": weights, "input": bytes_in, "output": bytes_out}
+    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, _ceil(sum(b.values()), npu.dma_bytes_per_cycle),
+                     _ceil(values, npu.epilogue_width), b, epilogue_values=values)
+
+
+def pad_cost(name: str, in_elems: int, out_elems: int, npu: NPU16) -> LayerCost:
+    return _unit_cost(name, in_elems, out_elems, 0, npu)
+
+
+def avg_pool_cost(name: str, planes: int, in_elems: int, oh: int, ow: int, taps: int, requants: int,
+                  npu: NPU16) -> LayerCost:
+    """``planes`` = N·C, ``taps`` = Σ window sizes over the OH·OW outputs of one plane,
+    ``requants`` = D (mult, shift) pairs."""
+    return _unit_cost(name, in_elems, planes * oh * ow, planes * (taps + oh * ow), npu,
+                      weights=4 * (2 * oh + 2 * ow + oh * ow) + 8 * requants)
+
+
+def concat_cost(name: str, part_elems: list[int], npu: NPU16) -> LayerCost:
+    parts = tuple(_unit_cost(name, e, e, e, npu) for e in part_elems)
+    total = {k: sum(p.bytes[k] for p in parts) for k in ("weights", "input", "output")}
+    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, sum(p.dma_cycles for p in parts),
+                     sum(p.epilogue_cycles for p in parts), total, epilogue_values=sum(part_elems),
+                     commands=parts)
+
+
+def lut_cost(name: str, elems: int, table_size: int, npu: NPU16) -> LayerCost:
+    return _unit_cost(name, elems + table_size, elems, elems, npu)
+
+
+def mul_cost(name: str, elems: int, b_elems: int, npu: NPU16) -> LayerCost:
+    return _unit_cost(name, elems + b_elems, elems, elems, npu)
 
 
 def tile_aligned_sizes(c: int, g: int, tile: int) -> tuple[int, ...]:

@@ -9,8 +9,12 @@ Word layout (four little-endian uint32):
     w1  low 32 bits of the value     w2  high 32 bits of the value (sign-extended)
     w3  reserved (0)
 Commands: CONV (conv2d/linear on the MAC array, D1/D2 group accumulation, epilogue),
-DWCONV (depthwise: one tile of channels per array step), ADD, MAXPOOL, SUMPOOL, GATHER
-(DMA channel gather), END.
+DWCONV (depthwise: one tile of channels per array step), ADD, MAXPOOL (dilated windows),
+SUMPOOL, GATHER (DMA channel gather), PAD (DMA writes the bordered layout), AVGPOOL (window
+sums over a DMA'd window table, requantized in the epilogue), CONCAT (one input rescaled
+through the epilogue into its channel range; one command per input), LUT (the epilogue's
+lookup unit, table loaded by DMA), MUL (epilogue elementwise product, b optionally
+broadcast over H·W), END.
 
 Every stream starts by writing the machine registers (TILE, ARRAYS, DMA_BPC, EPI_LANES,
 WAPS_*) from the target parameters (params.NPU16), so one simulator runs any config.
@@ -34,6 +38,11 @@ class Op(IntEnum):
     MAXPOOL = 5
     SUMPOOL = 6
     GATHER = 7
+    PAD = 8
+    AVGPOOL = 9
+    CONCAT = 10
+    LUT = 11
+    MUL = 12
 
 
 MAX_GROUPS = 8           # WAPS groups the D1/D2 datapath holds (σ/n/tile registers per group)
@@ -79,9 +88,22 @@ class Reg(IntEnum):
     WAPS_SWITCH = 36 + 3 * MAX_GROUPS    # cycles per non-empty group switch (D1 → D2)
     WAPS_MERGE = 37 + 3 * MAX_GROUPS     # cycles to merge the groups
     WAPS_PIPELINED = 38 + 3 * MAX_GROUPS
+    OH = 64               # avgpool: output size (the window table's length)
+    OW = 65
+    PAD_TOP = 66
+    PAD_LEFT = 67
+    PAD_BOTTOM = 68
+    PAD_RIGHT = 69
+    PAD_VALUE = 70        # pad: the border code
+    MULT = 71             # mul: requant multiplier and shift (scalars)
+    SHIFT = 72
+    B_BCAST = 73          # mul: b is [N, C] broadcast over INNER
+    C_OFFSET = 74         # concat: first output channel of this input
+    INPUT_SEL = 75        # concat: which input buffer the command reads
+    LUT_SIZE = 76         # lut: table entries (2^A)
 
 
-NREGS = 64
+NREGS = 128
 # What the simulator counts per op (int64 each, in this order): the hardware's event
 # counters, which targets/npu16/cost.py estimates analytically and tests hold equal.
 COUNTERS = ("macs", "array_steps", "waps_cycles", "shifts", "adds", "epilogue_values", "dma_in_bytes",

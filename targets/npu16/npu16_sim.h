@@ -29,12 +29,19 @@
 static inline int64_t npu16_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 typedef struct {
-  const void *x, *x2;         /* input codes (uint8, or int32 when IN_WIDE), second add input */
+  const void *x, *x2;         /* input codes (uint8, or int32 when IN_WIDE), second add/mul input */
+  const void *const *xs;      /* CONCAT: every input (NULL: x, x2) */
   void *out;                  /* output codes */
   const int8_t *tiles;        /* CONV: [G, OT, P, IT, KH, KW, T, T]; DWCONV: raw [M, KH, KW] */
-  const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row, -1 = pad */
+  const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row, -1 = pad;
+                                 AVGPOOL: windows h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH, OW] */
+  const uint8_t *lut;         /* LUT: [LUT_SIZE] output code per input code */
   const int32_t *bias, *mult, *shift, *index;
 } npu16_bufs;
+
+static inline const uint8_t *npu16_input(const npu16_bufs *b, int64_t i) {
+  return (const uint8_t *)(b->xs ? b->xs[i] : (i == 0 ? b->x : (i == 1 ? b->x2 : 0)));
+}
 
 
 static inline int32_t npu16_in(const npu16_bufs *b, int wide, size_t i) {
@@ -168,10 +175,12 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
   c->dma_out_bytes += r[R_COUNT];
 }
 
-static void npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c, int is_max) {
+/* MAXPOOL (dilation DH, DW; padding never wins) and SUMPOOL (padding counts as Z_IN). */
+static int npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c, int is_max) {
   int N = (int)r[R_N], C = (int)r[R_C], H = (int)r[R_H], W = (int)r[R_W], KH = (int)r[R_KH], KW = (int)r[R_KW];
-  int sh = (int)r[R_SH], sw = (int)r[R_SW], ph = (int)r[R_PH], pw = (int)r[R_PW];
-  int OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
+  int sh = (int)r[R_SH], sw = (int)r[R_SW], ph = (int)r[R_PH], pw = (int)r[R_PW], dh = (int)r[R_DH], dw = (int)r[R_DW];
+  if (dh < 1 || dw < 1 || sh < 1 || sw < 1) return -1;
+  int OH = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1, OW = (W + 2 * pw - dw * (KW - 1) - 1) / sw + 1;
   const uint8_t *x = (const uint8_t *)b->x;
   for (int nc = 0; nc < N * C; ++nc)
     for (int oy = 0; oy < OH; ++oy)
@@ -179,7 +188,7 @@ static void npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c,
         int32_t acc = 0;
         for (int ky = 0; ky < KH; ++ky)
           for (int kx = 0; kx < KW; ++kx) {
-            int iy = oy * sh - ph + ky, ix = ox * sw - pw + kx;
+            int iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw;
             int in = iy >= 0 && iy < H && ix >= 0 && ix < W;
             int32_t v = in ? x[((size_t)nc * H + iy) * W + ix] : (is_max ? 0 : (int32_t)r[R_ZIN]);
             acc = is_max ? (v > acc ? v : acc) : acc + v;
@@ -192,6 +201,103 @@ static void npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c,
   c->epilogue_cycles += npu16_cdiv((int64_t)N * C * OH * OW * KH * KW, r[R_EPI_LANES]);
   c->dma_in_bytes += (int64_t)N * C * H * W;
   c->dma_out_bytes += (int64_t)N * C * OH * OW * (is_max ? 1 : 4);
+  return 0;
+}
+
+/* DMA writes the bordered layout: input bytes in, padded bytes out, no epilogue. */
+static void npu16_pad(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int N = (int)r[R_N], C = (int)r[R_C], H = (int)r[R_H], W = (int)r[R_W];
+  int top = (int)r[R_PAD_TOP], left = (int)r[R_PAD_LEFT];
+  int OH = H + top + (int)r[R_PAD_BOTTOM], OW = W + left + (int)r[R_PAD_RIGHT];
+  const uint8_t *x = (const uint8_t *)b->x;
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int iy = oy - top, ix = ox - left;
+        ((uint8_t *)b->out)[((size_t)nc * OH + oy) * OW + ox] =
+            (iy >= 0 && iy < H && ix >= 0 && ix < W) ? x[((size_t)nc * H + iy) * W + ix] : (uint8_t)r[R_PAD_VALUE];
+      }
+  c->dma_in_bytes += (int64_t)N * C * H * W;
+  c->dma_out_bytes += (int64_t)N * C * OH * OW;
+}
+
+/* Box average: the epilogue sums each window (one value per tap), then requantizes each
+ * output (one more value) with mult/shift[rq]. The window table (int32, 2·OH + 2·OW + OH·OW)
+ * and the COUNT requant pairs come in by DMA. */
+static int npu16_avgpool(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int N = (int)r[R_N], C = (int)r[R_C], H = (int)r[R_H], W = (int)r[R_W], OH = (int)r[R_OH], OW = (int)r[R_OW];
+  const int32_t *h0 = b->table, *h1 = h0 + OH, *w0 = h1 + OH, *w1 = w0 + OW, *rq = w1 + OW;
+  const uint8_t *x = (const uint8_t *)b->x;
+  int64_t taps = 0;
+  for (int oy = 0; oy < OH; ++oy)
+    for (int ox = 0; ox < OW; ++ox) {
+      if (h0[oy] < 0 || h1[oy] > H || w0[ox] < 0 || w1[ox] > W || rq[oy * OW + ox] < 0 || rq[oy * OW + ox] >= r[R_COUNT])
+        return -1;
+      taps += (h1[oy] > h0[oy] ? h1[oy] - h0[oy] : 0) * (int64_t)(w1[ox] > w0[ox] ? w1[ox] - w0[ox] : 0);
+    }
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy)
+      for (int ox = 0; ox < OW; ++ox) {
+        int64_t s = 0;
+        for (int iy = h0[oy]; iy < h1[oy]; ++iy)
+          for (int ix = w0[ox]; ix < w1[ox]; ++ix) s += (int64_t)x[((size_t)nc * H + iy) * W + ix] - r[R_ZIN];
+        int q = rq[oy * OW + ox];
+        ((uint8_t *)b->out)[((size_t)nc * OH + oy) * OW + ox] = npu16_requant(s, b->mult[q], b->shift[q], r);
+      }
+  c->epilogue_values += (int64_t)N * C * (taps + (int64_t)OH * OW);
+  c->epilogue_cycles += npu16_cdiv((int64_t)N * C * (taps + (int64_t)OH * OW), r[R_EPI_LANES]);
+  c->dma_in_bytes += (int64_t)N * C * H * W + 4 * (2 * (int64_t)OH + 2 * (int64_t)OW + (int64_t)OH * OW) + 8 * r[R_COUNT];
+  c->dma_out_bytes += (int64_t)N * C * OH * OW;
+  return 0;
+}
+
+/* One concat input (INPUT_SEL, C channels of INNER values) rescaled through the epilogue into
+ * channels [C_OFFSET, C_OFFSET + C) of the OUTC-channel output. */
+static int npu16_concat(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int64_t N = r[R_N], C = r[R_C], inner = r[R_INNER], outc = r[R_OUTC], off = r[R_C_OFFSET];
+  const uint8_t *x = npu16_input(b, r[R_INPUT_SEL]);
+  int t = (int)r[R_T];
+  if (!x || t < 1 || t > 62 || off + C > outc) return -1;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t ch = 0; ch < C; ++ch)
+      for (int64_t i = 0; i < inner; ++i) {
+        int64_t v = waps_rescale(x[(n * C + ch) * inner + i], r[R_ZA], r[R_KA], t) + r[R_ZOUT];
+        ((uint8_t *)b->out)[(n * outc + off + ch) * inner + i] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);
+      }
+  c->epilogue_values += N * C * inner;
+  c->epilogue_cycles += npu16_cdiv(N * C * inner, r[R_EPI_LANES]);
+  c->dma_in_bytes += N * C * inner;
+  c->dma_out_bytes += N * C * inner;
+  return 0;
+}
+
+/* The epilogue's lookup unit: LUT_SIZE entries loaded by DMA, COUNT codes through it. */
+static int npu16_lut(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  const uint8_t *x = (const uint8_t *)b->x;
+  for (int64_t i = 0; i < r[R_COUNT]; ++i) {
+    if (x[i] >= r[R_LUT_SIZE]) return -1;                 /* a code the table does not cover */
+    ((uint8_t *)b->out)[i] = waps_table(b->lut, x[i]);
+  }
+  c->epilogue_values += r[R_COUNT];
+  c->epilogue_cycles += npu16_cdiv(r[R_COUNT], r[R_EPI_LANES]);
+  c->dma_in_bytes += r[R_COUNT] + r[R_LUT_SIZE];
+  c->dma_out_bytes += r[R_COUNT];
+  return 0;
+}
+
+/* Epilogue product: a [N·C, INNER] times b (same shape, or [N·C] when B_BCAST), requantized. */
+static void npu16_mul(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  const uint8_t *x = (const uint8_t *)b->x, *y = (const uint8_t *)b->x2;
+  int64_t nc = r[R_N] * r[R_C], inner = r[R_INNER], bc = r[R_B_BCAST];
+  for (int64_t j = 0; j < nc; ++j)
+    for (int64_t i = 0; i < inner; ++i) {
+      int64_t prod = ((int64_t)x[j * inner + i] - r[R_ZA]) * ((int64_t)y[bc ? j : j * inner + i] - r[R_ZB]);
+      ((uint8_t *)b->out)[j * inner + i] = npu16_requant(prod, (int32_t)r[R_MULT], (int32_t)r[R_SHIFT], r);
+    }
+  c->epilogue_values += nc * inner;
+  c->epilogue_cycles += npu16_cdiv(nc * inner, r[R_EPI_LANES]);
+  c->dma_in_bytes += nc * inner + (bc ? nc : nc * inner);
+  c->dma_out_bytes += nc * inner;
 }
 
 static void npu16_gather(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
@@ -226,9 +332,14 @@ static int npu16_execute(const uint32_t *prog, const npu16_bufs *b, npu16_counte
       case NPU16_CONV: rc = npu16_conv(r, b, &d); break;
       case NPU16_DWCONV: rc = npu16_dwconv(r, b, &d); break;
       case NPU16_ADD: npu16_add(r, b, &d); break;
-      case NPU16_MAXPOOL: npu16_pool(r, b, &d, 1); break;
-      case NPU16_SUMPOOL: npu16_pool(r, b, &d, 0); break;
+      case NPU16_MAXPOOL: rc = npu16_pool(r, b, &d, 1); break;
+      case NPU16_SUMPOOL: rc = npu16_pool(r, b, &d, 0); break;
       case NPU16_GATHER: npu16_gather(r, b, &d); break;
+      case NPU16_PAD: npu16_pad(r, b, &d); break;
+      case NPU16_AVGPOOL: rc = npu16_avgpool(r, b, &d); break;
+      case NPU16_CONCAT: rc = npu16_concat(r, b, &d); break;
+      case NPU16_LUT: rc = npu16_lut(r, b, &d); break;
+      case NPU16_MUL: npu16_mul(r, b, &d); break;
       default: return -1;
     }
     if (rc) return rc;

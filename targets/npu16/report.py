@@ -12,7 +12,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from targets.npu16.cost import LayerCost, LayerShape, elementwise_cost, layer_cost
+from targets.npu16.cost import (LayerCost, LayerShape, avg_pool_cost, concat_cost, elementwise_cost, layer_cost,
+                                lut_cost, mul_cost, pad_cost)
 from targets.npu16.params import NPU16
 
 
@@ -49,6 +50,21 @@ def estimate(program, op, npu: NPU16) -> LayerCost:
     in_dtype = program.dtype_of(op.inputs[0])
     if op.kind in ("conv2d", "linear"):
         return layer_cost(layer_shape(op, in_shape, in_dtype), npu)
+    elems, out_elems = int(np.prod(in_shape)), int(np.prod(op.shape))
+    if op.kind == "pad":
+        return pad_cost(op.name, elems, out_elems, npu)
+    if op.kind == "avg_pool2d":
+        p = op.params
+        rows = np.maximum(np.asarray(p["h1"], np.int64) - p["h0"], 0).sum()
+        cols = np.maximum(np.asarray(p["w1"], np.int64) - p["w0"], 0).sum()
+        return avg_pool_cost(op.name, in_shape[0] * in_shape[1], elems, p["h0"].size, p["w0"].size,
+                             int(rows * cols), p["mult"].size, npu)
+    if op.kind == "concat":
+        return concat_cost(op.name, [int(np.prod(program.shape_of(i))) for i in op.inputs], npu)
+    if op.kind == "table":
+        return lut_cost(op.name, elems, op.params["table"].size, npu)
+    if op.kind == "mul":
+        return mul_cost(op.name, elems, int(np.prod(program.shape_of(op.inputs[1]))), npu)
     taps = int(np.prod(op.attrs.get("kernel", [1, 1]))) if "pool" in op.kind else 1
     return elementwise_cost(op.name, op.kind, int(np.prod(in_shape)), int(np.prod(op.shape)), npu, taps,
                             1 if in_dtype == "uint8" else 4)
