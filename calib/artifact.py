@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from calib.errors import ArtifactError
-from calib.graph import PARAM_OPS, Graph
+from calib.graph import PARAM_OPS, QUANT_OPS, Graph
+from calib.graph_check import check_node
 from calib.numerics import GroupScale, group_scale
 
 FORMAT = "waps"
@@ -68,7 +69,7 @@ class LayerRecord:
 class WapsArtifact:
     graph: Graph                              # structure only (no float parameters)
     layers: dict[str, LayerRecord]
-    quant: dict[str, TensorQuant]             # input and every conv/linear/add output
+    quant: dict[str, TensorQuant]             # the input and every QUANT_OPS output (graph.QUANT_OPS)
     config: dict[str, Any]
     report: list[dict[str, Any]] = field(default_factory=list)
     producer: str = "waps-tvm"
@@ -218,14 +219,17 @@ def _build(m: dict, arrays: dict[str, np.ndarray]) -> WapsArtifact:
 def validate(art: WapsArtifact, where: str = "artifact") -> None:
     """Semantic checks: graph well-formed, every layer complete and in range."""
     names = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for n in art.graph:
         for i in n.inputs:
             if i not in names:
                 raise ArtifactError(f"{where}: node '{n.name}' reads '{i}' before it is defined")
         names.add(n.name)
+        shapes[n.name] = tuple(n.shape)
+        check_node(n, shapes, where)
         if n.op in PARAM_OPS and n.name not in art.layers:
             raise ArtifactError(f"{where}: layer '{n.name}' has no weights")
-        if n.op in (*PARAM_OPS, "add", "input") and n.name not in art.quant:
+        if n.op in (*QUANT_OPS, "input") and n.name not in art.quant:
             raise ArtifactError(f"{where}: tensor '{n.name}' has no quantization parameters")
     if art.graph.output not in names:
         raise ArtifactError(f"{where}: output '{art.graph.output}' is not a graph node")

@@ -1,13 +1,19 @@
 """Reconstruction blocks, discovered from the graph's structure, not from class names.
 
-A residual unit is the region between a tensor that forks and the add that joins
-the branches again: for each add, the fork is its immediate dominator (every path
-from the input to the add passes through it), and the unit is every node on a path
-from the fork to the add. This finds torchvision's BasicBlock, Bottleneck,
-InvertedResidual (with skip), RegNet's ResBottleneckBlock and MnasNet's residual
-units, and the same shapes in any user CNN. Units that overlap are merged. Every
-conv/linear outside a unit is a block of its own; parameter-free nodes (pooling,
-flatten, standalone ReLU) join the block of their first reader.
+A unit is the region between a tensor that forks and a join (any node with two or
+more distinct inputs: add, mul, cat) where the branches meet again: for each join,
+the fork is its immediate dominator (every path from the input to the join passes
+through it), and the unit is every node on a path from the fork to the join. This
+finds torchvision's BasicBlock, Bottleneck, InvertedResidual (with skip), RegNet's
+ResBottleneckBlock, MnasNet's residual units, squeeze-excitation gates (mul),
+Inception/GoogLeNet modules and SqueezeNet fire modules (cat), ShuffleNet units,
+and the same shapes in any user CNN. Units that overlap are merged.
+
+Sizes stay bounded: a unit, or a merge of units, holding more than MAX_UNIT_LAYERS
+conv/linear layers is not formed (DenseNet's cats reach back over the whole dense
+block; those layers fall back to single-layer blocks instead of one huge block).
+Every conv/linear outside a unit is a block of its own; parameter-free nodes
+(pooling, flatten, gather, standalone ReLU) join the block of their first reader.
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 
 from calib.errors import ModelError
 from calib.graph import PARAM_OPS, Graph
+
+MAX_UNIT_LAYERS = 16  # InceptionE has 9 convs, an MBConv with SE 5; a dense block up to 96
 
 
 @dataclass(frozen=True)
@@ -61,10 +69,13 @@ def find_blocks(graph: Graph, residual: bool = True) -> list[Block]:
     idom = _dominators(graph)
     users = graph.consumers()
 
-    # nodes reachable backwards from each add, stopping at the fork
+    def layers_in(region: set[str]) -> int:
+        return sum(1 for v in region if graph[v].op in PARAM_OPS)
+
+    # nodes reachable backwards from each join, stopping at the fork
     units: list[set[str]] = []
     for n in graph.nodes:
-        if n.op != "add" or not residual:
+        if len(set(n.inputs)) < 2 or not residual:
             continue
         fork, region, stack = idom[n.name], {n.name}, list(n.inputs)
         while stack:
@@ -73,14 +84,18 @@ def find_blocks(graph: Graph, residual: bool = True) -> list[Block]:
                 continue
             region.add(v)
             stack.extend(graph[v].inputs)
-        units.append(region)
+        if layers_in(region) <= MAX_UNIT_LAYERS:
+            units.append(region)
 
     merged: list[set[str]] = []
     for u in units:
-        for m in [m for m in merged if m & u]:
+        overlap = [m for m in merged if m & u]
+        whole = set(u).union(*overlap)
+        if layers_in(whole) > MAX_UNIT_LAYERS:
+            continue  # keep the units already formed; this join's layers go elsewhere
+        for m in overlap:
             merged.remove(m)
-            u = u | m
-        merged.append(u)
+        merged.append(whole)
 
     owner: dict[str, int] = {}
     groups: list[tuple[str, set[str]]] = [("residual", u) for u in merged]
@@ -96,8 +111,11 @@ def find_blocks(graph: Graph, residual: bool = True) -> list[Block]:
         if n.name in owner or n.op == "input":
             continue
         readers = [owner[u] for u in users[n.name] if u in owner]
-        if not readers:  # a glue node producing the graph output: join its producer
-            readers = [owner[n.inputs[0]]] if n.inputs[0] in owner else []
+        if not readers:  # glue producing the graph output: join its nearest owned producer
+            v = n.inputs[0] if n.inputs else None
+            while v is not None and v not in owner and graph[v].inputs:
+                v = graph[v].inputs[0]
+            readers = [owner[v]] if v in owner else []
         if not readers:
             raise ModelError(f"cannot place {n.label()} in a reconstruction block")
         target = min(readers, key=lambda i: min(order[v] for v in groups[i][1]))

@@ -26,7 +26,7 @@ from calib.config import CalibConfig
 from calib.cwac import compensate_block
 from calib.device import resolve_device
 from calib.errors import CheckpointError, ConfigError, DataError
-from calib.graph import Graph
+from calib.graph import QUANT_OPS, Graph
 from calib.qmodel import QuantModel
 from calib.frontier import Tensors
 from calib.reconstruct import block_modules, reconstruct
@@ -202,7 +202,7 @@ def _open_checkpoint(path: Path | None, resume: bool, graph: Graph, data: torch.
 
 
 def _source(graph: Graph, block: Block) -> str:
-    srcs = [graph[n].source for n in block.nodes if graph[n].op in ("conv2d", "linear", "add")]
+    srcs = [graph[n].source for n in block.nodes if graph[n].op in QUANT_OPS]
     return (srcs[-1] if srcs else block.name) or block.name
 
 
@@ -211,5 +211,5 @@ def _init_act_ranges(model: QuantModel, block: Block, fp_in: dict[str, torch.Ten
     """Initialise the block's output quantizers from the float values they will see."""
     env = model.run(block.nodes, {k: v[:limit] for k, v in fp_in.items()})
     for name in block.nodes:
-        if model.graph[name].op in ("conv2d", "linear", "add"):
+        if model.graph[name].op in QUANT_OPS:
             model.layer(name).out_quant.init_from(env[name])

@@ -12,18 +12,43 @@ import operator
 import torch
 from torch.export import ExportedProgram
 
+from calib import layout
 from calib.errors import ModelError, UnsupportedOpError
 from calib.graph import Graph, Node
 
 aten = torch.ops.aten
 
 _IDENTITY = {aten.dropout.default, aten.dropout_.default, aten.contiguous.default,
-             aten.clone.default, aten.alias.default, aten.detach.default}
+             aten.clone.default, aten.alias.default, aten.detach.default, aten.feature_dropout.default,
+             aten.lift_fresh_copy.default}
 _RELU = {aten.relu.default, aten.relu_.default}
 _HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default}
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
-_RESHAPE = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-            aten.flatten.using_ints}
+_MUL = {aten.mul.Tensor, aten.mul_.Tensor}
+_PAD = {aten.pad.default, aten.constant_pad_nd.default}
+_MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+# pure data movement: replayed on an index tensor (calib/layout.py)
+_LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+           aten.unflatten.int, aten.transpose.int, aten.permute.default, aten.narrow.default,
+           aten.slice.Tensor, aten.select.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+           aten.index_select.default}
+_SPLIT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.sections,
+          aten.unbind.int}
+# op → (fn name, the schema arguments that become attrs): computed as lookup tables by the compiler
+_ELEMENTWISE = {
+    aten.hardswish.default: ("hardswish", ()), aten.hardswish_.default: ("hardswish", ()),
+    aten.hardsigmoid.default: ("hardsigmoid", ()), aten.hardsigmoid_.default: ("hardsigmoid", ()),
+    aten.sigmoid.default: ("sigmoid", ()), aten.sigmoid_.default: ("sigmoid", ()),
+    aten.silu.default: ("silu", ()), aten.silu_.default: ("silu", ()),
+    aten.gelu.default: ("gelu", ("approximate",)),
+    aten.tanh.default: ("tanh", ()), aten.tanh_.default: ("tanh", ()),
+    aten.leaky_relu.default: ("leaky_relu", ("negative_slope",)),
+    aten.leaky_relu_.default: ("leaky_relu", ("negative_slope",)),
+    aten.elu.default: ("elu", ("alpha", "scale", "input_scale")),
+    aten.elu_.default: ("elu", ("alpha", "scale", "input_scale")),
+    aten.mish.default: ("mish", ()), aten.mish_.default: ("mish", ()),
+    aten.softplus.default: ("softplus", ("beta", "threshold")),
+}
 
 
 def export_module(model: torch.nn.Module, input_shape: tuple[int, ...]) -> ExportedProgram:
@@ -38,7 +63,7 @@ def export_module(model: torch.nn.Module, input_shape: tuple[int, ...]) -> Expor
 
 
 def capture(program: ExportedProgram) -> Graph:
-    """Map an ExportedProgram with one image input (N×C×H×W) to a Graph."""
+    """Map an ExportedProgram with one image input (N×C×H×W) to a Graph (ops: calib/graph.py)."""
     sig = program.graph_signature
     state = dict(program.state_dict)
     state.update(getattr(program, "constants", {}) or {})
@@ -50,12 +75,39 @@ def capture(program: ExportedProgram) -> Graph:
 
     tensors: dict[str, torch.Tensor] = {}  # fx name → constant tensor (params, buffers)
     alias: dict[str, str] = {}             # fx name → graph value it is an alias of
+    pending: dict[str, layout.Pending | tuple[layout.Pending, ...]] = {}  # unresolved layout chains
     nodes: list[Node] = []
+    shapes: dict[str, tuple[int, ...]] = {}
     unsupported: list[str] = []
     output = None
 
+    def add(node: Node) -> None:
+        nodes.append(node)
+        shapes[node.name] = tuple(node.shape)
+
     def value(arg) -> str:
-        return alias.get(arg.name, arg.name)
+        """The graph value an fx argument denotes; a pending layout chain is
+        materialised here (as gather and/or flatten nodes) when something reads it."""
+        name = alias.get(arg.name, arg.name)
+        if name not in pending:
+            return name
+        p = pending.pop(name)
+        if isinstance(p, tuple):
+            raise _Refused(f"{arg.name}: a tuple of tensors read as one tensor")
+        r = layout.resolve(p, shapes[p.base])
+        if r is None:
+            raise _Refused(f"{_source(arg) or arg.name}: view/reshape/permute chain that is not a channel "
+                           f"gather or flatten (result shape {tuple(p.index.shape[1:])})")
+        cur, src = p.base, _source(arg)
+        if r.gather is not None:
+            out = name + ("_gather" if r.flatten else "")
+            add(Node(out, "gather", [cur], {"index": r.gather}, {}, src, (len(r.gather), *shapes[cur][1:])))
+            cur = out
+        if r.flatten:
+            add(Node(name, "flatten", [cur], {}, {}, src, (math.prod(shapes[cur]),)))
+            cur = name
+        alias[name] = cur
+        return cur
 
     def const(arg) -> torch.Tensor | None:
         if arg is None:
@@ -72,91 +124,198 @@ def capture(program: ExportedProgram) -> Graph:
                 shape = tuple(int(d) for d in fx.meta["val"].shape)
                 if len(shape) != 4:
                     raise ModelError(f"the model input must be N×C×H×W, got shape {shape}")
-                nodes.append(Node(fx.name, "input", [], {"shape": list(shape[1:])}, shape=shape[1:]))
+                add(Node(fx.name, "input", [], {"shape": list(shape[1:])}, shape=shape[1:]))
             continue
         if fx.op == "output":
             outs = fx.args[0]
             if len(outs) != 1:
                 raise ModelError(f"the model must return one tensor, it returns {len(outs)}")
-            output = value(outs[0])
+            try:
+                output = value(outs[0])
+            except _Refused as e:
+                unsupported.append(str(e))
             continue
         if fx.op != "call_function":
             unsupported.append(f"{fx.op} {fx.target}")
             continue
         source = _source(fx)
-        shape = tuple(int(d) for d in fx.meta["val"].shape[1:]) if hasattr(fx.meta.get("val"), "shape") else ()
-        t, a = fx.target, fx.args
-        if t in _IDENTITY or t is operator.getitem and _is_first_of_tuple(fx):
-            alias[fx.name] = value(a[0])
+        try:
+            node = _map(fx, source, value, const, alias, pending, shapes, add)
+        except _Refused as e:
+            unsupported.append(str(e))
             continue
-        node = None
-        if t is aten.conv2d.default:
-            stride, padding, dilation, groups = (list(a[3]) if len(a) > 3 else [1, 1],
-                                                 a[4] if len(a) > 4 else [0, 0],
-                                                 list(a[5]) if len(a) > 5 else [1, 1],
-                                                 int(a[6]) if len(a) > 6 else 1)
-            if isinstance(padding, str):
-                unsupported.append(f"{source or fx.name}: conv2d padding='{padding}'")
-                continue
-            w = const(a[1])
-            b = const(a[2]) if len(a) > 2 and a[2] is not None else torch.zeros(w.shape[0])
-            node = Node(fx.name, "conv2d", [value(a[0])],
-                        {"stride": _pair(stride), "padding": _pair(padding),
-                         "dilation": _pair(dilation), "groups": groups, "act": None},
-                        {"weight": w, "bias": b}, source, shape)
-        elif t is aten.linear.default:
-            w = const(a[1])
-            b = const(a[2]) if len(a) > 2 and a[2] is not None else torch.zeros(w.shape[0])
-            node = Node(fx.name, "linear", [value(a[0])], {"act": None}, {"weight": w, "bias": b}, source, shape)
-        elif t is aten.batch_norm.default or t is aten._native_batch_norm_legit_no_training.default:
-            w, b, mean, var = (const(a[1]), const(a[2]), const(a[3]), const(a[4]))
-            eps = float(a[7] if t is aten.batch_norm.default else a[6])
-            c = mean.shape[0]
-            node = Node(fx.name, "batch_norm", [value(a[0])], {"eps": eps},
-                        {"weight": w if w is not None else torch.ones(c),
-                         "bias": b if b is not None else torch.zeros(c), "mean": mean, "var": var},
-                        source, shape)
-        elif t in _RELU:
-            node = Node(fx.name, "relu", [value(a[0])], {}, {}, source, shape)
-        elif t in _HARDTANH and tuple(float(v) for v in a[1:3]) == (0.0, 6.0):
-            node = Node(fx.name, "relu6", [value(a[0])], {}, {}, source, shape)
-        elif t in _ADD and len(a) == 2 and all(hasattr(v, "name") for v in a) and fx.kwargs.get("alpha", 1) == 1:
-            node = Node(fx.name, "add", [value(a[0]), value(a[1])], {"act": None}, {}, source, shape)
-        elif t is aten.max_pool2d.default or t is aten.avg_pool2d.default:
-            op = "max_pool2d" if t is aten.max_pool2d.default else "avg_pool2d"
-            kernel = _pair(a[1])
-            stride = _pair(a[2]) if len(a) > 2 and a[2] else kernel
-            padding = _pair(a[3]) if len(a) > 3 else [0, 0]
-            extra = list(a[4:])
-            ok = (op == "max_pool2d" and extra in ([], [[1, 1]], [1], [[1, 1], False])) or \
-                 (op == "avg_pool2d" and (extra in ([], [False]) or extra[:2] == [False, True]))
-            if not ok:
-                unsupported.append(f"{source or fx.name}: {op} with dilation/ceil_mode/divisor {extra}")
-                continue
-            node = Node(fx.name, op, [value(a[0])], {"kernel": kernel, "stride": stride, "padding": padding},
-                        {}, source, shape)
-        elif t is aten.adaptive_avg_pool2d.default and tuple(_pair(a[1])) == (1, 1):
-            node = Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source, shape)
-        elif t is aten.mean.dim and sorted(int(d) % 4 for d in a[1]) == [2, 3]:
-            keep = bool(a[2]) if len(a) > 2 else False
-            node = Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source,
-                        shape if keep else (*shape, 1, 1))
-            if not keep:  # N×C: the flatten that follows a keepdim pool
-                nodes.append(node)
-                node = Node(fx.name + "_flat", "flatten", [fx.name], {}, {}, source, shape)
-                alias[fx.name] = node.name
-        elif t in _RESHAPE and _is_flatten(fx):
-            node = Node(fx.name, "flatten", [value(a[0])], {}, {}, source, shape)
-        else:
-            unsupported.append(f"{source or fx.name}: {_op_name(fx)}")
-            continue
-        nodes.append(node)
+        if node is not None:
+            add(node)
 
     if unsupported:
         raise UnsupportedOpError("unsupported layers: " + "; ".join(dict.fromkeys(unsupported)))
     if output is None:
         raise ModelError("the exported program has no output")
     return _prune(Graph(nodes, output))
+
+
+class _Refused(Exception):
+    """One fx node we cannot map; its message names the place (collected, not raised)."""
+
+
+def _arguments(fx) -> dict:
+    """The op's arguments by schema name, defaults filled in (export elides them)."""
+    schema = getattr(fx.target, "_schema", None)
+    if schema is None:
+        return {}
+    out = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(fx.args):
+            out[a.name] = fx.args[i]
+        elif a.name in fx.kwargs:
+            out[a.name] = fx.kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+    return out
+
+
+def _is_tensor(v) -> bool:
+    return hasattr(v, "name") and hasattr(v.meta.get("val"), "shape")
+
+
+def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
+    """The Node for one fx call (None when it only aliases or extends a layout chain)."""
+    t, a = fx.target, fx.args
+    shape = tuple(int(d) for d in fx.meta["val"].shape[1:]) if hasattr(fx.meta.get("val"), "shape") else ()
+    where = source or fx.name
+    if t in _IDENTITY:
+        alias[fx.name] = alias.get(a[0].name, a[0].name)
+        return None
+    if t is operator.getitem:
+        src = alias.get(a[0].name, a[0].name)
+        if src in pending and isinstance(pending[src], tuple):
+            pending[fx.name] = pending[src][a[1]]  # a piece of a split: an alias of that piece
+            return None
+        if a[1] == 0:  # first result of a tuple op (max_pool2d_with_indices)
+            alias[fx.name] = src
+            return None
+        raise _Refused(f"{where}: getitem {a[1]} of {_op_name(a[0])}")
+    if t in _LAYOUT or t in _SPLIT:
+        src = alias.get(a[0].name, a[0].name)
+        if src not in pending and src not in shapes:
+            raise _Refused(f"{where}: {_op_name(fx)} of a constant")
+        p = pending[src] if src in pending else layout.start(src, shapes[src])
+        if isinstance(p, tuple):
+            raise _Refused(f"{where}: {_op_name(fx)} of a tuple")
+        try:
+            out = t(p.index, *a[1:], **fx.kwargs)
+        except Exception as exc:  # the op refused the index tensor: not a pure layout op here
+            raise _Refused(f"{where}: {_op_name(fx)} ({type(exc).__name__})") from None
+        # contiguous copies: the chain's values are what matters, and a later view must work
+        pending[fx.name] = tuple(layout.Pending(p.base, o.contiguous()) for o in out) if t in _SPLIT \
+            else layout.Pending(p.base, out.contiguous())
+        return None
+    if t is aten.conv2d.default:
+        args = _arguments(fx)
+        padding = args["padding"]
+        if isinstance(padding, str):
+            raise _Refused(f"{where}: conv2d padding='{padding}'")
+        w = const(a[1])
+        b = const(args["bias"]) if args.get("bias") is not None else torch.zeros(w.shape[0])
+        return Node(fx.name, "conv2d", [value(a[0])],
+                    {"stride": _pair(args["stride"]), "padding": _pair(padding),
+                     "dilation": _pair(args["dilation"]), "groups": int(args["groups"]), "act": None},
+                    {"weight": w, "bias": b}, source, shape)
+    if t is aten.linear.default:
+        w = const(a[1])
+        b = const(a[2]) if len(a) > 2 and a[2] is not None else torch.zeros(w.shape[0])
+        return Node(fx.name, "linear", [value(a[0])], {"act": None}, {"weight": w, "bias": b}, source, shape)
+    if t is aten.batch_norm.default or t is aten._native_batch_norm_legit_no_training.default:
+        w, b, mean, var = (const(a[1]), const(a[2]), const(a[3]), const(a[4]))
+        eps = float(a[7] if t is aten.batch_norm.default else a[6])
+        c = mean.shape[0]
+        return Node(fx.name, "batch_norm", [value(a[0])], {"eps": eps},
+                    {"weight": w if w is not None else torch.ones(c),
+                     "bias": b if b is not None else torch.zeros(c), "mean": mean, "var": var},
+                    source, shape)
+    if t in _RELU:
+        return Node(fx.name, "relu", [value(a[0])], {}, {}, source, shape)
+    if t in _HARDTANH:
+        lo, hi = (float(v) for v in (_arguments(fx)["min_val"], _arguments(fx)["max_val"]))
+        if (lo, hi) == (0.0, 6.0):
+            return Node(fx.name, "relu6", [value(a[0])], {}, {}, source, shape)
+        return Node(fx.name, "elementwise", [value(a[0])], {"fn": "hardtanh", "min_val": lo, "max_val": hi},
+                    {}, source, shape)
+    if t in _ELEMENTWISE:
+        fn, params = _ELEMENTWISE[t]
+        args = _arguments(fx)
+        attrs = {"fn": fn, **{k: _json_scalar(args[k]) for k in params}}
+        return Node(fx.name, "elementwise", [value(a[0])], attrs, {}, source, shape)
+    if t in _ADD or t in _MUL:
+        op = "add" if t in _ADD else "mul"
+        if len(a) != 2 or not all(_is_tensor(v) for v in a) or fx.kwargs.get("alpha", 1) != 1:
+            raise _Refused(f"{where}: {op} with a scalar or scaled operand")
+        x, y = value(a[0]), value(a[1])
+        if math.prod(shapes[y]) > math.prod(shapes[x]):  # the broadcast operand goes second
+            x, y = y, x
+        if not _broadcastable(shapes[x], shapes[y]):
+            raise _Refused(f"{where}: {op} of shapes {shapes[x]} and {shapes[y]}")
+        return Node(fx.name, op, [x, y], {"act": None} if op == "add" else {}, {}, source, shape)
+    if t is aten.cat.default:
+        args = _arguments(fx)
+        ins = list(args["tensors"])
+        rank = len(shape) + 1
+        if int(args["dim"]) % rank != 1 or rank not in (2, 4):
+            raise _Refused(f"{where}: cat on dim {args['dim']} of a {rank}-D tensor")
+        names = [value(v) for v in ins]
+        if len(names) == 1:
+            alias[fx.name] = names[0]
+            return None
+        return Node(fx.name, "cat", names, {"axis": 1}, {}, source, shape)
+    if t in _PAD:
+        args = _arguments(fx)
+        pad, mode = [int(p) for p in args["pad"]], args.get("mode", "constant")
+        val = args.get("value")
+        if mode != "constant" or len(pad) not in (2, 4) or any(p < 0 for p in pad):
+            raise _Refused(f"{where}: pad {pad} mode {mode}")
+        left, right, top, bottom = (pad + [0, 0])[:4]
+        return Node(fx.name, "pad", [value(a[0])],
+                    {"pads": [top, left, bottom, right], "value": float(val or 0.0)}, {}, source, shape)
+    if t in _MAXPOOL:
+        args = _arguments(fx)
+        kernel = _pair(args["kernel_size"])
+        return Node(fx.name, "max_pool2d", [value(a[0])],
+                    {"kernel": kernel, "stride": _pair(args["stride"]) if args["stride"] else kernel,
+                     "padding": _pair(args["padding"]), "dilation": _pair(args["dilation"]),
+                     "ceil_mode": bool(args["ceil_mode"])}, {}, source, shape)
+    if t is aten.avg_pool2d.default:
+        args = _arguments(fx)
+        kernel = _pair(args["kernel_size"])
+        div = args.get("divisor_override")
+        return Node(fx.name, "avg_pool2d", [value(a[0])],
+                    {"kernel": kernel, "stride": _pair(args["stride"]) if args["stride"] else kernel,
+                     "padding": _pair(args["padding"]), "ceil_mode": bool(args["ceil_mode"]),
+                     "count_include_pad": bool(args["count_include_pad"]),
+                     "divisor_override": int(div) if div is not None else None}, {}, source, shape)
+    if t is aten.adaptive_avg_pool2d.default:
+        size = _pair(a[1])
+        if size == [1, 1]:
+            return Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source, shape)
+        return Node(fx.name, "adaptive_avg_pool2d", [value(a[0])], {"output_size": size}, {}, source, shape)
+    if t is aten.mean.dim and sorted(int(d) % 4 for d in a[1]) == [2, 3] and len(shape) + 1 in (2, 4):
+        keep = bool(a[2]) if len(a) > 2 else False
+        node = Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source,
+                    shape if keep else (*shape, 1, 1))
+        if keep:
+            return node
+        add(node)  # N×C: the flatten that follows a keepdim pool
+        alias[fx.name] = fx.name + "_flat"
+        return Node(fx.name + "_flat", "flatten", [fx.name], {}, {}, source, shape)
+    raise _Refused(f"{where}: {_op_name(fx)}")
+
+
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal shapes, or a per-channel (C,1,1) operand against (C,H,W)."""
+    return a == b or (len(a) == 3 and b in ((a[0], 1, 1),))
+
+
+def _json_scalar(v):
+    return v if isinstance(v, (str, bool)) or v is None else float(v)
 
 
 def _prune(graph: Graph) -> Graph:
@@ -175,19 +334,6 @@ def _pair(v) -> list[int]:
         return [v, v]
     v = [int(x) for x in v]
     return v * 2 if len(v) == 1 else v
-
-
-def _is_first_of_tuple(fx) -> bool:
-    return fx.args[1] == 0
-
-
-def _is_flatten(fx) -> bool:
-    """A reshape from N×C×H×W to N×(C·H·W), whatever spelling the model used."""
-    src = fx.args[0].meta.get("val")
-    out = fx.meta.get("val")
-    if src is None or out is None or src.dim() < 2 or out.dim() != 2:
-        return False
-    return int(out.shape[0]) == int(src.shape[0]) and int(out.shape[1]) == math.prod(int(d) for d in src.shape[1:])
 
 
 def _source(fx) -> str:

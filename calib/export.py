@@ -7,7 +7,7 @@ import numpy as np
 
 from calib.artifact import TensorQuant, WapsArtifact, LayerRecord, group_scales_of
 from calib.calibrate import CalibResult
-from calib.graph import PARAM_OPS, Node
+from calib.graph import PARAM_OPS, QUANT_OPS, Node
 from calib.quantizers import ActQuantizer
 
 
@@ -36,7 +36,7 @@ def to_artifact(result: CalibResult, producer: str = "waps-tvm") -> WapsArtifact
                 _np(layer.gamma_z).astype(np.float32), _np(layer.phi_z).astype(np.float32),
                 groups, scales)
             quant[n.name] = _tq(layer.out_quant)
-        elif n.op == "add":
+        elif n.op in QUANT_OPS:
             quant[n.name] = _tq(model.layer(n.name).out_quant)
     # timings stay out: they would make two runs of the same calibration differ in bytes
     report = [{k: v for k, v in asdict(r).items() if k != "seconds"} for r in result.report]

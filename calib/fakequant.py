@@ -10,7 +10,7 @@ import torch
 
 from calib.artifact import TensorQuant, WapsArtifact
 from calib.config import CalibConfig
-from calib.graph import PARAM_OPS, Graph, Node
+from calib.graph import PARAM_OPS, QUANT_OPS, Graph, Node
 from calib.product_groups import ProductGroups
 from calib.qmodel import QuantModel
 from calib.quantizers import ActQuantizer
@@ -53,7 +53,7 @@ def build_fake_quant(art: WapsArtifact) -> QuantModel:
                     pg.set_assignment(torch.from_numpy(rec.groups.astype("int64")))
                     layer.groups = pg
                 _set(layer.out_quant, art.quant[n.name])
-            elif n.op == "add":
+            elif n.op in QUANT_OPS:
                 _set(model.layer(n.name).out_quant, art.quant[n.name])
     model.set_quant(True)
     return model.eval()

@@ -15,23 +15,35 @@ from calib.graph import Graph, Node
 def fold_batch_norm(graph: Graph) -> Graph:
     """Return a graph with every batch_norm folded into its producer.
 
-    A batch_norm whose input is not a conv/linear read by nothing else cannot be
-    folded, and is reported as unsupported (an integer program has no BN op).
+    A batch_norm whose input is not a conv/linear read by nothing else (DenseNet's
+    pre-activation BN after a cat or pool) becomes a 1×1 depthwise conv2d with the
+    BN's per-channel scale and shift: the integer program has no BN op, and one weight
+    per output channel is exact under per-channel symmetric weight quantization.
     """
     users = graph.consumers()
     by_name = {n.name: n for n in graph.nodes}
     folded: dict[str, Node] = {}
     alias: dict[str, str] = {}
+    standalone: dict[str, Node] = {}
     bad = []
     for bn in graph.nodes:
         if bn.op != "batch_norm":
             continue
         prod = by_name[bn.inputs[0]]
-        if prod.op not in ("conv2d", "linear") or len(users[prod.name]) != 1:
-            bad.append(f"{bn.label()}: batch_norm not directly after a conv/linear")
-            continue
         p = bn.params
         scale = p["weight"].double() / torch.sqrt(p["var"].double() + bn.attrs["eps"])
+        if prod.op not in ("conv2d", "linear") or len(users[prod.name]) != 1:
+            if len(bn.shape) != 3:
+                bad.append(f"{bn.label()}: batch_norm of a {len(bn.shape) + 1}-D tensor not after a conv/linear")
+                continue
+            c = scale.shape[0]
+            shift = p["bias"].double() - p["mean"].double() * scale
+            standalone[bn.name] = Node(bn.name, "conv2d", list(bn.inputs),
+                                       {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": c,
+                                        "act": None},
+                                       {"weight": scale.float().reshape(c, 1, 1, 1), "bias": shift.float()},
+                                       bn.source, bn.shape)
+            continue
         w = prod.params["weight"].double()
         w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
         b = (prod.params["bias"].double() - p["mean"].double()) * scale + p["bias"].double()
@@ -42,8 +54,9 @@ def fold_batch_norm(graph: Graph) -> Graph:
         raise UnsupportedOpError("unsupported layers: " + "; ".join(bad))
     nodes = []
     for n in graph.nodes:
-        if n.op == "batch_norm":
+        if n.op == "batch_norm" and n.name not in standalone:
             continue
+        n = standalone.get(n.name, n)
         n = folded.get(n.name, n)
         nodes.append(Node(n.name, n.op, [alias.get(i, i) for i in n.inputs], n.attrs, n.params, n.source, n.shape))
     return Graph(nodes, alias.get(graph.output, graph.output))

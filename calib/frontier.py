@@ -19,6 +19,7 @@ from typing import Union
 import torch
 
 from calib.blocks import Block
+from calib.graph import QUANT_OPS
 from calib.qmodel import QuantModel
 from calib.quantizers import ActQuantizer
 
@@ -94,7 +95,7 @@ def producer_quantizer(model: QuantModel, value: str) -> ActQuantizer:
     """The quantizer whose grid ``value`` lies on if it is quantized: its producer's
     output quantizer, looking through parameter-free nodes (pooling, flatten, ReLU)."""
     g = model.graph
-    while g[value].op not in ("conv2d", "linear", "add", "input"):
+    while g[value].op not in (*QUANT_OPS, "input"):
         value = g[value].inputs[0]
     return model.input_quant if g[value].op == "input" else model.layer(value).out_quant
 

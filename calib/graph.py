@@ -11,9 +11,18 @@ inside a .waps artifact. Ops after capture:
     batch_norm (x)              params: mean, var, weight, bias; attrs: eps (folded away)
     relu, relu6 (x)             (fused into the producer where it is the only consumer)
     add     (a, b)              attrs: act
-    max_pool2d, avg_pool2d (x)  attrs: kernel, stride, padding
+    mul     (a, b)              b equal-shaped or per-channel (C,1,1) against a (C,H,W); attrs: {}
+    cat     (x1..xk)            attrs: axis (always 1: channels of 2-D or 4-D tensors)
+    elementwise (x)             attrs: fn ("hardswish", "sigmoid", "silu", "gelu", …) and fn's parameters
+    pad     (x)                 attrs: pads [top, left, bottom, right], value (real pad value)
+    gather  (x)                 attrs: index (input channels, axis 1): split/chunk/narrow/shuffle
+    max_pool2d (x)              attrs: kernel, stride, padding, dilation, ceil_mode
+    avg_pool2d (x)              attrs: kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
+    adaptive_avg_pool2d (x)     attrs: output_size [oh, ow] (never [1, 1]: that is global_avg_pool)
     global_avg_pool (x)         N×C×H×W → N×C×1×1
     flatten (x)                 N×C×1×1 or N×C×H×W → N×(C·H·W)
+
+Attrs are the calib → compiler interface (issue 13 graph vocabulary): do not rename them.
 
 ``act`` is None, "relu" or "relu6": the activation fused into the producer.
 ``source`` names where the node came from in the user's model (module path).
@@ -26,8 +35,10 @@ from typing import Any
 import torch
 
 PARAM_OPS = ("conv2d", "linear")
-OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add",
-       "max_pool2d", "avg_pool2d", "global_avg_pool", "flatten")
+OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add", "mul", "cat", "elementwise",
+       "pad", "gather", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool", "flatten")
+# ops whose output is a quantization point of its own (an ActQuantizer, art.quant[name])
+QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d", "adaptive_avg_pool2d")
 
 
 @dataclass

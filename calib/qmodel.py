@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.config import CalibConfig
-from calib.graph import PARAM_OPS, Graph, Node
+from calib.graph import PARAM_OPS, QUANT_OPS, Graph, Node
 from calib.product_groups import ProductGroups
 from calib.quantizers import FLOAT_BITS, ActQuantizer, init_weight_scale
 from calib.rounding import AdaRound, nearest_codes
@@ -126,35 +126,90 @@ class QuantLayer(nn.Module):
         return self.out_quant(y) if self.quant else y
 
 
-class QuantAdd(nn.Module):
-    """Residual add with fused activation and its own output quantizer."""
+class QuantOp(nn.Module):
+    """A parameter-free op with its own output quantizer (add, mul, cat, elementwise,
+    avg/adaptive pooling): computes the op in float exactly as torch, then quantizes."""
 
     def __init__(self, node: Node, out_bits: int):
         super().__init__()
+        self.node = node
         self.act = node.attrs.get("act")
         self.out_quant = ActQuantizer(out_bits)
         self.quant = True
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        y = apply_act(a + b, self.act)
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        y = apply_act(compute(self.node, list(xs)), self.act)
         return self.out_quant(y) if self.quant else y
 
 
-def _glue(node: Node, x: torch.Tensor) -> torch.Tensor:
-    a = node.attrs
-    if node.op == "max_pool2d":
-        return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
-    if node.op == "avg_pool2d":
-        return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], count_include_pad=True)
-    if node.op == "global_avg_pool":
+QuantAdd = QuantOp  # the residual add is one QuantOp among others
+
+
+def _elementwise(attrs: dict, x: torch.Tensor) -> torch.Tensor:
+    fn = attrs["fn"]
+    if fn == "hardswish":
+        return F.hardswish(x)
+    if fn == "hardsigmoid":
+        return F.hardsigmoid(x)
+    if fn == "sigmoid":
+        return torch.sigmoid(x)
+    if fn == "silu":
+        return F.silu(x)
+    if fn == "gelu":
+        return F.gelu(x, approximate=attrs.get("approximate", "none"))
+    if fn == "tanh":
+        return torch.tanh(x)
+    if fn == "leaky_relu":
+        return F.leaky_relu(x, attrs["negative_slope"])
+    if fn == "elu":
+        return torch.ops.aten.elu(x, attrs["alpha"], attrs["scale"], attrs["input_scale"])
+    if fn == "mish":
+        return F.mish(x)
+    if fn == "softplus":
+        return F.softplus(x, attrs["beta"], attrs["threshold"])
+    if fn == "hardtanh":
+        return F.hardtanh(x, attrs["min_val"], attrs["max_val"])
+    raise AssertionError(f"no executor for elementwise fn {fn}")
+
+
+ELEMENTWISE_FNS = ("hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh", "leaky_relu", "elu", "mish",
+                   "softplus", "hardtanh")
+
+
+def compute(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+    """The float value of a parameter-free node, exactly as torch computes it."""
+    a, x = node.attrs, xs[0]
+    op = node.op
+    if op == "add":
+        return x + xs[1]
+    if op == "mul":
+        return x * xs[1]
+    if op == "cat":
+        return torch.cat(xs, 1)
+    if op == "elementwise":
+        return _elementwise(a, x)
+    if op == "gather":
+        return x[:, a["index"]]
+    if op == "pad":
+        top, left, bottom, right = a["pads"]
+        return F.pad(x, [left, right, top, bottom], value=a["value"])
+    if op == "max_pool2d":
+        return F.max_pool2d(x, a["kernel"], a["stride"], a["padding"], a.get("dilation", [1, 1]),
+                            a.get("ceil_mode", False))
+    if op == "avg_pool2d":
+        return F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"], a.get("ceil_mode", False),
+                            a.get("count_include_pad", True), a.get("divisor_override"))
+    if op == "adaptive_avg_pool2d":
+        return F.adaptive_avg_pool2d(x, a["output_size"])
+    if op == "global_avg_pool":
         return x.mean((2, 3), keepdim=True)
-    if node.op == "flatten":
+    if op == "flatten":
         return x.flatten(1)
-    if node.op == "relu":
+    if op == "relu":
         return F.relu(x)
-    if node.op == "relu6":
+    if op == "relu6":
         return x.clamp(0, 6)
-    raise AssertionError(f"no executor for {node.op}")
+    raise AssertionError(f"no executor for {op}")
 
 
 def layer_roles(graph: Graph) -> tuple[set[str], set[str]]:
@@ -193,15 +248,18 @@ def unit_size(graph: Graph, node: Node) -> int:
 
 
 def output_bits(graph: Graph, cfg: CalibConfig, last: set[str]) -> dict[str, int]:
-    """Code width of every quantization point (conv/linear/add outputs and the input)."""
+    """Code width of every quantization point (the input and every QUANT_OPS output).
+
+    The graph output is a last layer's value (first_last_bits); a tensor read only by
+    residual adds gets residual_bits; every other point gets abits."""
     if cfg.abits == FLOAT_BITS:
-        return {n.name: FLOAT_BITS for n in graph if n.op in (*PARAM_OPS, "add", "input")}
+        return {n.name: FLOAT_BITS for n in graph if n.op in (*QUANT_OPS, "input")}
     users = graph.consumers()
     bits = {}
     for n in graph:
         if n.op == "input" or n.name in last:
             bits[n.name] = cfg.first_last_bits
-        elif n.op in (*PARAM_OPS, "add"):
+        elif n.op in QUANT_OPS:
             readers = users[n.name]
             only_add = readers and all(graph[u].op == "add" for u in readers)
             bits[n.name] = cfg.residual_bits if only_add else cfg.abits
@@ -227,11 +285,15 @@ class QuantModel(nn.Module):
                 wants_groups = cfg.uses_waps and not n.is_depthwise and units > cfg.tile
                 self.ops[key(n.name)] = QuantLayer(n, wb, bits[n.name], us,
                                                    list(cfg.gammas) if wants_groups else None, cfg.group_prob)
-            elif n.op == "add":
-                self.ops[key(n.name)] = QuantAdd(n, bits[n.name])
+            elif n.op in QUANT_OPS:
+                self.ops[key(n.name)] = QuantOp(n, bits[n.name])
 
-    def layer(self, name: str) -> QuantLayer | QuantAdd:
+    def layer(self, name: str) -> QuantLayer | QuantOp:
         return self.ops[key(name)]
+
+    def quant_points(self) -> dict[str, "QuantLayer | QuantOp"]:
+        """Every node with its own output quantizer, in graph order."""
+        return {n.name: self.ops[key(n.name)] for n in self.graph if n.op in QUANT_OPS}
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return {n.name: self.ops[key(n.name)] for n in self.graph if n.op in PARAM_OPS}
@@ -248,10 +310,10 @@ class QuantModel(nn.Module):
             n = self.graph[name]
             if n.op in PARAM_OPS:
                 env[name] = self.ops[key(name)](env[n.inputs[0]])
-            elif n.op == "add":
-                env[name] = self.ops[key(name)](env[n.inputs[0]], env[n.inputs[1]])
+            elif n.op in QUANT_OPS:
+                env[name] = self.ops[key(name)](*(env[i] for i in n.inputs))
             else:
-                env[name] = _glue(n, env[n.inputs[0]])
+                env[name] = compute(n, [env[i] for i in n.inputs])
         return env
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

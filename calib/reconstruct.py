@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from calib.blocks import Block
 from calib.config import CalibConfig
-from calib.qmodel import QuantAdd, QuantLayer, QuantModel
+from calib.graph import QUANT_OPS
+from calib.qmodel import QuantLayer, QuantModel, QuantOp
 from calib.rounding import BetaSchedule, cosine_lr
 
 Tensors = dict[str, torch.Tensor]
@@ -40,15 +41,16 @@ class ReconStats:
     seconds: float
 
 
-def block_modules(model: QuantModel, block: Block) -> tuple[list[QuantLayer], list[QuantAdd]]:
-    layers, adds = [], []
+def block_modules(model: QuantModel, block: Block) -> tuple[list[QuantLayer], list[QuantOp]]:
+    """(conv/linear layers, parameter-free ops with their own quantizer) of the block."""
+    layers, ops = [], []
     for name in block.nodes:
         op = model.graph[name].op
         if op in ("conv2d", "linear"):
             layers.append(model.layer(name))
-        elif op == "add":
-            adds.append(model.layer(name))
-    return layers, adds
+        elif op in QUANT_OPS:
+            ops.append(model.layer(name))
+    return layers, ops
 
 
 def run_block(model: QuantModel, block: Block, inputs: Tensors, chunk: int = 256) -> Tensors:
@@ -88,7 +90,7 @@ def leading_glue(model: QuantModel, block: Block) -> list[str]:
     lead, known = [], set(block.inputs)
     for name in block.nodes:
         n = model.graph[name]
-        if n.op in ("conv2d", "linear", "add") or not set(n.inputs) <= known:
+        if n.op in QUANT_OPS or not set(n.inputs) <= known:
             break
         lead.append(name)
         known.add(name)
@@ -118,7 +120,7 @@ def _precompute(model: QuantModel, block: Block, lead: list[str], q_in: Tensors,
 def output_quantizer(model: QuantModel, value: str):
     """The quantizer that produces ``value``'s codes (glue nodes inherit their producer's)."""
     g = model.graph
-    while g[value].op not in ("conv2d", "linear", "add"):
+    while g[value].op not in QUANT_OPS:
         value = g[value].inputs[0]
     return model.layer(value).out_quant
 
