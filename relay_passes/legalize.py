@@ -64,7 +64,7 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
 
 
 def _fold_gathers(prog: Program) -> None:
-    """A gather whose only consumer is a fast conv becomes that conv's ``in_index``: the gathered
+    """A permuting gather whose only consumer is a fast conv becomes that conv's ``in_index``: the gathered
     map is never written. The kernel permutes its weights instead when its groups fold
     (fast_kernels.fold_groups), else its input packing reads the channels through the index."""
     users = prog.consumers()
@@ -76,6 +76,8 @@ def _fold_gathers(prog: Program) -> None:
         in_types = [(prog.shape_of(i), prog.dtype_of(i)) for i in conv.inputs]
         if conv.kind != "conv2d" or "in_index" in conv.params or fast_plan(conv, in_types) != "conv":
             continue
+        if g.params["index"].size != prog.shape_of(g.inputs[0])[1]:
+            continue                        # a selection (split, chunk): the conv reads fewer channels than exist
         conv.params["in_index"] = g.params["index"]
         conv.inputs = list(g.inputs)
         folded.add(g.name)

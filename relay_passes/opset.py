@@ -75,7 +75,10 @@ def _conv2d(rng) -> Program:
     k = int(rng.choice([1, 3]))
     attrs, params = _layer_params(rng, m, c, (m, cg, k, k), 1 if depthwise or c < 8 else int(rng.integers(1, 4)))
     attrs.update(stride=[int(rng.integers(1, 3))] * 2, padding=[k // 2, k // 2], dilation=[1, 1], conv_groups=g)
-    return _program((2, c, 9, 7), [Op("conv2d", "op", ["q"], attrs, params)], "op", attrs["z_out"])
+    extra = int(rng.integers(0, 3))           # read through a gather: a permutation (extra = 0) or a selection
+    index = rng.permutation(c + extra)[:c].astype(np.int32)
+    gather = Op("gather", "pick", ["q"], {}, {"index": index})
+    return _program((2, c + extra, 9, 7), [gather, Op("conv2d", "op", ["pick"], attrs, params)], "op", attrs["z_out"])
 
 
 def _linear(rng) -> Program:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calib.errors import UnsupportedOpError, WapsError
-from calib.numerics import INT32_MAX, quantize_multiplier
+from calib.numerics import INT32_MAX, code_table, quantize_multiplier
 from relay_passes.program import INPUT, Op, Program, emit
 
 
@@ -166,11 +166,23 @@ class ProgramBuilder:
         return self._new("add", _op_name(ad.label), [a.name, b.name], attrs, {}, ad.out)
 
     # ------------------------------------------------------------ pooling, layout
-    def max_pool(self, t: Value, attrs: dict, label: str) -> Value:
-        """``attrs``: kernel, stride, padding (symmetric [ph, pw])."""
-        if t.codes.qmax > 255:
-            raise UnsupportedOpError(f"max_pool2d of a pooled (wide) tensor at {label}")
-        return self._new("max_pool2d", "max_pool", [t.name], dict(attrs), {}, t.codes)
+    def max_pool(self, t: Value, attrs: dict, label: str, size: tuple[int, int] | None = None) -> Value:
+        """``attrs``: kernel, stride, padding (symmetric [ph, pw]), dilation, ceil_mode. With
+        ceil_mode on an input of ``size`` (H, W), the windows past the bottom/right edge read an
+        explicit pad of code 0, which never wins: each window holds a real code ≥ 0."""
+        c = self._narrow(t, "max_pool2d", label)
+        kernel, stride, padding = list(attrs["kernel"]), list(attrs["stride"]), list(attrs["padding"])
+        dilation = list(attrs.get("dilation", [1, 1]))
+        if attrs.get("ceil_mode"):
+            extra = [max(0, (pool_output_size(n, k, s, p, d, True) - 1) * s - (n + 2 * p - d * (k - 1) - 1))
+                     for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)]
+            if any(extra):
+                ph, pw = padding
+                t = self._new("pad", "pad", [t.name], {"pads": [ph, pw, ph + extra[0], pw + extra[1]], "value": 0},
+                              {}, c)
+                padding = [0, 0]
+        return self._new("max_pool2d", "max_pool", [t.name], {"kernel": kernel, "stride": stride, "padding": padding,
+                         "dilation": dilation}, {}, c)
 
     def sum_pool(self, t: Value, attrs: dict, label: str) -> Value:
         """Window sums (average pooling with the padding counted, 1/count folded downstream)."""
@@ -184,6 +196,126 @@ class ProgramBuilder:
 
     def flatten(self, t: Value) -> Value:
         return self._new("flatten", "flatten", [t.name], {}, {}, t.codes)
+
+    def pad(self, t: Value, pads: list[int], value: float, label: str) -> Value:
+        """Constant padding [top, left, bottom, right] with the real ``value`` (its code)."""
+        c = self._narrow(t, "pad", label)
+        code = int(np.floor(value / c.scale + 0.5)) + c.zero_point
+        if not 0 <= code <= c.qmax or abs((code - c.zero_point) * c.scale - value) > c.scale / 2:
+            raise CompileError(f"{label}: pad value {value} is outside the input's quantized range")
+        if any(int(p) < 0 for p in pads):
+            raise UnsupportedOpError(f"negative padding (cropping) at {label}")
+        return self._new("pad", "pad", [t.name], {"pads": [int(p) for p in pads], "value": code}, {}, c)
+
+    def gather(self, t: Value, index: list[int], label: str) -> Value:
+        """Channels x[:, index] (a split, a selection or a channel shuffle)."""
+        return self._new("gather", "gather", [t.name], {}, {"index": np.asarray(index, np.int32)}, t.codes)
+
+    def avg_pool(self, t: Value, windows: "Windows", out: TensorCodes, label: str) -> Value:
+        """Box averages with their own rounding: every output position's window and divisor."""
+        c = self._narrow(t, "average pooling", label)
+        distinct, rq = np.unique(windows.divisor, return_inverse=True)
+        mult, shift = quantize_multiplier(c.scale / (out.scale * distinct.astype(np.float64)))
+        self._check_multiplier(shift, label)
+        params = {"h0": windows.h0, "h1": windows.h1, "w0": windows.w0, "w1": windows.w1,
+                  "rq": rq.reshape(windows.divisor.shape).astype(np.int32),
+                  "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+        attrs = {"z_in": c.zero_point, "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        return self._new("avg_pool2d", _op_name(label), [t.name], attrs, params, out)
+
+    def concat(self, ts: list[Value], out: TensorCodes, label: str) -> Value:
+        """Inputs moved to the output scale (one rounding each, common shift t), then joined."""
+        for t in ts:
+            self._narrow(t, "concat", label)
+        ratios = [t.codes.scale / out.scale for t in ts]
+        t_ = int(np.clip(30 - math.ceil(math.log2(max(ratios))), 1, 48))
+        attrs = {"zs": [t.codes.zero_point for t in ts], "ks": [int(round(r * 2.0**t_)) for r in ratios], "t": t_,
+                 "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        return self._new("concat", _op_name(label), [t.name for t in ts], attrs, {}, out)
+
+    def table(self, t: Value, fn, out: TensorCodes, label: str) -> Value:
+        """An elementwise function of one tensor as the exact table over its input codes.
+        ``fn`` maps float32 arrays to float32 arrays exactly as the fake-quant model computes it."""
+        c = self._narrow(t, "an elementwise function", label)
+        table = code_table(fn, c.scale, c.zero_point, c.qmax, out.scale, out.zero_point, out.qmax)
+        return self._new("table", _op_name(label), [t.name], {"layer": label}, {"table": table}, out)
+
+    def mul(self, a: Value, b: Value, out: TensorCodes, label: str) -> Value:
+        """a·b (b of a's shape, or one value per channel broadcast over H, W)."""
+        ca, cb = self._narrow(a, "mul", label), self._narrow(b, "mul", label)
+        mult, shift = quantize_multiplier(np.array([ca.scale * cb.scale / out.scale]))
+        self._check_multiplier(shift, label)
+        attrs = {"za": ca.zero_point, "zb": cb.zero_point, "mult": int(mult[0]), "shift": int(shift[0]),
+                 "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        return self._new("mul", _op_name(label), [a.name, b.name], attrs, {}, out)
+
+    @staticmethod
+    def _narrow(t: Value, what: str, label: str) -> TensorCodes:
+        if t.codes.qmax > 255:
+            raise UnsupportedOpError(f"{what} of a pooled (wide int32) tensor at {label}")
+        return t.codes
+
+    @staticmethod
+    def _check_multiplier(shift: np.ndarray, label: str) -> None:
+        if np.any(shift < -30):
+            raise CompileError(f"{label}: requantization multiplier too large")
+
+
+@dataclass
+class Windows:
+    """Pooling windows of every output position: rows [h0_i, h1_i), columns [w0_j, w1_j)
+    (clipped to the input, int32) and the divisor of each position (int64 [OH, OW])."""
+
+    h0: np.ndarray
+    h1: np.ndarray
+    w0: np.ndarray
+    w1: np.ndarray
+    divisor: np.ndarray
+
+    @staticmethod
+    def pooling(size: tuple[int, int], kernel, stride, padding, ceil_mode: bool, count_include_pad: bool,
+                divisor_override: int | None) -> "Windows":
+        """torch's avg_pool2d windows (aten AvgPool2d: output size with ceil_mode, the padded
+        window clipped to H + pad for count_include_pad, then to the input)."""
+        axes = [_pool_axis(n, k, s, p, ceil_mode) for n, k, s, p in zip(size, kernel, stride, padding)]
+        (h0, h1, hs), (w0, w1, ws) = axes
+        if divisor_override:
+            div = np.full((h0.size, w0.size), int(divisor_override), np.int64)
+        elif count_include_pad:
+            div = hs[:, None] * ws[None, :]
+        else:
+            div = (h1 - h0)[:, None] * (w1 - w0)[None, :]
+        return Windows(h0.astype(np.int32), h1.astype(np.int32), w0.astype(np.int32), w1.astype(np.int32),
+                       div.astype(np.int64))
+
+    @staticmethod
+    def adaptive(size: tuple[int, int], out: tuple[int, int]) -> "Windows":
+        """torch's adaptive_avg_pool2d: window i spans [⌊i·H/OH⌋, ⌈(i+1)·H/OH⌉)."""
+        (h, w), (oh, ow) = size, out
+        h0, h1 = (np.arange(oh) * h) // oh, -((-(np.arange(oh) + 1) * h) // oh)
+        w0, w1 = (np.arange(ow) * w) // ow, -((-(np.arange(ow) + 1) * w) // ow)
+        div = (h1 - h0)[:, None] * (w1 - w0)[None, :]
+        return Windows(h0.astype(np.int32), h1.astype(np.int32), w0.astype(np.int32), w1.astype(np.int32),
+                       div.astype(np.int64))
+
+
+def pool_output_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """torch's pooling output length (the last window must start inside the input or the
+    left padding when ceil_mode rounds up)."""
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _pool_axis(n: int, k: int, s: int, p: int, ceil_mode: bool):
+    """(start, end, padded size) of every window along one axis (aten avg_pool2d)."""
+    out = pool_output_size(n, k, s, p, 1, ceil_mode)
+    start = np.arange(out) * s - p
+    end = np.minimum(start + k, n + p)
+    size = end - start
+    return np.maximum(start, 0), np.minimum(end, n), size
 
 
 def _op_name(label: str) -> str:

@@ -19,9 +19,9 @@ from torch import nn
 from calib.artifact import TensorQuant, WapsArtifact
 from calib.errors import ArtifactError, UnsupportedOpError
 from calib.graph import PARAM_OPS, Graph, Node
-from calib.qmodel import apply_act, key
+from calib.qmodel import apply_act, compute, key
 from relay_passes.program import Program
-from relay_passes.quantize import AddQuant, CompileError, LayerQuant, ProgramBuilder, TensorCodes, Value
+from relay_passes.quantize import AddQuant, CompileError, LayerQuant, ProgramBuilder, TensorCodes, Value, Windows
 
 
 def to_program(art: WapsArtifact, batch: int = 1) -> Program:
@@ -44,29 +44,71 @@ def build_program(art: WapsArtifact, batch: int = 1) -> tuple[Program, dict[str,
 
 def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) -> Value:
     a = n.attrs
+    label = n.label()
     if n.op in PARAM_OPS:
         conv = {}
         if n.op == "conv2d":
             conv = {"stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
                     "conv_groups": int(a["groups"])}
         return b.layer(layer_quant(art, n), xs[0], conv)
+    size = tuple(art.graph[n.inputs[0]].shape[1:3]) if n.inputs else ()
     if n.op == "add":
-        return b.residual_add(AddQuant(n.label(), a.get("act"), _codes(art.quant[n.name], n.label())), *xs)
+        _same_shape(art, n)
+        return b.residual_add(AddQuant(label, a.get("act"), _codes(art.quant[n.name], label)), *xs)
     if n.op == "max_pool2d":
-        return b.max_pool(xs[0], _window(a), n.label())
-    if n.op == "avg_pool2d":
-        return b.sum_pool(xs[0], _window(a), n.label())
+        return b.max_pool(xs[0], a, label, size)
+    if n.op == "avg_pool2d" and n.name in art.quant:
+        win = Windows.pooling(size, a["kernel"], a["stride"], a["padding"], bool(a.get("ceil_mode")),
+                              bool(a.get("count_include_pad", True)), a.get("divisor_override"))
+        return b.avg_pool(xs[0], win, _codes(art.quant[n.name], label), label)
+    if n.op == "avg_pool2d":                # an artifact without the pool's quantizer: sums folded downstream
+        return b.sum_pool(xs[0], _window(a), label)
+    if n.op == "adaptive_avg_pool2d":
+        win = Windows.adaptive(size, tuple(a["output_size"]))
+        return b.avg_pool(xs[0], win, _codes(art.quant[n.name], label), label)
     if n.op == "global_avg_pool":
-        h, w = art.graph[n.inputs[0]].shape[1:]
-        return b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, n.label())
+        h, w = size
+        return b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, label)
     if n.op == "flatten":
         return b.flatten(xs[0])
-    if n.op in ("relu", "relu6"):
-        raise UnsupportedOpError(f"a standalone {n.op} at {n.label()} (not fused into a layer)")
-    raise UnsupportedOpError(f"operation {n.op} at {n.label()} has no integer lowering")
+    if n.op == "pad":
+        return b.pad(xs[0], list(a["pads"]), float(a.get("value", 0.0)), label)
+    if n.op == "gather":
+        return b.gather(xs[0], list(a["index"]), label)
+    if n.op == "cat":
+        if int(a.get("axis", 1)) != 1:
+            raise UnsupportedOpError(f"cat along axis {a['axis']} at {label} (only channels)")
+        return b.concat(xs, _codes(art.quant[n.name], label), label)
+    if n.op == "mul":
+        _same_shape(art, n, broadcast=True)
+        return b.mul(*xs, _codes(art.quant[n.name], label), label)
+    if n.op in ("elementwise", "relu", "relu6"):
+        out = _codes(art.quant[n.name], label) if n.name in art.quant else xs[0].codes
+        return b.table(xs[0], _float_fn(n), out, label)
+    raise UnsupportedOpError(f"operation {n.op} at {label} has no integer lowering")
+
+
+def _float_fn(n: Node):
+    """float32 array → float32 array: the node's function exactly as the fake-quant model computes it."""
+    def fn(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return apply_act(compute(n, [torch.from_numpy(np.asarray(x, np.float32))]), n.attrs.get("act")).numpy()
+    return fn
+
+
+def _same_shape(art: WapsArtifact, n: Node, broadcast: bool = False) -> None:
+    """add needs equal shapes; mul also takes its second operand as one value per channel."""
+    a, b_ = (tuple(art.graph[i].shape) for i in n.inputs)
+    if a == b_ or (broadcast and len(a) == 3 and b_ == (a[0], 1, 1)):
+        return
+    raise UnsupportedOpError(f"{n.op} of shapes {a} and {b_} at {n.label()} (broadcast only as a per-channel "
+                             f"second operand of mul)")
 
 
 def _window(a: dict) -> dict:
+    if a.get("ceil_mode") or not a.get("count_include_pad", True) or a.get("divisor_override"):
+        raise ArtifactError("avg_pool2d with ceil_mode/count_include_pad=False/divisor needs the pool's own "
+                            "quantizer in the artifact (recalibrate)")
     return {"kernel": list(a["kernel"]), "stride": list(a["stride"]), "padding": list(a["padding"])}
 
 
@@ -108,20 +150,8 @@ class ArtifactModule(nn.Module):
             elif n.op == "linear":
                 y = apply_act(F.linear(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b")),
                          a.get("act"))
-            elif n.op == "add":
-                y = apply_act(ins[0] + ins[1], a.get("act"))
-            elif n.op == "max_pool2d":
-                y = F.max_pool2d(ins[0], a["kernel"], a["stride"], a["padding"])
-            elif n.op == "avg_pool2d":
-                y = F.avg_pool2d(ins[0], a["kernel"], a["stride"], a["padding"], count_include_pad=True)
-            elif n.op == "global_avg_pool":
-                y = ins[0].mean((2, 3), keepdim=True)
-            elif n.op == "flatten":
-                y = ins[0].flatten(1)
-            elif n.op in ("relu", "relu6"):
-                y = apply_act(ins[0], n.op)
             else:
-                raise CompileError(f"operation {n.op} at {n.label()} has no integer lowering")
+                y = apply_act(compute(n, ins), a.get("act"))
             env[n.name] = y
         return env[self.graph.output]
 

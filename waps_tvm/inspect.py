@@ -5,7 +5,8 @@ The compiler writes (with ``--dump-ir``) the Relax text of each pipeline stage u
 in the custom domain ``ai.waps``, so netron shows it richly. Each WAPS layer appears as its
 parts — one ``GroupConv`` per group (its channel slice, shift σ·2^−n as attributes), the
 ``ShiftAdd`` merge (σ_p, n_p, fractional bits) and the ``Requant`` epilogue (multiplier and
-shift initializers, zero point, clamps) — beside ``Gather``, ``Add``, pooling and the float
+shift initializers, zero point, clamps) — beside ``Gather``, ``Add``, ``Mul``, ``Concat``,
+``Pad``, the ``Table`` of an elementwise function, pooling and the float
 ``Quantize``/``Dequantize`` at the edges. Every node carries ``target``: where it runs
 (llvm, c, or npu16 / host for npu16 builds).
 """
@@ -84,8 +85,10 @@ def to_onnx(program, target: str, placement: list[dict] | None = None):
                  zero_point=int(a["zero_point"]), **({"qmax": int(a["qmax"])} if op.kind == "quantize" else {}))
         elif op.kind == "flatten":
             node("Flatten", ins, [op.name], op.name, runs_on, axis=1)
-        else:
-            raise ValueError(f"no ONNX rendering for {op.kind}")
+        else:                                   # every other kind: its params as initializers, attrs as attributes
+            params = [init(f"{op.name}/{k}", v) for k, v in sorted(op.params.items())]
+            node(_ONNX_TYPE.get(op.kind, op.kind), ins + params, [op.name], op.name, runs_on,
+                 **{k: v for k, v in a.items() if k not in ("n_inputs", "layout", "form") and _attr_ok(v)})
         value(op.name, op.shape, op.dtype)
     graph = helper.make_graph(
         nodes, "waps_program",
@@ -96,6 +99,16 @@ def to_onnx(program, target: str, placement: list[dict] | None = None):
                               producer_name="waps-tvm")
     onnx.checker.check_model(model)
     return model
+
+
+_ONNX_TYPE = {"pad": "Pad", "avg_pool2d": "AvgPool", "concat": "Concat", "table": "Table", "mul": "Mul"}
+
+
+def _attr_ok(v) -> bool:
+    """An attribute ONNX can hold: a number, a string or a flat list of numbers."""
+    if isinstance(v, (int, float, str)):
+        return True
+    return isinstance(v, list) and all(isinstance(e, (int, float)) for e in v)
 
 
 def stage_text(folder: Path, stage: str) -> str:

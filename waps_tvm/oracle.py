@@ -2,7 +2,8 @@
 
 Backends are checked bit for bit against the NumPy reference, but they all run the program
 the compiler built, so a mistake in building it (bias, multiplier, fractional bits, the pool
-folding) would pass every bit-exact test. Here every conv/linear/add of the program, fed the
+folding) would pass every bit-exact test. Here every quantization point of the program (conv,
+linear, add, mul, concat, table, average pooling), fed the
 fake-quant model's own input codes for that layer, is compared with the fake-quant model's
 output codes for the same layer. They differ only by rounding (fake-quant rounds half to
 even in float, the program half up in integers, with a 31-bit multiplier and a bias kept to
@@ -17,7 +18,6 @@ import torch
 
 from calib.artifact import WapsArtifact
 from calib.fakequant import build_fake_quant
-from calib.graph import PARAM_OPS
 from relay_passes import reference
 from relay_passes.quantize import TensorCodes
 from waps_tvm.frontend import build_program
@@ -26,7 +26,7 @@ from waps_tvm.frontend import build_program
 @dataclass(frozen=True)
 class LayerAgreement:
     layer: str            # the graph node's label (name and place in the user's model)
-    kind: str             # conv2d | linear | add
+    kind: str             # the graph op: conv2d | linear | add | mul | cat | elementwise | avg pooling
     max_diff: int         # largest |program code − fake-quant code|
     differing: float      # fraction of codes that differ at all
     count: int            # codes compared
@@ -39,7 +39,7 @@ def to_codes(value: torch.Tensor, codes: TensorCodes) -> np.ndarray:
 
 
 def layer_agreement(art: WapsArtifact, x: np.ndarray) -> list[LayerAgreement]:
-    """Per conv/linear/add of ``art``: the integer op on the fake-quant model's input codes
+    """Per quantization point of ``art``: the integer op on the fake-quant model's input codes
     against the fake-quant model's output codes, for float32 inputs ``x`` [N, C, H, W]."""
     program, values = build_program(art, len(x))
     model = build_fake_quant(art)
@@ -49,7 +49,7 @@ def layer_agreement(art: WapsArtifact, x: np.ndarray) -> list[LayerAgreement]:
         model.run([n.name for n in g if n.op != "input"], env)
     rows = []
     for n in g:
-        if n.op not in (*PARAM_OPS, "add"):
+        if n.op == "input" or n.name not in art.quant:      # only quantization points are compared
             continue
         op = program[values[n.name].name]
         ins = [to_codes(env[i], values[i].codes).astype(program.dtype_of(values[i].name)) for i in n.inputs]

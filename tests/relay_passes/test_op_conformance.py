@@ -32,8 +32,15 @@ def _run(prog, x, backend: str, lib) -> list[np.ndarray]:
     form, target = ("split", backend) if "-" not in backend else (backend.split("-")[1], "llvm")
     lowered = lower(prog, form)
     vm = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())
+    if target == "npu16":                   # the op under test ran on the NPU unless it is host-only
+        kind = prog["op"].kind if any(o.name == "op" for o in prog.ops) else "quantize"
+        rows = [r for r in lowered.placement if r["op"] == "op"]
+        assert kind in HOST_ON_NPU16 or rows[0]["target"] == "npu16", rows
     out = vm["main"](tvm.runtime.tensor(x))
     return [out[0].numpy(), out[1].numpy()]
+
+
+HOST_ON_NPU16 = {"quantize", "dequantize", "flatten"}     # float arithmetic, or nothing to compute
 
 
 def test_every_handler_table_covers_the_op_set():
@@ -50,3 +57,11 @@ def test_kind_bit_exact_on_backend(kind, backend, tmp_path):
         got = _run(prog, x, backend, tmp_path / f"model{i}.so")
         np.testing.assert_array_equal(got[1], ref[1], err_msg=f"{kind} on {backend}: codes")
         np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{kind} on {backend}: dequantized")
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_kind_renders_as_onnx(kind):
+    from waps_tvm.inspect import to_onnx
+    for prog, _ in _examples(kind):
+        model = to_onnx(lower(prog, "split").program, "llvm")         # onnx.checker runs inside
+        assert len(model.graph.node) >= len(prog.ops)

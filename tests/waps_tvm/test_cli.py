@@ -30,7 +30,7 @@ class Small(nn.Module):
 
 class Gated(Small):
     def forward(self, x):
-        return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)))
+        return self.fc(torch.nn.functional.logsigmoid(self.conv(x)).mean((2, 3)))
 
 
 def run(args, capsys):
@@ -125,7 +125,7 @@ def files(tmp_path):
     (["{d}/state.pt", "--data", "{d}/ok.npy"], ["--arch"]),
     (["{d}/state.pt", "--arch", "resnet18", "--data", "{d}/ok.npy"], ["does not fit 'resnet18'"]),
     (["{d}/gated.pt", "--trust-pickle", "--input-shape", "1,28,28", "--data", "{d}/ok.npy"],
-     ["unsupported layers", "sigmoid"]),
+     ["unsupported layers", "log_sigmoid"]),
     (["{d}/corrupt.pt", "--data", "{d}/ok.npy"], ["not a readable PyTorch file"]),
     (["{d}/absent.pt2", "--data", "{d}/ok.npy"], ["no such model file"]),
     (["digit-recognizer", "--data", "imagenet"], ["mnist"]),
