@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -51,6 +52,51 @@ def offload(mod: tvm.IRModule, codegen: str, symbols: dict[str, str]) -> tvm.IRM
         if gv.name_hint in symbols:
             mod[gv] = mod[gv].with_attr("Codegen", codegen).with_attr("global_symbol", symbols[gv.name_hint])
     return relax.transform.RunCodegen()(mod)
+
+
+def append_constants(mod: tvm.IRModule, extra: dict[str, dict[str, np.ndarray]]) -> tvm.IRModule:
+    """A copy of ``mod`` in which each function named in ``extra`` (name → {parameter name:
+    array}) takes one more parameter per array, after its own, and every call of it passes
+    the array as a Relax constant (exact dtype). Arrays too large for a C source literal thus
+    reach an external codegen's entry as tensor arguments, like the primary params, and live
+    in the executable's constant pool instead of the generated code."""
+    mod, widened = mod.clone(), {}
+    for gv, fn in list(mod.functions_items()):
+        if gv.name_hint in extra:
+            arrays = extra[gv.name_hint]
+            params = [relax.Var(k, relax.TensorType(a.shape, str(a.dtype))) for k, a in arrays.items()]
+            consts = [relax.const(np.ascontiguousarray(a), str(a.dtype)) for a in arrays.values()]
+            widened[gv] = relax.Function([*fn.params, *params], fn.body, fn.ret_ty, fn.is_pure, fn.attrs,
+                                         fn.span), consts
+            del mod[gv]
+    return _AppendArgs(mod, widened).run()
+
+
+@relax.expr_functor.mutator
+class _AppendArgs(relax.PyExprMutator):
+    """Adds the widened functions (old GlobalVar → (function, constants)) under new
+    GlobalVars, and redirects every call of an old one to its new one with the constants
+    appended to the arguments. New GlobalVars: a GlobalVar carries its function's type, which
+    replacing the function alone would leave at the old parameter count."""
+
+    def __init__(self, mod: tvm.IRModule, widened: dict):
+        super().__init__(mod)
+        self.mod = mod
+        self.callees = {old: (self.builder_.add_func(fn, old.name_hint), consts)
+                        for old, (fn, consts) in widened.items()}
+
+    def run(self) -> tvm.IRModule:
+        for gv, fn in self.mod.functions_items():
+            if isinstance(fn, relax.Function):
+                self.builder_.update_func(gv, self.visit_expr(fn))
+        return self.builder_.get()
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if isinstance(call.op, relax.GlobalVar) and call.op in self.callees:
+            gv, consts = self.callees[call.op]
+            return relax.Call(gv, [*call.args, *consts], call.attrs, call.ty_args, call.span)
+        return call
 
 
 def entry_function(sym: str, body: list[str], rc: str = "0") -> str:

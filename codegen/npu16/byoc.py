@@ -3,9 +3,12 @@
 ``offload(mod)`` lowers every integer-op function it can (codegen/npu16/lower.py) and
 marks it for ``waps_npu16``; the rest stay on the host (llvm) with the reason recorded.
 ``relax.transform.RunCodegen`` then calls ``relax.ext.waps_npu16``, which returns one C
-source module: the simulator (targets/npu16/npu16_sim.h), and per op its encoded stream,
-tiled weights and channel table as constant arrays, and an ``extern "C"`` tvm-ffi entry
-that binds the op's tensors and runs the stream, adding to the op's counters; one more
+source module: the simulator (targets/npu16/npu16_sim.h), and per op its encoded stream (a
+constant array: it is small) and an ``extern "C"`` tvm-ffi entry that binds the op's tensors
+and runs the stream, adding to the op's counters. The lowered arrays (tiled weights, channel
+or window table, LUT) can be as large as the weights, so ``offload`` passes them to the entry
+as tensor arguments (Relax constants appended to the op's call, parameters ``npu_tiles``,
+``npu_table``, ``npu_lut``): the source's size does not grow with the model's. One more
 entry, ``waps_npu16_counters(out int64 [ops, len(COUNTERS)], reset=0)``, copies every op's
 counters (ops in sorted symbol order, ``counter_symbols``) so a runtime reads what ran
 (targets/npu16/counters.py). ``export_library`` compiles it in. The C source starts with
@@ -20,7 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from codegen.byoc_source import entry_function, register, symbol
+from codegen.byoc_source import append_constants, entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.npu16.lower import NotOnNpu, NpuOp, lower_op
 from targets.c_source import inline_source
@@ -31,6 +34,7 @@ from targets.npu16.params import DEFAULT, NPU16
 CODEGEN = "waps_npu16"
 SIM = Path(__file__).resolve().parents[2] / "targets" / "npu16" / "npu16_sim.h"
 _LOWERED: dict[str, NpuOp] = {}
+ARRAYS = (("tiles", "int8"), ("table", "int32"), ("lut", "uint8"))     # NpuOp field, C element type
 
 
 def placement(mod: tvm.IRModule, npu: NPU16 = DEFAULT) -> list[dict]:
@@ -58,12 +62,19 @@ def offload(mod: tvm.IRModule, npu: NPU16 = DEFAULT) -> tuple[tvm.IRModule, list
     register(CODEGEN, lambda: c_header() + inline_source(SIM), lambda fn, sym: _entry(fn, sym, _LOWERED[sym]),
              _counters_entry)
     where = placement(mod, npu)
-    names = {}
+    names, arrays = {}, {}
     for row in where:
         if row["target"] == "npu16":
             names[row["op"]] = row["symbol"] = symbol("waps_npu16_", row["op"])
             _LOWERED[names[row["op"]]] = row["lowered"]
-    return byoc_offload(mod, CODEGEN, names), where
+            arrays[row["op"]] = lowered_arrays(row["lowered"])
+    return byoc_offload(append_constants(mod, arrays), CODEGEN, names), where
+
+
+def lowered_arrays(low: NpuOp) -> dict[str, np.ndarray]:
+    """The op's lowered arrays present, by entry parameter name (``npu_<field>``), in their C
+    element types."""
+    return {f"npu_{k}": getattr(low, k).astype(dt, copy=False) for k, dt in ARRAYS if getattr(low, k) is not None}
 
 
 def counter_symbols(where: list[dict]) -> list[str]:
@@ -86,7 +97,12 @@ def _carray(name: str, arr: np.ndarray, ctype: str) -> str:
 
 
 def _entry(fn: relax.Function, sym: str, low: NpuOp) -> str:
+    """The op's tvm-ffi entry: arguments are the function's parameters (inputs, waps.params,
+    derived constants, then the lowered arrays ``offload`` appended), then the output. A
+    lowered array the function takes no parameter for (a function compiled on its own, as
+    the BYOC entry tests do) is written into the source as a constant array instead."""
     a = json.loads(str(fn.attrs["waps.attrs"]))
+    position = {p.name: i for i, p in enumerate(fn.params)}
     pnames = [str(p) for p in fn.attrs["waps.params"]]
     n_in = int(a["n_inputs"])
     arg = {k: f"&args[{n_in + i}]" for i, k in enumerate(pnames)}
@@ -98,15 +114,13 @@ def _entry(fn: relax.Function, sym: str, low: NpuOp) -> str:
     if n_in > 2:                                     # a concat of k inputs: CONCAT reads xs[INPUT_SEL]
         bind.append(f"const void *xs[{n_in}] = {{{', '.join(f'waps_ptr(&args[{i}])' for i in range(n_in))}}};")
         bind.append("b.xs = xs;")
-    if low.tiles is not None:
-        decl.append(_carray(f"{sym}_tiles", low.tiles, "int8_t"))
-        bind.append(f"b.tiles = {sym}_tiles;")
-    if low.table is not None:
-        decl.append(_carray(f"{sym}_table", low.table, "int32_t"))
-        bind.append(f"b.table = {sym}_table;")
-    if low.lut is not None:
-        decl.append(_carray(f"{sym}_lut", low.lut, "uint8_t"))
-        bind.append(f"b.lut = {sym}_lut;")
+    for name, arr in lowered_arrays(low).items():
+        field, ctype = name[len("npu_"):], f"{arr.dtype}_t"
+        if name in position:
+            bind.append(f"b.{field} = (const {ctype}*)waps_ptr(&args[{position[name]}]);")
+        else:
+            decl.append(_carray(f"{sym}_{field}", arr, ctype))
+            bind.append(f"b.{field} = {sym}_{field};")
     for k in ("bias", "mult", "shift", "index"):
         if k in arg:
             bind.append(f"b.{k} = (const int32_t*)waps_ptr({arg[k]});")
