@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from calib.artifact import TensorQuant
 from calib.errors import UnsupportedOpError
 from calib.fakequant import build_fake_quant
 from relay_passes import reference
@@ -65,10 +66,21 @@ def _one_conv_artifact(tail_op: str | None = None):
 
 
 @pytest.mark.parametrize("op,match", [("sigmoid", r"operation sigmoid at tail \(features.1\) has no integer"),
-                                      ("relu", r"standalone relu at tail \(features.1\)")])
+                                      ("upsample", r"operation upsample at tail \(features.1\) has no integer")])
 def test_unsupported_op_is_named_with_its_place(op, match):
     with pytest.raises(UnsupportedOpError, match=match):
         to_program(_one_conv_artifact(op), 1)
+
+
+@pytest.mark.parametrize("op", ["relu", "relu6"])
+def test_standalone_relu_is_a_table_clamping_the_codes(op):
+    art = _one_conv_artifact(op)
+    art.quant["conv"] = TensorQuant(8, 0.05, 100)              # a signed range: the clamp matters
+    prog = to_program(art, 1)
+    table = next(o for o in prog.ops if o.kind == "table").params["table"].astype(int)
+    codes = np.arange(256)
+    want = np.maximum(codes, 100) if op == "relu" else np.clip(codes, 100, 100 + 120)
+    np.testing.assert_array_equal(table, want)
 
 
 def test_supported_small_module_matches_hand_computation():
