@@ -170,7 +170,8 @@ def test_torchvision_architectures_bit_exact(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digit-recognizer", "fashion_resnet", "fashion_mobilenetv2"])
+@pytest.mark.parametrize("name", ["digit-recognizer", "fashion_resnet", "fashion_mobilenetv2",
+                                  "fashion_mobilenetv3"])
 def test_benchmark_models_bit_exact_and_agree_with_fake_quant(name):
     import tvm
     from calib.fakequant import build_fake_quant
