@@ -1,15 +1,18 @@
 """Accuracy benchmark: every method of the calibration engine, like for like.
 
 Models: the pretrained digit-recognizer CNN (PyPI, trained by nobody here) on the full
-MNIST test set; FashionResNet and FashionMobileNetV2 (bench/train_fashion.py) on the full
-Fashion-MNIST test set. For each bit configuration, method and seed: top-1 of the
-fake-quant model rebuilt from the saved .waps artifact, per-block reconstruction loss,
-and calibration seconds per block-iteration. Writes bench/results/accuracy.json (updated
-after every run, so an interrupted benchmark resumes), accuracy.md and
-group_convergence.png (the paper's Fig. 8 for one layer).
+MNIST test set; FashionResNet, FashionMobileNetV2 and FashionMobileNetV3 (hardswish,
+squeeze-and-excitation; bench/train_fashion.py) on the full Fashion-MNIST test set. For
+each bit configuration, method and seed: top-1 of the fake-quant model rebuilt from the
+saved .waps artifact, per-block reconstruction loss, and calibration seconds per
+block-iteration; with --compile, also the top-1 of the artifact compiled for llvm (the
+integer program run by the TVM runtime) and its top-1 agreement with the fake-quant model.
+Writes bench/results/accuracy.json (updated after every run, so an interrupted benchmark
+resumes), accuracy.md and group_convergence.png (the paper's Fig. 8 for one layer).
 
     python -m bench.accuracy [--models ...] [--configs W2A4 ...] [--methods ...]
                              [--seeds 0 1 2] [--iters 300] [--samples 512] [--workers 2]
+                             [--compile]
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"digit_recognizer": "mnist", "fashion_resnet": "fashion-mnist", "fashion_mobilenetv2": "fashion-mnist"}
+MODELS = {"digit_recognizer": "mnist", "fashion_resnet": "fashion-mnist", "fashion_mobilenetv2": "fashion-mnist",
+          "fashion_mobilenetv3": "fashion-mnist"}
 CONFIGS = {"W4A4": (4, 4), "W3A3": (3, 3), "W2A4": (2, 4), "W2A32": (2, 32)}
 METHODS = ["rtn", "rtn+cwac", "brecq", "brecq+cwac", "waps", "waps+cwac", "qdrop", "qdrop+waps"]
 # default plan: every method at W2A4 (the acceptance configuration); the main methods
@@ -50,9 +54,34 @@ def _atomic_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def compiled_accuracy(art, x, y, batch: int = 500, form: str = "fast") -> dict:
+    """Compile ``art`` for llvm in ``form`` (default: the CLI's, what a user deploys; bit-exact
+    with split and fused, ~9× faster than fused here) and run it on ``x`` float32 N×C×H×W
+    (N a multiple of ``batch``): top-1 % of the compiled integer program and of the fake-quant
+    model against int64 labels ``y``, and the % of images where their top-1 agree."""
+    os.environ.setdefault("TVM_NUM_THREADS", "1")   # before TVM's pool exists: one core per worker
+    import numpy as np
+    import torch
+    import tvm
+
+    from calib.fakequant import build_fake_quant
+    from waps_tvm.api import predict
+    from waps_tvm.compiler import build, lower_artifact
+    if len(x) % batch:
+        raise ValueError(f"{len(x)} images is not a multiple of the batch {batch}")
+    vm = tvm.runtime.vm.VirtualMachine(build(lower_artifact(art, batch, form, target="llvm"), "llvm"), tvm.cpu())
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + batch].numpy()))[0].numpy()
+                          for i in range(0, len(x), batch)]).argmax(1)
+    fq = predict(build_fake_quant(art), x).argmax(1).numpy()
+    labels = y.numpy()
+    return {"images": len(x), "compiled_top1": float((got == labels).mean() * 100),
+            "fakequant_top1": float((fq == labels).mean() * 100), "agreement": float((got == fq).mean() * 100)}
+
+
 def run_one(model_name: str, config: str, method: str, seed: int, iters: int, samples: int,
-            lam: float, record_groups: bool = False) -> dict:
-    """Calibrate, save, reload, evaluate one (model, config, method, seed)."""
+            lam: float, record_groups: bool = False, compile: bool = False) -> dict:
+    """Calibrate, save, reload, evaluate one (model, config, method, seed); with ``compile``,
+    also compile the reloaded artifact and evaluate that (row["compiled"])."""
     import torch
     torch.set_num_threads(1)
     from calib import artifact
@@ -73,12 +102,16 @@ def run_one(model_name: str, config: str, method: str, seed: int, iters: int, sa
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         path = artifact.save(art, Path(d) / "m.waps")
-        acc = api.evaluate(artifact.load(path), test.x, test.y)
+        loaded = artifact.load(path)
+        acc = api.evaluate(loaded, test.x, test.y)
+        compiled = compiled_accuracy(loaded, test.x, test.y) if compile else None
     row = {"model": model_name, "config": config, "method": method, "seed": seed, "top1": acc,
            "seconds": seconds, "iters": iters, "samples": samples, "lam": lam,
            "sec_per_iter": statistics.fmean([r.sec_per_iter for r in result.report if r.iters] or [0.0]),
            "blocks": [{"name": r.source, "kind": r.kind, "before": r.loss_before, "after": r.loss_after}
                       for r in result.report]}
+    if compiled is not None:
+        row["compiled"] = compiled
     if record_groups:
         layers = [(n, l) for n, l in result.model.quant_layers().items() if l.groups is not None and l.groups.history]
         name, layer = layers[len(layers) // 2]
@@ -110,7 +143,10 @@ def summarise(results: dict) -> str:
         if not mine:
             continue
         configs = [c for c in CONFIGS if any(r["config"] == c for r in mine)]
-        lines += [f"## {model} ({MODELS[model]} test, 10k images), float {results['float'][model] * 100:.2f} %", "",
+        lines += [f"## {model} ({MODELS[model]} test, 10k images), float {results['float'][model] * 100:.2f} %", ""]
+        own = results.get("setup_by_model", {}).get(model, results["setup"])
+        seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
+        lines += [f"Seeds {seeds}" + (f"; {own}" if own != results["setup"] else "") + ".", "",
                   "| method | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
         for m in METHODS:
             cells = []
@@ -142,15 +178,32 @@ def summarise(results: dict) -> str:
                 row.append(f"{statistics.fmean(t):.1f} ms" if t else "–")
             if any(v != "–" for v in row[2:]):
                 lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines + compiled_section()) + "\n"
+    return "\n".join(lines + compiled_section(runs)) + "\n"
 
 
-def compiled_section() -> list[str]:
-    """The deployed model's accuracy: the compiled integer program (bench/cpu.py results)."""
+def compiled_section(runs: list[dict] | None = None) -> list[str]:
+    """The deployed model's accuracy: the compiled integer program (bench/cpu.py results,
+    then the runs of this benchmark made with --compile)."""
     path = RESULTS / "cpu.json"
-    if not path.exists():
-        return []
-    rows = json.loads(path.read_text())["rows"]
+    out = _cpu_compiled(json.loads(path.read_text())["rows"]) if path.exists() else []
+    mine = sorted((r for r in runs or [] if "compiled" in r),
+                  key=lambda r: (list(MODELS).index(r["model"]), list(CONFIGS).index(r["config"]),
+                                 METHODS.index(r["method"]), r["seed"]))
+    if mine:
+        out += ["", "## The compiled integer model, per method (`--compile`)", "",
+                "Each artifact above that was run with `--compile`, compiled for llvm (fast form) and run",
+                "by the TVM runtime over the full test set: its top-1, the fake-quant model's, and the",
+                "fraction of images on which their top-1 agree.", "",
+                "| model | config | method | seed | compiled top-1 | fake-quant top-1 | top-1 agreement |",
+                "|---|---|---|---|---|---|---|"]
+        for r in mine:
+            c = r["compiled"]
+            out.append(f"| {r['model']} | {r['config']} | {LABEL[r['method']]} | {r['seed']} | "
+                       f"{c['compiled_top1']:.2f} | {c['fakequant_top1']:.2f} | {c['agreement']:.2f} % |")
+    return out
+
+
+def _cpu_compiled(rows: list[dict]) -> list[str]:
     out = ["", "## The compiled integer model (TVM llvm build of the .waps, BRECQ+WAPS, seed 0)", "",
            "What a user deploys: top-1 of the integer-only program (`waps-tvm compile`, run by the TVM",
            "runtime) over the full test set, beside the fake-quant model of the same artifact, and the",
@@ -202,6 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="ignore earlier results")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile each run's artifact for llvm and record its top-1 and agreement")
     p.add_argument("--report-only", action="store_true",
                    help="no new runs: rewrite accuracy.md and the plot from accuracy.json")
     args = p.parse_args(argv)
@@ -210,22 +265,28 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "accuracy.json"
     results = json.loads(out.read_text()) if out.exists() and not args.fresh else {"runs": [], "float": {}}
-    results["setup"] = (f"{args.iters} iterations per block (paper/BRECQ: 20k), {args.samples} calibration "
-                        f"samples, batch 32, λ = {args.lam}, γ^G = (1, 1−2⁻⁴, 1+2⁻⁴), tile 16, "
-                        f"{args.workers} worker processes × 1 thread on a 2-core CPU")
-    if args.report_only and out.exists():
-        results["setup"] = json.loads(out.read_text()).get("setup", results["setup"])
+    setup = (f"{args.iters} iterations per block (paper/BRECQ: 20k), {args.samples} calibration "
+             f"samples, batch 32, λ = {args.lam}, γ^G = (1, 1−2⁻⁴, 1+2⁻⁴), tile 16, "
+             f"{args.workers} worker processes × 1 thread on a 2-core CPU")
+    if not args.report_only:
+        # a run of some models only records its setup beside them, leaving the others' as it was
+        if set(args.models) == set(MODELS) or "setup" not in results:
+            results["setup"] = setup
+        for m in args.models:
+            results.setdefault("setup_by_model", {})[m] = setup
     for m in args.models:
         if m not in results["float"]:
             results["float"][m] = float_accuracy(m)
-    done = {key(r) for r in results["runs"] if r["iters"] == args.iters and r["samples"] == args.samples}
+    done = {key(r) for r in results["runs"] if r["iters"] == args.iters and r["samples"] == args.samples
+            and ("compiled" in r or not args.compile)}
     # W2A4 first (all seeds), then the other configurations seed by seed, slowest model
     # first, so an interrupted run still holds the acceptance table
     order = sorted(((0 if c == "W2A4" else 1 + s, s, c) for c in args.configs for s in args.seeds))
     jobs = [] if args.report_only else [(m, c, meth, s) for _, s, c in order for m in reversed(args.models)
             for meth in (args.methods or PLAN[c]) if (m, c, meth, s) not in done]
     with ProcessPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="accuracy runs") as bar:
-        futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam): j for j in jobs}
+        futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam, compile=args.compile): j
+                for j in jobs}
         for f in as_completed(futs):
             row = f.result()
             results["runs"] = [r for r in results["runs"] if key(r) != key(row)] + [row]

@@ -1,10 +1,11 @@
-"""Two small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
+"""Three small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
 
-Both are built from the blocks WAPS-Quant must handle in real networks: torchvision-style
-residual BasicBlocks with BN and projection shortcuts, and MobileNetV2 inverted residuals
-with depthwise convolutions and ReLU6. ResNet widths are multiples of 16; the MobileNetV2
-keeps its family's 24-wide stage, with expansions picked so every hidden width is a
-multiple of 16 (64, 144, 192).
+All are built from the blocks WAPS-Quant must handle in real networks: torchvision-style
+residual BasicBlocks with BN and projection shortcuts, MobileNetV2 inverted residuals
+with depthwise convolutions and ReLU6, and MobileNetV3 inverted residuals with
+hardswish and squeeze-and-excitation (a pooled, hardsigmoid-gated channel multiply).
+ResNet widths are multiples of 16; the MobileNets keep their family's 24-wide stage,
+with expansions picked so every hidden width is a multiple of 16.
 """
 
 from __future__ import annotations
@@ -119,6 +120,84 @@ class FashionMobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class SqueezeExcitation(nn.Module):
+    """torchvision's SE: x * hardsigmoid(fc2(relu(fc1(avg_pool(x))))), fc = 1×1 conv with bias.
+
+    x float32 N×C×H×W → same shape; the gate is N×C×1×1 in [0, 1].
+    """
+
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(self.relu(self.fc1(s))))
+
+
+class InvertedResidualV3(nn.Module):
+    """MobileNetV3 block: [1×1 expand-BN-act], k×k depthwise-BN-act, [SE], 1×1 project-BN.
+
+    The expand conv is left out when the hidden width equals the input's (as in
+    torchvision); the input is added back when stride is 1 and channels are unchanged.
+    """
+
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, se: bool, act: type[nn.Module],
+                 stride: int) -> None:
+        super().__init__()
+        self.use_res = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if hidden != cin:
+            layers += [*_conv_bn(cin, hidden, 1), act(inplace=True)]
+        layers += [*_conv_bn(hidden, hidden, k, stride, groups=hidden), act(inplace=True)]
+        if se:
+            # torchvision squeezes to hidden/4 rounded to 8; here rounded up to 16
+            layers.append(SqueezeExcitation(hidden, max(16, -(-hidden // 4 // 16) * 16)))
+        layers += _conv_bn(hidden, cout, 1)
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.use_res else self.block(x)
+
+
+class FashionMobileNetV3(nn.Module):
+    """MobileNetV3-small style. Stem 1→16, stride 2, @14² (hardswish); blocks 16 (SE) →24 →24
+    (ReLU) →32 (SE, hardswish, s2) @7² →32 →48 (SE, hardswish); 1×1 conv to 128 (hardswish),
+    pool, Linear(128, 128)-hardswish-Linear(128, 10). Residual adds in the 16→16 (around an
+    SE), 24→24 and 32→32 blocks."""
+
+    # (kernel, hidden, out channels, SE, activation, stride), as torchvision's table
+    CONFIG: tuple[tuple[int, int, int, bool, type[nn.Module], int], ...] = (
+        (3, 16, 16, True, nn.ReLU, 1),
+        (3, 64, 24, False, nn.ReLU, 1),
+        (3, 96, 24, False, nn.ReLU, 1),
+        (5, 96, 32, True, nn.Hardswish, 2),
+        (5, 128, 32, True, nn.Hardswish, 1),
+        (5, 128, 48, True, nn.Hardswish, 1),
+    )
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        # stride-2 stem as in MobileNetV3: halves the cost of every later layer
+        layers: list[nn.Module] = [*_conv_bn(1, 16, 3, 2), nn.Hardswish(inplace=True)]
+        cin = 16
+        for k, hidden, cout, se, act, stride in self.CONFIG:
+            layers.append(InvertedResidualV3(cin, k, hidden, cout, se, act, stride))
+            cin = cout
+        layers += [*_conv_bn(cin, 128, 1), nn.Hardswish(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(128, 128), nn.Hardswish(inplace=True),
+                                        nn.Linear(128, num_classes))
+        _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def _init(model: nn.Module) -> None:
     """torchvision's init: Kaiming for convs, BN to identity."""
     for m in model.modules():
@@ -132,6 +211,7 @@ def _init(model: nn.Module) -> None:
 MODELS: dict[str, type[nn.Module]] = {
     "fashion_resnet": FashionResNet,
     "fashion_mobilenetv2": FashionMobileNetV2,
+    "fashion_mobilenetv3": FashionMobileNetV3,
 }
 
 

@@ -65,7 +65,9 @@ def test_user_cnn_with_grouped_depthwise_and_plain_add(tiny_resnet):
 
 
 @pytest.mark.parametrize("name, residual, layers", [
-    ("fashion_resnet", 5, 2), ("fashion_mobilenetv2", 2, 12)])
+    ("fashion_resnet", 5, 2), ("fashion_mobilenetv2", 2, 12),
+    # SE gates are mul-join units: alone, or with their block's convs when it has a residual add
+    ("fashion_mobilenetv3", 5, 13)])
 def test_benchmark_models_blocks(name, residual, layers):
     from bench.models import MODELS
     g, blocks = blocks_of(MODELS[name](), (1, 28, 28))
