@@ -32,7 +32,7 @@ def build_fake_quant(art: WapsArtifact) -> QuantModel:
             codes = torch.from_numpy(rec.w_codes.astype("float32"))
             scale = torch.from_numpy(rec.w_scale)
             params = {"weight": codes * scale.reshape((-1,) + (1,) * (codes.dim() - 1)),
-                      "bias": torch.from_numpy(rec.bias.copy())}
+                      "bias": torch.from_numpy(rec.bias.copy()), "w_scale": scale}
         nodes.append(Node(n.name, n.op, list(n.inputs), dict(n.attrs), params, n.source, tuple(n.shape)))
     graph = Graph(nodes, art.graph.output)
     cfg = CalibConfig(method="rtn", progress=False)

@@ -48,7 +48,8 @@ class QuantLayer(nn.Module):
         w, b = node.params["weight"], node.params["bias"]
         self.register_buffer("weight", w.clone())
         self.register_buffer("bias", b.clone())
-        self.register_buffer("w_scale", init_weight_scale(w, wbits))
+        known = node.params.get("w_scale")     # an artifact's scale: no search needed
+        self.register_buffer("w_scale", known.to(torch.float32).clone() if known is not None else init_weight_scale(w, wbits))
         self.register_buffer("w_codes", nearest_codes(w, self.w_scale, wbits))
         self.rounding: AdaRound | None = None
         m = w.shape[0]

@@ -81,8 +81,9 @@ def init_weight_scale(w: torch.Tensor, bits: int, steps: int = 80) -> torch.Tens
     best = amax / -qmin
     for r in torch.linspace(0.2, 1.0, steps, dtype=torch.float64):
         s = r * amax / -qmin
-        q = (flat / s[:, None]).round().clamp(qmin, qmax) * s[:, None]
-        err = (q - flat).abs().pow(LP_NORM).sum(1)
+        q = flat / s[:, None]           # in place from here: the same values, no new buffers
+        q.round_().clamp_(qmin, qmax).mul_(s[:, None]).sub_(flat).abs_().pow_(LP_NORM)
+        err = q.sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, s, best)
