@@ -38,6 +38,7 @@ class OpKind:
     name: str
     channels: Channels
     example: Callable[[np.random.Generator], Program]     # a random small program using the kind
+    fast: bool = False         # besides the layers, has an NHWC body in fast_kernels (the ``fast`` form)
 
 
 # ---------------------------------------------------------------- example programs
@@ -170,13 +171,13 @@ def _quantize(rng) -> Program:
 
 
 KINDS: dict[str, OpKind] = {k.name: k for k in [
-    OpKind("quantize", Channels.PINNED, _quantize),
+    OpKind("quantize", Channels.PINNED, _quantize, fast=True),
     OpKind("dequantize", Channels.PINNED, _quantize),
     OpKind("conv2d", Channels.LAYER, _conv2d),
     OpKind("linear", Channels.LAYER, _linear),
-    OpKind("add", Channels.CHANNELWISE, _add),
+    OpKind("add", Channels.CHANNELWISE, _add, fast=True),
     OpKind("mul", Channels.CHANNELWISE, _mul),
-    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d),
+    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d, fast=True),
     OpKind("sum_pool2d", Channels.CHANNELWISE, _sum_pool2d),
     OpKind("avg_pool2d", Channels.CHANNELWISE, _avg_pool2d),
     OpKind("pad", Channels.CHANNELWISE, _pad),
@@ -191,3 +192,13 @@ def kind(name: str) -> OpKind:
     if name not in KINDS:
         raise KeyError(f"unknown integer op kind {name!r}")
     return KINDS[name]
+
+
+def is_layer(op: Op) -> bool:
+    """A layer with weights (conv2d, linear): WAPS groups, int32 accumulator, requant epilogue."""
+    return kind(op.kind).channels is Channels.LAYER
+
+
+def has_fast_body(op: Op) -> bool:
+    """A non-layer kind with its own fast-form (NHWC) kernel in relay_passes/fast_kernels.py."""
+    return kind(op.kind).fast

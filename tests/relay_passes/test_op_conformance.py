@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tvm
 
+from codegen.c import byoc as c_byoc
+from codegen.c import emit as c_emit
 from codegen.c.emit import build_shared, run_shared
 from relay_passes import kernels, reference
 from relay_passes.opset import KINDS, Channels
@@ -46,6 +48,9 @@ HOST_ON_NPU16 = {"quantize", "dequantize", "flatten"}     # float arithmetic, or
 def test_every_handler_table_covers_the_op_set():
     assert set(reference.OPS) == set(KINDS)
     assert set(kernels._BODIES) == set(KINDS)
+    assert set(c_emit.CALLS) == set(KINDS)
+    assert set(c_byoc.ENTRIES) == set(KINDS)
+    assert set(c_emit.SHARED_CALLS) <= set(KINDS)            # the kernels the two C tables share
 
 
 @pytest.mark.parametrize("kind, backend", [(k, b) for k in sorted(KINDS) for b in BACKENDS
