@@ -10,6 +10,7 @@ import tvm
 from codegen.c import byoc as c_byoc
 from codegen.c import emit as c_emit
 from codegen.c.emit import build_shared, run_shared
+from codegen.npu16 import lower as npu16_lower
 from relay_passes import kernels, reference
 from relay_passes.opset import KINDS, Channels
 from relay_passes.pipeline import lower
@@ -51,6 +52,7 @@ def test_every_handler_table_covers_the_op_set():
     assert set(c_emit.CALLS) == set(KINDS)
     assert set(c_byoc.ENTRIES) == set(KINDS)
     assert set(c_emit.SHARED_CALLS) <= set(KINDS)            # the kernels the two C tables share
+    assert set(npu16_lower.LOWERINGS) == set(KINDS)
 
 
 @pytest.mark.parametrize("kind, backend", [(k, b) for k in sorted(KINDS) for b in BACKENDS
