@@ -15,6 +15,7 @@ from relay_passes import kernels, reference
 from relay_passes.opset import KINDS, Channels
 from relay_passes.pipeline import lower
 from targets.npu16 import report as npu16_report
+from waps_tvm import inspect as waps_inspect
 from waps_tvm.compiler import build
 
 SEEDS = (0, 1)
@@ -55,6 +56,7 @@ def test_every_handler_table_covers_the_op_set():
     assert set(c_emit.SHARED_CALLS) <= set(KINDS)            # the kernels the two C tables share
     assert set(npu16_lower.LOWERINGS) == set(KINDS)
     assert set(npu16_report.ESTIMATES) == set(KINDS)
+    assert set(waps_inspect.RENDER) == set(KINDS)
 
 
 @pytest.mark.parametrize("kind, backend", [(k, b) for k in sorted(KINDS) for b in BACKENDS
