@@ -2,8 +2,10 @@
 and a random small case that the conformance test runs on every backend.
 
 A kind's meaning is its NumPy reference (relay_passes/reference.py); each backend has one
-table from kind to handler (reference.OPS, kernels._BODIES, the C codegens' call tables,
-codegen/npu16/lower.py, the ONNX rendering in waps_tvm/inspect.py).
+table from kind to handler (reference.OPS, kernels._BODIES, codegen/c/emit.CALLS,
+codegen/c/byoc.ENTRIES, codegen/npu16/lower.LOWERINGS, targets/npu16/report.ESTIMATES,
+waps_tvm/inspect.RENDER). A question about a kind ("is it a layer with weights?") is asked
+of its declaration here (``is_layer``, ``has_fast_body``), never by listing kind names.
 tests/relay_passes/test_op_conformance.py checks that every table covers ``KINDS`` and runs
 each kind's ``example`` on every backend against the reference, so a new kind is tested
 everywhere by registering it here.
