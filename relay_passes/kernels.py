@@ -27,6 +27,7 @@ import tvm.s_tir as s_tir
 from calib.numerics import requant_tables
 from relay_passes import fast_kernels as fast
 from relay_passes import numeric_tvm as nt
+from relay_passes.opset import has_fast_body, is_layer
 from relay_passes.program import Op, input_layout, layout_of, param_order, physical
 
 I32, I64 = "int32", "int64"
@@ -102,7 +103,7 @@ def fast_plan(op: Op, in_types) -> str | None:
         return "linear" if ok else None
     if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
         return None
-    return op.kind if op.kind in ("add", "max_pool2d", "quantize") else None
+    return op.kind if has_fast_body(op) else None
 
 
 def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
@@ -158,7 +159,7 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
         wt = np.pad(op.params["w"].T, ((0, 0), (0, m16 - m)))
         corr = np.pad(_corrections(op).astype(np.int32), ((0, 0), (0, m16 - m)))
         return [np.ascontiguousarray(wt), *fast.epilogue_tables(op, False, m16), corr]
-    if op.kind in ("conv2d", "linear"):
+    if is_layer(op):
         ndim = 4 if op.kind == "conv2d" else 2
         consts = requant_constants(op, ndim)
         consts.append(_corrections(op).astype(np.int32))        # [g, m]

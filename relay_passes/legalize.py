@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 
 from relay_passes.kernels import fast_plan, choose_layout, group_ranges
+from relay_passes.opset import has_fast_body, is_layer
 from relay_passes.program import waps_pass, INPUT, Program, emit, parse
 
 FORMS = ("split", "fused", "fast")
@@ -36,9 +37,9 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
     report = LegalizeReport(form)
     for op in prog.ops:
         op.attrs.pop("layout", None)
-        if form == "fast" and op.kind in ("add", "max_pool2d", "quantize"):
+        if form == "fast" and has_fast_body(op):
             op.attrs["form"] = "fast"
-        if op.kind not in ("conv2d", "linear"):
+        if not is_layer(op):
             continue
         if form == "fast":
             op.attrs["dot"] = dot

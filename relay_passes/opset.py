@@ -2,8 +2,10 @@
 and a random small case that the conformance test runs on every backend.
 
 A kind's meaning is its NumPy reference (relay_passes/reference.py); each backend has one
-table from kind to handler (reference.OPS, kernels._BODIES, the C codegens' call tables,
-codegen/npu16/lower.py, the ONNX rendering in waps_tvm/inspect.py).
+table from kind to handler (reference.OPS, kernels._BODIES, codegen/c/emit.CALLS,
+codegen/c/byoc.ENTRIES, codegen/npu16/lower.LOWERINGS, targets/npu16/report.ESTIMATES,
+waps_tvm/inspect.RENDER). A question about a kind ("is it a layer with weights?") is asked
+of its declaration here (``is_layer``, ``has_fast_body``), never by listing kind names.
 tests/relay_passes/test_op_conformance.py checks that every table covers ``KINDS`` and runs
 each kind's ``example`` on every backend against the reference, so a new kind is tested
 everywhere by registering it here.
@@ -38,6 +40,7 @@ class OpKind:
     name: str
     channels: Channels
     example: Callable[[np.random.Generator], Program]     # a random small program using the kind
+    fast: bool = False         # besides the layers, has an NHWC body in fast_kernels (the ``fast`` form)
 
 
 # ---------------------------------------------------------------- example programs
@@ -170,13 +173,13 @@ def _quantize(rng) -> Program:
 
 
 KINDS: dict[str, OpKind] = {k.name: k for k in [
-    OpKind("quantize", Channels.PINNED, _quantize),
+    OpKind("quantize", Channels.PINNED, _quantize, fast=True),
     OpKind("dequantize", Channels.PINNED, _quantize),
     OpKind("conv2d", Channels.LAYER, _conv2d),
     OpKind("linear", Channels.LAYER, _linear),
-    OpKind("add", Channels.CHANNELWISE, _add),
+    OpKind("add", Channels.CHANNELWISE, _add, fast=True),
     OpKind("mul", Channels.CHANNELWISE, _mul),
-    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d),
+    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d, fast=True),
     OpKind("sum_pool2d", Channels.CHANNELWISE, _sum_pool2d),
     OpKind("avg_pool2d", Channels.CHANNELWISE, _avg_pool2d),
     OpKind("pad", Channels.CHANNELWISE, _pad),
@@ -191,3 +194,13 @@ def kind(name: str) -> OpKind:
     if name not in KINDS:
         raise KeyError(f"unknown integer op kind {name!r}")
     return KINDS[name]
+
+
+def is_layer(op: Op) -> bool:
+    """A layer with weights (conv2d, linear): WAPS groups, int32 accumulator, requant epilogue."""
+    return kind(op.kind).channels is Channels.LAYER
+
+
+def has_fast_body(op: Op) -> bool:
+    """A non-layer kind with its own fast-form (NHWC) kernel in relay_passes/fast_kernels.py."""
+    return kind(op.kind).fast

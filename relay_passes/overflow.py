@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.numerics import INT32_MAX
+from relay_passes.opset import is_layer
 from relay_passes.program import waps_pass, Op, Program, parse
 from relay_passes.quantize import CompileError
 
@@ -53,7 +54,7 @@ def check_overflow(program: Program) -> dict[str, int]:
     """Bound of every conv/linear (name → bound); CompileError naming the first that overflows."""
     bounds = {}
     for op in program.ops:
-        if op.kind in ("conv2d", "linear"):
+        if is_layer(op):
             b = accumulator_bound(op)
             if b > INT32_MAX:
                 raise CompileError(f"layer {op.attrs.get('layer', op.name)} could overflow its int32 accumulator "

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relay_passes.kernels import group_ranges
-from relay_passes.opset import KINDS, Channels
+from relay_passes.opset import KINDS, Channels, is_layer
 from relay_passes.program import waps_pass, INPUT, Op, Program, emit, parse
 
 
@@ -42,7 +42,7 @@ def _n_groups(op: Op) -> int:
 
 def _wants(op: Op) -> bool:
     """A consumer whose WAPS groups need contiguous input channels."""
-    return op.kind in ("conv2d", "linear") and "groups" in op.params and not _grouped_conv(op)
+    return is_layer(op) and "groups" in op.params and not _grouped_conv(op)
 
 
 def _grouped_conv(op: Op) -> bool:
@@ -95,7 +95,7 @@ def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
         classes.setdefault(uf.find(op.name), []).append(op.name)
     readers: dict[str, list[Op]] = {}
     for op in prog.ops:
-        if op.kind in ("conv2d", "linear") and not _depthwise(op) and op.inputs[0] != INPUT:
+        if is_layer(op) and not _depthwise(op) and op.inputs[0] != INPUT:
             readers.setdefault(uf.find(op.inputs[0]), []).append(op)
 
     report = PermuteReport(classes=len(classes))
@@ -139,7 +139,7 @@ def _expand(order: np.ndarray, u: int) -> np.ndarray:
 def _apply(prog: Program, uf: _UF, unit, orders, gathers, report: PermuteReport) -> None:
     new_ops: list[Op] = []
     for op in prog.ops:
-        if op.kind in ("conv2d", "linear"):
+        if is_layer(op):
             root_out = uf.find(op.name)
             pi_out = orders[root_out]
             if op.inputs[0] != INPUT and not _depthwise(op):

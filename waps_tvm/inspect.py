@@ -23,85 +23,125 @@ STAGES = ("quantized", "permuted", "legalized", "partitioned", "final")   # plus
 def to_onnx(program, target: str, placement: list[dict] | None = None):
     """ONNX ModelProto of ``program`` (relay_passes.program.Program)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    from relay_passes.kernels import group_ranges
     where = {p["op"]: p["target"] for p in (placement or [])}
     dtype = {"uint8": TensorProto.UINT8, "int32": TensorProto.INT32, "float32": TensorProto.FLOAT}
-    nodes, inits, infos = [], [], []
-
-    def init(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    def value(name: str, shape, dt: str):
-        infos.append(helper.make_tensor_value_info(name, dtype[dt], list(shape)))
-
-    def node(op_type: str, inputs, outputs, name: str, runs_on: str, **attrs):
-        nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=DOMAIN, target=runs_on,
-                                      **{k: v for k, v in attrs.items() if v is not None}))
-
+    g = _Graph()
     x_name = "input"
     for op in program.ops:
         runs_on = where.get(op.name, target)
         ins = [x_name if i == "input" else i for i in op.inputs]
-        a = op.attrs
-        layer = a.get("layer") or None
-        if op.kind in ("conv2d", "linear"):
-            w = op.params["w"]
-            sig, ns = a.get("sigma", [0]), a.get("n", [0])
-            groups = op.params.get("groups")
-            ranges = group_ranges(groups, len(sig)) if groups is not None else [(0, w.shape[1] * a.get("conv_groups", 1))]
-            parts = []
-            for p, (c0, c1) in enumerate(ranges if ranges is not None else [(None, None)] * len(sig)):
-                out = f"{op.name}/acc{p}"
-                extra = {}
-                if op.kind == "conv2d":
-                    extra = dict(strides=a["stride"], pads=[a["padding"][0], a["padding"][1]] * 2,
-                                 dilations=a["dilation"], group=a["conv_groups"])
-                chans = dict(channel_begin=c0, channel_end=c1) if c0 is not None else dict(masked=1)
-                node("GroupConv" if groups is not None else ("Conv" if op.kind == "conv2d" else "MatMul"),
-                     [ins[0], init(f"{op.name}/w", w) if p == 0 else f"{op.name}/w"], [out], f"{op.name}/conv{p}",
-                     runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=int(sig[p]), gamma_shift=int(ns[p]),
-                     form=a.get("form"), layer=layer, **chans, **extra)
-                parts.append(out)
-            merged = f"{op.name}/acc"
-            node("ShiftAdd", parts + [init(f"{op.name}/bias", op.params["bias"])], [merged], f"{op.name}/shift_add",
-                 runs_on, sigma=[int(s) for s in sig], shifts=[int(n) for n in ns], frac_bits=a.get("frac", 0))
-            node("Requant", [merged, init(f"{op.name}/mult", op.params["mult"]),
-                             init(f"{op.name}/shift", op.params["shift"])], [op.name], f"{op.name}/requant",
-                 runs_on, z_out=a["z_out"], lo=a["lo"], hi=a["hi"], rounding="half_up")
-        elif op.kind == "gather":
-            node("Gather", [ins[0], init(f"{op.name}/index", op.params["index"])], [op.name], op.name, runs_on, axis=1)
-        elif op.kind == "add":
-            node("Add", ins, [op.name], op.name, runs_on, **{k: int(a[k]) for k in ("za", "zb", "ka", "kb", "t",
-                                                                                   "z_out", "lo", "hi")}, layer=layer)
-        elif op.kind in ("max_pool2d", "sum_pool2d"):
-            node("MaxPool" if op.kind == "max_pool2d" else "SumPool", ins, [op.name], op.name, runs_on,
-                 kernel_shape=a["kernel"], strides=a["stride"], pads=[a["padding"][0], a["padding"][1]] * 2,
-                 z_in=a.get("z_in"))
-        elif op.kind in ("quantize", "dequantize"):
-            node(op.kind.capitalize(), ins, [op.name], op.name, runs_on, scale=float(a["scale"]),
-                 zero_point=int(a["zero_point"]), **({"qmax": int(a["qmax"])} if op.kind == "quantize" else {}))
-        elif op.kind == "flatten":
-            node("Flatten", ins, [op.name], op.name, runs_on, axis=1)
-        else:                                   # every other kind: its params as initializers, attrs as attributes
-            params = [init(f"{op.name}/{k}", v) for k, v in sorted(op.params.items())]
-            node(_ONNX_TYPE.get(op.kind, op.kind), ins + params, [op.name], op.name, runs_on,
-                 **{k: v for k, v in a.items() if k not in ("n_inputs", "layout", "form") and _attr_ok(v)})
-        value(op.name, op.shape, op.dtype)
+        RENDER.get(op.kind, _generic(op.kind))(g, op, ins, runs_on)
+        g.infos.append(helper.make_tensor_value_info(op.name, dtype[op.dtype], list(op.shape)))
     graph = helper.make_graph(
-        nodes, "waps_program",
+        g.nodes, "waps_program",
         [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, list(program.input_shape))],
         [helper.make_tensor_value_info(n, dtype[program[n].dtype], list(program[n].shape)) for n in program.outputs],
-        initializer=inits, value_info=[v for v in infos if v.name not in program.outputs])
+        initializer=g.inits, value_info=[v for v in g.infos if v.name not in program.outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
                               producer_name="waps-tvm")
     onnx.checker.check_model(model)
     return model
 
 
-_ONNX_TYPE = {"pad": "Pad", "avg_pool2d": "AvgPool", "concat": "Concat", "table": "Table", "mul": "Mul"}
+class _Graph:
+    """The nodes, initializers and value infos of the graph being built."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.infos = [], [], []
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(self, op_type: str, inputs, outputs, name: str, runs_on: str, **attrs):
+        from onnx import helper
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name, domain=DOMAIN, target=runs_on,
+                                           **{k: v for k, v in attrs.items() if v is not None}))
+
+
+def _layer(op_type: str, conv: bool):
+    """A conv2d/linear as one ``op_type`` node per WAPS group (``GroupConv`` when grouped),
+    the ``ShiftAdd`` merge and the ``Requant`` epilogue."""
+    def render(g: _Graph, op, ins, runs_on):
+        from relay_passes.kernels import group_ranges
+        a = op.attrs
+        layer = a.get("layer") or None
+        w = op.params["w"]
+        sig, ns = a.get("sigma", [0]), a.get("n", [0])
+        groups = op.params.get("groups")
+        ranges = group_ranges(groups, len(sig)) if groups is not None else [(0, w.shape[1] * a.get("conv_groups", 1))]
+        parts = []
+        for p, (c0, c1) in enumerate(ranges if ranges is not None else [(None, None)] * len(sig)):
+            out = f"{op.name}/acc{p}"
+            extra = {}
+            if conv:
+                extra = dict(strides=a["stride"], pads=[a["padding"][0], a["padding"][1]] * 2,
+                             dilations=a["dilation"], group=a["conv_groups"])
+            chans = dict(channel_begin=c0, channel_end=c1) if c0 is not None else dict(masked=1)
+            g.node("GroupConv" if groups is not None else op_type,
+                   [ins[0], g.init(f"{op.name}/w", w) if p == 0 else f"{op.name}/w"], [out], f"{op.name}/conv{p}",
+                   runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=int(sig[p]), gamma_shift=int(ns[p]),
+                   form=a.get("form"), layer=layer, **chans, **extra)
+            parts.append(out)
+        merged = f"{op.name}/acc"
+        g.node("ShiftAdd", parts + [g.init(f"{op.name}/bias", op.params["bias"])], [merged], f"{op.name}/shift_add",
+               runs_on, sigma=[int(s) for s in sig], shifts=[int(n) for n in ns], frac_bits=a.get("frac", 0))
+        g.node("Requant", [merged, g.init(f"{op.name}/mult", op.params["mult"]),
+                           g.init(f"{op.name}/shift", op.params["shift"])], [op.name], f"{op.name}/requant",
+               runs_on, z_out=a["z_out"], lo=a["lo"], hi=a["hi"], rounding="half_up")
+    return render
+
+
+def _gather(g: _Graph, op, ins, runs_on):
+    g.node("Gather", [ins[0], g.init(f"{op.name}/index", op.params["index"])], [op.name], op.name, runs_on, axis=1)
+
+
+def _add(g: _Graph, op, ins, runs_on):
+    a = op.attrs
+    g.node("Add", ins, [op.name], op.name, runs_on, **{k: int(a[k]) for k in ("za", "zb", "ka", "kb", "t",
+                                                                             "z_out", "lo", "hi")},
+           layer=a.get("layer") or None)
+
+
+def _pool(op_type: str):
+    def render(g: _Graph, op, ins, runs_on):
+        a = op.attrs
+        g.node(op_type, ins, [op.name], op.name, runs_on, kernel_shape=a["kernel"], strides=a["stride"],
+               pads=[a["padding"][0], a["padding"][1]] * 2, z_in=a.get("z_in"))
+    return render
+
+
+def _float_edge(op_type: str, qmax: bool):
+    """Quantize (with its ``qmax``) or Dequantize: scale and zero point as attributes."""
+    def render(g: _Graph, op, ins, runs_on):
+        a = op.attrs
+        g.node(op_type, ins, [op.name], op.name, runs_on, scale=float(a["scale"]),
+               zero_point=int(a["zero_point"]), **({"qmax": int(a["qmax"])} if qmax else {}))
+    return render
+
+
+def _flatten(g: _Graph, op, ins, runs_on):
+    g.node("Flatten", ins, [op.name], op.name, runs_on, axis=1)
+
+
+def _generic(op_type: str):
+    """Its params as initializers, its attrs as attributes."""
+    def render(g: _Graph, op, ins, runs_on):
+        params = [g.init(f"{op.name}/{k}", v) for k, v in sorted(op.params.items())]
+        g.node(op_type, ins + params, [op.name], op.name, runs_on,
+               **{k: v for k, v in op.attrs.items() if k not in ("n_inputs", "layout", "form") and _attr_ok(v)})
+    return render
+
+
+# kind → its ONNX node(s) (every kind of relay_passes/opset.py; any other: ``_generic`` under its own name)
+RENDER = {
+    "conv2d": _layer("Conv", conv=True), "linear": _layer("MatMul", conv=False), "gather": _gather, "add": _add,
+    "max_pool2d": _pool("MaxPool"), "sum_pool2d": _pool("SumPool"), "quantize": _float_edge("Quantize", qmax=True),
+    "dequantize": _float_edge("Dequantize", qmax=False), "flatten": _flatten, "pad": _generic("Pad"),
+    "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul")}
 
 
 def _attr_ok(v) -> bool:

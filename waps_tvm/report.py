@@ -58,20 +58,20 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
 
 
 def _macs(program, op) -> int:
-    if op.kind == "conv2d":
-        m, cg, kh, kw = op.params["w"].shape
-        return int(np.prod(op.shape)) * cg * kh * kw
-    if op.kind == "linear":
-        return int(np.prod(op.shape)) * op.params["w"].shape[1]
-    return 0
+    """A layer's multiply-accumulates: each output code reads w[k] minus its first axis
+    ([cg, kh, kw] conv, [f] linear)."""
+    from relay_passes.opset import is_layer      # here: ``waps-tvm report`` of a report.json loads no TVM
+    if not is_layer(op):
+        return 0
+    return int(np.prod(op.shape)) * int(np.prod(op.params["w"].shape[1:]))
 
 
 def _in_channels(op) -> int:
-    if op.kind == "conv2d":
-        return int(op.params["w"].shape[1] * op.attrs["conv_groups"])
-    if op.kind == "linear":
-        return int(op.params["w"].shape[1])
-    return 0
+    """A layer's input channels: cg per conv group (linear: one group of f features)."""
+    from relay_passes.opset import is_layer
+    if not is_layer(op):
+        return 0
+    return int(op.params["w"].shape[1] * op.attrs.get("conv_groups", 1))
 
 
 def _totals(rows: list[dict]) -> dict:

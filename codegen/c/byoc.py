@@ -10,6 +10,8 @@ op's attributes as literals. ``export_library`` compiles it into the exported mo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import tvm
@@ -40,66 +42,136 @@ def _out_shape(fn: relax.Function) -> tuple[int, ...]:
     return tuple(int(d) for d in fn.ret_ty.shape)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One op's entry: its function, decoded attributes, and the tvm-ffi argument of each param."""
+    fn: relax.Function
+    a: dict
+    pnames: list[str]
+
+    @property
+    def n_in(self) -> int:
+        return int(self.a["n_inputs"])
+
+    @property
+    def ins(self) -> list:
+        return list(self.fn.params)[:self.n_in]
+
+    @property
+    def arg(self) -> dict[str, str]:
+        return {k: f"args[{self.n_in + i}]" for i, k in enumerate(self.pnames)}
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return _shape(self.ins[0])
+
+    @property
+    def in_dtype(self) -> str:
+        return str(self.ins[0].ty.dtype)
+
+    @property
+    def sfx(self) -> str:
+        return "u8" if self.in_dtype == "uint8" else "i32"
+
+    @property
+    def x(self) -> str:
+        return _ptr("args[0]", "const uint8_t" if self.in_dtype == "uint8" else
+                    ("const int32_t" if self.in_dtype == "int32" else "const float"))
+
+    def param_shape(self, name: str) -> tuple[int, ...]:
+        return _shape(self.fn.params[self.n_in + self.pnames.index(name)])
+
+
+_OUT = "args[num_args - 1]"
+
+
+def _ptr(e: str, t: str) -> str:
+    return f"({t}*)waps_ptr(&{e})"
+
+
 def _entry(fn: relax.Function, sym: str) -> str:
     kind = str(fn.attrs["waps.kind"])
-    a = json.loads(str(fn.attrs["waps.attrs"]))
-    pnames = [str(p) for p in fn.attrs["waps.params"]]
-    n_in = int(a["n_inputs"])
-    params = list(fn.params)
-    ins = params[:n_in]
-    arg = {k: f"args[{n_in + i}]" for i, k in enumerate(pnames)}
-    in_shape, in_dtype = _shape(ins[0]), str(ins[0].ty.dtype)
-    sfx = "u8" if in_dtype == "uint8" else "i32"
-    ptr = lambda e, t: f"({t}*)waps_ptr(&{e})"                       # noqa: E731
-    x = ptr("args[0]", "const uint8_t" if in_dtype == "uint8" else ("const int32_t" if in_dtype == "int32" else "const float"))
-    out = "args[num_args - 1]"
-    lines = []
-    if kind in ("conv2d", "linear"):
-        ng = len(a.get("sigma", [0]))
-        lines.append(f"static const int8_t sig[{ng}] = {{{','.join(str(s) for s in a.get('sigma', [0]))}}};")
-        lines.append(f"static const int8_t nsh[{ng}] = {{{','.join(str(s) for s in a.get('n', [0]))}}};")
-        groups = ptr(arg["groups"], "const int8_t") if "groups" in pnames else "0"
-        w_shape = _shape(params[n_in + pnames.index("w")])
-        tail = (f"{groups}, {ng}, sig, nsh, {a.get('frac', 0)}, {ptr(arg['bias'], 'const int32_t')}, "
-                f"{ptr(arg['mult'], 'const int32_t')}, {ptr(arg['shift'], 'const int32_t')}, {a['z_in']}, "
-                f"{a['z_out']}, {a['lo']}, {a['hi']}, {ptr(out, 'uint8_t')});")
-        if kind == "linear":
-            lines.append(f"waps_linear_{sfx}({x}, {in_shape[0]}, {in_shape[1]}, {ptr(arg['w'], 'const int8_t')}, "
-                         f"{w_shape[0]}, " + tail)
-        else:
-            n, c, h, w = in_shape
-            (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
-            lines.append(f"waps_conv2d_{sfx}({x}, {n}, {c}, {h}, {w}, {ptr(arg['w'], 'const int8_t')}, {w_shape[0]}, "
-                         f"{w_shape[2]}, {w_shape[3]}, {a['conv_groups']}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, " + tail)
-    elif kind == "quantize":
-        lines.append(f"waps_quantize({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
-                     f"{float_literal(a['qmax'])}, {ptr(out, 'uint8_t')});")
-    elif kind == "dequantize":
-        lines.append(f"waps_dequantize_{sfx}({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, "
-                     f"{float_literal(a['zero_point'])}, {ptr(out, 'float')});")
-    elif kind == "add":
-        lines.append(f"waps_add({x}, {ptr('args[1]', 'const uint8_t')}, {int(np.prod(in_shape))}, {a['za']}, {a['zb']}, "
-                     f"{a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {ptr(out, 'uint8_t')});")
-    elif kind == "sum_pool2d":
-        n, c, h, w = in_shape
-        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        lines.append(f"waps_sum_pool2d({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, "
-                     f"{ptr(out, 'int32_t')});")
-    elif kind in SHARED_KINDS:
-        ptypes = {"table": "const uint8_t"}
-        lines += kernel_call(kind, a, [_shape(v) for v in ins], _out_shape(fn),
-                             [ptr(f"args[{i}]", "const uint8_t") for i in range(n_in)],
-                             {k: ptr(e, ptypes.get(k, "const int32_t")) for k, e in arg.items()}, ptr(out, "uint8_t"))
-    elif kind == "flatten":
-        size = int(np.prod(in_shape)) * (1 if in_dtype == "uint8" else 4)
-        lines.append(f"memcpy(waps_ptr(&{out}), waps_ptr(&args[0]), {size});")
-    elif kind == "gather":
-        n, c = in_shape[:2]
-        inner = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
-        elem = 1 if in_dtype == "uint8" else 4
-        j = _shape(params[n_in + pnames.index("index")])[0]
-        lines.append(f"waps_gather(waps_ptr(&args[0]), {n}, {c}, {inner}, {elem}, {ptr(arg['index'], 'const int32_t')}, "
-                     f"{j}, waps_ptr(&{out}));")
-    else:
+    if kind not in ENTRIES:
         raise ValueError(f"no C kernel for {kind}")
-    return entry_function(sym, lines)
+    e = _Entry(fn, json.loads(str(fn.attrs["waps.attrs"])), [str(p) for p in fn.attrs["waps.params"]])
+    return entry_function(sym, ENTRIES[kind](e))
+
+
+def _layer(e: _Entry, call: str) -> list[str]:
+    """σ and n as static arrays, then ``call`` + the arguments conv2d and linear share."""
+    a, arg = e.a, e.arg
+    ng = len(a.get("sigma", [0]))
+    groups = _ptr(arg["groups"], "const int8_t") if "groups" in e.pnames else "0"
+    tail = (f"{groups}, {ng}, sig, nsh, {a.get('frac', 0)}, {_ptr(arg['bias'], 'const int32_t')}, "
+            f"{_ptr(arg['mult'], 'const int32_t')}, {_ptr(arg['shift'], 'const int32_t')}, {a['z_in']}, "
+            f"{a['z_out']}, {a['lo']}, {a['hi']}, {_ptr(_OUT, 'uint8_t')});")
+    return [f"static const int8_t sig[{ng}] = {{{','.join(str(s) for s in a.get('sigma', [0]))}}};",
+            f"static const int8_t nsh[{ng}] = {{{','.join(str(s) for s in a.get('n', [0]))}}};",
+            call + tail]
+
+
+def _linear(e: _Entry) -> list[str]:
+    w_shape = e.param_shape("w")
+    return _layer(e, f"waps_linear_{e.sfx}({e.x}, {e.in_shape[0]}, {e.in_shape[1]}, "
+                     f"{_ptr(e.arg['w'], 'const int8_t')}, {w_shape[0]}, ")
+
+
+def _conv2d(e: _Entry) -> list[str]:
+    a, w_shape = e.a, e.param_shape("w")
+    n, c, h, w = e.in_shape
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    return _layer(e, f"waps_conv2d_{e.sfx}({e.x}, {n}, {c}, {h}, {w}, {_ptr(e.arg['w'], 'const int8_t')}, "
+                     f"{w_shape[0]}, {w_shape[2]}, {w_shape[3]}, {a['conv_groups']}, {sh}, {sw}, {ph}, {pw}, "
+                     f"{dh}, {dw}, ")
+
+
+def _quantize(e: _Entry) -> list[str]:
+    a = e.a
+    return [f"waps_quantize({e.x}, {int(np.prod(e.in_shape))}, {float_literal(a['scale'])}, "
+            f"{float_literal(a['zero_point'])}, {float_literal(a['qmax'])}, {_ptr(_OUT, 'uint8_t')});"]
+
+
+def _dequantize(e: _Entry) -> list[str]:
+    a = e.a
+    return [f"waps_dequantize_{e.sfx}({e.x}, {int(np.prod(e.in_shape))}, {float_literal(a['scale'])}, "
+            f"{float_literal(a['zero_point'])}, {_ptr(_OUT, 'float')});"]
+
+
+def _add(e: _Entry) -> list[str]:
+    a = e.a
+    return [f"waps_add({e.x}, {_ptr('args[1]', 'const uint8_t')}, {int(np.prod(e.in_shape))}, {a['za']}, {a['zb']}, "
+            f"{a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {_ptr(_OUT, 'uint8_t')});"]
+
+
+def _sum_pool2d(e: _Entry) -> list[str]:
+    a = e.a
+    n, c, h, w = e.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    return [f"waps_sum_pool2d({e.x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, "
+            f"{_ptr(_OUT, 'int32_t')});"]
+
+
+def _shared(e: _Entry) -> list[str]:
+    ptypes = {"table": "const uint8_t"}
+    return kernel_call(str(e.fn.attrs["waps.kind"]), e.a, [_shape(v) for v in e.ins], _out_shape(e.fn),
+                       [_ptr(f"args[{i}]", "const uint8_t") for i in range(e.n_in)],
+                       {k: _ptr(p, ptypes.get(k, "const int32_t")) for k, p in e.arg.items()}, _ptr(_OUT, "uint8_t"))
+
+
+def _flatten(e: _Entry) -> list[str]:
+    size = int(np.prod(e.in_shape)) * (1 if e.in_dtype == "uint8" else 4)
+    return [f"memcpy(waps_ptr(&{_OUT}), waps_ptr(&args[0]), {size});"]
+
+
+def _gather(e: _Entry) -> list[str]:
+    n, c = e.in_shape[:2]
+    inner = int(np.prod(e.in_shape[2:])) if len(e.in_shape) > 2 else 1
+    elem = 1 if e.in_dtype == "uint8" else 4
+    return [f"waps_gather(waps_ptr(&args[0]), {n}, {c}, {inner}, {elem}, {_ptr(e.arg['index'], 'const int32_t')}, "
+            f"{e.param_shape('index')[0]}, waps_ptr(&{_OUT}));"]
+
+
+# kind → the C body of its tvm-ffi entry (every kind of relay_passes/opset.py)
+ENTRIES: dict[str, Callable[[_Entry], list[str]]] = {
+    "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
+    "sum_pool2d": _sum_pool2d, "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_KINDS}}

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from relay_passes.opset import is_layer
 from relay_passes.program import INPUT, Op, Program
 from targets.c_source import NUMERIC_H
 
@@ -44,12 +47,12 @@ def emit_c(program: Program) -> str:
     for op in program.ops:
         v = _ident(op.name)
         size = int(np.prod(op.shape))
-        if op.kind != "dequantize":
+        if op.dtype != "float32":             # the float result (dequantize) is written to ``output``
             lines.append(f"static {C_TYPES[op.dtype]} buf_{v}[{size}];")
             buf[op.name] = f"buf_{v}"
         for k, arr in sorted(op.params.items()):
             lines.append(_array(f"{v}_{k}", arr))
-        if op.kind in ("conv2d", "linear"):
+        if is_layer(op):
             a = op.attrs
             sig = a.get("sigma", [0])
             lines.append(_array(f"{v}_sigma", np.array(sig, np.int8)))
@@ -63,95 +66,169 @@ def emit_c(program: Program) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Site:
+    """One op's call site in the C unit: ``x`` its first input's pointer, ``v`` its identifier."""
+    op: Op
+    v: str
+    program: Program
+    buf: dict[str, str]
+
+    @property
+    def x(self) -> str | None:
+        i = self.op.inputs[0] if self.op.inputs else None
+        return "input" if i == INPUT else self.buf.get(i) if i is not None else None
+
+    @property
+    def in_shape(self) -> tuple:
+        return self.program.shape_of(self.op.inputs[0]) if self.op.inputs else ()
+
+    @property
+    def in_dtype(self) -> str:
+        return self.program.dtype_of(self.op.inputs[0]) if self.op.inputs else ""
+
+    @property
+    def suffix(self) -> str:
+        return "u8" if self.in_dtype == "uint8" else "i32"
+
+
 def _call(op: Op, v: str, program: Program, buf: dict) -> str:
-    a = op.attrs
-    x = "input" if op.inputs and op.inputs[0] == INPUT else (buf.get(op.inputs[0]) if op.inputs else None)
-    in_shape = program.shape_of(op.inputs[0]) if op.inputs else ()
-    in_dtype = program.dtype_of(op.inputs[0]) if op.inputs else ""
-    suffix = "u8" if in_dtype == "uint8" else "i32"
-    if op.kind == "quantize":
-        return (f"waps_quantize(input, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
-                f"{float_literal(a['qmax'])}, buf_{v});")
-    if op.kind == "dequantize":
-        return (f"waps_dequantize_{suffix}({x}, {int(np.prod(in_shape))}, {float_literal(a['scale'])}, "
-                f"{float_literal(a['zero_point'])}, output);")
-    if op.kind in ("conv2d", "linear"):
-        groups = f"{v}_groups" if "groups" in op.params else "0"
-        ng = len(a.get("sigma", [0]))
-        tail = (f"{groups}, {ng}, {v}_sigma, {v}_n, {a.get('frac', 0)}, {v}_bias, {v}_mult, {v}_shift, "
-                f"{a['z_in']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{v});")
-        if op.kind == "linear":
-            n, f = in_shape
-            return f"waps_linear_{suffix}({x}, {n}, {f}, {v}_w, {op.params['w'].shape[0]}, " + tail
-        n, c, h, w = in_shape
-        m, _, kh, kw = op.params["w"].shape
-        (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
-        return (f"waps_conv2d_{suffix}({x}, {n}, {c}, {h}, {w}, {v}_w, {m}, {kh}, {kw}, {a['conv_groups']}, "
-                f"{sh}, {sw}, {ph}, {pw}, {dh}, {dw}, " + tail)
-    if op.kind == "add":
-        b = buf[op.inputs[1]]
-        return (f"waps_add({x}, {b}, {int(np.prod(op.shape))}, {a['za']}, {a['zb']}, {a['ka']}LL, {a['kb']}LL, "
-                f"{a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{v});")
-    if op.kind in ("max_pool2d", "sum_pool2d"):
-        n, c, h, w = in_shape
-        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        if op.kind == "sum_pool2d":
-            return f"waps_sum_pool2d({x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, buf_{v});"
-    if op.kind in SHARED_KINDS:
-        ins = [buf[i] for i in op.inputs]
-        return " ".join(kernel_call(op.kind, a, [program.shape_of(i) for i in op.inputs], op.shape, ins,
-                                    {k: f"{v}_{k}" for k in op.params}, f"buf_{v}"))
-    if op.kind == "flatten":
-        return f"memcpy(buf_{v}, {x}, sizeof(buf_{v}));"
-    if op.kind == "gather":
-        n, c = in_shape[:2]
-        inner = int(np.prod(in_shape[2:])) if len(in_shape) > 2 else 1
-        elem = 1 if in_dtype == "uint8" else 4
-        return f"waps_gather({x}, {n}, {c}, {inner}, {elem}, {v}_index, {op.params['index'].size}, buf_{v});"
-    raise ValueError(f"no C kernel for {op.kind}")
+    if op.kind not in CALLS:
+        raise ValueError(f"no C kernel for {op.kind}")
+    return CALLS[op.kind](_Site(op, v, program, buf))
 
 
-SHARED_KINDS = ("max_pool2d", "avg_pool2d", "pad", "concat", "table", "mul")
+def _quantize(s: _Site) -> str:
+    a = s.op.attrs
+    return (f"waps_quantize(input, {int(np.prod(s.in_shape))}, {float_literal(a['scale'])}, "
+            f"{float_literal(a['zero_point'])}, {float_literal(a['qmax'])}, buf_{s.v});")
+
+
+def _dequantize(s: _Site) -> str:
+    a = s.op.attrs
+    return (f"waps_dequantize_{s.suffix}({s.x}, {int(np.prod(s.in_shape))}, {float_literal(a['scale'])}, "
+            f"{float_literal(a['zero_point'])}, output);")
+
+
+def _layer_tail(s: _Site) -> str:
+    """The arguments conv2d and linear share: groups, σ, n, bias, requant, clamp, output."""
+    a, v = s.op.attrs, s.v
+    groups = f"{v}_groups" if "groups" in s.op.params else "0"
+    ng = len(a.get("sigma", [0]))
+    return (f"{groups}, {ng}, {v}_sigma, {v}_n, {a.get('frac', 0)}, {v}_bias, {v}_mult, {v}_shift, "
+            f"{a['z_in']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{v});")
+
+
+def _linear(s: _Site) -> str:
+    n, f = s.in_shape
+    return f"waps_linear_{s.suffix}({s.x}, {n}, {f}, {s.v}_w, {s.op.params['w'].shape[0]}, " + _layer_tail(s)
+
+
+def _conv2d(s: _Site) -> str:
+    a = s.op.attrs
+    n, c, h, w = s.in_shape
+    m, _, kh, kw = s.op.params["w"].shape
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    return (f"waps_conv2d_{s.suffix}({s.x}, {n}, {c}, {h}, {w}, {s.v}_w, {m}, {kh}, {kw}, {a['conv_groups']}, "
+            f"{sh}, {sw}, {ph}, {pw}, {dh}, {dw}, " + _layer_tail(s))
+
+
+def _add(s: _Site) -> str:
+    a, b = s.op.attrs, s.buf[s.op.inputs[1]]
+    return (f"waps_add({s.x}, {b}, {int(np.prod(s.op.shape))}, {a['za']}, {a['zb']}, {a['ka']}LL, {a['kb']}LL, "
+            f"{a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{s.v});")
+
+
+def _sum_pool2d(s: _Site) -> str:
+    a = s.op.attrs
+    n, c, h, w = s.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    return f"waps_sum_pool2d({s.x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, buf_{s.v});"
+
+
+def _shared(s: _Site) -> str:
+    op = s.op
+    return " ".join(kernel_call(op.kind, op.attrs, [s.program.shape_of(i) for i in op.inputs], op.shape,
+                                [s.buf[i] for i in op.inputs], {k: f"{s.v}_{k}" for k in op.params}, f"buf_{s.v}"))
+
+
+def _flatten(s: _Site) -> str:
+    return f"memcpy(buf_{s.v}, {s.x}, sizeof(buf_{s.v}));"
+
+
+def _gather(s: _Site) -> str:
+    n, c = s.in_shape[:2]
+    inner = int(np.prod(s.in_shape[2:])) if len(s.in_shape) > 2 else 1
+    elem = 1 if s.in_dtype == "uint8" else 4
+    return f"waps_gather({s.x}, {n}, {c}, {inner}, {elem}, {s.v}_index, {s.op.params['index'].size}, buf_{s.v});"
+
+
+# ---------------------------------------------------------------- kernels the C unit and the C BYOC share
+
+def _max_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    n, c, h, w = in_shapes[0]
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    dh, dw = a.get("dilation", (1, 1))
+    return [f"waps_max_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, {out});"]
+
+
+def _avg_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    n, c, h, w = in_shapes[0]
+    oh, ow = out_shape[2:]
+    tabs = ", ".join(param[k] for k in ("h0", "h1", "w0", "w1", "rq", "mult", "shift"))
+    return [f"waps_avg_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['z_in']}, {a['z_out']}, "
+            f"{a['lo']}, {a['hi']}, {out});"]
+
+
+def _pad_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    n, c, h, w = in_shapes[0]
+    top, left, bottom, right = a["pads"]
+    return [f"waps_pad({ins[0]}, {n}, {c}, {h}, {w}, {top}, {left}, {bottom}, {right}, {a['value']}, {out});"]
+
+
+def _concat_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    c_out = int(out_shape[1])
+    lines, off = [], 0
+    for x, s, z, k in zip(ins, in_shapes, a["zs"], a["ks"]):
+        inner = int(np.prod(s[2:])) if len(s) > 2 else 1
+        lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a['t']}, "
+                     f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});")
+        off += int(s[1])
+    return lines
+
+
+def _table_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    return [f"waps_lookup({ins[0]}, {int(np.prod(in_shapes[0]))}, {param['table']}, {out});"]
+
+
+def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    shape = tuple(in_shapes[0])
+    nc = shape[0] * shape[1]
+    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    bcast = int(int(np.prod(in_shapes[1])) != int(np.prod(shape)))
+    return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a['za']}, {a['zb']}, {a['mult']}, {a['shift']}, "
+            f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
+
+
+SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
+    "max_pool2d": _max_pool2d_call, "avg_pool2d": _avg_pool2d_call, "pad": _pad_call, "concat": _concat_call,
+    "table": _table_call, "mul": _mul_call}
+SHARED_KINDS = tuple(SHARED_CALLS)
 
 
 def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], param: dict[str, str],
                 out: str) -> list[str]:
     """C statements computing one uint8 op of ``SHARED_KINDS`` (the C program and the C BYOC
     entries both call this): ``ins`` the input pointers, ``param`` {param name: pointer}."""
-    shape = tuple(in_shapes[0])
-    if kind == "max_pool2d":
-        n, c, h, w = shape
-        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        dh, dw = a.get("dilation", (1, 1))
-        return [f"waps_max_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, {out});"]
-    if kind == "avg_pool2d":
-        n, c, h, w = shape
-        oh, ow = out_shape[2:]
-        tabs = ", ".join(param[k] for k in ("h0", "h1", "w0", "w1", "rq", "mult", "shift"))
-        return [f"waps_avg_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['z_in']}, {a['z_out']}, "
-                f"{a['lo']}, {a['hi']}, {out});"]
-    if kind == "pad":
-        n, c, h, w = shape
-        top, left, bottom, right = a["pads"]
-        return [f"waps_pad({ins[0]}, {n}, {c}, {h}, {w}, {top}, {left}, {bottom}, {right}, {a['value']}, {out});"]
-    if kind == "concat":
-        c_out = int(out_shape[1])
-        lines, off = [], 0
-        for x, s, z, k in zip(ins, in_shapes, a["zs"], a["ks"]):
-            inner = int(np.prod(s[2:])) if len(s) > 2 else 1
-            lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a['t']}, "
-                         f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});")
-            off += int(s[1])
-        return lines
-    if kind == "table":
-        return [f"waps_lookup({ins[0]}, {int(np.prod(shape))}, {param['table']}, {out});"]
-    if kind == "mul":
-        nc = shape[0] * shape[1]
-        inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-        bcast = int(int(np.prod(in_shapes[1])) != int(np.prod(shape)))
-        return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a['za']}, {a['zb']}, {a['mult']}, {a['shift']}, "
-                f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
-    raise ValueError(f"no C kernel for {kind}")
+    if kind not in SHARED_CALLS:
+        raise ValueError(f"no C kernel for {kind}")
+    return SHARED_CALLS[kind](a, [tuple(s) for s in in_shapes], out_shape, ins, param, out)
+
+
+# kind → the C statement of one op of the unit (every kind of relay_passes/opset.py)
+CALLS: dict[str, Callable[[_Site], str]] = {
+    "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
+    "sum_pool2d": _sum_pool2d, "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_CALLS}}
 
 
 def float_literal(v: float) -> str:

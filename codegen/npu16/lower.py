@@ -10,6 +10,7 @@ array side ``npu.tile``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -37,70 +38,107 @@ class NpuOp:
 
 def lower_op(kind: str, a: dict, in_shapes: list[tuple[int, ...]], in_dtypes: list[str],
              params: dict[str, np.ndarray], npu: NPU16 = DEFAULT) -> NpuOp:
-    if kind in ("quantize", "dequantize"):
-        raise NotOnNpu("float arithmetic: npu16 is integer-only")
-    if kind == "flatten":
-        raise NotOnNpu("layout only (a reshape): nothing for the NPU to compute")
-    wide = int(in_dtypes[0] != "uint8")
+    if kind not in LOWERINGS:
+        raise NotOnNpu(f"no npu16 lowering for {kind}")
+    return LOWERINGS[kind](a, in_shapes, in_dtypes, params, npu)
+
+
+def _host(reason: str):
+    """The lowering of a kind that always runs on the host: NotOnNpu with ``reason``."""
+    def lowering(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+        raise NotOnNpu(reason)
+    return lowering
+
+
+def _conv2d(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    return _layer(a, in_shapes[0], params["w"], in_dtypes, params, npu)
+
+
+def _linear(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    """A 1×1 convolution of an [N, F, 1, 1] map."""
+    n, f = in_shapes[0][0], in_shapes[0][1]
+    return _layer(a, (n, f, 1, 1), params["w"][:, :, None, None], in_dtypes, params, npu)
+
+
+def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     s: list[Instr] = machine_registers(npu)
-    if kind in ("conv2d", "linear"):
-        shape = in_shapes[0] if kind == "conv2d" else (in_shapes[0][0], in_shapes[0][1], 1, 1)
-        n, c, h, w = shape
-        wt = params["w"] if kind == "conv2d" else params["w"][:, :, None, None]
-        m, cg, kh, kw = wt.shape
-        g = a.get("conv_groups", 1)
-        sig, ns = a.get("sigma", [0]), a.get("n", [0])
-        groups = params.get("groups")
-        if len(sig) > MAX_GROUPS:
-            raise NotOnNpu(f"{len(sig)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
-        stride = a.get("stride", [1, 1])
-        pad = a.get("padding", [0, 0])
-        dil = a.get("dilation", [1, 1])
-        regs = {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
-                Reg.SH: stride[0], Reg.SW: stride[1], Reg.PH: pad[0], Reg.PW: pad[1], Reg.DH: dil[0],
-                Reg.DW: dil[1], Reg.Z_IN: a["z_in"], Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"],
-                Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: wide}
-        s += [set_(r, v) for r, v in regs.items()]
-        if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
-            s.append(Instr(Op.DWCONV))
-            s.append(Instr(Op.END))
-            return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
-        tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1, npu.tile)
-        p_count = len(in_tiles)
-        s.append(set_(Reg.NGROUPS, p_count))
-        for p in range(p_count):
-            s += [set_(Reg.SIGMA0 + p, sig[p] if groups is not None else 0),
-                  set_(Reg.NSHIFT0 + p, ns[p] if groups is not None else 0),
-                  set_(Reg.TILES0 + p, int(in_tiles[p]))]
-        s += [Instr(Op.CONV), Instr(Op.END)]
-        return NpuOp(s, tiles=tiles, table=table)
-    if kind == "add":
-        s += [set_(Reg.COUNT, int(np.prod(in_shapes[0]))), set_(Reg.ZA, a["za"]), set_(Reg.ZB, a["zb"]),
-              set_(Reg.KA, a["ka"]), set_(Reg.KB, a["kb"]), set_(Reg.T, a["t"]), set_(Reg.Z_OUT, a["z_out"]),
-              set_(Reg.LO, a["lo"]), set_(Reg.HI, a["hi"]), Instr(Op.ADD), Instr(Op.END)]
-        return NpuOp(s)
-    if kind in ("max_pool2d", "sum_pool2d"):
-        if wide:
+    n, c, h, w = shape
+    m, cg, kh, kw = wt.shape
+    g = a.get("conv_groups", 1)
+    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    groups = params.get("groups")
+    if len(sig) > MAX_GROUPS:
+        raise NotOnNpu(f"{len(sig)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
+    stride = a.get("stride", [1, 1])
+    pad = a.get("padding", [0, 0])
+    dil = a.get("dilation", [1, 1])
+    regs = {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
+            Reg.SH: stride[0], Reg.SW: stride[1], Reg.PH: pad[0], Reg.PW: pad[1], Reg.DH: dil[0],
+            Reg.DW: dil[1], Reg.Z_IN: a["z_in"], Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"],
+            Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)}
+    s += [set_(r, v) for r, v in regs.items()]
+    if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
+        s.append(Instr(Op.DWCONV))
+        s.append(Instr(Op.END))
+        return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
+    tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1, npu.tile)
+    p_count = len(in_tiles)
+    s.append(set_(Reg.NGROUPS, p_count))
+    for p in range(p_count):
+        s += [set_(Reg.SIGMA0 + p, sig[p] if groups is not None else 0),
+              set_(Reg.NSHIFT0 + p, ns[p] if groups is not None else 0),
+              set_(Reg.TILES0 + p, int(in_tiles[p]))]
+    s += [Instr(Op.CONV), Instr(Op.END)]
+    return NpuOp(s, tiles=tiles, table=table)
+
+
+def _wide(in_dtypes: list[str]) -> int:
+    """1 when the first input holds int32 codes (after a sum pool), 0 for uint8."""
+    return int(in_dtypes[0] != "uint8")
+
+
+def _add(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    s = machine_registers(npu)
+    s += [set_(Reg.COUNT, int(np.prod(in_shapes[0]))), set_(Reg.ZA, a["za"]), set_(Reg.ZB, a["zb"]),
+          set_(Reg.KA, a["ka"]), set_(Reg.KB, a["kb"]), set_(Reg.T, a["t"]), set_(Reg.Z_OUT, a["z_out"]),
+          set_(Reg.LO, a["lo"]), set_(Reg.HI, a["hi"]), Instr(Op.ADD), Instr(Op.END)]
+    return NpuOp(s)
+
+
+def _pool(command: Op, dilated: bool):
+    """MAXPOOL (dilation from the attributes) or SUMPOOL (undilated) of uint8 codes."""
+    def lowering(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+        s = machine_registers(npu)
+        if _wide(in_dtypes):
             raise NotOnNpu("pooling of int32 (pooled) codes")
         n, c, h, w = in_shapes[0]
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        dh, dw = a.get("dilation", (1, 1)) if kind == "max_pool2d" else (1, 1)
+        dh, dw = a.get("dilation", (1, 1)) if dilated else (1, 1)
         s += [set_(r, v) for r, v in {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.KH: kh, Reg.KW: kw,
                                        Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw,
                                        Reg.Z_IN: a.get("z_in", 0)}.items()]
-        s += [Instr(Op.MAXPOOL if kind == "max_pool2d" else Op.SUMPOOL), Instr(Op.END)]
+        s += [Instr(command), Instr(Op.END)]
         return NpuOp(s)
-    if kind == "gather":
-        shape = in_shapes[0]
-        inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-        s += [set_(Reg.N, shape[0]), set_(Reg.C, shape[1]), set_(Reg.OUT_CHANNELS, params["index"].size),
-              set_(Reg.INNER, inner), set_(Reg.IN_WIDE, wide), Instr(Op.GATHER), Instr(Op.END)]
-        return NpuOp(s)
-    if kind in _EPILOGUE_KINDS:
+    return lowering
+
+
+def _gather(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    s = machine_registers(npu)
+    shape = in_shapes[0]
+    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    s += [set_(Reg.N, shape[0]), set_(Reg.C, shape[1]), set_(Reg.OUT_CHANNELS, params["index"].size),
+          set_(Reg.INNER, inner), set_(Reg.IN_WIDE, _wide(in_dtypes)), Instr(Op.GATHER), Instr(Op.END)]
+    return NpuOp(s)
+
+
+def _epilogue(kind: str, unit):
+    """A command of the epilogue's units (pad, avg pool, concat, table, mul): uint8 codes only."""
+    def lowering(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+        s = machine_registers(npu)
         if any(d != "uint8" for d in in_dtypes):
             raise NotOnNpu(f"{kind} of int32 (pooled) codes: the unit takes uint8 codes")
-        return _EPILOGUE_KINDS[kind](s, a, in_shapes, params)
-    raise NotOnNpu(f"no npu16 lowering for {kind}")
+        return unit(s, a, in_shapes, params)
+    return lowering
 
 
 def _inner(shape) -> int:
@@ -166,4 +204,12 @@ def _mul(s, a, in_shapes, params) -> NpuOp:
     return NpuOp(s + [Instr(Op.MUL), Instr(Op.END)])
 
 
-_EPILOGUE_KINDS = {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat, "table": _table, "mul": _mul}
+# kind → its lowering (every kind of relay_passes/opset.py): an NpuOp, or NotOnNpu saying why it stays on the host
+LOWERINGS: dict[str, Callable[..., NpuOp]] = {
+    "quantize": _host("float arithmetic: npu16 is integer-only"),
+    "dequantize": _host("float arithmetic: npu16 is integer-only"),
+    "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
+    "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
+    "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
+    **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,
+                                               "table": _table, "mul": _mul}.items()}}

@@ -30,8 +30,8 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
     epilogue    Σ over output tiles and pixels of ⌈valid outputs/epilogue_width⌉
     total       max(compute + waps, dma, epilogue): the units are decoupled (as in VTA),
                 so the slowest one bounds a layer
-Element-wise ops (``elementwise_cost``): add and pooling run through the epilogue, a
-gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
+Element-wise ops (``add_cost``, ``pool_cost``, ``gather_cost``): add and pooling run
+through the epilogue, a gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
 ``concat_cost``, ``lut_cost``, ``mul_cost``):
     pad         DMA only: input bytes in, padded bytes out
     avg_pool2d  epilogue: one value per window tap and one per output (requant); DMA: input,
@@ -178,32 +178,27 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
                      dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs)
 
 
-def elementwise_cost(name: str, kind: str, in_elems: int, out_elems: int, npu: NPU16, taps: int = 1,
-                     in_bytes: int = 1) -> LayerCost:
-    """An add (two inputs of ``in_elems`` uint8 codes), a max/sum pool (``taps`` window
-    values per output; a sum pool writes int32) or a gather (``in_bytes`` per element,
-    ``out_elems`` moved) as the simulator runs it."""
-    if kind == "add":
-        b = {"weights": 0, "input": 2 * in_elems, "output": out_elems}
-        values = out_elems
-    elif kind in ("max_pool2d", "sum_pool2d"):
-        b = {"weights": 0, "input": in_elems, "output": out_elems * (4 if kind == "sum_pool2d" else 1)}
-        values = out_elems * taps
-    elif kind == "gather":
-        b = {"weights": 0, "input": out_elems * in_bytes, "output": out_elems * in_bytes}
-        values = 0
-    else:
-        raise ValueError(f"no npu16 element-wise cost for {kind}")
-    dma = _ceil(sum(b.values()), npu.dma_bytes_per_cycle)
-    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, dma, _ceil(values, npu.epilogue_width), b,
-                     epilogue_values=values)
-
-
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0) -> LayerCost:
     """One command through DMA and the epilogue (no MAC array)."""
     b = {"weights": weights, "input": bytes_in, "output": bytes_out}
     return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, _ceil(sum(b.values()), npu.dma_bytes_per_cycle),
                      _ceil(values, npu.epilogue_width), b, epilogue_values=values)
+
+
+def add_cost(name: str, in_elems: int, out_elems: int, npu: NPU16) -> LayerCost:
+    """Two inputs of ``in_elems`` uint8 codes each, one epilogue value per output."""
+    return _unit_cost(name, 2 * in_elems, out_elems, out_elems, npu)
+
+
+def pool_cost(name: str, in_elems: int, out_elems: int, taps: int, out_bytes: int, npu: NPU16) -> LayerCost:
+    """A max or sum pool: ``taps`` window values per output through the epilogue;
+    ``out_bytes`` per output code (1; a sum pool writes int32: 4)."""
+    return _unit_cost(name, in_elems, out_elems * out_bytes, out_elems * taps, npu)
+
+
+def gather_cost(name: str, out_elems: int, elem_bytes: int, npu: NPU16) -> LayerCost:
+    """DMA only: ``out_elems`` elements of ``elem_bytes`` each read and written."""
+    return _unit_cost(name, out_elems * elem_bytes, out_elems * elem_bytes, 0, npu)
 
 
 def pad_cost(name: str, in_elems: int, out_elems: int, npu: NPU16) -> LayerCost:

@@ -9,11 +9,13 @@ overhead column.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 
-from targets.npu16.cost import (LayerCost, LayerShape, avg_pool_cost, concat_cost, elementwise_cost, layer_cost,
-                                lut_cost, mul_cost, pad_cost)
+from relay_passes.opset import is_layer
+from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
+                                lut_cost, mul_cost, pad_cost, pool_cost)
 from targets.npu16.params import NPU16
 
 
@@ -46,28 +48,65 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
 
 def estimate(program, op, npu: NPU16) -> LayerCost:
     """The estimator's counts for one offloaded op (what its counters will say)."""
+    if op.kind not in ESTIMATES:
+        raise ValueError(f"no npu16 cost for {op.kind}")
     in_shape = tuple(program.shape_of(op.inputs[0]))
-    in_dtype = program.dtype_of(op.inputs[0])
-    if op.kind in ("conv2d", "linear"):
-        return layer_cost(layer_shape(op, in_shape, in_dtype), npu)
-    elems, out_elems = int(np.prod(in_shape)), int(np.prod(op.shape))
-    if op.kind == "pad":
-        return pad_cost(op.name, elems, out_elems, npu)
-    if op.kind == "avg_pool2d":
-        p = op.params
-        rows = np.maximum(np.asarray(p["h1"], np.int64) - p["h0"], 0).sum()
-        cols = np.maximum(np.asarray(p["w1"], np.int64) - p["w0"], 0).sum()
-        return avg_pool_cost(op.name, in_shape[0] * in_shape[1], elems, p["h0"].size, p["w0"].size,
-                             int(rows * cols), p["mult"].size, npu)
-    if op.kind == "concat":
-        return concat_cost(op.name, [int(np.prod(program.shape_of(i))) for i in op.inputs], npu)
-    if op.kind == "table":
-        return lut_cost(op.name, elems, op.params["table"].size, npu)
-    if op.kind == "mul":
-        return mul_cost(op.name, elems, int(np.prod(program.shape_of(op.inputs[1]))), npu)
-    taps = int(np.prod(op.attrs.get("kernel", [1, 1]))) if "pool" in op.kind else 1
-    return elementwise_cost(op.name, op.kind, int(np.prod(in_shape)), int(np.prod(op.shape)), npu, taps,
-                            1 if in_dtype == "uint8" else 4)
+    return ESTIMATES[op.kind](program, op, in_shape, program.dtype_of(op.inputs[0]), npu)
+
+
+def _host(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    raise ValueError(f"no npu16 cost for {op.kind}: it runs on the host")
+
+
+def _layer(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return layer_cost(layer_shape(op, in_shape, in_dtype), npu)
+
+
+def _add(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
+
+
+def _pool(out_bytes: int):
+    """A max (uint8 out) or sum (int32 out) pool: one epilogue value per window tap."""
+    def cost(program, op, in_shape, in_dtype, npu) -> LayerCost:
+        taps = int(np.prod(op.attrs.get("kernel", [1, 1])))
+        return pool_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), taps, out_bytes, npu)
+    return cost
+
+
+def _gather(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return gather_cost(op.name, int(np.prod(op.shape)), 1 if in_dtype == "uint8" else 4, npu)
+
+
+def _pad(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return pad_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
+
+
+def _avg_pool2d(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    p = op.params
+    rows = np.maximum(np.asarray(p["h1"], np.int64) - p["h0"], 0).sum()
+    cols = np.maximum(np.asarray(p["w1"], np.int64) - p["w0"], 0).sum()
+    return avg_pool_cost(op.name, in_shape[0] * in_shape[1], int(np.prod(in_shape)), p["h0"].size, p["w0"].size,
+                         int(rows * cols), p["mult"].size, npu)
+
+
+def _concat(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return concat_cost(op.name, [int(np.prod(program.shape_of(i))) for i in op.inputs], npu)
+
+
+def _table(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return lut_cost(op.name, int(np.prod(in_shape)), op.params["table"].size, npu)
+
+
+def _mul(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return mul_cost(op.name, int(np.prod(in_shape)), int(np.prod(program.shape_of(op.inputs[1]))), npu)
+
+
+# kind → its estimated npu16 cost (every kind of relay_passes/opset.py; the host kinds have none)
+ESTIMATES: dict[str, Callable[..., LayerCost]] = {
+    "quantize": _host, "dequantize": _host, "flatten": _host, "conv2d": _layer, "linear": _layer, "add": _add,
+    "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
+    "concat": _concat, "table": _table, "mul": _mul}
 
 
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:
@@ -83,7 +122,7 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
             cnt = counters[op.name] if counters is not None else est.counters()
             plain = est.cycles
             groups = []
-            if op.kind in ("conv2d", "linear"):
+            if is_layer(op):
                 shape = layer_shape(op, program.shape_of(op.inputs[0]), program.dtype_of(op.inputs[0]))
                 plain = layer_cost(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=()), npu).cycles
                 groups = list(shape.group_sizes)

@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import tvm
 
+from codegen.c import byoc as c_byoc
+from codegen.c import emit as c_emit
 from codegen.c.emit import build_shared, run_shared
+from codegen.npu16 import lower as npu16_lower
 from relay_passes import kernels, reference
 from relay_passes.opset import KINDS, Channels
 from relay_passes.pipeline import lower
+from targets.npu16 import report as npu16_report
+from waps_tvm import inspect as waps_inspect
 from waps_tvm.compiler import build
 
 SEEDS = (0, 1)
@@ -46,6 +51,12 @@ HOST_ON_NPU16 = {"quantize", "dequantize", "flatten"}     # float arithmetic, or
 def test_every_handler_table_covers_the_op_set():
     assert set(reference.OPS) == set(KINDS)
     assert set(kernels._BODIES) == set(KINDS)
+    assert set(c_emit.CALLS) == set(KINDS)
+    assert set(c_byoc.ENTRIES) == set(KINDS)
+    assert set(c_emit.SHARED_CALLS) <= set(KINDS)            # the kernels the two C tables share
+    assert set(npu16_lower.LOWERINGS) == set(KINDS)
+    assert set(npu16_report.ESTIMATES) == set(KINDS)
+    assert set(waps_inspect.RENDER) == set(KINDS)
 
 
 @pytest.mark.parametrize("kind, backend", [(k, b) for k in sorted(KINDS) for b in BACKENDS
