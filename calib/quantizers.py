@@ -106,8 +106,9 @@ def init_act_range(x: torch.Tensor, bits: int, steps: int = 100) -> tuple[float,
         lo, hi = lo0 * f, hi0 * f
         s = max((hi - lo) / levels, 1e-8)
         z = int(round(-lo / s))
-        q = ((x / s).round() + z).clamp(0, levels)
-        err = float(((q - z) * s - x).abs().pow(LP_NORM).mean())
+        q = x / s                       # in place from here: the same values, no new buffers
+        q.round_().add_(z).clamp_(0, levels).sub_(z).mul_(s).sub_(x).abs_().pow_(LP_NORM)
+        err = float(q.mean())
         if err < best_err:
             best, best_err = (s, z), err
     return best

@@ -17,6 +17,22 @@ def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, s
     return art
 
 
+_TORCHVISION_W2: dict = {}
+
+
+def torchvision_w2(arch: str):
+    """A torchvision architecture (seed 0, random weights and BN statistics, 10 classes)
+    calibrated W2A4 at 32×32 with ``calibrated``'s defaults. Calibrated once per test
+    process, since several backends' tests take the same models; each call gets its own copy."""
+    import copy
+    if arch not in _TORCHVISION_W2:
+        from tests.conftest import randomize_bn
+        from waps_tvm.architectures import get_architecture
+        torch.manual_seed(0)
+        _TORCHVISION_W2[arch] = calibrated(randomize_bn(get_architecture(arch, 10)), (3, 32, 32), wbits=2, abits=4)
+    return copy.deepcopy(_TORCHVISION_W2[arch])
+
+
 def scramble_groups(art, seed=0, tile=None):
     """Give every WAPS layer a random group assignment (tile-granular runs when ``tile``),
     scattered over its channels: exercises permutation, gathers and every group path."""

@@ -17,10 +17,11 @@ from calib.fold_bn import fold_batch_norm
 from calib.fuse import fuse_activations
 from calib.graph import PARAM_OPS, QUANT_OPS
 
-MODELS = [  # (name, constructor kwargs, input pixels): the ones run here so far
-    ("mobilenet_v3_small", {}, 32), ("mobilenet_v3_large", {}, 32), ("efficientnet_b0", {}, 32),
-    ("efficientnet_v2_s", {}, 32), ("regnet_y_400mf", {}, 32), ("shufflenet_v2_x1_0", {}, 32),
-    ("squeezenet1_1", {}, 32), ("mnasnet1_0", {}, 32),
+# Two models with every kind of join (SE gates and hardswish; channel shuffle): the 1000-class
+# head, 8-bit activations and the artifact round trip. tests/waps_tvm/test_model_coverage.py
+# takes all of torchvision's classifiers through calibrate → compile → run.
+MODELS = [  # (name, constructor kwargs, input pixels)
+    ("mobilenet_v3_small", {}, 32), ("shufflenet_v2_x1_0", {}, 32),
 ]
 
 

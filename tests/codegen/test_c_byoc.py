@@ -32,15 +32,11 @@ def test_compile_c_target_runs_bit_exact_in_a_fresh_process(tiny_artifact, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_torchvision_c_target_bit_exact(arch, tmp_path):
-    import torch
     import tvm
 
-    from tests.compile_helpers import calibrated, scramble_groups
-    from tests.conftest import randomize_bn
-    from waps_tvm.architectures import get_architecture
+    from tests.compile_helpers import scramble_groups, torchvision_w2
     from waps_tvm.compiler import build
-    torch.manual_seed(0)
-    art = scramble_groups(calibrated(randomize_bn(get_architecture(arch, 10)), (3, 32, 32), wbits=2), seed=2, tile=16)
+    art = scramble_groups(torchvision_w2(arch), seed=2, tile=16)
     lowered = lower_artifact(art, 2)
     x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype("float32")
     vm = tvm.runtime.vm.VirtualMachine(build(lowered, "c"), tvm.cpu())

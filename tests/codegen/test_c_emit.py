@@ -4,11 +4,10 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from codegen.c.emit import CFLAGS, INCLUDE_DIRS, KERNELS, build_shared, emit_c, run_shared
 from relay_passes import reference
-from tests.compile_helpers import calibrated, scramble_groups
+from tests.compile_helpers import calibrated, scramble_groups, torchvision_w2
 from waps_tvm.compiler import lower_artifact
 
 
@@ -49,8 +48,5 @@ def test_tile_groups_and_other_seeds(tiny_artifact, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "regnet_x_600mf", "mnasnet0_5"])
 def test_torchvision_bit_exact(arch, tmp_path):
-    from tests.conftest import randomize_bn
-    from waps_tvm.architectures import get_architecture
-    torch.manual_seed(0)
-    art = scramble_groups(calibrated(randomize_bn(get_architecture(arch, 10)), (3, 32, 32), wbits=2), seed=5, tile=16)
+    art = scramble_groups(torchvision_w2(arch), seed=5, tile=16)
     _check(art, 2, tmp_path)

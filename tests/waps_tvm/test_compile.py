@@ -11,7 +11,7 @@ import torch
 
 from calib import artifact
 from relay_passes import reference
-from tests.compile_helpers import calibrated, rewrite_archive, scramble_groups
+from tests.compile_helpers import calibrated, rewrite_archive, scramble_groups, torchvision_w2
 from waps_tvm import cli
 from waps_tvm.compiler import build, lower_artifact
 
@@ -159,11 +159,7 @@ TORCHVISION = ["resnet18", "mobilenet_v2", "regnet_x_600mf", "mnasnet0_5"]
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", TORCHVISION)
 def test_torchvision_architectures_bit_exact(arch):
-    from tests.conftest import randomize_bn
-    from waps_tvm.architectures import get_architecture
-    torch.manual_seed(0)
-    model = randomize_bn(get_architecture(arch, 10))
-    art = scramble_groups(calibrated(model, (3, 32, 32), wbits=2, abits=4), seed=3, tile=16)
+    art = scramble_groups(torchvision_w2(arch), seed=3, tile=16)
     _bit_exact(art, 1, "split")
     _bit_exact(art, 4, "fused", seed=1)
     _bit_exact(art, 2, "fast", seed=2)
