@@ -50,6 +50,20 @@ def scramble_groups(art, seed=0, tile=None):
     return art
 
 
+def compile_c_wrapper(source: str, folder):
+    """``source`` (C99, -Wall -Werror -pedantic) built by gcc as a shared library in ``folder``
+    and loaded with ctypes. ctypes caches a library by path, so give each build its own folder."""
+    import ctypes
+    import subprocess
+    from pathlib import Path
+    d = Path(folder)
+    (d / "t.c").write_text(source)
+    r = subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-pedantic", "-fPIC", "-shared",
+                        str(d / "t.c"), "-o", str(d / "t.so")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return ctypes.CDLL(str(d / "t.so"))
+
+
 def run_in_fresh_process(folder, x: np.ndarray, tmp) -> np.ndarray:
     """Run a compiled folder in a new Python process where torch cannot be imported (the
     runner needs only NumPy and the TVM runtime); returns the output codes."""

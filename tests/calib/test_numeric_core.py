@@ -3,7 +3,6 @@
 (targets/waps_numeric.h, compiled with gcc)."""
 import ctypes
 import functools
-import subprocess
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from calib import numerics as nx
 from calib.numerics import GroupScale
 from relay_passes import numeric_tvm as nt
 from targets.c_source import NUMERIC_H, inline_source
+from tests.compile_helpers import compile_c_wrapper
 
 I32_MIN, I32_MAX = -(2**31), 2**31 - 1
 COUNT = 48
@@ -39,13 +39,7 @@ void t_table(const uint8_t *table, const uint8_t *codes, int count, uint8_t *out
 
 @pytest.fixture(scope="module")
 def clib(tmp_path_factory):
-    d = tmp_path_factory.mktemp("numeric")
-    (d / "t.c").write_text(inline_source(NUMERIC_H) + _WRAPPERS)
-    r = subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-pedantic", "-fPIC", "-shared",
-                        str(d / "t.c"), "-o", str(d / "t.so")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return ctypes.CDLL(str(d / "t.so"))
-
+    return compile_c_wrapper(inline_source(NUMERIC_H) + _WRAPPERS, tmp_path_factory.mktemp("numeric"))
 
 def _p(a: np.ndarray):
     return a.ctypes.data_as(ctypes.c_void_p)

@@ -1,7 +1,6 @@
 """waps_rescale (targets/waps_numeric.h) equals calib.numerics.rescale on edge values: codes 0 and
 255, zero points at both ends, k from 1 to 2^40, t from 1 to 62 (hypothesis)."""
 import ctypes
-import subprocess
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from hypothesis import strategies as st
 
 from calib import numerics as nx
 from targets.c_source import NUMERIC_H, inline_source
+from tests.compile_helpers import compile_c_wrapper
 
 _WRAPPER = r"""
 void t_rescale(const uint8_t *x, int count, int64_t z, int64_t k, int t, int64_t *out) {
@@ -20,12 +20,7 @@ void t_rescale(const uint8_t *x, int count, int64_t z, int64_t k, int t, int64_t
 
 @pytest.fixture(scope="module")
 def clib(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rescale")
-    (d / "t.c").write_text(inline_source(NUMERIC_H) + _WRAPPER)
-    r = subprocess.run(["gcc", "-std=c99", "-O2", "-Wall", "-Werror", "-pedantic", "-fPIC", "-shared",
-                        str(d / "t.c"), "-o", str(d / "t.so")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lib = ctypes.CDLL(str(d / "t.so"))
+    lib = compile_c_wrapper(inline_source(NUMERIC_H) + _WRAPPER, tmp_path_factory.mktemp("rescale"))
     lib.t_rescale.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                               ctypes.c_void_p]
     return lib
