@@ -23,6 +23,7 @@ from calib.numerics import quantize_multiplier
 from relay_passes.program import Op
 
 RESIZE_FRAC = 10        # bilinear weights in units of 2^-10: |acc| ≤ 2^20·255 stays far inside int32
+MAX_FRAC = 11           # the contract's limit: |acc| ≤ 2^(2F)·255 < 2^31 (npu16 rejects more)
 MODES = ("nearest", "bilinear")
 
 

@@ -262,7 +262,7 @@ static int npu16_resize(const int64_t *r, const npu16_bufs *b, npu16_counters *c
   const int32_t *y0 = b->table, *y1 = y0 + OH, *wy = y1 + OH, *x0 = wy + OH, *x1 = x0 + OW, *wx = x1 + OW;
   const uint8_t *x = (const uint8_t *)b->x;
   int32_t one, zin = (int32_t)r[R_ZIN];
-  if (frac < 0 || frac > 12) return -1;
+  if (frac < 0 || frac > 11) return -1;             /* |acc| ≤ 2^(2·frac)·255 < 2^31 */
   one = (int32_t)1 << frac;
   for (int oy = 0; oy < OH; ++oy)
     if (y0[oy] < 0 || y0[oy] >= H || y1[oy] < 0 || y1[oy] >= H || wy[oy] < 0 || wy[oy] > one) return -1;
