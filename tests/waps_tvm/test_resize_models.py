@@ -62,9 +62,14 @@ def test_source_tables_follow_torch():
 
 
 def _through_the_compiler(model, mode):
+    """calibrate → .waps file (its graph checks) → lower_artifact → reference and the oracle."""
+    import tempfile
+    from pathlib import Path
+    from calib.artifact import load, save
     from tests.compile_helpers import calibrated
     torch.manual_seed(0)
-    art = calibrated(model, (1, 6, 5), wbits=4, abits=4, iters=1, samples=8)
+    with tempfile.TemporaryDirectory() as d:
+        art = load(save(calibrated(model, (1, 6, 5), wbits=4, abits=4, iters=1, samples=8), Path(d) / "m.waps"))
     ops = [n.op for n in art.graph]
     assert f"upsample_{mode}2d" in ops, ops
     x = np.random.default_rng(1).normal(size=(4, 1, 6, 5)).astype("float32")
@@ -76,6 +81,35 @@ def _through_the_compiler(model, mode):
     rows = layer_agreement(art, x)
     assert len(rows) >= 2 and all(r.max_diff <= 1 for r in rows), rows
     return art, x, rows
+
+
+def test_upsampling_model_runs_bit_exact_on_every_backend():
+    """Nearest then bilinear inside one model: the fast llvm form (NHWC convs around the NCHW
+    resize), C and npu16 (resize on the NPU) equal the reference."""
+    import tvm
+    from tests.compile_helpers import calibrated
+    from waps_tvm.compiler import build
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = F.interpolate(torch.relu(self.a(x)), scale_factor=1.5, mode="nearest")
+            return self.b(F.interpolate(y, scale_factor=0.7, mode="bilinear", align_corners=True))
+
+    torch.manual_seed(0)
+    art = calibrated(Both(), (1, 6, 5), wbits=4, abits=4, iters=1, samples=8)
+    x = np.random.default_rng(2).normal(size=(1, 1, 6, 5)).astype("float32")
+    for form, target in (("fast", "llvm"), ("split", "c"), ("split", "npu16")):
+        lowered = lower_artifact(art, 1, form)
+        out = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x))
+        if target == "npu16":
+            assert {r["target"] for r in lowered.placement if r["kind"] == "resize"} == {"npu16"}
+        ref = reference.run(lowered.program, x)
+        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
+        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
 
 
 def test_nearest_upsample_compiles_and_is_a_gather_of_the_fake_quant_codes():
