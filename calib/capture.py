@@ -27,6 +27,10 @@ _ADD = {aten.add.Tensor, aten.add_.Tensor}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor}
 _PAD = {aten.pad.default, aten.constant_pad_nd.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+# F.interpolate / nn.Upsample: graph op → its ATen overloads (.vec from F.interpolate, .default decomposed)
+_UPSAMPLE = {aten.upsample_nearest2d.vec: "upsample_nearest2d", aten.upsample_nearest2d.default: "upsample_nearest2d",
+             aten.upsample_bilinear2d.vec: "upsample_bilinear2d",
+             aten.upsample_bilinear2d.default: "upsample_bilinear2d"}
 # pure data movement: replayed on an index tensor (calib/layout.py)
 _LAYOUT = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
            aten.unflatten.int, aten.transpose.int, aten.permute.default, aten.narrow.default,
@@ -283,6 +287,8 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
                     {"kernel": kernel, "stride": _pair(args["stride"]) if args["stride"] else kernel,
                      "padding": _pair(args["padding"]), "dilation": _pair(args["dilation"]),
                      "ceil_mode": bool(args["ceil_mode"])}, {}, source, shape)
+    if t in _UPSAMPLE:
+        return Node(fx.name, _UPSAMPLE[t], [value(a[0])], _upsample_attrs(t, _arguments(fx), shape), {}, source, shape)
     if t is aten.avg_pool2d.default:
         args = _arguments(fx)
         kernel = _pair(args["kernel_size"])
@@ -307,6 +313,19 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         alias[fx.name] = fx.name + "_flat"
         return Node(fx.name + "_flat", "flatten", [fx.name], {}, {}, source, shape)
     raise _Refused(f"{where}: {_op_name(fx)}")
+
+
+def _upsample_attrs(t, args: dict, shape) -> dict:
+    """size [oh, ow] (the output's), scales [sh, sw] as torch was given them (None: from the
+    sizes; torch's source indices differ), align_corners (bilinear only)."""
+    if "scale_factors" in args:
+        sc = args["scale_factors"]
+    else:
+        sc = None if args.get("scales_h") is None else [args["scales_h"], args["scales_w"]]
+    attrs = {"size": [int(shape[1]), int(shape[2])], "scales": None if sc is None else [float(v) for v in sc]}
+    if "align_corners" in args:
+        attrs["align_corners"] = bool(args["align_corners"])
+    return attrs
 
 
 def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:

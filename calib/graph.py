@@ -20,6 +20,9 @@ inside a .waps artifact. Ops after capture:
     avg_pool2d (x)              attrs: kernel, stride, padding, ceil_mode, count_include_pad, divisor_override
     adaptive_avg_pool2d (x)     attrs: output_size [oh, ow] (never [1, 1]: that is global_avg_pool)
     global_avg_pool (x)         N×C×H×W → N×C×1×1
+    upsample_nearest2d (x)      F.interpolate(mode="nearest"); attrs: size [oh, ow], scales [sh, sw] | None
+                                (the output shares the input's quantizer)
+    upsample_bilinear2d (x)     mode="bilinear"; attrs: size, scales, align_corners (its own quantizer)
     flatten (x)                 N×C×1×1 or N×C×H×W → N×(C·H·W)
 
 Attrs are the calib → compiler interface (issue 13 graph vocabulary): do not rename them.
@@ -36,9 +39,11 @@ import torch
 
 PARAM_OPS = ("conv2d", "linear")
 OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add", "mul", "cat", "elementwise",
-       "pad", "gather", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool", "flatten")
+       "pad", "gather", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool", "flatten",
+       "upsample_nearest2d", "upsample_bilinear2d")
 # ops whose output is a quantization point of its own (an ActQuantizer, art.quant[name])
-QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d", "adaptive_avg_pool2d")
+QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d", "adaptive_avg_pool2d",
+             "upsample_bilinear2d")
 
 
 @dataclass

@@ -49,6 +49,13 @@ def check_node(n: Node, shapes: dict[str, tuple[int, ...]], where: str) -> None:
     elif n.op == "adaptive_avg_pool2d":
         if not _ints(a.get("output_size"), 2, 1):
             raise bad("needs output_size [oh, ow] ≥ 1")
+    elif n.op in ("upsample_nearest2d", "upsample_bilinear2d"):
+        sc = a.get("scales")
+        if not _ints(a.get("size"), 2, 1) or not (sc is None or (isinstance(sc, list) and len(sc) == 2 and
+                                                                  all(_finite(v) and v > 0 for v in sc))):
+            raise bad("needs size [oh, ow] ≥ 1 and scales None or two positive numbers")
+        if n.op == "upsample_bilinear2d" and not isinstance(a.get("align_corners"), bool):
+            raise bad("needs a boolean align_corners")
     elif n.op == "pad":
         if not _ints(a.get("pads"), 4, 0) or not _finite(a.get("value")):
             raise bad("needs pads [top, left, bottom, right] ≥ 0 and a finite value")

@@ -204,6 +204,11 @@ def compute(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, a["output_size"])
     if op == "global_avg_pool":
         return x.mean((2, 3), keepdim=True)
+    if op in ("upsample_nearest2d", "upsample_bilinear2d"):    # the ATen call torch.export recorded
+        size, scales = (None, a["scales"]) if a.get("scales") else (a["size"], None)
+        if op == "upsample_nearest2d":
+            return torch.ops.aten.upsample_nearest2d.vec(x, size, scales)
+        return torch.ops.aten.upsample_bilinear2d.vec(x, size, bool(a["align_corners"]), scales)
     if op == "flatten":
         return x.flatten(1)
     if op == "relu":

@@ -409,6 +409,30 @@ def _avg_pool2d(lb, op, xs, P, D, in_types, add_prim):
                       (n, c, oh, ow))
 
 
+def _resize(lb, op, xs, P, D, in_types, add_prim):
+    """One TE kernel: per output element four table-indexed taps weighed in int32
+    (|acc| ≤ 2^(2F)·255), then the scalar requantization."""
+    a, p = op.attrs, op.params
+    (n, c, h, w), dtype = in_types[0]
+    oh, ow = p["y0"].size, p["x0"].size
+    X = te.placeholder((n, c, h, w), dtype, "x")
+    Y0, Y1, WY = (te.placeholder((oh,), I32, k) for k in ("y0", "y1", "wy"))
+    X0, X1, WX = (te.placeholder((ow,), I32, k) for k in ("x0", "x1", "wx"))
+    one, z_in = tvm.tirx.const(1 << a["frac"], I32), tvm.tirx.const(a["z_in"], I32)
+    M, R, S = (tvm.tirx.const(int(t), I64) for t in requant_tables(np.array(a["mult"]), np.array(a["shift"])))
+
+    def code(b, k, i, j):
+        def row(y):
+            v0, v1 = (X[b, k, y, xj].astype(I32) - z_in for xj in (X0[j], X1[j]))
+            return WX[j] * v0 + (one - WX[j]) * v1
+        acc = WY[i] * row(Y0[i]) + (one - WY[i]) * row(Y1[i])
+        return nt.output_code(nt.TIR, acc, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
+    out = te.compute((n, c, oh, ow), code, name="out")
+    func = te.create_prim_func([X, Y0, Y1, WY, X0, X1, WX, out])
+    return _call_fast(lb, op, add_prim, func, [xs[0], *(P[k] for k in ("y0", "y1", "wy", "x0", "x1", "wx"))],
+                      (n, c, oh, ow))
+
+
 def _pad(lb, op, xs, P, D, in_types, add_prim):
     top, left, bottom, right = op.attrs["pads"]
     return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs["value"])))
@@ -559,4 +583,4 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
 _BODIES = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear,
            "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
            "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
-           "mul": _mul}
+           "mul": _mul, "resize": _resize}

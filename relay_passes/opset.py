@@ -27,6 +27,7 @@ import numpy as np
 
 from calib.numerics import GroupScale, code_table, quantize_multiplier
 from relay_passes.program import INPUT, Op, Program
+from relay_passes.resize import resize_op
 
 
 class Channels(Enum):
@@ -159,6 +160,23 @@ def _mul(rng) -> Program:
     return _program((2, 3, 4, 4), [gate, Op("mul", "op", ["q", "gate"], attrs)], "op", 128, 0.01)
 
 
+def _resize(rng) -> Program:
+    """A nearest resize then a bilinear one: up or down, by size or by a non-integer scale."""
+    def target(hw):
+        if rng.random() < 0.5:
+            sf = float(rng.choice([0.5, 0.7, 1.5, 1.7, 2.0, 2.5, 3.0]))
+            return tuple(max(1, int(np.floor(n * sf))) for n in hw), (sf, sf)
+        return tuple(int(v) for v in rng.integers(1, 12, 2)), None
+    hw = (int(rng.integers(2, 8)), int(rng.integers(2, 8)))
+    mid, sc = target(hw)
+    near = resize_op("near", "q", hw, mid, "nearest", False, sc, 0.02, 128, 0.02, 128)
+    out, sc2 = target(mid)
+    z_out = int(rng.integers(60, 200))
+    op = resize_op("op", "near", mid, out, "bilinear", bool(rng.integers(0, 2)), sc2, 0.02, 128,
+                   0.02 * rng.uniform(0.6, 1.5), z_out)
+    return _program((2, 3, *hw), [near, op], "op", z_out, 0.02)
+
+
 def _flatten(rng) -> Program:
     return _program((2, 3, 2, 2), [Op("flatten", "op", ["q"])], "op", 128)
 
@@ -184,6 +202,7 @@ KINDS: dict[str, OpKind] = {k.name: k for k in [
     OpKind("avg_pool2d", Channels.CHANNELWISE, _avg_pool2d),
     OpKind("pad", Channels.CHANNELWISE, _pad),
     OpKind("table", Channels.CHANNELWISE, _table),
+    OpKind("resize", Channels.CHANNELWISE, _resize),
     OpKind("flatten", Channels.CHANNELWISE, _flatten),
     OpKind("concat", Channels.PINNED, _concat),
     OpKind("gather", Channels.PINNED, _gather),

@@ -7,6 +7,8 @@ by position in another IR) and the integer program is emitted as Relax once:
     conv2d / linear [+ relu | relu6]          → conv2d / linear (requant α′, bias b, clamps)
     add(tensor, tensor) [+ relu]              → add (one rounding, common shift t)
     max_pool2d                                → max_pool2d on codes
+    upsample_nearest2d / upsample_bilinear2d  → resize (nearest: a gather of codes; bilinear:
+                                                2^-10 weights, requantized to its own codes)
     avg_pool2d / global_avg_pool              → sum_pool2d (int32 sums, 1/count folded
                                                 into the consumer's requantization)
     flatten                                   → flatten
@@ -26,6 +28,7 @@ import numpy as np
 from calib.errors import UnsupportedOpError, WapsError
 from calib.numerics import INT32_MAX, code_table, quantize_multiplier
 from relay_passes.program import INPUT, Op, Program, emit
+from relay_passes.resize import resize_op
 
 
 FRAC_BITS = 16         # at most this many fractional accumulator bits (see _frac_bits)
@@ -222,6 +225,17 @@ class ProgramBuilder:
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
         attrs = {"z_in": c.zero_point, "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
         return self._new("avg_pool2d", _op_name(label), [t.name], attrs, params, out)
+
+    def resize(self, t: Value, in_hw: tuple[int, int], size: tuple[int, int], mode: str, align_corners: bool, scales,
+               out: TensorCodes | None, label: str) -> Value:
+        """F.interpolate of an ``in_hw`` map to ``size`` (relay_passes/resize.py): nearest keeps the
+        input's codes (``out`` None); bilinear requantizes its weighted sums to ``out``."""
+        c = self._narrow(t, f"{mode} resize", label)
+        op = resize_op(_op_name(label), t.name, tuple(in_hw), tuple(size), mode, align_corners, scales, c.scale,
+                       c.zero_point, out.scale if out else c.scale, out.zero_point if out else c.zero_point,
+                       (out or c).qmax)
+        self._check_multiplier(np.array([op.attrs["shift"]]), label)
+        return self._new("resize", op.name, [t.name], {**op.attrs, "layer": label}, op.params, out or c)
 
     def concat(self, ts: list[Value], out: TensorCodes, label: str) -> Value:
         """Inputs moved to the output scale (one rounding each, common shift t), then joined."""

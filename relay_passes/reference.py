@@ -24,6 +24,11 @@ concat       along axis 1; input i becomes clip(rescale(x_i, z_i, k_i, t) + z_ou
 table        table[x]: an elementwise function of codes (calib/numerics.code_table)
 mul          clip(requant((a − za)·(b − zb), mult, shift) + z_out, lo, hi); b is a's shape or
              [N, C, 1, 1] (broadcast over H, W)
+resize       output (i, j) = clamp(requant(Σ_{a,b∈{0,1}} wy_a[i]·wx_b[j]·(x[ya[i], xb[j]] − z_in), mult,
+             shift) + z_out, lo, hi) with rows y0/y1, weights wy_0 = wy, wy_1 = 2^F − wy (F = attr
+             ``frac``), columns likewise (params, relay_passes/resize.py: torch's source indices);
+             int32 sum, |acc| ≤ 2^(2F)·255. Bilinear: F = 10, mult/shift fold s_in/(s_out·2^(2F)).
+             Nearest: F = 0, y1 = y0, wy = 1, mult/shift = 1 exactly, z_out = z_in: a gather of codes
 flatten      [N, C, H, W] → [N, C·H·W];  gather: channels x[:, index]
 with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s), each
 rule taken from calib/numerics.py (the NumPy definition of the contract).
@@ -163,6 +168,20 @@ def _mul(op: Op, a_, b_):
     return clamp(requantize(prod, a["mult"], a["shift"]) + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
 
 
+def _resize(op: Op, x):
+    a, p = op.attrs, op.params
+    one = 1 << a["frac"]
+    xz = x.astype(np.int64) - a["z_in"]
+    wy = np.stack([p["wy"], one - p["wy"]]).astype(np.int64)          # [2, OH]
+    wx = np.stack([p["wx"], one - p["wx"]]).astype(np.int64)          # [2, OW]
+    acc = np.zeros(x.shape[:2] + (p["y0"].size, p["x0"].size), np.int64)
+    for ys, wya in zip((p["y0"], p["y1"]), wy):
+        rows = xz[:, :, ys]                                           # [N, C, OH, W]
+        for xs, wxb in zip((p["x0"], p["x1"]), wx):
+            acc += wya[:, None] * wxb[None, :] * rows[..., xs]
+    return output_codes(acc, a["mult"], a["shift"], a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+
+
 def _sum_pool2d(op: Op, x):
     a = op.attrs
     win = _windows(x, a["kernel"], a["stride"], (1, 1), a["padding"], a["z_in"])
@@ -180,4 +199,4 @@ def _gather(op: Op, x):
 OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "linear": _layer,
        "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
        "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
-       "mul": _mul}
+       "mul": _mul, "resize": _resize}

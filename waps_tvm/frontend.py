@@ -66,6 +66,11 @@ def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) 
     if n.op == "adaptive_avg_pool2d":
         win = Windows.adaptive(size, tuple(a["output_size"]))
         return b.avg_pool(xs[0], win, _codes(art.quant[n.name], label), label)
+    if n.op in ("upsample_nearest2d", "upsample_bilinear2d"):
+        bilinear = n.op == "upsample_bilinear2d"
+        out = _codes(art.quant[n.name], label) if bilinear else None
+        return b.resize(xs[0], size, tuple(a["size"]), "bilinear" if bilinear else "nearest",
+                        bool(a.get("align_corners", False)), a.get("scales"), out, label)
     if n.op == "global_avg_pool":
         h, w = size
         return b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, label)

@@ -141,7 +141,8 @@ RENDER = {
     "conv2d": _layer("Conv", conv=True), "linear": _layer("MatMul", conv=False), "gather": _gather, "add": _add,
     "max_pool2d": _pool("MaxPool"), "sum_pool2d": _pool("SumPool"), "quantize": _float_edge("Quantize", qmax=True),
     "dequantize": _float_edge("Dequantize", qmax=False), "flatten": _flatten, "pad": _generic("Pad"),
-    "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul")}
+    "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul"),
+    "resize": _generic("Resize")}
 
 
 def _attr_ok(v) -> bool:

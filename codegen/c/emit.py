@@ -180,6 +180,14 @@ def _avg_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
             f"{a['lo']}, {a['hi']}, {out});"]
 
 
+def _resize_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    n, c, h, w = in_shapes[0]
+    oh, ow = out_shape[2:]
+    tabs = ", ".join(param[k] for k in ("y0", "y1", "wy", "x0", "x1", "wx"))
+    return [f"waps_resize({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['frac']}, {a['z_in']}, {a['mult']}, "
+            f"{a['shift']}, {a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
+
+
 def _pad_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
     top, left, bottom, right = a["pads"]
@@ -212,7 +220,7 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
     "max_pool2d": _max_pool2d_call, "avg_pool2d": _avg_pool2d_call, "pad": _pad_call, "concat": _concat_call,
-    "table": _table_call, "mul": _mul_call}
+    "table": _table_call, "mul": _mul_call, "resize": _resize_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 
 

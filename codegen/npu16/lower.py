@@ -27,7 +27,7 @@ class NotOnNpu(Exception):
 class NpuOp:
     stream: list[Instr]
     tiles: np.ndarray | None = None          # int8 (conv: tiled; depthwise: raw [M, KH, KW])
-    table: np.ndarray | None = None          # int32 channel table (conv) or window table (avg pool)
+    table: np.ndarray | None = None          # int32 channel table (conv), window table (avg pool), source table (resize)
     lut: np.ndarray | None = None            # uint8 lookup table (table op)
     counts: dict = field(default_factory=dict)
 
@@ -132,7 +132,7 @@ def _gather(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
 
 
 def _epilogue(kind: str, unit):
-    """A command of the epilogue's units (pad, avg pool, concat, table, mul): uint8 codes only."""
+    """A command of the epilogue's units (pad, avg pool, concat, table, mul, resize): uint8 codes only."""
     def lowering(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
         s = machine_registers(npu)
         if any(d != "uint8" for d in in_dtypes):
@@ -171,6 +171,19 @@ def _avg_pool2d(s, a, in_shapes, params) -> NpuOp:
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["h0"].size, Reg.OW: params["w0"].size,
                 Reg.COUNT: params["mult"].size, Reg.Z_IN: a["z_in"], **_clamp_regs(a)})
     return NpuOp(s + [Instr(Op.AVGPOOL), Instr(Op.END)], table=avg_pool_windows(params))
+
+
+def resize_table(params: dict[str, np.ndarray]) -> np.ndarray:
+    """The RESIZE source table: y0, y1, wy [OH], x0, x1, wx [OW] as one int32 array."""
+    return np.concatenate([np.asarray(params[k], np.int32).ravel() for k in ("y0", "y1", "wy", "x0", "x1", "wx")])
+
+
+def _resize(s, a, in_shapes, params) -> NpuOp:
+    n, c, h, w = in_shapes[0]
+    s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["y0"].size, Reg.OW: params["x0"].size,
+                Reg.FRAC: a["frac"], Reg.Z_IN: a["z_in"], Reg.MULT: a["mult"], Reg.SHIFT: a["shift"],
+                **_clamp_regs(a)})
+    return NpuOp(s + [Instr(Op.RESIZE), Instr(Op.END)], table=resize_table(params))
 
 
 def _concat(s, a, in_shapes, params) -> NpuOp:
@@ -212,4 +225,4 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,
-                                               "table": _table, "mul": _mul}.items()}}
+                                               "table": _table, "mul": _mul, "resize": _resize}.items()}}

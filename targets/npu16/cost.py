@@ -40,6 +40,10 @@ through the epilogue, a gather only through DMA. The ops of issue 13 (``pad_cost
                 multi-command op costs the sum of its commands' max(dma, epilogue)
     table       LUT unit in the epilogue: one value per code; DMA: codes + the 2^A-entry table
     mul         epilogue: one value per output; DMA: a, b (N·C when broadcast), output
+    resize      DMA: the int32 source table (3·OH + 3·OW) and the output; nearest: the DMA
+                gathers each output code (one byte in per output), no epilogue; bilinear: the
+                two source rows of each output row (2·W bytes per row and plane) in, five
+                epilogue values per output (four weighted taps, one requant)
 """
 from __future__ import annotations
 
@@ -227,6 +231,13 @@ def lut_cost(name: str, elems: int, table_size: int, npu: NPU16) -> LayerCost:
 
 def mul_cost(name: str, elems: int, b_elems: int, npu: NPU16) -> LayerCost:
     return _unit_cost(name, elems + b_elems, elems, elems, npu)
+
+
+def resize_cost(name: str, planes: int, w: int, oh: int, ow: int, bilinear: bool, npu: NPU16) -> LayerCost:
+    """``planes`` = N·C of an input W wide resized to OH×OW."""
+    outs = planes * oh * ow
+    bytes_in = planes * oh * 2 * w if bilinear else outs
+    return _unit_cost(name, bytes_in, outs, 5 * outs if bilinear else 0, npu, weights=4 * 3 * (oh + ow))
 
 
 def tile_aligned_sizes(c: int, g: int, tile: int) -> tuple[int, ...]:

@@ -14,7 +14,9 @@ SUMPOOL, GATHER (DMA channel gather), PAD (DMA writes the bordered layout), AVGP
 sums over a DMA'd window table, requantized in the epilogue), CONCAT (one input rescaled
 through the epilogue into its channel range; one command per input), LUT (the epilogue's
 lookup unit, table loaded by DMA), MUL (epilogue elementwise product, b optionally
-broadcast over H·W), END.
+broadcast over H·W), RESIZE (nearest: the DMA gathers each output code by the row/column
+table, no epilogue; bilinear: the DMA fetches the two source rows of each output row and the
+epilogue weighs four taps and requantizes, FRAC = weight bits), END.
 
 Every stream starts by writing the machine registers (TILE, ARRAYS, DMA_BPC, EPI_LANES,
 WAPS_*) from the target parameters (params.NPU16), so one simulator runs any config.
@@ -43,6 +45,7 @@ class Op(IntEnum):
     CONCAT = 10
     LUT = 11
     MUL = 12
+    RESIZE = 13
 
 
 MAX_GROUPS = 8           # WAPS groups the D1/D2 datapath holds (σ/n/tile registers per group)
@@ -88,14 +91,14 @@ class Reg(IntEnum):
     WAPS_SWITCH = 36 + 3 * MAX_GROUPS    # cycles per non-empty group switch (D1 → D2)
     WAPS_MERGE = 37 + 3 * MAX_GROUPS     # cycles to merge the groups
     WAPS_PIPELINED = 38 + 3 * MAX_GROUPS
-    OH = 64               # avgpool: output size (the window table's length)
+    OH = 64               # avgpool, resize: output size (the window / source table's length)
     OW = 65
     PAD_TOP = 66
     PAD_LEFT = 67
     PAD_BOTTOM = 68
     PAD_RIGHT = 69
     PAD_VALUE = 70        # pad: the border code
-    MULT = 71             # mul: requant multiplier and shift (scalars)
+    MULT = 71             # mul, resize: requant multiplier and shift (scalars)
     SHIFT = 72
     B_BCAST = 73          # mul: b is [N, C] broadcast over INNER
     C_OFFSET = 74         # concat: first output channel of this input

@@ -34,7 +34,8 @@ typedef struct {
   void *out;                  /* output codes */
   const int8_t *tiles;        /* CONV: [G, OT, P, IT, KH, KW, T, T]; DWCONV: raw [M, KH, KW] */
   const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row, -1 = pad;
-                                 AVGPOOL: windows h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH, OW] */
+                                 AVGPOOL: windows h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH, OW];
+                                 RESIZE: y0, y1, wy [OH], x0, x1, wx [OW] */
   const uint8_t *lut;         /* LUT: [LUT_SIZE] output code per input code */
   const int32_t *bias, *mult, *shift, *index;
 } npu16_bufs;
@@ -251,6 +252,43 @@ static int npu16_avgpool(const int64_t *r, const npu16_bufs *b, npu16_counters *
   return 0;
 }
 
+/* Resize through the source table (int32, 3·OH + 3·OW, by DMA). Bilinear (FRAC > 0): the DMA
+ * fetches the two source rows (W codes each) of every output row, the epilogue weighs four
+ * taps and requantizes (5 values per output). Nearest (FRAC = 0, one tap of weight 1): the DMA
+ * gathers every output code, nothing goes through the epilogue. */
+static int npu16_resize(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int N = (int)r[R_N], C = (int)r[R_C], H = (int)r[R_H], W = (int)r[R_W], OH = (int)r[R_OH], OW = (int)r[R_OW];
+  int frac = (int)r[R_FRAC];
+  const int32_t *y0 = b->table, *y1 = y0 + OH, *wy = y1 + OH, *x0 = wy + OH, *x1 = x0 + OW, *wx = x1 + OW;
+  const uint8_t *x = (const uint8_t *)b->x;
+  int32_t one, zin = (int32_t)r[R_ZIN];
+  if (frac < 0 || frac > 11) return -1;             /* |acc| ≤ 2^(2·frac)·255 < 2^31 */
+  one = (int32_t)1 << frac;
+  for (int oy = 0; oy < OH; ++oy)
+    if (y0[oy] < 0 || y0[oy] >= H || y1[oy] < 0 || y1[oy] >= H || wy[oy] < 0 || wy[oy] > one) return -1;
+  for (int ox = 0; ox < OW; ++ox)
+    if (x0[ox] < 0 || x0[ox] >= W || x1[ox] < 0 || x1[ox] >= W || wx[ox] < 0 || wx[ox] > one) return -1;
+  for (int nc = 0; nc < N * C; ++nc)
+    for (int oy = 0; oy < OH; ++oy) {
+      const uint8_t *r0 = x + ((size_t)nc * H + y0[oy]) * W, *r1 = x + ((size_t)nc * H + y1[oy]) * W;
+      for (int ox = 0; ox < OW; ++ox) {
+        int32_t a0 = wx[ox] * (r0[x0[ox]] - zin) + (one - wx[ox]) * (r0[x1[ox]] - zin);
+        int32_t a1 = wx[ox] * (r1[x0[ox]] - zin) + (one - wx[ox]) * (r1[x1[ox]] - zin);
+        ((uint8_t *)b->out)[((size_t)nc * OH + oy) * OW + ox] =
+            npu16_requant(wy[oy] * a0 + (one - wy[oy]) * a1, (int32_t)r[R_MULT], (int32_t)r[R_SHIFT], r);
+      }
+    }
+  {
+    int64_t outs = (int64_t)N * C * OH * OW;
+    int64_t values = frac ? 5 * outs : 0;
+    c->epilogue_values += values;
+    c->epilogue_cycles += npu16_cdiv(values, r[R_EPI_LANES]);
+    c->dma_in_bytes += (frac ? (int64_t)N * C * OH * 2 * W : outs) + 4 * 3 * ((int64_t)OH + OW);
+    c->dma_out_bytes += outs;
+  }
+  return 0;
+}
+
 /* One concat input (INPUT_SEL, C channels of INNER values) rescaled through the epilogue into
  * channels [C_OFFSET, C_OFFSET + C) of the OUTC-channel output. */
 static int npu16_concat(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
@@ -340,6 +378,7 @@ static int npu16_execute(const uint32_t *prog, const npu16_bufs *b, npu16_counte
       case NPU16_CONCAT: rc = npu16_concat(r, b, &d); break;
       case NPU16_LUT: rc = npu16_lut(r, b, &d); break;
       case NPU16_MUL: npu16_mul(r, b, &d); break;
+      case NPU16_RESIZE: rc = npu16_resize(r, b, &d); break;
       default: return -1;
     }
     if (rc) return rc;

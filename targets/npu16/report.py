@@ -15,7 +15,7 @@ import numpy as np
 
 from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
-                                lut_cost, mul_cost, pad_cost, pool_cost)
+                                lut_cost, mul_cost, pad_cost, pool_cost, resize_cost)
 from targets.npu16.params import NPU16
 
 
@@ -102,11 +102,16 @@ def _mul(program, op, in_shape, in_dtype, npu) -> LayerCost:
     return mul_cost(op.name, int(np.prod(in_shape)), int(np.prod(program.shape_of(op.inputs[1]))), npu)
 
 
+def _resize(program, op, in_shape, in_dtype, npu) -> LayerCost:
+    return resize_cost(op.name, in_shape[0] * in_shape[1], in_shape[3], op.params["y0"].size, op.params["x0"].size,
+                       op.attrs["frac"] > 0, npu)
+
+
 # kind → its estimated npu16 cost (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., LayerCost]] = {
     "quantize": _host, "dequantize": _host, "flatten": _host, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
-    "concat": _concat, "table": _table, "mul": _mul}
+    "concat": _concat, "table": _table, "mul": _mul, "resize": _resize}
 
 
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:

@@ -139,6 +139,31 @@ def test_pooling_and_pad(pool, op, attrs):
     float_matches(m, g)
 
 
+@pytest.mark.parametrize("f, op, attrs", [
+    (lambda x: F.interpolate(x, scale_factor=2, mode="nearest"), "upsample_nearest2d",
+     {"size": [12, 12], "scales": [2.0, 2.0]}),
+    (lambda x: nn.Upsample(size=(4, 9))(x), "upsample_nearest2d", {"size": [4, 9], "scales": None}),
+    (lambda x: F.interpolate(x, scale_factor=1.7, mode="bilinear"), "upsample_bilinear2d",
+     {"size": [10, 10], "scales": [1.7, 1.7], "align_corners": False}),
+    (lambda x: F.interpolate(x, scale_factor=1.7, mode="bilinear", recompute_scale_factor=True),
+     "upsample_bilinear2d", {"size": [10, 10], "scales": None, "align_corners": False}),
+    (lambda x: F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True), "upsample_bilinear2d",
+     {"size": [7, 9], "scales": None, "align_corners": True}),
+])
+def test_interpolate(f, op, attrs):
+    """torch's scale factor is kept where torch uses it for the source indices (it differs from size ratios)."""
+    m = Fn(f)
+    g = graph_of(m)
+    (n,) = ops(g)
+    assert n.op == op and n.attrs == attrs and n.shape == (8, *attrs["size"])
+    float_matches(m, g)
+
+
+def test_bicubic_interpolate_is_refused():
+    with pytest.raises(UnsupportedOpError, match="upsample_bicubic2d"):
+        graph_of(Fn(lambda x: F.interpolate(x, scale_factor=2, mode="bicubic")))
+
+
 def test_adaptive_pool_to_one_stays_global():
     g = graph_of(Fn(lambda y: F.adaptive_avg_pool2d(y, 1)))
     assert [n.op for n in ops(g)] == ["global_avg_pool"]

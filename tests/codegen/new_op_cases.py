@@ -1,5 +1,5 @@
 """Random small programs around one op of the new kinds (pad, dilated max_pool2d, avg_pool2d,
-concat, table, mul), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
+concat, table, mul, resize), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
 zero 0, so integer inputs are their own codes) → helper ops making the op's inputs (gathers,
 a global max pool for a broadcast operand) → the op → dequantize.
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from relay_passes.program import INPUT, Op, Program
 
-KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul")
+KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize")
 
 
 def _clamp_range(rng) -> tuple[int, int]:
@@ -113,6 +113,19 @@ def case(kind: str, seed: int):
         attrs = {"za": int(rng.integers(0, 256)), "zb": int(rng.integers(0, 256)), "mult": _mult(rng),
                  "shift": int(rng.integers(0, 17)), "z_out": int(rng.integers(0, 256)), "lo": lo, "hi": hi}
         ops = [b, Op("mul", "op", ["q", "b"], attrs, shape=shape)]
+    elif kind == "resize":
+        c, h, w = (int(v) for v in rng.integers(1, 6, 3))
+        oh, ow = (int(v) for v in rng.integers(1, 9, 2))
+        frac = int(rng.choice([0, 7, 10, 11]))        # 11: the largest with |acc| ≤ 2^22·255 in int32
+        params = {"y0": rng.integers(0, h, oh), "y1": rng.integers(0, h, oh), "wy": rng.integers(0, 2**frac + 1, oh),
+                  "x0": rng.integers(0, w, ow), "x1": rng.integers(0, w, ow), "wx": rng.integers(0, 2**frac + 1, ow)}
+        lo, hi = _clamp_range(rng)
+        attrs = {"mode": "bilinear" if frac else "nearest", "frac": frac, "z_in": int(rng.integers(0, 256)),
+                 "z_out": int(rng.integers(0, 256)), "mult": _mult(rng), "shift": int(rng.integers(-1, 2 * frac + 2)),
+                 "lo": lo, "hi": hi}
+        shape = (n, c, h, w)
+        ops = [Op("resize", "op", ["q"], attrs, {k: v.astype(np.int32) for k, v in params.items()},
+                  shape=(n, c, oh, ow))]
     else:
         raise ValueError(kind)
     x = rng.integers(0, qmax + 1, shape).astype(np.float32)
