@@ -1,0 +1,104 @@
+"""Residual adds with a broadcast operand end to end: x + F.adaptive_avg_pool2d(x, 1) (the pool's
+int32 sums added directly), the same with the pool first, a per-position [N, 1, H, W] and a
+per-sample [N, 1, 1, 1] operand. calibrate → lower_artifact → the NumPy reference, within 1 code of
+the fake-quant model at every quantization point, and bit-exact on fast llvm, C and npu16 with
+the add on the NPU."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from relay_passes import reference
+from waps_tvm.compiler import lower_artifact
+from waps_tvm.oracle import layer_agreement
+
+
+class PoolAdd(nn.Module):
+    """conv → (x + pool(x)) or (pool(x) + x) → conv."""
+
+    def __init__(self, pool_first: bool):
+        super().__init__()
+        self.pool_first = pool_first
+        self.a, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        p = F.adaptive_avg_pool2d(y, 1)
+        return self.b(p + y if self.pool_first else y + p)
+
+
+class MapAdd(nn.Module):
+    """conv → x + one map [N, 1, H, W] (``per_sample``: its mean, [N, 1, 1, 1]) → conv."""
+
+    def __init__(self, per_sample: bool):
+        super().__init__()
+        self.per_sample = per_sample
+        self.a, self.m, self.b = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        m = self.m(y)
+        if self.per_sample:
+            m = self.m(F.adaptive_avg_pool2d(y, 1))       # a 1×1 conv of the pooled map: [N, 1, 1, 1]
+        return self.b(m + y)
+
+
+MODELS = {"x+pool": lambda: PoolAdd(False), "pool+x": lambda: PoolAdd(True),
+          "position": lambda: MapAdd(False), "sample": lambda: MapAdd(True)}
+SHAPES = {"x+pool": (8, 1, 1), "pool+x": (8, 1, 1), "position": (1, 6, 5), "sample": (1, 1, 1)}
+
+
+def _calibrated(name: str, bits: int = 4):
+    """calibrate → .waps file (its graph checks) → loaded artifact."""
+    import tempfile
+    from pathlib import Path
+    from calib.artifact import load, save
+    from tests.compile_helpers import calibrated
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        return load(save(calibrated(MODELS[name](), (1, 6, 5), wbits=bits, abits=bits, iters=1, samples=8),
+                         Path(d) / "m.waps"))
+
+
+def _broadcast_add(art):
+    adds = [n for n in art.graph if n.op == "add"]
+    assert len(adds) == 1
+    shapes = {tuple(art.graph[i].shape) for i in adds[0].inputs}
+    return adds[0], shapes
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_broadcast_add_within_one_code_of_fake_quant(name):
+    art = _calibrated(name)
+    _, shapes = _broadcast_add(art)
+    assert shapes == {(8, 6, 5), SHAPES[name]}, shapes
+    x = np.random.default_rng(1).normal(size=(8, 1, 6, 5)).astype("float32")
+    lowered = lower_artifact(art, 8, "split")
+    add = next(o for o in lowered.program.ops if o.kind == "add")
+    sa, sb = (lowered.program.shape_of(i) for i in add.inputs)
+    assert tuple(sa) == (8, 8, 6, 5) and tuple(sb) == (8, *SHAPES[name])     # the broadcast operand second
+    if name in ("x+pool", "pool+x"):
+        assert lowered.program.dtype_of(add.inputs[1]) == "int32"            # the pool's sums, not requantized
+    out = reference.run(lowered.program, x)
+    assert out[1].shape == (8, 4, 6, 5)
+    rows = layer_agreement(art, x)
+    assert "add" in {r.kind for r in rows}
+    assert all(r.max_diff <= 1 for r in rows), rows
+
+
+@pytest.mark.parametrize("name", ["x+pool", "pool+x", "position"])
+def test_broadcast_add_bit_exact_on_every_backend(name):
+    """Fast llvm (NHWC convs around the NCHW add), C and npu16 (the add on the NPU) equal the reference."""
+    import tvm
+    from waps_tvm.compiler import build
+    art = _calibrated(name)
+    x = np.random.default_rng(2).normal(size=(2, 1, 6, 5)).astype("float32")
+    for form, target in (("fast", "llvm"), ("split", "c"), ("split", "npu16")):
+        lowered = lower_artifact(art, 2, form)
+        out = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x))
+        if target == "npu16":
+            assert {r["target"] for r in lowered.placement if r["kind"] == "add"} == {"npu16"}
+        ref = reference.run(lowered.program, x)
+        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
+        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
