@@ -9,7 +9,8 @@ Word layout (four little-endian uint32):
     w1  low 32 bits of the value     w2  high 32 bits of the value (sign-extended)
     w3  reserved (0)
 Commands: CONV (conv2d/linear on the MAC array, D1/D2 group accumulation, epilogue),
-DWCONV (depthwise: one tile of channels per array step), ADD, MAXPOOL (dilated windows),
+DWCONV (depthwise: one tile of channels per array step), ADD (b optionally broadcast per
+channel, position or sample, uint8 or int32 pooled sums), MAXPOOL (dilated windows),
 SUMPOOL, GATHER (DMA channel gather), PAD (DMA writes the bordered layout), AVGPOOL (window
 sums over a DMA'd window table, requantized in the epilogue), CONCAT (one input rescaled
 through the epilogue into its channel range; one command per input), LUT (the epilogue's

@@ -102,3 +102,36 @@ def test_broadcast_add_bit_exact_on_every_backend(name):
         ref = reference.run(lowered.program, x)
         np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
         np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
+
+
+def test_broadcast_operand_first_in_the_artifact_is_swapped_to_second():
+    """capture puts the broadcast operand second; an artifact with it first (a + b = b + a)
+    lowers to the same program: the operands swap with their scales."""
+    art = _calibrated("pool+x")
+    x = np.random.default_rng(3).normal(size=(2, 1, 6, 5)).astype("float32")
+    want = reference.run(lower_artifact(art, 2, "split").program, x)
+    add, _ = _broadcast_add(art)
+    add.inputs = add.inputs[::-1]
+    assert tuple(art.graph[add.inputs[0]].shape) == (8, 1, 1)
+    got = reference.run(lower_artifact(art, 2, "split").program, x)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_adds_that_stay_refused():
+    """Two pooled (int32) operands, a pooled full-size operand, and shapes that do not broadcast."""
+    from calib.errors import UnsupportedOpError
+    from codegen.npu16.lower import NotOnNpu, lower_op
+    from relay_passes.quantize import AddQuant, ProgramBuilder, TensorCodes, Value
+    from waps_tvm.frontend import _same_shape
+    wide, narrow = TensorCodes(0.01 / 30, 128 * 30, 255 * 30), TensorCodes(0.01, 128, 255)
+    ad = AddQuant("add", None, TensorCodes(0.02, 100, 255))
+    with pytest.raises(UnsupportedOpError, match="pooled"):
+        ProgramBuilder((1, 4, 3, 3), narrow).residual_add(ad, Value("a", wide), Value("b", narrow), True)
+    attrs = {"za": 0, "zb": 0, "ka": 1, "kb": 1, "t": 1, "z_out": 0, "lo": 0, "hi": 255}
+    with pytest.raises(NotOnNpu, match="int32"):
+        lower_op("add", attrs, [(1, 4, 3, 3), (1, 4, 3, 3)], ["uint8", "int32"], {})
+    art = _calibrated("position")
+    add, _ = _broadcast_add(art)
+    art.graph[add.inputs[1]].shape = (1, 6, 1)                      # [1, H, 1]: not a supported broadcast
+    with pytest.raises(UnsupportedOpError, match="broadcasts either operand"):
+        _same_shape(art, add, broadcast=True, either=True)
