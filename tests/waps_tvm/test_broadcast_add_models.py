@@ -135,3 +135,33 @@ def test_adds_that_stay_refused():
     art.graph[add.inputs[1]].shape = (1, 6, 1)                      # [1, H, 1]: not a supported broadcast
     with pytest.raises(UnsupportedOpError, match="broadcasts either operand"):
         _same_shape(art, add, broadcast=True, either=True)
+
+
+def test_npu16_estimator_equals_the_simulator_on_broadcast_adds(tmp_path):
+    """Every broadcast mode of the add's conformance example (per channel, pooled int32 sums,
+    per position, per sample): the simulator's output is the reference's and each counter is
+    the estimator's (b read once, 4 bytes a value when wide)."""
+    import zlib
+    from relay_passes.program import emit
+    from relay_passes.opset import KINDS
+    from targets.npu16.params import NPU16
+    from targets.npu16.report import estimate
+    from tests.compile_helpers import npu16_simulator
+    from tests.targets.test_npu16_new_ops import simulate
+    lib = npu16_simulator(tmp_path)
+    seen = set()
+    for seed in range(18):
+        rng = np.random.default_rng(zlib.crc32(b"add") + seed)
+        prog = KINDS["add"].example(rng)
+        emit(prog)
+        op = prog["op"]
+        sb, db = prog.shape_of(op.inputs[1]), prog.dtype_of(op.inputs[1])
+        seen.add((tuple(sb), db))
+        x = rng.normal(0, 1.5, prog.input_shape).astype(np.float32)
+        env = reference.run(prog, x, keep=True)
+        npu = NPU16(dma_bytes_per_cycle=int(rng.integers(1, 9)), epilogue_width=int(rng.integers(1, 9)))
+        out, counted = simulate(lib, prog, op, env, npu)
+        np.testing.assert_array_equal(out, env[op.name])
+        assert estimate(prog, op, npu).counters() == counted
+    assert {((2, 5, 1, 1), "int32"), ((2, 5, 1, 1), "uint8"), ((2, 1, 6, 6), "uint8"), ((2, 1, 1, 1), "uint8"),
+            ((2, 5, 6, 6), "uint8")} <= seen, seen
