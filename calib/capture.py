@@ -14,7 +14,7 @@ from torch.export import ExportedProgram
 
 from calib import layout
 from calib.errors import ModelError, UnsupportedOpError
-from calib.graph import Graph, Node
+from calib.graph import Graph, Node, add_broadcast_ok
 
 aten = torch.ops.aten
 
@@ -257,7 +257,7 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         x, y = value(a[0]), value(a[1])
         if math.prod(shapes[y]) > math.prod(shapes[x]):  # the broadcast operand goes second
             x, y = y, x
-        if not _broadcastable(shapes[x], shapes[y]):
+        if not _broadcastable(shapes[x], shapes[y], op):
             raise _Refused(f"{where}: {op} of shapes {shapes[x]} and {shapes[y]}")
         return Node(fx.name, op, [x, y], {"act": None} if op == "add" else {}, {}, source, shape)
     if t is aten.cat.default:
@@ -328,9 +328,10 @@ def _upsample_attrs(t, args: dict, shape) -> dict:
     return attrs
 
 
-def _broadcastable(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Equal shapes, or a per-channel (C,1,1) operand against (C,H,W)."""
-    return a == b or (len(a) == 3 and b in ((a[0], 1, 1),))
+def _broadcastable(a: tuple[int, ...], b: tuple[int, ...], op: str) -> bool:
+    """Equal shapes, or a per-channel (C,1,1) operand against (C,H,W); an add also takes a
+    per-position (1,H,W) or per-sample (1,1,1) operand (graph.add_broadcast_ok)."""
+    return a == b or (len(a) == 3 and b in ((a[0], 1, 1),)) or (op == "add" and add_broadcast_ok(a, b))
 
 
 def _json_scalar(v):

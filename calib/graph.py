@@ -46,6 +46,13 @@ QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d
              "upsample_bilinear2d")
 
 
+def add_broadcast_ok(full: tuple, part: tuple) -> bool:
+    """``part`` broadcasts against ``full`` as an add operand (shapes without the batch): one value
+    per channel [C, 1, 1], per position [1, H, W] or per sample [1, 1, 1] of a [C, H, W] tensor."""
+    full, part = tuple(full), tuple(part)
+    return len(full) == 3 and part != full and part in ((full[0], 1, 1), (1, *full[1:]), (1, 1, 1))
+
+
 @dataclass
 class Node:
     name: str

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from calib.errors import ArtifactError
-from calib.graph import OPS, Node
+from calib.graph import OPS, Node, add_broadcast_ok
 
 ELEMENTWISE_PARAMS = {  # fn → required float/str attrs besides "fn"
     "hardswish": (), "hardsigmoid": (), "sigmoid": (), "silu": (), "tanh": (), "mish": (),
@@ -80,5 +80,6 @@ def check_node(n: Node, shapes: dict[str, tuple[int, ...]], where: str) -> None:
         if len(n.inputs) != 2:
             raise bad("needs two inputs")
         sa, sb = shapes.get(n.inputs[0]), shapes.get(n.inputs[1])
-        if sa and sb and not (sa == sb or (len(sa) == 3 and sb == (sa[0], 1, 1))):
+        if sa and sb and not (sa == sb or (len(sa) == 3 and sb == (sa[0], 1, 1)) or
+                              (n.op == "add" and (add_broadcast_ok(sa, sb) or add_broadcast_ok(sb, sa)))):
             raise bad(f"cannot broadcast {sb} against {sa}")

@@ -103,6 +103,8 @@ def fast_plan(op: Op, in_types) -> str | None:
         return "linear" if ok else None
     if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
         return None
+    if op.kind == "add" and tuple(in_types[0][0]) != tuple(in_types[1][0]):
+        return None                                    # a broadcast operand: the Relax body broadcasts
     return op.kind if has_fast_body(op) else None
 
 

@@ -93,10 +93,25 @@ def _linear(rng) -> Program:
 
 
 def _add(rng) -> Program:
+    """Equal shapes, or a broadcast second operand: one value per channel (a global max pool, or
+    the int32 sums of a global sum pool), per position or per sample (max pools over channels)."""
     ka, kb = (int(v) for v in rng.integers(1 << 20, 1 << 23, 2))
     attrs = {"za": 128, "zb": 128, "ka": ka, "kb": kb, "t": 22, "z_out": 100, "lo": 100, "hi": 255}
-    pool = Op("max_pool2d", "b", ["q"], {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1]})
-    return _program((2, 5, 6, 6), [pool, Op("add", "op", ["q", "b"], attrs)], "op", 100)
+    mode = ["same", "channel", "channel_sums", "position", "sample"][int(rng.integers(0, 5))]
+    if mode == "same":
+        ops = [Op("max_pool2d", "b", ["q"], {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1]})]
+        return _program((2, 5, 6, 6), [*ops, Op("add", "op", ["q", "b"], attrs)], "op", 100)
+    if mode == "channel_sums":               # 36 codes summed: kb carries the 1/36
+        attrs.update(zb=128 * 36, kb=kb // 36)
+        ops = [Op("sum_pool2d", "b", ["q"], {"kernel": [6, 6], "stride": [1, 1], "padding": [0, 0], "z_in": 128},
+                  dtype="int32")]
+    elif mode == "channel":
+        ops = [Op("max_pool2d", "b", ["q"], {"kernel": [6, 6], "stride": [6, 6], "padding": [0, 0]})]
+    else:                                    # max over channels: gather one channel, or pool it to one value
+        ops = [Op("gather", "b", ["q"], {}, {"index": np.array([int(rng.integers(0, 5))], np.int32)})]
+        if mode == "sample":
+            ops.append(Op("max_pool2d", "b1", ["b"], {"kernel": [6, 6], "stride": [6, 6], "padding": [0, 0]}))
+    return _program((2, 5, 6, 6), [*ops, Op("add", "op", ["q", ops[-1].name], attrs)], "op", 100)
 
 
 def _max_pool2d(rng) -> Program:

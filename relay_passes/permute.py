@@ -83,6 +83,8 @@ def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
             unit[op.name] = unit[op.inputs[0]] * int(np.prod(shp[2:]))
         elif KINDS[op.kind].channels is Channels.CHANNELWISE or _depthwise(op):
             for i in op.inputs:
+                if len(prog.shape_of(i)) > 1 and prog.shape_of(i)[1] == 1 != prog.shape_of(op.name)[1]:
+                    continue              # one channel broadcast to all (an add operand): any order reads it
                 uf.union(op.name, i)
             unit[op.name] = unit[op.inputs[0]]
     fixed: set[str] = set()

@@ -157,12 +157,18 @@ class ProgramBuilder:
             frac += 1
         return frac
 
-    def residual_add(self, ad: AddQuant, a: Value, b: Value) -> Value:
-        if a.codes.qmax > 255 or b.codes.qmax > 255:
+    def residual_add(self, ad: AddQuant, a: Value, b: Value, b_broadcast: bool = False) -> Value:
+        """a + b with one rounding. ``b_broadcast``: b is a broadcast operand (one value per
+        channel, per position or per sample, relay_passes/reference.py); it may then hold int32
+        sums of a global pool (wide codes, its 1/count folded into kb). The caller puts the
+        broadcast operand second (the add is commutative: operands swap with their scales)."""
+        if a.codes.qmax > 255 or (b.codes.qmax > 255 and not b_broadcast):
             raise UnsupportedOpError(f"{ad.label}: adding pooled (wide) tensors is not supported")
         ra, rb = a.codes.scale / ad.out.scale, b.codes.scale / ad.out.scale
         t = int(np.clip(30 - math.ceil(math.log2(max(ra, rb))), 1, 48))
         ka, kb = int(round(ra * 2.0**t)), int(round(rb * 2.0**t))
+        if a.codes.qmax * ka + b.codes.qmax * kb >= 1 << 62:     # the add runs in int64 on every backend
+            raise CompileError(f"{ad.label}: residual add of pooled sums could overflow int64")
         lo, hi = self._clamps(ad.out, ad.act, ad.label)
         attrs = {"za": a.codes.zero_point, "zb": b.codes.zero_point, "ka": ka, "kb": kb, "t": t,
                  "z_out": ad.out.zero_point, "lo": lo, "hi": hi, "layer": ad.label}

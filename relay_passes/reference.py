@@ -12,6 +12,8 @@ linear         padding in the real domain (pad code z_in), L = attribute ``frac`
              out = clip(requant(acc, M, s) + z_out, lo, hi); a conv with an ``in_index``
              param (a gather folded in by LegalizeWAPS, fast form) reads x[:, in_index]
 add          clip(((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t + z_out, lo, hi)
+             b is a's shape or broadcast: [N, C, 1, 1], [N, 1, H, W] or [N, 1, 1, 1], uint8 or
+             int32 (a global sum pool's sums)
 max_pool2d   window max of codes (padding never wins; ``dilation`` attribute, default 1)
 sum_pool2d   window sum of codes, padding counted as z_in (int32 "wide" codes)
 avg_pool2d   box average with its own rounding: output row i reads input rows [h0_i, h1_i), column

@@ -18,7 +18,7 @@ from torch import nn
 
 from calib.artifact import TensorQuant, WapsArtifact
 from calib.errors import ArtifactError, UnsupportedOpError
-from calib.graph import PARAM_OPS, Graph, Node
+from calib.graph import PARAM_OPS, Graph, Node, add_broadcast_ok
 from calib.qmodel import apply_act, compute, key
 from relay_passes.program import Program
 from relay_passes.quantize import AddQuant, CompileError, LayerQuant, ProgramBuilder, TensorCodes, Value, Windows
@@ -53,8 +53,12 @@ def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) 
         return b.layer(layer_quant(art, n), xs[0], conv)
     size = tuple(art.graph[n.inputs[0]].shape[1:3]) if n.inputs else ()
     if n.op == "add":
-        _same_shape(art, n)
-        return b.residual_add(AddQuant(label, a.get("act"), _codes(art.quant[n.name], label)), *xs)
+        x, y = xs
+        bcast = _same_shape(art, n, broadcast=True, either=True)
+        if bcast == 0:                       # the broadcast operand goes second (a + b = b + a)
+            x, y = y, x
+        return b.residual_add(AddQuant(label, a.get("act"), _codes(art.quant[n.name], label)), x, y,
+                              b_broadcast=bcast is not None)
     if n.op == "max_pool2d":
         return b.max_pool(xs[0], a, label, size)
     if n.op == "avg_pool2d" and n.name in art.quant:
@@ -101,13 +105,21 @@ def _float_fn(n: Node):
     return fn
 
 
-def _same_shape(art: WapsArtifact, n: Node, broadcast: bool = False) -> None:
-    """add needs equal shapes; mul also takes its second operand as one value per channel."""
+def _same_shape(art: WapsArtifact, n: Node, broadcast: bool = False, either: bool = False) -> int | None:
+    """None for equal shapes; else the index of the broadcast operand. mul broadcasts its
+    second operand per channel ([C, 1, 1]); add (``either``) broadcasts either operand as
+    [C, 1, 1], [1, H, W] or [1, 1, 1] (shapes without the batch)."""
     a, b_ = (tuple(art.graph[i].shape) for i in n.inputs)
-    if a == b_ or (broadcast and len(a) == 3 and b_ == (a[0], 1, 1)):
-        return
-    raise UnsupportedOpError(f"{n.op} of shapes {a} and {b_} at {n.label()} (broadcast only as a per-channel "
-                             f"second operand of mul)")
+    if a == b_:
+        return None
+    if broadcast and not either and len(a) == 3 and b_ == (a[0], 1, 1):
+        return 1
+    if either:
+        for full, part, i in ((a, b_, 1), (b_, a, 0)):
+            if add_broadcast_ok(full, part):
+                return i
+    raise UnsupportedOpError(f"{n.op} of shapes {a} and {b_} at {n.label()} (add broadcasts either operand as "
+                             f"[C, 1, 1], [1, H, W] or [1, 1, 1]; mul its second per channel)")
 
 
 def _window(a: dict) -> dict:

@@ -19,7 +19,7 @@ from tvm import relax
 
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
-from codegen.c.emit import KERNELS, SHARED_KINDS, float_literal, kernel_call
+from codegen.c.emit import KERNELS, SHARED_KINDS, add_call, float_literal, kernel_call
 from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
@@ -138,9 +138,9 @@ def _dequantize(e: _Entry) -> list[str]:
 
 
 def _add(e: _Entry) -> list[str]:
-    a = e.a
-    return [f"waps_add({e.x}, {_ptr('args[1]', 'const uint8_t')}, {int(np.prod(e.in_shape))}, {a['za']}, {a['zb']}, "
-            f"{a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {_ptr(_OUT, 'uint8_t')});"]
+    b_dtype = str(e.ins[1].ty.dtype)
+    b = _ptr("args[1]", "const uint8_t" if b_dtype == "uint8" else "const int32_t")
+    return [add_call(e.a, e.in_shape, _shape(e.ins[1]), b_dtype, e.x, b, _ptr(_OUT, "uint8_t"))]
 
 
 def _sum_pool2d(e: _Entry) -> list[str]:

@@ -134,9 +134,23 @@ def _conv2d(s: _Site) -> str:
 
 
 def _add(s: _Site) -> str:
-    a, b = s.op.attrs, s.buf[s.op.inputs[1]]
-    return (f"waps_add({s.x}, {b}, {int(np.prod(s.op.shape))}, {a['za']}, {a['zb']}, {a['ka']}LL, {a['kb']}LL, "
-            f"{a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{s.v});")
+    sb = s.program.shape_of(s.op.inputs[1])
+    return add_call(s.op.attrs, s.in_shape, sb, s.program.dtype_of(s.op.inputs[1]), s.x, s.buf[s.op.inputs[1]],
+                    f"buf_{s.v}")
+
+
+def add_call(a: dict, sa, sb, b_dtype: str, x: str, b: str, out: str) -> str:
+    """The C statement of one add (the C program and the C BYOC entries both call this): waps_add
+    for equal shapes, waps_add_bcast_{u8,i32} for a broadcast b ([N, C|1, H·W|1])."""
+    sa, sb = tuple(int(v) for v in sa), tuple(int(v) for v in sb)
+    tail = f"{a['za']}, {a['zb']}, {a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {out});"
+    if sa == sb:
+        return f"waps_add({x}, {b}, {int(np.prod(sa))}, " + tail
+    inner = int(np.prod(sa[2:]))
+    b_inner = int(len(sb) > 2 and int(np.prod(sb[2:])) == inner and inner > 1)
+    sfx = "u8" if b_dtype == "uint8" else "i32"
+    return (f"waps_add_bcast_{sfx}({x}, {b}, {sa[0]}, {sa[1]}, {inner}, {int(sb[1] == sa[1])}, {b_inner}, "
+            + tail)
 
 
 def _sum_pool2d(s: _Site) -> str:

@@ -95,6 +95,25 @@ static void waps_add(const uint8_t *a, const uint8_t *b, size_t count, int32_t z
   }
 }
 
+/* The add with a broadcast b: a [N, C, INNER] codes, b [N, C or 1, INNER or 1] (b_c: b has C
+ * channels, b_inner: b has INNER positions), uint8 or int32 (pooled sums) codes; same rounding
+ * as waps_add. */
+#define WAPS_ADD_BCAST(NAME, BT)                                                                     \
+  static void NAME(const uint8_t *a, const BT *b, int N, int C, size_t inner, int b_c, int b_inner,  \
+                   int32_t za, int32_t zb, int64_t ka, int64_t kb, int t, int32_t z_out, int32_t lo,  \
+                   int32_t hi, uint8_t *out) {                                                       \
+    size_t bC = b_c ? (size_t)C : 1, bI = b_inner ? inner : 1;                                       \
+    for (int n = 0; n < N; ++n)                                                                      \
+      for (int c = 0; c < C; ++c)                                                                    \
+        for (size_t i = 0; i < inner; ++i) {                                                         \
+          size_t o = ((size_t)n * C + c) * inner + i;                                                \
+          int64_t bv = b[((size_t)n * bC + (b_c ? (size_t)c : 0)) * bI + (b_inner ? i : 0)];        \
+          out[o] = (uint8_t)waps_clamp64(waps_add_rescale(a[o], za, ka, bv, zb, kb, t) + z_out, lo, hi); \
+        }                                                                                            \
+  }
+WAPS_ADD_BCAST(waps_add_bcast_u8, uint8_t)
+WAPS_ADD_BCAST(waps_add_bcast_i32, int32_t)
+
 /* Window max of codes; padding never wins (a window of padding only gives 0). Dilation dh, dw. */
 static void waps_max_pool2d(const uint8_t *x, int N, int C, int H, int W, int KH, int KW, int sh, int sw,
                             int ph, int pw, int dh, int dw, uint8_t *out) {

@@ -99,6 +99,13 @@ def _wide(in_dtypes: list[str]) -> int:
 
 def _add(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
     s = machine_registers(npu)
+    sa, sb = (tuple(int(v) for v in x) for x in in_shapes)
+    if in_dtypes[0] != "uint8" or (sa == sb and in_dtypes[1] != "uint8"):
+        raise NotOnNpu("add of int32 (pooled) codes other than a broadcast second operand")
+    if sa != sb:                     # b broadcast: one value per channel, per position or per sample
+        s += _regs({Reg.N: sa[0], Reg.C: sa[1], Reg.INNER: _inner(sa), Reg.B_BCAST: 1,
+                    Reg.B_C: int(sb[1] == sa[1]), Reg.B_INNER: int(_inner(sb) == _inner(sa)),
+                    Reg.B_WIDE: int(in_dtypes[1] != "uint8")})
     s += [set_(Reg.COUNT, int(np.prod(in_shapes[0]))), set_(Reg.ZA, a["za"]), set_(Reg.ZB, a["zb"]),
           set_(Reg.KA, a["ka"]), set_(Reg.KB, a["kb"]), set_(Reg.T, a["t"]), set_(Reg.Z_OUT, a["z_out"]),
           set_(Reg.LO, a["lo"]), set_(Reg.HI, a["hi"]), Instr(Op.ADD), Instr(Op.END)]

@@ -40,6 +40,7 @@ through the epilogue, a gather only through DMA. The ops of issue 13 (``pad_cost
                 multi-command op costs the sum of its commands' max(dma, epilogue)
     table       LUT unit in the epilogue: one value per code; DMA: codes + the 2^A-entry table
     mul         epilogue: one value per output; DMA: a, b (N·C when broadcast), output
+    add         epilogue: one value per output; DMA: a, b (its own size × 1 or 4 bytes when broadcast), output
     resize      DMA: the int32 source table (3·OH + 3·OW) and the output; nearest: the DMA
                 gathers each output code (one byte in per output), no epilogue; bilinear: the
                 two source rows of each output row (2·W bytes per row and plane) in, five
@@ -189,9 +190,10 @@ def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16
                      _ceil(values, npu.epilogue_width), b, epilogue_values=values)
 
 
-def add_cost(name: str, in_elems: int, out_elems: int, npu: NPU16) -> LayerCost:
-    """Two inputs of ``in_elems`` uint8 codes each, one epilogue value per output."""
-    return _unit_cost(name, 2 * in_elems, out_elems, out_elems, npu)
+def add_cost(name: str, in_elems: int, out_elems: int, npu: NPU16, b_bytes: int | None = None) -> LayerCost:
+    """Two inputs of ``in_elems`` uint8 codes each (or a broadcast b of ``b_bytes``: uint8 or
+    int32 pooled codes, read once), one epilogue value per output."""
+    return _unit_cost(name, in_elems + (in_elems if b_bytes is None else b_bytes), out_elems, out_elems, npu)
 
 
 def pool_cost(name: str, in_elems: int, out_elems: int, taps: int, out_bytes: int, npu: NPU16) -> LayerCost:

@@ -9,7 +9,8 @@ Word layout (four little-endian uint32):
     w1  low 32 bits of the value     w2  high 32 bits of the value (sign-extended)
     w3  reserved (0)
 Commands: CONV (conv2d/linear on the MAC array, D1/D2 group accumulation, epilogue),
-DWCONV (depthwise: one tile of channels per array step), ADD, MAXPOOL (dilated windows),
+DWCONV (depthwise: one tile of channels per array step), ADD (b optionally broadcast per
+channel, position or sample, uint8 or int32 pooled sums), MAXPOOL (dilated windows),
 SUMPOOL, GATHER (DMA channel gather), PAD (DMA writes the bordered layout), AVGPOOL (window
 sums over a DMA'd window table, requantized in the epilogue), CONCAT (one input rescaled
 through the epilogue into its channel range; one command per input), LUT (the epilogue's
@@ -100,10 +101,13 @@ class Reg(IntEnum):
     PAD_VALUE = 70        # pad: the border code
     MULT = 71             # mul, resize: requant multiplier and shift (scalars)
     SHIFT = 72
-    B_BCAST = 73          # mul: b is [N, C] broadcast over INNER
+    B_BCAST = 73          # mul: b is [N, C] broadcast over INNER; add: b is broadcast (B_C, B_INNER, B_WIDE)
     C_OFFSET = 74         # concat: first output channel of this input
     INPUT_SEL = 75        # concat: which input buffer the command reads
     LUT_SIZE = 76         # lut: table entries (2^A)
+    B_C = 77              # add with B_BCAST: b has C channels (0: one per sample position)
+    B_INNER = 78          # add with B_BCAST: b has INNER positions (0: one per channel)
+    B_WIDE = 79           # add with B_BCAST: b holds int32 codes (global-pool sums)
 
 
 NREGS = 128

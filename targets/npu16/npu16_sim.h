@@ -163,9 +163,28 @@ static int npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *c
   return 0;
 }
 
+/* ADD: a and b of COUNT codes; with B_BCAST, a is [N, C, INNER] and b [N, C or 1, INNER or 1]
+ * (B_C, B_INNER), uint8 or int32 (B_WIDE) codes, read once by the DMA and reused. */
 static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
   const uint8_t *x = (const uint8_t *)b->x, *y = (const uint8_t *)b->x2;
   int t = (int)r[R_T];
+  if (r[R_B_BCAST]) {
+    int64_t N = r[R_N], C = r[R_C], inner = r[R_INNER], bc = r[R_B_C], bi = r[R_B_INNER];
+    int64_t bC = bc ? C : 1, bI = bi ? inner : 1;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t ch = 0; ch < C; ++ch)
+        for (int64_t i = 0; i < inner; ++i) {
+          int64_t o = (n * C + ch) * inner + i, j = (n * bC + (bc ? ch : 0)) * bI + (bi ? i : 0);
+          int64_t yv = r[R_B_WIDE] ? (int64_t)((const int32_t *)b->x2)[j] : (int64_t)y[j];
+          int64_t v = waps_add_rescale(x[o], r[R_ZA], r[R_KA], yv, r[R_ZB], r[R_KB], t) + r[R_ZOUT];
+          ((uint8_t *)b->out)[o] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);
+        }
+    c->epilogue_values += N * C * inner;
+    c->epilogue_cycles += npu16_cdiv(N * C * inner, r[R_EPI_LANES]);
+    c->dma_in_bytes += N * C * inner + N * bC * bI * (r[R_B_WIDE] ? 4 : 1);
+    c->dma_out_bytes += N * C * inner;
+    return;
+  }
   for (int64_t i = 0; i < r[R_COUNT]; ++i) {
     int64_t v = waps_add_rescale(x[i], r[R_ZA], r[R_KA], y[i], r[R_ZB], r[R_KB], t) + r[R_ZOUT];
     ((uint8_t *)b->out)[i] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);

@@ -63,7 +63,11 @@ def _layer(program, op, in_shape, in_dtype, npu) -> LayerCost:
 
 
 def _add(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
+    sb = program.shape_of(op.inputs[1])
+    if tuple(sb) == tuple(in_shape):
+        return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
+    wide = program.dtype_of(op.inputs[1]) != "uint8"
+    return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu, int(np.prod(sb)) * (4 if wide else 1))
 
 
 def _pool(out_bytes: int):
