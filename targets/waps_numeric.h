@@ -9,6 +9,7 @@
  *   requant(acc, M, s)  = (acc·M + 2^(S−1)) >> S,  S = 31 + s ∈ [1, 62]      int64
  *   add_rescale         = ((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t         int64
  *   rescale(x, z, k, t) = ((x − z)·k + 2^(t−1)) >> t                          int64 (concat)
+ *   resize_acc          = Σ row weight · column weight · (code − z)            int32 (resize)
  * Right shifts of negative values use waps_asr32/64 (floor), never C's implementation-
  * defined >>; left shifts are multiplications.
  */
@@ -57,5 +58,15 @@ static inline int64_t waps_rescale(int64_t x, int64_t z, int64_t k, int t) {
 
 /* An elementwise function of codes: table[code] (tables from calib/numerics.code_table). */
 static inline uint8_t waps_table(const uint8_t *table, int32_t code) { return table[code]; }
+
+/* A resize's accumulator (int32; |acc| ≤ 2^(2·frac)·255): source rows r0 (weight wy) and r1
+ * (2^frac − wy), columns c0 (weight wx) and c1 (2^frac − wx), codes less z. */
+static inline int32_t waps_resize_acc(const uint8_t *r0, const uint8_t *r1, int32_t c0, int32_t c1, int32_t wx,
+                                      int32_t wy, int frac, int32_t z) {
+  int32_t one = (int32_t)1 << frac;
+  int32_t a0 = wx * (r0[c0] - z) + (one - wx) * (r0[c1] - z);
+  int32_t a1 = wx * (r1[c0] - z) + (one - wx) * (r1[c1] - z);
+  return wy * a0 + (one - wy) * a1;
+}
 
 #endif /* WAPS_NUMERIC_H */

@@ -173,14 +173,11 @@ static void waps_resize(const uint8_t *x, int N, int C, int H, int W, int OH, in
                         const int32_t *y1, const int32_t *wy, const int32_t *x0, const int32_t *x1,
                         const int32_t *wx, int frac, int32_t z_in, int32_t mult, int32_t shift, int32_t z_out,
                         int32_t lo, int32_t hi, uint8_t *out) {
-  int32_t one = (int32_t)1 << frac;
   for (int nc = 0; nc < N * C; ++nc)
     for (int oy = 0; oy < OH; ++oy) {
       const uint8_t *r0 = x + ((size_t)nc * H + y0[oy]) * W, *r1 = x + ((size_t)nc * H + y1[oy]) * W;
       for (int ox = 0; ox < OW; ++ox) {
-        int32_t a0 = wx[ox] * (r0[x0[ox]] - z_in) + (one - wx[ox]) * (r0[x1[ox]] - z_in);
-        int32_t a1 = wx[ox] * (r1[x0[ox]] - z_in) + (one - wx[ox]) * (r1[x1[ox]] - z_in);
-        int32_t acc = wy[oy] * a0 + (one - wy[oy]) * a1;
+        int32_t acc = waps_resize_acc(r0, r1, x0[ox], x1[ox], wx[ox], wy[oy], frac, z_in);
         out[((size_t)nc * OH + oy) * OW + ox] = (uint8_t)waps_output_code(acc, mult, shift, z_out, lo, hi);
       }
     }

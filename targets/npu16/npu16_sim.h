@@ -291,10 +291,9 @@ static int npu16_resize(const int64_t *r, const npu16_bufs *b, npu16_counters *c
     for (int oy = 0; oy < OH; ++oy) {
       const uint8_t *r0 = x + ((size_t)nc * H + y0[oy]) * W, *r1 = x + ((size_t)nc * H + y1[oy]) * W;
       for (int ox = 0; ox < OW; ++ox) {
-        int32_t a0 = wx[ox] * (r0[x0[ox]] - zin) + (one - wx[ox]) * (r0[x1[ox]] - zin);
-        int32_t a1 = wx[ox] * (r1[x0[ox]] - zin) + (one - wx[ox]) * (r1[x1[ox]] - zin);
         ((uint8_t *)b->out)[((size_t)nc * OH + oy) * OW + ox] =
-            npu16_requant(wy[oy] * a0 + (one - wy[oy]) * a1, (int32_t)r[R_MULT], (int32_t)r[R_SHIFT], r);
+            npu16_requant(waps_resize_acc(r0, r1, x0[ox], x1[ox], wx[ox], wy[oy], frac, zin),
+                          (int32_t)r[R_MULT], (int32_t)r[R_SHIFT], r);
       }
     }
   {
