@@ -64,6 +64,30 @@ def compile_c_wrapper(source: str, folder):
     return ctypes.CDLL(str(d / "t.so"))
 
 
+BACKENDS = (("fast", "llvm"), ("split", "c"), ("split", "npu16"))   # (form, target) a model test runs
+HOST_KINDS = ("quantize", "dequantize", "flatten")                    # what npu16 leaves on the host
+
+
+def assert_bit_exact_on_backends(art, x: np.ndarray, npu_kinds: tuple[str, ...] | None = None) -> None:
+    """``art`` lowered for batch len(``x``) in each (form, target) of BACKENDS and run by the TVM
+    VM: both outputs equal the NumPy reference's. On npu16 every op but HOST_KINDS (or, given
+    ``npu_kinds``, every op of those kinds, at least one) is placed on the NPU."""
+    import tvm
+
+    from relay_passes import reference
+    from waps_tvm.compiler import build, lower_artifact
+    for form, target in BACKENDS:
+        lowered = lower_artifact(art, len(x), form)
+        out = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x))
+        ref = reference.run(lowered.program, x)
+        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
+        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
+        if target == "npu16":
+            checked = [r for r in lowered.placement
+                       if (r["kind"] in npu_kinds if npu_kinds else r["kind"] not in HOST_KINDS)]
+            assert checked and all(r["target"] == "npu16" for r in checked), lowered.placement
+
+
 def run_in_fresh_process(folder, x: np.ndarray, tmp) -> np.ndarray:
     """Run a compiled folder in a new Python process where torch cannot be imported (the
     runner needs only NumPy and the TVM runtime); returns the output codes."""

@@ -90,18 +90,9 @@ def test_broadcast_add_within_one_code_of_fake_quant(name):
 @pytest.mark.parametrize("name", ["x+pool", "pool+x", "position"])
 def test_broadcast_add_bit_exact_on_every_backend(name):
     """Fast llvm (NHWC convs around the NCHW add), C and npu16 (the add on the NPU) equal the reference."""
-    import tvm
-    from waps_tvm.compiler import build
-    art = _calibrated(name)
+    from tests.compile_helpers import assert_bit_exact_on_backends
     x = np.random.default_rng(2).normal(size=(2, 1, 6, 5)).astype("float32")
-    for form, target in (("fast", "llvm"), ("split", "c"), ("split", "npu16")):
-        lowered = lower_artifact(art, 2, form)
-        out = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x))
-        if target == "npu16":
-            assert {r["target"] for r in lowered.placement if r["kind"] == "add"} == {"npu16"}
-        ref = reference.run(lowered.program, x)
-        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
-        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
+    assert_bit_exact_on_backends(_calibrated(name), x, npu_kinds=("add",))
 
 
 def test_broadcast_operand_first_in_the_artifact_is_swapped_to_second():

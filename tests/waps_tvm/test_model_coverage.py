@@ -8,10 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from relay_passes import reference
-from tests.compile_helpers import calibrated
+from tests.compile_helpers import assert_bit_exact_on_backends, calibrated
 from tests.conftest import randomize_bn
-from waps_tvm.compiler import build, lower_artifact
 from waps_tvm.oracle import layer_agreement
 
 # torchvision's classifiers, each at the smallest input it takes here (64×64 where 32×32
@@ -23,19 +21,11 @@ MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "mobilen
 SIZE = {"shufflenet_v2_x1_0": 64, "squeezenet1_1": 64, "googlenet": 64, "alexnet": 64, "inception_v3": 75}
 EXTRA = {"googlenet": dict(aux_logits=False, init_weights=False),
          "inception_v3": dict(aux_logits=False, init_weights=False)}
-TARGETS = (("fast", "llvm"), ("split", "c"), ("split", "npu16"))
 
 
 def _model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     return randomize_bn(getattr(torchvision.models, arch)(weights=None, num_classes=10, **EXTRA.get(arch, {})))
-
-
-def _run(lowered, target, x):
-    import tvm
-    vm = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())
-    out = vm["main"](tvm.runtime.tensor(x))
-    return out[0].numpy(), out[1].numpy()
 
 
 @pytest.mark.slow
@@ -44,16 +34,7 @@ def test_torchvision_classifier_calibrates_compiles_and_runs_bit_exact(arch):
     px = SIZE.get(arch, 32)
     art = calibrated(_model(arch), (3, px, px), wbits=4, abits=4, iters=1, samples=2)
     x = np.random.default_rng(0).normal(size=(1, 3, px, px)).astype("float32")
-    for form, target in TARGETS:
-        lowered = lower_artifact(art, 1, form)
-        deq, codes = _run(lowered, target, x)
-        ref = reference.run(lowered.program, x)
-        np.testing.assert_array_equal(codes, ref[1], err_msg=f"{arch} {form} {target}")
-        np.testing.assert_array_equal(deq, ref[0], err_msg=f"{arch} {form} {target}")
-        if target == "npu16":                # the integer ops ran on the NPU, not on the host
-            host = [r for r in lowered.placement if r["target"] != "npu16" and r["kind"] not in
-                    ("quantize", "dequantize", "flatten")]
-            assert not host, host
+    assert_bit_exact_on_backends(art, x)
     rows = layer_agreement(art, x)
     bad = [r for r in rows if r.max_diff > 1]
     assert rows and not bad, bad

@@ -86,9 +86,7 @@ def _through_the_compiler(model, mode, bits=4):
 def test_upsampling_model_runs_bit_exact_on_every_backend():
     """Nearest then bilinear inside one model: the fast llvm form (NHWC convs around the NCHW
     resize), C and npu16 (resize on the NPU) equal the reference."""
-    import tvm
-    from tests.compile_helpers import calibrated
-    from waps_tvm.compiler import build
+    from tests.compile_helpers import assert_bit_exact_on_backends, calibrated
 
     class Both(nn.Module):
         def __init__(self):
@@ -102,14 +100,7 @@ def test_upsampling_model_runs_bit_exact_on_every_backend():
     torch.manual_seed(0)
     art = calibrated(Both(), (1, 6, 5), wbits=4, abits=4, iters=1, samples=8)
     x = np.random.default_rng(2).normal(size=(1, 1, 6, 5)).astype("float32")
-    for form, target in (("fast", "llvm"), ("split", "c"), ("split", "npu16")):
-        lowered = lower_artifact(art, 1, form)
-        out = tvm.runtime.vm.VirtualMachine(build(lowered, target), tvm.cpu())["main"](tvm.runtime.tensor(x))
-        if target == "npu16":
-            assert {r["target"] for r in lowered.placement if r["kind"] == "resize"} == {"npu16"}
-        ref = reference.run(lowered.program, x)
-        np.testing.assert_array_equal(out[1].numpy(), ref[1], err_msg=f"{form} {target}")
-        np.testing.assert_array_equal(out[0].numpy(), ref[0], err_msg=f"{form} {target}")
+    assert_bit_exact_on_backends(art, x, npu_kinds=("resize",))
 
 
 def test_nearest_upsample_compiles_and_is_a_gather_of_the_fake_quant_codes():
