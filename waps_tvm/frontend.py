@@ -54,7 +54,7 @@ def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) 
     size = tuple(art.graph[n.inputs[0]].shape[1:3]) if n.inputs else ()
     if n.op == "add":
         x, y = xs
-        bcast = _same_shape(art, n, broadcast=True, either=True)
+        bcast = _broadcast_operand(art, n)
         if bcast == 0:                       # the broadcast operand goes second (a + b = b + a)
             x, y = y, x
         return b.residual_add(AddQuant(label, a.get("act"), _codes(art.quant[n.name], label)), x, y,
@@ -89,7 +89,7 @@ def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) 
             raise UnsupportedOpError(f"cat along axis {a['axis']} at {label} (only channels)")
         return b.concat(xs, _codes(art.quant[n.name], label), label)
     if n.op == "mul":
-        _same_shape(art, n, broadcast=True)
+        _broadcast_operand(art, n)
         return b.mul(*xs, _codes(art.quant[n.name], label), label)
     if n.op in ("elementwise", "relu", "relu6"):
         out = _codes(art.quant[n.name], label) if n.name in art.quant else xs[0].codes
@@ -105,19 +105,19 @@ def _float_fn(n: Node):
     return fn
 
 
-def _same_shape(art: WapsArtifact, n: Node, broadcast: bool = False, either: bool = False) -> int | None:
-    """None for equal shapes; else the index of the broadcast operand. mul broadcasts its
-    second operand per channel ([C, 1, 1]); add (``either``) broadcasts either operand as
-    [C, 1, 1], [1, H, W] or [1, 1, 1] (shapes without the batch)."""
+def _broadcast_operand(art: WapsArtifact, n: Node) -> int | None:
+    """None for equal shapes; else the index of the broadcast operand. add broadcasts either
+    operand as [C, 1, 1], [1, H, W] or [1, 1, 1] (shapes without the batch); mul its second
+    operand per channel ([C, 1, 1])."""
     a, b_ = (tuple(art.graph[i].shape) for i in n.inputs)
     if a == b_:
         return None
-    if broadcast and not either and len(a) == 3 and b_ == (a[0], 1, 1):
-        return 1
-    if either:
+    if n.op == "add":
         for full, part, i in ((a, b_, 1), (b_, a, 0)):
             if add_broadcast_ok(full, part):
                 return i
+    elif len(a) == 3 and b_ == (a[0], 1, 1):
+        return 1
     raise UnsupportedOpError(f"{n.op} of shapes {a} and {b_} at {n.label()} (add broadcasts either operand as "
                              f"[C, 1, 1], [1, H, W] or [1, 1, 1]; mul its second per channel)")
 

@@ -113,7 +113,7 @@ def test_adds_that_stay_refused():
     from calib.errors import UnsupportedOpError
     from codegen.npu16.lower import NotOnNpu, lower_op
     from relay_passes.quantize import AddQuant, ProgramBuilder, TensorCodes, Value
-    from waps_tvm.frontend import _same_shape
+    from waps_tvm.frontend import _broadcast_operand
     wide, narrow = TensorCodes(0.01 / 30, 128 * 30, 255 * 30), TensorCodes(0.01, 128, 255)
     ad = AddQuant("add", None, TensorCodes(0.02, 100, 255))
     with pytest.raises(UnsupportedOpError, match="pooled"):
@@ -125,7 +125,7 @@ def test_adds_that_stay_refused():
     add, _ = _broadcast_add(art)
     art.graph[add.inputs[1]].shape = (1, 6, 1)                      # [1, H, 1]: not a supported broadcast
     with pytest.raises(UnsupportedOpError, match="broadcasts either operand"):
-        _same_shape(art, add, broadcast=True, either=True)
+        _broadcast_operand(art, add)
 
 
 def test_npu16_estimator_equals_the_simulator_on_broadcast_adds(tmp_path):
