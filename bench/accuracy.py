@@ -121,10 +121,11 @@ def run_one(model_name: str, config: str, method: str, seed: int, iters: int, sa
     return row
 
 
-def float_accuracy(model_name: str) -> float:
+def float_accuracy(model_name: str, dataset: str | None = None) -> float:
+    """Top-1 (fraction) of the float model on the full test split of ``dataset`` (default: its MODELS entry)."""
     import torch
     from waps_tvm.datasets import load_dataset
-    test = load_dataset(MODELS[model_name], "test")
+    test = load_dataset(dataset or MODELS[model_name], "test")
     with torch.no_grad():
         logits = torch.cat([load_model(model_name)(test.x[i:i + 1000]) for i in range(0, len(test.x), 1000)])
     return float((logits.argmax(1) == test.y).float().mean())

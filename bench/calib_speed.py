@@ -32,7 +32,8 @@ from calib.config import CalibConfig
 from calib.fold_bn import fold_batch_norm
 from calib.fuse import fuse_activations
 from calib.qmodel import QuantModel
-from calib.reconstruct import Speedups, block_loss, output_quantizer, reconstruct, run_block
+from calib.frontier import producer_quantizer
+from calib.reconstruct import Speedups, block_loss, reconstruct, run_block
 from waps_tvm.architectures import get_architecture
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,7 +76,7 @@ def prepare(size: int, method: str, iters: int, samples: int = 64) -> Workload:
     _init_act_ranges(model, block, fp_in)
     model.set_quant(True)
     with torch.no_grad():
-        q_in = {k: output_quantizer(model, k)(v) for k, v in fp_in.items()}
+        q_in = {k: producer_quantizer(model, k)(v) for k, v in fp_in.items()}
     return Workload(model, block, q_in, fp_in, fp_out, cfg)
 
 

@@ -54,17 +54,20 @@ def run_one(model_name: str, form: str, seed: int, iters: int, samples: int, lam
             "blocks": [r.loss_after for r in result.report]}
 
 
-def paired(runs: list[dict], model: str, metric: str) -> dict:
-    """Mean of each form and the per-seed difference sigmoid − softmax with its verdict."""
-    by = {(r["form"], r["seed"]): r[metric] for r in runs if r["model"] == model}
-    seeds = sorted({s for f, s in by if (FORMS[0], s) in by and (FORMS[1], s) in by})
-    diffs = [by[(FORMS[0], s)] - by[(FORMS[1], s)] for s in seeds]
+def paired(runs: list[dict], model: str, metric: str, forms: tuple[str, str] = FORMS, field: str = "form") -> dict:
+    """Mean of each of the two ``forms`` (values of ``field`` in a run) and the per-seed
+    difference forms[0] − forms[1] with its verdict: "within noise" when its mean is under
+    two standard errors of the differences."""
+    a, b = forms
+    by = {(r[field], r["seed"]): r[metric] for r in runs if r["model"] == model}
+    seeds = sorted({s for f, s in by if (a, s) in by and (b, s) in by})
+    diffs = [by[(a, s)] - by[(b, s)] for s in seeds]
     mean = statistics.fmean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
-    return {"seeds": seeds, "sigmoid": statistics.fmean(by[(FORMS[0], s)] for s in seeds),
-            "softmax": statistics.fmean(by[(FORMS[1], s)] for s in seeds),
-            "sigmoid_std": statistics.pstdev([by[(FORMS[0], s)] for s in seeds]),
-            "softmax_std": statistics.pstdev([by[(FORMS[1], s)] for s in seeds]),
+    return {"seeds": seeds, a: statistics.fmean(by[(a, s)] for s in seeds),
+            b: statistics.fmean(by[(b, s)] for s in seeds),
+            f"{a}_std": statistics.pstdev([by[(a, s)] for s in seeds]),
+            f"{b}_std": statistics.pstdev([by[(b, s)] for s in seeds]),
             "diff": mean, "diff_se": se, "within_noise": abs(mean) < 2 * se}
 
 

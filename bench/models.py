@@ -1,9 +1,11 @@
-"""Three small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
+"""Four small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
 
 All are built from the blocks WAPS-Quant must handle in real networks: torchvision-style
 residual BasicBlocks with BN and projection shortcuts, MobileNetV2 inverted residuals
 with depthwise convolutions and ReLU6, and MobileNetV3 inverted residuals with
-hardswish and squeeze-and-excitation (a pooled, hardsigmoid-gated channel multiply).
+hardswish and squeeze-and-excitation (a pooled, hardsigmoid-gated channel multiply), and
+channel concatenation: SqueezeNet fire modules and a DenseNet dense block, with
+ceil-mode max pooling.
 ResNet widths are multiples of 16; the MobileNets keep their family's 24-wide stage,
 with expansions picked so every hidden width is a multiple of 16.
 """
@@ -198,6 +200,59 @@ class FashionMobileNetV3(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class Fire(nn.Module):
+    """SqueezeNet fire module: 1×1 squeeze-BN-ReLU, then 1×1 and 3×3 expands (BN-ReLU)
+    concatenated along channels: cin → 2·expand channels, same H×W."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Sequential(*_conv_bn(cin, squeeze, 1), nn.ReLU(inplace=True))
+        self.expand1 = nn.Sequential(*_conv_bn(squeeze, expand, 1), nn.ReLU(inplace=True))
+        self.expand3 = nn.Sequential(*_conv_bn(squeeze, expand, 3), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze(x)
+        return torch.cat([self.expand1(s), self.expand3(s)], 1)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet layer (post-activation): 1×1 conv to 2·growth, 3×3 conv to growth (BN-ReLU
+    after each), output concatenated after its input: cin → cin + growth channels."""
+
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, 2 * growth, 1), nn.ReLU(inplace=True),
+                                  *_conv_bn(2 * growth, growth, 3), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.body(x)], 1)
+
+
+class FashionCatNet(nn.Module):
+    """Concatenation-heavy CNN. Stem 1→32 @28², 3×3/2 max pool (ceil mode) to 14²; fire
+    modules 32→64 →64 @14²; max pool (ceil mode) to 7²; dense block of three layers,
+    growth 16, 64→112 @7²; 1×1 conv to 128, pool, Linear(128, 10)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [*_conv_bn(1, 32, 3), nn.ReLU(inplace=True),
+                                   nn.MaxPool2d(3, 2, ceil_mode=True),
+                                   Fire(32, 16, 32), Fire(64, 16, 32),
+                                   nn.MaxPool2d(3, 2, ceil_mode=True)]
+        cin = 64
+        for _ in range(3):
+            layers.append(DenseLayer(cin, 16))
+            cin += 16
+        layers += [*_conv_bn(cin, 128, 1), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(128, num_classes)
+        _init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def _init(model: nn.Module) -> None:
     """torchvision's init: Kaiming for convs, BN to identity."""
     for m in model.modules():
@@ -212,6 +267,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "fashion_resnet": FashionResNet,
     "fashion_mobilenetv2": FashionMobileNetV2,
     "fashion_mobilenetv3": FashionMobileNetV3,
+    "fashion_catnet": FashionCatNet,
 }
 
 

@@ -28,6 +28,7 @@ from calib.device import resolve_device
 from calib.errors import CheckpointError, ConfigError, DataError
 from calib.graph import QUANT_OPS, Graph
 from calib.qmodel import QuantModel
+from calib.quantizers import init_act_range
 from calib.frontier import Tensors
 from calib.reconstruct import block_modules, reconstruct
 
@@ -90,6 +91,8 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
             readers[v] = i  # last block that reads v
     x = data.to(device=device, dtype=torch.float32).contiguous()
     model.input_quant.init_from(x)
+    if saved is None:           # a checkpoint restores shared ranges with the rest of the state
+        _init_shared_ranges(model, x)
     inp = graph.input.name
     with torch.no_grad():
         fp_env: Tensors = {inp: x}
@@ -213,3 +216,37 @@ def _init_act_ranges(model: QuantModel, block: Block, fp_in: dict[str, torch.Ten
     for name in block.nodes:
         if model.graph[name].op in QUANT_OPS:
             model.layer(name).out_quant.init_from(env[name])
+
+
+@torch.no_grad()
+def _init_shared_ranges(model: QuantModel, x: torch.Tensor, limit: int = 256, cap: int = 2**22) -> None:
+    """Set each shared cat quantizer (model.tied) once, from the float values of every cat in
+    its class: a cat's output holds the codes it joins, so the range covers all members.
+
+    One float pass over ``limit`` samples that frees each value after its last reader;
+    each cat output is strided down to at most ``cap`` values for the range search."""
+    if not model.tied:
+        return
+    graph = model.graph
+    cats = {m for members in model.tied for m in members if graph[m].op == "cat"}
+    readers = {k: len(v) for k, v in graph.consumers().items()}
+    env: Tensors = {graph.input.name: x[:limit]}
+    seen: dict[str, torch.Tensor] = {}
+    model.set_quant(False)
+    for n in graph:
+        if n.op == "input":
+            continue
+        model.run([n.name], env)
+        if n.name in cats:
+            flat = env[n.name].flatten()
+            seen[n.name] = flat[::-(-flat.numel() // cap)]
+        for v in n.inputs:
+            readers[v] -= 1
+            if readers[v] == 0:
+                env.pop(v, None)
+    model.set_quant(True)
+    for members in model.tied:
+        q = model.layer(members[-1]).out_quant
+        s, z = init_act_range(torch.cat([seen[m] for m in members if m in cats]), q.bits)
+        q.scale.data.fill_(s)
+        q.zero_point.fill_(z)

@@ -12,6 +12,10 @@ from calib.quantizers import FLOAT_BITS
 METHODS = ("rtn", "adaround", "brecq", "waps", "qdrop", "qdrop+waps")
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (2, 3, 4, 8, FLOAT_BITS)
+# how a channel concatenation meets its inputs' codes (bench/results/cat_quant.md):
+# "shared": the cat and the values it joins share one quantizer, so it only moves codes;
+# "rescale": each keeps its own and the cat requantizes them to its scale (a second rounding)
+CAT_QUANTS = ("shared", "rescale")
 
 
 def default_gammas(g: int) -> tuple[float, ...]:
@@ -48,6 +52,7 @@ class CalibConfig:
     group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
+    cat_quant: str = "rescale"     # CAT_QUANTS
     extra: dict = field(default_factory=dict)
 
     @property
@@ -99,6 +104,8 @@ class CalibConfig:
             raise ConfigError(f"--group-prob {self.group_prob}: choose one of {', '.join(GROUP_PROBS)}")
         if not 0 <= self.drop_prob <= 1:
             raise ConfigError("drop probability must be in [0, 1]")
+        if self.cat_quant not in CAT_QUANTS:
+            raise ConfigError(f"--cat-quant {self.cat_quant}: choose one of {', '.join(CAT_QUANTS)}")
         check_device_name(self.device)
         return self
 

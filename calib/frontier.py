@@ -19,8 +19,7 @@ from typing import Union
 import torch
 
 from calib.blocks import Block
-from calib.graph import QUANT_OPS
-from calib.qmodel import QuantModel
+from calib.qmodel import QuantModel, code_source
 from calib.quantizers import ActQuantizer
 
 
@@ -94,10 +93,8 @@ class _Sink:
 def producer_quantizer(model: QuantModel, value: str) -> ActQuantizer:
     """The quantizer whose grid ``value`` lies on if it is quantized: its producer's
     output quantizer, looking through parameter-free nodes (pooling, flatten, ReLU)."""
-    g = model.graph
-    while g[value].op not in (*QUANT_OPS, "input"):
-        value = g[value].inputs[0]
-    return model.input_quant if g[value].op == "input" else model.layer(value).out_quant
+    src = code_source(model.graph, value)
+    return model.input_quant if model.graph[src].op == "input" else model.layer(src).out_quant
 
 
 @torch.no_grad()

@@ -272,6 +272,41 @@ def output_bits(graph: Graph, cfg: CalibConfig, last: set[str]) -> dict[str, int
     return bits
 
 
+def code_source(graph: Graph, value: str) -> str:
+    """The quantization point whose codes ``value`` carries: itself, or the producer found
+    through parameter-free nodes without a quantizer of their own (relu, pooling, pad, …);
+    the graph input's name when it reaches the input."""
+    while graph[value].op not in QUANT_OPS and graph[value].op != "input":
+        value = graph[value].inputs[0]
+    return value
+
+
+def cat_classes(graph: Graph, bits: dict[str, int]) -> list[list[str]]:
+    """Quantization points that share one quantizer under ``cat_quant="shared"``: every cat
+    with the points whose codes it joins, closed transitively (a DenseNet block is one class).
+    A joined value of another code width, or the graph input, keeps its own quantizer (the
+    cat rescales it). Classes of two or more members, each in graph order."""
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            a = parent[a]
+        return a
+
+    for n in graph:
+        if n.op != "cat":
+            continue
+        for v in n.inputs:
+            src = code_source(graph, v)
+            if graph[src].op != "input" and bits[src] == bits[n.name]:
+                parent[find(src)] = find(n.name)
+    classes: dict[str, list[str]] = {}
+    for n in graph:
+        if n.name in parent:
+            classes.setdefault(find(n.name), []).append(n.name)
+    return [c for c in classes.values() if len(c) > 1]
+
+
 class QuantModel(nn.Module):
     """Fake-quant executor of a fused graph."""
 
@@ -293,6 +328,14 @@ class QuantModel(nn.Module):
                                                    list(cfg.gammas) if wants_groups else None, cfg.group_prob)
             elif n.op in QUANT_OPS:
                 self.ops[key(n.name)] = QuantOp(n, bits[n.name])
+        # "shared": one quantizer object per class, so fake quantization, export and the
+        # compiled cat (then an exact move of codes) all see the same scale
+        self.tied = cat_classes(graph, bits) if cfg.cat_quant == "shared" else []
+        for members in self.tied:
+            shared = self.ops[key(members[-1])].out_quant
+            shared.range_fixed = True
+            for m in members:
+                self.ops[key(m)].out_quant = shared
 
     def layer(self, name: str) -> QuantLayer | QuantOp:
         return self.ops[key(name)]

@@ -118,7 +118,9 @@ class ActQuantizer(nn.Module):
     """Per-tensor asymmetric fake quantizer with a learned step (LSQ-style STE).
 
     ``bits = 32`` makes it the identity. ``drop_prob`` > 0 (QDrop) keeps each
-    element's full-precision value with that probability, in training mode only."""
+    element's full-precision value with that probability, in training mode only.
+    ``range_fixed``: one quantizer shared by several values (a cat and what it joins) was
+    set once from all of them; per-value initialisation and learning leave it alone."""
 
     def __init__(self, bits: int):
         super().__init__()
@@ -128,13 +130,14 @@ class ActQuantizer(nn.Module):
         self.enabled = bits < FLOAT_BITS
         self.drop_prob = 0.0
         self.fused = True  # training forward through fake_quant (same values, fewer passes)
+        self.range_fixed = False
 
     @property
     def levels(self) -> int:
         return 2**self.bits - 1
 
     def init_from(self, x: torch.Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.range_fixed:
             return
         s, z = init_act_range(x, self.bits)
         self.scale.data.fill_(s)

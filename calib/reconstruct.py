@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from calib.blocks import Block
 from calib.config import CalibConfig
+from calib.frontier import producer_quantizer
 from calib.graph import QUANT_OPS
 from calib.qmodel import QuantLayer, QuantModel, QuantOp
 from calib.rounding import BetaSchedule, cosine_lr
@@ -117,20 +118,13 @@ def _precompute(model: QuantModel, block: Block, lead: list[str], q_in: Tensors,
     return rest, run(q_in), run(fp_in)
 
 
-def output_quantizer(model: QuantModel, value: str):
-    """The quantizer that produces ``value``'s codes (glue nodes inherit their producer's)."""
-    g = model.graph
-    while g[value].op not in QUANT_OPS:
-        value = g[value].inputs[0]
-    return model.layer(value).out_quant
-
-
 def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, fp_out: Tensors,
                 cfg: CalibConfig, generator: torch.Generator, on_step=None,
                 speed: Speedups = Speedups()) -> None:
     """Learn rounding (and WAPS groups, γ^z/φ^z) of one block in place, then freeze it."""
     layers, adds = block_modules(model, block)
-    quantizers = [m.out_quant for m in (*layers, *adds) if m.out_quant.enabled]
+    quantizers = list({id(m.out_quant): m.out_quant for m in (*layers, *adds) if m.out_quant.enabled}.values())
+    learned = [q for q in quantizers if not q.range_fixed]
     weight_params, group_params, affine_params = [], [], []
     for layer in layers:
         layer.start_rounding()
@@ -147,11 +141,11 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     if affine_params:
         param_groups.append({"params": affine_params, "lr": cfg.lr_affine})
     opt = torch.optim.Adam(param_groups)
-    act_opt = torch.optim.Adam([q.scale for q in quantizers], lr=cfg.lr_act) if quantizers else None
+    act_opt = torch.optim.Adam([q.scale for q in learned], lr=cfg.lr_act) if learned else None
     for q in quantizers:
         q.drop_prob = cfg.drop_prob if cfg.uses_qdrop else 0.0
 
-    out_quants = [output_quantizer(model, o) for o in block.outputs]
+    out_quants = [producer_quantizer(model, o) for o in block.outputs]
     out_enabled = [q.enabled for q in out_quants]
     # WAPS: a joint soft phase, then groups and rounding are fixed and γ^z/φ^z (and
     # the steps) are fine-tuned against the hard weights (appendix C). Without WAPS
@@ -215,7 +209,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             opt.step()
         if act_opt:
             act_opt.step()
-            for q in quantizers:
+            for q in learned:
                 q.scale.data.clamp_(min=1e-8)
         for layer in grouped:
             layer.groups.track(t, record=t % max(cfg.iters // 100, 1) == 0)

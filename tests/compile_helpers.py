@@ -7,12 +7,15 @@ import torch
 from calib.config import CalibConfig
 
 
-def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0, gammas=None):
+def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0, gammas=None,
+               **options):
+    """``model`` calibrated (waps) on random data; ``options``: further CalibConfig fields."""
     from waps_tvm import api
     g = torch.Generator().manual_seed(seed)
     data = torch.randn((samples, *input_shape), generator=g)
     cfg = CalibConfig(wbits=wbits, abits=abits, method="waps", iters=iters, batch=min(8, samples),
-                      samples=samples, seed=seed, progress=False, **({"gammas": tuple(gammas)} if gammas else {}))
+                      samples=samples, seed=seed, progress=False, **({"gammas": tuple(gammas)} if gammas else {}),
+                      **options)
     _, art = api.quantize(model.eval(), data, cfg)
     return art
 

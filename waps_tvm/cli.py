@@ -32,7 +32,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calib.config import ACT_BITS, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
+    from calib.config import ACT_BITS, CAT_QUANTS, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
     d = CalibConfig()
     p = argparse.ArgumentParser(prog="waps-tvm", description="WAPS-Quant PTQ and TVM compilation for a 16x16 NPU")
     p.add_argument("--version", action="version", version=f"waps-tvm {__import__('waps_tvm').__version__}")
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tile", type=int, default=d.tile, help="group-size granularity in channels (MAC tile)")
     c.add_argument("--group-prob", default=d.group_prob, choices=GROUP_PROBS,
                    help=f"eq. 15 group probability: sigmoid ratio as printed, or softmax (default {d.group_prob})")
+    c.add_argument("--cat-quant", default=d.cat_quant, choices=CAT_QUANTS,
+                   help="channel concatenation: share one quantizer with the values it joins, or "
+                        f"rescale each to its own (default {d.cat_quant}; bench/results/cat_quant.md)")
     c.add_argument("--lam", type=float, default=None, help="regulariser weight λ_r = λ_g (default 0.01)")
     c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
     c.add_argument("--eval-data", help="labelled data for top-1 (default: the built-in test split)")
@@ -211,6 +214,7 @@ def _calibrate(args) -> int:
     cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, cwac=args.cwac,
                       iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
                       gammas=tuple(gammas), tile=args.tile, lam=args.lam, group_prob=args.group_prob,
+                      cat_quant=args.cat_quant,
                       first_last_bits=args.first_last_bits, progress=not args.quiet,
                       device=args.device).validate()
     resolve_device(cfg.device)                        # no CUDA: one line before any work
