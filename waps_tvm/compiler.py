@@ -77,7 +77,9 @@ def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None):
         return relax.build(module, target=llvm_target(tgt))
 
 
-def metadata(art: WapsArtifact, lowered: Lowered, target: CpuTarget, batch: int, seconds: float) -> dict:
+def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batch: int, seconds: float) -> dict:
+    """meta.json of a compiled folder; ``art`` None (a Program compiled without an artifact,
+    as the tests do): no "model" entry."""
     import tvm
     prog = lowered.program
     quant = next(o for o in prog.ops if o.kind == "quantize")
@@ -98,10 +100,20 @@ def metadata(art: WapsArtifact, lowered: Lowered, target: CpuTarget, batch: int,
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
                  "gathered_layers": lowered.permute.gathered_layers if lowered.permute else []},
         "placement": [{k: v for k, v in row.items() if k != "lowered"} for row in lowered.placement],
-        "model": {"producer": art.producer, "config": art.config},
+        **({"model": {"producer": art.producer, "config": art.config}} if art is not None else {}),
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
         "compile_seconds": round(seconds, 2),
     }
+
+
+def write_library(ex, folder: Path, meta: dict, cc: str | None) -> None:
+    """What the runner needs of a compiled folder: ``ex`` exported as folder/model.so (linked by
+    ``cc``, targets.cpu.export_cc; None: this machine's gcc) and meta.json, ``meta`` with the
+    library's size and SHA-256 added (runner.check_library)."""
+    ex.export_library(str(folder / "model.so"), **({"cc": cc} if cc else {}))
+    lib = (folder / "model.so").read_bytes()
+    meta["library"] = {"file": "model.so", "bytes": len(lib), "sha256": hashlib.sha256(lib).hexdigest()}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
@@ -144,10 +156,7 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
     except OSError as e:
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     try:
-        ex.export_library(str(tmp / "model.so"), **({"cc": cc} if cc else {}))
-        lib = (tmp / "model.so").read_bytes()
-        meta["library"] = {"file": "model.so", "bytes": len(lib), "sha256": hashlib.sha256(lib).hexdigest()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_library(ex, tmp, meta, cc)
         (tmp / "graph.onnx").write_bytes(onnx_model.SerializeToString())
         if lowered.streams:
             import numpy as np

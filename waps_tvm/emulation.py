@@ -4,7 +4,8 @@
 aarch64 TVM runtime and NumPy wheels into ``.aarch64/`` at the repository root (or
 ``$WAPS_AARCH64_ROOT``). :func:`run` starts ``python -m waps_tvm.runner`` there under
 qemu-aarch64-static with only the TVM runtime library loaded (TVM_USE_RUNTIME_LIB=1); the
-input and outputs travel as .npy files in a temporary folder.
+input and outputs travel as .npy files in a temporary folder. :func:`run_many` runs several
+compiled folders in one such process.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -53,23 +55,44 @@ def command(*args: str) -> list[str]:
 def run(folder: str | Path, x: np.ndarray, repeat: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """(dequantized, codes, seconds per call for ``repeat`` calls) of the compiled folder run
     under qemu. Timings are emulated aarch64, not of any real board."""
-    folder = Path(folder).resolve()
-    meta, _ = read_folder(folder)
-    if meta.get("arch", "x86_64") != "aarch64":
-        raise RunError(f"{folder}: --emulate runs aarch64 builds; this one is for {meta.get('arch', 'x86_64')} "
-                       "(run it without --emulate)")
-    x = check_samples(meta, x)                   # the runner under qemu takes it in batches
+    return run_many([(folder, x)], repeat)[0]
+
+
+def run_many(jobs: Sequence[tuple[str | Path, np.ndarray]], repeat: int = 0
+             ) -> list[tuple[np.ndarray, np.ndarray, list[float]]]:
+    """:func:`run` for each (compiled folder, input) of ``jobs``, in order, all in ONE emulated
+    python: qemu start-up and ``import tvm`` take seconds, a small model's run milliseconds.
+    Every folder is checked (aarch64, input shape) before qemu starts; a RunError names the
+    first failing folder when any run fails (the others still ran, their outputs are dropped)."""
+    folders = []
+    inputs = []
+    for folder, x in jobs:
+        folder = Path(folder).resolve()
+        meta, _ = read_folder(folder)
+        if meta.get("arch", "x86_64") != "aarch64":
+            raise RunError(f"{folder}: --emulate runs aarch64 builds; this one is for {meta.get('arch', 'x86_64')} "
+                           "(run it without --emulate)")
+        folders.append(folder)
+        inputs.append(check_samples(meta, x))    # the runner under qemu takes it in batches
+    if not folders:
+        return []
     cmd = command("-m", "waps_tvm.runner")
     with tempfile.TemporaryDirectory(prefix="waps-emulate-") as tmp:
         tmp = Path(tmp)
-        np.save(tmp / "x.npy", x)
-        r = subprocess.run([*cmd, str(folder), str(tmp / "x.npy"), str(tmp), "--repeat", str(repeat)],
-                           env=env(), cwd=tmp, capture_output=True, text=True)
+        args = []
+        for i, (folder, x) in enumerate(zip(folders, inputs)):
+            (tmp / str(i)).mkdir()
+            np.save(tmp / str(i) / "x.npy", x)
+            args += [str(folder), str(tmp / str(i) / "x.npy"), str(tmp / str(i))]
+        r = subprocess.run([*cmd, *args, "--repeat", str(repeat)], env=env(), cwd=tmp, capture_output=True, text=True)
         if r.returncode != 0:
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-            raise RunError(f"emulated run failed (exit {r.returncode}): {lines[-1] if lines else 'no output'}")
-        return (np.load(tmp / "dequantized.npy"), np.load(tmp / "codes.npy"),
-                np.load(tmp / "times.npy").tolist())
+            # the runner prints one line per failed folder; a crash leaves a traceback, last line last
+            said = [ln for ln in lines if any(ln.startswith(str(f)) for f in folders)] or lines[-1:]
+            more = f" (and {len(said) - 1} more)" if len(said) > 1 else ""
+            raise RunError(f"emulated run failed (exit {r.returncode}): {said[0] if said else 'no output'}{more}")
+        return [(np.load(tmp / str(i) / "dequantized.npy"), np.load(tmp / str(i) / "codes.npy"),
+                 np.load(tmp / str(i) / "times.npy").tolist()) for i in range(len(folders))]
 
 
 def rpc_server(host: str = "127.0.0.1", port: int = 9090, **popen) -> subprocess.Popen:

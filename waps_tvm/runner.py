@@ -184,29 +184,34 @@ def run_batches(call, meta: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m waps_tvm.runner FOLDER X.npy OUTDIR [--repeat N]``: what ``waps-tvm run --emulate``
-    runs under qemu. Writes OUTDIR/dequantized.npy, codes.npy and times.npy (seconds per
-    call); a RunError is one line on stderr and exit code 2."""
+    """``python -m waps_tvm.runner FOLDER X.npy OUTDIR [FOLDER X.npy OUTDIR ...] [--repeat N]``: what
+    ``waps-tvm run --emulate`` runs under qemu. For each triple, writes OUTDIR/dequantized.npy,
+    codes.npy and times.npy (seconds per call). Several triples share one process, so one qemu
+    start-up and one ``import tvm`` serve many compiled folders. A triple's RunError is one line
+    on stderr (and no outputs in its OUTDIR); the others still run; the exit code is then 2."""
     import argparse
     p = argparse.ArgumentParser(prog="python -m waps_tvm.runner")
-    p.add_argument("folder")
-    p.add_argument("input")
-    p.add_argument("outdir")
+    p.add_argument("jobs", nargs="+", metavar="FOLDER X.npy OUTDIR")
     p.add_argument("--repeat", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        model = load(args.folder)
-        x = np.load(args.input, allow_pickle=False)
-        deq, codes = model(x)
-        times = model.time(x, args.repeat) if args.repeat else []
-    except RunError as e:
-        print(f"{e}", file=sys.stderr)
-        return e.exit_code
-    out = Path(args.outdir)
-    np.save(out / "dequantized.npy", deq)
-    np.save(out / "codes.npy", codes)
-    np.save(out / "times.npy", np.asarray(times, dtype=np.float64))
-    return 0
+    if len(args.jobs) % 3:
+        p.error(f"give FOLDER X.npy OUTDIR triples (got {len(args.jobs)} arguments)")
+    code = 0
+    for folder, x_path, outdir in zip(*[iter(args.jobs)] * 3):
+        try:
+            model = load(folder)
+            x = np.load(x_path, allow_pickle=False)
+            deq, codes = model(x)
+            times = model.time(x, args.repeat) if args.repeat else []
+        except RunError as e:
+            print(f"{e}", file=sys.stderr)
+            code = e.exit_code
+            continue
+        out = Path(outdir)
+        np.save(out / "dequantized.npy", deq)
+        np.save(out / "codes.npy", codes)
+        np.save(out / "times.npy", np.asarray(times, dtype=np.float64))
+    return code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The runs need scripts/aarch64-emulation.sh (cross gcc, qemu-user, the aarch64 Py
 .aarch64/); without it they fail in CI and are skipped elsewhere."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,9 +16,9 @@ import numpy as np
 import pytest
 
 from calib import artifact
-from calib.errors import ConfigError
 from relay_passes import reference
 from targets import cpu
+from tests.emulation_helpers import require
 from waps_tvm import cli, emulation, runner
 from waps_tvm.compiler import lower_artifact
 
@@ -25,20 +26,11 @@ x86_host = pytest.mark.skipif(runner.machine() == "aarch64", reason="on an aarch
 CORTEX_A53 = '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a53"}'
 
 
-def _require(check) -> None:
-    try:
-        check()
-    except (ConfigError, runner.RunError) as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI runs scripts/aarch64-emulation.sh before the tests: {e}")
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def builds(tiny_artifact, tmp_path_factory):
     """The TinyResNet artifact compiled for llvm, aarch64 and a Cortex-A53 JSON dict, an input,
     and the reference interpreter's outputs for it."""
-    _require(lambda: cpu.export_cc("aarch64"))
+    require(lambda: cpu.export_cc("aarch64"))
     d = tmp_path_factory.mktemp("a64")
     waps = artifact.save(tiny_artifact, d / "tiny.waps")
     for name, target in (("llvm", "llvm"), ("aarch64", "aarch64"), ("a53", CORTEX_A53)):
@@ -76,7 +68,7 @@ def test_meta_records_the_target_and_the_library_is_aarch64(builds):
 def _sdot_count(lib) -> int:
     objdump = shutil.which("aarch64-linux-gnu-objdump")
     if objdump is None:
-        _require(lambda: (_ for _ in ()).throw(runner.RunError("no aarch64-linux-gnu-objdump (binutils)")))
+        require(lambda: (_ for _ in ()).throw(runner.RunError("no aarch64-linux-gnu-objdump (binutils)")))
     text = subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
     return sum("\tsdot\t" in line for line in text.splitlines())
 
@@ -90,7 +82,7 @@ def test_aarch64_convs_use_the_arm_dot_product(builds):
 
 
 def test_emulated_runs_equal_x86_and_the_reference(builds, capsys):
-    _require(emulation.python)
+    require(emulation.python)
     d, x, ref = builds
     x86 = runner.load(d / "llvm")(x)
     np.testing.assert_array_equal(x86[1], ref[1])
@@ -103,6 +95,26 @@ def test_emulated_runs_equal_x86_and_the_reference(builds, capsys):
         assert deq.dtype == np.float32 and deq.tobytes() == x86[0].tobytes(), name
 
 
+def test_run_many_runs_several_folders_in_one_emulated_process(builds, tmp_path):
+    """emulation.run_many: each folder's outputs, in order; an x86 folder is refused before qemu
+    starts; a folder that fails inside the emulated runner is named and the run fails."""
+    require(emulation.python)
+    d, x, ref = builds
+    more = np.concatenate([x, x[:1]])
+    outs = emulation.run_many([(d / "aarch64", x), (d / "a53", more)])
+    assert [o[1].tobytes() for o in outs] == [np.ascontiguousarray(r).tobytes() for r in (ref[1], np.concatenate([ref[1], ref[1][:1]]))]
+    assert outs[0][0].tobytes() == np.ascontiguousarray(ref[0]).tobytes() and outs[0][2] == []
+    with pytest.raises(runner.RunError, match="run it without --emulate"):
+        emulation.run_many([(d / "aarch64", x), (d / "llvm", x)])
+    # an x86 library whose meta.json claims aarch64: only the runner under qemu finds out
+    fake = tmp_path / "fake"
+    shutil.copytree(d / "llvm", fake)
+    meta = json.loads((fake / "meta.json").read_text())
+    (fake / "meta.json").write_text(json.dumps({**meta, "arch": "aarch64"}))
+    with pytest.raises(runner.RunError, match=re.escape(f"(exit 2): {fake / 'model.so'}: cannot load")):
+        emulation.run_many([(d / "aarch64", x), (fake, x)])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,7 +124,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server_port():
     """An aarch64 TVM RPC server under qemu (waps-tvm rpc-server --emulate) on a free port."""
-    _require(emulation.python)
+    require(emulation.python)
     port = _free_port()
     server = emulation.rpc_server("127.0.0.1", port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -248,8 +260,8 @@ def test_unfolded_group_accumulators_bit_exact_under_qemu(tiny_artifact, tmp_pat
     """With n_p > L no group folds into a shared accumulator (fast_kernels.fold_groups is None),
     so each aarch64 conv keeps one accumulator per group and the shift-add runs on the tile:
     that path, under qemu, equals the reference."""
-    _require(emulation.python)
-    _require(lambda: cpu.export_cc("aarch64"))
+    require(emulation.python)
+    require(lambda: cpu.export_cc("aarch64"))
     from relay_passes import fast_kernels, quantize
     monkeypatch.setattr(quantize, "FRAC_BITS", 2)                 # L ≤ 2 < n = 4 for every scaled group
     lowered = lower_artifact(tiny_artifact, 1, "fast", target="aarch64")

@@ -72,6 +72,30 @@ def test_runs_in_a_fresh_process_importing_only_tvm_numpy_runner(compiled, tiny_
     np.testing.assert_array_equal(np.load(compiled / "codes.npy"), reference.run(lowered.program, x)[1])
 
 
+def test_runner_main_runs_several_folders_and_reports_each_failure(compiled, tiny_artifact, tmp_path, capsys):
+    """``python -m waps_tvm.runner`` takes FOLDER X.npy OUTDIR triples (what emulation.run_many
+    starts under qemu): a failing triple is one stderr line and exit 2, the others still run."""
+    from waps_tvm import runner
+    x = np.random.default_rng(2).normal(size=(3, 1, 16, 16)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    outs = [tmp_path / f"o{i}" for i in range(3)]
+    for o in outs:
+        o.mkdir()
+    args = [str(compiled / "out"), str(tmp_path / "x.npy"), str(outs[0]),
+            str(tmp_path / "missing"), str(tmp_path / "x.npy"), str(outs[1]),
+            str(compiled / "out"), str(tmp_path / "x.npy"), str(outs[2]), "--repeat", "2"]
+    assert runner.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{tmp_path / 'missing'}: not a compiled waps-tvm folder"), err
+    want = reference.run(lower_artifact(tiny_artifact, 2).program, np.concatenate([x, x[-1:]]))[1][:3]
+    for o in (outs[0], outs[2]):
+        np.testing.assert_array_equal(np.load(o / "codes.npy"), want)
+        assert len(np.load(o / "times.npy")) == 2
+    assert not list(outs[1].iterdir())
+    with pytest.raises(SystemExit):                      # not a whole number of triples
+        runner.main(args[:4])
+
+
 def test_cli_run_prints_saves_and_times(compiled, capsys):
     x = np.random.default_rng(2).normal(size=(2, 1, 16, 16)).astype("float32")
     np.save(compiled / "x2.npy", x)
