@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def group_term(acc: np.ndarray, scale: GroupScale, frac: int = 0) -> np.ndarray:
     return v + scale.sigma * shift_round(v, scale.n) if scale.sigma else v
 
 
-def merge_groups(acc_groups: list[np.ndarray], scales: list[GroupScale], frac: int = 0) -> np.ndarray:
+def merge_groups(acc_groups: list[np.ndarray], scales: Sequence[GroupScale], frac: int = 0) -> np.ndarray:
     """acc = Σ_p group_term(acc_p, γ_p, L), int64 (callers check the int32 range)."""
     total = np.zeros_like(np.asarray(acc_groups[0], dtype=np.int64))
     for acc, gs in zip(acc_groups, scales):

@@ -182,7 +182,9 @@ def channel_groups(op) -> tuple[np.ndarray, np.ndarray]:
     if "groups" not in op.params:
         return np.zeros(m, np.int32), np.ones(m, np.int32)
     g = op.params["groups"].astype(np.int64)
-    return np.asarray(op.attrs["sigma"], np.int32)[g], np.maximum(np.asarray(op.attrs["n"], np.int32)[g], 1)
+    sig = np.array([s.sigma for s in op.group_scales], np.int32)
+    ns = np.array([s.n for s in op.group_scales], np.int32)
+    return sig[g], np.maximum(ns[g], 1)
 
 
 # ---------------------------------------------------------------- schedules
@@ -311,9 +313,9 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
     return te.compute(shape, scaled, name="pack")
 
 
-def _merge(bias, corrected: dict, a: dict):
-    """The WAPS merge of an op whose attrs ``a`` hold σ, n and frac (numeric_tvm.merge_groups)."""
-    return nt.merge_groups(nt.TIR, bias, corrected, nt.scales_of(a), a.get("frac", 0))
+def _merge(bias, corrected: dict, scales, frac: int):
+    """The WAPS merge with group scales ``scales`` and ``frac`` bits (numeric_tvm.merge_groups)."""
+    return nt.merge_groups(nt.TIR, bias, corrected, scales, frac)
 
 
 def _requant(total, k, M, R, S, a, dtype, narrow: bool = False):
@@ -354,11 +356,11 @@ def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     a = op.attrs
     if "groups" not in op.params:
         return None
-    sig, ns, frac = a["sigma"], a["n"], a.get("frac", 0)
-    if any(sg and n > frac for sg, n in zip(sig, ns)):
+    scales, frac = op.group_scales, a.get("frac", 0)
+    if any(s.sigma and s.n > frac for s in scales):
         return None
-    shift = frac - max([n for sg, n in zip(sig, ns) if sg] or [0])
-    ap = nt.group_factors(nt.scales_of(a), frac) >> shift
+    shift = frac - max([s.n for s in scales if s.sigma] or [0])
+    ap = nt.group_factors(scales, frac) >> shift
     per_c = ap[op.params["groups"]]
     mass = (np.abs(op.params["w"].astype(np.int64)).sum(axis=(2, 3)) * per_c[None, :]).sum(1)
     if int(mass.max()) * int(a["in_qmax"]) > 2**31 - 1:
@@ -412,9 +414,9 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     m16, c4 = round_up(m, 16), round_up(c, 4)
-    merge = a
-    if fold is not None:
-        ranges, merge = [(0, c)], {"frac": fold[2]}
+    scales, frac = op.group_scales, a.get("frac", 0)
+    if fold is not None:                 # one unscaled group of 2^s-scaled channels
+        ranges, scales, frac = [(0, c)], (GroupScale(0, 0),), fold[2]
     g = len(ranges)
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
@@ -442,7 +444,7 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
         accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw)),
                              name=f"acc{p}")
     def epilogue(b, i, j, k):
-        total = _merge(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, merge)
+        total = _merge(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, scales, frac)
         return _requant(total, k, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
@@ -658,7 +660,8 @@ def linear(op, in_shape, in_dtype: str, ranges):
             r = te.reduce_axis((0, c1 - c0), f"r{p}")
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
     def epilogue(i, j):
-        return _requant(_merge(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, a),
+        return _requant(_merge(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, op.group_scales,
+                               a.get("frac", 0)),
                         j, M, R, S, a, op.dtype, _narrow(op))
 
     out = te.compute((n, m), epilogue, name="out")

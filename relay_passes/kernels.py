@@ -91,7 +91,7 @@ def fast_plan(op: Op, in_types) -> str | None:
     if op.attrs.get("form") != "fast":
         return None
     if op.kind == "conv2d":
-        ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+        ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
             [(0, op.params["w"].shape[1])]
         if op.attrs["conv_groups"] > 1:
             ranges = ranges or [(0, 0)]                        # depthwise: any channel order
@@ -99,7 +99,7 @@ def fast_plan(op: Op, in_types) -> str | None:
             return "conv" if op.attrs["conv_groups"] == 1 else "depthwise"
         return None
     if op.kind == "linear":
-        ok = "groups" not in op.params or group_ranges(op.params["groups"], _n_groups(op)) is not None
+        ok = "groups" not in op.params or group_ranges(op.params["groups"], op.n_groups) is not None
         return "linear" if ok else None
     if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
         return None
@@ -171,10 +171,6 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
     return []
 
 
-def _n_groups(op: Op) -> int:
-    return len(op.attrs.get("sigma", [0])) if "groups" in op.params else 1
-
-
 def _group_masks(op: Op) -> np.ndarray:
     """[g, fan_in] int8: 1 where an input channel (feature) belongs to group p."""
     w = op.params["w"]
@@ -182,7 +178,7 @@ def _group_masks(op: Op) -> np.ndarray:
     if "groups" not in op.params:
         return np.ones((1, fan), np.int8)
     g = op.params["groups"]
-    return np.stack([(g == p).astype(np.int8) for p in range(_n_groups(op))])
+    return np.stack([(g == p).astype(np.int8) for p in range(op.n_groups)])
 
 
 def _masked_weights(op: Op) -> list[np.ndarray]:
@@ -192,7 +188,7 @@ def _masked_weights(op: Op) -> list[np.ndarray]:
         return [w]
     g = op.params["groups"]
     out = []
-    for p in range(_n_groups(op)):
+    for p in range(op.n_groups):
         if op.kind == "conv2d":
             m, cg = w.shape[:2]
             cgroups = op.attrs["conv_groups"]
@@ -250,7 +246,7 @@ def _merge_requant(lb, op, accs: list, P, D):
         c = lb.emit(relax.op.reshape(lb.emit(relax.op.strided_slice(corr, [0], [p], [p + 1])), shape))
         return ar.sub(acc, c)
     total = nt.merge_groups(ar, lb.emit(relax.op.reshape(P["bias"], shape)),
-                            {p: corrected(p, acc) for p, acc in enumerate(accs)}, nt.scales_of(a), a.get("frac", 0))
+                            {p: corrected(p, acc) for p, acc in enumerate(accs)}, op.group_scales, a.get("frac", 0))
     return nt.output_code(ar, total, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
 
 
@@ -280,7 +276,7 @@ def _conv_form(op: Op, in_types) -> str:
             return plan
         form = "split"                                   # a shape the fast kernels do not take
     if form in ("split", "fused") and "groups" in op.params:
-        ranges = group_ranges(op.params["groups"], _n_groups(op))
+        ranges = group_ranges(op.params["groups"], op.n_groups)
         if ranges is None or op.attrs["conv_groups"] != 1:
             return "reference"
     return form
@@ -297,7 +293,7 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
         return _conv2d_fused(lb, op, xs, P, D, in_types, add_prim)
     in_dtype = in_types[0][1]
     x = _conv_input(lb, op, xs[0], in_dtype)
-    g = _n_groups(op)
+    g = op.n_groups
     if g == 1:
         accs = [_conv(lb, x, P["w"], op, in_dtype)]
     elif form in ("split", "fused"):
@@ -332,7 +328,7 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
 
 def _linear(lb, op, xs, P, D, in_types, add_prim):
     if fast_plan(op, in_types):
-        ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+        ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
             [(0, op.params["w"].shape[1])]
         func, shape = fast.linear(op, in_types[0][0], in_types[0][1], ranges)
         out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
@@ -340,10 +336,10 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
         return out if shape[1] == m else lb.emit(relax.op.strided_slice(out, [1], [0], [m]))
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
-    ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else [(0, op.params["w"].shape[1])]
+    ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else [(0, op.params["w"].shape[1])]
     form = op.attrs.get("form", "reference")
     accs = []
-    for p in range(_n_groups(op)):
+    for p in range(op.n_groups):
         if form in ("split", "fused", "fast") and ranges is not None:
             c0, c1 = ranges[p]
             if c1 == c0:
@@ -502,7 +498,7 @@ def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan):
     if plan == "depthwise":
         func, shape = fast.depthwise(op, in_types[0][0])
         return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
-    ranges = group_ranges(op.params["groups"], _n_groups(op)) if "groups" in op.params else \
+    ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
         [(0, op.params["w"].shape[1])]
     fold = fast.fold_groups(op)
     func, shape = fast.conv2d(op, in_types[0][0], ranges, fold)
@@ -535,7 +531,7 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     wt = op.params["w"]
     m, cg, kh, kw = wt.shape
     a = op.attrs
-    ranges = group_ranges(op.params["groups"], _n_groups(op))
+    ranges = group_ranges(op.params["groups"], op.n_groups)
     if ranges is None or a["conv_groups"] != 1:
         raise ValueError(f"{op.name}: fused form needs contiguous groups in an ungrouped conv")
     ph, pw = a["padding"]
@@ -561,7 +557,7 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
 
     def epilogue(b, k, i, j):
         total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k, i, j] - C[p, k] for p, acc in enumerate(accs)
-                                               if acc is not None}, nt.scales_of(a), a.get("frac", 0))
+                                               if acc is not None}, op.group_scales, a.get("frac", 0))
         return nt.output_code(nt.TIR, total, Mq[0, k, 0, 0], Rq[0, k, 0, 0], Sq[0, k, 0, 0], a["z_out"], a["lo"],
                               a["hi"], op.dtype)
 

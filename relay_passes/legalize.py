@@ -52,7 +52,7 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
             op.attrs["form"] = "fast"
             report.legalized += 1
             continue
-        if grouped or group_ranges(op.params["groups"], len(op.attrs["sigma"])) is None:
+        if grouped or group_ranges(op.params["groups"], op.n_groups) is None:
             op.attrs["form"] = "reference"
             report.masked.append(op.attrs.get("layer", op.name))
             continue

@@ -15,7 +15,7 @@ the add rescale int64, results cast to the op's output dtype.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from tvm import relax, tirx
@@ -116,7 +116,7 @@ def group_term_by(ar, acc: Expr, sigma: Expr, n: Expr, frac: int) -> Expr:
     return ar.add(v, ar.mul(sigma, s))
 
 
-def merge_groups(ar, bias: Expr, corrected: dict[int, Expr], scales: list[GroupScale], frac: int) -> Expr:
+def merge_groups(ar, bias: Expr, corrected: dict[int, Expr], scales: Sequence[GroupScale], frac: int) -> Expr:
     """bias + Σ_p group_term(acc_p, γ_p, L) over the non-empty groups ``corrected``
     {p: acc_p − z_in·Σw_p} (int32)."""
     total = bias
@@ -167,12 +167,7 @@ def table_lookup(table, code: Expr) -> Expr:
     return table[code.astype(I32)]
 
 
-def scales_of(attrs: dict) -> list[GroupScale]:
-    """An op's WAPS group scales from its σ and n attributes (one unscaled group if none)."""
-    return [GroupScale(int(s), int(n)) for s, n in zip(attrs.get("sigma", [0]), attrs.get("n", [0]))]
-
-
-def group_factors(scales: list[GroupScale], frac: int) -> np.ndarray | None:
+def group_factors(scales: Sequence[GroupScale], frac: int) -> np.ndarray | None:
     """K_p of every group (int64 [g]) when every group's shift is exact, else None."""
     ks = [group_factor(s, frac) for s in scales]
     return None if any(k is None for k in ks) else np.array(ks, np.int64)

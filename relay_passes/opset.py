@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from calib.numerics import GroupScale, code_table, quantize_multiplier
-from relay_passes.program import INPUT, Op, Program
+from relay_passes.program import INPUT, Op, Program, group_scale_attrs
 from relay_passes.resize import resize_op
 
 
@@ -66,9 +66,8 @@ def _layer_params(rng, m: int, fan: int, wshape, n_groups: int) -> tuple[dict, d
              "frac": 4, "layer": "example"}
     if n_groups > 1:
         params["groups"] = rng.integers(0, n_groups, fan).astype(np.int8)
-        scales = [GroupScale(int(rng.integers(-1, 2)), int(rng.integers(1, 6))) for _ in range(n_groups)]
-        attrs["sigma"] = [s.sigma for s in scales]
-        attrs["n"] = [s.n if s.sigma else 0 for s in scales]
+        drawn = [(int(rng.integers(-1, 2)), int(rng.integers(1, 6))) for _ in range(n_groups)]
+        attrs.update(group_scale_attrs(GroupScale(s, n if s else 0) for s, n in drawn))
     return attrs, params
 
 

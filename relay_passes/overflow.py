@@ -27,7 +27,6 @@ def accumulator_bound(op: Op) -> int:
     w = np.abs(op.params["w"].astype(np.int64))
     a = op.attrs
     xmax, z = int(a["in_qmax"]), int(a["z_in"])
-    sig, ns = a.get("sigma", [0]), a.get("n", [0])
     groups = op.params.get("groups")
     m = w.shape[0]
     if op.kind == "conv2d":
@@ -39,13 +38,13 @@ def accumulator_bound(op: Op) -> int:
         mass = w
     worst = 0
     total = np.abs(op.params["bias"].astype(np.int64))
-    for p in range(len(sig)):
+    for p, gs in enumerate(op.group_scales):
         sel = np.ones_like(chan, bool) if groups is None else groups[chan] == p
         a_p = (mass * sel).sum(axis=1)
         raw = a_p * xmax
         acc = (a_p * max(z, xmax - z)) << a.get("frac", 0)
-        half = (1 << (ns[p] - 1)) if sig[p] else 0
-        total = total + acc + (((acc + half) >> ns[p]) if sig[p] else 0)
+        half = (1 << (gs.n - 1)) if gs.sigma else 0
+        total = total + acc + (((acc + half) >> gs.n) if gs.sigma else 0)
         worst = max(worst, int(raw.max()), int((acc + half).max()))
     return max(worst, int(total.max()))
 

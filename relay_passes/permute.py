@@ -36,10 +36,6 @@ class PermuteReport:
     gathered_layers: list[str] = field(default_factory=list)
 
 
-def _n_groups(op: Op) -> int:
-    return len(op.attrs["sigma"]) if "groups" in op.params else 1
-
-
 def _wants(op: Op) -> bool:
     """A consumer whose WAPS groups need contiguous input channels."""
     return is_layer(op) and "groups" in op.params and not _grouped_conv(op)
@@ -112,7 +108,7 @@ def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
             candidates += [np.argsort(labels[c.name], kind="stable") for c in cons]
         best, best_bad = None, None
         for cand in candidates:
-            bad = [c for c in cons if group_ranges(labels[c.name][cand], _n_groups(c)) is None]
+            bad = [c for c in cons if group_ranges(labels[c.name][cand], c.n_groups) is None]
             if best is None or len(bad) < len(best_bad):
                 best, best_bad = cand, bad
         orders[root] = best

@@ -4,7 +4,7 @@ Every quantized operation is a private Relax function called once from ``main``.
 The function carries four attributes:
     waps.kind    the operation (see relay_passes/reference.py for each one's meaning)
     waps.name    the op's name (unique in the program)
-    waps.attrs   JSON of its scalar attributes (zero points, clamps, group shifts, form)
+    waps.attrs   JSON of its scalar attributes (zero points, clamps, group scales, form)
     waps.params  names of its primary tensor arguments, in call order after the inputs
 and its call in ``main`` passes the inputs, then the primary tensors as constants, then
 any derived constants (sliced weights, correction terms) that the body's form needs.
@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import tvm
 from tvm import relax
 
 from calib.errors import WapsError
+from calib.numerics import GroupScale
 
 INPUT = "input"
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -57,6 +58,19 @@ def logical(shape, layout: str) -> tuple[int, ...]:
     return (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" and len(shape) == 4 else shape
 
 
+def group_scales(attrs: Mapping[str, Any]) -> tuple[GroupScale, ...]:
+    """A conv2d's or linear's WAPS group scales γ_p, one per group p of its ``groups`` labels
+    (one unscaled group when it has none). The only reader of their JSON form."""
+    return tuple(GroupScale(int(s), int(n)) for s, n in zip(attrs.get("sigma", [0]), attrs.get("n", [0])))
+
+
+def group_scale_attrs(scales: Iterable[GroupScale]) -> dict[str, list[int]]:
+    """The JSON attributes of ``scales`` (the only writer; ``group_scales`` reads them back):
+    parallel σ and n lists, the form waps.attrs has always had."""
+    scales = list(scales)
+    return {"sigma": [int(s.sigma) for s in scales], "n": [int(s.n) for s in scales]}
+
+
 @dataclass
 class Op:
     kind: str
@@ -66,6 +80,20 @@ class Op:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     shape: tuple[int, ...] = ()            # output shape including the batch
     dtype: str = "uint8"                   # output dtype
+
+    @property
+    def group_scales(self) -> tuple[GroupScale, ...]:
+        """The WAPS group scales, one per group (see ``group_scales``)."""
+        return group_scales(self.attrs)
+
+    @group_scales.setter
+    def group_scales(self, scales: Iterable[GroupScale]) -> None:
+        self.attrs.update(group_scale_attrs(scales))
+
+    @property
+    def n_groups(self) -> int:
+        """How many WAPS groups the layer's input channels fall into (1 when ungrouped)."""
+        return len(self.group_scales)
 
     def copy(self) -> "Op":
         return Op(self.kind, self.name, list(self.inputs), json.loads(json.dumps(self.attrs)),

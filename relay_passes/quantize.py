@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calib.errors import UnsupportedOpError, WapsError
-from calib.numerics import INT32_MAX, code_table, quantize_multiplier
-from relay_passes.program import INPUT, Op, Program, emit
+from calib.numerics import INT32_MAX, GroupScale, code_table, quantize_multiplier
+from relay_passes.program import INPUT, Op, Program, emit, group_scale_attrs
 from relay_passes.resize import resize_op
 
 
@@ -61,8 +61,7 @@ class LayerQuant:
     gamma_z: np.ndarray
     phi_z: np.ndarray
     groups: np.ndarray | None       # int8 group per input channel/feature, or None
-    sigma: list[int] = field(default_factory=list)
-    n: list[int] = field(default_factory=list)
+    scales: list[GroupScale] = field(default_factory=list)     # one per group (when ``groups``)
     act: str | None = None
     out: TensorCodes | None = None
 
@@ -140,7 +139,7 @@ class ProgramBuilder:
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
         if ls.groups is not None:
             params["groups"] = ls.groups.astype(np.int8)
-            attrs["sigma"], attrs["n"] = list(ls.sigma), list(ls.n)
+            attrs.update(group_scale_attrs(ls.scales))
         return self._new(ls.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
 
     @staticmethod

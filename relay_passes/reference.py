@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from calib.numerics import (INT32_MAX, INT32_MIN, GroupScale, add_rescale, apply_table, clamp, merge_groups,
+from calib.numerics import (INT32_MAX, INT32_MIN, add_rescale, apply_table, clamp, merge_groups,
                             output_codes, requantize, rescale)
 from relay_passes.program import INPUT, Op, Program
 
@@ -82,7 +82,7 @@ def _group_accumulators(op: Op, x: np.ndarray) -> list[np.ndarray]:
     """acc_p as int64 [N, m, OH, OW] (conv) or [N, m] (linear), one per group."""
     w = op.params["w"].astype(np.float64)
     a = op.attrs
-    n_groups = len(a.get("sigma", [0])) if "groups" in op.params else 1
+    n_groups = op.n_groups
     groups = op.params.get("groups")
     if op.kind == "linear":
         xz = (x.astype(np.int64) - a["z_in"]).astype(np.float64)
@@ -116,8 +116,7 @@ def _layer(op: Op, x):
     if "in_index" in op.params:
         x = np.take(x, op.params["in_index"], axis=1)
     accs = _group_accumulators(op, x)
-    scales = [GroupScale(int(sg), int(n)) for sg, n in zip(a.get("sigma", [0]), a.get("n", [0]))]
-    total = merge_groups(accs, scales, a.get("frac", 0))
+    total = merge_groups(accs, op.group_scales, a.get("frac", 0))
     bshape = (1, -1) + (1,) * (total.ndim - 2)
     total = total + op.params["bias"].astype(np.int64).reshape(bshape)
     if total.min(initial=0) < INT32_MIN or total.max(initial=0) > INT32_MAX:

@@ -136,7 +136,7 @@ def layer_quant(art: WapsArtifact, n: Node) -> LayerQuant:
         raise ArtifactError(f"artifact has no parameters for layer {n.label()}")
     groups = None if rec.groups is None else np.repeat(rec.groups.astype(np.int8), rec.unit_size)
     return LayerQuant(n.op, n.label(), rec.w_codes, rec.w_scale, rec.bias, rec.gamma_z, rec.phi_z, groups,
-                      [s.sigma for s in rec.group_scales], [s.n for s in rec.group_scales], n.attrs.get("act"),
+                      list(rec.group_scales), n.attrs.get("act"),
                       _codes(art.quant[n.name], n.label()))
 
 

@@ -70,11 +70,11 @@ def _layer(op_type: str, conv: bool):
         a = op.attrs
         layer = a.get("layer") or None
         w = op.params["w"]
-        sig, ns = a.get("sigma", [0]), a.get("n", [0])
+        scales = op.group_scales
         groups = op.params.get("groups")
-        ranges = group_ranges(groups, len(sig)) if groups is not None else [(0, w.shape[1] * a.get("conv_groups", 1))]
+        ranges = group_ranges(groups, op.n_groups) if groups is not None else [(0, w.shape[1] * a.get("conv_groups", 1))]
         parts = []
-        for p, (c0, c1) in enumerate(ranges if ranges is not None else [(None, None)] * len(sig)):
+        for p, (c0, c1) in enumerate(ranges if ranges is not None else [(None, None)] * op.n_groups):
             out = f"{op.name}/acc{p}"
             extra = {}
             if conv:
@@ -83,12 +83,12 @@ def _layer(op_type: str, conv: bool):
             chans = dict(channel_begin=c0, channel_end=c1) if c0 is not None else dict(masked=1)
             g.node("GroupConv" if groups is not None else op_type,
                    [ins[0], g.init(f"{op.name}/w", w) if p == 0 else f"{op.name}/w"], [out], f"{op.name}/conv{p}",
-                   runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=int(sig[p]), gamma_shift=int(ns[p]),
+                   runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=scales[p].sigma, gamma_shift=scales[p].n,
                    form=a.get("form"), layer=layer, **chans, **extra)
             parts.append(out)
         merged = f"{op.name}/acc"
         g.node("ShiftAdd", parts + [g.init(f"{op.name}/bias", op.params["bias"])], [merged], f"{op.name}/shift_add",
-               runs_on, sigma=[int(s) for s in sig], shifts=[int(n) for n in ns], frac_bits=a.get("frac", 0))
+               runs_on, sigma=[s.sigma for s in scales], shifts=[s.n for s in scales], frac_bits=a.get("frac", 0))
         g.node("Requant", [merged, g.init(f"{op.name}/mult", op.params["mult"]),
                            g.init(f"{op.name}/shift", op.params["shift"])], [op.name], f"{op.name}/requant",
                runs_on, z_out=a["z_out"], lo=a["lo"], hi=a["hi"], rounding="half_up")

@@ -47,8 +47,8 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
                            or any(program[i].kind == "gather" for i in op.inputs if i != "input")}
         if "groups" in op.params:
             labels = op.params["groups"]
-            row["group_sizes"] = [int((labels == p).sum()) for p in range(len(a["sigma"]))]
-            row["sigma"], row["n"] = [int(s) for s in a["sigma"]], [int(n) for n in a["n"]]
+            row["group_sizes"] = [int((labels == p).sum()) for p in range(op.n_groups)]
+            row["sigma"], row["n"] = [s.sigma for s in op.group_scales], [s.n for s in op.group_scales]
         if "cycles" in costs.get(op.name, {}):
             c = costs[op.name]
             row["npu16"] = {k: c[k] for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles",

@@ -20,6 +20,7 @@ from tvm import relax
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.c.emit import KERNELS, SHARED_KINDS, add_call, float_literal, kernel_call
+from relay_passes.program import group_scales
 from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
@@ -100,13 +101,14 @@ def _entry(fn: relax.Function, sym: str) -> str:
 def _layer(e: _Entry, call: str) -> list[str]:
     """σ and n as static arrays, then ``call`` + the arguments conv2d and linear share."""
     a, arg = e.a, e.arg
-    ng = len(a.get("sigma", [0]))
+    scales = group_scales(a)
+    ng = len(scales)
     groups = _ptr(arg["groups"], "const int8_t") if "groups" in e.pnames else "0"
     tail = (f"{groups}, {ng}, sig, nsh, {a.get('frac', 0)}, {_ptr(arg['bias'], 'const int32_t')}, "
             f"{_ptr(arg['mult'], 'const int32_t')}, {_ptr(arg['shift'], 'const int32_t')}, {a['z_in']}, "
             f"{a['z_out']}, {a['lo']}, {a['hi']}, {_ptr(_OUT, 'uint8_t')});")
-    return [f"static const int8_t sig[{ng}] = {{{','.join(str(s) for s in a.get('sigma', [0]))}}};",
-            f"static const int8_t nsh[{ng}] = {{{','.join(str(s) for s in a.get('n', [0]))}}};",
+    return [f"static const int8_t sig[{ng}] = {{{','.join(str(s.sigma) for s in scales)}}};",
+            f"static const int8_t nsh[{ng}] = {{{','.join(str(s.n) for s in scales)}}};",
             call + tail]
 
 

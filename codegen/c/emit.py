@@ -53,10 +53,8 @@ def emit_c(program: Program) -> str:
         for k, arr in sorted(op.params.items()):
             lines.append(_array(f"{v}_{k}", arr))
         if is_layer(op):
-            a = op.attrs
-            sig = a.get("sigma", [0])
-            lines.append(_array(f"{v}_sigma", np.array(sig, np.int8)))
-            lines.append(_array(f"{v}_n", np.array(a.get("n", [0]), np.int8)))
+            lines.append(_array(f"{v}_sigma", np.array([s.sigma for s in op.group_scales], np.int8)))
+            lines.append(_array(f"{v}_n", np.array([s.n for s in op.group_scales], np.int8)))
         body.append(_call(op, v, program, buf))
     codes = program[program.outputs[1]]
     lines += ["", "int waps_model_run(const float *input, float *output, void *codes) {"]
@@ -114,8 +112,7 @@ def _layer_tail(s: _Site) -> str:
     """The arguments conv2d and linear share: groups, σ, n, bias, requant, clamp, output."""
     a, v = s.op.attrs, s.v
     groups = f"{v}_groups" if "groups" in s.op.params else "0"
-    ng = len(a.get("sigma", [0]))
-    return (f"{groups}, {ng}, {v}_sigma, {v}_n, {a.get('frac', 0)}, {v}_bias, {v}_mult, {v}_shift, "
+    return (f"{groups}, {s.op.n_groups}, {v}_sigma, {v}_n, {a.get('frac', 0)}, {v}_bias, {v}_mult, {v}_shift, "
             f"{a['z_in']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{v});")
 
 

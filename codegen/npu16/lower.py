@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from codegen.npu16.tiling import tile_weights
+from relay_passes.program import group_scales
 from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
 from targets.npu16.params import DEFAULT, NPU16
 
@@ -65,10 +66,10 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     n, c, h, w = shape
     m, cg, kh, kw = wt.shape
     g = a.get("conv_groups", 1)
-    sig, ns = a.get("sigma", [0]), a.get("n", [0])
+    scales = group_scales(a)
     groups = params.get("groups")
-    if len(sig) > MAX_GROUPS:
-        raise NotOnNpu(f"{len(sig)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
+    if len(scales) > MAX_GROUPS:
+        raise NotOnNpu(f"{len(scales)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
     stride = a.get("stride", [1, 1])
     pad = a.get("padding", [0, 0])
     dil = a.get("dilation", [1, 1])
@@ -81,12 +82,12 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
         return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
-    tiles, table, in_tiles = tile_weights(wt, groups, g, len(sig) if groups is not None else 1, npu.tile)
+    tiles, table, in_tiles = tile_weights(wt, groups, g, len(scales) if groups is not None else 1, npu.tile)
     p_count = len(in_tiles)
     s.append(set_(Reg.NGROUPS, p_count))
     for p in range(p_count):
-        s += [set_(Reg.SIGMA0 + p, sig[p] if groups is not None else 0),
-              set_(Reg.NSHIFT0 + p, ns[p] if groups is not None else 0),
+        s += [set_(Reg.SIGMA0 + p, scales[p].sigma if groups is not None else 0),
+              set_(Reg.NSHIFT0 + p, scales[p].n if groups is not None else 0),
               set_(Reg.TILES0 + p, int(in_tiles[p]))]
     s += [Instr(Op.CONV), Instr(Op.END)]
     return NpuOp(s, tiles=tiles, table=table)

@@ -36,9 +36,9 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
     sizes, scaled, per_group = (), (), ()
     if "groups" in op.params:
         labels = np.asarray(op.params["groups"])
-        n_p = len(a["sigma"])
+        n_p = op.n_groups
         sizes = tuple(int((labels == p).sum()) for p in range(n_p))
-        scaled = tuple(bool(s) for s in a["sigma"])
+        scaled = tuple(bool(s.sigma) for s in op.group_scales)
         cg = c // g
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == p).sum()) for p in range(n_p)) for i in range(g))
     return LayerShape(op.name, c, m, oh, ow, kh, kw, g, sizes, scaled, h, wd, wbits=8,   # npu16 stores int8

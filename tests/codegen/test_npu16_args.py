@@ -4,11 +4,11 @@ weights compiles in seconds and runs bit-exact."""
 import numpy as np
 import tvm
 
-from calib.numerics import quantize_multiplier
+from calib.numerics import GroupScale, quantize_multiplier
 from codegen.npu16.byoc import offload
 from relay_passes import reference
 from relay_passes.pipeline import lower
-from relay_passes.program import INPUT, Op, Program
+from relay_passes.program import INPUT, Op, Program, group_scale_attrs
 from waps_tvm.compiler import build
 
 
@@ -20,7 +20,7 @@ def _linear(f: int, m: int, seed: int = 0) -> Program:
               "mult": mult.astype(np.int32), "shift": shift.astype(np.int32),
               "groups": rng.integers(0, 3, f).astype(np.int8)}
     attrs = {"z_in": 128, "z_out": 7, "lo": 0, "hi": 255, "in_qmax": 255, "form": "reference", "frac": 4,
-             "layer": "fc", "sigma": [0, -1, 1], "n": [0, 4, 4]}
+             "layer": "fc", **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
     ops = [Op("quantize", "q", [INPUT], {"scale": 0.02, "zero_point": 128, "qmax": 255}), Op("flatten", "flat", ["q"]),
            Op("linear", "fc", ["flat"], attrs, params),
            Op("dequantize", "deq", ["fc"], {"scale": 0.05, "zero_point": 7}, dtype="float32")]

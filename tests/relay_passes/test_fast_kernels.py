@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 
+from calib.numerics import GroupScale
 from relay_passes import fast_kernels, reference
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
@@ -20,7 +21,7 @@ def permuted(tiny_artifact):
     prog = permute_channels(to_program(art, 2))[0]
     for o in _depthwise(prog):                  # WAPS on the depthwise conv too: a group per channel
         o.params["groups"] = (np.arange(o.params["w"].shape[0]) % 3).astype(np.int8)
-        o.attrs["sigma"], o.attrs["n"] = [0, -1, 1], [4, 4, 4]
+        o.group_scales = [GroupScale(0, 4), GroupScale(-1, 4), GroupScale(1, 4)]
     return prog
 
 
@@ -40,7 +41,7 @@ def _clip_weights(prog):                     # |w| ≤ 7: w·17 fits int8, the f
 
 def _shift_beyond_frac(prog):                # n_p > L: the shift rounds, no fold is exact
     for o in _waps_convs(prog) + _depthwise(prog):
-        o.attrs["n"] = [o.attrs["frac"] + 1 if s else n for s, n in zip(o.attrs["sigma"], o.attrs["n"])]
+        o.group_scales = [GroupScale(s.sigma, o.attrs["frac"] + 1) if s.sigma else s for s in o.group_scales]
 
 
 def _depthwise(prog):
@@ -77,7 +78,7 @@ def test_fold_rejects_sums_that_could_leave_int32(permuted):
     assert fast_kernels.fold_groups(op) is not None
     op.params["w"] = np.full((1, 2**21, 1, 1), -8, np.int8)            # 2^21 · 8 · 17 · 15 > 2^31
     op.params["groups"] = np.zeros(2**21, np.int8)
-    op.attrs["sigma"], op.attrs["n"] = [1], [4]
+    op.group_scales = [GroupScale(1, 4)]
     assert fast_kernels.fold_groups(op) is None
 
 

@@ -10,7 +10,7 @@ from relay_passes import reference
 from relay_passes.overflow import accumulator_bound, check_overflow
 from relay_passes.program import Op, Program
 from relay_passes.quantize import CompileError
-from calib.numerics import merge_groups, group_scale
+from calib.numerics import GroupScale, merge_groups, group_scale
 
 
 def _conv_op(w, groups=None, z=3, qmax=15, conv_groups=1, pad=1):
@@ -22,8 +22,10 @@ def _conv_op(w, groups=None, z=3, qmax=15, conv_groups=1, pad=1):
               "mult": np.full(m, 2**30, np.int32), "shift": np.full(m, -1, np.int32)}    # requant: (a·2^30 + 2^29) >> 30 = a
     if groups is not None:
         params["groups"] = groups.astype(np.int8)
-        attrs["sigma"], attrs["n"] = [0, -1, 1], [0, 4, 4]
-    return Op("conv2d", "conv", ["input"], attrs, params, (), "int32")
+    op = Op("conv2d", "conv", ["input"], attrs, params, (), "int32")
+    if groups is not None:
+        op.group_scales = [GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)]
+    return op
 
 
 @settings(max_examples=25, deadline=None)

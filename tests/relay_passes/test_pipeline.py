@@ -52,3 +52,23 @@ def test_ops_with_equal_bodies_keep_their_own_names(tiny_artifact):
     prog.ops[1].name = "gather_a"
     with pytest.raises(ValueError, match="not unique"):
         emit(prog)
+
+
+def test_group_scales_are_typed_and_survive_emit_parse(tiny_artifact):
+    """Every layer's WAPS scales read back as GroupScale values through the Relax module, as
+    calibrated (the artifact's, in order); an ungrouped layer is one unscaled group."""
+    from calib.numerics import GroupScale
+    from relay_passes.program import Op, emit
+    prog = to_program(tiny_artifact, 1)
+    layers = {op.attrs["layer"]: op for op in prog.ops if op.kind in ("conv2d", "linear")}
+    recs = {n.label(): tiny_artifact.layers[n.name] for n in tiny_artifact.graph if n.name in tiny_artifact.layers}
+    grouped = [name for name, op in layers.items() if "groups" in op.params]
+    assert grouped and all(layers[name].group_scales == tuple(recs[name].group_scales) for name in grouped)
+    back = {op.name: op for op in parse(emit(prog)).ops}
+    assert all(back[op.name].group_scales == op.group_scales and back[op.name].n_groups == op.n_groups
+               for op in layers.values())
+    assert any(s.sigma for name in grouped for s in layers[name].group_scales)
+    plain = Op("linear", "fc", ["input"])
+    assert plain.group_scales == (GroupScale(0, 0),) and plain.n_groups == 1
+    plain.group_scales = [GroupScale(-1, 3), GroupScale(0, 0)]
+    assert plain.copy().group_scales == (GroupScale(-1, 3), GroupScale(0, 0)) and plain.copy().n_groups == 2

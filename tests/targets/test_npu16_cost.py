@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from calib.numerics import GroupScale
+from relay_passes.program import group_scale_attrs
 from targets.npu16.cost import LayerShape, even_sizes, layer_cost, tile_aligned_sizes
 from targets.npu16.params import NPU16
 
@@ -120,11 +122,12 @@ def _layers(draw):
         shifts = [draw(st.integers(1, 6)) for _ in range(p)]
     else:
         sigma, shifts = [0], [0]
+    scales = [GroupScale(s, n) for s, n in zip(sigma, shifts)]
     npu = NPU16(tile=draw(st.sampled_from([8, 16, 32])), arrays=draw(st.integers(1, 4)),
                 dma_bytes_per_cycle=draw(st.integers(1, 32)), epilogue_width=draw(st.integers(1, 16)),
                 waps_switch_cycles=draw(st.integers(0, 2)), waps_merge_cycles=draw(st.integers(0, 2)),
                 waps_pipelined=draw(st.booleans()))
-    return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, sigma=sigma, shifts=shifts, npu=npu,
+    return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, scales=scales, npu=npu,
                 stride=stride, pad=pad, seed=draw(st.integers(0, 2**16)))
 
 
@@ -139,7 +142,8 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
     c, m, g, k, hw, n = L["c"], L["m"], L["g"], L["k"], L["hw"], L["n"]
     w = rng.integers(-8, 8, (m, c // g, k, k)).astype(np.int8)
     attrs = {"conv_groups": g, "stride": [L["stride"]] * 2, "padding": [L["pad"]] * 2, "dilation": [1, 1],
-             "z_in": 3, "z_out": 2, "lo": 0, "hi": 255, "frac": 1, "sigma": L["sigma"], "n": L["shifts"]}
+             "z_in": 3, "z_out": 2, "lo": 0, "hi": 255, "frac": 1,
+             **group_scale_attrs(L["scales"])}
     params = {"w": w} if L["groups"] is None else {"w": w, "groups": L["groups"]}
     low = lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params, L["npu"])
     oh = (hw + 2 * L["pad"] - k) // L["stride"] + 1
@@ -147,9 +151,9 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
     out, counted = _simulate(simulator, low, x, m, (n, m, oh, oh))
     sizes, scaled, per_group = (), (), ()
     if L["groups"] is not None:
-        labels, p = L["groups"], len(L["sigma"])
+        labels, p = L["groups"], len(L["scales"])
         sizes = tuple(int((labels == q).sum()) for q in range(p))
-        scaled = tuple(bool(s) for s in L["sigma"])
+        scaled = tuple(bool(s.sigma) for s in L["scales"])
         cg = c // g
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == q).sum()) for q in range(p)) for i in range(g))
     shape = LayerShape("l", c, m, oh, oh, k, k, g, sizes, scaled, hw, hw, wbits=8, abits_in=8, abits_out=8, n=n,
@@ -166,7 +170,7 @@ def test_empty_group_costs_nothing(simulator):
     from codegen.npu16.lower import lower_op
     w = np.ones((16, 32, 1, 1), np.int8)
     groups = np.repeat([0, 1], 16).astype(np.int8)
-    attrs = {"conv_groups": 1, "z_in": 0, "z_out": 0, "lo": 0, "hi": 255, "sigma": [0, -1, 1], "n": [0, 4, 4]}
+    attrs = {"conv_groups": 1, "z_in": 0, "z_out": 0, "lo": 0, "hi": 255, **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
     npu = NPU16(waps_pipelined=False)
     low = lower_op("conv2d", attrs, [(1, 32, 6, 6)], ["uint8"], {"w": w, "groups": groups}, npu)
     _, counted = _simulate(simulator, low, np.ones((1, 32, 6, 6), np.uint8), 16, (1, 16, 6, 6))
