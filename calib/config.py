@@ -52,7 +52,7 @@ class CalibConfig:
     group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
-    cat_quant: str = "rescale"     # CAT_QUANTS
+    cat_quant: str = "shared"      # CAT_QUANTS
     extra: dict = field(default_factory=dict)
 
     @property

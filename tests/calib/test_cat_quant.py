@@ -16,14 +16,14 @@ class FireDense(nn.Module):
     """A fire module (two expands joined), a dense step (the cat joined again with a conv of
     it, through a max pool) and a cat that takes the graph input itself."""
 
-    def __init__(self):
+    def __init__(self, cin: int = 3):
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stem = nn.Conv2d(cin, 16, 3, padding=1)
         self.e1, self.e3 = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
         self.d = nn.Conv2d(32, 16, 3, padding=1)
         self.head = nn.Conv2d(48, 16, 1)
-        self.side = nn.Conv2d(3, 16, 3, padding=1)
-        self.tail = nn.Conv2d(35, 16, 1)
+        self.side = nn.Conv2d(cin, 16, 3, padding=1)
+        self.tail = nn.Conv2d(32 + cin, 16, 1)
 
     def forward(self, x):
         s = F.relu(self.stem(x))
@@ -74,3 +74,17 @@ def test_shared_cat_calibrates_compiles_bit_exact_and_moves_codes_only():
     assert_bit_exact_on_backends(shared, x)
     rows = layer_agreement(shared, x)
     assert rows and max(r.max_diff for r in rows) <= 1
+
+
+def test_shared_cat_quantizers_resume_to_the_same_bytes(tmp_path, monkeypatch):
+    """The shared ranges are set before the first block and restored, not searched again,
+    from a checkpoint: a run crashed in block 3 (a class spans blocks 2 and 3 here: the
+    second cat joins the first part's output) resumes to the uninterrupted run's bytes."""
+    from calib.calibrate import calibrate
+    from tests.calib.test_calibrate_resume import CFG, _reference_and_crashed_run, _save
+    graph = graph_of(nn.Sequential(FireDense(3), FireDense(16)), (3, 8, 8))
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = CalibConfig(**{**CFG, "cat_quant": "shared"})
+    reference, ckpt = _reference_and_crashed_run(graph, x, cfg, tmp_path, monkeypatch)
+    resumed = calibrate(graph, x, cfg, checkpoint=ckpt, resume=True)
+    assert resumed.model.tied and _save(resumed, tmp_path / "resumed.waps") == reference
