@@ -383,12 +383,12 @@ def _inverse(index) -> np.ndarray | None:
 
 
 def conv_dot(op, fold) -> tuple[str, bool]:
-    """(inner product, flip) of an ungrouped fast conv: the op's ``dot`` attribute (LegalizeWAPS),
+    """(inner product, flip) of an ungrouped fast conv: the op's ``schedule.dot`` (LegalizeWAPS),
     and for 'sdot' whether its packed codes can exceed 127 (in_qmax or z_in, times a_c on the
     code side of a fold). Then the pack stores u ^ 0x80, which sdot reads as u − 128, so the
     accumulator is acc − 128·Σw and the z-correction adds 128·Σw back (kernels.py): exact.
     A flip needs one accumulator (a fold, or no groups); otherwise the conv gets 'none'."""
-    dot = op.attrs.get("dot", "none")
+    dot = op.schedule.dot
     if dot != "sdot":
         return dot, False
     a = op.attrs

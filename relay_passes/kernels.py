@@ -28,7 +28,7 @@ from calib.numerics import requant_tables
 from relay_passes import fast_kernels as fast
 from relay_passes import numeric_tvm as nt
 from relay_passes.opset import has_fast_body, is_layer
-from relay_passes.program import Op, input_layout, layout_of, param_order, physical
+from relay_passes.program import Op, encode_attrs, input_layout, param_order, physical
 
 I32, I64 = "int32", "int64"
 
@@ -64,7 +64,7 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
     dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
     # waps.name keeps two ops with equal bodies (e.g. two gathers by the same index) distinct:
     # BlockBuilder.add_func returns the existing GlobalVar for a structurally equal function
-    attrs = {"waps.kind": op.kind, "waps.name": op.name, "waps.attrs": _json(op.attrs),
+    attrs = {"waps.kind": op.kind, "waps.name": op.name, "waps.attrs": encode_attrs(op),
              "waps.params": param_order(op)}
     with lb.function(op.name, xs + list(pvars.values()) + dvars, attrs=attrs, private=True):
         with lb.dataflow():
@@ -79,16 +79,11 @@ def _c(value, dtype: str) -> relax.Expr:
     return relax.const(np.asarray(value, dtype=dtype), dtype)
 
 
-def _json(attrs: dict) -> str:
-    import json
-    return json.dumps(attrs, sort_keys=True)
-
-
 # ---------------------------------------------------------------- derived constants
 
 def fast_plan(op: Op, in_types) -> str | None:
     """Which fast_kernels body a ``fast``-form op gets (None: the split/reference body)."""
-    if op.attrs.get("form") != "fast":
+    if op.schedule.form != "fast":
         return None
     if op.kind == "conv2d":
         ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
@@ -211,7 +206,7 @@ def _quantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     if fast_plan(op, in_types):
         X = te.placeholder(in_types[0][0], "float32", "x")
-        nhwc = layout_of(op) == "NHWC"
+        nhwc = op.schedule.layout == "NHWC"
 
         def q(*i):
             v = X(i[0], i[3], i[1], i[2]) if nhwc else X(*i)              # NHWC out from the NCHW input
@@ -219,7 +214,7 @@ def _quantize(lb, op, xs, P, D, in_types, add_prim):
             v = v + tvm.tirx.const(a["zero_point"], "float32")
             v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a["qmax"], "float32")), tvm.tirx.const(0, "float32"))
             return v.astype(op.dtype)
-        shape = physical(in_types[0][0], layout_of(op))
+        shape = physical(in_types[0][0], op.schedule.layout)
         kernel = fast.to_nhwc if nhwc else fast.elementwise
         return _call_fast(lb, op, add_prim, kernel("q", q, [X], shape, op.dtype), xs, shape)
     x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
@@ -269,7 +264,7 @@ def _conv(lb, x, w, op, in_dtype):
 def _conv_form(op: Op, in_types) -> str:
     """The body a conv2d gets: fast's conv/depthwise kernels, else split or fused over contiguous
     groups of an ungrouped conv, else the masked reference (also for 'plain' layers)."""
-    form = op.attrs.get("form", "reference")
+    form = op.schedule.form
     if form == "fast":
         plan = fast_plan(op, in_types)
         if plan:
@@ -287,7 +282,7 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
     if form in ("conv", "depthwise"):
         return _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, form)
     if "in_index" in op.params:                           # a gather folded into this conv
-        axis = 3 if layout_of(op) == "NHWC" else 1
+        axis = 3 if op.schedule.layout == "NHWC" else 1
         xs = [lb.emit(relax.op.take(xs[0], P["in_index"], axis=axis)), *xs[1:]]
     if form == "fused" and "groups" in op.params:
         return _conv2d_fused(lb, op, xs, P, D, in_types, add_prim)
@@ -337,7 +332,7 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
     ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else [(0, op.params["w"].shape[1])]
-    form = op.attrs.get("form", "reference")
+    form = op.schedule.form
     accs = []
     for p in range(op.n_groups):
         if form in ("split", "fused", "fast") and ranges is not None:
@@ -358,7 +353,7 @@ def _linear(lb, op, xs, P, D, in_types, add_prim):
 def _add(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     if fast_plan(op, in_types):
-        shape = physical(in_types[0][0], layout_of(op))
+        shape = physical(in_types[0][0], op.schedule.layout)
         A = te.placeholder(shape, in_types[0][1], "a")
         B = te.placeholder(shape, in_types[1][1], "b")
 
@@ -463,7 +458,7 @@ def _sum_pool2d(lb, op, xs, P, D, in_types, add_prim):
     (n, c, h, w), dtype = in_types[0]
     ph, pw = a["padding"]
     if tuple(a["kernel"]) == (h, w) and ph == 0 and pw == 0:
-        axes = [1, 2] if layout_of(op) == "NHWC" else [2, 3]
+        axes = [1, 2] if op.schedule.layout == "NHWC" else [2, 3]
         return lb.emit(relax.op.sum(relax.op.astype(xs[0], I32), axis=axes, keepdims=True))
     x = xs[0]
     if ph or pw:
@@ -480,7 +475,7 @@ def _flatten(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _gather(lb, op, xs, P, D, in_types, add_prim):
-    if layout_of(op) == "NHWC":                          # only in the fast form
+    if op.schedule.layout == "NHWC":                     # only in the fast form
         func, shape = fast.gather(in_types[0][0], in_types[0][1], op.params["index"].size)
         return _call_fast(lb, op, add_prim, func, [xs[0], P["index"]], shape)
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))

@@ -11,12 +11,11 @@ groups' weights zeroed (exact, g× the MACs); the report lists them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from dataclasses import dataclass, field, replace
 
 from relay_passes.kernels import fast_plan, choose_layout, group_ranges
 from relay_passes.opset import has_fast_body, is_layer
-from relay_passes.program import waps_pass, INPUT, Program, emit, parse
+from relay_passes.program import waps_pass, INPUT, Program, Schedule, emit, parse
 
 FORMS = ("split", "fused", "fast")
 
@@ -36,32 +35,28 @@ def legalize_waps(program: Program, form: str = "split", dot: str = "none") -> t
     prog = program.copy()
     report = LegalizeReport(form)
     for op in prog.ops:
-        op.attrs.pop("layout", None)
-        if form == "fast" and has_fast_body(op):
-            op.attrs["form"] = "fast"
-        if not is_layer(op):
-            continue
-        if form == "fast":
-            op.attrs["dot"] = dot
-        if "groups" not in op.params:
-            op.attrs["form"] = "fast" if form == "fast" else "plain"
-            continue
-        grouped = op.kind == "conv2d" and op.attrs["conv_groups"] > 1
-        depthwise = grouped and op.params["w"].shape[1] == 1 and op.attrs["conv_groups"] == op.params["w"].shape[0]
-        if form == "fast" and depthwise:                 # one group per channel: per-channel σ, n tables
-            op.attrs["form"] = "fast"
-            report.legalized += 1
-            continue
-        if grouped or group_ranges(op.params["groups"], op.n_groups) is None:
-            op.attrs["form"] = "reference"
-            report.masked.append(op.attrs.get("layer", op.name))
-            continue
-        op.attrs["form"] = form
-        report.legalized += 1
+        if is_layer(op):
+            op.schedule = Schedule(_layer_form(op, form, report), dot=dot if form == "fast" else "none")
+        else:
+            op.schedule = Schedule("fast" if form == "fast" and has_fast_body(op) else "reference")
     if form == "fast":
         _fold_gathers(prog)
         _choose_layouts(prog)
     return prog, report
+
+
+def _layer_form(op, form: str, report: LegalizeReport) -> str:
+    """The form a conv2d/linear gets under ``form`` (counted in ``report``)."""
+    if "groups" not in op.params:
+        return "fast" if form == "fast" else "plain"
+    grouped = op.kind == "conv2d" and op.attrs["conv_groups"] > 1
+    depthwise = grouped and op.params["w"].shape[1] == 1 and op.attrs["conv_groups"] == op.params["w"].shape[0]
+    fast_depthwise = form == "fast" and depthwise          # one group per channel: per-channel σ, n tables
+    if not fast_depthwise and (grouped or group_ranges(op.params["groups"], op.n_groups) is None):
+        report.masked.append(op.attrs.get("layer", op.name))
+        return "reference"
+    report.legalized += 1
+    return form
 
 
 def _fold_gathers(prog: Program) -> None:
@@ -91,8 +86,7 @@ def _choose_layouts(prog: Program) -> None:
     for op in prog.ops:
         in_types = [(prog.shape_of(i), prog.dtype_of(i)) for i in op.inputs]
         layouts[op.name] = choose_layout(op, in_types, [layouts[i] for i in op.inputs])
-        if layouts[op.name] == "NHWC":
-            op.attrs["layout"] = "NHWC"
+        op.schedule = replace(op.schedule, layout=layouts[op.name])
 
 
 def LegalizeWAPS(form: str = "split", dot: str = "none", sink=None):  # noqa: N802 (TVM pass naming)

@@ -62,7 +62,7 @@ def _layer_params(rng, m: int, fan: int, wshape, n_groups: int) -> tuple[dict, d
     w = rng.integers(-8, 8, wshape).astype(np.int8)
     mult, shift = _requant(rng, 0.5 / (fan * 8), m)
     params = {"w": w, "bias": rng.integers(-500, 500, m).astype(np.int32), "mult": mult, "shift": shift}
-    attrs = {"z_in": 128, "z_out": int(rng.integers(0, 256)), "lo": 0, "hi": 255, "in_qmax": 255, "form": "reference",
+    attrs = {"z_in": 128, "z_out": int(rng.integers(0, 256)), "lo": 0, "hi": 255, "in_qmax": 255,
              "frac": 4, "layer": "example"}
     if n_groups > 1:
         params["groups"] = rng.integers(0, n_groups, fan).astype(np.int8)

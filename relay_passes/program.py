@@ -4,7 +4,8 @@ Every quantized operation is a private Relax function called once from ``main``.
 The function carries four attributes:
     waps.kind    the operation (see relay_passes/reference.py for each one's meaning)
     waps.name    the op's name (unique in the program)
-    waps.attrs   JSON of its scalar attributes (zero points, clamps, group scales, form)
+    waps.attrs   JSON of its scalar attributes (zero points, clamps, group scales), its
+                 Schedule's chosen fields and ``n_inputs`` (``encode_attrs``/``decode_attrs``)
     waps.params  names of its primary tensor arguments, in call order after the inputs
 and its call in ``main`` passes the inputs, then the primary tensors as constants, then
 any derived constants (sliced weights, correction terms) that the body's form needs.
@@ -15,8 +16,8 @@ A pass is parse → rewrite → emit, so the Relax module stays the single sourc
 ``main`` takes the float32 input [N, C, H, W] and returns (dequantized output float32,
 output codes).
 
-Layout: an Op's ``shape`` is always logical (NCHW for 4-D values). An op whose attrs say
-``"layout": "NHWC"`` (set by LegalizeWAPS for the fast form) takes its 4-D inputs and gives
+Layout: an Op's ``shape`` is always logical (NCHW for 4-D values). An op whose
+``schedule.layout`` is NHWC (set by LegalizeWAPS for the fast form) takes its 4-D inputs and gives
 its 4-D output physically as NHWC; ``emit`` inserts ``permute_dims`` in ``main`` wherever a
 producer's and a consumer's layouts differ (and on 4-D outputs), and ``parse`` reads those
 conversions back as plain edges.
@@ -38,13 +39,9 @@ INPUT = "input"
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
-def layout_of(op: "Op") -> str:
-    return op.attrs.get("layout", "NCHW")
-
-
 def input_layout(op: "Op") -> str:
     """The layout an op reads its 4-D inputs in (a quantize reads the float input as given)."""
-    return "NCHW" if op.kind == "quantize" else layout_of(op)
+    return "NCHW" if op.kind == "quantize" else op.schedule.layout
 
 
 def physical(shape, layout: str) -> tuple[int, ...]:
@@ -71,6 +68,48 @@ def group_scale_attrs(scales: Iterable[GroupScale]) -> dict[str, list[int]]:
     return {"sigma": [int(s.sigma) for s in scales], "n": [int(s.n) for s in scales]}
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How an op is computed, chosen by LegalizeWAPS (relay_passes/legalize.py); never what it
+    computes (that is ``Op.attrs``), so every choice gives the same codes.
+        form    the body relay_passes/kernels.py builds: 'reference' (masked groups), 'plain'
+                (a layer without groups), 'split', 'fused' or 'fast'
+        layout  'NCHW' | 'NHWC': how the op's 4-D inputs and output are stored
+        dot     a fast conv's inner product: 'vnni', 'sdot' or 'none' (fast_kernels.conv_dot)
+    Not here: ``layer`` (the source model's label, the op's provenance, not a choice: attrs)
+    and ``n_inputs`` (how the call splits inputs from params: len(Op.inputs), written only
+    into the serialised form)."""
+    form: str = "reference"
+    layout: str = "NCHW"
+    dot: str = "none"
+
+    def __post_init__(self):
+        for name, allowed in (("form", ("reference", "plain", "split", "fused", "fast")),
+                              ("layout", ("NCHW", "NHWC")), ("dot", ("none", "vnni", "sdot"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"schedule {name} {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+
+
+SCHEDULE = Schedule()                  # an op LegalizeWAPS has not seen: its defaults
+_SERIALISED = (*vars(SCHEDULE), "n_inputs")
+
+
+def encode_attrs(op: "Op") -> str:
+    """The ``waps.attrs`` JSON of ``op`` (the only writer; ``decode_attrs`` reads it): its
+    attrs, the fields of its schedule that differ from the defaults, and ``n_inputs``."""
+    if clash := sorted(set(op.attrs) & set(_SERIALISED)):
+        raise ValueError(f"{op.name}: {clash} are not attrs (the schedule and the call write them)")
+    chosen = {k: v for k, v in vars(op.schedule).items() if getattr(SCHEDULE, k) != v}
+    return json.dumps({**op.attrs, **chosen, "n_inputs": len(op.inputs)}, sort_keys=True)
+
+
+def decode_attrs(text: str) -> tuple[dict[str, Any], Schedule, int]:
+    """``waps.attrs`` JSON → (attrs, schedule, number of inputs), the inverse of ``encode_attrs``."""
+    attrs = json.loads(text)
+    schedule = Schedule(**{k: attrs.pop(k) for k in vars(SCHEDULE) if k in attrs})
+    return attrs, schedule, int(attrs.pop("n_inputs"))
+
+
 @dataclass
 class Op:
     kind: str
@@ -80,6 +119,7 @@ class Op:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     shape: tuple[int, ...] = ()            # output shape including the batch
     dtype: str = "uint8"                   # output dtype
+    schedule: Schedule = SCHEDULE          # how it is computed (LegalizeWAPS), apart from its meaning
 
     @property
     def group_scales(self) -> tuple[GroupScale, ...]:
@@ -97,7 +137,7 @@ class Op:
 
     def copy(self) -> "Op":
         return Op(self.kind, self.name, list(self.inputs), json.loads(json.dumps(self.attrs)),
-                  dict(self.params), tuple(self.shape), self.dtype)
+                  dict(self.params), tuple(self.shape), self.dtype, self.schedule)
 
 
 @dataclass
@@ -164,7 +204,6 @@ def emit(program: Program) -> tvm.IRModule:
         with bb.dataflow():
             values[INPUT] = x
             for op in program.ops:
-                op.attrs["n_inputs"] = len(op.inputs)
                 in_types = [(program.shape_of(i), program.dtype_of(i)) for i in op.inputs]
                 fn, derived = kernels.build(op, in_types, bb.add_func)
                 gv = bb.add_func(fn, op.name)
@@ -172,9 +211,9 @@ def emit(program: Program) -> tvm.IRModule:
                 args += [relax.const(op.params[k], str(op.params[k].dtype)) for k in param_order(op)]
                 args += [relax.const(v, str(v.dtype)) for v in derived]
                 values[op.name] = bb.emit(relax.Call(gv, args), name_hint=_var_name(op.name))
-                layouts[op.name] = layout_of(op)
+                layouts[op.name] = op.schedule.layout
                 sinfo = values[op.name].ty
-                op.shape = logical(sinfo.shape, layout_of(op))
+                op.shape = logical(sinfo.shape, op.schedule.layout)
                 op.dtype = str(sinfo.dtype)
             out = bb.emit_output(relax.Tuple([value_in(n, "NCHW") for n in program.outputs]))
         bb.emit_func_output(out)
@@ -209,15 +248,14 @@ def parse(mod: tvm.IRModule) -> Program:
                 raise ValueError(f"not an integer program: unexpected binding {b.var.name_hint}")
             fn = mod[v.op]
             kind = str(fn.attrs["waps.kind"])
-            attrs = json.loads(str(fn.attrs["waps.attrs"]))
+            attrs, schedule, n_in = decode_attrs(str(fn.attrs["waps.attrs"]))
             pnames = [str(p) for p in fn.attrs["waps.params"]]
-            n_in = int(attrs["n_inputs"])
             inputs = [names[a] for a in v.args[:n_in]]
             params = {k: a.value.numpy() for k, a in zip(pnames, v.args[n_in:n_in + len(pnames)])}
             sinfo = b.var.ty
             name = str(fn.attrs["waps.name"]) if "waps.name" in fn.attrs else v.op.name_hint
-            ops.append(Op(kind, name, inputs, attrs, params, logical(sinfo.shape, attrs.get("layout", "NCHW")),
-                          str(sinfo.dtype)))
+            ops.append(Op(kind, name, inputs, attrs, params, logical(sinfo.shape, schedule.layout),
+                          str(sinfo.dtype), schedule))
             names[b.var] = name
     shape = tuple(int(d) for d in x.ty.shape)
     return Program(shape, ops, outputs)

@@ -134,7 +134,7 @@ class ProgramBuilder:
         lo, hi = self._clamps(ls.out, ls.act, ls.label)
         attrs = dict(conv)
         attrs.update({"z_in": int(xin.zero_point), "z_out": int(ls.out.zero_point), "lo": lo, "hi": hi,
-                      "in_qmax": int(xin.qmax), "layer": ls.label, "form": "reference", "frac": frac})
+                      "in_qmax": int(xin.qmax), "layer": ls.label, "frac": frac})
         params = {"w": ls.w_codes.astype(np.int8), "bias": bias.astype(np.int32),
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
         if ls.groups is not None:

@@ -84,7 +84,7 @@ def _layer(op_type: str, conv: bool):
             g.node("GroupConv" if groups is not None else op_type,
                    [ins[0], g.init(f"{op.name}/w", w) if p == 0 else f"{op.name}/w"], [out], f"{op.name}/conv{p}",
                    runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=scales[p].sigma, gamma_shift=scales[p].n,
-                   form=a.get("form"), layer=layer, **chans, **extra)
+                   form=op.schedule.form, layer=layer, **chans, **extra)
             parts.append(out)
         merged = f"{op.name}/acc"
         g.node("ShiftAdd", parts + [g.init(f"{op.name}/bias", op.params["bias"])], [merged], f"{op.name}/shift_add",
@@ -132,7 +132,7 @@ def _generic(op_type: str):
     def render(g: _Graph, op, ins, runs_on):
         params = [g.init(f"{op.name}/{k}", v) for k, v in sorted(op.params.items())]
         g.node(op_type, ins + params, [op.name], op.name, runs_on,
-               **{k: v for k, v in op.attrs.items() if k not in ("n_inputs", "layout", "form") and _attr_ok(v)})
+               **{k: v for k, v in op.attrs.items() if _attr_ok(v)})
     return render
 
 

@@ -9,7 +9,6 @@ op's attributes as literals. ``export_library`` compiles it into the exported mo
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,7 +19,7 @@ from tvm import relax
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.c.emit import KERNELS, SHARED_KINDS, add_call, float_literal, kernel_call
-from relay_passes.program import group_scales
+from relay_passes.program import decode_attrs, group_scales
 from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
@@ -49,10 +48,7 @@ class _Entry:
     fn: relax.Function
     a: dict
     pnames: list[str]
-
-    @property
-    def n_in(self) -> int:
-        return int(self.a["n_inputs"])
+    n_in: int
 
     @property
     def ins(self) -> list:
@@ -94,7 +90,8 @@ def _entry(fn: relax.Function, sym: str) -> str:
     kind = str(fn.attrs["waps.kind"])
     if kind not in ENTRIES:
         raise ValueError(f"no C kernel for {kind}")
-    e = _Entry(fn, json.loads(str(fn.attrs["waps.attrs"])), [str(p) for p in fn.attrs["waps.params"]])
+    a, _, n_in = decode_attrs(str(fn.attrs["waps.attrs"]))
+    e = _Entry(fn, a, [str(p) for p in fn.attrs["waps.params"]], n_in)
     return entry_function(sym, ENTRIES[kind](e))
 
 

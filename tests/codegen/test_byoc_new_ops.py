@@ -3,7 +3,6 @@ tvm-ffi calling convention on DLTensor arguments (inputs, params in waps.params 
 bit-exact against the reference. The Relax op functions are built by hand with the attributes
 relay_passes.program.emit gives them (a placeholder body: only the signature and attrs matter)."""
 import ctypes
-import json
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from tvm import relax
 
 from codegen.byoc_source import PRELUDE
 from relay_passes import reference
+from relay_passes.program import encode_attrs
 from targets.c_source import inline_source
 from tests.codegen.new_op_cases import KINDS, case
 
@@ -43,8 +43,7 @@ def _function(prog, op):
     with bb.function("f", args):
         bb.emit_func_output(bb.emit(relax.op.zeros(op.shape, op.dtype)))
     fn = bb.get()["f"]
-    attrs = {**op.attrs, "n_inputs": len(op.inputs)}
-    return (fn.with_attr("waps.kind", op.kind).with_attr("waps.attrs", json.dumps(attrs))
+    return (fn.with_attr("waps.kind", op.kind).with_attr("waps.attrs", encode_attrs(op))
             .with_attr("waps.params", pnames)), pnames
 
 

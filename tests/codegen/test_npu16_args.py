@@ -19,7 +19,7 @@ def _linear(f: int, m: int, seed: int = 0) -> Program:
     params = {"w": rng.integers(-8, 8, (m, f)).astype(np.int8), "bias": rng.integers(-500, 500, m).astype(np.int32),
               "mult": mult.astype(np.int32), "shift": shift.astype(np.int32),
               "groups": rng.integers(0, 3, f).astype(np.int8)}
-    attrs = {"z_in": 128, "z_out": 7, "lo": 0, "hi": 255, "in_qmax": 255, "form": "reference", "frac": 4,
+    attrs = {"z_in": 128, "z_out": 7, "lo": 0, "hi": 255, "in_qmax": 255, "frac": 4,
              "layer": "fc", **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
     ops = [Op("quantize", "q", [INPUT], {"scale": 0.02, "zero_point": 128, "qmax": 255}), Op("flatten", "flat", ["q"]),
            Op("linear", "fc", ["flat"], attrs, params),

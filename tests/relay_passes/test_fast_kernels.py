@@ -56,12 +56,12 @@ def test_group_fold_is_exact_on_each_side(permuted, x, side, change):
         change(prog)
     prog, _ = legalize_waps(prog, "fast", fast_kernels.host_dot())
     convs = _waps_convs(prog)
-    assert convs and all(o.attrs.get("layout") == "NHWC" for o in convs)       # all took the fast kernel
+    assert convs and all(o.schedule.layout == "NHWC" for o in convs)       # all took the fast kernel
     folds = [fast_kernels.fold_groups(o) for o in convs]
     sides = {f[0] if f else None for f in folds}
     assert sides == {side} if side != "x" else "x" in sides and None not in sides   # as-calibrated W4: mixed
     # the gathers in front of fast convs are gone: read through the weights (fold) or the packing
-    assert not any(o.kind == "gather" and o.attrs.get("layout") == "NHWC"
+    assert not any(o.kind == "gather" and o.schedule.layout == "NHWC"
                    and any(c.inputs == [o.name] for c in convs) for o in prog.ops)
     # depthwise: one multiply per channel (K_k) exactly when the per-channel fold is
     dws = _depthwise(prog)
@@ -108,7 +108,7 @@ def test_torchvision_224_fast_form_bit_exact(arch):
     torch.manual_seed(0)
     art = calibrated(randomize_bn(get_architecture(arch, 1000)), (3, 224, 224), iters=1, samples=2)
     lowered = lower_artifact(art, 1, "fast")
-    assert sum(o.attrs.get("form") == "fast" for o in lowered.program.ops) > 10
+    assert sum(o.schedule.form == "fast" for o in lowered.program.ops) > 10
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype("float32")
     out = tvm.runtime.vm.VirtualMachine(build(lowered), tvm.cpu())["main"](tvm.runtime.tensor(x))
     ref = reference.run(lowered.program, x)

@@ -16,8 +16,7 @@ from calib.numerics import GroupScale, merge_groups, group_scale
 def _conv_op(w, groups=None, z=3, qmax=15, conv_groups=1, pad=1):
     m = w.shape[0]
     attrs = {"stride": [1, 1], "padding": [pad, pad], "dilation": [1, 1], "conv_groups": conv_groups,
-             "z_in": z, "z_out": 0, "lo": -2**31, "hi": 2**31 - 1, "in_qmax": qmax, "layer": "blk.conv (m)",
-             "n_inputs": 1}
+             "z_in": z, "z_out": 0, "lo": -2**31, "hi": 2**31 - 1, "in_qmax": qmax, "layer": "blk.conv (m)"}
     params = {"w": w.astype(np.int8), "bias": np.zeros(m, np.int32),
               "mult": np.full(m, 2**30, np.int32), "shift": np.full(m, -1, np.int32)}    # requant: (a·2^30 + 2^29) >> 30 = a
     if groups is not None:

@@ -7,7 +7,7 @@ from relay_passes import fast_kernels, reference
 from relay_passes.kernels import group_ranges
 from relay_passes.legalize import legalize_waps
 from relay_passes.permute import permute_channels
-from relay_passes.program import INPUT, emit, input_layout, layout_of, parse
+from relay_passes.program import INPUT, emit, input_layout, parse
 from tests.relay_passes.helpers import assert_same, body_ops
 from waps_tvm.frontend import to_program
 
@@ -84,12 +84,12 @@ def test_fast_form_is_one_scheduled_kernel_per_op(quantized, x, dot):
     prog, report = legalize_waps(permuted, "fast", dot)
     depthwise = [o for o in prog.ops if o.kind == "conv2d" and o.attrs["conv_groups"] == o.params["w"].shape[0]
                  and o.params["w"].shape[1] == 1]
-    assert depthwise and all(o.attrs["form"] == "fast" for o in depthwise)
+    assert depthwise and all(o.schedule.form == "fast" for o in depthwise)
     assert report.masked == [o.attrs["layer"] for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
                              and 1 < o.attrs["conv_groups"] and o not in depthwise]
     mod = emit(prog)
     for op in prog.ops:
-        if op.attrs.get("form") == "fast" and op.kind != "conv2d" or op in depthwise:
+        if op.schedule.form == "fast" and op.kind != "conv2d" or op in depthwise:
             ops = body_ops(mod, op.name)
             assert ops.count("relax.call_tir") == 1 and "relax.nn.conv2d" not in ops, (op.name, ops)
     kernels = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -100,7 +100,7 @@ def test_fast_form_is_one_scheduled_kernel_per_op(quantized, x, dot):
 
 def test_fast_form_keeps_nhwc_between_kernels(quantized, x):
     prog, _ = legalize_waps(permute_channels(quantized)[0], "fast", "none")
-    layouts = {INPUT: "NCHW", **{o.name: layout_of(o) for o in prog.ops}}
+    layouts = {INPUT: "NCHW", **{o.name: o.schedule.layout for o in prog.ops}}
     assert layouts[prog.ops[0].name] == "NHWC"                     # the quantize transposes
     # gathers between kernels stay NHWC, or are folded into the fast conv they feed
     assert all(layouts[o.name] == "NHWC" for o in prog.ops if o.kind == "gather" and len(o.shape) == 4)
@@ -112,7 +112,7 @@ def test_fast_form_keeps_nhwc_between_kernels(quantized, x):
     mod = emit(prog)
     assert body_ops(mod, "main").count("relax.permute_dims") == len(crossings)
     again = parse(mod)                                            # shapes stay logical (NCHW)
-    assert [(o.name, o.shape, layout_of(o)) for o in again.ops] == [(o.name, o.shape, layout_of(o)) for o in prog.ops]
+    assert [(o.name, o.shape, o.schedule) for o in again.ops] == [(o.name, o.shape, o.schedule) for o in prog.ops]
     np.testing.assert_array_equal(reference.run(again, x)[1], reference.run(quantized, x)[1])
     assert_same(prog, x)
 
@@ -120,4 +120,4 @@ def test_fast_form_keeps_nhwc_between_kernels(quantized, x):
 def test_split_form_needs_contiguous_groups(quantized):
     prog, _ = legalize_waps(quantized, "split")          # no permutation: layers stay masked
     assert prog is not quantized
-    assert any(o.attrs["form"] == "reference" for o in _waps_layers(prog))
+    assert any(o.schedule.form == "reference" for o in _waps_layers(prog))

@@ -72,3 +72,29 @@ def test_group_scales_are_typed_and_survive_emit_parse(tiny_artifact):
     assert plain.group_scales == (GroupScale(0, 0),) and plain.n_groups == 1
     plain.group_scales = [GroupScale(-1, 3), GroupScale(0, 0)]
     assert plain.copy().group_scales == (GroupScale(-1, 3), GroupScale(0, 0)) and plain.copy().n_groups == 2
+
+
+def test_schedule_is_apart_from_attrs_and_survives_emit_parse(tiny_artifact):
+    """LegalizeWAPS's choices live in Op.schedule, never in attrs; they read back through the
+    Relax module (their JSON: only the chosen fields, beside n_inputs), and copies keep them."""
+    import json
+
+    from relay_passes.program import SCHEDULE, Op, Schedule, decode_attrs, emit, encode_attrs
+    lowered = lower(to_program(tiny_artifact, 1), "fast", dot="sdot")
+    ops = lowered.program.ops
+    assert {o.schedule.form for o in ops} >= {"fast", "reference"} and {o.schedule.layout for o in ops} == {"NCHW", "NHWC"}
+    assert {o.schedule.dot for o in ops if o.kind in ("conv2d", "linear")} == {"sdot"}
+    assert not any({"form", "layout", "dot", "n_inputs"} & set(o.attrs) for o in ops)
+    again = parse(emit(lowered.program.copy()))
+    assert [(o.name, o.schedule, o.attrs) for o in again.ops] == [(o.name, o.schedule, o.attrs) for o in ops]
+    assert [o.schedule for o in lowered.program.copy().ops] == [o.schedule for o in ops]
+    assert [o.schedule for o in lower(to_program(tiny_artifact, 1), "split").program.ops if o.kind == "quantize"] \
+        == [SCHEDULE]
+    op = Op("add", "a", ["x", "y"], {"z_out": 3}, schedule=Schedule("fast", "NHWC"))
+    assert json.loads(encode_attrs(op)) == {"z_out": 3, "form": "fast", "layout": "NHWC", "n_inputs": 2}
+    assert decode_attrs(encode_attrs(op)) == ({"z_out": 3}, Schedule("fast", "NHWC"), 2)
+    assert json.loads(encode_attrs(Op("add", "a", ["x"], {"z_out": 3}))) == {"z_out": 3, "n_inputs": 1}
+    with pytest.raises(ValueError, match="form"):
+        encode_attrs(Op("add", "a", ["x"], {"form": "fast"}))          # a schedule key in attrs
+    with pytest.raises(ValueError, match="layout"):
+        Schedule(layout="NWHC")

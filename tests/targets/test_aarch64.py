@@ -266,7 +266,7 @@ def test_unfolded_group_accumulators_bit_exact_under_qemu(tiny_artifact, tmp_pat
     monkeypatch.setattr(quantize, "FRAC_BITS", 2)                 # L ≤ 2 < n = 4 for every scaled group
     lowered = lower_artifact(tiny_artifact, 1, "fast", target="aarch64")
     fast_grouped = [op for op in lowered.program.ops if op.kind == "conv2d" and "groups" in op.params
-                    and op.attrs.get("form") == "fast"]
+                    and op.schedule.form == "fast"]
     assert fast_grouped and all(fast_kernels.fold_groups(op) is None for op in fast_grouped)
     waps = artifact.save(tiny_artifact, tmp_path / "tiny.waps")
     assert cli.main(["compile", str(waps), "--target", "aarch64", "-o", str(tmp_path / "a64")]) == 0
