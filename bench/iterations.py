@@ -66,6 +66,10 @@ def render(res: dict) -> str:
               "| iterations | " + " | ".join(str(i) for i in counts) + " |", "|---|" + "---|" * len(counts),
               "| seconds | " + " | ".join(f"{statistics.fmean(r['seconds'] for r in runs if r['iters'] == i):.0f}"
                                           for i in counts) + " |", ""]
+    partial = [i for i, v in zip(counts, mean_row) if v is None]
+    if partial:
+        lines.append(f"Counts not run on every model ({', '.join(map(str, partial))}) are shown but take no "
+                     "part in the choice.")
     if res.get("chosen") is not None:
         lines.append(f"Chosen default: **{res['chosen']} iterations per block**: the smallest count whose mean "
                      f"top-1 is within {res['tolerance']} points of the best count's.")
@@ -103,11 +107,19 @@ def main(argv=None) -> int:
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=0.3, help="points of top-1 the default may give up")
+    p.add_argument("--report-only", action="store_true", help="no runs: choose and render from iterations.json")
     args = p.parse_args(argv)
     from tqdm import tqdm
 
     out = RESULTS / "iterations.json"
     res = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    if args.report_only:
+        res["chosen"] = choose(res["runs"], res["models"], res["tolerance"])
+        _atomic_json(out, res)
+        (RESULTS / "iterations.md").write_text(render(res))
+        plot(res, RESULTS / "iterations.png")
+        print(render(res))
+        return 0
     res.update(models=args.models, tolerance=args.tolerance,
                setup=f"W2A4, {args.samples} calibration samples, batch 32, λ = {args.lam}, seeds {args.seeds}, "
                      f"{args.workers} worker processes × 1 thread on a 2-core CPU; largest counts first")
