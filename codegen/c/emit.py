@@ -233,8 +233,8 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
-    "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call, "pad": _pad_call, "concat": _concat_call,
-    "table": _table_call, "mul": _mul_call, "resize": _resize_call}
+    "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call,
+    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 
 
