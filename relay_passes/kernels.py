@@ -434,10 +434,8 @@ def _pad(lb, op, xs, P, D, in_types, add_prim):
 def _concat(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     ar = nt.RelaxArith(lb)
-    parts = []
-    for x, z, k in zip(xs, a["zs"], a["ks"]):
-        v = ar.clamp(ar.add(nt.rescale(ar, x, z, k, a["t"]), ar.const(a["z_out"], I64)), a["lo"], a["hi"], I64)
-        parts.append(ar.cast(v, op.dtype))
+    parts = [nt.clamp_code(ar, nt.rescale(ar, x, z, k, a["t"]), a["z_out"], a["lo"], a["hi"], op.dtype)
+             for x, z, k in zip(xs, a["zs"], a["ks"])]
     return lb.emit(relax.op.concat(parts, axis=1))
 
 
