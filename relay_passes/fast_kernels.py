@@ -164,6 +164,14 @@ def round_up(v: int, k: int) -> int:
     return -(-v // k) * k
 
 
+def output_hw(h: int, w: int, kernel, a) -> tuple[int, int]:
+    """(OH, OW) of a sliding window (floor mode) over an H×W map; ``a``: padding, stride and
+    optionally dilation (default 1)."""
+    (kh, kw), (ph, pw), (sh, sw) = kernel, a["padding"], a["stride"]
+    dh, dw = a.get("dilation", (1, 1))
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
 def epilogue_tables(op, per_channel_groups: bool, pad_to: int | None = None) -> list[np.ndarray]:
     """Flat per-channel constants: bias, M (int32 [M]), 2^(S−1), S (int64 [M]); zero-padded to
     ``pad_to`` channels; for depthwise also σ_k, n_k (int32 [M], channel_groups)."""
@@ -313,23 +321,16 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
     return te.compute(shape, scaled, name="pack")
 
 
-def _merge(bias, corrected: dict, scales, frac: int):
-    """The WAPS merge with group scales ``scales`` and ``frac`` bits (numeric_tvm.merge_groups)."""
-    return nt.merge_groups(nt.TIR, bias, corrected, scales, frac)
-
-
-def _requant(total, k, M, R, S, a, dtype, narrow: bool = False):
+def _requant(op, total, k, M, R, S):
     """The output code of channel k from an int32 ``total`` (numeric_tvm.output_code)."""
-    return nt.output_code(nt.TIR, total, M[k], R[k], S[k], a["z_out"], a["lo"], a["hi"], dtype, narrow)
+    a, narrow = op.attrs, int(op.params["shift"].min()) >= 0
+    return nt.output_code(nt.TIR, total, M[k], R[k], S[k], a["z_out"], a["lo"], a["hi"], op.dtype, narrow)
 
 
-def _narrow(op) -> bool:
-    return int(op.params["shift"].min()) >= 0
-
-
-def _round_shift(shape):
-    """The placeholders of the 2^(S−1) and S tables (int64)."""
-    return te.placeholder(shape, I64, "round"), te.placeholder(shape, I64, "shift")
+def _epilogue_args(m: int):
+    """Placeholders of epilogue_tables' first four: bias, M (int32 [m]), 2^(S−1), S (int64 [m])."""
+    return (te.placeholder((m,), I32, "bias"), te.placeholder((m,), I32, "mult"),
+            te.placeholder((m,), I64, "round"), te.placeholder((m,), I64, "shift"))
 
 
 def _group_sum(xp, W, i0, ico, ry, rx, ici, stride, dilation):
@@ -411,8 +412,7 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     m, _, kh, kw = op.params["w"].shape
     a = op.attrs
     (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = output_hw(h, w_, (kh, kw), a)
     m16, c4 = round_up(m, 16), round_up(c, 4)
     scales, frac = op.group_scales, a.get("frac", 0)
     if fold is not None:                 # one unscaled group of 2^s-scaled channels
@@ -420,8 +420,7 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     g = len(ranges)
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((m16 // 16, c4 // 4, kh, kw, 16, 4), "int8", "w")
-    B = te.placeholder((m16,), I32, "bias")
-    M, (R, S) = te.placeholder((m16,), I32, "mult"), _round_shift((m16,))
+    B, M, R, S = _epilogue_args(m16)
     C = te.placeholder((g, m16), I32, "corr")
     extra, scale, index = [], None, None
     if fold is not None and fold[0] == "x":
@@ -444,8 +443,9 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
         accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw)),
                              name=f"acc{p}")
     def epilogue(b, i, j, k):
-        total = _merge(B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()}, scales, frac)
-        return _requant(total, k, M, R, S, a, op.dtype, _narrow(op))
+        total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()},
+                                scales, frac)
+        return _requant(op, total, k, M, R, S)
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
     func = te.create_prim_func([X, W, B, M, R, S, C, *extra, out])
@@ -461,12 +461,8 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     jo, ji = sch.split(j_, [None, reg_n])
     # rows outermost: threads split the image by rows, never one pixel's channels (two threads
     # writing the halves of the same cache lines made MobileNetV2's 16→96 expansion 1.7× slower)
-    if row_pack:
-        sch.reorder(b_, i_, koo, jo, koi, ji, ki)
-        rows = sch.fuse(b_, i_)
-    else:
-        sch.reorder(b_, i_, koo, jo, koi, ji, ki)
-        rows = sch.fuse(b_, i_, koo)
+    sch.reorder(b_, i_, koo, jo, koi, ji, ki)
+    rows = sch.fuse(b_, i_) if row_pack else sch.fuse(b_, i_, koo)
     sch.parallel(rows)
     for p in accs:
         sch.compute_at(sch.get_sblock(f"acc{p}"), jo, preserve_unit_loops=True)
@@ -520,13 +516,11 @@ def depthwise(op, in_shape):
     n, c, h, w_ = in_shape
     kh, kw = op.params["w"].shape[2:]
     a = op.attrs
-    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    (sh, sw), (dh, dw) = a["stride"], a["dilation"]
+    oh, ow = output_hw(h, w_, (kh, kw), a)
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((kh, kw, c), "int8", "w")
-    B = te.placeholder((c,), I32, "bias")
-    M, (R, S) = te.placeholder((c,), I32, "mult"), _round_shift((c,))
+    B, M, R, S = _epilogue_args(c)
     C = te.placeholder((1, c), I32, "corr")
     linear = depthwise_factors(op) is not None
     if linear:
@@ -544,10 +538,9 @@ def depthwise(op, in_shape):
     def epilogue(b, i, j, k):
         v = acc[b, i, j, k].astype(I32) - C[0, k]
         if linear:
-            return _requant(B[k] + v * tables[0][k], k, M, R, S, a, op.dtype, _narrow(op))
+            return _requant(op, B[k] + v * tables[0][k], k, M, R, S)
         SG, NS = tables
-        return _requant(B[k] + nt.group_term_by(nt.TIR, v, SG[k], NS[k], frac), k, M, R, S, a, op.dtype,
-                        _narrow(op))
+        return _requant(op, B[k] + nt.group_term_by(nt.TIR, v, SG[k], NS[k], frac), k, M, R, S)
 
     out = te.compute((n, oh, ow, c), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, *tables, out]))
@@ -605,7 +598,7 @@ def max_pool(op, in_shape, dtype: str):
     X = te.placeholder((n, h, w_, c), dtype, "x")
     low = tvm.tirx.min_value(dtype)
     xp = topi.nn.pad(X, [0, ph, pw, 0], [0, ph, pw, 0], pad_value=low, name="xpad")
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w_ + 2 * pw - kw) // sw + 1
+    oh, ow = output_hw(h, w_, (kh, kw), a)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     out = te.compute((n, oh, ow, c), lambda b, i, j, k: te.max(xp[b, i * sh + ry, j * sw + rx, k], axis=[ry, rx]),
                      name="out")
@@ -648,11 +641,9 @@ def linear(op, in_shape, in_dtype: str, ranges):
     tables zero-padded). Vectorized over 16 outputs."""
     n, c = in_shape
     m = round_up(op.params["w"].shape[0], 16)
-    a = op.attrs
     X = te.placeholder((n, c), in_dtype, "x")
     W = te.placeholder((c, m), "int8", "wt")
-    B = te.placeholder((m,), I32, "bias")
-    M, (R, S) = te.placeholder((m,), I32, "mult"), _round_shift((m,))
+    B, M, R, S = _epilogue_args(m)
     C = te.placeholder((len(ranges), m), I32, "corr")
     accs = {}
     for p, (c0, c1) in enumerate(ranges):
@@ -660,9 +651,9 @@ def linear(op, in_shape, in_dtype: str, ranges):
             r = te.reduce_axis((0, c1 - c0), f"r{p}")
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
     def epilogue(i, j):
-        return _requant(_merge(B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, op.group_scales,
-                               a.get("frac", 0)),
-                        j, M, R, S, a, op.dtype, _narrow(op))
+        total = nt.merge_groups(nt.TIR, B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, op.group_scales,
+                                op.attrs.get("frac", 0))
+        return _requant(op, total, j, M, R, S)
 
     out = te.compute((n, m), epilogue, name="out")
     sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, out]))

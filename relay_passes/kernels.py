@@ -48,6 +48,13 @@ def group_ranges(groups: np.ndarray, n_groups: int) -> list[tuple[int, int]] | N
     return out
 
 
+def layer_ranges(op: Op) -> list[tuple[int, int]] | None:
+    """group_ranges of a layer's input channels; one range over all of w's columns when ungrouped."""
+    if "groups" not in op.params:
+        return [(0, op.params["w"].shape[1])]
+    return group_ranges(op.params["groups"], op.n_groups)
+
+
 def requant_constants(op: Op, ndim: int) -> list[np.ndarray]:
     """M, rounding 2^(S−1) and S as int64 arrays broadcastable over [N, m, ...]."""
     shape = (1, op.params["mult"].size) + (1,) * (ndim - 2)
@@ -86,16 +93,14 @@ def fast_plan(op: Op, in_types) -> str | None:
     if op.schedule.form != "fast":
         return None
     if op.kind == "conv2d":
-        ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
-            [(0, op.params["w"].shape[1])]
+        ranges = layer_ranges(op)
         if op.attrs["conv_groups"] > 1:
             ranges = ranges or [(0, 0)]                        # depthwise: any channel order
         if fast.conv_fits(op, in_types[0][1], ranges):
             return "conv" if op.attrs["conv_groups"] == 1 else "depthwise"
         return None
     if op.kind == "linear":
-        ok = "groups" not in op.params or group_ranges(op.params["groups"], op.n_groups) is not None
-        return "linear" if ok else None
+        return "linear" if layer_ranges(op) is not None else None
     if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
         return None
     if op.kind == "add" and tuple(in_types[0][0]) != tuple(in_types[1][0]):
@@ -291,12 +296,9 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
     g = op.n_groups
     if g == 1:
         accs = [_conv(lb, x, P["w"], op, in_dtype)]
-    elif form in ("split", "fused"):
-        ranges = group_ranges(op.params["groups"], g)
-        if ranges is None or op.attrs["conv_groups"] != 1:
-            raise ValueError(f"{op.name}: split form needs contiguous groups in an ungrouped conv")
+    elif form in ("split", "fused"):                     # _conv_form: contiguous groups, ungrouped conv
         accs = []
-        for c0, c1 in ranges:
+        for c0, c1 in group_ranges(op.params["groups"], g):
             if c1 == c0:
                 accs.append(_c(0, I32))
                 continue
@@ -322,16 +324,14 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _linear(lb, op, xs, P, D, in_types, add_prim):
+    ranges = layer_ranges(op)
     if fast_plan(op, in_types):
-        ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
-            [(0, op.params["w"].shape[1])]
         func, shape = fast.linear(op, in_types[0][0], in_types[0][1], ranges)
         out = _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
         m = op.params["w"].shape[0]
         return out if shape[1] == m else lb.emit(relax.op.strided_slice(out, [1], [0], [m]))
     x = lb.emit(relax.op.astype(xs[0], I32))
     mask = D[4]
-    ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else [(0, op.params["w"].shape[1])]
     form = op.schedule.form
     accs = []
     for p in range(op.n_groups):
@@ -434,10 +434,8 @@ def _pad(lb, op, xs, P, D, in_types, add_prim):
 def _concat(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     ar = nt.RelaxArith(lb)
-    parts = []
-    for x, z, k in zip(xs, a["zs"], a["ks"]):
-        v = ar.clamp(ar.add(nt.rescale(ar, x, z, k, a["t"]), ar.const(a["z_out"], I64)), a["lo"], a["hi"], I64)
-        parts.append(ar.cast(v, op.dtype))
+    parts = [nt.clamp_code(ar, nt.rescale(ar, x, z, k, a["t"]), a["z_out"], a["lo"], a["hi"], op.dtype)
+             for x, z, k in zip(xs, a["zs"], a["ks"])]
     return lb.emit(relax.op.concat(parts, axis=1))
 
 
@@ -493,8 +491,7 @@ def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan):
     if plan == "depthwise":
         func, shape = fast.depthwise(op, in_types[0][0])
         return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
-    ranges = group_ranges(op.params["groups"], op.n_groups) if "groups" in op.params else \
-        [(0, op.params["w"].shape[1])]
+    ranges = layer_ranges(op)
     fold = fast.fold_groups(op)
     func, shape = fast.conv2d(op, in_types[0][0], ranges, fold)
     index = [P["in_index"]] if "in_index" in op.params and (fold is None or fold[3] is None) else []
@@ -526,14 +523,9 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     wt = op.params["w"]
     m, cg, kh, kw = wt.shape
     a = op.attrs
-    ranges = group_ranges(op.params["groups"], op.n_groups)
-    if ranges is None or a["conv_groups"] != 1:
-        raise ValueError(f"{op.name}: fused form needs contiguous groups in an ungrouped conv")
-    ph, pw = a["padding"]
-    sh, sw = a["stride"]
-    dh, dw = a["dilation"]
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w_ + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ranges = group_ranges(op.params["groups"], op.n_groups)      # contiguous: _conv_form
+    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
+    oh, ow = fast.output_hw(h, w_, (kh, kw), a)
 
     X = te.placeholder((n, c, h, w_), in_dtype, "x")
     W = te.placeholder((m, cg, kh, kw), "int8", "w")

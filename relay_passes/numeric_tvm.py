@@ -140,26 +140,33 @@ def output_code(ar, total: Expr, mult: Expr, rounding: Expr, shift: Expr, z_out:
     if narrow:
         t = ar.clamp(ar.cast(t, I32), lo - z_out, hi - z_out, I32)
         return ar.cast(ar.add(t, ar.const(z_out, I32)), dtype)
-    t = ar.clamp(ar.add(t, ar.const(z_out, I64)), lo, hi, I64)
-    return ar.cast(t, dtype)
+    return clamp_code(ar, t, z_out, lo, hi, dtype)
+
+
+def clamp_code(ar, v: Expr, z_out: int, lo: int, hi: int, dtype: str) -> Expr:
+    """clamp(v + z_out, lo, hi) in int64, cast to ``dtype``: an int64 value as an output code."""
+    return ar.cast(ar.clamp(ar.add(v, ar.const(z_out, I64)), lo, hi, I64), dtype)
 
 
 def add_rescale(ar, a: Expr, za: int, ka: int, b: Expr, zb: int, kb: int, t: int) -> Expr:
     """((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t in int64 from codes ``a`` and ``b``."""
-    def term(x, z, k):
-        return ar.mul(ar.sub(ar.cast(x, I64), ar.const(z, I64)), ar.const(k, I64))
-    return shift_round(ar, ar.add(term(a, za, ka), term(b, zb, kb)), t, I64)
+    return shift_round(ar, ar.add(_scaled(ar, a, za, ka), _scaled(ar, b, zb, kb)), t, I64)
 
 
 def rescale(ar, x: Expr, z: int, k: int, t: int) -> Expr:
     """((x − z)·k + 2^(t−1)) >> t in int64 from codes ``x`` (a concat input moved to the output scale)."""
-    return shift_round(ar, ar.mul(ar.sub(ar.cast(x, I64), ar.const(z, I64)), ar.const(k, I64)), t, I64)
+    return shift_round(ar, _scaled(ar, x, z, k), t, I64)
+
+
+def _scaled(ar, x: Expr, z: int, k: int) -> Expr:
+    """(x − z)·k in int64 from codes ``x``."""
+    return ar.mul(ar.sub(ar.cast(x, I64), ar.const(z, I64)), ar.const(k, I64))
 
 
 def residual_add(ar, a: Expr, b: Expr, attrs: dict, dtype: str) -> Expr:
     """The add op: clamp(add_rescale(a, b) + z_out, lo, hi) cast to ``dtype``."""
     v = add_rescale(ar, a, attrs["za"], attrs["ka"], b, attrs["zb"], attrs["kb"], attrs["t"])
-    return ar.cast(ar.clamp(ar.add(v, ar.const(attrs["z_out"], I64)), attrs["lo"], attrs["hi"], I64), dtype)
+    return clamp_code(ar, v, attrs["z_out"], attrs["lo"], attrs["hi"], dtype)
 
 
 def table_lookup(table, code: Expr) -> Expr:

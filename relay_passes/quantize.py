@@ -298,14 +298,12 @@ class Windows:
         window clipped to H + pad for count_include_pad, then to the input)."""
         axes = [_pool_axis(n, k, s, p, ceil_mode) for n, k, s, p in zip(size, kernel, stride, padding)]
         (h0, h1, hs), (w0, w1, ws) = axes
+        div = None
         if divisor_override:
             div = np.full((h0.size, w0.size), int(divisor_override), np.int64)
         elif count_include_pad:
             div = hs[:, None] * ws[None, :]
-        else:
-            div = (h1 - h0)[:, None] * (w1 - w0)[None, :]
-        return Windows(h0.astype(np.int32), h1.astype(np.int32), w0.astype(np.int32), w1.astype(np.int32),
-                       div.astype(np.int64))
+        return Windows._of(h0, h1, w0, w1, div)
 
     @staticmethod
     def adaptive(size: tuple[int, int], out: tuple[int, int]) -> "Windows":
@@ -313,9 +311,14 @@ class Windows:
         (h, w), (oh, ow) = size, out
         h0, h1 = (np.arange(oh) * h) // oh, -((-(np.arange(oh) + 1) * h) // oh)
         w0, w1 = (np.arange(ow) * w) // ow, -((-(np.arange(ow) + 1) * w) // ow)
-        div = (h1 - h0)[:, None] * (w1 - w0)[None, :]
-        return Windows(h0.astype(np.int32), h1.astype(np.int32), w0.astype(np.int32), w1.astype(np.int32),
-                       div.astype(np.int64))
+        return Windows._of(h0, h1, w0, w1)
+
+    @staticmethod
+    def _of(h0, h1, w0, w1, div=None) -> "Windows":
+        """Windows of these bounds; ``div`` defaults to each window's clipped size."""
+        if div is None:
+            div = (h1 - h0)[:, None] * (w1 - w0)[None, :]
+        return Windows(*(v.astype(np.int32) for v in (h0, h1, w0, w1)), div.astype(np.int64))
 
 
 def pool_output_size(n: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:

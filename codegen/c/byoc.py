@@ -18,7 +18,7 @@ from tvm import relax
 
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
-from codegen.c.emit import KERNELS, SHARED_KINDS, add_call, float_literal, kernel_call
+from codegen.c.emit import C_TYPES, KERNELS, SHARED_KINDS, add_call, kernel_call, quantize_call
 from relay_passes.program import decode_attrs, group_scales
 from targets.c_source import inline_source
 
@@ -125,15 +125,11 @@ def _conv2d(e: _Entry) -> list[str]:
 
 
 def _quantize(e: _Entry) -> list[str]:
-    a = e.a
-    return [f"waps_quantize({e.x}, {int(np.prod(e.in_shape))}, {float_literal(a['scale'])}, "
-            f"{float_literal(a['zero_point'])}, {float_literal(a['qmax'])}, {_ptr(_OUT, 'uint8_t')});"]
+    return [quantize_call("waps_quantize", e.a, e.in_shape, e.x, _ptr(_OUT, "uint8_t"))]
 
 
 def _dequantize(e: _Entry) -> list[str]:
-    a = e.a
-    return [f"waps_dequantize_{e.sfx}({e.x}, {int(np.prod(e.in_shape))}, {float_literal(a['scale'])}, "
-            f"{float_literal(a['zero_point'])}, {_ptr(_OUT, 'float')});"]
+    return [quantize_call(f"waps_dequantize_{e.sfx}", e.a, e.in_shape, e.x, _ptr(_OUT, "float"))]
 
 
 def _add(e: _Entry) -> list[str]:
@@ -142,19 +138,12 @@ def _add(e: _Entry) -> list[str]:
     return [add_call(e.a, e.in_shape, _shape(e.ins[1]), b_dtype, e.x, b, _ptr(_OUT, "uint8_t"))]
 
 
-def _sum_pool2d(e: _Entry) -> list[str]:
-    a = e.a
-    n, c, h, w = e.in_shape
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    return [f"waps_sum_pool2d({e.x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, "
-            f"{_ptr(_OUT, 'int32_t')});"]
-
-
 def _shared(e: _Entry) -> list[str]:
     ptypes = {"table": "const uint8_t"}
     return kernel_call(str(e.fn.attrs["waps.kind"]), e.a, [_shape(v) for v in e.ins], _out_shape(e.fn),
                        [_ptr(f"args[{i}]", "const uint8_t") for i in range(e.n_in)],
-                       {k: _ptr(p, ptypes.get(k, "const int32_t")) for k, p in e.arg.items()}, _ptr(_OUT, "uint8_t"))
+                       {k: _ptr(p, ptypes.get(k, "const int32_t")) for k, p in e.arg.items()},
+                       _ptr(_OUT, C_TYPES[str(e.fn.ret_ty.dtype)]))
 
 
 def _flatten(e: _Entry) -> list[str]:
@@ -164,7 +153,7 @@ def _flatten(e: _Entry) -> list[str]:
 
 def _gather(e: _Entry) -> list[str]:
     n, c = e.in_shape[:2]
-    inner = int(np.prod(e.in_shape[2:])) if len(e.in_shape) > 2 else 1
+    inner = int(np.prod(e.in_shape[2:]))
     elem = 1 if e.in_dtype == "uint8" else 4
     return [f"waps_gather(waps_ptr(&args[0]), {n}, {c}, {inner}, {elem}, {_ptr(e.arg['index'], 'const int32_t')}, "
             f"{e.param_shape('index')[0]}, waps_ptr(&{_OUT}));"]
@@ -173,4 +162,4 @@ def _gather(e: _Entry) -> list[str]:
 # kind → the C body of its tvm-ffi entry (every kind of relay_passes/opset.py)
 ENTRIES: dict[str, Callable[[_Entry], list[str]]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "sum_pool2d": _sum_pool2d, "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_KINDS}}
+    "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_KINDS}}

@@ -97,15 +97,19 @@ def _call(op: Op, v: str, program: Program, buf: dict) -> str:
 
 
 def _quantize(s: _Site) -> str:
-    a = s.op.attrs
-    return (f"waps_quantize(input, {int(np.prod(s.in_shape))}, {float_literal(a['scale'])}, "
-            f"{float_literal(a['zero_point'])}, {float_literal(a['qmax'])}, buf_{s.v});")
+    return quantize_call("waps_quantize", s.op.attrs, s.in_shape, "input", f"buf_{s.v}")
 
 
 def _dequantize(s: _Site) -> str:
-    a = s.op.attrs
-    return (f"waps_dequantize_{s.suffix}({s.x}, {int(np.prod(s.in_shape))}, {float_literal(a['scale'])}, "
-            f"{float_literal(a['zero_point'])}, output);")
+    return quantize_call(f"waps_dequantize_{s.suffix}", s.op.attrs, s.in_shape, s.x, "output")
+
+
+def quantize_call(fn: str, a: dict, shape, x: str, out: str) -> str:
+    """The C statement of ``fn``, waps_quantize or a waps_dequantize_* (the C program and the C
+    BYOC entries both call this); its constants are exact float32 literals, qmax only quantize's."""
+    qmax = f"{float_literal(a['qmax'])}, " if fn == "waps_quantize" else ""
+    return (f"{fn}({x}, {int(np.prod(shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
+            f"{qmax}{out});")
 
 
 def _layer_tail(s: _Site) -> str:
@@ -150,13 +154,6 @@ def add_call(a: dict, sa, sb, b_dtype: str, x: str, b: str, out: str) -> str:
             + tail)
 
 
-def _sum_pool2d(s: _Site) -> str:
-    a = s.op.attrs
-    n, c, h, w = s.in_shape
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    return f"waps_sum_pool2d({s.x}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, buf_{s.v});"
-
-
 def _shared(s: _Site) -> str:
     op = s.op
     return " ".join(kernel_call(op.kind, op.attrs, [s.program.shape_of(i) for i in op.inputs], op.shape,
@@ -169,7 +166,7 @@ def _flatten(s: _Site) -> str:
 
 def _gather(s: _Site) -> str:
     n, c = s.in_shape[:2]
-    inner = int(np.prod(s.in_shape[2:])) if len(s.in_shape) > 2 else 1
+    inner = int(np.prod(s.in_shape[2:]))
     elem = 1 if s.in_dtype == "uint8" else 4
     return f"waps_gather({s.x}, {n}, {c}, {inner}, {elem}, {s.v}_index, {s.op.params['index'].size}, buf_{s.v});"
 
@@ -181,6 +178,12 @@ def _max_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
     dh, dw = a.get("dilation", (1, 1))
     return [f"waps_max_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, {out});"]
+
+
+def _sum_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    n, c, h, w = in_shapes[0]
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    return [f"waps_sum_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, {out});"]
 
 
 def _avg_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
@@ -209,7 +212,7 @@ def _concat_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     c_out = int(out_shape[1])
     lines, off = [], 0
     for x, s, z, k in zip(ins, in_shapes, a["zs"], a["ks"]):
-        inner = int(np.prod(s[2:])) if len(s) > 2 else 1
+        inner = int(np.prod(s[2:]))
         lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a['t']}, "
                      f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});")
         off += int(s[1])
@@ -223,21 +226,21 @@ def _table_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     shape = tuple(in_shapes[0])
     nc = shape[0] * shape[1]
-    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    inner = int(np.prod(shape[2:]))
     bcast = int(int(np.prod(in_shapes[1])) != int(np.prod(shape)))
     return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a['za']}, {a['zb']}, {a['mult']}, {a['shift']}, "
             f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
 
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
-    "max_pool2d": _max_pool2d_call, "avg_pool2d": _avg_pool2d_call, "pad": _pad_call, "concat": _concat_call,
-    "table": _table_call, "mul": _mul_call, "resize": _resize_call}
+    "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call,
+    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 
 
 def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], param: dict[str, str],
                 out: str) -> list[str]:
-    """C statements computing one uint8 op of ``SHARED_KINDS`` (the C program and the C BYOC
+    """C statements computing one op of ``SHARED_KINDS`` (uint8 inputs) (the C program and the C BYOC
     entries both call this): ``ins`` the input pointers, ``param`` {param name: pointer}."""
     if kind not in SHARED_CALLS:
         raise ValueError(f"no C kernel for {kind}")
@@ -247,7 +250,7 @@ def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], 
 # kind → the C statement of one op of the unit (every kind of relay_passes/opset.py)
 CALLS: dict[str, Callable[[_Site], str]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "sum_pool2d": _sum_pool2d, "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_CALLS}}
+    "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_CALLS}}
 
 
 def float_literal(v: float) -> str:

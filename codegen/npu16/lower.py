@@ -70,14 +70,10 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     groups = params.get("groups")
     if len(scales) > MAX_GROUPS:
         raise NotOnNpu(f"{len(scales)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
-    stride = a.get("stride", [1, 1])
-    pad = a.get("padding", [0, 0])
-    dil = a.get("dilation", [1, 1])
-    regs = {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
-            Reg.SH: stride[0], Reg.SW: stride[1], Reg.PH: pad[0], Reg.PW: pad[1], Reg.DH: dil[0],
-            Reg.DW: dil[1], Reg.Z_IN: a["z_in"], Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"],
-            Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)}
-    s += [set_(r, v) for r, v in regs.items()]
+    (sh, sw), (ph, pw), (dh, dw) = a.get("stride", [1, 1]), a.get("padding", [0, 0]), a.get("dilation", [1, 1])
+    s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
+                Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a["z_in"],
+                **_clamp_regs(a), Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)})
     if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
@@ -107,10 +103,9 @@ def _add(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
         s += _regs({Reg.N: sa[0], Reg.C: sa[1], Reg.INNER: _inner(sa), Reg.B_BCAST: 1,
                     Reg.B_C: int(sb[1] == sa[1]), Reg.B_INNER: int(_inner(sb) == _inner(sa)),
                     Reg.B_WIDE: int(in_dtypes[1] != "uint8")})
-    s += [set_(Reg.COUNT, int(np.prod(in_shapes[0]))), set_(Reg.ZA, a["za"]), set_(Reg.ZB, a["zb"]),
-          set_(Reg.KA, a["ka"]), set_(Reg.KB, a["kb"]), set_(Reg.T, a["t"]), set_(Reg.Z_OUT, a["z_out"]),
-          set_(Reg.LO, a["lo"]), set_(Reg.HI, a["hi"]), Instr(Op.ADD), Instr(Op.END)]
-    return NpuOp(s)
+    s += _regs({Reg.COUNT: int(np.prod(in_shapes[0])), Reg.ZA: a["za"], Reg.ZB: a["zb"], Reg.KA: a["ka"],
+                Reg.KB: a["kb"], Reg.T: a["t"], **_clamp_regs(a)})
+    return NpuOp(s + [Instr(Op.ADD), Instr(Op.END)])
 
 
 def _pool(command: Op, dilated: bool):
@@ -122,9 +117,8 @@ def _pool(command: Op, dilated: bool):
         n, c, h, w = in_shapes[0]
         (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
         dh, dw = a.get("dilation", (1, 1)) if dilated else (1, 1)
-        s += [set_(r, v) for r, v in {Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.KH: kh, Reg.KW: kw,
-                                       Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw,
-                                       Reg.Z_IN: a.get("z_in", 0)}.items()]
+        s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.KH: kh, Reg.KW: kw, Reg.SH: sh, Reg.SW: sw,
+                    Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a.get("z_in", 0)})
         s += [Instr(command), Instr(Op.END)]
         return NpuOp(s)
     return lowering
@@ -133,10 +127,9 @@ def _pool(command: Op, dilated: bool):
 def _gather(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
     s = machine_registers(npu)
     shape = in_shapes[0]
-    inner = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    s += [set_(Reg.N, shape[0]), set_(Reg.C, shape[1]), set_(Reg.OUT_CHANNELS, params["index"].size),
-          set_(Reg.INNER, inner), set_(Reg.IN_WIDE, _wide(in_dtypes)), Instr(Op.GATHER), Instr(Op.END)]
-    return NpuOp(s)
+    s += _regs({Reg.N: shape[0], Reg.C: shape[1], Reg.OUT_CHANNELS: params["index"].size, Reg.INNER: _inner(shape),
+                Reg.IN_WIDE: _wide(in_dtypes)})
+    return NpuOp(s + [Instr(Op.GATHER), Instr(Op.END)])
 
 
 def _epilogue(kind: str, unit):
@@ -150,7 +143,8 @@ def _epilogue(kind: str, unit):
 
 
 def _inner(shape) -> int:
-    return int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    """Elements per (sample, channel): H·W of a map, 1 of a vector."""
+    return int(np.prod(shape[2:]))
 
 
 def _regs(values: dict) -> list[Instr]:
@@ -169,21 +163,16 @@ def _pad(s, a, in_shapes, params) -> NpuOp:
     return NpuOp(s + [Instr(Op.PAD), Instr(Op.END)])
 
 
-def avg_pool_windows(params: dict[str, np.ndarray]) -> np.ndarray:
-    """The AVGPOOL window table: h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH·OW] as one int32 array."""
-    return np.concatenate([np.asarray(params[k], np.int32).ravel() for k in ("h0", "h1", "w0", "w1", "rq")])
+def _int32_table(params: dict[str, np.ndarray], keys: tuple[str, ...]) -> np.ndarray:
+    """The ``keys`` params, flattened and concatenated into one int32 array (a unit's table)."""
+    return np.concatenate([np.asarray(params[k], np.int32).ravel() for k in keys])
 
 
 def _avg_pool2d(s, a, in_shapes, params) -> NpuOp:
     n, c, h, w = in_shapes[0]
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["h0"].size, Reg.OW: params["w0"].size,
                 Reg.COUNT: params["mult"].size, Reg.Z_IN: a["z_in"], **_clamp_regs(a)})
-    return NpuOp(s + [Instr(Op.AVGPOOL), Instr(Op.END)], table=avg_pool_windows(params))
-
-
-def resize_table(params: dict[str, np.ndarray]) -> np.ndarray:
-    """The RESIZE source table: y0, y1, wy [OH], x0, x1, wx [OW] as one int32 array."""
-    return np.concatenate([np.asarray(params[k], np.int32).ravel() for k in ("y0", "y1", "wy", "x0", "x1", "wx")])
+    return NpuOp(s + [Instr(Op.AVGPOOL), Instr(Op.END)], table=_int32_table(params, ("h0", "h1", "w0", "w1", "rq")))
 
 
 def _resize(s, a, in_shapes, params) -> NpuOp:
@@ -191,7 +180,8 @@ def _resize(s, a, in_shapes, params) -> NpuOp:
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["y0"].size, Reg.OW: params["x0"].size,
                 Reg.FRAC: a["frac"], Reg.Z_IN: a["z_in"], Reg.MULT: a["mult"], Reg.SHIFT: a["shift"],
                 **_clamp_regs(a)})
-    return NpuOp(s + [Instr(Op.RESIZE), Instr(Op.END)], table=resize_table(params))
+    table = _int32_table(params, ("y0", "y1", "wy", "x0", "x1", "wx"))
+    return NpuOp(s + [Instr(Op.RESIZE), Instr(Op.END)], table=table)
 
 
 def _concat(s, a, in_shapes, params) -> NpuOp:

@@ -146,11 +146,6 @@ def group_tiles(layer: LayerShape, tile: int) -> list[int]:
     return [_ceil(max(1, round(s * cg / total)), tile) if s else 0 for s in layer.group_sizes]
 
 
-def reduction_tiles(layer: LayerShape, tile: int) -> int:
-    """Array steps along the reduction for one output tile, pixel and tap."""
-    return sum(group_tiles(layer, tile))
-
-
 def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
     t, a = npu.tile, npu.arrays
     pix = layer.n * layer.oh * layer.ow
