@@ -32,7 +32,7 @@ class CalibConfig:
     abits: int = 4
     method: str = "waps"
     cwac: bool = False
-    iters: int = 2000              # per block; BRECQ/QDrop use 20k (scaled for 2 CPU cores)
+    iters: int = 3000              # per block (bench/results/iterations.md); BRECQ/QDrop use 20k
     batch: int = 32
     samples: int = 1024
     seed: int = 0
