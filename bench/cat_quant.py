@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from bench.accuracy import CONFIGS, LABEL, compiled_accuracy, float_accuracy
-from bench.eq15 import paired
+from bench.eq15 import paired, verdict as paired_verdict
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "fashion_catnet"
@@ -76,16 +76,9 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def verdict(summary: dict) -> str:
-    """The variant that loses less: top-1 decides where it differs beyond noise in one
-    direction only, else the block loss under the same rule; else "shared" (one rounding
-    fewer, and the compiled cat only moves codes)."""
-    for metric, sign in (("top1", 1), ("block_loss", -1)):
-        beyond = [s[metric]["diff"] * sign for s in summary.values() if not s[metric]["within_noise"]]
-        if beyond and all(d > 0 for d in beyond):
-            return "shared"
-        if beyond and all(d < 0 for d in beyond):
-            return "rescale"
-    return "shared"
+    """The variant that loses less, by bench/eq15.verdict's rule; a tie goes to "shared"
+    (one rounding fewer, and the compiled cat only moves codes)."""
+    return paired_verdict(summary, VARIANTS)
 
 
 def render(res: dict) -> str:

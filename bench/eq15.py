@@ -71,17 +71,17 @@ def paired(runs: list[dict], model: str, metric: str, forms: tuple[str, str] = F
             "diff": mean, "diff_se": se, "within_noise": abs(mean) < 2 * se}
 
 
-def verdict(summary: dict) -> str:
-    """The better form: top-1 decides where it differs beyond noise (and no model
-    disagrees); else the summed block loss does (lower is better) under the same rule;
-    if neither tells them apart, the paper's form ("sigmoid")."""
+def verdict(summary: dict, forms: tuple[str, str] = FORMS) -> str:
+    """The better of two ``forms`` compared by ``paired``: top-1 decides where it differs
+    beyond noise (and no model disagrees); else the summed block loss does (lower is
+    better) under the same rule; if neither tells them apart, forms[0] (here the paper's)."""
     for metric, sign in (("top1", 1), ("block_loss", -1)):
         beyond = [s[metric]["diff"] * sign for s in summary.values() if not s[metric]["within_noise"]]
         if beyond and all(d > 0 for d in beyond):
-            return "sigmoid"
+            return forms[0]
         if beyond and all(d < 0 for d in beyond):
-            return "softmax"
-    return "sigmoid"
+            return forms[1]
+    return forms[0]
 
 
 def render(res: dict) -> str:
