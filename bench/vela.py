@@ -172,7 +172,7 @@ def markdown(records: list[dict], top: int = 15) -> str:
                f"`{c['system_config']}` (core clock {c['core_clock'] / 1e6:.0f} MHz, SRAM "
                f"{c['sram_bandwidth']:.2f} GB/s, off-chip flash {c['off_chip_flash_bandwidth']:.2f} GB/s), memory "
                f"mode `{c['memory_mode']}` (weights in {c['weights_storage_area']}, feature maps in "
-               f"{c['feature_map_storage_area']}).", "",
+               f"{c['feature_map_storage_area']}). " + _config_details(c["verbose_config"]), "",
                "| total cycles | NPU cycles | SRAM access | off-chip flash access | inference | MACs | SRAM used "
                "| flash used | off-chip flash bytes | CPU ops |", "|---|---|---|---|---|---|---|---|---|---|",
                f"| {cycles / 1e6:.2f} M | {t['cycles_npu'] / 1e6:.2f} M | {t['cycles_sram_access'] / 1e6:.2f} M | "
@@ -191,9 +191,13 @@ def markdown(records: list[dict], top: int = 15) -> str:
             b[1] += n["op_cycles"]
         md += ["Nodes by bounding unit: " + ", ".join(f"{b} {k[0]} nodes ({k[1] / cycles:.1%} of cycles)"
                                                       for b, k in sorted(by_bound.items())), ""]
-        if r["graph_nodes_without_vela_rows"] or r["unattributed_vela_ops"]:
-            md += [f"Unmatched: graph nodes {r['graph_nodes_without_vela_rows']}, "
-                   f"{len(r['unattributed_vela_ops'])} Vela rows.", ""]
+        fc = r.get("float_check")
+        md += [f"Translation: {r['tflite_operators']} TFLite operators, {r['vela_operators']} Vela rows on "
+               f"{len(r['nodes'])} graph nodes; graph nodes with no rows: "
+               f"{r['graph_nodes_without_vela_rows'] or 'none'}; rows owned by no node: "
+               f"{len(r['unattributed_vela_ops'])}; sum of rows {r['sum_of_layer_op_cycles']:,} = total "
+               f"{cycles:,}: {r['sum_of_layer_op_cycles'] == cycles}"
+               + (f"; float Keras vs torch output max rel. error {fc['rel']:.1e}." if fc else "."), ""]
         md += [f"Top {top} nodes by cycles:", "",
                "| node | source | TFLite | MACs | cycles | share | NPU | SRAM AC | flash AC | bound |",
                "|---|---|---|---|---|---|---|---|---|---|"]
@@ -204,6 +208,15 @@ def markdown(records: list[dict], top: int = 15) -> str:
                       f"{cy['off_chip_flash']:,} | {n['bound']} |")
         md.append("")
     return "\n".join(md)
+
+
+def _config_details(v: dict) -> str:
+    """The memory parameters of --verbose-config that set Vela's bandwidths and the SRAM budget."""
+    if not v:
+        return ""
+    keys = ("Sram_clock_scales", "Sram_burst_length", "Sram_read_latency", "Sram_write_latency",
+            "OffChipFlash_clock_scales", "OffChipFlash_burst_length", "OffChipFlash_read_latency", "arena_cache_size")
+    return "Config: " + ", ".join(f"{k} {v[k]}" for k in keys if k in v) + "."
 
 
 def main(argv=None) -> int:

@@ -19,8 +19,8 @@ from calib.fuse import fuse_activations
 from tests.bench.vela_tiny import TinyNet
 
 DATA = Path(__file__).resolve().parent / "data" / "vela_tiny"
-KEEP = ("graph.json", "float_check.json", "tflite_ops.json", "vela_stdout.txt", "vela_version.txt", "vela/tiny_per-layer.csv",
-        "vela/tiny_debug.xml", "vela/tiny_summary_Ethos_U55_High_End_Embedded.csv")
+KEEP = ("graph.json", "float_check.json", "tflite_ops.json", "vela_stdout.txt", "vela_version.txt",
+        "vela/tiny_per-layer.csv", "vela/tiny_debug.xml", "vela/tiny_summary_Ethos_U55_High_End_Embedded.csv")
 
 
 def tiny_net():
