@@ -64,14 +64,16 @@ def layers_of(name: str) -> list[dict]:
             groups = n.attrs["groups"]
             _, oh, ow = n.shape
             h, wd = src[1], src[2]
+            sh, ph, dh = n.attrs["stride"][0], n.attrs["padding"][0], n.attrs["dilation"][0]
         else:
             m, cg = w.shape
-            kh = kw = oh = ow = h = wd = groups = 1
+            kh = kw = oh = ow = h = wd = groups = sh = dh = 1
+            ph = 0
         c = cg * groups
         edge = n.name in first or n.name in last
         shape = LayerShape(n.label(), c, m, oh, ow, kh, kw, groups, h=h, w=wd,
                            wbits=8 if edge else 4, abits_in=8 if n.name in first else 4,
-                           abits_out=8 if n.name in last else 4)
+                           abits_out=8 if n.name in last else 4, sh=sh, ph=ph, dh=dh)
         depthwise = shape.depthwise
         paper = not edge and (name.startswith("mnasnet") or n.attrs.get("act") is not None)
         natural = not depthwise and c > TILE

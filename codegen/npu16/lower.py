@@ -10,12 +10,15 @@ array side ``npu.tile``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
 
 from codegen.npu16.tiling import tile_weights
+from relay_passes.fast_kernels import output_hw
 from relay_passes.program import group_scales
+from targets.npu16 import memory
 from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
 from targets.npu16.params import DEFAULT, NPU16
 
@@ -74,12 +77,18 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
                 Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a["z_in"],
                 **_clamp_regs(a), Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)})
+    oh, ow = output_hw(h, w, (kh, kw), {"padding": (ph, pw), "stride": (sh, sw), "dilation": (dh, dw)})
+    stripes = partial(memory.plan, h=h, oh=oh, ow=ow, kh=kh, sh=sh, dh=dh, tile=npu.tile,
+                      in_row_bytes=c * w * (4 if _wide(in_dtypes) else 1), npu=npu)
     if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
+        s += _stripe_regs(stripes, out_tiles=-(-c // npu.tile), conv_groups=1, tile_weight_bytes=npu.tile * kh * kw)
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
         return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
     tiles, table, in_tiles = tile_weights(wt, groups, g, len(scales) if groups is not None else 1, npu.tile)
     p_count = len(in_tiles)
+    s += _stripe_regs(stripes, out_tiles=-(-(m // g) // npu.tile), conv_groups=g,
+                      tile_weight_bytes=kh * kw * int(in_tiles.sum()) * npu.tile ** 2)
     s.append(set_(Reg.NGROUPS, p_count))
     for p in range(p_count):
         s += [set_(Reg.SIGMA0 + p, scales[p].sigma if groups is not None else 0),
@@ -87,6 +96,16 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
               set_(Reg.TILES0 + p, int(in_tiles[p]))]
     s += [Instr(Op.CONV), Instr(Op.END)]
     return NpuOp(s, tiles=tiles, table=table)
+
+
+def _stripe_regs(stripes, **layer) -> list[Instr]:
+    """The registers of the layer's stripe plan (targets/npu16/memory.py); NotOnNpu when even
+    the smallest stripe does not fit the SRAM."""
+    try:
+        p = stripes(**layer)
+    except memory.SramTooSmall as e:
+        raise NotOnNpu(str(e)) from None
+    return _regs({Reg.STRIPE_ROWS: p.rows, Reg.STRIPE_TILES: p.tiles, Reg.W_RESIDENT: int(p.resident)})
 
 
 def _wide(in_dtypes: list[str]) -> int:

@@ -25,11 +25,14 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
                 waps_merge_cycles (4 for g = 3). Serial: W per tile. Pipelined (default):
                 the scaling of one tile overlaps the next tile's S array steps, so a tile
                 stalls max(0, W − S), plus W once per layer to drain the pipeline
-    dma         (weight tiles as stored: n_tiles·T²·wbits/8, depthwise m·kh·kw·wbits/8;
-                input·abits_in/8; output·abits_out/8) / dma_bytes_per_cycle, rounded up
+    dma         (weight tiles as stored: n_tiles·T²·wbits/8, depthwise m·kh·kw·wbits/8, once
+                when they fit the weight SRAM, else once per row stripe and sample; the input
+                rows each row stripe reads ·C·W·abits_in/8, halos re-read; output·abits_out/8)
+                / dma_bytes_per_cycle, rounded up. Stripes: targets/npu16/memory.py
     epilogue    Σ over output tiles and pixels of ⌈valid outputs/epilogue_width⌉
-    total       max(compute + waps, dma, epilogue): the units are decoupled (as in VTA),
-                so the slowest one bounds a layer
+    total       max(compute + waps, dma, epilogue) when double-buffered: the units are
+                decoupled (as in VTA), so the slowest one bounds a layer; single-buffered,
+                dma + max(compute + waps, epilogue)
 Element-wise ops (``add_cost``, ``pool_cost``, ``gather_cost``): add and pooling run
 through the epilogue, a gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
 ``concat_cost``, ``lut_cost``, ``mul_cost``):
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from targets.npu16 import memory
 from targets.npu16.params import NPU16
 
 
@@ -74,6 +78,9 @@ class LayerShape:
     # [conv group][WAPS group] sizes when known exactly (grouped convs); else group_sizes
     # are assumed spread over the conv groups in proportion
     conv_group_sizes: tuple[tuple[int, ...], ...] = ()
+    sh: int = 1                           # vertical stride, padding, dilation (row stripes' halos)
+    ph: int = 0
+    dh: int = 1
 
     @property
     def depthwise(self) -> bool:
@@ -104,12 +111,15 @@ class LayerCost:
     array_steps: int = 0
     epilogue_values: int = 0
     commands: tuple = ()                  # per-command costs of an op run as several commands
+    stripes: int = 0                      # row × weight stripes run (conv/linear; memory.py)
+    overlap: bool = True                  # double-buffered: DMA overlaps compute
 
     @property
     def cycles(self) -> int:
         if self.commands:                 # the simulator bounds each command by its slowest unit
             return sum(c.cycles for c in self.commands)
-        return max(self.compute_cycles + self.waps_cycles, self.dma_cycles, self.epilogue_cycles)
+        busy = max(self.compute_cycles + self.waps_cycles, self.epilogue_cycles)
+        return max(busy, self.dma_cycles) if self.overlap else busy + self.dma_cycles
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -122,7 +132,7 @@ class LayerCost:
                 "shifts": self.shifts, "adds": self.adds, "epilogue_values": self.epilogue_values,
                 "dma_in_bytes": self.bytes["weights"] + self.bytes["input"], "dma_out_bytes": self.bytes["output"],
                 "compute_cycles": self.compute_cycles, "dma_cycles": self.dma_cycles,
-                "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles}
+                "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles, "stripes": self.stripes}
 
 
 def _ceil(a: int, b: int) -> int:
@@ -166,23 +176,32 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
         else:
             waps_cycles = lead_tiles * per_tile
     h, w = layer.h or layer.oh, layer.w or layer.ow
-    weights = layer.m * layer.kh * layer.kw if layer.depthwise else g * ot * steps_per_tile * t * t
-    bytes_ = {"weights": _ceil(weights * layer.wbits, 8),
-              "input": _ceil(layer.n * layer.c * h * w * layer.abits_in, 8),
+    if layer.depthwise:
+        weights, stripe_tiles, stripe_groups, tile_weights = layer.m * layer.kh * layer.kw, ot, 1, t * layer.kh * layer.kw
+    else:
+        weights, stripe_tiles, stripe_groups = g * ot * steps_per_tile * t * t, ot, g
+        tile_weights = steps_per_tile * t * t
+    plan = memory.plan(h=h, oh=layer.oh, ow=layer.ow, kh=layer.kh, sh=layer.sh, dh=layer.dh,
+                       in_row_bytes=_ceil(layer.c * w * layer.abits_in, 8), tile=t, out_tiles=stripe_tiles,
+                       conv_groups=stripe_groups, tile_weight_bytes=_ceil(tile_weights * layer.wbits, 8), npu=npu)
+    rows = memory.fetched_rows(plan, h, layer.oh, layer.kh, layer.sh, layer.ph, layer.dh)
+    bytes_ = {"weights": _ceil(weights * layer.wbits, 8) * (1 if plan.resident else layer.n * plan.row_stripes),
+              "input": _ceil(layer.n * layer.c * rows * w * layer.abits_in, 8),
               "output": _ceil(layer.outputs * layer.abits_out, 8)}
     dma = _ceil(sum(bytes_.values()), npu.dma_bytes_per_cycle)
     valid = [min(t, mg - o * t) for o in range(ot)]
     epi = pix * g * sum(_ceil(v, npu.epilogue_width) for v in valid)
     return LayerCost(layer.name, layer.macs, 2 * layer.macs, 2 * n_scaled * layer.outputs,
                      n_scaled * layer.outputs, n_scaled * layer.outputs, lead_tiles * steps_per_tile, waps_cycles,
-                     dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs)
+                     dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs,
+                     stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer)
 
 
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0) -> LayerCost:
     """One command through DMA and the epilogue (no MAC array)."""
     b = {"weights": weights, "input": bytes_in, "output": bytes_out}
     return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, _ceil(sum(b.values()), npu.dma_bytes_per_cycle),
-                     _ceil(values, npu.epilogue_width), b, epilogue_values=values)
+                     _ceil(values, npu.epilogue_width), b, epilogue_values=values, overlap=npu.double_buffer)
 
 
 def add_cost(name: str, in_elems: int, out_elems: int, npu: NPU16, b_bytes: int | None = None) -> LayerCost:
@@ -219,7 +238,7 @@ def concat_cost(name: str, part_elems: list[int], npu: NPU16) -> LayerCost:
     total = {k: sum(p.bytes[k] for p in parts) for k in ("weights", "input", "output")}
     return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, sum(p.dma_cycles for p in parts),
                      sum(p.epilogue_cycles for p in parts), total, epilogue_values=sum(part_elems),
-                     commands=parts)
+                     commands=parts, overlap=npu.double_buffer)
 
 
 def lut_cost(name: str, elems: int, table_size: int, npu: NPU16) -> LayerCost:

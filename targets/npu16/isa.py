@@ -92,6 +92,7 @@ class Reg(IntEnum):
     WAPS_SWITCH = 36 + 3 * MAX_GROUPS    # cycles per non-empty group switch (D1 → D2)
     WAPS_MERGE = 37 + 3 * MAX_GROUPS     # cycles to merge the groups
     WAPS_PIPELINED = 38 + 3 * MAX_GROUPS
+    DOUBLE_BUFFER = 39 + 3 * MAX_GROUPS  # DMA overlaps compute (1) or takes turns with it (0)
     OH = 64               # avgpool, resize: output size (the window / source table's length)
     OW = 65
     PAD_TOP = 66
@@ -108,13 +109,16 @@ class Reg(IntEnum):
     B_C = 77              # add with B_BCAST: b has C channels (0: one per sample position)
     B_INNER = 78          # add with B_BCAST: b has INNER positions (0: one per channel)
     B_WIDE = 79           # add with B_BCAST: b holds int32 codes (global-pool sums)
+    STRIPE_ROWS = 80      # conv/dwconv: output rows per row stripe (targets/npu16/memory.py)
+    STRIPE_TILES = 81     # conv/dwconv: output tiles per weight stripe
+    W_RESIDENT = 82       # conv/dwconv: all weights fit SRAM, fetched once (else once per row stripe)
 
 
 NREGS = 128
 # What the simulator counts per op (int64 each, in this order): the hardware's event
 # counters, which targets/npu16/cost.py estimates analytically and tests hold equal.
 COUNTERS = ("macs", "array_steps", "waps_cycles", "shifts", "adds", "epilogue_values", "dma_in_bytes",
-            "dma_out_bytes", "compute_cycles", "dma_cycles", "epilogue_cycles", "cycles")
+            "dma_out_bytes", "compute_cycles", "dma_cycles", "epilogue_cycles", "cycles", "stripes")
 # C spellings of registers whose C name predates this module (the simulator's arithmetic uses them)
 _C_NAME = {"CONV_GROUPS": "G", "Z_IN": "ZIN", "Z_OUT": "ZOUT", "OUT_CHANNELS": "OUTC"}
 
@@ -172,4 +176,5 @@ def machine_registers(npu) -> list[Instr]:
     """The SETs that describe the machine (a params.NPU16) to the simulator: every stream's prologue."""
     return [set_(Reg.TILE, npu.tile), set_(Reg.ARRAYS, npu.arrays), set_(Reg.DMA_BPC, npu.dma_bytes_per_cycle),
             set_(Reg.EPI_LANES, npu.epilogue_width), set_(Reg.WAPS_SWITCH, npu.waps_switch_cycles),
-            set_(Reg.WAPS_MERGE, npu.waps_merge_cycles), set_(Reg.WAPS_PIPELINED, int(npu.waps_pipelined))]
+            set_(Reg.WAPS_MERGE, npu.waps_merge_cycles), set_(Reg.WAPS_PIPELINED, int(npu.waps_pipelined)),
+            set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer))]

@@ -11,6 +11,9 @@
     sram_kib             {"weights", "activations", "accumulators"}: ints >= 1 (KiB)
     waps_switch_cycles   int >= 0           waps_merge_cycles  int >= 0
     waps_pipelined       bool
+    double_buffer        bool               a stripe uses half of each SRAM buffer and the next
+                                            stripe's DMA overlaps its compute (False: all of it,
+                                            DMA and compute take turns)
 """
 from __future__ import annotations
 
@@ -42,7 +45,11 @@ class NPU16:
     waps_pipelined     the D1→D2 scaling and merge of one output tile overlap the next
                        tile's accumulation (the paper's pipelined RTL, Table 8); False
                        serialises them (appendix B's 4 cycles on every output tile)
-    sram_*_kib         on-chip buffers (weights, activations, accumulators)
+    sram_*_kib         on-chip buffers (weights, activations, accumulators); a conv/linear
+                       is striped to fit them (targets/npu16/memory.py)
+    double_buffer      two halves per buffer: DMA of the next stripe overlaps this one's
+                       compute, so a command takes its slowest unit; single-buffered, DMA
+                       and compute take turns (cycles = DMA + the slower of array and epilogue)
     """
 
     arrays: int = 1
@@ -56,6 +63,7 @@ class NPU16:
     sram_weight_kib: int = 256
     sram_act_kib: int = 512
     sram_acc_kib: int = 64
+    double_buffer: bool = True
 
     def __post_init__(self):
         for f in fields(self):
@@ -91,7 +99,7 @@ class NPU16:
 _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "epilogue_lanes", "sram_kib",
-        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined")
+        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer")
 
 
 def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:

@@ -25,14 +25,15 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
     a = op.attrs
     if op.kind == "linear":
         m, c = w.shape
-        kh = kw = oh = ow = h = wd = 1
-        g = 1
+        kh = kw = oh = ow = h = wd = g = sh = dh = 1
+        ph = 0
     else:
         m, cg, kh, kw = w.shape
         g = a["conv_groups"]
         c = cg * g
         _, _, oh, ow = op.shape
         h, wd = in_shape[2], in_shape[3]
+        sh, ph, dh = a["stride"][0], a["padding"][0], a.get("dilation", (1, 1))[0]
     sizes, scaled, per_group = (), (), ()
     if "groups" in op.params:
         labels = np.asarray(op.params["groups"])
@@ -43,7 +44,7 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == p).sum()) for p in range(n_p)) for i in range(g))
     return LayerShape(op.name, c, m, oh, ow, kh, kw, g, sizes, scaled, h, wd, wbits=8,   # npu16 stores int8
                       abits_in=8 if in_dtype == "uint8" else 32, abits_out=8, n=in_shape[0],
-                      conv_group_sizes=per_group if g > 1 else ())
+                      conv_group_sizes=per_group if g > 1 else (), sh=sh, ph=ph, dh=dh)
 
 
 def estimate(program, op, npu: NPU16) -> LayerCost:

@@ -126,7 +126,8 @@ def _layers(draw):
     npu = NPU16(tile=draw(st.sampled_from([8, 16, 32])), arrays=draw(st.integers(1, 4)),
                 dma_bytes_per_cycle=draw(st.integers(1, 32)), epilogue_width=draw(st.integers(1, 16)),
                 waps_switch_cycles=draw(st.integers(0, 2)), waps_merge_cycles=draw(st.integers(0, 2)),
-                waps_pipelined=draw(st.booleans()))
+                waps_pipelined=draw(st.booleans()), double_buffer=draw(st.booleans()),
+                sram_weight_kib=draw(st.sampled_from([1, 2, 8, 256])), sram_act_kib=draw(st.sampled_from([1, 2, 8, 512])))
     return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, scales=scales, npu=npu,
                 stride=stride, pad=pad, seed=draw(st.integers(0, 2**16)))
 
@@ -135,9 +136,11 @@ def _layers(draw):
 @given(_layers())
 def test_estimator_equals_the_simulator_counters(simulator, L):
     """Every counter of a random conv/linear/depthwise layer on a random machine: empty WAPS
-    groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA and epilogue widths.
+    groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA and epilogue widths,
+    SRAM from 1 KiB (striped: halos and weights re-fetched) up, single or double buffered.
     The outputs do not depend on the machine (equal to the default npu16's)."""
-    from codegen.npu16.lower import lower_op
+    from codegen.npu16.lower import NotOnNpu, lower_op
+    from targets.npu16.memory import SramTooSmall
     rng = np.random.default_rng(L["seed"])
     c, m, g, k, hw, n = L["c"], L["m"], L["g"], L["k"], L["hw"], L["n"]
     w = rng.integers(-8, 8, (m, c // g, k, k)).astype(np.int8)
@@ -145,10 +148,13 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
              "z_in": 3, "z_out": 2, "lo": 0, "hi": 255, "frac": 1,
              **group_scale_attrs(L["scales"])}
     params = {"w": w} if L["groups"] is None else {"w": w, "groups": L["groups"]}
-    low = lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params, L["npu"])
     oh = (hw + 2 * L["pad"] - k) // L["stride"] + 1
+    try:
+        low = lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params, L["npu"])
+    except NotOnNpu as e:                          # the smallest stripe does not fit the SRAM
+        assert "SRAM" in str(e)
+        low = None
     x = rng.integers(0, 16, (n, c, hw, hw)).astype(np.uint8)
-    out, counted = _simulate(simulator, low, x, m, (n, m, oh, oh))
     sizes, scaled, per_group = (), (), ()
     if L["groups"] is not None:
         labels, p = L["groups"], len(L["scales"])
@@ -157,7 +163,12 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
         cg = c // g
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == q).sum()) for q in range(p)) for i in range(g))
     shape = LayerShape("l", c, m, oh, oh, k, k, g, sizes, scaled, hw, hw, wbits=8, abits_in=8, abits_out=8, n=n,
-                       conv_group_sizes=per_group if g > 1 else ())
+                       conv_group_sizes=per_group if g > 1 else (), sh=L["stride"], ph=L["pad"])
+    if low is None:
+        with pytest.raises(SramTooSmall):
+            layer_cost(shape, L["npu"])
+        return
+    out, counted = _simulate(simulator, low, x, m, (n, m, oh, oh))
     assert layer_cost(shape, L["npu"]).counters() == counted
     ref_out, _ = _simulate(simulator, lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params), x, m,
                            (n, m, oh, oh))
@@ -177,3 +188,43 @@ def test_empty_group_costs_nothing(simulator):
     assert counted["waps_cycles"] == 36 * 3 and counted["shifts"] == 16 * 36
     est = layer_cost(LayerShape("l", 32, 16, 6, 6, group_sizes=(16, 16, 0), scaled=(False, True, True)), npu)
     assert est.waps_cycles == 108 and est.shifts == 576
+
+
+def test_smaller_sram_moves_more_bytes_identically(simulator):
+    """Issue 15: shrinking sram_kib stripes a layer; its DMA bytes and cycles grow, equally in
+    the simulator and the cost model, and the outputs stay those of the unstriped layer."""
+    from codegen.npu16.lower import lower_op
+    rng = np.random.default_rng(0)
+    c, m, hw = 48, 40, 12
+    w = rng.integers(-8, 8, (m, c, 3, 3)).astype(np.int8)
+    attrs = {"conv_groups": 1, "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "z_in": 3, "z_out": 2,
+             "lo": 0, "hi": 255, "frac": 0}
+    x = rng.integers(0, 16, (1, c, hw, hw)).astype(np.uint8)
+    shape = LayerShape("l", c, m, hw, hw, 3, 3, h=hw, w=hw, wbits=8, abits_in=8, abits_out=8, ph=1)
+    runs = []
+    # 20.7 KB of weights (6.9 KB per output tile), 6.9 KB of input (576 B per row)
+    for w_kib, a_kib in ((256, 512), (32, 16), (16, 8), (14, 4)):
+        npu = NPU16(sram_weight_kib=w_kib, sram_act_kib=a_kib)
+        out, counted = _simulate(simulator, lower_op("conv2d", attrs, [x.shape], ["uint8"], {"w": w}, npu), x, m,
+                                 (1, m, hw, hw))
+        assert layer_cost(shape, npu).counters() == counted
+        runs.append((out, counted))
+    for out, _ in runs[1:]:
+        np.testing.assert_array_equal(out, runs[0][0])
+    moved = [cnt["dma_in_bytes"] for _, cnt in runs]
+    cycles = [cnt["dma_cycles"] for _, cnt in runs]
+    stripes = [cnt["stripes"] for _, cnt in runs]
+    assert moved[0] == 48 * 144 + 3 * 9 * 3 * 256 and stripes == [1, 4, 12, 36]      # each tensor once
+    # 2 row stripes re-reading 2 halo rows; weights (2 tiles of 3 per stripe) fetched per row stripe
+    assert moved[1] == 14 * 576 + 2 * 20736
+    assert moved == sorted(moved) and moved[-1] > moved[1] > moved[0], moved
+    assert cycles == sorted(cycles) and cycles[-1] > cycles[0]
+    assert stripes == sorted(stripes) and stripes[-1] > stripes[1] > 1
+
+
+def test_single_buffering_serialises_dma(simulator):
+    """double_buffer False: a layer takes DMA + compute; True: the slower of the two."""
+    layer = LayerShape("c", 32, 32, 4, 4, 3, 3, wbits=8, abits_in=8, abits_out=8, ph=1, h=4, w=4)
+    both = layer_cost(layer, NPU16(double_buffer=True)), layer_cost(layer, NPU16(double_buffer=False))
+    assert both[0].cycles == max(both[0].compute_cycles, both[0].dma_cycles, both[0].epilogue_cycles)
+    assert both[1].cycles == both[1].compute_cycles + both[1].dma_cycles

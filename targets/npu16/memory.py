@@ -1,0 +1,86 @@
+"""On-chip memory of npu16: how a conv/linear is striped to fit its SRAM buffers.
+
+The one definition of the stripe plan; the lowering writes it into the stream's registers
+(STRIPE_ROWS, STRIPE_TILES, W_RESIDENT), the simulator executes it and counts the bytes it
+moves, and the cost model (cost.py) predicts the same bytes from the same plan.
+
+Buffers (params.NPU16): weights ``sram_weight_kib``, activations ``sram_act_kib``; with
+``double_buffer`` each stripe may use half of a buffer (the other half takes the next
+stripe's DMA while this one computes), else all of it.
+
+A layer runs as row stripes × weight stripes, per sample:
+    weight stripe   K output tiles (of one conv group) whose weights fit the weight buffer:
+                    K = min(OT, ⌊usable / tile weights⌋); one tile's weights are
+                    kh·kw·Σ_p T_p·T² int8 (depthwise: T·kh·kw)
+    row stripe      R output rows whose input rows (all input channels, the halo of the
+                    kernel included) and output rows (K tiles of T channels) fit the
+                    activation buffer: R = the largest with
+                    rows_in(R)·C·W·in_bytes + R·OW·K·T·out_bytes ≤ usable,
+                    rows_in(R) = min(H, (R − 1)·sh + (kh − 1)·dh + 1)
+Loop order: sample → row stripe (its input rows fetched once) → weight stripe (fetched per
+row stripe unless the whole layer's weights fit the usable buffer: ``resident``, fetched
+once) → output tiles and pixels. Row stripe s covers output rows [s·R, min(OH, (s+1)·R))
+and fetches the input rows it reads, [max(0, oy0·sh − ph), min(H, (oy1 − 1)·sh − ph + (kh − 1)·dh + 1)):
+a layer that fits moves its input once (rows no output reads, e.g. the last row of a
+stride-2 1×1 conv of an even H, are not fetched) and a striped one re-reads its halo rows.
+A layer for which one output row of one tile, or one tile's weights, does not fit is not
+run on the NPU (``SramTooSmall``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from targets.npu16.params import NPU16
+
+
+class SramTooSmall(ValueError):
+    """One stripe of the smallest size does not fit a buffer; the message says which."""
+
+
+@dataclass(frozen=True)
+class StripePlan:
+    rows: int            # R: output rows per row stripe
+    tiles: int           # K: output tiles per weight stripe (within one conv group)
+    resident: bool       # every weight fits the usable weight buffer: fetched once per layer
+    row_stripes: int     # ⌈OH / R⌉
+    weight_stripes: int  # per row stripe: conv groups × ⌈OT / K⌉
+
+
+def usable_bytes(kib: int, npu: NPU16) -> int:
+    return kib * 1024 // (2 if npu.double_buffer else 1)
+
+
+def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, dh: int, in_row_bytes: int, tile: int,
+         out_tiles: int, conv_groups: int, tile_weight_bytes: int, npu: NPU16) -> StripePlan:
+    """The stripes of a layer: ``in_row_bytes`` = one input row of every channel (C·W·bytes per
+    code), ``out_tiles`` = OT per conv group, ``tile_weight_bytes`` = one output tile's weights."""
+    w_cap, a_cap = usable_bytes(npu.sram_weight_kib, npu), usable_bytes(npu.sram_act_kib, npu)
+    if tile_weight_bytes > w_cap:
+        raise SramTooSmall(f"one output tile's weights ({tile_weight_bytes} B) exceed the usable weight SRAM "
+                           f"({w_cap} B)")
+    k = min(out_tiles, w_cap // tile_weight_bytes)
+    resident = conv_groups * out_tiles * tile_weight_bytes <= w_cap
+    best = 0
+    for r in range(1, oh + 1):
+        if in_rows(r, h, kh, sh, dh) * in_row_bytes + r * ow * k * tile > a_cap:
+            break
+        best = r
+    if best == 0:
+        raise SramTooSmall(f"one output row ({in_rows(1, h, kh, sh, dh) * in_row_bytes + ow * k * tile} B with its "
+                           f"input rows) exceeds the usable activation SRAM ({a_cap} B)")
+    return StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k))
+
+
+def in_rows(r: int, h: int, kh: int, sh: int, dh: int) -> int:
+    """Input rows that r consecutive output rows read (at most H)."""
+    return min(h, (r - 1) * sh + (kh - 1) * dh + 1)
+
+
+def fetched_rows(p: StripePlan, h: int, oh: int, kh: int, sh: int, ph: int, dh: int) -> int:
+    """Input rows the DMA fetches for one sample, summed over the row stripes (halos re-read)."""
+    total = 0
+    for s in range(p.row_stripes):
+        oy0, oy1 = s * p.rows, min(oh, (s + 1) * p.rows)
+        lo, hi = max(0, oy0 * sh - ph), min(h, (oy1 - 1) * sh - ph + (kh - 1) * dh + 1)
+        total += max(0, hi - lo)
+    return total
