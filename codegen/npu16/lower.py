@@ -78,17 +78,18 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
                 Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a["z_in"],
                 **_clamp_regs(a), Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)})
     oh, ow = output_hw(h, w, (kh, kw), {"padding": (ph, pw), "stride": (sh, sw), "dilation": (dh, dw)})
-    stripes = partial(memory.plan, h=h, oh=oh, ow=ow, kh=kh, sh=sh, dh=dh, tile=npu.tile,
+    stripes = partial(memory.plan, h=h, oh=oh, ow=ow, kh=kh, sh=sh, ph=ph, dh=dh, tile=npu.tile,
                       in_row_bytes=c * w * (4 if _wide(in_dtypes) else 1), npu=npu)
     if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
-        s += _stripe_regs(stripes, out_tiles=-(-c // npu.tile), conv_groups=1, tile_weight_bytes=npu.tile * kh * kw)
+        s += _stripe_regs(stripes, out_tiles=-(-c // npu.tile), conv_groups=1, tile_weight_bytes=npu.tile * kh * kw,
+                          weight_bytes=c * kh * kw)
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
         return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
     tiles, table, in_tiles = tile_weights(wt, groups, g, len(scales) if groups is not None else 1, npu.tile)
     p_count = len(in_tiles)
-    s += _stripe_regs(stripes, out_tiles=-(-(m // g) // npu.tile), conv_groups=g,
-                      tile_weight_bytes=kh * kw * int(in_tiles.sum()) * npu.tile ** 2)
+    ot, tile_bytes = -(-(m // g) // npu.tile), kh * kw * int(in_tiles.sum()) * npu.tile ** 2
+    s += _stripe_regs(stripes, out_tiles=ot, conv_groups=g, tile_weight_bytes=tile_bytes, weight_bytes=g * ot * tile_bytes)
     s.append(set_(Reg.NGROUPS, p_count))
     for p in range(p_count):
         s += [set_(Reg.SIGMA0 + p, scales[p].sigma if groups is not None else 0),
@@ -105,7 +106,8 @@ def _stripe_regs(stripes, **layer) -> list[Instr]:
         p = stripes(**layer)
     except memory.SramTooSmall as e:
         raise NotOnNpu(str(e)) from None
-    return _regs({Reg.STRIPE_ROWS: p.rows, Reg.STRIPE_TILES: p.tiles, Reg.W_RESIDENT: int(p.resident)})
+    return _regs({Reg.STRIPE_ROWS: p.rows, Reg.STRIPE_TILES: p.tiles, Reg.W_RESIDENT: int(p.resident),
+                  Reg.STRIPE_ORDER: int(p.weights_first)})
 
 
 def _wide(in_dtypes: list[str]) -> int:

@@ -26,9 +26,11 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
                 the scaling of one tile overlaps the next tile's S array steps, so a tile
                 stalls max(0, W − S), plus W once per layer to drain the pipeline
     dma         (weight tiles as stored: n_tiles·T²·wbits/8, depthwise m·kh·kw·wbits/8, once
-                when they fit the weight SRAM, else once per row stripe and sample; the input
-                rows each row stripe reads ·C·W·abits_in/8, halos re-read; output·abits_out/8)
-                / dma_bytes_per_cycle, rounded up. Stripes: targets/npu16/memory.py
+                when they fit the weight SRAM, else per row stripe or per sample; the input
+                rows each row stripe reads ·C·W·abits_in/8, halos re-read, once or per weight
+                stripe; output·abits_out/8), loop order and stripes from targets/npu16/memory.py;
+                cycles memory.dma_cycles: one port at dma_bytes_per_cycle, or weights (and
+                tables) over their own port at weight_bytes_per_cycle in parallel
     epilogue    Σ over output tiles and pixels of ⌈valid outputs/epilogue_width⌉
     total       max(compute + waps, dma, epilogue) when double-buffered: the units are
                 decoupled (as in VTA), so the slowest one bounds a layer; single-buffered,
@@ -132,7 +134,8 @@ class LayerCost:
                 "shifts": self.shifts, "adds": self.adds, "epilogue_values": self.epilogue_values,
                 "dma_in_bytes": self.bytes["weights"] + self.bytes["input"], "dma_out_bytes": self.bytes["output"],
                 "compute_cycles": self.compute_cycles, "dma_cycles": self.dma_cycles,
-                "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles, "stripes": self.stripes}
+                "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles, "stripes": self.stripes,
+                "dma_weight_bytes": self.bytes["weights"]}
 
 
 def _ceil(a: int, b: int) -> int:
@@ -181,14 +184,16 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
     else:
         weights, stripe_tiles, stripe_groups = g * ot * steps_per_tile * t * t, ot, g
         tile_weights = steps_per_tile * t * t
-    plan = memory.plan(h=h, oh=layer.oh, ow=layer.ow, kh=layer.kh, sh=layer.sh, dh=layer.dh,
+    weight_bytes = _ceil(weights * layer.wbits, 8)
+    plan = memory.plan(h=h, oh=layer.oh, ow=layer.ow, kh=layer.kh, sh=layer.sh, ph=layer.ph, dh=layer.dh,
                        in_row_bytes=_ceil(layer.c * w * layer.abits_in, 8), tile=t, out_tiles=stripe_tiles,
-                       conv_groups=stripe_groups, tile_weight_bytes=_ceil(tile_weights * layer.wbits, 8), npu=npu)
-    rows = memory.fetched_rows(plan, h, layer.oh, layer.kh, layer.sh, layer.ph, layer.dh)
-    bytes_ = {"weights": _ceil(weights * layer.wbits, 8) * (1 if plan.resident else layer.n * plan.row_stripes),
+                       conv_groups=stripe_groups, tile_weight_bytes=_ceil(tile_weights * layer.wbits, 8),
+                       weight_bytes=weight_bytes, npu=npu)
+    rows = memory.fetched_rows(plan, h, layer.oh, layer.kh, layer.sh, layer.ph, layer.dh) * plan.input_fetches()
+    bytes_ = {"weights": weight_bytes * plan.weight_fetches(layer.n),
               "input": _ceil(layer.n * layer.c * rows * w * layer.abits_in, 8),
               "output": _ceil(layer.outputs * layer.abits_out, 8)}
-    dma = _ceil(sum(bytes_.values()), npu.dma_bytes_per_cycle)
+    dma = memory.dma_cycles(bytes_["weights"], bytes_["input"] + bytes_["output"], npu)
     valid = [min(t, mg - o * t) for o in range(ot)]
     epi = pix * g * sum(_ceil(v, npu.epilogue_width) for v in valid)
     return LayerCost(layer.name, layer.macs, 2 * layer.macs, 2 * n_scaled * layer.outputs,
@@ -200,7 +205,7 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0) -> LayerCost:
     """One command through DMA and the epilogue (no MAC array)."""
     b = {"weights": weights, "input": bytes_in, "output": bytes_out}
-    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, _ceil(sum(b.values()), npu.dma_bytes_per_cycle),
+    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, memory.dma_cycles(weights, bytes_in + bytes_out, npu),
                      _ceil(values, npu.epilogue_width), b, epilogue_values=values, overlap=npu.double_buffer)
 
 
@@ -242,7 +247,7 @@ def concat_cost(name: str, part_elems: list[int], npu: NPU16) -> LayerCost:
 
 
 def lut_cost(name: str, elems: int, table_size: int, npu: NPU16) -> LayerCost:
-    return _unit_cost(name, elems + table_size, elems, elems, npu)
+    return _unit_cost(name, elems, elems, elems, npu, weights=table_size)
 
 
 def mul_cost(name: str, elems: int, b_elems: int, npu: NPU16) -> LayerCost:

@@ -93,6 +93,7 @@ class Reg(IntEnum):
     WAPS_MERGE = 37 + 3 * MAX_GROUPS     # cycles to merge the groups
     WAPS_PIPELINED = 38 + 3 * MAX_GROUPS
     DOUBLE_BUFFER = 39 + 3 * MAX_GROUPS  # DMA overlaps compute (1) or takes turns with it (0)
+    WEIGHT_BPC = 83       # weights' own port, bytes per cycle (0: they share DMA_BPC)
     OH = 64               # avgpool, resize: output size (the window / source table's length)
     OW = 65
     PAD_TOP = 66
@@ -111,14 +112,16 @@ class Reg(IntEnum):
     B_WIDE = 79           # add with B_BCAST: b holds int32 codes (global-pool sums)
     STRIPE_ROWS = 80      # conv/dwconv: output rows per row stripe (targets/npu16/memory.py)
     STRIPE_TILES = 81     # conv/dwconv: output tiles per weight stripe
-    W_RESIDENT = 82       # conv/dwconv: all weights fit SRAM, fetched once (else once per row stripe)
+    W_RESIDENT = 82       # conv/dwconv: all weights fit SRAM, fetched once (else per row stripe or sample)
+    STRIPE_ORDER = 84     # conv/dwconv: 0 row stripes outside weight stripes, 1 weight stripes outside
 
 
 NREGS = 128
 # What the simulator counts per op (int64 each, in this order): the hardware's event
 # counters, which targets/npu16/cost.py estimates analytically and tests hold equal.
 COUNTERS = ("macs", "array_steps", "waps_cycles", "shifts", "adds", "epilogue_values", "dma_in_bytes",
-            "dma_out_bytes", "compute_cycles", "dma_cycles", "epilogue_cycles", "cycles", "stripes")
+            "dma_out_bytes", "compute_cycles", "dma_cycles", "epilogue_cycles", "cycles", "stripes",
+            "dma_weight_bytes")          # of dma_in_bytes: constants (weights, tables), over the weight port
 # C spellings of registers whose C name predates this module (the simulator's arithmetic uses them)
 _C_NAME = {"CONV_GROUPS": "G", "Z_IN": "ZIN", "Z_OUT": "ZOUT", "OUT_CHANNELS": "OUTC"}
 
@@ -177,4 +180,4 @@ def machine_registers(npu) -> list[Instr]:
     return [set_(Reg.TILE, npu.tile), set_(Reg.ARRAYS, npu.arrays), set_(Reg.DMA_BPC, npu.dma_bytes_per_cycle),
             set_(Reg.EPI_LANES, npu.epilogue_width), set_(Reg.WAPS_SWITCH, npu.waps_switch_cycles),
             set_(Reg.WAPS_MERGE, npu.waps_merge_cycles), set_(Reg.WAPS_PIPELINED, int(npu.waps_pipelined)),
-            set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer))]
+            set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer)), set_(Reg.WEIGHT_BPC, npu.weight_bytes_per_cycle)]

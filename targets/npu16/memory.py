@@ -17,9 +17,15 @@ A layer runs as row stripes × weight stripes, per sample:
                     activation buffer: R = the largest with
                     rows_in(R)·C·W·in_bytes + R·OW·K·T·out_bytes ≤ usable,
                     rows_in(R) = min(H, (R − 1)·sh + (kh − 1)·dh + 1)
-Loop order: sample → row stripe (its input rows fetched once) → weight stripe (fetched per
-row stripe unless the whole layer's weights fit the usable buffer: ``resident``, fetched
-once) → output tiles and pixels. Row stripe s covers output rows [s·R, min(OH, (s+1)·R))
+Loop order, per sample, whichever moves the data in fewer DMA cycles (``dma_cycles``; rows
+first on a tie):
+    rows first      row stripe (its input rows fetched once) → weight stripe (fetched per
+                    row stripe unless the whole layer's weights fit the usable buffer:
+                    ``resident``, fetched once per layer)
+    weights first   weight stripe (fetched once per sample, or once when resident) → row
+                    stripe (its input rows fetched again for every weight stripe): better
+                    when weights come from slow memory (flash) and feature maps from fast
+Row stripe s covers output rows [s·R, min(OH, (s+1)·R))
 and fetches the input rows it reads, [max(0, oy0·sh − ph), min(H, (oy1 − 1)·sh − ph + (kh − 1)·dh + 1)):
 a layer that fits moves its input once (rows no output reads, e.g. the last row of a
 stride-2 1×1 conv of an even H, are not fetched) and a striped one re-reads its halo rows.
@@ -28,7 +34,7 @@ run on the NPU (``SramTooSmall``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from targets.npu16.params import NPU16
 
@@ -43,17 +49,36 @@ class StripePlan:
     tiles: int           # K: output tiles per weight stripe (within one conv group)
     resident: bool       # every weight fits the usable weight buffer: fetched once per layer
     row_stripes: int     # ⌈OH / R⌉
-    weight_stripes: int  # per row stripe: conv groups × ⌈OT / K⌉
+    weight_stripes: int  # conv groups × ⌈OT / K⌉
+    weights_first: bool = False   # loop order: weight stripes outside row stripes
+
+    def weight_fetches(self, n: int) -> int:
+        """How many times the layer's weights cross the DMA for ``n`` samples."""
+        return 1 if self.resident else n * (1 if self.weights_first else self.row_stripes)
+
+    def input_fetches(self) -> int:
+        """How many times each row stripe's input rows cross the DMA, per sample."""
+        return self.weight_stripes if self.weights_first else 1
+
+
+def dma_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> int:
+    """Cycles to move ``weight_bytes`` of constants and ``act_bytes`` of feature maps: one DMA
+    port at dma_bytes_per_cycle, or, with ``weight_bytes_per_cycle`` set, weights over their
+    own port (e.g. flash) in parallel with the feature maps."""
+    if npu.weight_bytes_per_cycle:
+        return max(-(-weight_bytes // npu.weight_bytes_per_cycle), -(-act_bytes // npu.dma_bytes_per_cycle))
+    return -(-(weight_bytes + act_bytes) // npu.dma_bytes_per_cycle)
 
 
 def usable_bytes(kib: int, npu: NPU16) -> int:
     return kib * 1024 // (2 if npu.double_buffer else 1)
 
 
-def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, dh: int, in_row_bytes: int, tile: int,
-         out_tiles: int, conv_groups: int, tile_weight_bytes: int, npu: NPU16) -> StripePlan:
+def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, ph: int, dh: int, in_row_bytes: int, tile: int,
+         out_tiles: int, conv_groups: int, tile_weight_bytes: int, weight_bytes: int, npu: NPU16) -> StripePlan:
     """The stripes of a layer: ``in_row_bytes`` = one input row of every channel (C·W·bytes per
-    code), ``out_tiles`` = OT per conv group, ``tile_weight_bytes`` = one output tile's weights."""
+    code), ``out_tiles`` = OT per conv group, ``tile_weight_bytes`` = one output tile's weights,
+    ``weight_bytes`` = all of them (the loop order weighs their re-fetches against the input's)."""
     w_cap, a_cap = usable_bytes(npu.sram_weight_kib, npu), usable_bytes(npu.sram_act_kib, npu)
     if tile_weight_bytes > w_cap:
         raise SramTooSmall(f"one output tile's weights ({tile_weight_bytes} B) exceed the usable weight SRAM "
@@ -68,7 +93,13 @@ def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, dh: int, in_row_bytes: i
     if best == 0:
         raise SramTooSmall(f"one output row ({in_rows(1, h, kh, sh, dh) * in_row_bytes + ow * k * tile} B with its "
                            f"input rows) exceeds the usable activation SRAM ({a_cap} B)")
-    return StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k))
+    rows_first = StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k))
+    weights_first = replace(rows_first, weights_first=True)
+    in_bytes = fetched_rows(rows_first, h, oh, kh, sh, ph, dh) * in_row_bytes
+
+    def cycles(p: StripePlan) -> int:              # one sample's weights and input (output is the same)
+        return dma_cycles(weight_bytes * p.weight_fetches(1), in_bytes * p.input_fetches(), npu)
+    return weights_first if cycles(weights_first) < cycles(rows_first) else rows_first
 
 
 def in_rows(r: int, h: int, kh: int, sh: int, dh: int) -> int:
@@ -77,7 +108,8 @@ def in_rows(r: int, h: int, kh: int, sh: int, dh: int) -> int:
 
 
 def fetched_rows(p: StripePlan, h: int, oh: int, kh: int, sh: int, ph: int, dh: int) -> int:
-    """Input rows the DMA fetches for one sample, summed over the row stripes (halos re-read)."""
+    """Input rows the row stripes read for one sample, summed (halos counted in each stripe;
+    ×``p.input_fetches()`` for what the DMA moves)."""
     total = 0
     for s in range(p.row_stripes):
         oy0, oy1 = s * p.rows, min(oh, (s + 1) * p.rows)

@@ -55,22 +55,55 @@ static inline uint8_t npu16_requant(int64_t acc, int32_t mult, int32_t shift, co
   return (uint8_t)waps_output_code(acc, mult, shift, (int32_t)r[R_ZOUT], (int32_t)r[R_LO], (int32_t)r[R_HI]);
 }
 
-/* The stripe plan of targets/npu16/memory.py (STRIPE_ROWS output rows × STRIPE_TILES output
- * tiles; weights fetched once when W_RESIDENT, else once per row stripe): -1 when unset. */
-static inline int npu16_stripe_check(const int64_t *r) {
-  return r[R_STRIPE_ROWS] < 1 || r[R_STRIPE_TILES] < 1;
+/* The stripe plan of targets/npu16/memory.py: STRIPE_ROWS output rows × STRIPE_TILES output
+ * tiles, row stripes outside weight stripes (STRIPE_ORDER 0) or inside (1); weights fetched
+ * once when W_RESIDENT, else per (row stripe, weight stripe) with rows outside, or once per
+ * weight stripe and sample with weights outside. Input rows: once per row stripe with rows
+ * outside, for every stripe with weights outside. */
+typedef struct { int rows, row_stripes, weight_stripes, wfirst, resident, count; } npu16_stripes;
+
+static inline void npu16_fetch_weights(npu16_counters *c, int64_t bytes) {
+  c->dma_in_bytes += bytes;
+  c->dma_weight_bytes += bytes;
 }
 
-/* Row stripe from output row oy0: the DMA fetches the input rows its outputs read (halo
- * included, padding rows excluded), every channel; returns the stripe's end row. */
-static inline int npu16_row_stripe(const int64_t *r, npu16_counters *c, int oy0, int OH, int H, int W, int C,
-                                   int KH, int sh, int ph, int dh, int elem) {
-  int oy1 = oy0 + (int)r[R_STRIPE_ROWS] < OH ? oy0 + (int)r[R_STRIPE_ROWS] : OH;
-  int lo = oy0 * sh - ph, hi = (oy1 - 1) * sh - ph + (KH - 1) * dh + 1;
-  if (lo < 0) lo = 0;
-  if (hi > H) hi = H;
-  if (hi > lo) c->dma_in_bytes += (int64_t)C * (hi - lo) * W * elem;
-  return oy1;
+static inline int npu16_stripes_begin(npu16_stripes *st, const int64_t *r, npu16_counters *c, int OH,
+                                      int weight_stripes, int64_t all_weight_bytes) {
+  st->rows = (int)r[R_STRIPE_ROWS];
+  if (st->rows < 1 || r[R_STRIPE_TILES] < 1) return -1;
+  st->row_stripes = (int)npu16_cdiv(OH, st->rows);
+  st->weight_stripes = weight_stripes;
+  st->wfirst = (int)r[R_STRIPE_ORDER];
+  st->resident = (int)r[R_W_RESIDENT];
+  st->count = st->row_stripes * st->weight_stripes;
+  if (st->resident) npu16_fetch_weights(c, all_weight_bytes);
+  return 0;
+}
+
+/* Stripe s of one sample: sets its output rows [*oy0, *oy1), fetches its input rows when the
+ * order says so (every channel; the halo included, padding rows excluded) and returns its
+ * weight stripe. */
+static inline int npu16_stripe(const npu16_stripes *st, const int64_t *r, npu16_counters *c, int s, int OH, int H,
+                               int W, int C, int KH, int sh, int ph, int dh, int elem, int *oy0, int *oy1) {
+  int inner = s % (st->wfirst ? st->row_stripes : st->weight_stripes), outer = s / (st->wfirst ? st->row_stripes : st->weight_stripes);
+  int rs = st->wfirst ? inner : outer, ws = st->wfirst ? outer : inner;
+  *oy0 = rs * st->rows;
+  *oy1 = *oy0 + st->rows < OH ? *oy0 + st->rows : OH;
+  if (st->wfirst || inner == 0) {
+    int lo = *oy0 * sh - ph, hi = (*oy1 - 1) * sh - ph + (KH - 1) * dh + 1;
+    if (lo < 0) lo = 0;
+    if (hi > H) hi = H;
+    if (hi > lo) c->dma_in_bytes += (int64_t)C * (hi - lo) * W * elem;
+  }
+  c->stripes += 1;
+  return ws;
+}
+
+/* The weights of stripe s (``bytes``), when the plan fetches them there. */
+static inline void npu16_stripe_weights(const npu16_stripes *st, const int64_t *r, npu16_counters *c, int s,
+                                        int64_t bytes) {
+  (void)r;
+  if (!st->resident && (!st->wfirst || s % st->row_stripes == 0)) npu16_fetch_weights(c, bytes);
 }
 
 /* One output tile (per pixel) on array ``ot % ARRAYS``: the arrays run in lockstep on
@@ -91,16 +124,14 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
     if (P > 1 && r[R_TILES0 + p] > 0) w_tile += r[R_WAPS_SWITCH];
   }
   if (P > 1) w_tile += r[R_WAPS_MERGE];
-  if (npu16_stripe_check(r)) return -1;
-  if (r[R_W_RESIDENT]) c->dma_in_bytes += (int64_t)G * OT * steps * TT;
+  int K = (int)r[R_STRIPE_TILES], WSG = (int)npu16_cdiv(OT, K > 0 ? K : 1);
+  npu16_stripes st;
+  if (npu16_stripes_begin(&st, r, c, OH, G * WSG, (int64_t)G * OT * steps * TT)) return -1;
   for (int n = 0; n < N; ++n)
-   for (int oy0 = 0; oy0 < OH; oy0 += (int)r[R_STRIPE_ROWS]) {
-    int oy1 = npu16_row_stripe(r, c, oy0, OH, H, W, C, KH, sh, ph, dh, wide ? 4 : 1);
-    for (int g = 0; g < G; ++g)
-     for (int ot0 = 0; ot0 < OT; ot0 += (int)r[R_STRIPE_TILES]) {
-      int ot1 = ot0 + (int)r[R_STRIPE_TILES] < OT ? ot0 + (int)r[R_STRIPE_TILES] : OT;
-      c->stripes += 1;
-      if (!r[R_W_RESIDENT]) c->dma_in_bytes += (int64_t)(ot1 - ot0) * steps * TT;
+   for (int s = 0; s < st.count; ++s) {
+    int oy0, oy1, ws = npu16_stripe(&st, r, c, s, OH, H, W, C, KH, sh, ph, dh, wide ? 4 : 1, &oy0, &oy1);
+    int g = ws / WSG, ot0 = (ws % WSG) * K, ot1 = ot0 + K < OT ? ot0 + K : OT;
+    npu16_stripe_weights(&st, r, c, s, (int64_t)(ot1 - ot0) * steps * TT);
       for (int ot = ot0; ot < ot1; ++ot)
         for (int oy = oy0; oy < oy1; ++oy)
           for (int ox = 0; ox < OW; ++ox) {
@@ -145,7 +176,6 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
             c->epilogue_values += valid;
             c->epilogue_cycles += npu16_cdiv(valid, lanes);
           }
-     }
    }
   if (piped && (int64_t)N * G * OT * OH * OW > 0) c->waps_cycles += w_tile;
   c->dma_out_bytes += (int64_t)N * M * OH * OW;
@@ -160,15 +190,14 @@ static int npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *c
   int T = (int)r[R_TILE], A = (int)r[R_ARRAYS], lanes = (int)r[R_EPI_LANES];
   int32_t z = (int32_t)r[R_ZIN];
   if (T < 1 || T > NPU16_MAX_TILE || A < 1 || lanes < 1) return -1;
-  if (npu16_stripe_check(r)) return -1;
-  if (r[R_W_RESIDENT]) c->dma_in_bytes += (int64_t)C * KH * KW;
+  int span = T * (int)r[R_STRIPE_TILES];              /* channels per weight stripe */
+  npu16_stripes st;
+  if (span < 1 || npu16_stripes_begin(&st, r, c, OH, (int)npu16_cdiv(C, span), (int64_t)C * KH * KW)) return -1;
   for (int n = 0; n < N; ++n)
-   for (int oy0 = 0; oy0 < OH; oy0 += (int)r[R_STRIPE_ROWS]) {
-    int oy1 = npu16_row_stripe(r, c, oy0, OH, H, W, C, KH, sh, ph, dh, wide ? 4 : 1);
-    for (int s0 = 0; s0 < C; s0 += T * (int)r[R_STRIPE_TILES]) {
-     int s1 = s0 + T * (int)r[R_STRIPE_TILES] < C ? s0 + T * (int)r[R_STRIPE_TILES] : C;
-     c->stripes += 1;
-     if (!r[R_W_RESIDENT]) c->dma_in_bytes += (int64_t)(s1 - s0) * KH * KW;
+   for (int s = 0; s < st.count; ++s) {
+    int oy0, oy1, ws = npu16_stripe(&st, r, c, s, OH, H, W, C, KH, sh, ph, dh, wide ? 4 : 1, &oy0, &oy1);
+    int s0 = ws * span, s1 = s0 + span < C ? s0 + span : C;
+    npu16_stripe_weights(&st, r, c, s, (int64_t)(s1 - s0) * KH * KW);
      for (int k0 = s0; k0 < s1; k0 += T)
       for (int oy = oy0; oy < oy1; ++oy)
         for (int ox = 0; ox < OW; ++ox) {
@@ -195,7 +224,6 @@ static int npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *c
           c->epilogue_values += valid;
           c->epilogue_cycles += npu16_cdiv(valid, lanes);
         }
-    }
    }
   c->dma_out_bytes += (int64_t)N * C * OH * OW;
   return 0;
@@ -304,7 +332,8 @@ static int npu16_avgpool(const int64_t *r, const npu16_bufs *b, npu16_counters *
       }
   c->epilogue_values += (int64_t)N * C * (taps + (int64_t)OH * OW);
   c->epilogue_cycles += npu16_cdiv((int64_t)N * C * (taps + (int64_t)OH * OW), r[R_EPI_LANES]);
-  c->dma_in_bytes += (int64_t)N * C * H * W + 4 * (2 * (int64_t)OH + 2 * (int64_t)OW + (int64_t)OH * OW) + 8 * r[R_COUNT];
+  c->dma_in_bytes += (int64_t)N * C * H * W;
+  npu16_fetch_weights(c, 4 * (2 * (int64_t)OH + 2 * (int64_t)OW + (int64_t)OH * OW) + 8 * r[R_COUNT]);
   c->dma_out_bytes += (int64_t)N * C * OH * OW;
   return 0;
 }
@@ -339,7 +368,8 @@ static int npu16_resize(const int64_t *r, const npu16_bufs *b, npu16_counters *c
     int64_t values = frac ? 5 * outs : 0;
     c->epilogue_values += values;
     c->epilogue_cycles += npu16_cdiv(values, r[R_EPI_LANES]);
-    c->dma_in_bytes += (frac ? (int64_t)N * C * OH * 2 * W : outs) + 4 * 3 * ((int64_t)OH + OW);
+    c->dma_in_bytes += frac ? (int64_t)N * C * OH * 2 * W : outs;
+    npu16_fetch_weights(c, 4 * 3 * ((int64_t)OH + OW));
     c->dma_out_bytes += outs;
   }
   return 0;
@@ -374,7 +404,8 @@ static int npu16_lut(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
   }
   c->epilogue_values += r[R_COUNT];
   c->epilogue_cycles += npu16_cdiv(r[R_COUNT], r[R_EPI_LANES]);
-  c->dma_in_bytes += r[R_COUNT] + r[R_LUT_SIZE];
+  c->dma_in_bytes += r[R_COUNT];
+  npu16_fetch_weights(c, r[R_LUT_SIZE]);
   c->dma_out_bytes += r[R_COUNT];
   return 0;
 }
@@ -439,7 +470,12 @@ static int npu16_execute(const uint32_t *prog, const npu16_bufs *b, npu16_counte
       default: return -1;
     }
     if (rc) return rc;
-    d.dma_cycles = npu16_cdiv(d.dma_in_bytes + d.dma_out_bytes, r[R_DMA_BPC]);
+    if (r[R_WEIGHT_BPC] > 0) {           /* weights over their own port, in parallel */
+      int64_t wc = npu16_cdiv(d.dma_weight_bytes, r[R_WEIGHT_BPC]);
+      d.dma_cycles = npu16_cdiv(d.dma_in_bytes - d.dma_weight_bytes + d.dma_out_bytes, r[R_DMA_BPC]);
+      if (wc > d.dma_cycles) d.dma_cycles = wc;
+    } else
+      d.dma_cycles = npu16_cdiv(d.dma_in_bytes + d.dma_out_bytes, r[R_DMA_BPC]);
     d.cycles = d.compute_cycles + d.waps_cycles;
     if (d.epilogue_cycles > d.cycles) d.cycles = d.epilogue_cycles;
     if (r[R_DOUBLE_BUFFER]) { if (d.dma_cycles > d.cycles) d.cycles = d.dma_cycles; }

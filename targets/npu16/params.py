@@ -6,7 +6,8 @@
     tile                 int, 1..MAX_TILE   MAC array side (input ch × output ch per step)
     arrays               int, 1..4          MAC arrays, each on its own output tile
     clock_mhz            number > 0
-    dma_bytes_per_cycle  int >= 1
+    dma_bytes_per_cycle  int >= 1           feature maps ↔ the NPU (and weights, unless ...)
+    weight_bytes_per_cycle int >= 0         ... weights have their own port at this rate (0: none)
     epilogue_lanes       int >= 1           → epilogue_width (values per cycle)
     sram_kib             {"weights", "activations", "accumulators"}: ints >= 1 (KiB)
     waps_switch_cycles   int >= 0           waps_merge_cycles  int >= 0
@@ -38,7 +39,9 @@ class NPU16:
     arrays             MAC arrays; each computes a different output tile
     tile               MAC array side (input channels × output channels per cycle)
     clock_mhz          clock for converting cycles to time
-    dma_bytes_per_cycle  off-chip ↔ SRAM bandwidth
+    dma_bytes_per_cycle  bandwidth between the memory holding feature maps and the NPU's SRAM
+    weight_bytes_per_cycle  0: weights share that DMA port; > 0: weights come from their own
+                       memory (flash, DRAM) over their own port at this rate, in parallel
     epilogue_width     values per cycle through requant/activation (the paper's 8)
     waps_switch_cycles cycles per non-empty group switch (accumulate in D1, scale into D2)
     waps_merge_cycles  cycles to merge the group partial sums
@@ -56,6 +59,7 @@ class NPU16:
     tile: int = 16
     clock_mhz: float = 800.0
     dma_bytes_per_cycle: int = 16
+    weight_bytes_per_cycle: int = 0
     epilogue_width: int = 8
     waps_switch_cycles: int = 1
     waps_merge_cycles: int = 1
@@ -80,7 +84,7 @@ class NPU16:
         for name in ("dma_bytes_per_cycle", "epilogue_width", "sram_weight_kib", "sram_act_kib", "sram_acc_kib"):
             if getattr(self, name) < 1:
                 raise NpuConfigError(f"npu16 {name} must be at least 1, not {getattr(self, name)}")
-        for name in ("waps_switch_cycles", "waps_merge_cycles"):
+        for name in ("waps_switch_cycles", "waps_merge_cycles", "weight_bytes_per_cycle"):
             if getattr(self, name) < 0:
                 raise NpuConfigError(f"npu16 {name} must not be negative, not {getattr(self, name)}")
 
@@ -98,7 +102,7 @@ class NPU16:
 
 _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
-KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "epilogue_lanes", "sram_kib",
+KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
         "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer")
 
 

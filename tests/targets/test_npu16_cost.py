@@ -127,6 +127,7 @@ def _layers(draw):
                 dma_bytes_per_cycle=draw(st.integers(1, 32)), epilogue_width=draw(st.integers(1, 16)),
                 waps_switch_cycles=draw(st.integers(0, 2)), waps_merge_cycles=draw(st.integers(0, 2)),
                 waps_pipelined=draw(st.booleans()), double_buffer=draw(st.booleans()),
+                weight_bytes_per_cycle=draw(st.sampled_from([0, 0, 1, 3])),
                 sram_weight_kib=draw(st.sampled_from([1, 2, 8, 256])), sram_act_kib=draw(st.sampled_from([1, 2, 8, 512])))
     return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, scales=scales, npu=npu,
                 stride=stride, pad=pad, seed=draw(st.integers(0, 2**16)))
@@ -137,7 +138,8 @@ def _layers(draw):
 def test_estimator_equals_the_simulator_counters(simulator, L):
     """Every counter of a random conv/linear/depthwise layer on a random machine: empty WAPS
     groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA and epilogue widths,
-    SRAM from 1 KiB (striped: halos and weights re-fetched) up, single or double buffered.
+    SRAM from 1 KiB (striped: halos and weights re-fetched, either loop order) up, single or
+    double buffered, weights over the shared DMA or their own port.
     The outputs do not depend on the machine (equal to the default npu16's)."""
     from codegen.npu16.lower import NotOnNpu, lower_op
     from targets.npu16.memory import SramTooSmall
@@ -215,8 +217,10 @@ def test_smaller_sram_moves_more_bytes_identically(simulator):
     cycles = [cnt["dma_cycles"] for _, cnt in runs]
     stripes = [cnt["stripes"] for _, cnt in runs]
     assert moved[0] == 48 * 144 + 3 * 9 * 3 * 256 and stripes == [1, 4, 12, 36]      # each tensor once
-    # 2 row stripes re-reading 2 halo rows; weights (2 tiles of 3 per stripe) fetched per row stripe
-    assert moved[1] == 14 * 576 + 2 * 20736
+    # 2 row stripes (14 input rows: 2 halo rows re-read) × 2 weight stripes (2 + 1 tiles): weights
+    # once and the input rows per weight stripe (2·8064 B) beats the rows once and the weights per
+    # row stripe (2·20736 B)
+    assert moved[1] == 20736 + 2 * 14 * 576
     assert moved == sorted(moved) and moved[-1] > moved[1] > moved[0], moved
     assert cycles == sorted(cycles) and cycles[-1] > cycles[0]
     assert stripes == sorted(stripes) and stripes[-1] > stripes[1] > 1
@@ -228,3 +232,19 @@ def test_single_buffering_serialises_dma(simulator):
     both = layer_cost(layer, NPU16(double_buffer=True)), layer_cost(layer, NPU16(double_buffer=False))
     assert both[0].cycles == max(both[0].compute_cycles, both[0].dma_cycles, both[0].epilogue_cycles)
     assert both[1].cycles == both[1].compute_cycles + both[1].dma_cycles
+
+
+def test_loop_order_moves_the_fewest_bytes():
+    """A 3×3 conv whose weights do not fit keeps each weight stripe and re-reads input rows
+    (weights once over a 1 B/cycle flash port, feature maps at 8); a 1×1 conv over a wide map
+    with few weights keeps each row stripe and re-fetches the weights instead."""
+    conv3 = LayerShape("l", 64, 64, 16, 16, 3, 3, h=16, w=16, wbits=8, abits_in=8, abits_out=8, ph=1)
+    flash = NPU16(sram_weight_kib=32, sram_act_kib=16, dma_bytes_per_cycle=8, weight_bytes_per_cycle=1)
+    a = layer_cost(conv3, flash)
+    w = 64 * 64 * 9
+    assert a.bytes["weights"] == w and a.bytes["input"] > 64 * 256          # weights once, input re-read
+    assert a.dma_cycles == max(w, -(-(a.bytes["input"] + a.bytes["output"]) // 8))
+    conv1 = LayerShape("l", 64, 64, 56, 56, h=56, w=56, wbits=8, abits_in=8, abits_out=8)
+    b = layer_cost(conv1, NPU16(sram_weight_kib=2, sram_act_kib=16))
+    assert b.bytes["input"] == 64 * 56 * 56 and b.bytes["weights"] == 56 * 4096   # rows once, weights per row
+    assert b.dma_cycles == -(-sum(b.bytes.values()) // 16)
