@@ -36,7 +36,8 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
                 decoupled (as in VTA), so the slowest one bounds a layer; single-buffered,
                 dma + max(compute + waps, epilogue)
 Element-wise ops (``add_cost``, ``pool_cost``, ``gather_cost``): add and pooling run
-through the epilogue, a gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
+through their units (the epilogue's lanes unless the config gives the unit its own cycles
+per value: params.NPU16.unit_cycles), a gather only through DMA. The ops of issue 13 (``pad_cost``, ``avg_pool_cost``,
 ``concat_cost``, ``lut_cost``, ``mul_cost``):
     pad         DMA only: input bytes in, padded bytes out
     avg_pool2d  epilogue: one value per window tap and one per output (requant); DMA: input,
@@ -202,23 +203,25 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
                      stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer)
 
 
-def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0) -> LayerCost:
-    """One command through DMA and the epilogue (no MAC array)."""
+def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0,
+               unit: str = "epilogue") -> LayerCost:
+    """One command through DMA and ``unit`` (the epilogue or one of params.UNITS; no MAC array)."""
     b = {"weights": weights, "input": bytes_in, "output": bytes_out}
     return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, memory.dma_cycles(weights, bytes_in + bytes_out, npu),
-                     _ceil(values, npu.epilogue_width), b, epilogue_values=values, overlap=npu.double_buffer)
+                     npu.unit_cycles(unit, values), b, epilogue_values=values, overlap=npu.double_buffer)
 
 
 def add_cost(name: str, in_elems: int, out_elems: int, npu: NPU16, b_bytes: int | None = None) -> LayerCost:
     """Two inputs of ``in_elems`` uint8 codes each (or a broadcast b of ``b_bytes``: uint8 or
     int32 pooled codes, read once), one epilogue value per output."""
-    return _unit_cost(name, in_elems + (in_elems if b_bytes is None else b_bytes), out_elems, out_elems, npu)
+    return _unit_cost(name, in_elems + (in_elems if b_bytes is None else b_bytes), out_elems, out_elems, npu,
+                      unit="add")
 
 
 def pool_cost(name: str, in_elems: int, out_elems: int, taps: int, out_bytes: int, npu: NPU16) -> LayerCost:
     """A max or sum pool: ``taps`` window values per output through the epilogue;
     ``out_bytes`` per output code (1; a sum pool writes int32: 4)."""
-    return _unit_cost(name, in_elems, out_elems * out_bytes, out_elems * taps, npu)
+    return _unit_cost(name, in_elems, out_elems * out_bytes, out_elems * taps, npu, unit="pool")
 
 
 def gather_cost(name: str, out_elems: int, elem_bytes: int, npu: NPU16) -> LayerCost:
@@ -235,7 +238,7 @@ def avg_pool_cost(name: str, planes: int, in_elems: int, oh: int, ow: int, taps:
     """``planes`` = N·C, ``taps`` = Σ window sizes over the OH·OW outputs of one plane,
     ``requants`` = D (mult, shift) pairs."""
     return _unit_cost(name, in_elems, planes * oh * ow, planes * (taps + oh * ow), npu,
-                      weights=4 * (2 * oh + 2 * ow + oh * ow) + 8 * requants)
+                      weights=4 * (2 * oh + 2 * ow + oh * ow) + 8 * requants, unit="pool")
 
 
 def concat_cost(name: str, part_elems: list[int], npu: NPU16) -> LayerCost:
@@ -247,11 +250,11 @@ def concat_cost(name: str, part_elems: list[int], npu: NPU16) -> LayerCost:
 
 
 def lut_cost(name: str, elems: int, table_size: int, npu: NPU16) -> LayerCost:
-    return _unit_cost(name, elems, elems, elems, npu, weights=table_size)
+    return _unit_cost(name, elems, elems, elems, npu, weights=table_size, unit="lut")
 
 
 def mul_cost(name: str, elems: int, b_elems: int, npu: NPU16) -> LayerCost:
-    return _unit_cost(name, elems + b_elems, elems, elems, npu)
+    return _unit_cost(name, elems + b_elems, elems, elems, npu, unit="mul")
 
 
 def resize_cost(name: str, planes: int, w: int, oh: int, ow: int, bilinear: bool, npu: NPU16) -> LayerCost:

@@ -114,6 +114,10 @@ class Reg(IntEnum):
     STRIPE_TILES = 81     # conv/dwconv: output tiles per weight stripe
     W_RESIDENT = 82       # conv/dwconv: all weights fit SRAM, fetched once (else per row stripe or sample)
     STRIPE_ORDER = 84     # conv/dwconv: 0 row stripes outside weight stripes, 1 weight stripes outside
+    CPV_ADD = 85          # machine: cycles per value of the add, mul, pool and lookup units in
+    CPV_MUL = 86          # 1/256 cycle (params.NPU16.unit_q8); 0: the epilogue's EPI_LANES
+    CPV_POOL = 87
+    CPV_LUT = 88
 
 
 NREGS = 128
@@ -176,8 +180,10 @@ def decode(words: np.ndarray) -> list[Instr]:
 
 
 def machine_registers(npu) -> list[Instr]:
+    from targets.npu16.params import UNITS
     """The SETs that describe the machine (a params.NPU16) to the simulator: every stream's prologue."""
     return [set_(Reg.TILE, npu.tile), set_(Reg.ARRAYS, npu.arrays), set_(Reg.DMA_BPC, npu.dma_bytes_per_cycle),
             set_(Reg.EPI_LANES, npu.epilogue_width), set_(Reg.WAPS_SWITCH, npu.waps_switch_cycles),
             set_(Reg.WAPS_MERGE, npu.waps_merge_cycles), set_(Reg.WAPS_PIPELINED, int(npu.waps_pipelined)),
-            set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer)), set_(Reg.WEIGHT_BPC, npu.weight_bytes_per_cycle)]
+            set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer)), set_(Reg.WEIGHT_BPC, npu.weight_bytes_per_cycle),
+            *(set_(Reg[f"CPV_{u.upper()}"], npu.unit_q8(u)) for u in UNITS)]

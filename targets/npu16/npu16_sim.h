@@ -30,6 +30,12 @@
 
 static inline int64_t npu16_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* Cycles for ``values`` through the unit whose cycles-per-value register (1/256 cycle) is
+ * ``reg``; 0: the epilogue's lanes (params.NPU16.unit_cycles, the Python definition). */
+static inline int64_t npu16_unit_cycles(const int64_t *r, int reg, int64_t values) {
+  return r[reg] > 0 ? npu16_cdiv(values * r[reg], 256) : npu16_cdiv(values, r[R_EPI_LANES]);
+}
+
 typedef struct {
   const void *x, *x2;         /* input codes (uint8, or int32 when IN_WIDE), second add/mul input */
   const void *const *xs;      /* CONCAT: every input (NULL: x, x2) */
@@ -246,7 +252,7 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
           ((uint8_t *)b->out)[o] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);
         }
     c->epilogue_values += N * C * inner;
-    c->epilogue_cycles += npu16_cdiv(N * C * inner, r[R_EPI_LANES]);
+    c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_ADD, N * C * inner);
     c->dma_in_bytes += N * C * inner + N * bC * bI * (r[R_B_WIDE] ? 4 : 1);
     c->dma_out_bytes += N * C * inner;
     return;
@@ -256,7 +262,7 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
     ((uint8_t *)b->out)[i] = (uint8_t)waps_clamp64(v, r[R_LO], r[R_HI]);
   }
   c->epilogue_values += r[R_COUNT];
-  c->epilogue_cycles += npu16_cdiv(r[R_COUNT], r[R_EPI_LANES]);
+  c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_ADD, r[R_COUNT]);
   c->dma_in_bytes += 2 * r[R_COUNT];
   c->dma_out_bytes += r[R_COUNT];
 }
@@ -284,7 +290,7 @@ static int npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c, 
         else ((int32_t *)b->out)[o] = acc;
       }
   c->epilogue_values += (int64_t)N * C * OH * OW * KH * KW;
-  c->epilogue_cycles += npu16_cdiv((int64_t)N * C * OH * OW * KH * KW, r[R_EPI_LANES]);
+  c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_POOL, (int64_t)N * C * OH * OW * KH * KW);
   c->dma_in_bytes += (int64_t)N * C * H * W;
   c->dma_out_bytes += (int64_t)N * C * OH * OW * (is_max ? 1 : 4);
   return 0;
@@ -331,7 +337,7 @@ static int npu16_avgpool(const int64_t *r, const npu16_bufs *b, npu16_counters *
         ((uint8_t *)b->out)[((size_t)nc * OH + oy) * OW + ox] = npu16_requant(s, b->mult[q], b->shift[q], r);
       }
   c->epilogue_values += (int64_t)N * C * (taps + (int64_t)OH * OW);
-  c->epilogue_cycles += npu16_cdiv((int64_t)N * C * (taps + (int64_t)OH * OW), r[R_EPI_LANES]);
+  c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_POOL, (int64_t)N * C * (taps + (int64_t)OH * OW));
   c->dma_in_bytes += (int64_t)N * C * H * W;
   npu16_fetch_weights(c, 4 * (2 * (int64_t)OH + 2 * (int64_t)OW + (int64_t)OH * OW) + 8 * r[R_COUNT]);
   c->dma_out_bytes += (int64_t)N * C * OH * OW;
@@ -403,7 +409,7 @@ static int npu16_lut(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
     ((uint8_t *)b->out)[i] = waps_table(b->lut, x[i]);
   }
   c->epilogue_values += r[R_COUNT];
-  c->epilogue_cycles += npu16_cdiv(r[R_COUNT], r[R_EPI_LANES]);
+  c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_LUT, r[R_COUNT]);
   c->dma_in_bytes += r[R_COUNT];
   npu16_fetch_weights(c, r[R_LUT_SIZE]);
   c->dma_out_bytes += r[R_COUNT];
@@ -420,7 +426,7 @@ static void npu16_mul(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
       ((uint8_t *)b->out)[j * inner + i] = npu16_requant(prod, (int32_t)r[R_MULT], (int32_t)r[R_SHIFT], r);
     }
   c->epilogue_values += nc * inner;
-  c->epilogue_cycles += npu16_cdiv(nc * inner, r[R_EPI_LANES]);
+  c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_MUL, nc * inner);
   c->dma_in_bytes += nc * inner + (bc ? nc : nc * inner);
   c->dma_out_bytes += nc * inner;
 }

@@ -12,6 +12,9 @@
     sram_kib             {"weights", "activations", "accumulators"}: ints >= 1 (KiB)
     waps_switch_cycles   int >= 0           waps_merge_cycles  int >= 0
     waps_pipelined       bool
+    cycles_per_value     {"add", "mul", "pool", "lut"}: numbers >= 0 (1/256 steps): each unit's
+                         own throughput (Vela's output cycles per element); 0 or omitted: the
+                         epilogue's lanes
     double_buffer        bool               a stripe uses half of each SRAM buffer and the next
                                             stripe's DMA overlaps its compute (False: all of it,
                                             DMA and compute take turns)
@@ -50,6 +53,9 @@ class NPU16:
                        serialises them (appendix B's 4 cycles on every output tile)
     sram_*_kib         on-chip buffers (weights, activations, accumulators); a conv/linear
                        is striped to fit them (targets/npu16/memory.py)
+    *_cycles_per_value cycles per value through the add, mul, pool (max/sum/avg window taps)
+                       and lookup units, in steps of 1/256 cycle (``unit_q8``); 0: the unit is
+                       the epilogue (⌈values / epilogue_width⌉)
     double_buffer      two halves per buffer: DMA of the next stripe overlaps this one's
                        compute, so a command takes its slowest unit; single-buffered, DMA
                        and compute take turns (cycles = DMA + the slower of array and epilogue)
@@ -67,6 +73,10 @@ class NPU16:
     sram_weight_kib: int = 256
     sram_act_kib: int = 512
     sram_acc_kib: int = 64
+    add_cycles_per_value: float = 0.0
+    mul_cycles_per_value: float = 0.0
+    pool_cycles_per_value: float = 0.0
+    lut_cycles_per_value: float = 0.0
     double_buffer: bool = True
 
     def __post_init__(self):
@@ -84,9 +94,23 @@ class NPU16:
         for name in ("dma_bytes_per_cycle", "epilogue_width", "sram_weight_kib", "sram_act_kib", "sram_acc_kib"):
             if getattr(self, name) < 1:
                 raise NpuConfigError(f"npu16 {name} must be at least 1, not {getattr(self, name)}")
+        for unit in UNITS:
+            v = getattr(self, f"{unit}_cycles_per_value")
+            if not (v >= 0 and math.isfinite(v)) or (v > 0 and self.unit_q8(unit) < 1):
+                raise NpuConfigError(f"npu16 {unit}_cycles_per_value must be 0 or at least 1/256, not {v}")
         for name in ("waps_switch_cycles", "waps_merge_cycles", "weight_bytes_per_cycle"):
             if getattr(self, name) < 0:
                 raise NpuConfigError(f"npu16 {name} must not be negative, not {getattr(self, name)}")
+
+    def unit_q8(self, unit: str) -> int:
+        """Cycles per value of ``unit`` (one of UNITS) in 1/256 cycle; 0: the epilogue's lanes."""
+        return round(getattr(self, f"{unit}_cycles_per_value") * 256)
+
+    def unit_cycles(self, unit: str, values: int) -> int:
+        """Cycles for ``values`` through ``unit`` ('epilogue' or one of UNITS); the one
+        definition the simulator mirrors (npu16_unit_cycles)."""
+        q = 0 if unit == "epilogue" else self.unit_q8(unit)
+        return -(-values * q // 256) if q else -(-values // self.epilogue_width)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,13 +121,15 @@ class NPU16:
         sram = {"weights": d.pop("sram_weight_kib"), "activations": d.pop("sram_act_kib"),
                 "accumulators": d.pop("sram_acc_kib")}
         d["epilogue_lanes"] = d.pop("epilogue_width")
+        d["cycles_per_value"] = {u: d.pop(f"{u}_cycles_per_value") for u in UNITS}
         return {**d, "sram_kib": sram}
 
 
 _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
+UNITS = ("add", "mul", "pool", "lut")          # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
-        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer")
+        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value")
 
 
 def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
@@ -120,13 +146,19 @@ def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
                 raise NpuConfigError('npu16 config: sram_kib must be an object with keys among '
                                      f'{", ".join(_SRAM)} (KiB), not {json.dumps(value)}')
             changes.update({_SRAM[k]: v for k, v in value.items()})
+        elif key == "cycles_per_value":
+            if not isinstance(value, dict) or set(value) - set(UNITS):
+                raise NpuConfigError('npu16 config: cycles_per_value must be an object with keys among '
+                                     f'{", ".join(UNITS)}, not {json.dumps(value)}')
+            changes.update({f"{k}_cycles_per_value": v for k, v in value.items()})
         else:
             changes[_RENAMED.get(key, key)] = value
     try:
         return replace(base or DEFAULT, **changes)
     except NpuConfigError as e:          # name the key as the config spells it
         msg = str(e)
-        for key, name in [*_RENAMED.items(), *((f"sram_kib.{k}", v) for k, v in _SRAM.items())]:
+        for key, name in [*_RENAMED.items(), *((f"sram_kib.{k}", v) for k, v in _SRAM.items()),
+                          *((f"cycles_per_value.{u}", f"{u}_cycles_per_value") for u in UNITS)]:
             msg = msg.replace(name, key)
         raise NpuConfigError(msg) from None
 

@@ -20,6 +20,7 @@ def test_config_round_trip_and_defaults():
                 waps_pipelined=False)
     assert from_config(json.loads(json.dumps(npu.to_config()))) == npu
     assert from_config({}) == DEFAULT
+    assert from_config({"cycles_per_value": {"add": 0.75}}).unit_q8("add") == 192
     got = from_config({"tile": 32, "epilogue_lanes": 4, "sram_kib": {"weights": 64}})
     assert (got.tile, got.epilogue_width, got.sram_weight_kib) == (32, 4, 64)
     assert got.arrays == DEFAULT.arrays and got.sram_act_kib == DEFAULT.sram_act_kib
@@ -37,6 +38,9 @@ def test_config_round_trip_and_defaults():
     ({"waps_pipelined": 1}, "waps_pipelined: expected bool"),
     ({"sram_kib": 512}, "sram_kib must be an object"),
     ({"sram_kib": {"weights": 0}}, "sram_kib.weights must be at least 1"),
+    ({"cycles_per_value": {"add": -1}}, "cycles_per_value.add must be 0 or at least 1/256"),
+    ({"cycles_per_value": {"conv": 1}}, "cycles_per_value must be an object with keys among"),
+    ({"weight_bytes_per_cycle": -1}, "weight_bytes_per_cycle must not be negative"),
     ([16], "must be a JSON object"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, cfg, msg):

@@ -1,6 +1,7 @@
 """npu16 runs pad, dilated max_pool2d, avg_pool2d, concat, table and mul bit-exactly against the
 NumPy reference, and the estimator (targets/npu16/report.estimate) equals every counter the
-simulator reports, on random small cases and random machines (hypothesis)."""
+simulator reports, on random small cases and random machines (hypothesis): epilogue widths,
+units with their own cycles per value, a weight port, single or double buffering."""
 import ctypes
 
 import numpy as np
@@ -45,8 +46,12 @@ def simulate(lib, prog, op, env, npu):
     return out, dict(zip(COUNTERS, (int(v) for v in cnt)))
 
 
+_per_value = st.sampled_from([0.0, 0.0, 0.125, 0.75, 1.0, 2.5])
 _machines = st.builds(NPU16, tile=st.sampled_from([8, 16]), arrays=st.integers(1, 4),
-                      dma_bytes_per_cycle=st.integers(1, 32), epilogue_width=st.integers(1, 16))
+                      dma_bytes_per_cycle=st.integers(1, 32), epilogue_width=st.integers(1, 16),
+                      weight_bytes_per_cycle=st.sampled_from([0, 1, 4]), double_buffer=st.booleans(),
+                      add_cycles_per_value=_per_value, mul_cycles_per_value=_per_value,
+                      pool_cycles_per_value=_per_value, lut_cycles_per_value=_per_value)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -96,3 +101,20 @@ def test_mul_rejects_a_partial_broadcast():
 def test_int32_codes_stay_on_the_host():
     with pytest.raises(NotOnNpu, match="int32"):
         lower_op("table", {}, [(1, 4)], ["int32"], {"table": np.zeros(16, np.uint8)})
+
+
+def test_units_with_their_own_throughput(simulator):
+    """cycles_per_value gives the add unit Vela's Ethos-U55-256 rate (0.75 cycles per output):
+    ⌈values·192/256⌉ epilogue cycles instead of ⌈values/lanes⌉, in the simulator and the model."""
+    from relay_passes.program import Op
+    from tests.codegen.new_op_cases import _gather, _program
+    shape = (1, 3, 5, 7)
+    attrs = {"za": 1, "zb": 2, "ka": 1 << 20, "kb": 3 << 19, "t": 21, "z_out": 4, "lo": 0, "hi": 255}
+    op = Op("add", "op", ["q", "g"], attrs, shape=shape)
+    prog = _program(shape, [_gather("g", "q", [2, 0, 1], shape), op])
+    x = np.random.default_rng(0).integers(0, 256, shape).astype(np.float32)
+    env = reference.run(prog, x, keep=True)
+    values = int(np.prod(op.shape))
+    for npu, want in ((NPU16(epilogue_width=8), -(-values // 8)), (NPU16(add_cycles_per_value=0.75), -(-values * 3 // 4))):
+        _, counted = simulate(simulator, prog, op, env, npu)
+        assert counted["epilogue_cycles"] == want == estimate(prog, op, npu).epilogue_cycles
