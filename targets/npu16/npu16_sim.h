@@ -30,10 +30,10 @@
 
 static inline int64_t npu16_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-/* Cycles for ``values`` through the unit whose cycles-per-value register (1/256 cycle) is
+/* Cycles for ``values`` through the unit whose cycles-per-value register (1/CPV_STEPS cycle) is
  * ``reg``; 0: the epilogue's lanes (params.NPU16.unit_cycles, the Python definition). */
 static inline int64_t npu16_unit_cycles(const int64_t *r, int reg, int64_t values) {
-  return r[reg] > 0 ? npu16_cdiv(values * r[reg], 256) : npu16_cdiv(values, r[R_EPI_LANES]);
+  return r[reg] > 0 ? npu16_cdiv(values * r[reg], NPU16_CPV_STEPS) : npu16_cdiv(values, r[R_EPI_LANES]);
 }
 
 typedef struct {

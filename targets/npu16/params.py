@@ -28,6 +28,7 @@ from pathlib import Path
 
 from calib.errors import ConfigError
 
+CPV_STEPS = 256        # cycles per value are kept in 1/CPV_STEPS cycle (registers CPV_*)
 MAX_TILE = 64          # the simulator's accumulator registers (D1/D2) are sized for this
 
 
@@ -104,13 +105,13 @@ class NPU16:
 
     def unit_q8(self, unit: str) -> int:
         """Cycles per value of ``unit`` (one of UNITS) in 1/256 cycle; 0: the epilogue's lanes."""
-        return round(getattr(self, f"{unit}_cycles_per_value") * 256)
+        return round(getattr(self, f"{unit}_cycles_per_value") * CPV_STEPS)
 
     def unit_cycles(self, unit: str, values: int) -> int:
         """Cycles for ``values`` through ``unit`` ('epilogue' or one of UNITS); the one
         definition the simulator mirrors (npu16_unit_cycles)."""
         q = 0 if unit == "epilogue" else self.unit_q8(unit)
-        return -(-values * q // 256) if q else -(-values // self.epilogue_width)
+        return -(-values * q // CPV_STEPS) if q else -(-values // self.epilogue_width)
 
     def to_json(self) -> dict:
         return asdict(self)
