@@ -192,3 +192,25 @@ def test_missing_vela_venv_is_one_line_and_exit_2(capsys, tmp_path):
     assert vela.main(["--vela-python", str(tmp_path / "nope" / "python"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no Vela venv python" in err
+
+
+def test_npu16_beside_vela_on_the_fixture(graph, tmp_path):
+    """bench/vela_compare: every Vela node gets an npu16 cost of the same op, totals add up, and
+    each node differing by more than 25 % carries an explanation naming both bounds."""
+    from bench import vela_compare
+    from targets.npu16.params import load_config
+    work = tmp_path / "w"
+    shutil.copytree(DATA, work)
+    rec = vela.collect(graph, "tiny", 32, 0, 8, work)
+    res = vela_compare.compare(rec, load_config(vela_compare.CONFIG), graph)
+    by_node = {n["node"]: n for n in res["nodes"]}
+    assert {n["node"] for n in rec["nodes"]} <= set(by_node)
+    assert res["npu16_cycles"] == sum(n["npu16"] for n in res["nodes"]) > 0
+    assert res["vela_cycles"] == sum(n["op_cycles"] for n in rec["nodes"])
+    for n in res["nodes"]:
+        assert (abs(n["ratio"] - 1) > vela_compare.DIFFER) == bool(n["why"]) or not n["vela"]
+        assert n["npu16_bound"] in ("compute", "weights", "feature maps", "unit")
+    stem = next(n for n in res["nodes"] if n["op"] == "conv2d")
+    assert stem["macs"] == 16 * 16 * 16 * 27
+    md = vela_compare.markdown([res], load_config(vela_compare.CONFIG), vela_compare.CONFIG)
+    assert "| tiny |" in md and md.count("\n| ") >= len(res["nodes"])
