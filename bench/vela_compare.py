@@ -14,7 +14,11 @@ the same machine (its vela.ini and architecture_features.py), not fitted to its 
     weight_bytes_per_cycle 1     off-chip flash (weights): 0.47 GB/s at 500 MHz, its own AXI port
     epilogue_lanes 4             conv/FC output: 0.25 cycles per element
     cycles_per_value             add 0.75 (advanced add), pool 0.125 (max pool), mul 0.375
-    sram_kib                     activations 48 (the U55-256's SHRAM holding input blocks),
+    sram_kib                     activations 96: the U55-256's SHRAM is 48 KB, but it stages input
+                                 blocks of 32 channels while npu16 stages whole rows of every
+                                 input channel (no reduction split), so 48 KiB does not hold one
+                                 output row of ResNet-50's widest 3×3 conv; 96 KiB is the
+                                 smallest power of two that runs every layer,
                                  weights 256 (the weight stream buffer in SRAM; Vela sizes its own
                                  in an SRAM arena it does not limit)
 
