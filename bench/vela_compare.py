@@ -17,8 +17,8 @@ the same machine (its vela.ini and architecture_features.py), not fitted to its 
     sram_kib                     activations 96: the U55-256's SHRAM is 48 KB, but it stages input
                                  blocks of 32 channels while npu16 stages whole rows of every
                                  input channel (no reduction split), so 48 KiB does not hold one
-                                 output row of ResNet-50's widest 3×3 conv; 96 KiB is the
-                                 smallest power of two that runs every layer,
+                                 output row of ResNet-50's layer1 3×3 conv, and 64 KiB not one of
+                                 MobileNetV2's 112-wide rows; 96 KiB runs every layer of both,
                                  weights 256 (the weight stream buffer in SRAM; Vela sizes its own
                                  in an SRAM arena it does not limit)
 
