@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.npu16.cost import LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, layer_cost, pad_cost, pool_cost
+from bench.graph_cost import node_cost
+from targets.npu16.cost import LayerCost
 from targets.npu16.params import NPU16, load_config
 
 HERE = Path(__file__).resolve().parent
@@ -67,43 +68,6 @@ class NodeRow:
     @property
     def ratio(self) -> float:
         return self.npu16 / self.vela if self.vela else math.inf
-
-
-def node_cost(graph, node, npu: NPU16) -> LayerCost | None:
-    """npu16's cost of one captured-graph node at batch 1 (None: nothing to run, e.g. flatten)."""
-    ins = [graph[i] for i in node.inputs]
-    shape = tuple(int(d) for d in node.shape)
-    elems = int(np.prod(shape))
-    if node.op in ("conv2d", "linear"):
-        w = node.params["weight"]
-        if node.op == "conv2d":
-            m, cg, kh, kw = w.shape
-            a = node.attrs
-            _, h, wd = ins[0].shape
-            layer = LayerShape(node.name, cg * a["groups"], m, shape[1], shape[2], kh, kw, a["groups"], h=h, w=wd,
-                               wbits=8, abits_in=8, abits_out=8, sh=a["stride"][0], ph=a["padding"][0],
-                               dh=a["dilation"][0])
-        else:
-            m, c = w.shape
-            layer = LayerShape(node.name, c, m, wbits=8, abits_in=8, abits_out=8)
-        return layer_cost(layer, npu)
-    in_elems = int(np.prod(ins[0].shape)) if ins else 0
-    if node.op == "add":
-        return add_cost(node.name, in_elems, elems, npu)
-    if node.op == "max_pool2d":
-        kh, kw = node.attrs["kernel"]
-        return pool_cost(node.name, in_elems, elems, kh * kw, 1, npu)
-    if node.op == "avg_pool2d":
-        kh, kw = node.attrs["kernel"]
-        return avg_pool_cost(node.name, shape[0], in_elems, shape[1], shape[2], kh * kw * shape[1] * shape[2], 1, npu)
-    if node.op == "global_avg_pool":
-        c, h, wd = ins[0].shape
-        return avg_pool_cost(node.name, c, in_elems, 1, 1, h * wd, 1, npu)
-    if node.op == "pad":
-        return pad_cost(node.name, in_elems, elems, npu)
-    if node.op == "cat":
-        return concat_cost(node.name, [int(np.prod(i.shape)) for i in ins], npu)
-    return None
 
 
 def parts(cost: LayerCost, npu: NPU16) -> dict:
