@@ -136,14 +136,14 @@ def conv_fits(op, in_dtype: str, ranges) -> bool:
     a = op.attrs
     if in_dtype != "uint8":
         return False
-    if a["conv_groups"] == 1 and fold_groups(op) is not None:
+    if a.conv_groups == 1 and fold_groups(op) is not None:
         return True                         # one accumulator: where the groups end does not matter
     if ranges is None:
         return False
-    if a["conv_groups"] == 1:
+    if a.conv_groups == 1:
         return all(c0 % 4 == 0 and (c1 % 4 == 0 or c1 == op.params["w"].shape[1]) for c0, c1 in ranges if c1 > c0)
     m, cg = op.params["w"].shape[:2]
-    return cg == 1 and a["conv_groups"] == m             # depthwise
+    return cg == 1 and a.conv_groups == m             # depthwise
 
 
 def pack_weights(w: np.ndarray) -> np.ndarray:
@@ -164,11 +164,9 @@ def round_up(v: int, k: int) -> int:
     return -(-v // k) * k
 
 
-def output_hw(h: int, w: int, kernel, a) -> tuple[int, int]:
-    """(OH, OW) of a sliding window (floor mode) over an H×W map; ``a``: padding, stride and
-    optionally dilation (default 1)."""
-    (kh, kw), (ph, pw), (sh, sw) = kernel, a["padding"], a["stride"]
-    dh, dw = a.get("dilation", (1, 1))
+def output_hw(h: int, w: int, kernel, padding, stride, dilation=(1, 1)) -> tuple[int, int]:
+    """(OH, OW) of a sliding window (floor mode) over an H×W map."""
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = kernel, padding, stride, dilation
     return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
 
@@ -274,8 +272,8 @@ def _window_value(x, a, c: int, index=None):
     in channels ≥ c; with ``index``, channel ch reads x's channel index[ch]. Indices are
     clamped, so every load is in bounds and the select vectorizes."""
     _, h, w, _ = x.shape
-    ph, pw = a["padding"]
-    z = const(a["z_in"], "uint8")
+    ph, pw = a.padding
+    z = const(a.z_in, "uint8")
 
     def value(b, i, j, ch):
         cc = tvm.tirx.min(ch, c - 1)
@@ -302,7 +300,7 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
     or flip. Without padding a ``subsample`` (a pointwise conv's stride) keeps only the pixels
     the conv reads."""
     n, h, w, c = x.shape
-    ph, pw = a["padding"]
+    ph, pw = a.padding
     if ph == pw == 0 and c4 == c and scale is None and index is None and not flip:
         return x
     shape = (n, h + 2 * ph, w + 2 * pw, c4)
@@ -324,7 +322,7 @@ def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = 
 def _requant(op, total, k, M, R, S):
     """The output code of channel k from an int32 ``total`` (numeric_tvm.output_code)."""
     a, narrow = op.attrs, int(op.params["shift"].min()) >= 0
-    return nt.output_code(nt.TIR, total, M[k], R[k], S[k], a["z_out"], a["lo"], a["hi"], op.dtype, narrow)
+    return nt.output_code(nt.TIR, total, M[k], R[k], S[k], a.z_out, a.lo, a.hi, op.dtype, narrow)
 
 
 def _epilogue_args(m: int):
@@ -357,19 +355,19 @@ def fold_groups(op) -> tuple[str, np.ndarray, int, np.ndarray | None] | None:
     a = op.attrs
     if "groups" not in op.params:
         return None
-    scales, frac = op.group_scales, a.get("frac", 0)
+    scales, frac = op.group_scales, a.frac
     if any(s.sigma and s.n > frac for s in scales):
         return None
     shift = frac - max([s.n for s in scales if s.sigma] or [0])
     ap = nt.group_factors(scales, frac) >> shift
     per_c = ap[op.params["groups"]]
     mass = (np.abs(op.params["w"].astype(np.int64)).sum(axis=(2, 3)) * per_c[None, :]).sum(1)
-    if int(mass.max()) * int(a["in_qmax"]) > 2**31 - 1:
+    if int(mass.max()) * int(a.in_qmax) > 2**31 - 1:
         return None
     w = op.params["w"].astype(np.int64) * per_c[None, :, None, None]
     if w.min() >= -128 and w.max() <= 127:
         side = "w"
-    elif max(int(a["in_qmax"]), int(a["z_in"])) * int(per_c.max()) <= 255:
+    elif max(int(a.in_qmax), int(a.z_in)) * int(per_c.max()) <= 255:
         side = "x"
     else:
         return None
@@ -393,7 +391,7 @@ def conv_dot(op, fold) -> tuple[str, bool]:
     if dot != "sdot":
         return dot, False
     a = op.attrs
-    top = max(int(a["in_qmax"]), int(a["z_in"])) * (int(fold[1].max()) if fold and fold[0] == "x" else 1)
+    top = max(int(a.in_qmax), int(a.z_in)) * (int(fold[1].max()) if fold and fold[0] == "x" else 1)
     if top <= 127:
         return dot, False
     return ("sdot", True) if fold is not None or "groups" not in op.params else ("none", False)
@@ -411,10 +409,10 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
     a = op.attrs
-    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
-    oh, ow = output_hw(h, w_, (kh, kw), a)
+    (ph, pw), (sh, sw), (dh, dw) = a.padding, a.stride, a.dilation
+    oh, ow = output_hw(h, w_, (kh, kw), a.padding, a.stride, a.dilation)
     m16, c4 = round_up(m, 16), round_up(c, 4)
-    scales, frac = op.group_scales, a.get("frac", 0)
+    scales, frac = op.group_scales, a.frac
     if fold is not None:                 # one unscaled group of 2^s-scaled channels
         ranges, scales, frac = [(0, c)], (GroupScale(0, 0),), fold[2]
     g = len(ranges)
@@ -494,7 +492,7 @@ def depthwise_factors(op) -> np.ndarray | None:
     """K_k = 2^L + σ_k·2^(L−n_k) (int32 [C]) when every channel's shift is exact (σ_k = 0 or
     n_k ≤ L, numerics.group_factor): the merge is then bias + (acc − corr)·K_k. None otherwise."""
     sig, n = channel_groups(op)
-    factors = nt.group_factors([GroupScale(int(g), int(k)) for g, k in zip(sig, n)], op.attrs.get("frac", 0))
+    factors = nt.group_factors([GroupScale(int(g), int(k)) for g, k in zip(sig, n)], op.attrs.frac)
     return None if factors is None else factors.astype(np.int32)
 
 
@@ -505,7 +503,7 @@ def _window_sum_fits_int16(op) -> bool:
     (used when C is a multiple of 32; 15–20 % faster on MobileNetV2's depthwise layers)."""
     a = op.attrs
     mass = np.abs(op.params["w"].astype(np.int64)).reshape(op.params["w"].shape[0], -1).sum(1)
-    return int(mass.max()) * max(int(a["in_qmax"]), int(a["z_in"])) <= 32767
+    return int(mass.max()) * max(int(a.in_qmax), int(a.z_in)) <= 32767
 
 
 def depthwise(op, in_shape):
@@ -516,8 +514,8 @@ def depthwise(op, in_shape):
     n, c, h, w_ = in_shape
     kh, kw = op.params["w"].shape[2:]
     a = op.attrs
-    (sh, sw), (dh, dw) = a["stride"], a["dilation"]
-    oh, ow = output_hw(h, w_, (kh, kw), a)
+    (sh, sw), (dh, dw) = a.stride, a.dilation
+    oh, ow = output_hw(h, w_, (kh, kw), a.padding, a.stride, a.dilation)
     X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((kh, kw, c), "int8", "w")
     B, M, R, S = _epilogue_args(c)
@@ -533,7 +531,7 @@ def depthwise(op, in_shape):
     acc = te.compute((n, oh, ow, c), lambda b, i, j, k: te.sum(
         xv(b, i * sh + ry * dh, j * sw + rx * dw, k).astype(acc_dt) * W[ry, rx, k].astype(acc_dt), axis=[ry, rx]),
         name="acc")
-    frac = a.get("frac", 0)
+    frac = a.frac
 
     def epilogue(b, i, j, k):
         v = acc[b, i, j, k].astype(I32) - C[0, k]
@@ -594,11 +592,11 @@ def max_pool(op, in_shape, dtype: str):
     """(PrimFunc, output shape): x [N, H, W, C] → [N, OH, OW, C]; ``in_shape`` is logical."""
     n, c, h, w_ = in_shape
     a = op.attrs
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    (kh, kw), (sh, sw), (ph, pw) = a.kernel, a.stride, a.padding
     X = te.placeholder((n, h, w_, c), dtype, "x")
     low = tvm.tirx.min_value(dtype)
     xp = topi.nn.pad(X, [0, ph, pw, 0], [0, ph, pw, 0], pad_value=low, name="xpad")
-    oh, ow = output_hw(h, w_, (kh, kw), a)
+    oh, ow = output_hw(h, w_, (kh, kw), a.padding, a.stride, a.rates)
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
     out = te.compute((n, oh, ow, c), lambda b, i, j, k: te.max(xp[b, i * sh + ry, j * sw + rx, k], axis=[ry, rx]),
                      name="out")
@@ -652,7 +650,7 @@ def linear(op, in_shape, in_dtype: str, ranges):
             accs[p] = te.compute((n, m), _dot(X, W, c0, r), name=f"acc{p}")
     def epilogue(i, j):
         total = nt.merge_groups(nt.TIR, B[j], {p: acc[i, j] - C[p, j] for p, acc in accs.items()}, op.group_scales,
-                                op.attrs.get("frac", 0))
+                                op.attrs.frac)
         return _requant(op, total, j, M, R, S)
 
     out = te.compute((n, m), epilogue, name="out")

@@ -94,14 +94,14 @@ def fast_plan(op: Op, in_types) -> str | None:
         return None
     if op.kind == "conv2d":
         ranges = layer_ranges(op)
-        if op.attrs["conv_groups"] > 1:
+        if op.attrs.conv_groups > 1:
             ranges = ranges or [(0, 0)]                        # depthwise: any channel order
         if fast.conv_fits(op, in_types[0][1], ranges):
-            return "conv" if op.attrs["conv_groups"] == 1 else "depthwise"
+            return "conv" if op.attrs.conv_groups == 1 else "depthwise"
         return None
     if op.kind == "linear":
         return "linear" if layer_ranges(op) is not None else None
-    if op.kind == "max_pool2d" and tuple(op.attrs.get("dilation", (1, 1))) != (1, 1):
+    if op.kind == "max_pool2d" and op.attrs.rates != (1, 1):
         return None
     if op.kind == "add" and tuple(in_types[0][0]) != tuple(in_types[1][0]):
         return None                                    # a broadcast operand: the Relax body broadcasts
@@ -120,7 +120,7 @@ def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
     if op.kind in ("gather", "dequantize"):
         return "NHWC"
     (_, _, h, w) = in_types[0][0]
-    if op.kind == "sum_pool2d" and tuple(op.attrs["kernel"]) == (h, w) and not any(op.attrs["padding"]):
+    if op.kind == "sum_pool2d" and tuple(op.attrs.kernel) == (h, w) and not any(op.attrs.padding):
         return "NHWC"
     if op.kind == "flatten" and h == w == 1:
         return "NHWC"
@@ -140,7 +140,7 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
             if perm is not None:                # the folded gather moves into the weights
                 w, a_c = w[:, perm], a_c[perm]
             scaled = w.astype(np.int64) * a_c[None, :, None, None]
-            corr = int(op.attrs["z_in"]) * scaled.reshape(w.shape[0], -1).sum(1)[None, :]
+            corr = int(op.attrs.z_in) * scaled.reshape(w.shape[0], -1).sum(1)[None, :]
             if side == "w":
                 w = scaled.astype(np.int8)
             else:
@@ -162,8 +162,7 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
         corr = np.pad(_corrections(op).astype(np.int32), ((0, 0), (0, m16 - m)))
         return [np.ascontiguousarray(wt), *fast.epilogue_tables(op, False, m16), corr]
     if is_layer(op):
-        ndim = 4 if op.kind == "conv2d" else 2
-        consts = requant_constants(op, ndim)
+        consts = requant_constants(op, op.params["w"].ndim)     # over [N, m, OH, OW] (conv) or [N, m]
         consts.append(_corrections(op).astype(np.int32))        # [g, m]
         if op.kind == "linear" or _conv_form(op, in_types) == "reference":
             consts.append(_group_masks(op))                       # [g, fan_in] int8
@@ -174,7 +173,7 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
 def _group_masks(op: Op) -> np.ndarray:
     """[g, fan_in] int8: 1 where an input channel (feature) belongs to group p."""
     w = op.params["w"]
-    fan = w.shape[1] * (op.attrs["conv_groups"] if op.kind == "conv2d" else 1)
+    fan = w.shape[1] * op.attrs.conv_groups
     if "groups" not in op.params:
         return np.ones((1, fan), np.int8)
     g = op.params["groups"]
@@ -191,7 +190,7 @@ def _masked_weights(op: Op) -> list[np.ndarray]:
     for p in range(op.n_groups):
         if op.kind == "conv2d":
             m, cg = w.shape[:2]
-            cgroups = op.attrs["conv_groups"]
+            cgroups = op.attrs.conv_groups
             per_out = g.reshape(cgroups, cg).repeat(m // cgroups, axis=0)     # [m, cg]
             out.append(w * (per_out == p)[:, :, None, None].astype(np.int8))
         else:
@@ -201,7 +200,7 @@ def _masked_weights(op: Op) -> list[np.ndarray]:
 
 def _corrections(op: Op) -> np.ndarray:
     """z_in·Σ w_p[k] for each group p and output k (int64 [g, m])."""
-    z = int(op.attrs["z_in"])
+    z = int(op.attrs.z_in)
     return np.stack([z * wp.reshape(wp.shape[0], -1).astype(np.int64).sum(1) for wp in _masked_weights(op)])
 
 
@@ -215,46 +214,46 @@ def _quantize(lb, op, xs, P, D, in_types, add_prim):
 
         def q(*i):
             v = X(i[0], i[3], i[1], i[2]) if nhwc else X(*i)              # NHWC out from the NCHW input
-            v = te.floor(v / tvm.tirx.const(a["scale"], "float32") + tvm.tirx.const(0.5, "float32"))
-            v = v + tvm.tirx.const(a["zero_point"], "float32")
-            v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a["qmax"], "float32")), tvm.tirx.const(0, "float32"))
+            v = te.floor(v / tvm.tirx.const(a.scale, "float32") + tvm.tirx.const(0.5, "float32"))
+            v = v + tvm.tirx.const(a.zero_point, "float32")
+            v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(a.qmax, "float32")), tvm.tirx.const(0, "float32"))
             return v.astype(op.dtype)
         shape = physical(in_types[0][0], op.schedule.layout)
         kernel = fast.to_nhwc if nhwc else fast.elementwise
         return _call_fast(lb, op, add_prim, kernel("q", q, [X], shape, op.dtype), xs, shape)
-    x = relax.op.divide(xs[0], _c(a["scale"], "float32"))
+    x = relax.op.divide(xs[0], _c(a.scale, "float32"))
     q = relax.op.floor(relax.op.add(x, _c(0.5, "float32")))
-    q = relax.op.add(q, _c(a["zero_point"], "float32"))
-    q = relax.op.clip(q, 0, a["qmax"])
+    q = relax.op.add(q, _c(a.zero_point, "float32"))
+    q = relax.op.clip(q, 0, a.qmax)
     return lb.emit(relax.op.astype(q, op.dtype))
 
 
 def _dequantize(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
-    x = relax.op.subtract(relax.op.astype(xs[0], "float32"), _c(a["zero_point"], "float32"))
-    return lb.emit(relax.op.multiply(x, _c(a["scale"], "float32")))
+    x = relax.op.subtract(relax.op.astype(xs[0], "float32"), _c(a.zero_point, "float32"))
+    return lb.emit(relax.op.multiply(x, _c(a.scale, "float32")))
 
 
 def _merge_requant(lb, op, accs: list, P, D):
     """Σ_p group_term(acc_p − corr_p) + bias → output code, as Relax ops (numeric_tvm)."""
     a = op.attrs
     ar = nt.RelaxArith(lb)
-    shape = (1, op.params["w"].shape[0]) + (1,) * ((4 if op.kind == "conv2d" else 2) - 2)
+    shape = (1, op.params["w"].shape[0]) + (1,) * (op.params["w"].ndim - 2)
     M, R, S, corr = D[0], D[1], D[2], D[3]
 
     def corrected(p, acc):
         c = lb.emit(relax.op.reshape(lb.emit(relax.op.strided_slice(corr, [0], [p], [p + 1])), shape))
         return ar.sub(acc, c)
     total = nt.merge_groups(ar, lb.emit(relax.op.reshape(P["bias"], shape)),
-                            {p: corrected(p, acc) for p, acc in enumerate(accs)}, op.group_scales, a.get("frac", 0))
-    return nt.output_code(ar, total, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
+                            {p: corrected(p, acc) for p, acc in enumerate(accs)}, op.group_scales, a.frac)
+    return nt.output_code(ar, total, M, R, S, a.z_out, a.lo, a.hi, op.dtype)
 
 
 def _conv_input(lb, op, x, in_dtype):
     a = op.attrs
-    ph, pw = a["padding"]
+    ph, pw = a.padding
     if ph or pw:
-        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a["z_in"])))
+        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a.z_in)))
     return x
 
 
@@ -262,8 +261,8 @@ def _conv(lb, x, w, op, in_dtype):
     a = op.attrs
     if in_dtype != "uint8":
         w = lb.emit(relax.op.astype(w, in_dtype))
-    return lb.emit(relax.op.nn.conv2d(x, w, strides=a["stride"], padding=0, dilation=a["dilation"],
-                                      groups=a["conv_groups"], out_dtype=I32))
+    return lb.emit(relax.op.nn.conv2d(x, w, strides=a.stride, padding=0, dilation=a.dilation,
+                                      groups=a.conv_groups, out_dtype=I32))
 
 
 def _conv_form(op: Op, in_types) -> str:
@@ -277,7 +276,7 @@ def _conv_form(op: Op, in_types) -> str:
         form = "split"                                   # a shape the fast kernels do not take
     if form in ("split", "fused") and "groups" in op.params:
         ranges = group_ranges(op.params["groups"], op.n_groups)
-        if ranges is None or op.attrs["conv_groups"] != 1:
+        if ranges is None or op.attrs.conv_groups != 1:
             return "reference"
     return form
 
@@ -310,9 +309,9 @@ def _conv2d(lb, op, xs, P, D, in_types, add_prim):
         accs = []
         for p in range(g):
             mp = lb.emit(relax.op.strided_slice(mask, [0], [p], [p + 1]))
-            if op.attrs["conv_groups"] > 1:
+            if op.attrs.conv_groups > 1:
                 m, cg = op.params["w"].shape[:2]
-                cgroups = op.attrs["conv_groups"]
+                cgroups = op.attrs.conv_groups
                 mp = lb.emit(relax.op.reshape(mp, (cgroups, 1, cg)))
                 mp = lb.emit(relax.op.repeat(mp, m // cgroups, axis=1))
                 mp = lb.emit(relax.op.reshape(mp, (m, cg, 1, 1)))
@@ -368,9 +367,9 @@ def _max_pool2d(lb, op, xs, P, D, in_types, add_prim):
     if fast_plan(op, in_types):
         func, shape = fast.max_pool(op, in_types[0][0], in_types[0][1])
         return _call_fast(lb, op, add_prim, func, xs, shape)
-    ph, pw = a["padding"]
-    return lb.emit(relax.op.nn.max_pool2d(xs[0], a["kernel"], a["stride"], padding=[ph, pw, ph, pw],
-                                          dilation=a.get("dilation", [1, 1])))
+    ph, pw = a.padding
+    return lb.emit(relax.op.nn.max_pool2d(xs[0], a.kernel, a.stride, padding=[ph, pw, ph, pw],
+                                          dilation=a.rates))
 
 
 def _avg_pool2d(lb, op, xs, P, D, in_types, add_prim):
@@ -390,11 +389,11 @@ def _avg_pool2d(lb, op, xs, P, D, in_types, add_prim):
     def window(b, k, i, j):
         inside = tvm.tirx.all(H0[i] + ry < H1[i], W0[j] + rx < W1[j])
         y, x = tvm.tirx.min(H0[i] + ry, h - 1), tvm.tirx.min(W0[j] + rx, w - 1)
-        v = X[b, k, y, x].astype(I32) - tvm.tirx.const(a["z_in"], I32)
+        v = X[b, k, y, x].astype(I32) - tvm.tirx.const(a.z_in, I32)
         return te.sum(tvm.tirx.if_then_else(inside, v, zero), axis=[ry, rx])
     sums = te.compute((n, c, oh, ow), window, name="sums")
     out = te.compute((n, c, oh, ow), lambda b, k, i, j: nt.output_code(
-        nt.TIR, sums[b, k, i, j], Mq[RQ[i, j]], Rq[RQ[i, j]], Sq[RQ[i, j]], a["z_out"], a["lo"], a["hi"], op.dtype),
+        nt.TIR, sums[b, k, i, j], Mq[RQ[i, j]], Rq[RQ[i, j]], Sq[RQ[i, j]], a.z_out, a.lo, a.hi, op.dtype),
         name="out")
     func = te.create_prim_func([X, H0, H1, W0, W1, RQ, Mq, Rq, Sq, out])
     tables = [_c(t, I64) for t in requant_tables(p["mult"], p["shift"])]
@@ -411,15 +410,15 @@ def _resize(lb, op, xs, P, D, in_types, add_prim):
     X = te.placeholder((n, c, h, w), dtype, "x")
     Y0, Y1, WY = (te.placeholder((oh,), I32, k) for k in ("y0", "y1", "wy"))
     X0, X1, WX = (te.placeholder((ow,), I32, k) for k in ("x0", "x1", "wx"))
-    one, z_in = tvm.tirx.const(1 << a["frac"], I32), tvm.tirx.const(a["z_in"], I32)
-    M, R, S = (tvm.tirx.const(int(t), I64) for t in requant_tables(np.array(a["mult"]), np.array(a["shift"])))
+    one, z_in = tvm.tirx.const(1 << a.frac, I32), tvm.tirx.const(a.z_in, I32)
+    M, R, S = (tvm.tirx.const(int(t), I64) for t in requant_tables(np.array(a.mult), np.array(a.shift)))
 
     def code(b, k, i, j):
         def row(y):
             v0, v1 = (X[b, k, y, xj].astype(I32) - z_in for xj in (X0[j], X1[j]))
             return WX[j] * v0 + (one - WX[j]) * v1
         acc = WY[i] * row(Y0[i]) + (one - WY[i]) * row(Y1[i])
-        return nt.output_code(nt.TIR, acc, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
+        return nt.output_code(nt.TIR, acc, M, R, S, a.z_out, a.lo, a.hi, op.dtype)
     out = te.compute((n, c, oh, ow), code, name="out")
     func = te.create_prim_func([X, Y0, Y1, WY, X0, X1, WX, out])
     return _call_fast(lb, op, add_prim, func, [xs[0], *(P[k] for k in ("y0", "y1", "wy", "x0", "x1", "wx"))],
@@ -427,15 +426,15 @@ def _resize(lb, op, xs, P, D, in_types, add_prim):
 
 
 def _pad(lb, op, xs, P, D, in_types, add_prim):
-    top, left, bottom, right = op.attrs["pads"]
-    return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs["value"])))
+    top, left, bottom, right = op.attrs.pads
+    return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs.value)))
 
 
 def _concat(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     ar = nt.RelaxArith(lb)
-    parts = [nt.clamp_code(ar, nt.rescale(ar, x, z, k, a["t"]), a["z_out"], a["lo"], a["hi"], op.dtype)
-             for x, z, k in zip(xs, a["zs"], a["ks"])]
+    parts = [nt.clamp_code(ar, nt.rescale(ar, x, z, k, a.t), a.z_out, a.lo, a.hi, op.dtype)
+             for x, z, k in zip(xs, a.zs, a.ks)]
     return lb.emit(relax.op.concat(parts, axis=1))
 
 
@@ -446,25 +445,25 @@ def _table(lb, op, xs, P, D, in_types, add_prim):
 def _mul(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     ar = nt.RelaxArith(lb)
-    prod = ar.mul(ar.sub(ar.cast(xs[0], I32), ar.const(a["za"], I32)), ar.sub(ar.cast(xs[1], I32), ar.const(a["zb"], I32)))
-    M, R, S = (_c(t, I64) for t in requant_tables(np.array(a["mult"]), np.array(a["shift"])))
-    return nt.output_code(ar, prod, M, R, S, a["z_out"], a["lo"], a["hi"], op.dtype)
+    prod = ar.mul(ar.sub(ar.cast(xs[0], I32), ar.const(a.za, I32)), ar.sub(ar.cast(xs[1], I32), ar.const(a.zb, I32)))
+    M, R, S = (_c(t, I64) for t in requant_tables(np.array(a.mult), np.array(a.shift)))
+    return nt.output_code(ar, prod, M, R, S, a.z_out, a.lo, a.hi, op.dtype)
 
 
 def _sum_pool2d(lb, op, xs, P, D, in_types, add_prim):
     a = op.attrs
     (n, c, h, w), dtype = in_types[0]
-    ph, pw = a["padding"]
-    if tuple(a["kernel"]) == (h, w) and ph == 0 and pw == 0:
+    ph, pw = a.padding
+    if tuple(a.kernel) == (h, w) and ph == 0 and pw == 0:
         axes = [1, 2] if op.schedule.layout == "NHWC" else [2, 3]
         return lb.emit(relax.op.sum(relax.op.astype(xs[0], I32), axis=axes, keepdims=True))
     x = xs[0]
     if ph or pw:
-        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a["z_in"])))
-    kh, kw = a["kernel"]
+        x = lb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, ph, ph, pw, pw], pad_value=float(a.z_in)))
+    kh, kw = a.kernel
     ones = np.ones((c, 1, kh, kw), np.int8 if dtype == "uint8" else np.int32)
     ones = relax.const(ones, str(ones.dtype))
-    return lb.emit(relax.op.nn.conv2d(x, ones, strides=a["stride"], groups=c, out_dtype=I32))
+    return lb.emit(relax.op.nn.conv2d(x, ones, strides=a.stride, groups=c, out_dtype=I32))
 
 
 def _flatten(lb, op, xs, P, D, in_types, add_prim):
@@ -524,8 +523,8 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     m, cg, kh, kw = wt.shape
     a = op.attrs
     ranges = group_ranges(op.params["groups"], op.n_groups)      # contiguous: _conv_form
-    (ph, pw), (sh, sw), (dh, dw) = a["padding"], a["stride"], a["dilation"]
-    oh, ow = fast.output_hw(h, w_, (kh, kw), a)
+    (ph, pw), (sh, sw), (dh, dw) = a.padding, a.stride, a.dilation
+    oh, ow = fast.output_hw(h, w_, (kh, kw), a.padding, a.stride, a.dilation)
 
     X = te.placeholder((n, c, h, w_), in_dtype, "x")
     W = te.placeholder((m, cg, kh, kw), "int8", "w")
@@ -534,7 +533,7 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
     Rq = te.placeholder((1, m, 1, 1), I64, "round")
     Sq = te.placeholder((1, m, 1, 1), I64, "shift")
     C = te.placeholder((len(ranges), m), I32, "corr")
-    xp = topi.nn.pad(X, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=tvm.tirx.const(a["z_in"], in_dtype), name="xpad")
+    xp = topi.nn.pad(X, [0, 0, ph, pw], [0, 0, ph, pw], pad_value=tvm.tirx.const(a.z_in, in_dtype), name="xpad")
     accs = []
     for p, (c0, c1) in enumerate(ranges):
         if c1 == c0:
@@ -544,9 +543,9 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
 
     def epilogue(b, k, i, j):
         total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k, i, j] - C[p, k] for p, acc in enumerate(accs)
-                                               if acc is not None}, op.group_scales, a.get("frac", 0))
-        return nt.output_code(nt.TIR, total, Mq[0, k, 0, 0], Rq[0, k, 0, 0], Sq[0, k, 0, 0], a["z_out"], a["lo"],
-                              a["hi"], op.dtype)
+                                               if acc is not None}, op.group_scales, a.frac)
+        return nt.output_code(nt.TIR, total, Mq[0, k, 0, 0], Rq[0, k, 0, 0], Sq[0, k, 0, 0], a.z_out, a.lo,
+                              a.hi, op.dtype)
 
     out = te.compute((n, m, oh, ow), epilogue, name="out")
     func = te.create_prim_func([X, W, B, Mq, Rq, Sq, C, out])

@@ -49,11 +49,11 @@ def _layer_form(op, form: str, report: LegalizeReport) -> str:
     """The form a conv2d/linear gets under ``form`` (counted in ``report``)."""
     if "groups" not in op.params:
         return "fast" if form == "fast" else "plain"
-    grouped = op.kind == "conv2d" and op.attrs["conv_groups"] > 1
-    depthwise = grouped and op.params["w"].shape[1] == 1 and op.attrs["conv_groups"] == op.params["w"].shape[0]
+    grouped = op.attrs.grouped
+    depthwise = grouped and op.params["w"].shape[1] == 1 and op.attrs.conv_groups == op.params["w"].shape[0]
     fast_depthwise = form == "fast" and depthwise          # one group per channel: per-channel σ, n tables
     if not fast_depthwise and (grouped or group_ranges(op.params["groups"], op.n_groups) is None):
-        report.masked.append(op.attrs.get("layer", op.name))
+        report.masked.append(op.label)
         return "reference"
     report.legalized += 1
     return form

@@ -21,6 +21,7 @@ import numpy as np
 from tvm import relax, tirx
 
 from calib.numerics import GroupScale, group_factor
+from relay_passes.attrs import AddAttrs
 
 I32, I64 = "int32", "int64"
 Expr = Any                      # a tirx.PrimExpr (TIR) or a relax.Expr (RelaxArith)
@@ -163,10 +164,10 @@ def _scaled(ar, x: Expr, z: int, k: int) -> Expr:
     return ar.mul(ar.sub(ar.cast(x, I64), ar.const(z, I64)), ar.const(k, I64))
 
 
-def residual_add(ar, a: Expr, b: Expr, attrs: dict, dtype: str) -> Expr:
+def residual_add(ar, a: Expr, b: Expr, attrs: AddAttrs, dtype: str) -> Expr:
     """The add op: clamp(add_rescale(a, b) + z_out, lo, hi) cast to ``dtype``."""
-    v = add_rescale(ar, a, attrs["za"], attrs["ka"], b, attrs["zb"], attrs["kb"], attrs["t"])
-    return clamp_code(ar, v, attrs["z_out"], attrs["lo"], attrs["hi"], dtype)
+    v = add_rescale(ar, a, attrs.za, attrs.ka, b, attrs.zb, attrs.kb, attrs.t)
+    return clamp_code(ar, v, attrs.z_out, attrs.lo, attrs.hi, dtype)
 
 
 def table_lookup(table, code: Expr) -> Expr:

@@ -1,7 +1,9 @@
 """The op set of the integer program: every kind declared once, with how it treats channels
 and a random small case that the conformance test runs on every backend.
 
-A kind's meaning is its NumPy reference (relay_passes/reference.py); each backend has one
+A kind's attributes are one frozen dataclass (``OpKind.attrs``, relay_passes/attrs.py: what
+the op computes, apart from its tensors and its Schedule). Its meaning is its NumPy reference
+(relay_passes/reference.py); each backend has one
 table from kind to handler (reference.OPS, kernels._BODIES, codegen/c/emit.CALLS,
 codegen/c/byoc.ENTRIES, codegen/npu16/lower.LOWERINGS, targets/npu16/report.ESTIMATES,
 waps_tvm/inspect.RENDER). A question about a kind ("is it a layer with weights?") is asked
@@ -19,14 +21,17 @@ Channel rules (what PermuteChannels may do across an op):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
 import numpy as np
 
 from calib.numerics import GroupScale, code_table, quantize_multiplier
-from relay_passes.program import INPUT, Op, Program, group_scale_attrs
+from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConvAttrs, DequantizeAttrs, FlattenAttrs,
+                                GatherAttrs, LinearAttrs, MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, ResizeAttrs,
+                                SumPoolAttrs, TableAttrs)
+from relay_passes.program import INPUT, Op, Program
 from relay_passes.resize import resize_op
 
 
@@ -39,6 +44,7 @@ class Channels(Enum):
 @dataclass(frozen=True)
 class OpKind:
     name: str
+    attrs: type[Attrs]         # its attributes' dataclass (Op.attrs)
     channels: Channels
     example: Callable[[np.random.Generator], Program]     # a random small program using the kind
     fast: bool = False         # besides the layers, has an NHWC body in fast_kernels (the ``fast`` form)
@@ -48,8 +54,8 @@ class OpKind:
 
 def _program(shape, ops: list[Op], out: str, z_out: int = 0, scale: float = 0.05) -> Program:
     """quantize → ops → dequantize of ``out``; the first op reads the quantize ``q``."""
-    q = Op("quantize", "q", [INPUT], {"scale": 0.02, "zero_point": 128, "qmax": 255})
-    deq = Op("dequantize", "deq", [out], {"scale": scale, "zero_point": z_out}, dtype="float32")
+    q = Op("quantize", "q", [INPUT], QuantizeAttrs(scale=0.02, zero_point=128, qmax=255))
+    deq = Op("dequantize", "deq", [out], DequantizeAttrs(scale=scale, zero_point=z_out), dtype="float32")
     return Program(tuple(shape), [q, *ops, deq], ["deq", out])
 
 
@@ -62,12 +68,11 @@ def _layer_params(rng, m: int, fan: int, wshape, n_groups: int) -> tuple[dict, d
     w = rng.integers(-8, 8, wshape).astype(np.int8)
     mult, shift = _requant(rng, 0.5 / (fan * 8), m)
     params = {"w": w, "bias": rng.integers(-500, 500, m).astype(np.int32), "mult": mult, "shift": shift}
-    attrs = {"z_in": 128, "z_out": int(rng.integers(0, 256)), "lo": 0, "hi": 255, "in_qmax": 255,
-             "frac": 4, "layer": "example"}
+    attrs = dict(z_in=128, z_out=int(rng.integers(0, 256)), lo=0, hi=255, in_qmax=255, frac=4, layer="example")
     if n_groups > 1:
         params["groups"] = rng.integers(0, n_groups, fan).astype(np.int8)
         drawn = [(int(rng.integers(-1, 2)), int(rng.integers(1, 6))) for _ in range(n_groups)]
-        attrs.update(group_scale_attrs(GroupScale(s, n if s else 0) for s, n in drawn))
+        attrs["group_scales"] = tuple(GroupScale(s, n if s else 0) for s, n in drawn)
     return attrs, params
 
 
@@ -77,51 +82,53 @@ def _conv2d(rng) -> Program:
     m, cg, g = (c, 1, c) if depthwise else (int(rng.integers(4, 24)), c, 1)
     k = int(rng.choice([1, 3]))
     attrs, params = _layer_params(rng, m, c, (m, cg, k, k), 1 if depthwise or c < 8 else int(rng.integers(1, 4)))
-    attrs.update(stride=[int(rng.integers(1, 3))] * 2, padding=[k // 2, k // 2], dilation=[1, 1], conv_groups=g)
+    attrs = ConvAttrs(**attrs, stride=(int(rng.integers(1, 3)),) * 2, padding=(k // 2, k // 2), dilation=(1, 1),
+                      conv_groups=g)
     extra = int(rng.integers(0, 3))           # read through a gather: a permutation (extra = 0) or a selection
     index = rng.permutation(c + extra)[:c].astype(np.int32)
-    gather = Op("gather", "pick", ["q"], {}, {"index": index})
-    return _program((2, c + extra, 9, 7), [gather, Op("conv2d", "op", ["pick"], attrs, params)], "op", attrs["z_out"])
+    gather = Op("gather", "pick", ["q"], GatherAttrs(), {"index": index})
+    return _program((2, c + extra, 9, 7), [gather, Op("conv2d", "op", ["pick"], attrs, params)], "op", attrs.z_out)
 
 
 def _linear(rng) -> Program:
     f, m = int(rng.integers(8, 40)), int(rng.integers(3, 20))
     attrs, params = _layer_params(rng, m, f, (m, f), int(rng.integers(1, 4)))
+    attrs = LinearAttrs(**attrs)
     flat = Op("flatten", "flat", ["q"])
-    return _program((2, f, 1, 1), [flat, Op("linear", "op", ["flat"], attrs, params)], "op", attrs["z_out"])
+    return _program((2, f, 1, 1), [flat, Op("linear", "op", ["flat"], attrs, params)], "op", attrs.z_out)
 
 
 def _add(rng) -> Program:
     """Equal shapes, or a broadcast second operand: one value per channel (a global max pool, or
     the int32 sums of a global sum pool), per position or per sample (max pools over channels)."""
     ka, kb = (int(v) for v in rng.integers(1 << 20, 1 << 23, 2))
-    attrs = {"za": 128, "zb": 128, "ka": ka, "kb": kb, "t": 22, "z_out": 100, "lo": 100, "hi": 255}
+    attrs = AddAttrs(za=128, zb=128, ka=ka, kb=kb, t=22, z_out=100, lo=100, hi=255)
     mode = ["same", "channel", "channel_sums", "position", "sample"][int(rng.integers(0, 5))]
     if mode == "same":
-        ops = [Op("max_pool2d", "b", ["q"], {"kernel": [3, 3], "stride": [1, 1], "padding": [1, 1]})]
+        ops = [Op("max_pool2d", "b", ["q"], MaxPoolAttrs(kernel=(3, 3), stride=(1, 1), padding=(1, 1)))]
         return _program((2, 5, 6, 6), [*ops, Op("add", "op", ["q", "b"], attrs)], "op", 100)
     if mode == "channel_sums":               # 36 codes summed: kb carries the 1/36
-        attrs.update(zb=128 * 36, kb=kb // 36)
-        ops = [Op("sum_pool2d", "b", ["q"], {"kernel": [6, 6], "stride": [1, 1], "padding": [0, 0], "z_in": 128},
+        attrs = replace(attrs, zb=128 * 36, kb=kb // 36)
+        ops = [Op("sum_pool2d", "b", ["q"], SumPoolAttrs(kernel=(6, 6), stride=(1, 1), padding=(0, 0), z_in=128),
                   dtype="int32")]
     elif mode == "channel":
-        ops = [Op("max_pool2d", "b", ["q"], {"kernel": [6, 6], "stride": [6, 6], "padding": [0, 0]})]
+        ops = [Op("max_pool2d", "b", ["q"], MaxPoolAttrs(kernel=(6, 6), stride=(6, 6), padding=(0, 0)))]
     else:                                    # max over channels: gather one channel, or pool it to one value
-        ops = [Op("gather", "b", ["q"], {}, {"index": np.array([int(rng.integers(0, 5))], np.int32)})]
+        ops = [Op("gather", "b", ["q"], GatherAttrs(), {"index": np.array([int(rng.integers(0, 5))], np.int32)})]
         if mode == "sample":
-            ops.append(Op("max_pool2d", "b1", ["b"], {"kernel": [6, 6], "stride": [6, 6], "padding": [0, 0]}))
+            ops.append(Op("max_pool2d", "b1", ["b"], MaxPoolAttrs(kernel=(6, 6), stride=(6, 6), padding=(0, 0))))
     return _program((2, 5, 6, 6), [*ops, Op("add", "op", ["q", ops[-1].name], attrs)], "op", 100)
 
 
 def _max_pool2d(rng) -> Program:
     k = int(rng.integers(2, 4))
     d = int(rng.integers(1, 3))
-    attrs = {"kernel": [k, k], "stride": [int(rng.integers(1, 3))] * 2, "padding": [k // 2, 0], "dilation": [d, 1]}
+    attrs = MaxPoolAttrs(kernel=(k, k), stride=(int(rng.integers(1, 3)),) * 2, padding=(k // 2, 0), dilation=(d, 1))
     return _program((2, 3, 9, 8), [Op("max_pool2d", "op", ["q"], attrs)], "op", 128)
 
 
 def _sum_pool2d(rng) -> Program:
-    attrs = {"kernel": [3, 2], "stride": [2, 1], "padding": [1, 0], "z_in": 128}
+    attrs = SumPoolAttrs(kernel=(3, 2), stride=(2, 1), padding=(1, 0), z_in=128)
     return _program((2, 3, 7, 6), [Op("sum_pool2d", "op", ["q"], attrs, dtype="int32")], "op", 128 * 6, 0.02 / 6)
 
 
@@ -138,39 +145,37 @@ def _avg_pool2d(rng) -> Program:
     params = {"h0": h0.astype(np.int32), "h1": h1.astype(np.int32), "w0": w0.astype(np.int32),
               "w1": w1.astype(np.int32), "rq": rq.reshape(oh, ow).astype(np.int32),
               "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
-    attrs = {"z_in": 128, "z_out": 120, "lo": 0, "hi": 255}
+    attrs = AvgPoolAttrs(z_in=128, z_out=120, lo=0, hi=255)
     return _program((2, 3, h, w), [Op("avg_pool2d", "op", ["q"], attrs, params)], "op", 120, 0.03)
 
 
 def _pad(rng) -> Program:
     pads = [int(v) for v in rng.integers(0, 3, 4)]
-    return _program((1, 2, 4, 5), [Op("pad", "op", ["q"], {"pads": pads, "value": 128})], "op", 128)
+    return _program((1, 2, 4, 5), [Op("pad", "op", ["q"], PadAttrs(pads=pads, value=128))], "op", 128)
 
 
 def _concat(rng) -> Program:
     k = int(rng.integers(1, 4))
-    ops = [Op("max_pool2d", f"b{i}", ["q"], {"kernel": [i + 1, i + 1], "stride": [1, 1], "padding": [0, 0]})
-           for i in range(k)]
     # same spatial size: pool with padding that keeps H, W
-    for i, o in enumerate(ops):
-        o.attrs.update(kernel=[2 * i + 1, 2 * i + 1], padding=[i, i])
+    ops = [Op("max_pool2d", f"b{i}", ["q"], MaxPoolAttrs(kernel=(2 * i + 1,) * 2, stride=(1, 1), padding=(i, i)))
+           for i in range(k)]
     t = 16
     ks = [int(v) for v in rng.integers(1 << 14, 1 << 17, k)]
-    attrs = {"zs": [128] * k, "ks": ks, "t": t, "z_out": 60, "lo": 0, "hi": 255}
+    attrs = ConcatAttrs(zs=(128,) * k, ks=ks, t=t, z_out=60, lo=0, hi=255)
     return _program((2, 3, 5, 4), [*ops, Op("concat", "op", [o.name for o in ops], attrs)], "op", 60)
 
 
 def _table(rng) -> Program:
     fn = [lambda x: x * np.clip(x + 3, 0, 6) / 6, lambda x: 1 / (1 + np.exp(-x)), np.tanh][int(rng.integers(0, 3))]
     table = code_table(fn, 0.02, 128, 255, 0.01, 40, 255)
-    return _program((2, 3, 4, 4), [Op("table", "op", ["q"], {}, {"table": table})], "op", 40, 0.01)
+    return _program((2, 3, 4, 4), [Op("table", "op", ["q"], TableAttrs(), {"table": table})], "op", 40, 0.01)
 
 
 def _mul(rng) -> Program:
     mult, shift = quantize_multiplier(np.array([0.02 * 0.02 / 0.01 * rng.uniform(0.5, 2)]))
-    gate = Op("max_pool2d", "gate", ["q"], {"kernel": [4, 4], "stride": [4, 4], "padding": [0, 0]})
-    attrs = {"za": 128, "zb": int(rng.integers(0, 256)), "mult": int(mult[0]), "shift": int(shift[0]),
-             "z_out": 128, "lo": 0, "hi": 255}
+    gate = Op("max_pool2d", "gate", ["q"], MaxPoolAttrs(kernel=(4, 4), stride=(4, 4), padding=(0, 0)))
+    attrs = MulAttrs(za=128, zb=int(rng.integers(0, 256)), mult=int(mult[0]), shift=int(shift[0]), z_out=128, lo=0,
+                     hi=255)
     return _program((2, 3, 4, 4), [gate, Op("mul", "op", ["q", "gate"], attrs)], "op", 128, 0.01)
 
 
@@ -197,7 +202,7 @@ def _flatten(rng) -> Program:
 
 def _gather(rng) -> Program:
     index = rng.permutation(6)[: int(rng.integers(1, 7))].astype(np.int32)
-    return _program((2, 6, 3, 2), [Op("gather", "op", ["q"], {}, {"index": index})], "op", 128)
+    return _program((2, 6, 3, 2), [Op("gather", "op", ["q"], GatherAttrs(), {"index": index})], "op", 128)
 
 
 def _quantize(rng) -> Program:
@@ -205,21 +210,21 @@ def _quantize(rng) -> Program:
 
 
 KINDS: dict[str, OpKind] = {k.name: k for k in [
-    OpKind("quantize", Channels.PINNED, _quantize, fast=True),
-    OpKind("dequantize", Channels.PINNED, _quantize),
-    OpKind("conv2d", Channels.LAYER, _conv2d),
-    OpKind("linear", Channels.LAYER, _linear),
-    OpKind("add", Channels.CHANNELWISE, _add, fast=True),
-    OpKind("mul", Channels.CHANNELWISE, _mul),
-    OpKind("max_pool2d", Channels.CHANNELWISE, _max_pool2d, fast=True),
-    OpKind("sum_pool2d", Channels.CHANNELWISE, _sum_pool2d),
-    OpKind("avg_pool2d", Channels.CHANNELWISE, _avg_pool2d),
-    OpKind("pad", Channels.CHANNELWISE, _pad),
-    OpKind("table", Channels.CHANNELWISE, _table),
-    OpKind("resize", Channels.CHANNELWISE, _resize),
-    OpKind("flatten", Channels.CHANNELWISE, _flatten),
-    OpKind("concat", Channels.PINNED, _concat),
-    OpKind("gather", Channels.PINNED, _gather),
+    OpKind("quantize", QuantizeAttrs, Channels.PINNED, _quantize, fast=True),
+    OpKind("dequantize", DequantizeAttrs, Channels.PINNED, _quantize),
+    OpKind("conv2d", ConvAttrs, Channels.LAYER, _conv2d),
+    OpKind("linear", LinearAttrs, Channels.LAYER, _linear),
+    OpKind("add", AddAttrs, Channels.CHANNELWISE, _add, fast=True),
+    OpKind("mul", MulAttrs, Channels.CHANNELWISE, _mul),
+    OpKind("max_pool2d", MaxPoolAttrs, Channels.CHANNELWISE, _max_pool2d, fast=True),
+    OpKind("sum_pool2d", SumPoolAttrs, Channels.CHANNELWISE, _sum_pool2d),
+    OpKind("avg_pool2d", AvgPoolAttrs, Channels.CHANNELWISE, _avg_pool2d),
+    OpKind("pad", PadAttrs, Channels.CHANNELWISE, _pad),
+    OpKind("table", TableAttrs, Channels.CHANNELWISE, _table),
+    OpKind("resize", ResizeAttrs, Channels.CHANNELWISE, _resize),
+    OpKind("flatten", FlattenAttrs, Channels.CHANNELWISE, _flatten),
+    OpKind("concat", ConcatAttrs, Channels.PINNED, _concat),
+    OpKind("gather", GatherAttrs, Channels.PINNED, _gather),
 ]}
 
 

@@ -26,11 +26,11 @@ def accumulator_bound(op: Op) -> int:
     """The largest magnitude any int32 intermediate of ``op`` can reach."""
     w = np.abs(op.params["w"].astype(np.int64))
     a = op.attrs
-    xmax, z = int(a["in_qmax"]), int(a["z_in"])
+    xmax, z = int(a.in_qmax), int(a.z_in)
     groups = op.params.get("groups")
     m = w.shape[0]
     if op.kind == "conv2d":
-        cg, cgroups = w.shape[1], a["conv_groups"]
+        cg, cgroups = w.shape[1], a.conv_groups
         chan = (np.arange(m)[:, None] // (m // cgroups)) * cg + np.arange(cg)[None, :]      # [m, cg]
         mass = w.sum(axis=(2, 3))                                                          # [m, cg]
     else:
@@ -42,7 +42,7 @@ def accumulator_bound(op: Op) -> int:
         sel = np.ones_like(chan, bool) if groups is None else groups[chan] == p
         a_p = (mass * sel).sum(axis=1)
         raw = a_p * xmax
-        acc = (a_p * max(z, xmax - z)) << a.get("frac", 0)
+        acc = (a_p * max(z, xmax - z)) << a.frac
         half = (1 << (gs.n - 1)) if gs.sigma else 0
         total = total + acc + (((acc + half) >> gs.n) if gs.sigma else 0)
         worst = max(worst, int(raw.max()), int((acc + half).max()))
@@ -56,7 +56,7 @@ def check_overflow(program: Program) -> dict[str, int]:
         if is_layer(op):
             b = accumulator_bound(op)
             if b > INT32_MAX:
-                raise CompileError(f"layer {op.attrs.get('layer', op.name)} could overflow its int32 accumulator "
+                raise CompileError(f"layer {op.label} could overflow its int32 accumulator "
                                    f"(bound {b} > 2^31-1); use fewer weight/activation bits or split the layer")
             bounds[op.name] = b
     return bounds

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from relay_passes.attrs import GatherAttrs
 from relay_passes.kernels import group_ranges
 from relay_passes.opset import KINDS, Channels, is_layer
 from relay_passes.program import waps_pass, INPUT, Op, Program, emit, parse
@@ -42,11 +43,11 @@ def _wants(op: Op) -> bool:
 
 
 def _grouped_conv(op: Op) -> bool:
-    return op.kind == "conv2d" and op.attrs["conv_groups"] > 1 and not _depthwise(op)
+    return is_layer(op) and op.attrs.grouped and not _depthwise(op)
 
 
 def _depthwise(op: Op) -> bool:
-    return op.kind == "conv2d" and op.attrs["conv_groups"] > 1 and op.params["w"].shape[1] == 1
+    return is_layer(op) and op.attrs.grouped and op.params["w"].shape[1] == 1
 
 
 class _UF:
@@ -148,13 +149,13 @@ def _apply(prog: Program, uf: _UF, unit, orders, gathers, report: PermuteReport)
                     want = gathers[op.name]
                     inv = np.argsort(order_in)
                     index = _expand(inv[want], u).astype(np.int32)
-                    g = Op("gather", prog.unique_name(f"gather_{op.name}"), [op.inputs[0]], {},
+                    g = Op("gather", prog.unique_name(f"gather_{op.name}"), [op.inputs[0]], GatherAttrs(),
                            {"index": index}, prog.shape_of(op.inputs[0]), prog.dtype_of(op.inputs[0]))
                     new_ops.append(g)
                     op.inputs = [g.name]
                     order_in = want
                     report.gathers += 1
-                    report.gathered_layers.append(op.attrs.get("layer", op.name))
+                    report.gathered_layers.append(op.label)
                 _permute_inputs(op, _expand(order_in, u))
             _permute_outputs(op, pi_out)
         new_ops.append(op)
@@ -162,7 +163,7 @@ def _apply(prog: Program, uf: _UF, unit, orders, gathers, report: PermuteReport)
 
 
 def _permute_inputs(op: Op, order: np.ndarray) -> None:
-    if op.kind == "conv2d" and op.attrs["conv_groups"] > 1:
+    if is_layer(op) and op.attrs.grouped:
         return                                    # fixed classes only: order is the identity
     op.params["w"] = np.ascontiguousarray(op.params["w"][:, order])
     if "groups" in op.params:

@@ -4,8 +4,9 @@ Every quantized operation is a private Relax function called once from ``main``.
 The function carries four attributes:
     waps.kind    the operation (see relay_passes/reference.py for each one's meaning)
     waps.name    the op's name (unique in the program)
-    waps.attrs   JSON of its scalar attributes (zero points, clamps, group scales), its
-                 Schedule's chosen fields and ``n_inputs`` (``encode_attrs``/``decode_attrs``)
+    waps.attrs   JSON of its attributes (``Op.attrs``, the kind's dataclass in
+                 relay_passes/attrs.py: zero points, clamps, group scales), its Schedule's
+                 chosen fields and ``n_inputs`` (``encode_attrs``/``decode_attrs``)
     waps.params  names of its primary tensor arguments, in call order after the inputs
 and its call in ``main`` passes the inputs, then the primary tensors as constants, then
 any derived constants (sliced weights, correction terms) that the body's form needs.
@@ -25,8 +26,8 @@ conversions back as plain edges.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 import numpy as np
 import tvm
@@ -34,6 +35,7 @@ from tvm import relax
 
 from calib.errors import WapsError
 from calib.numerics import GroupScale
+from relay_passes.attrs import Attrs
 
 INPUT = "input"
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
@@ -53,19 +55,6 @@ def physical(shape, layout: str) -> tuple[int, ...]:
 def logical(shape, layout: str) -> tuple[int, ...]:
     shape = tuple(int(d) for d in shape)
     return (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" and len(shape) == 4 else shape
-
-
-def group_scales(attrs: Mapping[str, Any]) -> tuple[GroupScale, ...]:
-    """A conv2d's or linear's WAPS group scales γ_p, one per group p of its ``groups`` labels
-    (one unscaled group when it has none). The only reader of their JSON form."""
-    return tuple(GroupScale(int(s), int(n)) for s, n in zip(attrs.get("sigma", [0]), attrs.get("n", [0])))
-
-
-def group_scale_attrs(scales: Iterable[GroupScale]) -> dict[str, list[int]]:
-    """The JSON attributes of ``scales`` (the only writer; ``group_scales`` reads them back):
-    parallel σ and n lists, the form waps.attrs has always had."""
-    scales = list(scales)
-    return {"sigma": [int(s.sigma) for s in scales], "n": [int(s.n) for s in scales]}
 
 
 @dataclass(frozen=True)
@@ -91,44 +80,65 @@ class Schedule:
 
 
 SCHEDULE = Schedule()                  # an op LegalizeWAPS has not seen: its defaults
-_SERIALISED = (*vars(SCHEDULE), "n_inputs")
 
 
 def encode_attrs(op: "Op") -> str:
     """The ``waps.attrs`` JSON of ``op`` (the only writer; ``decode_attrs`` reads it): its
-    attrs, the fields of its schedule that differ from the defaults, and ``n_inputs``."""
-    if clash := sorted(set(op.attrs) & set(_SERIALISED)):
-        raise ValueError(f"{op.name}: {clash} are not attrs (the schedule and the call write them)")
+    attrs (``Attrs.to_json``), the fields of its schedule that differ from the defaults, and
+    ``n_inputs`` (no kind's attributes share those keys: tests/relay_passes/test_attrs.py)."""
+    attrs = op.attrs.to_json()
     chosen = {k: v for k, v in vars(op.schedule).items() if getattr(SCHEDULE, k) != v}
-    return json.dumps({**op.attrs, **chosen, "n_inputs": len(op.inputs)}, sort_keys=True)
+    return json.dumps({**attrs, **chosen, "n_inputs": len(op.inputs)}, sort_keys=True)
 
 
-def decode_attrs(text: str) -> tuple[dict[str, Any], Schedule, int]:
-    """``waps.attrs`` JSON → (attrs, schedule, number of inputs), the inverse of ``encode_attrs``."""
-    attrs = json.loads(text)
-    schedule = Schedule(**{k: attrs.pop(k) for k in vars(SCHEDULE) if k in attrs})
-    return attrs, schedule, int(attrs.pop("n_inputs"))
+def decode_attrs(kind: str, text: str) -> tuple[Attrs, Schedule, int]:
+    """``waps.attrs`` JSON of an op of ``kind`` → (attrs, schedule, number of inputs), the
+    inverse of ``encode_attrs``."""
+    from relay_passes.opset import kind as op_kind          # opset imports this module (its examples)
+
+    obj = json.loads(text)
+    schedule = Schedule(**{k: obj.pop(k) for k in vars(SCHEDULE) if k in obj})
+    n_in = int(obj.pop("n_inputs"))
+    return op_kind(kind).attrs.from_json(obj), schedule, n_in
 
 
 @dataclass
 class Op:
+    """One operation: ``attrs`` is its kind's attributes dataclass (``opset.KINDS[kind].attrs``;
+    omitted: the kind's attributes with no fields, e.g. flatten). Frozen, so ``copy`` shares it
+    and writers replace it (``dataclasses.replace``)."""
     kind: str
     name: str
     inputs: list[str]                      # earlier ops' names, or INPUT
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: Attrs | None = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     shape: tuple[int, ...] = ()            # output shape including the batch
     dtype: str = "uint8"                   # output dtype
     schedule: Schedule = SCHEDULE          # how it is computed (LegalizeWAPS), apart from its meaning
 
+    def __post_init__(self):
+        from relay_passes.opset import kind as op_kind          # opset imports this module (its examples)
+
+        cls = op_kind(self.kind).attrs
+        if self.attrs is None:
+            self.attrs = cls()
+        if type(self.attrs) is not cls:
+            raise TypeError(f"{self.name}: a {self.kind} takes {cls.__name__}, not {type(self.attrs).__name__}")
+
     @property
     def group_scales(self) -> tuple[GroupScale, ...]:
-        """The WAPS group scales, one per group (see ``group_scales``)."""
-        return group_scales(self.attrs)
+        """A layer's WAPS group scales γ_p, one per group p of its ``groups`` labels (one
+        unscaled group when it has none)."""
+        return self.attrs.scales
 
     @group_scales.setter
     def group_scales(self, scales: Iterable[GroupScale]) -> None:
-        self.attrs.update(group_scale_attrs(scales))
+        self.attrs = replace(self.attrs, group_scales=tuple(scales))
+
+    @property
+    def label(self) -> str:
+        """The source model's label of the op (``attrs.layer``), else its name: for messages."""
+        return self.name if self.attrs.layer is None else self.attrs.layer
 
     @property
     def n_groups(self) -> int:
@@ -136,8 +146,8 @@ class Op:
         return len(self.group_scales)
 
     def copy(self) -> "Op":
-        return Op(self.kind, self.name, list(self.inputs), json.loads(json.dumps(self.attrs)),
-                  dict(self.params), tuple(self.shape), self.dtype, self.schedule)
+        return Op(self.kind, self.name, list(self.inputs), self.attrs, dict(self.params), tuple(self.shape),
+                  self.dtype, self.schedule)
 
 
 @dataclass
@@ -248,7 +258,7 @@ def parse(mod: tvm.IRModule) -> Program:
                 raise ValueError(f"not an integer program: unexpected binding {b.var.name_hint}")
             fn = mod[v.op]
             kind = str(fn.attrs["waps.kind"])
-            attrs, schedule, n_in = decode_attrs(str(fn.attrs["waps.attrs"]))
+            attrs, schedule, n_in = decode_attrs(kind, str(fn.attrs["waps.attrs"]))
             pnames = [str(p) for p in fn.attrs["waps.params"]]
             inputs = [names[a] for a in v.args[:n_in]]
             params = {k: a.value.numpy() for k, a in zip(pnames, v.args[n_in:n_in + len(pnames)])}

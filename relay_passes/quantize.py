@@ -21,13 +21,16 @@ with quantize at the input and dequantize at the output. Integer parameters:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from calib.errors import UnsupportedOpError, WapsError
 from calib.numerics import INT32_MAX, GroupScale, code_table, quantize_multiplier
-from relay_passes.program import INPUT, Op, Program, emit, group_scale_attrs
+from relay_passes.attrs import (AddAttrs, AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, FlattenAttrs, GatherAttrs,
+                                MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, SumPoolAttrs, TableAttrs)
+from relay_passes.opset import kind as op_kind
+from relay_passes.program import INPUT, Op, Program, emit
 from relay_passes.resize import resize_op
 
 
@@ -87,13 +90,13 @@ class ProgramBuilder:
     def __init__(self, input_shape: tuple[int, ...], codes: TensorCodes):
         self.input_shape = tuple(input_shape)
         self.ops: list[Op] = []
-        self.input = self._new("quantize", "quantize", [INPUT], {"scale": codes.scale, "zero_point": codes.zero_point,
-                                                                 "qmax": codes.qmax}, {}, codes)
+        self.input = self._new("quantize", "quantize", [INPUT], QuantizeAttrs(
+            scale=codes.scale, zero_point=codes.zero_point, qmax=codes.qmax), {}, codes)
 
     def finish(self, out: Value) -> Program:
         """The program returning (dequantized ``out``, its codes); shapes and dtypes filled in."""
-        deq = self._new("dequantize", "dequantize", [out.name], {"scale": out.codes.scale,
-                        "zero_point": out.codes.zero_point}, {}, None, dtype="float32")
+        deq = self._new("dequantize", "dequantize", [out.name], DequantizeAttrs(
+            scale=out.codes.scale, zero_point=out.codes.zero_point), {}, None, dtype="float32")
         prog = Program(self.input_shape, self.ops, [deq.name, out.name])
         emit(prog)
         return prog
@@ -132,14 +135,15 @@ class ProgramBuilder:
         if np.any(shift < -30):
             raise CompileError(f"{ls.label}: requantization multiplier {alpha.max():.3g} too large")
         lo, hi = self._clamps(ls.out, ls.act, ls.label)
-        attrs = dict(conv)
-        attrs.update({"z_in": int(xin.zero_point), "z_out": int(ls.out.zero_point), "lo": lo, "hi": hi,
-                      "in_qmax": int(xin.qmax), "layer": ls.label, "frac": frac})
         params = {"w": ls.w_codes.astype(np.int8), "bias": bias.astype(np.int32),
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+        scales = ()
         if ls.groups is not None:
             params["groups"] = ls.groups.astype(np.int8)
-            attrs.update(group_scale_attrs(ls.scales))
+            scales = tuple(ls.scales)
+        attrs = op_kind(ls.kind).attrs(
+            **conv, z_in=int(xin.zero_point), z_out=int(ls.out.zero_point), lo=lo, hi=hi, in_qmax=int(xin.qmax),
+            layer=ls.label, frac=frac, group_scales=scales)
         return self._new(ls.kind, _op_name(ls.label), [x.name], attrs, params, ls.out)
 
     @staticmethod
@@ -169,8 +173,8 @@ class ProgramBuilder:
         if a.codes.qmax * ka + b.codes.qmax * kb >= 1 << 62:     # the add runs in int64 on every backend
             raise CompileError(f"{ad.label}: residual add of pooled sums could overflow int64")
         lo, hi = self._clamps(ad.out, ad.act, ad.label)
-        attrs = {"za": a.codes.zero_point, "zb": b.codes.zero_point, "ka": ka, "kb": kb, "t": t,
-                 "z_out": ad.out.zero_point, "lo": lo, "hi": hi, "layer": ad.label}
+        attrs = AddAttrs(za=a.codes.zero_point, zb=b.codes.zero_point, ka=ka, kb=kb, t=t, z_out=ad.out.zero_point,
+                         lo=lo, hi=hi, layer=ad.label)
         return self._new("add", _op_name(ad.label), [a.name, b.name], attrs, {}, ad.out)
 
     # ------------------------------------------------------------ pooling, layout
@@ -186,11 +190,11 @@ class ProgramBuilder:
                      for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)]
             if any(extra):
                 ph, pw = padding
-                t = self._new("pad", "pad", [t.name], {"pads": [ph, pw, ph + extra[0], pw + extra[1]], "value": 0},
+                t = self._new("pad", "pad", [t.name], PadAttrs(pads=(ph, pw, ph + extra[0], pw + extra[1]), value=0),
                               {}, c)
                 padding = [0, 0]
-        return self._new("max_pool2d", "max_pool", [t.name], {"kernel": kernel, "stride": stride, "padding": padding,
-                         "dilation": dilation}, {}, c)
+        return self._new("max_pool2d", "max_pool", [t.name], MaxPoolAttrs(kernel=kernel, stride=stride, padding=padding,
+                         dilation=dilation), {}, c)
 
     def sum_pool(self, t: Value, attrs: dict, label: str) -> Value:
         """Window sums (average pooling with the padding counted, 1/count folded downstream)."""
@@ -199,11 +203,11 @@ class ProgramBuilder:
         wide = TensorCodes(c.scale / count, c.zero_point * count, c.qmax * count)
         if wide.qmax > INT32_MAX:
             raise CompileError(f"pooling window of {count} at {label} overflows int32")
-        return self._new("sum_pool2d", "sum_pool", [t.name], {**attrs, "z_in": int(c.zero_point)}, {}, wide,
+        return self._new("sum_pool2d", "sum_pool", [t.name], SumPoolAttrs(**attrs, z_in=int(c.zero_point)), {}, wide,
                          dtype="int32")
 
     def flatten(self, t: Value) -> Value:
-        return self._new("flatten", "flatten", [t.name], {}, {}, t.codes)
+        return self._new("flatten", "flatten", [t.name], FlattenAttrs(), {}, t.codes)
 
     def pad(self, t: Value, pads: list[int], value: float, label: str) -> Value:
         """Constant padding [top, left, bottom, right] with the real ``value`` (its code)."""
@@ -213,11 +217,11 @@ class ProgramBuilder:
             raise CompileError(f"{label}: pad value {value} is outside the input's quantized range")
         if any(int(p) < 0 for p in pads):
             raise UnsupportedOpError(f"negative padding (cropping) at {label}")
-        return self._new("pad", "pad", [t.name], {"pads": [int(p) for p in pads], "value": code}, {}, c)
+        return self._new("pad", "pad", [t.name], PadAttrs(pads=[int(p) for p in pads], value=code), {}, c)
 
     def gather(self, t: Value, index: list[int], label: str) -> Value:
         """Channels x[:, index] (a split, a selection or a channel shuffle)."""
-        return self._new("gather", "gather", [t.name], {}, {"index": np.asarray(index, np.int32)}, t.codes)
+        return self._new("gather", "gather", [t.name], GatherAttrs(), {"index": np.asarray(index, np.int32)}, t.codes)
 
     def avg_pool(self, t: Value, windows: "Windows", out: TensorCodes, label: str) -> Value:
         """Box averages with their own rounding: every output position's window and divisor."""
@@ -228,7 +232,7 @@ class ProgramBuilder:
         params = {"h0": windows.h0, "h1": windows.h1, "w0": windows.w0, "w1": windows.w1,
                   "rq": rq.reshape(windows.divisor.shape).astype(np.int32),
                   "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
-        attrs = {"z_in": c.zero_point, "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        attrs = AvgPoolAttrs(z_in=c.zero_point, z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
         return self._new("avg_pool2d", _op_name(label), [t.name], attrs, params, out)
 
     def resize(self, t: Value, in_hw: tuple[int, int], size: tuple[int, int], mode: str, align_corners: bool, scales,
@@ -239,8 +243,8 @@ class ProgramBuilder:
         op = resize_op(_op_name(label), t.name, tuple(in_hw), tuple(size), mode, align_corners, scales, c.scale,
                        c.zero_point, out.scale if out else c.scale, out.zero_point if out else c.zero_point,
                        (out or c).qmax)
-        self._check_multiplier(np.array([op.attrs["shift"]]), label)
-        return self._new("resize", op.name, [t.name], {**op.attrs, "layer": label}, op.params, out or c)
+        self._check_multiplier(np.array([op.attrs.shift]), label)
+        return self._new("resize", op.name, [t.name], replace(op.attrs, layer=label), op.params, out or c)
 
     def concat(self, ts: list[Value], out: TensorCodes, label: str) -> Value:
         """Inputs moved to the output scale (one rounding each, common shift t), then joined."""
@@ -248,8 +252,8 @@ class ProgramBuilder:
             self._narrow(t, "concat", label)
         ratios = [t.codes.scale / out.scale for t in ts]
         t_ = int(np.clip(30 - math.ceil(math.log2(max(ratios))), 1, 48))
-        attrs = {"zs": [t.codes.zero_point for t in ts], "ks": [int(round(r * 2.0**t_)) for r in ratios], "t": t_,
-                 "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        attrs = ConcatAttrs(zs=[t.codes.zero_point for t in ts], ks=[int(round(r * 2.0**t_)) for r in ratios], t=t_,
+                            z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
         return self._new("concat", _op_name(label), [t.name for t in ts], attrs, {}, out)
 
     def table(self, t: Value, fn, out: TensorCodes, label: str) -> Value:
@@ -257,15 +261,15 @@ class ProgramBuilder:
         ``fn`` maps float32 arrays to float32 arrays exactly as the fake-quant model computes it."""
         c = self._narrow(t, "an elementwise function", label)
         table = code_table(fn, c.scale, c.zero_point, c.qmax, out.scale, out.zero_point, out.qmax)
-        return self._new("table", _op_name(label), [t.name], {"layer": label}, {"table": table}, out)
+        return self._new("table", _op_name(label), [t.name], TableAttrs(layer=label), {"table": table}, out)
 
     def mul(self, a: Value, b: Value, out: TensorCodes, label: str) -> Value:
         """a·b (b of a's shape, or one value per channel broadcast over H, W)."""
         ca, cb = self._narrow(a, "mul", label), self._narrow(b, "mul", label)
         mult, shift = quantize_multiplier(np.array([ca.scale * cb.scale / out.scale]))
         self._check_multiplier(shift, label)
-        attrs = {"za": ca.zero_point, "zb": cb.zero_point, "mult": int(mult[0]), "shift": int(shift[0]),
-                 "z_out": out.zero_point, "lo": 0, "hi": out.qmax, "layer": label}
+        attrs = MulAttrs(za=ca.zero_point, zb=cb.zero_point, mult=int(mult[0]), shift=int(shift[0]),
+                         z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
         return self._new("mul", _op_name(label), [a.name, b.name], attrs, {}, out)
 
     @staticmethod

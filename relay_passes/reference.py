@@ -59,13 +59,13 @@ def run(program: Program, x: np.ndarray, keep: bool = False) -> list[np.ndarray]
 
 def _quantize(op: Op, x):
     a = op.attrs
-    q = np.floor(x / np.float32(a["scale"]) + np.float32(0.5)) + np.float32(a["zero_point"])
-    return np.clip(q, 0, a["qmax"]).astype(op.dtype)
+    q = np.floor(x / np.float32(a.scale) + np.float32(0.5)) + np.float32(a.zero_point)
+    return np.clip(q, 0, a.qmax).astype(op.dtype)
 
 
 def _dequantize(op: Op, x):
     a = op.attrs
-    return (x.astype(np.float32) - np.float32(a["zero_point"])) * np.float32(a["scale"])
+    return (x.astype(np.float32) - np.float32(a.zero_point)) * np.float32(a.scale)
 
 
 def _windows(x: np.ndarray, kernel, stride, dilation, padding, pad_value: int) -> np.ndarray:
@@ -85,16 +85,16 @@ def _group_accumulators(op: Op, x: np.ndarray) -> list[np.ndarray]:
     n_groups = op.n_groups
     groups = op.params.get("groups")
     if op.kind == "linear":
-        xz = (x.astype(np.int64) - a["z_in"]).astype(np.float64)
+        xz = (x.astype(np.int64) - a.z_in).astype(np.float64)
         out = []
         for p in range(n_groups):
             sel = np.ones(w.shape[1], bool) if groups is None else groups == p
             out.append(np.rint(xz[:, sel] @ w[:, sel].T).astype(np.int64))
         return out
     m, cg, kh, kw = w.shape
-    cgroups = a["conv_groups"]
-    xz = x.astype(np.int64) - a["z_in"]                       # real-zero padding below
-    win = _windows(xz, (kh, kw), a["stride"], a["dilation"], a["padding"], 0).astype(np.float64)
+    cgroups = a.conv_groups
+    xz = x.astype(np.int64) - a.z_in                       # real-zero padding below
+    win = _windows(xz, (kh, kw), a.stride, a.dilation, a.padding, 0).astype(np.float64)
     n, c, oh, ow = win.shape[:4]
     mg = m // cgroups
     out = []
@@ -116,46 +116,46 @@ def _layer(op: Op, x):
     if "in_index" in op.params:
         x = np.take(x, op.params["in_index"], axis=1)
     accs = _group_accumulators(op, x)
-    total = merge_groups(accs, op.group_scales, a.get("frac", 0))
+    total = merge_groups(accs, op.group_scales, a.frac)
     bshape = (1, -1) + (1,) * (total.ndim - 2)
     total = total + op.params["bias"].astype(np.int64).reshape(bshape)
     if total.min(initial=0) < INT32_MIN or total.max(initial=0) > INT32_MAX:
         raise AccumulatorOverflow(f"{op.name}: accumulator left int32")
     y = output_codes(total, op.params["mult"].reshape(bshape), op.params["shift"].reshape(bshape),
-                     a["z_out"], a["lo"], a["hi"])
+                     a.z_out, a.lo, a.hi)
     return y.astype(op.dtype)
 
 
 def _add(op: Op, a_, b_):
     a = op.attrs
-    t = add_rescale(a_, a["za"], a["ka"], b_, a["zb"], a["kb"], a["t"])
-    return clamp(t + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+    t = add_rescale(a_, a.za, a.ka, b_, a.zb, a.kb, a.t)
+    return clamp(t + a.z_out, a.lo, a.hi).astype(op.dtype)
 
 
 def _max_pool2d(op: Op, x):
     a = op.attrs
-    win = _windows(x, a["kernel"], a["stride"], a.get("dilation", (1, 1)), a["padding"], np.iinfo(np.int64).min)
+    win = _windows(x, a.kernel, a.stride, a.rates, a.padding, np.iinfo(np.int64).min)
     return win.max(axis=(4, 5)).astype(op.dtype)
 
 
 def _avg_pool2d(op: Op, x):
     a, p = op.attrs, op.params
-    xz = x.astype(np.int64) - a["z_in"]
+    xz = x.astype(np.int64) - a.z_in
     rows = np.stack([xz[:, :, h0:h1].sum(2) for h0, h1 in zip(p["h0"], p["h1"])], 2)       # [N, C, OH, W]
     sums = np.stack([rows[..., w0:w1].sum(3) for w0, w1 in zip(p["w0"], p["w1"])], 3)      # [N, C, OH, OW]
     rq = p["rq"]
-    y = output_codes(sums, p["mult"][rq], p["shift"][rq], a["z_out"], a["lo"], a["hi"])
+    y = output_codes(sums, p["mult"][rq], p["shift"][rq], a.z_out, a.lo, a.hi)
     return y.astype(op.dtype)
 
 
 def _pad(op: Op, x):
-    top, left, bottom, right = op.attrs["pads"]
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=op.attrs["value"]).astype(op.dtype)
+    top, left, bottom, right = op.attrs.pads
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=op.attrs.value).astype(op.dtype)
 
 
 def _concat(op: Op, *xs):
     a = op.attrs
-    parts = [clamp(rescale(x, z, k, a["t"]) + a["z_out"], a["lo"], a["hi"]) for x, z, k in zip(xs, a["zs"], a["ks"])]
+    parts = [clamp(rescale(x, z, k, a.t) + a.z_out, a.lo, a.hi) for x, z, k in zip(xs, a.zs, a.ks)]
     return np.concatenate(parts, axis=1).astype(op.dtype)
 
 
@@ -165,14 +165,14 @@ def _table(op: Op, x):
 
 def _mul(op: Op, a_, b_):
     a = op.attrs
-    prod = (a_.astype(np.int64) - a["za"]) * (b_.astype(np.int64) - a["zb"])
-    return clamp(requantize(prod, a["mult"], a["shift"]) + a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+    prod = (a_.astype(np.int64) - a.za) * (b_.astype(np.int64) - a.zb)
+    return clamp(requantize(prod, a.mult, a.shift) + a.z_out, a.lo, a.hi).astype(op.dtype)
 
 
 def _resize(op: Op, x):
     a, p = op.attrs, op.params
-    one = 1 << a["frac"]
-    xz = x.astype(np.int64) - a["z_in"]
+    one = 1 << a.frac
+    xz = x.astype(np.int64) - a.z_in
     wy = np.stack([p["wy"], one - p["wy"]]).astype(np.int64)          # [2, OH]
     wx = np.stack([p["wx"], one - p["wx"]]).astype(np.int64)          # [2, OW]
     acc = np.zeros(x.shape[:2] + (p["y0"].size, p["x0"].size), np.int64)
@@ -180,12 +180,12 @@ def _resize(op: Op, x):
         rows = xz[:, :, ys]                                           # [N, C, OH, W]
         for xs, wxb in zip((p["x0"], p["x1"]), wx):
             acc += wya[:, None] * wxb[None, :] * rows[..., xs]
-    return output_codes(acc, a["mult"], a["shift"], a["z_out"], a["lo"], a["hi"]).astype(op.dtype)
+    return output_codes(acc, a.mult, a.shift, a.z_out, a.lo, a.hi).astype(op.dtype)
 
 
 def _sum_pool2d(op: Op, x):
     a = op.attrs
-    win = _windows(x, a["kernel"], a["stride"], (1, 1), a["padding"], a["z_in"])
+    win = _windows(x, a.kernel, a.stride, (1, 1), a.padding, a.z_in)
     return win.sum(axis=(4, 5)).astype(op.dtype)
 
 

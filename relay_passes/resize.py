@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.numerics import quantize_multiplier
+from relay_passes.attrs import ResizeAttrs
 from relay_passes.program import Op
 
 RESIZE_FRAC = 10        # bilinear weights in units of 2^-10: |acc| ≤ 2^20·255 stays far inside int32
@@ -98,6 +99,6 @@ def resize_op(name: str, src: str, in_hw, out_hw, mode: str, align_corners: bool
     if mode == "nearest":
         s_out, z_out = s_in, z_in
     mult, shift = quantize_multiplier(np.array([s_in / (s_out * 4.0**rows.frac)]))
-    attrs = {"mode": mode, "frac": rows.frac, "z_in": int(z_in), "z_out": int(z_out), "mult": int(mult[0]),
-             "shift": int(shift[0]), "lo": 0, "hi": int(qmax)}
+    attrs = ResizeAttrs(mode=mode, frac=rows.frac, z_in=int(z_in), z_out=int(z_out), mult=int(mult[0]),
+                        shift=int(shift[0]), lo=0, hi=int(qmax))
     return Op("resize", name, [src], attrs, resize_params(rows, cols))

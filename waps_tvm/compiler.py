@@ -90,10 +90,10 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
         # the runner refuses a library built for another machine (runner.check_arch)
         "llvm_target": target_config(target), "arch": target.arch,
         "input": {"shape": list(prog.input_shape), "dtype": "float32", "layout": "NCHW",
-                  "scale": quant.attrs["scale"], "zero_point": quant.attrs["zero_point"],
-                  "qmax": quant.attrs["qmax"]},
+                  "scale": quant.attrs.scale, "zero_point": quant.attrs.zero_point,
+                  "qmax": quant.attrs.qmax},
         "output": {"shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
-                   "scale": deq.attrs["scale"], "zero_point": deq.attrs["zero_point"]},
+                   "scale": deq.attrs.scale, "zero_point": deq.attrs.zero_point},
         "outputs": ["dequantized", "codes"],
         "waps": {"form": lowered.legalize.form, "legalized_layers": lowered.legalize.legalized,
                  "masked_layers": lowered.legalize.masked,

@@ -68,30 +68,30 @@ def _layer(op_type: str, conv: bool):
     def render(g: _Graph, op, ins, runs_on):
         from relay_passes.kernels import group_ranges
         a = op.attrs
-        layer = a.get("layer") or None
+        layer = a.layer or None
         w = op.params["w"]
         scales = op.group_scales
         groups = op.params.get("groups")
-        ranges = group_ranges(groups, op.n_groups) if groups is not None else [(0, w.shape[1] * a.get("conv_groups", 1))]
+        ranges = group_ranges(groups, op.n_groups) if groups is not None else [(0, w.shape[1] * a.conv_groups)]
         parts = []
         for p, (c0, c1) in enumerate(ranges if ranges is not None else [(None, None)] * op.n_groups):
             out = f"{op.name}/acc{p}"
             extra = {}
             if conv:
-                extra = dict(strides=a["stride"], pads=[a["padding"][0], a["padding"][1]] * 2,
-                             dilations=a["dilation"], group=a["conv_groups"])
+                extra = dict(strides=a.stride, pads=[a.padding[0], a.padding[1]] * 2,
+                             dilations=a.dilation, group=a.conv_groups)
             chans = dict(channel_begin=c0, channel_end=c1) if c0 is not None else dict(masked=1)
             g.node("GroupConv" if groups is not None else op_type,
                    [ins[0], g.init(f"{op.name}/w", w) if p == 0 else f"{op.name}/w"], [out], f"{op.name}/conv{p}",
-                   runs_on, z_in=a["z_in"], group_index=p, gamma_sigma=scales[p].sigma, gamma_shift=scales[p].n,
+                   runs_on, z_in=a.z_in, group_index=p, gamma_sigma=scales[p].sigma, gamma_shift=scales[p].n,
                    form=op.schedule.form, layer=layer, **chans, **extra)
             parts.append(out)
         merged = f"{op.name}/acc"
         g.node("ShiftAdd", parts + [g.init(f"{op.name}/bias", op.params["bias"])], [merged], f"{op.name}/shift_add",
-               runs_on, sigma=[s.sigma for s in scales], shifts=[s.n for s in scales], frac_bits=a.get("frac", 0))
+               runs_on, sigma=[s.sigma for s in scales], shifts=[s.n for s in scales], frac_bits=a.frac)
         g.node("Requant", [merged, g.init(f"{op.name}/mult", op.params["mult"]),
                            g.init(f"{op.name}/shift", op.params["shift"])], [op.name], f"{op.name}/requant",
-               runs_on, z_out=a["z_out"], lo=a["lo"], hi=a["hi"], rounding="half_up")
+               runs_on, z_out=a.z_out, lo=a.lo, hi=a.hi, rounding="half_up")
     return render
 
 
@@ -101,16 +101,16 @@ def _gather(g: _Graph, op, ins, runs_on):
 
 def _add(g: _Graph, op, ins, runs_on):
     a = op.attrs
-    g.node("Add", ins, [op.name], op.name, runs_on, **{k: int(a[k]) for k in ("za", "zb", "ka", "kb", "t",
+    g.node("Add", ins, [op.name], op.name, runs_on, **{k: int(getattr(a, k)) for k in ("za", "zb", "ka", "kb", "t",
                                                                              "z_out", "lo", "hi")},
-           layer=a.get("layer") or None)
+           layer=a.layer or None)
 
 
 def _pool(op_type: str):
     def render(g: _Graph, op, ins, runs_on):
         a = op.attrs
-        g.node(op_type, ins, [op.name], op.name, runs_on, kernel_shape=a["kernel"], strides=a["stride"],
-               pads=[a["padding"][0], a["padding"][1]] * 2, z_in=a.get("z_in"))
+        g.node(op_type, ins, [op.name], op.name, runs_on, kernel_shape=a.kernel, strides=a.stride,
+               pads=[a.padding[0], a.padding[1]] * 2, z_in=getattr(a, "z_in", None))   # a max pool has none
     return render
 
 
@@ -118,8 +118,8 @@ def _float_edge(op_type: str, qmax: bool):
     """Quantize (with its ``qmax``) or Dequantize: scale and zero point as attributes."""
     def render(g: _Graph, op, ins, runs_on):
         a = op.attrs
-        g.node(op_type, ins, [op.name], op.name, runs_on, scale=float(a["scale"]),
-               zero_point=int(a["zero_point"]), **({"qmax": int(a["qmax"])} if qmax else {}))
+        g.node(op_type, ins, [op.name], op.name, runs_on, scale=float(a.scale),
+               zero_point=int(a.zero_point), **({"qmax": int(a.qmax)} if qmax else {}))
     return render
 
 
@@ -132,7 +132,7 @@ def _generic(op_type: str):
     def render(g: _Graph, op, ins, runs_on):
         params = [g.init(f"{op.name}/{k}", v) for k, v in sorted(op.params.items())]
         g.node(op_type, ins + params, [op.name], op.name, runs_on,
-               **{k: v for k, v in op.attrs.items() if _attr_ok(v)})
+               **{k: v for k, v in op.attrs.to_json().items() if _attr_ok(v)})
     return render
 
 

@@ -38,10 +38,10 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
     for op in program.ops:
         place = where.get(op.name, {"target": target, "reason": ""})
         a = op.attrs
-        row = {"op": op.name, "kind": op.kind, "layer": a.get("layer", ""), "target": place["target"],
+        row = {"op": op.name, "kind": op.kind, "layer": a.layer or "", "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape), "macs": _macs(program, op),
                "in_channels": _in_channels(op),
-               "group_sizes": [], "sigma": [], "n": [], "frac_bits": a.get("frac", 0),
+               "group_sizes": [], "sigma": [], "n": [], "frac_bits": getattr(a, "frac", 0),
                "gather_folded": "in_index" in op.params,     # fast form: read through the index
                "gathered": "in_index" in op.params
                            or any(program[i].kind == "gather" for i in op.inputs if i != "input")}
@@ -71,7 +71,7 @@ def _in_channels(op) -> int:
     from relay_passes.opset import is_layer
     if not is_layer(op):
         return 0
-    return int(op.params["w"].shape[1] * op.attrs.get("conv_groups", 1))
+    return int(op.params["w"].shape[1] * op.attrs.conv_groups)
 
 
 def _totals(rows: list[dict]) -> dict:

@@ -19,7 +19,7 @@ from tvm import relax
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
 from codegen.c.emit import C_TYPES, KERNELS, SHARED_KINDS, add_call, kernel_call, quantize_call
-from relay_passes.program import decode_attrs, group_scales
+from relay_passes.program import decode_attrs
 from targets.c_source import inline_source
 
 CODEGEN = "waps_c"
@@ -90,7 +90,7 @@ def _entry(fn: relax.Function, sym: str) -> str:
     kind = str(fn.attrs["waps.kind"])
     if kind not in ENTRIES:
         raise ValueError(f"no C kernel for {kind}")
-    a, _, n_in = decode_attrs(str(fn.attrs["waps.attrs"]))
+    a, _, n_in = decode_attrs(kind, str(fn.attrs["waps.attrs"]))
     e = _Entry(fn, a, [str(p) for p in fn.attrs["waps.params"]], n_in)
     return entry_function(sym, ENTRIES[kind](e))
 
@@ -98,12 +98,12 @@ def _entry(fn: relax.Function, sym: str) -> str:
 def _layer(e: _Entry, call: str) -> list[str]:
     """σ and n as static arrays, then ``call`` + the arguments conv2d and linear share."""
     a, arg = e.a, e.arg
-    scales = group_scales(a)
+    scales = a.scales
     ng = len(scales)
     groups = _ptr(arg["groups"], "const int8_t") if "groups" in e.pnames else "0"
-    tail = (f"{groups}, {ng}, sig, nsh, {a.get('frac', 0)}, {_ptr(arg['bias'], 'const int32_t')}, "
-            f"{_ptr(arg['mult'], 'const int32_t')}, {_ptr(arg['shift'], 'const int32_t')}, {a['z_in']}, "
-            f"{a['z_out']}, {a['lo']}, {a['hi']}, {_ptr(_OUT, 'uint8_t')});")
+    tail = (f"{groups}, {ng}, sig, nsh, {a.frac}, {_ptr(arg['bias'], 'const int32_t')}, "
+            f"{_ptr(arg['mult'], 'const int32_t')}, {_ptr(arg['shift'], 'const int32_t')}, {a.z_in}, "
+            f"{a.z_out}, {a.lo}, {a.hi}, {_ptr(_OUT, 'uint8_t')});")
     return [f"static const int8_t sig[{ng}] = {{{','.join(str(s.sigma) for s in scales)}}};",
             f"static const int8_t nsh[{ng}] = {{{','.join(str(s.n) for s in scales)}}};",
             call + tail]
@@ -118,9 +118,9 @@ def _linear(e: _Entry) -> list[str]:
 def _conv2d(e: _Entry) -> list[str]:
     a, w_shape = e.a, e.param_shape("w")
     n, c, h, w = e.in_shape
-    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    (sh, sw), (ph, pw), (dh, dw) = a.stride, a.padding, a.dilation
     return _layer(e, f"waps_conv2d_{e.sfx}({e.x}, {n}, {c}, {h}, {w}, {_ptr(e.arg['w'], 'const int8_t')}, "
-                     f"{w_shape[0]}, {w_shape[2]}, {w_shape[3]}, {a['conv_groups']}, {sh}, {sw}, {ph}, {pw}, "
+                     f"{w_shape[0]}, {w_shape[2]}, {w_shape[3]}, {a.conv_groups}, {sh}, {sw}, {ph}, {pw}, "
                      f"{dh}, {dw}, ")
 
 

@@ -107,8 +107,8 @@ def _dequantize(s: _Site) -> str:
 def quantize_call(fn: str, a: dict, shape, x: str, out: str) -> str:
     """The C statement of ``fn``, waps_quantize or a waps_dequantize_* (the C program and the C
     BYOC entries both call this); its constants are exact float32 literals, qmax only quantize's."""
-    qmax = f"{float_literal(a['qmax'])}, " if fn == "waps_quantize" else ""
-    return (f"{fn}({x}, {int(np.prod(shape))}, {float_literal(a['scale'])}, {float_literal(a['zero_point'])}, "
+    qmax = f"{float_literal(a.qmax)}, " if fn == "waps_quantize" else ""
+    return (f"{fn}({x}, {int(np.prod(shape))}, {float_literal(a.scale)}, {float_literal(a.zero_point)}, "
             f"{qmax}{out});")
 
 
@@ -116,8 +116,8 @@ def _layer_tail(s: _Site) -> str:
     """The arguments conv2d and linear share: groups, σ, n, bias, requant, clamp, output."""
     a, v = s.op.attrs, s.v
     groups = f"{v}_groups" if "groups" in s.op.params else "0"
-    return (f"{groups}, {s.op.n_groups}, {v}_sigma, {v}_n, {a.get('frac', 0)}, {v}_bias, {v}_mult, {v}_shift, "
-            f"{a['z_in']}, {a['z_out']}, {a['lo']}, {a['hi']}, buf_{v});")
+    return (f"{groups}, {s.op.n_groups}, {v}_sigma, {v}_n, {a.frac}, {v}_bias, {v}_mult, {v}_shift, "
+            f"{a.z_in}, {a.z_out}, {a.lo}, {a.hi}, buf_{v});")
 
 
 def _linear(s: _Site) -> str:
@@ -129,8 +129,8 @@ def _conv2d(s: _Site) -> str:
     a = s.op.attrs
     n, c, h, w = s.in_shape
     m, _, kh, kw = s.op.params["w"].shape
-    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
-    return (f"waps_conv2d_{s.suffix}({s.x}, {n}, {c}, {h}, {w}, {s.v}_w, {m}, {kh}, {kw}, {a['conv_groups']}, "
+    (sh, sw), (ph, pw), (dh, dw) = a.stride, a.padding, a.dilation
+    return (f"waps_conv2d_{s.suffix}({s.x}, {n}, {c}, {h}, {w}, {s.v}_w, {m}, {kh}, {kw}, {a.conv_groups}, "
             f"{sh}, {sw}, {ph}, {pw}, {dh}, {dw}, " + _layer_tail(s))
 
 
@@ -144,7 +144,7 @@ def add_call(a: dict, sa, sb, b_dtype: str, x: str, b: str, out: str) -> str:
     """The C statement of one add (the C program and the C BYOC entries both call this): waps_add
     for equal shapes, waps_add_bcast_{u8,i32} for a broadcast b ([N, C|1, H·W|1])."""
     sa, sb = tuple(int(v) for v in sa), tuple(int(v) for v in sb)
-    tail = f"{a['za']}, {a['zb']}, {a['ka']}LL, {a['kb']}LL, {a['t']}, {a['z_out']}, {a['lo']}, {a['hi']}, {out});"
+    tail = f"{a.za}, {a.zb}, {a.ka}LL, {a.kb}LL, {a.t}, {a.z_out}, {a.lo}, {a.hi}, {out});"
     if sa == sb:
         return f"waps_add({x}, {b}, {int(np.prod(sa))}, " + tail
     inner = int(np.prod(sa[2:]))
@@ -175,46 +175,46 @@ def _gather(s: _Site) -> str:
 
 def _max_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    dh, dw = a.get("dilation", (1, 1))
+    (kh, kw), (sh, sw), (ph, pw) = a.kernel, a.stride, a.padding
+    dh, dw = a.rates
     return [f"waps_max_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {dh}, {dw}, {out});"]
 
 
 def _sum_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
-    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-    return [f"waps_sum_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a['z_in']}, {out});"]
+    (kh, kw), (sh, sw), (ph, pw) = a.kernel, a.stride, a.padding
+    return [f"waps_sum_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {kh}, {kw}, {sh}, {sw}, {ph}, {pw}, {a.z_in}, {out});"]
 
 
 def _avg_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
     oh, ow = out_shape[2:]
     tabs = ", ".join(param[k] for k in ("h0", "h1", "w0", "w1", "rq", "mult", "shift"))
-    return [f"waps_avg_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['z_in']}, {a['z_out']}, "
-            f"{a['lo']}, {a['hi']}, {out});"]
+    return [f"waps_avg_pool2d({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a.z_in}, {a.z_out}, "
+            f"{a.lo}, {a.hi}, {out});"]
 
 
 def _resize_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
     oh, ow = out_shape[2:]
     tabs = ", ".join(param[k] for k in ("y0", "y1", "wy", "x0", "x1", "wx"))
-    return [f"waps_resize({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a['frac']}, {a['z_in']}, {a['mult']}, "
-            f"{a['shift']}, {a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
+    return [f"waps_resize({ins[0]}, {n}, {c}, {h}, {w}, {oh}, {ow}, {tabs}, {a.frac}, {a.z_in}, {a.mult}, "
+            f"{a.shift}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
 
 
 def _pad_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     n, c, h, w = in_shapes[0]
-    top, left, bottom, right = a["pads"]
-    return [f"waps_pad({ins[0]}, {n}, {c}, {h}, {w}, {top}, {left}, {bottom}, {right}, {a['value']}, {out});"]
+    top, left, bottom, right = a.pads
+    return [f"waps_pad({ins[0]}, {n}, {c}, {h}, {w}, {top}, {left}, {bottom}, {right}, {a.value}, {out});"]
 
 
 def _concat_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     c_out = int(out_shape[1])
     lines, off = [], 0
-    for x, s, z, k in zip(ins, in_shapes, a["zs"], a["ks"]):
+    for x, s, z, k in zip(ins, in_shapes, a.zs, a.ks):
         inner = int(np.prod(s[2:]))
-        lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a['t']}, "
-                     f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});")
+        lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a.t}, "
+                     f"{a.z_out}, {a.lo}, {a.hi}, {out});")
         off += int(s[1])
     return lines
 
@@ -228,8 +228,8 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     nc = shape[0] * shape[1]
     inner = int(np.prod(shape[2:]))
     bcast = int(int(np.prod(in_shapes[1])) != int(np.prod(shape)))
-    return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a['za']}, {a['zb']}, {a['mult']}, {a['shift']}, "
-            f"{a['z_out']}, {a['lo']}, {a['hi']}, {out});"]
+    return [f"waps_mul({ins[0]}, {ins[1]}, {nc}, {inner}, {bcast}, {a.za}, {a.zb}, {a.mult}, {a.shift}, "
+            f"{a.z_out}, {a.lo}, {a.hi}, {out});"]
 
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {

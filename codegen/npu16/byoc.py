@@ -48,10 +48,10 @@ def placement(mod: tvm.IRModule, npu: NPU16 = DEFAULT) -> list[dict]:
         dtypes = [prog.dtype_of(i) for i in op.inputs]
         try:
             low = lower_op(op.kind, op.attrs, shapes, dtypes, op.params, npu)
-            out.append({"op": op.name, "kind": op.kind, "layer": op.attrs.get("layer", ""), "target": "npu16",
+            out.append({"op": op.name, "kind": op.kind, "layer": op.attrs.layer or "", "target": "npu16",
                         "reason": "", "lowered": low})
         except NotOnNpu as e:
-            out.append({"op": op.name, "kind": op.kind, "layer": op.attrs.get("layer", ""), "target": "llvm",
+            out.append({"op": op.name, "kind": op.kind, "layer": op.attrs.layer or "", "target": "llvm",
                         "reason": str(e), "lowered": None})
     return out
 
@@ -101,7 +101,7 @@ def _entry(fn: relax.Function, sym: str, low: NpuOp) -> str:
     derived constants, then the lowered arrays ``offload`` appended), then the output. A
     lowered array the function takes no parameter for (a function compiled on its own, as
     the BYOC entry tests do) is written into the source as a constant array instead."""
-    n_in = decode_attrs(str(fn.attrs["waps.attrs"]))[2]
+    n_in = decode_attrs(str(fn.attrs["waps.kind"]), str(fn.attrs["waps.attrs"]))[2]
     position = {p.name: i for i, p in enumerate(fn.params)}
     pnames = [str(p) for p in fn.attrs["waps.params"]]
     arg = {k: f"&args[{n_in + i}]" for i, k in enumerate(pnames)}

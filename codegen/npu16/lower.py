@@ -17,7 +17,6 @@ import numpy as np
 
 from codegen.npu16.tiling import tile_weights
 from relay_passes.fast_kernels import output_hw
-from relay_passes.program import group_scales
 from targets.npu16 import memory
 from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
 from targets.npu16.params import DEFAULT, NPU16
@@ -68,16 +67,16 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     s: list[Instr] = machine_registers(npu)
     n, c, h, w = shape
     m, cg, kh, kw = wt.shape
-    g = a.get("conv_groups", 1)
-    scales = group_scales(a)
+    g = a.conv_groups
+    scales = a.scales
     groups = params.get("groups")
     if len(scales) > MAX_GROUPS:
         raise NotOnNpu(f"{len(scales)} WAPS groups: the D1/D2 datapath holds at most {MAX_GROUPS}")
-    (sh, sw), (ph, pw), (dh, dw) = a.get("stride", [1, 1]), a.get("padding", [0, 0]), a.get("dilation", [1, 1])
+    (sh, sw), (ph, pw), (dh, dw) = a.stride, a.padding, a.dilation
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.M: m, Reg.KH: kh, Reg.KW: kw, Reg.CONV_GROUPS: g,
-                Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a["z_in"],
-                **_clamp_regs(a), Reg.FRAC: a.get("frac", 0), Reg.IN_WIDE: _wide(in_dtypes)})
-    oh, ow = output_hw(h, w, (kh, kw), {"padding": (ph, pw), "stride": (sh, sw), "dilation": (dh, dw)})
+                Reg.SH: sh, Reg.SW: sw, Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a.z_in,
+                **_clamp_regs(a), Reg.FRAC: a.frac, Reg.IN_WIDE: _wide(in_dtypes)})
+    oh, ow = output_hw(h, w, (kh, kw), (ph, pw), (sh, sw), (dh, dw))
     stripes = partial(memory.plan, h=h, oh=oh, ow=ow, kh=kh, sh=sh, ph=ph, dh=dh, tile=npu.tile,
                       in_row_bytes=c * w * (4 if _wide(in_dtypes) else 1), npu=npu)
     if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
@@ -124,8 +123,8 @@ def _add(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
         s += _regs({Reg.N: sa[0], Reg.C: sa[1], Reg.INNER: _inner(sa), Reg.B_BCAST: 1,
                     Reg.B_C: int(sb[1] == sa[1]), Reg.B_INNER: int(_inner(sb) == _inner(sa)),
                     Reg.B_WIDE: int(in_dtypes[1] != "uint8")})
-    s += _regs({Reg.COUNT: int(np.prod(in_shapes[0])), Reg.ZA: a["za"], Reg.ZB: a["zb"], Reg.KA: a["ka"],
-                Reg.KB: a["kb"], Reg.T: a["t"], **_clamp_regs(a)})
+    s += _regs({Reg.COUNT: int(np.prod(in_shapes[0])), Reg.ZA: a.za, Reg.ZB: a.zb, Reg.KA: a.ka,
+                Reg.KB: a.kb, Reg.T: a.t, **_clamp_regs(a)})
     return NpuOp(s + [Instr(Op.ADD), Instr(Op.END)])
 
 
@@ -136,10 +135,11 @@ def _pool(command: Op, dilated: bool):
         if _wide(in_dtypes):
             raise NotOnNpu("pooling of int32 (pooled) codes")
         n, c, h, w = in_shapes[0]
-        (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
-        dh, dw = a.get("dilation", (1, 1)) if dilated else (1, 1)
+        (kh, kw), (sh, sw), (ph, pw) = a.kernel, a.stride, a.padding
+        dh, dw = a.rates if dilated else (1, 1)
+        z_in = getattr(a, "z_in", 0)                     # a sum pool's; a max pool has none
         s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.KH: kh, Reg.KW: kw, Reg.SH: sh, Reg.SW: sw,
-                    Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: a.get("z_in", 0)})
+                    Reg.PH: ph, Reg.PW: pw, Reg.DH: dh, Reg.DW: dw, Reg.Z_IN: z_in})
         s += [Instr(command), Instr(Op.END)]
         return NpuOp(s)
     return lowering
@@ -173,14 +173,14 @@ def _regs(values: dict) -> list[Instr]:
 
 
 def _clamp_regs(a: dict) -> dict:
-    return {Reg.Z_OUT: a["z_out"], Reg.LO: a["lo"], Reg.HI: a["hi"]}
+    return {Reg.Z_OUT: a.z_out, Reg.LO: a.lo, Reg.HI: a.hi}
 
 
 def _pad(s, a, in_shapes, params) -> NpuOp:
     n, c, h, w = in_shapes[0]
-    top, left, bottom, right = a["pads"]
+    top, left, bottom, right = a.pads
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.PAD_TOP: top, Reg.PAD_LEFT: left,
-                Reg.PAD_BOTTOM: bottom, Reg.PAD_RIGHT: right, Reg.PAD_VALUE: a["value"]})
+                Reg.PAD_BOTTOM: bottom, Reg.PAD_RIGHT: right, Reg.PAD_VALUE: a.value})
     return NpuOp(s + [Instr(Op.PAD), Instr(Op.END)])
 
 
@@ -192,14 +192,14 @@ def _int32_table(params: dict[str, np.ndarray], keys: tuple[str, ...]) -> np.nda
 def _avg_pool2d(s, a, in_shapes, params) -> NpuOp:
     n, c, h, w = in_shapes[0]
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["h0"].size, Reg.OW: params["w0"].size,
-                Reg.COUNT: params["mult"].size, Reg.Z_IN: a["z_in"], **_clamp_regs(a)})
+                Reg.COUNT: params["mult"].size, Reg.Z_IN: a.z_in, **_clamp_regs(a)})
     return NpuOp(s + [Instr(Op.AVGPOOL), Instr(Op.END)], table=_int32_table(params, ("h0", "h1", "w0", "w1", "rq")))
 
 
 def _resize(s, a, in_shapes, params) -> NpuOp:
     n, c, h, w = in_shapes[0]
     s += _regs({Reg.N: n, Reg.C: c, Reg.H: h, Reg.W: w, Reg.OH: params["y0"].size, Reg.OW: params["x0"].size,
-                Reg.FRAC: a["frac"], Reg.Z_IN: a["z_in"], Reg.MULT: a["mult"], Reg.SHIFT: a["shift"],
+                Reg.FRAC: a.frac, Reg.Z_IN: a.z_in, Reg.MULT: a.mult, Reg.SHIFT: a.shift,
                 **_clamp_regs(a)})
     table = _int32_table(params, ("y0", "y1", "wy", "x0", "x1", "wx"))
     return NpuOp(s + [Instr(Op.RESIZE), Instr(Op.END)], table=table)
@@ -208,10 +208,10 @@ def _resize(s, a, in_shapes, params) -> NpuOp:
 def _concat(s, a, in_shapes, params) -> NpuOp:
     """One CONCAT command per input: the epilogue streams it through its rescale."""
     c_out = sum(int(sh[1]) for sh in in_shapes)
-    s += _regs({Reg.N: in_shapes[0][0], Reg.INNER: _inner(in_shapes[0]), Reg.OUT_CHANNELS: c_out, Reg.T: a["t"],
+    s += _regs({Reg.N: in_shapes[0][0], Reg.INNER: _inner(in_shapes[0]), Reg.OUT_CHANNELS: c_out, Reg.T: a.t,
                 **_clamp_regs(a)})
     off = 0
-    for i, (shape, z, k) in enumerate(zip(in_shapes, a["zs"], a["ks"])):
+    for i, (shape, z, k) in enumerate(zip(in_shapes, a.zs, a.ks)):
         s += _regs({Reg.INPUT_SEL: i, Reg.C: shape[1], Reg.C_OFFSET: off, Reg.ZA: z, Reg.KA: k})
         s.append(Instr(Op.CONCAT))
         off += int(shape[1])
@@ -231,8 +231,8 @@ def _mul(s, a, in_shapes, params) -> NpuOp:
     bcast = int(np.prod(sb)) != int(np.prod(sa))
     if bcast and tuple(sb) != (sa[0], sa[1], 1, 1):
         raise NotOnNpu(f"mul broadcast {tuple(sb)} → {tuple(sa)}: the unit broadcasts [N, C, 1, 1] only")
-    s += _regs({Reg.N: sa[0], Reg.C: sa[1], Reg.INNER: _inner(sa), Reg.B_BCAST: int(bcast), Reg.ZA: a["za"],
-                Reg.ZB: a["zb"], Reg.MULT: a["mult"], Reg.SHIFT: a["shift"], **_clamp_regs(a)})
+    s += _regs({Reg.N: sa[0], Reg.C: sa[1], Reg.INNER: _inner(sa), Reg.B_BCAST: int(bcast), Reg.ZA: a.za,
+                Reg.ZB: a.zb, Reg.MULT: a.mult, Reg.SHIFT: a.shift, **_clamp_regs(a)})
     return NpuOp(s + [Instr(Op.MUL), Instr(Op.END)])
 
 

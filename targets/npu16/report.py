@@ -29,11 +29,11 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
         ph = 0
     else:
         m, cg, kh, kw = w.shape
-        g = a["conv_groups"]
+        g = a.conv_groups
         c = cg * g
         _, _, oh, ow = op.shape
         h, wd = in_shape[2], in_shape[3]
-        sh, ph, dh = a["stride"][0], a["padding"][0], a.get("dilation", (1, 1))[0]
+        sh, ph, dh = a.stride[0], a.padding[0], a.dilation[0]
     sizes, scaled, per_group = (), (), ()
     if "groups" in op.params:
         labels = np.asarray(op.params["groups"])
@@ -74,7 +74,7 @@ def _add(program, op, in_shape, in_dtype, npu) -> LayerCost:
 def _pool(out_bytes: int):
     """A max (uint8 out) or sum (int32 out) pool: one epilogue value per window tap."""
     def cost(program, op, in_shape, in_dtype, npu) -> LayerCost:
-        taps = int(np.prod(op.attrs.get("kernel", [1, 1])))
+        taps = int(np.prod(op.attrs.kernel))
         return pool_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), taps, out_bytes, npu)
     return cost
 
@@ -109,7 +109,7 @@ def _mul(program, op, in_shape, in_dtype, npu) -> LayerCost:
 
 def _resize(program, op, in_shape, in_dtype, npu) -> LayerCost:
     return resize_cost(op.name, in_shape[0] * in_shape[1], in_shape[3], op.params["y0"].size, op.params["x0"].size,
-                       op.attrs["frac"] > 0, npu)
+                       op.attrs.frac > 0, npu)
 
 
 # kind → its estimated npu16 cost (every kind of relay_passes/opset.py; the host kinds have none)
@@ -125,7 +125,7 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
     rows = []
     for op in program.ops:
         place = where.get(op.name, {"target": "llvm", "reason": ""})
-        row = {"op": op.name, "kind": op.kind, "layer": op.attrs.get("layer", ""), "target": place["target"],
+        row = {"op": op.name, "kind": op.kind, "layer": op.attrs.layer or "", "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape)}
         if place["target"] == "npu16":
             est = estimate(program, op, npu)

@@ -13,6 +13,7 @@ from tvm import relax, te
 from calib import numerics as nx
 from calib.numerics import GroupScale
 from relay_passes import numeric_tvm as nt
+from relay_passes.attrs import AddAttrs
 from targets.c_source import NUMERIC_H, inline_source
 from tests.compile_helpers import compile_c_wrapper
 
@@ -188,7 +189,7 @@ def test_add_rescale_numpy_tir_relax_c(clib, za, zb, ka, kb, t, data):
     got_c = np.zeros(COUNT, np.int64)
     clib.t_add_rescale(_p(a), _p(b), COUNT, za, ctypes.c_int64(ka), zb, ctypes.c_int64(kb), t, _p(got_c))
     np.testing.assert_array_equal(got_c, want)
-    attrs = {"za": za, "ka": ka, "zb": zb, "kb": kb, "t": t, "z_out": 0, "lo": -(2**62), "hi": 2**62}
+    attrs = AddAttrs(za=za, ka=ka, zb=zb, kb=kb, t=t, z_out=0, lo=-(2**62), hi=2**62)
     A, B = te.placeholder((COUNT,), "uint8", "a"), te.placeholder((COUNT,), "uint8", "b")
     out = te.compute((COUNT,), lambda i: nt.residual_add(nt.TIR, A[i], B[i], attrs, "int64"), name="out")
     np.testing.assert_array_equal(_run_tir(te.create_prim_func([A, B, out]), a, b, out_dtype="int64"), want)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from relay_passes.attrs import (AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, MaxPoolAttrs, MulAttrs, PadAttrs,
+                                QuantizeAttrs, ResizeAttrs)
 from relay_passes.program import INPUT, Op, Program
 
 KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize")
@@ -25,9 +27,10 @@ def _mult(rng) -> int:
 
 
 def _program(input_shape, ops: list[Op], qmax: int = 255) -> Program:
-    q = Op("quantize", "q", [INPUT], {"scale": 1.0, "zero_point": 0.0, "qmax": qmax}, shape=tuple(input_shape))
+    q = Op("quantize", "q", [INPUT], QuantizeAttrs(scale=1.0, zero_point=0.0, qmax=qmax), shape=tuple(input_shape))
     last = ops[-1]
-    dq = Op("dequantize", "dq", [last.name], {"scale": 0.5, "zero_point": 3.0}, shape=last.shape, dtype="float32")
+    dq = Op("dequantize", "dq", [last.name], DequantizeAttrs(scale=0.5, zero_point=3.0), shape=last.shape,
+            dtype="float32")
     return Program(tuple(input_shape), [q, *ops, dq], ["dq", last.name])
 
 
@@ -44,7 +47,7 @@ def case(kind: str, seed: int):
         c, h, w = (int(v) for v in rng.integers(1, 7, 3))
         pads = [int(v) for v in rng.integers(0, 4, 4)]
         top, left, bottom, right = pads
-        op = Op("pad", "op", ["q"], {"pads": pads, "value": int(rng.integers(0, 256))},
+        op = Op("pad", "op", ["q"], PadAttrs(pads=pads, value=int(rng.integers(0, 256))),
                 shape=(n, c, h + top + bottom, w + left + right))
         shape, ops = (n, c, h, w), [op]
     elif kind == "max_pool2d":
@@ -56,7 +59,7 @@ def case(kind: str, seed: int):
         h = int(rng.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 9))
         w = int(rng.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 9))
         oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        attrs = {"kernel": [kh, kw], "stride": [sh, sw], "padding": [ph, pw], "dilation": [dh, dw]}
+        attrs = MaxPoolAttrs(kernel=[kh, kw], stride=[sh, sw], padding=[ph, pw], dilation=[dh, dw])
         shape, ops = (n, c, h, w), [Op("max_pool2d", "op", ["q"], attrs, shape=(n, c, oh, ow))]
     elif kind == "avg_pool2d":
         c, h, w = int(rng.integers(1, 4)), int(rng.integers(1, 8)), int(rng.integers(1, 8))
@@ -71,7 +74,7 @@ def case(kind: str, seed: int):
                   "mult": rng.integers(2**30, 2**31, d).astype(np.int32),
                   "shift": rng.integers(-3, 8, d).astype(np.int32)}
         lo, hi = _clamp_range(rng)
-        attrs = {"z_in": int(rng.integers(0, 256)), "z_out": int(rng.integers(0, 256)), "lo": lo, "hi": hi}
+        attrs = AvgPoolAttrs(z_in=int(rng.integers(0, 256)), z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
         shape, ops = (n, c, h, w), [Op("avg_pool2d", "op", ["q"], attrs, params, shape=(n, c, oh, ow))]
     elif kind == "concat":
         k = int(rng.integers(1, 5))
@@ -84,8 +87,8 @@ def case(kind: str, seed: int):
         ks = [int(rng.choice([1, 2**t, 2**31 - 1, 2**40, int(rng.integers(1, 2**20)), 3 * 2**(t - 1)]))
               for _ in range(k)]
         lo, hi = _clamp_range(rng)
-        attrs = {"zs": [int(v) for v in rng.integers(0, 256, k)], "ks": ks, "t": t,
-                 "z_out": int(rng.integers(0, 256)), "lo": lo, "hi": hi}
+        attrs = ConcatAttrs(zs=[int(v) for v in rng.integers(0, 256, k)], ks=ks, t=t,
+                            z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
         c_out = sum(o.shape[1] for o in ops)
         ops.append(Op("concat", "op", [o.name for o in ops], attrs, shape=(n, c_out, *spatial)))
     elif kind == "table":
@@ -107,11 +110,11 @@ def case(kind: str, seed: int):
             if form == "same":
                 b = _gather("b", "q", rng.permutation(c), shape)
             else:
-                b = Op("max_pool2d", "b", ["q"], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]},
+                b = Op("max_pool2d", "b", ["q"], MaxPoolAttrs(kernel=[h, w], stride=[1, 1], padding=[0, 0]),
                        shape=(n, c, 1, 1))
         lo, hi = _clamp_range(rng)
-        attrs = {"za": int(rng.integers(0, 256)), "zb": int(rng.integers(0, 256)), "mult": _mult(rng),
-                 "shift": int(rng.integers(0, 17)), "z_out": int(rng.integers(0, 256)), "lo": lo, "hi": hi}
+        attrs = MulAttrs(za=int(rng.integers(0, 256)), zb=int(rng.integers(0, 256)), mult=_mult(rng),
+                         shift=int(rng.integers(0, 17)), z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
         ops = [b, Op("mul", "op", ["q", "b"], attrs, shape=shape)]
     elif kind == "resize":
         c, h, w = (int(v) for v in rng.integers(1, 6, 3))
@@ -120,9 +123,9 @@ def case(kind: str, seed: int):
         params = {"y0": rng.integers(0, h, oh), "y1": rng.integers(0, h, oh), "wy": rng.integers(0, 2**frac + 1, oh),
                   "x0": rng.integers(0, w, ow), "x1": rng.integers(0, w, ow), "wx": rng.integers(0, 2**frac + 1, ow)}
         lo, hi = _clamp_range(rng)
-        attrs = {"mode": "bilinear" if frac else "nearest", "frac": frac, "z_in": int(rng.integers(0, 256)),
-                 "z_out": int(rng.integers(0, 256)), "mult": _mult(rng), "shift": int(rng.integers(-1, 2 * frac + 2)),
-                 "lo": lo, "hi": hi}
+        attrs = ResizeAttrs(mode="bilinear" if frac else "nearest", frac=frac, z_in=int(rng.integers(0, 256)),
+                            z_out=int(rng.integers(0, 256)), mult=_mult(rng),
+                            shift=int(rng.integers(-1, 2 * frac + 2)), lo=lo, hi=hi)
         shape = (n, c, h, w)
         ops = [Op("resize", "op", ["q"], attrs, {k: v.astype(np.int32) for k, v in params.items()},
                   shape=(n, c, oh, ow))]

@@ -8,7 +8,8 @@ from calib.numerics import GroupScale, quantize_multiplier
 from codegen.npu16.byoc import offload
 from relay_passes import reference
 from relay_passes.pipeline import lower
-from relay_passes.program import INPUT, Op, Program, group_scale_attrs
+from relay_passes.attrs import DequantizeAttrs, LinearAttrs, QuantizeAttrs
+from relay_passes.program import INPUT, Op, Program
 from waps_tvm.compiler import build
 
 
@@ -19,11 +20,12 @@ def _linear(f: int, m: int, seed: int = 0) -> Program:
     params = {"w": rng.integers(-8, 8, (m, f)).astype(np.int8), "bias": rng.integers(-500, 500, m).astype(np.int32),
               "mult": mult.astype(np.int32), "shift": shift.astype(np.int32),
               "groups": rng.integers(0, 3, f).astype(np.int8)}
-    attrs = {"z_in": 128, "z_out": 7, "lo": 0, "hi": 255, "in_qmax": 255, "frac": 4,
-             "layer": "fc", **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
-    ops = [Op("quantize", "q", [INPUT], {"scale": 0.02, "zero_point": 128, "qmax": 255}), Op("flatten", "flat", ["q"]),
+    attrs = LinearAttrs(z_in=128, z_out=7, lo=0, hi=255, in_qmax=255, frac=4, layer="fc",
+                        group_scales=[GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])
+    ops = [Op("quantize", "q", [INPUT], QuantizeAttrs(scale=0.02, zero_point=128, qmax=255)),
+           Op("flatten", "flat", ["q"]),
            Op("linear", "fc", ["flat"], attrs, params),
-           Op("dequantize", "deq", ["fc"], {"scale": 0.05, "zero_point": 7}, dtype="float32")]
+           Op("dequantize", "deq", ["fc"], DequantizeAttrs(scale=0.05, zero_point=7), dtype="float32")]
     return Program((2, f, 1, 1), ops, ["deq", "fc"])
 
 

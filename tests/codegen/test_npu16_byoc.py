@@ -9,7 +9,7 @@ from calib import artifact
 from calib.numerics import GroupScale
 from codegen.npu16.lower import NotOnNpu, lower_op
 from relay_passes import reference
-from relay_passes.program import group_scale_attrs
+from relay_passes.attrs import ConvAttrs, LinearAttrs, QuantizeAttrs
 from targets.npu16.cost import LayerShape, layer_cost
 from targets.npu16.isa import COUNTERS
 from targets.npu16.params import NPU16
@@ -36,10 +36,10 @@ def test_compile_npu16_runs_bit_exact_in_a_fresh_process_and_reports_placement(t
 
 def test_unsupported_ops_stay_on_the_host():
     with pytest.raises(NotOnNpu, match="at most 8"):
-        lower_op("linear", {**group_scale_attrs([GroupScale(0, 0)] * 9), "z_in": 0, "z_out": 0, "lo": 0, "hi": 15},
+        lower_op("linear", LinearAttrs(group_scales=[GroupScale(0, 0)] * 9, z_in=0, z_out=0, lo=0, hi=15),
                  [(1, 32)], ["uint8"], {"w": np.zeros((4, 32), np.int8), "groups": np.zeros(32, np.int8)})
     with pytest.raises(NotOnNpu, match="integer-only"):
-        lower_op("quantize", {}, [(1, 3, 4, 4)], ["float32"], {})
+        lower_op("quantize", QuantizeAttrs(scale=1.0, zero_point=0, qmax=255), [(1, 3, 4, 4)], ["float32"], {})
 
 
 
@@ -51,8 +51,8 @@ def test_simulator_counters_match_the_cost_model(tmp_path, c, m, groups_sizes):
     rng = np.random.default_rng(0)
     w = rng.integers(-2, 2, (m, c, 3, 3)).astype(np.int8)
     groups = np.repeat(np.arange(len(groups_sizes)), groups_sizes).astype(np.int8) if groups_sizes else None
-    attrs = {"conv_groups": 1, "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "z_in": 3, "z_out": 0,
-             "lo": 0, "hi": 255, "frac": 2, **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
+    attrs = ConvAttrs(conv_groups=1, stride=[1, 1], padding=[1, 1], dilation=[1, 1], z_in=3, z_out=0, lo=0, hi=255,
+                      frac=2, group_scales=[GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])
     params = {"w": w}
     if groups is not None:
         params["groups"] = groups

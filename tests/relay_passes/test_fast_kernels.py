@@ -1,6 +1,7 @@
 """Fast-form kernels: the exact folds (WAPS groups into one accumulator, gathers into the
 conv that reads them) against the NumPy reference, on each side of their conditions."""
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def x():
 
 
 def _waps_convs(prog):
-    return [o for o in prog.ops if o.kind == "conv2d" and "groups" in o.params and o.attrs["conv_groups"] == 1]
+    return [o for o in prog.ops if o.kind == "conv2d" and "groups" in o.params and o.attrs.conv_groups == 1]
 
 
 def _clip_weights(prog):                     # |w| ≤ 7: w·17 fits int8, the fold goes on the weights
@@ -41,12 +42,12 @@ def _clip_weights(prog):                     # |w| ≤ 7: w·17 fits int8, the f
 
 def _shift_beyond_frac(prog):                # n_p > L: the shift rounds, no fold is exact
     for o in _waps_convs(prog) + _depthwise(prog):
-        o.group_scales = [GroupScale(s.sigma, o.attrs["frac"] + 1) if s.sigma else s for s in o.group_scales]
+        o.group_scales = [GroupScale(s.sigma, o.attrs.frac + 1) if s.sigma else s for s in o.group_scales]
 
 
 def _depthwise(prog):
     return [o for o in prog.ops if o.kind == "conv2d"
-            and o.attrs["conv_groups"] == o.params["w"].shape[0] > 1 and o.params["w"].shape[1] == 1]
+            and o.attrs.conv_groups == o.params["w"].shape[0] > 1 and o.params["w"].shape[1] == 1]
 
 
 @pytest.mark.parametrize("side, change", [("x", None), ("w", _clip_weights), (None, _shift_beyond_frac)])
@@ -74,7 +75,7 @@ def test_group_fold_is_exact_on_each_side(permuted, x, side, change):
 def test_fold_rejects_sums_that_could_leave_int32(permuted):
     op = copy.deepcopy(_waps_convs(permuted)[0])
     op.params["w"] = np.full_like(op.params["w"], -8)
-    op.attrs["in_qmax"] = 15
+    op.attrs = replace(op.attrs, in_qmax=15)
     assert fast_kernels.fold_groups(op) is not None
     op.params["w"] = np.full((1, 2**21, 1, 1), -8, np.int8)            # 2^21 · 8 · 17 · 15 > 2^31
     op.params["groups"] = np.zeros(2**21, np.int8)

@@ -1,4 +1,5 @@
 """The int32 overflow proof and the NumPy reference's conv against an independent one."""
+from dataclasses import replace
 import numpy as np
 import pytest
 import torch
@@ -9,14 +10,15 @@ from hypothesis import strategies as st
 from relay_passes import reference
 from relay_passes.overflow import accumulator_bound, check_overflow
 from relay_passes.program import Op, Program
+from relay_passes.attrs import ConvAttrs
 from relay_passes.quantize import CompileError
 from calib.numerics import GroupScale, merge_groups, group_scale
 
 
 def _conv_op(w, groups=None, z=3, qmax=15, conv_groups=1, pad=1):
     m = w.shape[0]
-    attrs = {"stride": [1, 1], "padding": [pad, pad], "dilation": [1, 1], "conv_groups": conv_groups,
-             "z_in": z, "z_out": 0, "lo": -2**31, "hi": 2**31 - 1, "in_qmax": qmax, "layer": "blk.conv (m)"}
+    attrs = ConvAttrs(stride=[1, 1], padding=[pad, pad], dilation=[1, 1], conv_groups=conv_groups,
+                      z_in=z, z_out=0, lo=-2**31, hi=2**31 - 1, in_qmax=qmax, layer="blk.conv (m)")
     params = {"w": w.astype(np.int8), "bias": np.zeros(m, np.int32),
               "mult": np.full(m, 2**30, np.int32), "shift": np.full(m, -1, np.int32)}    # requant: (a·2^30 + 2^29) >> 30 = a
     if groups is not None:
@@ -66,5 +68,5 @@ def test_overflowing_layer_is_rejected_by_name():
     prog = Program((1, 512, 4, 4), [op], ["conv", "conv"])
     with pytest.raises(CompileError, match=r"blk.conv \(m\) could overflow"):
         check_overflow(prog)
-    op.attrs["in_qmax"] = 15
+    op.attrs = replace(op.attrs, in_qmax=15)
     assert check_overflow(prog)["conv"] == 127 * 512 * 9 * 15

@@ -24,7 +24,7 @@ def x():
 
 def _waps_layers(prog):
     return [o for o in prog.ops if o.kind in ("conv2d", "linear") and "groups" in o.params
-            and not (o.kind == "conv2d" and o.attrs["conv_groups"] > 1)]
+            and not (o.kind == "conv2d" and o.attrs.conv_groups > 1)]
 
 
 def test_scrambled_groups_are_not_contiguous_before(quantized):
@@ -61,8 +61,8 @@ def test_legalize_forms(quantized, x, form):
     permuted, _ = permute_channels(quantized)
     prog, report = legalize_waps(permuted, form)
     assert report.legalized == len(_waps_layers(prog))
-    assert report.masked == [o.attrs["layer"] for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
-                             and o.attrs["conv_groups"] > 1]
+    assert report.masked == [o.attrs.layer for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
+                             and o.attrs.conv_groups > 1]
     mod = emit(prog)
     conv = next(o for o in _waps_layers(prog) if o.kind == "conv2d")
     ops = body_ops(mod, conv.name)
@@ -82,11 +82,11 @@ def test_fast_form_is_one_scheduled_kernel_per_op(quantized, x, dot):
         pytest.skip("this CPU has no AVX-512 VNNI")
     permuted, _ = permute_channels(quantized)
     prog, report = legalize_waps(permuted, "fast", dot)
-    depthwise = [o for o in prog.ops if o.kind == "conv2d" and o.attrs["conv_groups"] == o.params["w"].shape[0]
+    depthwise = [o for o in prog.ops if o.kind == "conv2d" and o.attrs.conv_groups == o.params["w"].shape[0]
                  and o.params["w"].shape[1] == 1]
     assert depthwise and all(o.schedule.form == "fast" for o in depthwise)
-    assert report.masked == [o.attrs["layer"] for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
-                             and 1 < o.attrs["conv_groups"] and o not in depthwise]
+    assert report.masked == [o.attrs.layer for o in prog.ops if o.kind == "conv2d" and "groups" in o.params
+                             and 1 < o.attrs.conv_groups and o not in depthwise]
     mod = emit(prog)
     for op in prog.ops:
         if op.schedule.form == "fast" and op.kind != "conv2d" or op in depthwise:

@@ -40,12 +40,13 @@ def test_a_rejected_layer_keeps_its_error_type_through_the_passes(tiny_artifact)
 def test_ops_with_equal_bodies_keep_their_own_names(tiny_artifact):
     """Two gathers by the same index have structurally equal Relax functions; each keeps its
     name through emit → parse (BlockBuilder would otherwise hand both the first's GlobalVar)."""
+    from relay_passes.attrs import GatherAttrs
     from relay_passes.program import Op, emit
     prog = to_program(tiny_artifact, 1)
     q = prog.ops[0]
     index = np.arange(q.shape[1], dtype=np.int32)
     for name in ("gather_a", "gather_b"):
-        prog.ops.insert(1, Op("gather", name, [q.name], {}, {"index": index}, q.shape, q.dtype))
+        prog.ops.insert(1, Op("gather", name, [q.name], GatherAttrs(), {"index": index}, q.shape, q.dtype))
     prog.ops[3].inputs = ["gather_a"]
     names = [op.name for op in prog.ops]
     assert [op.name for op in parse(emit(prog)).ops] == names
@@ -60,7 +61,7 @@ def test_group_scales_are_typed_and_survive_emit_parse(tiny_artifact):
     from calib.numerics import GroupScale
     from relay_passes.program import Op, emit
     prog = to_program(tiny_artifact, 1)
-    layers = {op.attrs["layer"]: op for op in prog.ops if op.kind in ("conv2d", "linear")}
+    layers = {op.attrs.layer: op for op in prog.ops if op.kind in ("conv2d", "linear")}
     recs = {n.label(): tiny_artifact.layers[n.name] for n in tiny_artifact.graph if n.name in tiny_artifact.layers}
     grouped = [name for name, op in layers.items() if "groups" in op.params]
     assert grouped and all(layers[name].group_scales == tuple(recs[name].group_scales) for name in grouped)
@@ -68,7 +69,8 @@ def test_group_scales_are_typed_and_survive_emit_parse(tiny_artifact):
     assert all(back[op.name].group_scales == op.group_scales and back[op.name].n_groups == op.n_groups
                for op in layers.values())
     assert any(s.sigma for name in grouped for s in layers[name].group_scales)
-    plain = Op("linear", "fc", ["input"])
+    from relay_passes.attrs import LinearAttrs
+    plain = Op("linear", "fc", ["input"], LinearAttrs(z_in=0, z_out=0, lo=0, hi=255))
     assert plain.group_scales == (GroupScale(0, 0),) and plain.n_groups == 1
     plain.group_scales = [GroupScale(-1, 3), GroupScale(0, 0)]
     assert plain.copy().group_scales == (GroupScale(-1, 3), GroupScale(0, 0)) and plain.copy().n_groups == 2
@@ -84,17 +86,20 @@ def test_schedule_is_apart_from_attrs_and_survives_emit_parse(tiny_artifact):
     ops = lowered.program.ops
     assert {o.schedule.form for o in ops} >= {"fast", "reference"} and {o.schedule.layout for o in ops} == {"NCHW", "NHWC"}
     assert {o.schedule.dot for o in ops if o.kind in ("conv2d", "linear")} == {"sdot"}
-    assert not any({"form", "layout", "dot", "n_inputs"} & set(o.attrs) for o in ops)
+    assert not any({"form", "layout", "dot", "n_inputs"} & set(o.attrs.to_json()) for o in ops)
     again = parse(emit(lowered.program.copy()))
     assert [(o.name, o.schedule, o.attrs) for o in again.ops] == [(o.name, o.schedule, o.attrs) for o in ops]
     assert [o.schedule for o in lowered.program.copy().ops] == [o.schedule for o in ops]
     assert [o.schedule for o in lower(to_program(tiny_artifact, 1), "split").program.ops if o.kind == "quantize"] \
         == [SCHEDULE]
-    op = Op("add", "a", ["x", "y"], {"z_out": 3}, schedule=Schedule("fast", "NHWC"))
-    assert json.loads(encode_attrs(op)) == {"z_out": 3, "form": "fast", "layout": "NHWC", "n_inputs": 2}
-    assert decode_attrs(encode_attrs(op)) == ({"z_out": 3}, Schedule("fast", "NHWC"), 2)
-    assert json.loads(encode_attrs(Op("add", "a", ["x"], {"z_out": 3}))) == {"z_out": 3, "n_inputs": 1}
-    with pytest.raises(ValueError, match="form"):
-        encode_attrs(Op("add", "a", ["x"], {"form": "fast"}))          # a schedule key in attrs
+    from relay_passes.attrs import AddAttrs
+    add = AddAttrs(za=1, zb=2, ka=3, kb=4, t=5, z_out=3, lo=0, hi=255)
+    json_add = {"za": 1, "zb": 2, "ka": 3, "kb": 4, "t": 5, "z_out": 3, "lo": 0, "hi": 255}
+    op = Op("add", "a", ["x", "y"], add, schedule=Schedule("fast", "NHWC"))
+    assert json.loads(encode_attrs(op)) == {**json_add, "form": "fast", "layout": "NHWC", "n_inputs": 2}
+    assert decode_attrs("add", encode_attrs(op)) == (add, Schedule("fast", "NHWC"), 2)
+    assert json.loads(encode_attrs(Op("add", "a", ["x"], add))) == {**json_add, "n_inputs": 1}
+    with pytest.raises(TypeError, match="form"):
+        AddAttrs(za=1, zb=2, ka=3, kb=4, t=5, z_out=3, lo=0, hi=255, form="fast")     # a schedule key in attrs
     with pytest.raises(ValueError, match="layout"):
         Schedule(layout="NWHC")

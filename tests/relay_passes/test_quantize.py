@@ -38,7 +38,7 @@ def test_agrees_with_fake_quant(tiny_artifact):
         fq = build_fake_quant(tiny_artifact)(x).numpy()
     deq, codes = reference.run(prog, x.numpy())
     out = prog.ops[-1].attrs
-    fq_codes = np.round(fq / out["scale"]) + out["zero_point"]
+    fq_codes = np.round(fq / out.scale) + out.zero_point
     # the integer program differs from fake-quant only by rounding: codes within 2 LSB,
     # and top-1 agrees almost everywhere
     assert np.abs(fq_codes - codes).max() <= 2

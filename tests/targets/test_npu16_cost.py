@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from calib.numerics import GroupScale
-from relay_passes.program import group_scale_attrs
+from relay_passes.attrs import ConvAttrs
 from targets.npu16.cost import LayerShape, even_sizes, layer_cost, tile_aligned_sizes
 from targets.npu16.params import NPU16
 
@@ -146,9 +146,8 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
     rng = np.random.default_rng(L["seed"])
     c, m, g, k, hw, n = L["c"], L["m"], L["g"], L["k"], L["hw"], L["n"]
     w = rng.integers(-8, 8, (m, c // g, k, k)).astype(np.int8)
-    attrs = {"conv_groups": g, "stride": [L["stride"]] * 2, "padding": [L["pad"]] * 2, "dilation": [1, 1],
-             "z_in": 3, "z_out": 2, "lo": 0, "hi": 255, "frac": 1,
-             **group_scale_attrs(L["scales"])}
+    attrs = ConvAttrs(conv_groups=g, stride=[L["stride"]] * 2, padding=[L["pad"]] * 2, dilation=[1, 1],
+                      z_in=3, z_out=2, lo=0, hi=255, frac=1, group_scales=L["scales"])
     params = {"w": w} if L["groups"] is None else {"w": w, "groups": L["groups"]}
     oh = (hw + 2 * L["pad"] - k) // L["stride"] + 1
     try:
@@ -183,7 +182,8 @@ def test_empty_group_costs_nothing(simulator):
     from codegen.npu16.lower import lower_op
     w = np.ones((16, 32, 1, 1), np.int8)
     groups = np.repeat([0, 1], 16).astype(np.int8)
-    attrs = {"conv_groups": 1, "z_in": 0, "z_out": 0, "lo": 0, "hi": 255, **group_scale_attrs([GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])}
+    attrs = ConvAttrs(conv_groups=1, stride=(1, 1), padding=(0, 0), dilation=(1, 1), z_in=0, z_out=0, lo=0, hi=255,
+                      group_scales=[GroupScale(0, 0), GroupScale(-1, 4), GroupScale(1, 4)])
     npu = NPU16(waps_pipelined=False)
     low = lower_op("conv2d", attrs, [(1, 32, 6, 6)], ["uint8"], {"w": w, "groups": groups}, npu)
     _, counted = _simulate(simulator, low, np.ones((1, 32, 6, 6), np.uint8), 16, (1, 16, 6, 6))
@@ -199,8 +199,8 @@ def test_smaller_sram_moves_more_bytes_identically(simulator):
     rng = np.random.default_rng(0)
     c, m, hw = 48, 40, 12
     w = rng.integers(-8, 8, (m, c, 3, 3)).astype(np.int8)
-    attrs = {"conv_groups": 1, "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "z_in": 3, "z_out": 2,
-             "lo": 0, "hi": 255, "frac": 0}
+    attrs = ConvAttrs(conv_groups=1, stride=(1, 1), padding=(1, 1), dilation=(1, 1), z_in=3, z_out=2, lo=0, hi=255,
+                      frac=0)
     x = rng.integers(0, 16, (1, c, hw, hw)).astype(np.uint8)
     shape = LayerShape("l", c, m, hw, hw, 3, 3, h=hw, w=hw, wbits=8, abits_in=8, abits_out=8, ph=1)
     runs = []

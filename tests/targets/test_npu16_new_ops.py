@@ -109,7 +109,8 @@ def test_units_with_their_own_throughput(simulator):
     from relay_passes.program import Op
     from tests.codegen.new_op_cases import _gather, _program
     shape = (1, 3, 5, 7)
-    attrs = {"za": 1, "zb": 2, "ka": 1 << 20, "kb": 3 << 19, "t": 21, "z_out": 4, "lo": 0, "hi": 255}
+    from relay_passes.attrs import AddAttrs
+    attrs = AddAttrs(za=1, zb=2, ka=1 << 20, kb=3 << 19, t=21, z_out=4, lo=0, hi=255)
     op = Op("add", "op", ["q", "g"], attrs, shape=shape)
     prog = _program(shape, [_gather("g", "q", [2, 0, 1], shape), op])
     x = np.random.default_rng(0).integers(0, 256, shape).astype(np.float32)

@@ -118,7 +118,8 @@ def test_adds_that_stay_refused():
     ad = AddQuant("add", None, TensorCodes(0.02, 100, 255))
     with pytest.raises(UnsupportedOpError, match="pooled"):
         ProgramBuilder((1, 4, 3, 3), narrow).residual_add(ad, Value("a", wide), Value("b", narrow), True)
-    attrs = {"za": 0, "zb": 0, "ka": 1, "kb": 1, "t": 1, "z_out": 0, "lo": 0, "hi": 255}
+    from relay_passes.attrs import AddAttrs
+    attrs = AddAttrs(za=0, zb=0, ka=1, kb=1, t=1, z_out=0, lo=0, hi=255)
     with pytest.raises(NotOnNpu, match="int32"):
         lower_op("add", attrs, [(1, 4, 3, 3), (1, 4, 3, 3)], ["uint8", "int32"], {})
     art = _calibrated("position")

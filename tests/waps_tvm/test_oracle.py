@@ -1,5 +1,7 @@
 """The per-layer oracle: every integer op on the fake-quant model's input codes agrees with
 the fake-quant model's output codes within 1, and a compiler mistake is caught."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_a_compiler_mistake_is_caught(tiny_artifact, monkeypatch, mistake):
     else:                                            # bias and α′ assume L fractional bits, the sums get none
         def layer(self, ls, x, conv):
             v = real_layer(self, ls, x, conv)
-            self.ops[-1].attrs["frac"] = 0
+            self.ops[-1].attrs = replace(self.ops[-1].attrs, frac=0)
             return v
         monkeypatch.setattr(quantize.ProgramBuilder, "layer", layer)
     rows = layer_agreement(tiny_artifact, _x(16, (1, 16, 16)))

@@ -116,7 +116,7 @@ def test_nearest_upsample_compiles_and_is_a_gather_of_the_fake_quant_codes():
         model.run([n.name for n in g if n.op != "input"], env)
     src = node.inputs[0]
     op = program[values[node.name].name]
-    assert op.attrs["mode"] == "nearest" and values[node.name].codes == values[src].codes
+    assert op.attrs.mode == "nearest" and values[node.name].codes == values[src].codes
     got = reference.OPS["resize"](op, to_codes(env[src], values[src].codes).astype(np.uint8))
     np.testing.assert_array_equal(got, to_codes(env[node.name], values[node.name].codes))
 

@@ -1,0 +1,226 @@
+"""What each op kind computes, apart from its tensors: one frozen dataclass per kind.
+
+``Op.attrs`` holds one of these; relay_passes/opset.py names each kind's class (``OpKind.attrs``)
+and relay_passes/program.py (``encode_attrs``/``decode_attrs``) is their only JSON writer and
+reader, through ``to_json``/``from_json`` here. How an op is computed (form, layout, dot) is
+its ``Schedule``, never an attribute.
+
+JSON form (``waps.attrs``): one key per field; a field that is None is absent; tuples are
+lists; a layer's ``group_scales`` are the parallel lists ``sigma`` and ``n`` (absent when the
+layer has no groups). Sequences are stored as tuples so that instances compare and hash by
+value; a list given to a constructor becomes a tuple. Constructors take keywords only.
+
+Codes and zero points are ints; ``lo``/``hi`` clamp the output codes (inclusive); scales are
+floats.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from calib.numerics import GroupScale
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attrs:
+    """Base of every kind's attributes: ``layer``, the source model's label of the op (its
+    provenance, not what it computes; None when it has none)."""
+    layer: str | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of these attributes (see the module docstring)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            if f.name == "group_scales":
+                if v:
+                    out["sigma"] = [int(s.sigma) for s in v]
+                    out["n"] = [int(s.n) for s in v]
+            else:
+                out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Attrs":
+        """The inverse of ``to_json`` (``obj`` is not modified)."""
+        obj = dict(obj)
+        if "sigma" in obj or "n" in obj:
+            obj["group_scales"] = tuple(GroupScale(int(s), int(n)) for s, n in zip(obj.pop("sigma"), obj.pop("n")))
+        return cls(**obj)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeAttrs(Attrs):
+    """float32 → codes: clip(floor(x / scale + 0.5) + zero_point, 0, qmax)."""
+    scale: float
+    zero_point: int
+    qmax: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DequantizeAttrs(Attrs):
+    """codes → float32: (x − zero_point)·scale."""
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerAttrs(Attrs):
+    """A layer with weights (conv2d, linear): inputs x̄ − z_in (codes up to ``in_qmax``), WAPS
+    groups ``group_scales`` (empty: none; one per group label p of ``params['groups']``),
+    ``frac`` fractional accumulator bits, requant to z_out clamped to [lo, hi]."""
+    z_in: int
+    z_out: int
+    lo: int
+    hi: int
+    in_qmax: int = 255
+    frac: int = 0
+    group_scales: tuple[GroupScale, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "group_scales", tuple(self.group_scales))
+
+    @property
+    def scales(self) -> tuple[GroupScale, ...]:
+        """γ_p, one per group; one unscaled group when the layer has none."""
+        return self.group_scales or (GroupScale(0, 0),)
+
+    @property
+    def grouped(self) -> bool:
+        """A grouped convolution (conv_groups > 1: depthwise or not); never a linear."""
+        return self.conv_groups > 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvAttrs(LayerAttrs):
+    """conv2d, NCHW/OIHW: stride, symmetric padding [ph, pw] (with z_in, the code of real 0),
+    dilation, and ``conv_groups`` channel groups (torch's ``groups``; not the WAPS groups)."""
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    conv_groups: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearAttrs(LayerAttrs):
+    """linear of [N, F]: the 1×1 convolution of an [N, F, 1, 1] map. Its window is fixed
+    (class constants, never serialised), so layer code reads conv and linear alike."""
+    stride: ClassVar[tuple[int, int]] = (1, 1)
+    padding: ClassVar[tuple[int, int]] = (0, 0)
+    dilation: ClassVar[tuple[int, int]] = (1, 1)
+    conv_groups: ClassVar[int] = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddAttrs(Attrs):
+    """clamp(((a − za)·ka + (b − zb)·kb) >> t (rounded) + z_out, lo, hi)."""
+    za: int
+    zb: int
+    ka: int
+    kb: int
+    t: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MulAttrs(Attrs):
+    """clamp(requant((a − za)·(b − zb); mult, shift) + z_out, lo, hi)."""
+    za: int
+    zb: int
+    mult: int
+    shift: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaxPoolAttrs(Attrs):
+    """Window maximum: kernel, stride, symmetric padding [ph, pw] (never wins), dilation (None:
+    absent from the JSON, meaning (1, 1); see ``rates``)."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int] | None = None
+
+    @property
+    def rates(self) -> tuple[int, int]:
+        """The dilation, (1, 1) when none is written."""
+        return self.dilation or (1, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SumPoolAttrs(Attrs):
+    """Window sums of x̄ − z_in into int32 (padding reads z_in: contributes 0), undilated."""
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    z_in: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class AvgPoolAttrs(Attrs):
+    """Box averages over the windows in the op's params, requantized to z_out in [lo, hi]."""
+    z_in: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PadAttrs(Attrs):
+    """Constant padding [top, left, bottom, right] with code ``value``."""
+    pads: tuple[int, int, int, int]
+    value: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConcatAttrs(Attrs):
+    """Channel concat: input i is rescaled (x − zs[i])·ks[i] >> t, + z_out, clamped to [lo, hi]."""
+    zs: tuple[int, ...]
+    ks: tuple[int, ...]
+    t: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResizeAttrs(Attrs):
+    """Nearest or bilinear resize (relay_passes/resize.py): weights with ``frac`` bits per axis,
+    Σ w·(x − z_in) requantized by (mult, shift) to z_out in [lo, hi]."""
+    mode: str
+    frac: int
+    z_in: int
+    z_out: int
+    mult: int
+    shift: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableAttrs(Attrs):
+    """An elementwise function as a table over the input codes (params['table'])."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlattenAttrs(Attrs):
+    """[N, C, H, W] → [N, C·H·W]; no attributes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatherAttrs(Attrs):
+    """Channels x[:, params['index']]; no attributes."""
