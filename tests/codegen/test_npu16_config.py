@@ -17,9 +17,11 @@ from waps_tvm.compiler import lower_artifact
 
 def test_config_round_trip_and_defaults():
     npu = NPU16(tile=8, arrays=3, clock_mhz=500, dma_bytes_per_cycle=4, epilogue_width=16, sram_act_kib=128,
-                waps_pipelined=False)
+                waps_pipelined=False, first_layer_im2col=True)
     assert from_config(json.loads(json.dumps(npu.to_config()))) == npu
-    assert from_config({}) == DEFAULT
+    assert npu.to_config()["first_layer_im2col"] is True
+    assert from_config({}) == DEFAULT and not DEFAULT.first_layer_im2col
+    assert from_config({"first_layer_im2col": True}).first_layer_im2col
     assert from_config({"cycles_per_value": {"add": 0.75}}).unit_q8("add") == 192
     got = from_config({"tile": 32, "epilogue_lanes": 4, "sram_kib": {"weights": 64}})
     assert (got.tile, got.epilogue_width, got.sram_weight_kib) == (32, 4, 64)
@@ -36,6 +38,7 @@ def test_config_round_trip_and_defaults():
     ({"dma_bytes_per_cycle": 0}, "dma_bytes_per_cycle must be at least 1"),
     ({"epilogue_lanes": 2.5}, "epilogue_lanes: expected int"),
     ({"waps_pipelined": 1}, "waps_pipelined: expected bool"),
+    ({"first_layer_im2col": "yes"}, "first_layer_im2col: expected bool"),
     ({"sram_kib": 512}, "sram_kib must be an object"),
     ({"sram_kib": {"weights": 0}}, "sram_kib.weights must be at least 1"),
     ({"cycles_per_value": {"add": -1}}, "cycles_per_value.add must be 0 or at least 1/256"),
