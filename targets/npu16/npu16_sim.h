@@ -159,13 +159,17 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
                   for (int tx = 0; tx < TW; ++tx) {
                     const int8_t *t = b->tiles + ((((((size_t)g * OT + ot) * P + p) * IT + it) * TH + ty) * TW + tx) * TT;
                     const int32_t *rows = b->table + (((size_t)g * P + p) * IT + it) * T;
+                    int py = oy * sh - ph + ty * dh, px = ox * sw - pw + tx * dw;     /* the tap's pixel */
                     c->array_steps += 1;
                     c->compute_cycles += lead;
                     for (int i = 0; i < T; ++i) {
                       if (rows[i] < 0) continue;
-                      int ch = im2col ? rows[i] / (KH * KW) : rows[i];
-                      int ky = im2col ? rows[i] / KW % KH : ty, kx = im2col ? rows[i] % KW : tx;
-                      int iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw;
+                      int ch = rows[i], iy = py, ix = px;
+                      if (im2col) {                    /* the row's own (channel, ky, kx) */
+                        ch = rows[i] / (KH * KW);
+                        iy = oy * sh - ph + rows[i] / KW % KH * dh;
+                        ix = ox * sw - pw + rows[i] % KW * dw;
+                      }
                       int32_t xv = (iy < 0 || iy >= H || ix < 0 || ix >= W)
                                        ? 0 : npu16_in(b, wide, (((size_t)n * C + ch) * H + iy) * W + ix) - z;
                       for (int j = 0; j < T; ++j) d1[j] += (int32_t)t[i * T + j] * xv;
