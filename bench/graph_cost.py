@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from targets.npu16.cost import LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, layer_cost, pad_cost, pool_cost
+from targets.npu16.first_layer import runs_im2col
 from targets.npu16.params import NPU16
 
 
@@ -27,7 +28,9 @@ def node_cost(graph, node, npu: NPU16) -> LayerCost | None:
             _, h, wd = ins[0].shape
             layer = LayerShape(node.name, cg * a["groups"], m, shape[1], shape[2], kh, kw, a["groups"], h=h, w=wd,
                                wbits=8, abits_in=8, abits_out=8, sh=a["stride"][0], ph=a["padding"][0],
-                               dh=a["dilation"][0])
+                               dh=a["dilation"][0], im2col=runs_im2col(npu, c=cg * a["groups"],
+                                                                       conv_groups=a["groups"], kh=kh, kw=kw,
+                                                                       waps_groups=False))
         else:
             m, c = w.shape
             layer = LayerShape(node.name, c, m, wbits=8, abits_in=8, abits_out=8)

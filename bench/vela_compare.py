@@ -92,7 +92,7 @@ def layer_role(graph, node) -> str:
     return "first" if c <= 4 else "conv"
 
 
-def explain(r: NodeRow, role: str) -> str:
+def explain(r: NodeRow, role: str, im2col: bool = False) -> str:
     """Why npu16 and Vela differ on a node, from which unit bounds each and by how much."""
     nb, vb = r.npu16_bound, r.vela_bound
     nv = {"compute": r.vela_parts.get("npu", 0), "feature maps": r.vela_parts.get("sram", 0),
@@ -100,9 +100,12 @@ def explain(r: NodeRow, role: str) -> str:
     same = f"both {nb}-bound: npu16 {r.npu16_parts[nb]:,} vs Vela {nv.get(vb, r.vela):,} cycles"
     util = r.macs / max(r.npu16_parts["compute"], 1) / 256
     vutil = r.macs / max(nv["compute"], 1) / 256
+    if role == "first" and im2col:
+        return (f"first layer, im2col (first_layer_im2col): npu16 packs the stem's c·kh·kw products into its array "
+                f"rows ({util:.0%} utilisation), Vela's U55 {vutil:.0%}")
     if role == "first":
         return (f"first layer, 3 input channels: npu16 fills 3 of its 16 array rows ({util:.0%} utilisation), Vela's "
-                f"U55 packs the stem better ({vutil:.0%}); the im2col first-layer mode of issue 15 is not built")
+                f"U55 packs the stem better ({vutil:.0%}); the config's first_layer_im2col is off")
     if role == "depthwise":
         return (f"depthwise: npu16 runs one tap of 16 channels per array step ({util:.0%} of its MACs), Vela's U55 "
                 f"depthwise kernel reaches {vutil:.0%}")
@@ -150,7 +153,7 @@ def compare(record: dict, npu: NPU16, graph=None) -> dict:
                       max(p, key=p.get), int(v["op_cycles"]) if v else 0, vp,
                       VELA_BOUND.get(v["bound"], v["bound"]) if v else "")
         if row.vela and abs(row.ratio - 1) > DIFFER:
-            row.why = explain(row, layer_role(graph, node))
+            row.why = explain(row, layer_role(graph, node), npu.first_layer_im2col)
         rows.append(row)
     total_n, total_v = sum(r.npu16 for r in rows), sum(r.vela for r in rows)
 

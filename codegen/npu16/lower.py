@@ -15,9 +15,10 @@ from typing import Callable
 
 import numpy as np
 
-from codegen.npu16.tiling import tile_weights
+from codegen.npu16.tiling import tile_weights, tile_weights_im2col
 from relay_passes.fast_kernels import output_hw
 from targets.npu16 import memory
+from targets.npu16.first_layer import runs_im2col
 from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
 from targets.npu16.params import DEFAULT, NPU16
 
@@ -85,11 +86,16 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
         return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
-    tiles, table, in_tiles = tile_weights(wt, groups, g, len(scales) if groups is not None else 1, npu.tile)
+    im2col = runs_im2col(npu, c=c, conv_groups=g, kh=kh, kw=kw, waps_groups=groups is not None)
+    if im2col:             # the rows take (channel, ky, kx): one step per in-tile, no tap loop
+        tiles, table, in_tiles = tile_weights_im2col(wt, npu.tile)
+    else:
+        tiles, table, in_tiles = tile_weights(wt, groups, g, len(scales) if groups is not None else 1, npu.tile)
     p_count = len(in_tiles)
-    ot, tile_bytes = -(-(m // g) // npu.tile), kh * kw * int(in_tiles.sum()) * npu.tile ** 2
+    taps = 1 if im2col else kh * kw
+    ot, tile_bytes = -(-(m // g) // npu.tile), taps * int(in_tiles.sum()) * npu.tile ** 2
     s += _stripe_regs(stripes, out_tiles=ot, conv_groups=g, tile_weight_bytes=tile_bytes, weight_bytes=g * ot * tile_bytes)
-    s.append(set_(Reg.NGROUPS, p_count))
+    s += [set_(Reg.IM2COL, int(im2col)), set_(Reg.NGROUPS, p_count)]
     for p in range(p_count):
         s += [set_(Reg.SIGMA0 + p, scales[p].sigma if groups is not None else 0),
               set_(Reg.NSHIFT0 + p, scales[p].n if groups is not None else 0),

@@ -11,6 +11,14 @@ zero where the output j or the row i is past the end (a group that is not a tile
 pads its last tile: fragmentation). ``channels[g, p, it, i]`` is the input channel tile row
 i reads (−1 for a padded row). Every (g, p) has the same number of in-tiles T_p (the
 maximum over conv groups), so the layout is a dense array.
+
+im2col (``tile_weights_im2col``, the first-layer mode of targets/npu16/first_layer.py): one
+conv group, no WAPS groups, and the tile rows run over the c·kh·kw products of a pixel, so
+the tap dimensions are 1:
+
+    tiles[0, ot, 0, it, 0, 0, i, j] = w[ot·T + j, ch, ky, kx]   with (ch·KH + ky)·KW + kx = it·T + i
+
+and ``rows[0, 0, it, i]`` = (ch·KH + ky)·KW + kx (−1 past c·kh·kw).
 """
 from __future__ import annotations
 
@@ -82,4 +90,35 @@ def untile_weights(tiles: np.ndarray, table: np.ndarray, m: int, conv_groups: in
                             k = g * mg + o * tile + j
                             if k < (g + 1) * mg:
                                 w[k, c - g * cg] = tiles[g, o, p, it, :, :, i, j]
+    return w
+
+
+def tile_weights_im2col(w: np.ndarray, tile: int = TILE):
+    """w int8 [m, c, kh, kw] → (tiles int8 [1, OT, 1, IT, 1, 1, tile, tile], rows int32 [1, 1, IT, tile],
+    in_tiles [1]) with IT = ⌈c·kh·kw / tile⌉; a row's entry is (ch·kh + ky)·kw + kx, −1 for padding."""
+    m, c, kh, kw = w.shape
+    k = c * kh * kw
+    ot, it = math.ceil(m / tile), math.ceil(k / tile)
+    flat = np.zeros((ot * tile, it * tile), np.int8)
+    flat[:m, :k] = w.reshape(m, k)                             # column (ch·kh + ky)·kw + kx
+    tiles = flat.reshape(ot, tile, it, tile).transpose(0, 2, 3, 1)          # [ot, it, i, j]
+    rows = np.full(it * tile, -1, np.int32)
+    rows[:k] = np.arange(k)
+    return (np.ascontiguousarray(tiles.reshape(1, ot, 1, it, 1, 1, tile, tile)), rows.reshape(1, 1, it, tile),
+            np.array([it], np.int32))
+
+
+def untile_weights_im2col(tiles: np.ndarray, rows: np.ndarray, m: int, c: int, kh: int, kw: int) -> np.ndarray:
+    """Inverse of tile_weights_im2col (for tests): → w [m, c, kh, kw]."""
+    _, ot, _, it, _, _, tile, _ = tiles.shape
+    w = np.zeros((m, c, kh, kw), np.int8)
+    for o in range(ot):
+        for t in range(it):
+            for i in range(tile):
+                r = rows[0, 0, t, i]
+                if r < 0:
+                    continue
+                ch, ky, kx = r // (kh * kw), (r // kw) % kh, r % kw
+                for j in range(min(tile, m - o * tile)):
+                    w[o * tile + j, ch, ky, kx] = tiles[0, o, 0, t, 0, 0, i, j]
     return w

@@ -19,7 +19,8 @@ Cycles (one array step = T input channels × T outputs of one pixel and tap):
     compute     S · n·G·oh·ow·⌈OT/A⌉ with S = kh·kw·Σ_p T_p array steps per output tile:
                 the A arrays take consecutive output tiles in lockstep. Groups split the
                 reduction, so a group smaller than a tile or not a tile multiple wastes
-                array rows (fragmentation). Depthwise: S = kh·kw, channel tiles ⌈m/T⌉
+                array rows (fragmentation). Depthwise: S = kh·kw, channel tiles ⌈m/T⌉.
+                im2col (first-layer mode): S = ⌈c·kh·kw/T⌉, weights OT·S·T²
     waps        with ≥ 2 groups, per output tile W = waps_switch_cycles per *non-empty*
                 group (D1 → scale → D2; an empty group has no switch, appendix B) +
                 waps_merge_cycles (4 for g = 3). Serial: W per tile. Pipelined (default):
@@ -57,6 +58,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from targets.npu16 import memory
+from targets.npu16.first_layer import im2col_in_tiles
 from targets.npu16.params import NPU16
 
 
@@ -84,6 +86,12 @@ class LayerShape:
     sh: int = 1                           # vertical stride, padding, dilation (row stripes' halos)
     ph: int = 0
     dh: int = 1
+    im2col: bool = False                  # the first-layer mode (targets/npu16/first_layer.py):
+                                          # the rows take (channel, ky, kx), no tap loop
+
+    def __post_init__(self):
+        if self.im2col and (self.conv_groups != 1 or self.group_sizes):
+            raise ValueError(f"{self.name}: im2col takes one conv group and no WAPS groups")
 
     @property
     def depthwise(self) -> bool:
@@ -149,6 +157,8 @@ def group_tiles(layer: LayerShape, tile: int) -> list[int]:
     cg = layer.c // layer.conv_groups
     if layer.depthwise:
         return [1]
+    if layer.im2col:
+        return [im2col_in_tiles(layer.c, layer.kh, layer.kw, tile)]
     if not layer.group_sizes:
         return [_ceil(cg, tile)]
     if layer.conv_group_sizes:
@@ -167,7 +177,7 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
     mg = layer.m // g
     ot = _ceil(mg, t)
     tiles_p = group_tiles(layer, t)
-    steps_per_tile = layer.kh * layer.kw * sum(tiles_p)
+    steps_per_tile = (1 if layer.im2col else layer.kh * layer.kw) * sum(tiles_p)
     lead_tiles = pix * g * _ceil(ot, a)                # output tiles (× pixels) the lead array computes
     grouped = len(layer.group_sizes) > 1
     active = [p for p, n_t in enumerate(tiles_p) if n_t] if grouped else []

@@ -8,7 +8,8 @@ Word layout (four little-endian uint32):
     w0  bits 0–7 opcode, bits 8–15 register (SET), bits 16–31 reserved (0)
     w1  low 32 bits of the value     w2  high 32 bits of the value (sign-extended)
     w3  reserved (0)
-Commands: CONV (conv2d/linear on the MAC array, D1/D2 group accumulation, epilogue),
+Commands: CONV (conv2d/linear on the MAC array, D1/D2 group accumulation, epilogue; with
+IM2COL the tile rows are (channel, ky, kx) products of a few-channel conv),
 DWCONV (depthwise: one tile of channels per array step), ADD (b optionally broadcast per
 channel, position or sample, uint8 or int32 pooled sums), MAXPOOL (dilated windows),
 SUMPOOL, GATHER (DMA channel gather), PAD (DMA writes the bordered layout), AVGPOOL (window
@@ -118,6 +119,8 @@ class Reg(IntEnum):
     CPV_MUL = 86          # 1/256 cycle (params.NPU16.unit_q8); 0: the epilogue's EPI_LANES
     CPV_POOL = 87
     CPV_LUT = 88
+    IM2COL = 89           # conv: 1 = tile rows are (channel, ky, kx) products, one step per in-tile
+                          # (targets/npu16/first_layer.py); 0 = T channels of one tap
 
 
 NREGS = 128

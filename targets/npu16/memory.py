@@ -11,7 +11,7 @@ stripe's DMA while this one computes), else all of it.
 A layer runs as row stripes × weight stripes, per sample:
     weight stripe   K output tiles (of one conv group) whose weights fit the weight buffer:
                     K = min(OT, ⌊usable / tile weights⌋); one tile's weights are
-                    kh·kw·Σ_p T_p·T² int8 (depthwise: T·kh·kw)
+                    kh·kw·Σ_p T_p·T² int8 (depthwise: T·kh·kw; im2col, first_layer.py: IT·T²)
     row stripe      R output rows whose input rows (all input channels, the halo of the
                     kernel included) and output rows (K tiles of T channels) fit the
                     activation buffer: R = the largest with

@@ -5,7 +5,8 @@
  * array side T (R_TILE), the array count, DMA and epilogue widths and the WAPS timing
  * (params.NPU16). The MAC array is T input channels × T output channels: one array step
  * multiplies one T-row input slice (read through the tile's channel table, zero point
- * subtracted, padding = real zero) by a T×T weight tile into the D1 accumulators. On the
+ * subtracted, padding = real zero) by a T×T weight tile into the D1 accumulators; with
+ * IM2COL (the first-layer mode) each row's table entry names a (channel, ky, kx) product. On the
  * switch from a non-empty group D1 is scaled into D2 (acc·2^frac + σ·shift), then the
  * groups are merged (appendix B: an empty group has no switch and costs nothing); the
  * epilogue adds the bias, requantizes (int64, round half up) and clamps, EPI_LANES values
@@ -40,8 +41,10 @@ typedef struct {
   const void *x, *x2;         /* input codes (uint8, or int32 when IN_WIDE), second add/mul input */
   const void *const *xs;      /* CONCAT: every input (NULL: x, x2) */
   void *out;                  /* output codes */
-  const int8_t *tiles;        /* CONV: [G, OT, P, IT, KH, KW, T, T]; DWCONV: raw [M, KH, KW] */
-  const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row, -1 = pad;
+  const int8_t *tiles;        /* CONV: [G, OT, P, IT, KH, KW, T, T] (IM2COL: KH = KW = 1);
+                                 DWCONV: raw [M, KH, KW] */
+  const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row (IM2COL:
+                                 (channel·KH + ky)·KW + kx), -1 = pad;
                                  AVGPOOL: windows h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH, OW];
                                  RESIZE: y0, y1, wy [OH], x0, x1, wx [OW] */
   const uint8_t *lut;         /* LUT: [LUT_SIZE] output code per input code */
@@ -122,11 +125,15 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
   int T = (int)r[R_TILE], A = (int)r[R_ARRAYS], lanes = (int)r[R_EPI_LANES];
   if (T < 1 || T > NPU16_MAX_TILE || A < 1 || lanes < 1 || P < 1 || P > NPU16_MAX_GROUPS) return -1;
   int MG = M / G, OT = (MG + T - 1) / T, IT = 1, frac = (int)r[R_FRAC], TT = T * T;
+  /* IM2COL: a tile row reads the (channel, ky, kx) of its table entry, so one step per in-tile
+   * (the tiles' tap dimensions are 1); else T channels of the tap (ky, kx) per step */
+  int im2col = (int)r[R_IM2COL], TH = im2col ? 1 : KH, TW = im2col ? 1 : KW;
   int32_t z = (int32_t)r[R_ZIN];
   int64_t steps = 0, piped = r[R_WAPS_PIPELINED], w_tile = 0;   /* array steps and WAPS cycles per tile */
+  if (im2col && (G != 1 || P != 1)) return -1;
   for (int p = 0; p < P; ++p) {
     if (r[R_TILES0 + p] > IT) IT = (int)r[R_TILES0 + p];
-    steps += r[R_TILES0 + p] * KH * KW;
+    steps += r[R_TILES0 + p] * TH * TW;
     if (P > 1 && r[R_TILES0 + p] > 0) w_tile += r[R_WAPS_SWITCH];
   }
   if (P > 1) w_tile += r[R_WAPS_MERGE];
@@ -148,17 +155,23 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
               int32_t d1[NPU16_MAX_TILE] = {0};
               if (r[R_TILES0 + p] == 0) continue;       /* empty group: no accumulation, no switch */
               for (int it = 0; it < r[R_TILES0 + p]; ++it)
-                for (int ky = 0; ky < KH; ++ky)
-                  for (int kx = 0; kx < KW; ++kx) {
-                    const int8_t *t = b->tiles + ((((((size_t)g * OT + ot) * P + p) * IT + it) * KH + ky) * KW + kx) * TT;
+                for (int ty = 0; ty < TH; ++ty)
+                  for (int tx = 0; tx < TW; ++tx) {
+                    const int8_t *t = b->tiles + ((((((size_t)g * OT + ot) * P + p) * IT + it) * TH + ty) * TW + tx) * TT;
                     const int32_t *rows = b->table + (((size_t)g * P + p) * IT + it) * T;
-                    int iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw;
+                    int py = oy * sh - ph + ty * dh, px = ox * sw - pw + tx * dw;     /* the tap's pixel */
                     c->array_steps += 1;
                     c->compute_cycles += lead;
                     for (int i = 0; i < T; ++i) {
                       if (rows[i] < 0) continue;
+                      int ch = rows[i], iy = py, ix = px;
+                      if (im2col) {                    /* the row's own (channel, ky, kx) */
+                        ch = rows[i] / (KH * KW);
+                        iy = oy * sh - ph + rows[i] / KW % KH * dh;
+                        ix = ox * sw - pw + rows[i] % KW * dw;
+                      }
                       int32_t xv = (iy < 0 || iy >= H || ix < 0 || ix >= W)
-                                       ? 0 : npu16_in(b, wide, (((size_t)n * C + rows[i]) * H + iy) * W + ix) - z;
+                                       ? 0 : npu16_in(b, wide, (((size_t)n * C + ch) * H + iy) * W + ix) - z;
                       for (int j = 0; j < T; ++j) d1[j] += (int32_t)t[i * T + j] * xv;
                       c->macs += valid;
                     }

@@ -18,6 +18,10 @@
     double_buffer        bool               a stripe uses half of each SRAM buffer and the next
                                             stripe's DMA overlaps its compute (False: all of it,
                                             DMA and compute take turns)
+    first_layer_im2col   bool               convs with few input channels (c < tile, one conv
+                                            group, no WAPS groups, kh·kw > 1) run im2col: the
+                                            array's rows take (channel, ky, kx) products
+                                            (targets/npu16/first_layer.py)
 """
 from __future__ import annotations
 
@@ -60,6 +64,9 @@ class NPU16:
     double_buffer      two halves per buffer: DMA of the next stripe overlaps this one's
                        compute, so a command takes its slowest unit; single-buffered, DMA
                        and compute take turns (cycles = DMA + the slower of array and epilogue)
+    first_layer_im2col a conv with fewer input channels than the tile (the stem) runs with its
+                       c·kh·kw products in the array's rows, ⌈c·kh·kw/T⌉ steps per output
+                       tile and pixel instead of kh·kw·⌈c/T⌉ (targets/npu16/first_layer.py)
     """
 
     arrays: int = 1
@@ -79,6 +86,7 @@ class NPU16:
     pool_cycles_per_value: float = 0.0
     lut_cycles_per_value: float = 0.0
     double_buffer: bool = True
+    first_layer_im2col: bool = False
 
     def __post_init__(self):
         for f in fields(self):
@@ -130,7 +138,7 @@ _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
 UNITS = ("add", "mul", "pool", "lut")          # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
-        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value")
+        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col")
 
 
 def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:

@@ -16,11 +16,12 @@ import numpy as np
 from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
                                 lut_cost, mul_cost, pad_cost, pool_cost, resize_cost)
+from targets.npu16.first_layer import runs_im2col
 from targets.npu16.params import NPU16
 
 
-def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
-    """The cost model's view of a conv/linear op of the integer program, exactly as lowered."""
+def layer_shape(op, in_shape, in_dtype: str, npu: NPU16) -> LayerShape:
+    """The cost model's view of a conv/linear op of the integer program, exactly as lowered on ``npu``."""
     w = op.params["w"]
     a = op.attrs
     if op.kind == "linear":
@@ -44,7 +45,8 @@ def layer_shape(op, in_shape, in_dtype: str) -> LayerShape:
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == p).sum()) for p in range(n_p)) for i in range(g))
     return LayerShape(op.name, c, m, oh, ow, kh, kw, g, sizes, scaled, h, wd, wbits=8,   # npu16 stores int8
                       abits_in=8 if in_dtype == "uint8" else 32, abits_out=8, n=in_shape[0],
-                      conv_group_sizes=per_group if g > 1 else (), sh=sh, ph=ph, dh=dh)
+                      conv_group_sizes=per_group if g > 1 else (), sh=sh, ph=ph, dh=dh,
+                      im2col=runs_im2col(npu, c=c, conv_groups=g, kh=kh, kw=kw, waps_groups="groups" in op.params))
 
 
 def estimate(program, op, npu: NPU16) -> LayerCost:
@@ -60,7 +62,7 @@ def _host(program, op, in_shape, in_dtype, npu) -> LayerCost:
 
 
 def _layer(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return layer_cost(layer_shape(op, in_shape, in_dtype), npu)
+    return layer_cost(layer_shape(op, in_shape, in_dtype, npu), npu)
 
 
 def _add(program, op, in_shape, in_dtype, npu) -> LayerCost:
@@ -133,8 +135,10 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
             plain = est.cycles
             groups = []
             if is_layer(op):
-                shape = layer_shape(op, program.shape_of(op.inputs[0]), program.dtype_of(op.inputs[0]))
-                plain = layer_cost(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=()), npu).cycles
+                shape = layer_shape(op, program.shape_of(op.inputs[0]), program.dtype_of(op.inputs[0]), npu)
+                plain = layer_cost(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=(), im2col=runs_im2col(
+                    npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh, kw=shape.kw, waps_groups=False)),
+                    npu).cycles
                 groups = list(shape.group_sizes)
                 int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
             else:

@@ -214,3 +214,22 @@ def test_npu16_beside_vela_on_the_fixture(graph, tmp_path):
     assert stem["macs"] == 16 * 16 * 16 * 27
     md = vela_compare.markdown([res], load_config(vela_compare.CONFIG), vela_compare.CONFIG)
     assert "| tiny |" in md and md.count("\n| ") >= len(res["nodes"])
+
+
+def test_npu16_beside_vela_runs_the_stem_im2col_when_the_config_says(graph, tmp_path):
+    """first_layer_im2col in the compared config: the 3-channel 3×3 stem takes ⌈27/16⌉ = 2 array
+    steps per pixel instead of 9 (node_cost asks first_layer.runs_im2col, as the lowering does);
+    every other node costs the same."""
+    from dataclasses import replace
+
+    from bench import vela_compare
+    from targets.npu16.params import load_config
+    work = tmp_path / "w"
+    shutil.copytree(DATA, work)
+    rec = vela.collect(graph, "tiny", 32, 0, 8, work)
+    npu = load_config(vela_compare.CONFIG)
+    off, on = (vela_compare.compare(rec, replace(npu, first_layer_im2col=b), graph)["nodes"] for b in (False, True))
+    changed = [(a, b) for a, b in zip(off, on) if a != b]
+    assert len(changed) == 1 and changed[0][0]["op"] == "conv2d"
+    (a, b), = changed
+    assert a["npu16_parts"]["compute"] == 9 * 16 * 16 and b["npu16_parts"]["compute"] == 2 * 16 * 16

@@ -17,9 +17,11 @@ from waps_tvm.compiler import lower_artifact
 
 def test_config_round_trip_and_defaults():
     npu = NPU16(tile=8, arrays=3, clock_mhz=500, dma_bytes_per_cycle=4, epilogue_width=16, sram_act_kib=128,
-                waps_pipelined=False)
+                waps_pipelined=False, first_layer_im2col=True)
     assert from_config(json.loads(json.dumps(npu.to_config()))) == npu
-    assert from_config({}) == DEFAULT
+    assert npu.to_config()["first_layer_im2col"] is True
+    assert from_config({}) == DEFAULT and not DEFAULT.first_layer_im2col
+    assert from_config({"first_layer_im2col": True}).first_layer_im2col
     assert from_config({"cycles_per_value": {"add": 0.75}}).unit_q8("add") == 192
     got = from_config({"tile": 32, "epilogue_lanes": 4, "sram_kib": {"weights": 64}})
     assert (got.tile, got.epilogue_width, got.sram_weight_kib) == (32, 4, 64)
@@ -36,6 +38,7 @@ def test_config_round_trip_and_defaults():
     ({"dma_bytes_per_cycle": 0}, "dma_bytes_per_cycle must be at least 1"),
     ({"epilogue_lanes": 2.5}, "epilogue_lanes: expected int"),
     ({"waps_pipelined": 1}, "waps_pipelined: expected bool"),
+    ({"first_layer_im2col": "yes"}, "first_layer_im2col: expected bool"),
     ({"sram_kib": 512}, "sram_kib must be an object"),
     ({"sram_kib": {"weights": 0}}, "sram_kib.weights must be at least 1"),
     ({"cycles_per_value": {"add": -1}}, "cycles_per_value.add must be 0 or at least 1/256"),
@@ -99,3 +102,31 @@ def test_tiles_8_16_32_bit_exact_with_counters_equal_to_the_estimator(tiny_artif
         again = measure(out / "model.so", (2, 1, 16, 16), sorted(syms))
         assert {syms[s]: c for s, c in again.items()} == {k: v["counters"] for k, v in counted.items()}
     assert len(set(cycles.values())) == 3, cycles
+
+
+def test_first_layer_im2col_end_to_end(tiny_artifact, tmp_path, capsys):
+    """first_layer_im2col compiled for real: the 1-channel 3×3 stem takes one array step per
+    output tile and pixel (⌈9/16⌉) instead of 9, the outputs stay bit-exact and every op's
+    counters equal the estimator (which report.layer_shape told the stem runs im2col)."""
+    path = artifact.save(tiny_artifact, tmp_path / "t.waps")
+    x = np.random.default_rng(6).normal(size=(2, 1, 16, 16)).astype("float32")
+    lowered = lower_artifact(tiny_artifact, 2)
+    cfg = tmp_path / "npu.json"
+    cfg.write_text(json.dumps({"first_layer_im2col": True}))
+    out = tmp_path / "out"
+    assert cli.main(["compile", str(path), "--target", "npu16", "--npu-config", str(cfg), "-o", str(out),
+                     "--batch", "2"]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(run_in_fresh_process(out, x, tmp_path), reference.run(lowered.program, x)[1])
+    npu = load_config(cfg)
+    rep = json.loads((out / "report.json").read_text())
+    counted = {r["op"]: r["npu16"]["counters"] for r in rep["ops"] if "npu16" in r}
+    for op in lowered.program.ops:
+        if op.name in counted:
+            assert counted[op.name] == estimate(lowered.program, op, npu).counters(), op.name
+    stem = next(op for op in lowered.program.ops if op.kind == "conv2d")
+    assert stem.params["w"].shape[1:] == (1, 3, 3) and "groups" not in stem.params
+    out_tiles_pixels = 2 * -(-stem.shape[1] // npu.tile) * stem.shape[2] * stem.shape[3]
+    assert counted[stem.name]["array_steps"] == out_tiles_pixels                   # 9 without im2col
+    plain = estimate(lowered.program, stem, DEFAULT).counters()
+    assert plain["array_steps"] == 9 * out_tiles_pixels and plain["macs"] == counted[stem.name]["macs"]

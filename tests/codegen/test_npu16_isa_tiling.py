@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from codegen.npu16.tiling import tile_weights, untile_weights
+from codegen.npu16.tiling import tile_weights, tile_weights_im2col, untile_weights, untile_weights_im2col
 from targets.npu16.isa import Instr, Op, Reg, decode, encode, set_
 
 
@@ -40,6 +40,24 @@ def test_tiling_round_trip_for_non_multiples_of_16(m, c, conv_groups, n_groups):
     if groups is not None and conv_groups == 1:
         for p in range(n_groups):
             assert in_tiles[p] == -(-int((groups == p).sum()) // 16)
+
+
+@pytest.mark.parametrize("m,c,k,tile", [(20, 3, 7, 16), (16, 1, 3, 16), (5, 3, 3, 8), (40, 4, 5, 32), (8, 2, 3, 9)])
+def test_im2col_tiling_round_trip(m, c, k, tile):
+    """First-layer mode: tile rows run over the (channel, ky, kx) products, taps dimensions 1."""
+    w = np.random.default_rng(m + c + k).integers(-128, 128, (m, c, k, k)).astype(np.int8)
+    tiles, rows, in_tiles = tile_weights_im2col(w, tile)
+    it = -(-c * k * k // tile)
+    assert tiles.shape == (1, -(-m // tile), 1, it, 1, 1, tile, tile) and rows.shape == (1, 1, it, tile)
+    assert in_tiles.tolist() == [it]
+    np.testing.assert_array_equal(untile_weights_im2col(tiles, rows, m, c, k, k), w)
+    # every product exactly once, in (channel, ky, kx) order, padding rows -1 and zero weights
+    flat = rows.ravel()
+    assert flat[:c * k * k].tolist() == list(range(c * k * k)) and (flat[c * k * k:] == -1).all()
+    assert not tiles.reshape(-1, it * tile, tile)[:, c * k * k:].any()
+    ch, ky, kx = 1 % c, (k - 1), 0                     # the row of one product reads w[:, ch, ky, kx]
+    r = (ch * k + ky) * k + kx
+    np.testing.assert_array_equal(tiles[0, 0, 0, r // tile, 0, 0, r % tile, :min(m, tile)], w[:tile, ch, ky, kx])
 
 
 def test_c_isa_header_is_generated_from_python_and_the_simulator_has_no_copy():

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from calib.numerics import GroupScale
 from relay_passes.attrs import ConvAttrs
 from targets.npu16.cost import LayerShape, even_sizes, layer_cost, tile_aligned_sizes
+from targets.npu16.first_layer import runs_im2col
 from targets.npu16.params import NPU16
 
 
@@ -99,19 +100,20 @@ def _simulate(lib, low, x, m, out_shape):
 
 @st.composite
 def _layers(draw):
-    kind = draw(st.sampled_from(["conv", "grouped", "depthwise", "linear"]))
-    g = {"conv": 1, "linear": 1, "grouped": 2, "depthwise": None}[kind]
-    c = draw(st.integers(2 if kind == "depthwise" else 1, 40)) * (2 if kind == "grouped" else 1)
+    # stem: few input channels and a 3×3/5×5/7×7 kernel, the first-layer (im2col) mode's layers
+    kind = draw(st.sampled_from(["conv", "grouped", "depthwise", "linear", "stem", "stem"]))
+    g = {"conv": 1, "linear": 1, "grouped": 2, "depthwise": None, "stem": 1}[kind]
+    c = draw(st.integers(2 if kind == "depthwise" else 1, 5 if kind == "stem" else 40)) * (2 if kind == "grouped" else 1)
     if kind == "depthwise":
         g = m = c
     else:
         m = draw(st.integers(1, 40)) * (2 if kind == "grouped" else 1)
-    k = 1 if kind == "linear" else draw(st.sampled_from([1, 3]))
-    stride, pad = (draw(st.sampled_from([1, 2])), draw(st.sampled_from([0, 1]))) if k == 3 else (1, 0)
-    hw = 1 if kind == "linear" else draw(st.integers(k - 2 * pad, 6))
+    k = 1 if kind == "linear" else draw(st.sampled_from([3, 5, 7] if kind == "stem" else [1, 3]))
+    stride, pad = (draw(st.sampled_from([1, 2])), draw(st.integers(0, k // 2))) if k > 1 else (1, 0)
+    hw = 1 if kind == "linear" else draw(st.integers(max(1, k - 2 * pad), 6 if k < 7 else 9))
     n = draw(st.integers(1, 2))
     groups = None
-    if kind != "depthwise" and draw(st.booleans()):
+    if kind != "depthwise" and draw(st.integers(0, 3 if kind == "stem" else 1)) == 0:   # stems: mostly ungrouped
         p = draw(st.integers(2, 4))
         # sizes with empty groups likely: labels drawn from a subset of the groups
         used = draw(st.lists(st.integers(0, p - 1), min_size=1, max_size=p, unique=True))
@@ -128,7 +130,8 @@ def _layers(draw):
                 waps_switch_cycles=draw(st.integers(0, 2)), waps_merge_cycles=draw(st.integers(0, 2)),
                 waps_pipelined=draw(st.booleans()), double_buffer=draw(st.booleans()),
                 weight_bytes_per_cycle=draw(st.sampled_from([0, 0, 1, 3])),
-                sram_weight_kib=draw(st.sampled_from([1, 2, 8, 256])), sram_act_kib=draw(st.sampled_from([1, 2, 8, 512])))
+                sram_weight_kib=draw(st.sampled_from([1, 2, 8, 256])), sram_act_kib=draw(st.sampled_from([1, 2, 8, 512])),
+                first_layer_im2col=draw(st.sampled_from([False, True, True])))
     return dict(kind=kind, c=c, m=m, g=g, k=k, hw=hw, n=n, groups=groups, scales=scales, npu=npu,
                 stride=stride, pad=pad, seed=draw(st.integers(0, 2**16)))
 
@@ -139,7 +142,8 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
     """Every counter of a random conv/linear/depthwise layer on a random machine: empty WAPS
     groups, pipelined and serial WAPS, 1–4 arrays, tiles 8/16/32, DMA and epilogue widths,
     SRAM from 1 KiB (striped: halos and weights re-fetched, either loop order) up, single or
-    double buffered, weights over the shared DMA or their own port.
+    double buffered, weights over the shared DMA or their own port, the first-layer (im2col)
+    mode on few-channel 3×3/5×5/7×7 convs.
     The outputs do not depend on the machine (equal to the default npu16's)."""
     from codegen.npu16.lower import NotOnNpu, lower_op
     from targets.npu16.memory import SramTooSmall
@@ -163,8 +167,9 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
         scaled = tuple(bool(s.sigma) for s in L["scales"])
         cg = c // g
         per_group = tuple(tuple(int((labels[i * cg:(i + 1) * cg] == q).sum()) for q in range(p)) for i in range(g))
+    im2col = runs_im2col(L["npu"], c=c, conv_groups=g, kh=k, kw=k, waps_groups=L["groups"] is not None)
     shape = LayerShape("l", c, m, oh, oh, k, k, g, sizes, scaled, hw, hw, wbits=8, abits_in=8, abits_out=8, n=n,
-                       conv_group_sizes=per_group if g > 1 else (), sh=L["stride"], ph=L["pad"])
+                       conv_group_sizes=per_group if g > 1 else (), sh=L["stride"], ph=L["pad"], im2col=im2col)
     if low is None:
         with pytest.raises(SramTooSmall):
             layer_cost(shape, L["npu"])
@@ -174,6 +179,46 @@ def test_estimator_equals_the_simulator_counters(simulator, L):
     ref_out, _ = _simulate(simulator, lower_op("conv2d", attrs, [(n, c, hw, hw)], ["uint8"], params), x, m,
                            (n, m, oh, oh))
     np.testing.assert_array_equal(out, ref_out)
+
+
+def test_im2col_stem_packs_the_array_rows(simulator):
+    """Issue 15: a 3-channel 7×7 stride-2 stem on a 16-wide array, first_layer_im2col on: 10 array
+    steps (⌈147/16⌉) per output tile and pixel instead of 49 (7·7 taps × 1 in-tile), the same
+    MACs, the estimator equal to the counters and the outputs bit-exact."""
+    from codegen.npu16.lower import lower_op
+    rng = np.random.default_rng(3)
+    c, m, hw, oh = 3, 20, 16, 8                          # 2 output tiles, 8×8 output pixels
+    w = rng.integers(-128, 128, (m, c, 7, 7)).astype(np.int8)
+    x = rng.integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
+    attrs = {"conv_groups": 1, "stride": [2, 2], "padding": [3, 3], "dilation": [1, 1], "z_in": 128, "z_out": 0,
+             "lo": 0, "hi": 255, "frac": 0}
+    runs = {}
+    for on in (False, True):
+        npu = NPU16(first_layer_im2col=on)
+        out, counted = _simulate(simulator, lower_op("conv2d", attrs, [x.shape], ["uint8"], {"w": w}, npu), x, m,
+                                 (1, m, oh, oh))
+        shape = LayerShape("stem", c, m, oh, oh, 7, 7, h=hw, w=hw, wbits=8, abits_in=8, abits_out=8, sh=2, ph=3,
+                           im2col=on)
+        assert layer_cost(shape, npu).counters() == counted
+        runs[on] = out, counted
+    (plain, before), (packed, after) = runs[False], runs[True]
+    assert before["array_steps"] == 2 * 64 * 49 and after["array_steps"] == 2 * 64 * 10
+    assert after["macs"] == before["macs"] == m * 64 * c * 49
+    assert after["dma_weight_bytes"] == 2 * 10 * 256 < before["dma_weight_bytes"] == 2 * 49 * 256
+    np.testing.assert_array_equal(packed, plain)
+    assert len(np.unique(packed)) > 10                   # requantized values, not a clamped constant
+
+
+def test_im2col_only_for_few_channel_single_group_convs():
+    on = NPU16(first_layer_im2col=True)
+    assert runs_im2col(on, c=3, conv_groups=1, kh=7, kw=7, waps_groups=False)
+    assert not runs_im2col(NPU16(), c=3, conv_groups=1, kh=7, kw=7, waps_groups=False)
+    assert not runs_im2col(on, c=16, conv_groups=1, kh=3, kw=3, waps_groups=False)        # a full tile of rows
+    assert not runs_im2col(on, c=3, conv_groups=1, kh=1, kw=1, waps_groups=False)         # no taps to pack
+    assert not runs_im2col(on, c=3, conv_groups=1, kh=3, kw=3, waps_groups=True)
+    assert not runs_im2col(on, c=4, conv_groups=2, kh=3, kw=3, waps_groups=False)
+    with pytest.raises(ValueError, match="im2col"):
+        LayerShape("l", 4, 4, kh=3, kw=3, conv_groups=2, im2col=True)
 
 
 def test_empty_group_costs_nothing(simulator):
