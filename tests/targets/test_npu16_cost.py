@@ -190,8 +190,8 @@ def test_im2col_stem_packs_the_array_rows(simulator):
     c, m, hw, oh = 3, 20, 16, 8                          # 2 output tiles, 8×8 output pixels
     w = rng.integers(-128, 128, (m, c, 7, 7)).astype(np.int8)
     x = rng.integers(0, 256, (1, c, hw, hw)).astype(np.uint8)
-    attrs = {"conv_groups": 1, "stride": [2, 2], "padding": [3, 3], "dilation": [1, 1], "z_in": 128, "z_out": 0,
-             "lo": 0, "hi": 255, "frac": 0}
+    attrs = ConvAttrs(conv_groups=1, stride=(2, 2), padding=(3, 3), dilation=(1, 1), z_in=128, z_out=0, lo=0, hi=255,
+                      frac=0)
     runs = {}
     for on in (False, True):
         npu = NPU16(first_layer_im2col=on)
