@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="the compile report of a compiled folder: per-op targets, groups, gathers, "
                                        "npu16 costs, accuracy (prints it, rewrites report.md and its PNGs)")
     rp.add_argument("folder")
+    rp.add_argument("--npu-config", help="re-cost an npu16 build for another npu16 JSON config without recompiling "
+                                         "(estimates; written to FOLDER/recost-<config name>/ unless --out)")
+    rp.add_argument("--out", help="with --npu-config: the folder for the re-costed report")
 
     ins = sub.add_parser("inspect", help="lowered graphs of a compiled folder: Relax stages, ONNX, netron")
     ins.add_argument("folder")
@@ -497,6 +500,17 @@ def _report(args) -> int:
         text = report.markdown(rep)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a waps-tvm report ({type(e).__name__}: {e})") from None
+    if args.npu_config:
+        from targets.npu16.params import load_config
+        npu = load_config(args.npu_config)
+        try:
+            rep = report.recost(rep, npu)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        text = report.markdown(rep)
+        folder = Path(args.out) if args.out else folder / f"recost-{Path(args.npu_config).stem}"
+    elif args.out:
+        raise ConfigError("--out goes with --npu-config (a compile's own report is rewritten in its folder)")
     print(text)
     written = report.write(folder, rep)
     print("wrote " + ", ".join(str(p) for p in written))

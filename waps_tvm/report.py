@@ -20,7 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-FILES = ("report.json", "report.md", "groups.png", "cycles.png")
+FILES = ("report.json", "report.md", "report.csv", "groups.png", "cycles.png", "roofline.png")
+# an npu16 op's report fields (targets/npu16/report.cost_row)
+NPU16_COLUMNS = ("macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue", "cycles", "bound", "utilisation",
+                 "sram", "offchip_read", "offchip_write", "weight_bytes", "time_us", "cycles_no_groups", "counted",
+                 "counters", "query", "query_no_groups")
 
 
 def build(program, placement: list[dict], target: str, npu=None, counters: dict | None = None) -> dict:
@@ -51,8 +55,7 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
             row["sigma"], row["n"] = [s.sigma for s in op.group_scales], [s.n for s in op.group_scales]
         if "cycles" in costs.get(op.name, {}):
             c = costs[op.name]
-            row["npu16"] = {k: c[k] for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles",
-                                              "cycles_no_groups", "counted", "counters")}
+            row["npu16"] = {k: c[k] for k in NPU16_COLUMNS}
         rows.append(row)
     return {"target": target, "npu": npu, "ops": rows, "totals": _totals(rows), "accuracy": None}
 
@@ -83,10 +86,44 @@ def _totals(rows: list[dict]) -> dict:
         t["by_target"][r["target"]] = t["by_target"].get(r["target"], 0) + 1
     npu = [r["npu16"] for r in rows if "npu16" in r]
     if npu:
-        for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles", "cycles_no_groups"):
-            t[k] = int(sum(c[k] for c in npu))
+        for k in ("int_ops", "shift_ops", "compute", "waps", "dma", "epilogue", "cycles", "cycles_no_groups",
+                  "offchip_read", "offchip_write", "weight_bytes"):
+            t[k] = int(sum(c.get(k, 0) for c in npu))
         t["waps_overhead_pct"] = 100.0 * (t["cycles"] - t["cycles_no_groups"]) / max(t["cycles_no_groups"], 1)
+        t["sram_peak"] = {b: max((c.get("sram", {}).get(b, 0) for c in npu), default=0)
+                          for b in ("weights", "activations")}
+        t["bound"] = {}
+        for c in npu:
+            if "bound" in c:
+                t["bound"][c["bound"]] = t["bound"].get(c["bound"], 0) + c["cycles"]
     return t
+
+
+def recost(rep: dict, npu) -> dict:
+    """``rep`` (an npu16 report.json) re-costed for another machine ``npu`` (params.NPU16) from
+    each op's cost query, without the compiled module: every count is the estimator's
+    (``counted`` false), and an op whose smallest stripe no longer fits the SRAM is marked."""
+    from targets.npu16.memory import SramTooSmall
+    from targets.npu16.report import CostQuery, cost_row
+    if rep.get("target") != "npu16":
+        raise ValueError("only an npu16 report can be re-costed for another npu16 config")
+    out = json.loads(json.dumps(rep))
+    out["npu"], out["recosted_from"] = npu.to_config(), rep["npu"]
+    for row in out["ops"]:
+        c = row.get("npu16")
+        if not c:
+            continue
+        if "query" not in c:
+            raise ValueError(f"{row['op']}: no cost query (compiled before 'report --npu-config' existed)")
+        plain = CostQuery.from_json(c["query_no_groups"]) if c.get("query_no_groups") else None
+        try:
+            row["npu16"] = {k: v for k, v in cost_row(CostQuery.from_json(c["query"]), npu, None, plain).items()
+                            if k in NPU16_COLUMNS}
+        except SramTooSmall as e:
+            del row["npu16"]
+            row["target"], row["reason"] = "llvm", f"does not fit this npu16: {e}"
+    out["totals"] = _totals(out["ops"])
+    return out
 
 
 def accuracy(data: str, labels: np.ndarray, compiled: np.ndarray, fake_quant: np.ndarray) -> dict:
@@ -108,12 +145,44 @@ def _groups_cell(r: dict) -> str:
     return " · ".join(parts)
 
 
+def _vela_cells(c: dict) -> list[str]:
+    """bound, MAC utilisation, SRAM peaks, off-chip bytes and time of an npu16 op (reports
+    written before these columns existed show dashes)."""
+    if "bound" not in c:
+        return ["–"] * 5
+    return [c["bound"], f"{c['utilisation']:.0%}",
+            f"{c['sram']['weights'] / 1024:.1f} / {c['sram']['activations'] / 1024:.1f}",
+            f"{c['offchip_read'] / 1e3:,.1f} / {c['offchip_write'] / 1e3:,.1f}", f"{c['time_us']:,.2f}"]
+
+
+CSV_COLUMNS = ("op", "kind", "layer", "target", "macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue",
+               "cycles", "bound", "utilisation", "sram_weights", "sram_activations", "offchip_read", "offchip_write",
+               "weight_bytes", "time_us", "cycles_no_groups")
+
+
+def csv_text(rep: dict) -> str:
+    """One CSV row per op (npu16 columns empty for ops that do not run on it)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rep["ops"]:
+        c = dict(r.get("npu16") or {})
+        if "sram" in c:
+            c["sram_weights"], c["sram_activations"] = c["sram"]["weights"], c["sram"]["activations"]
+        row = {**{k: r.get(k, "") for k in ("op", "kind", "layer", "target", "macs")}, **c}
+        w.writerow([row.get(k, "") for k in CSV_COLUMNS])
+    return buf.getvalue()
+
+
 def markdown(rep: dict) -> str:
     """The report as Markdown (what ``waps-tvm report`` prints)."""
     npu = rep["npu"] is not None
     head = ["op", "kind", "runs on", "shape", "MACs", "groups (channels × γ)", "L", "gather in"]
     if npu:
-        head += ["int ops", "shifts", "compute", "DMA", "epilogue", "cycles", "WAPS overhead"]
+        head += ["int ops", "shifts", "compute", "DMA", "epilogue", "cycles", "bound", "MAC util", "SRAM w/a (KiB)",
+                 "off-chip r/w (KB)", "µs", "WAPS overhead"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rep["ops"]:
         runs = r["target"] if not r["reason"] else f"{r['target']}: {r['reason']}"
@@ -124,14 +193,21 @@ def markdown(rep: dict) -> str:
             if c:
                 ov = 100.0 * (c["cycles"] - c["cycles_no_groups"]) / max(c["cycles_no_groups"], 1)
                 cells += [f"{c['int_ops']:,}", f"{c['shift_ops']:,}", f"{c['compute']:,}", f"{c['dma']:,}",
-                          f"{c['epilogue']:,}", f"{c['cycles']:,}", f"{ov:+.1f} %"]
+                          f"{c['epilogue']:,}", f"{c['cycles']:,}", *_vela_cells(c), f"{ov:+.1f} %"]
             else:
-                cells += ["–"] * 7
+                cells += ["–"] * 12
         lines.append("| " + " | ".join(cells) + " |")
     t = rep["totals"]
     total = ["**total**", "", "", "", f"{t['macs']:,}", "", "", f"{t['gathers']} gathers"]
     if npu:
         total += [f"{t[k]:,}" for k in ("int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles")]
+        peak = rep["npu"].get("tile", 16) ** 2 * rep["npu"]["arrays"]
+        sram = t.get("sram_peak", {})
+        total += [max(t.get("bound", {"–": 0}), key=t.get("bound", {"–": 0}).get),
+                  f"{t['macs'] / max(t['cycles'] * peak, 1):.0%}",
+                  f"{sram.get('weights', 0) / 1024:.1f} / {sram.get('activations', 0) / 1024:.1f} (peak)",
+                  f"{t.get('offchip_read', 0) / 1e3:,.1f} / {t.get('offchip_write', 0) / 1e3:,.1f}",
+                  f"{t['cycles'] / rep['npu']['clock_mhz']:,.1f}"]
         total.append(f"{t['waps_overhead_pct']:+.2f} %")
     lines.append("| " + " | ".join(total) + " |")
     where = ", ".join(f"{k} {v}" for k, v in sorted(t["by_target"].items()))
@@ -157,11 +233,14 @@ def markdown(rep: dict) -> str:
 def write(folder: str | os.PathLike, rep: dict) -> list[Path]:
     """Write report.json, report.md, groups.png (and cycles.png for npu16) into ``folder``."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     written = [_atomic(folder / "report.json", json.dumps(rep, indent=1).encode()),
-               _atomic(folder / "report.md", markdown(rep).encode())]
+               _atomic(folder / "report.md", markdown(rep).encode()),
+               _atomic(folder / "report.csv", csv_text(rep).encode())]
     written.append(_plot(folder / "groups.png", lambda ax: _plot_groups(ax, rep["ops"])))
     if rep["npu"] is not None:
         written.append(_plot(folder / "cycles.png", lambda ax: _plot_cycles(ax, rep["ops"])))
+        written.append(_plot(folder / "roofline.png", lambda ax: _plot_roofline(ax, rep)))
     return written
 
 
@@ -215,4 +294,28 @@ def _plot_cycles(ax, rows) -> None:
     ax.set_xticks(list(x), [r["op"] for r in npu], rotation=90, fontsize=6)
     ax.set_ylabel("npu16 cycles")
     ax.set_title("npu16 cycles per op")
+    ax.legend(fontsize=7)
+
+
+def _plot_roofline(ax, rep: dict) -> None:
+    """Each npu16 op at (integer ops per off-chip byte, integer ops per cycle) under the roofs:
+    the arrays' peak (2·T²·A ops per cycle) and the DMA's (bytes per cycle × intensity)."""
+    cfg = rep["npu"]
+    peak = 2 * cfg.get("tile", 16) ** 2 * cfg["arrays"]
+    bw = cfg["dma_bytes_per_cycle"]
+    pts = [(r["npu16"]["int_ops"] / max(r["npu16"]["offchip_read"] + r["npu16"]["offchip_write"], 1),
+            r["npu16"]["int_ops"] / max(r["npu16"]["cycles"], 1), r["npu16"].get("bound", "compute"))
+           for r in rep["ops"] if "npu16" in r and r["npu16"]["int_ops"]]
+    if not pts:
+        ax.set_title("npu16 roofline (no npu16 ops)")
+        return
+    xs = np.logspace(np.log10(min(p[0] for p in pts) / 2), np.log10(max(max(p[0] for p in pts) * 2, 2 * peak / bw)), 100)
+    ax.loglog(xs, np.minimum(peak, bw * xs), "k-", lw=1, label=f"roof: {peak} ops/cycle, {bw} B/cycle")
+    for bound, color in (("compute", "#4c72b0"), ("dma", "#dd8452"), ("epilogue", "#55a868")):
+        sel = [p for p in pts if p[2] == bound]
+        if sel:
+            ax.loglog([p[0] for p in sel], [p[1] for p in sel], "o", ms=4, color=color, label=f"{bound}-bound")
+    ax.set_xlabel("integer ops per off-chip byte")
+    ax.set_ylabel("integer ops per cycle")
+    ax.set_title("npu16 roofline per op")
     ax.legend(fontsize=7)

@@ -124,6 +124,7 @@ class LayerCost:
     commands: tuple = ()                  # per-command costs of an op run as several commands
     stripes: int = 0                      # row × weight stripes run (conv/linear; memory.py)
     overlap: bool = True                  # double-buffered: DMA overlaps compute
+    sram: dict = field(default_factory=dict)   # peak bytes per SRAM buffer (striped layers)
 
     @property
     def cycles(self) -> int:
@@ -136,6 +137,14 @@ class LayerCost:
         d = asdict(self)
         d["cycles"] = self.cycles
         return d
+
+    @property
+    def bound(self) -> str:
+        """The unit that bounds the op: 'compute' (array + WAPS), 'dma' or 'epilogue' (for an op
+        of several commands, the unit with the most cycles summed over them)."""
+        units = {"compute": self.compute_cycles + self.waps_cycles, "dma": self.dma_cycles,
+                 "epilogue": self.epilogue_cycles}
+        return max(units, key=units.get)
 
     def counters(self) -> dict:
         """The simulator's counters (targets/npu16/isa.COUNTERS) this estimate predicts."""
@@ -210,7 +219,8 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
     return LayerCost(layer.name, layer.macs, 2 * layer.macs, 2 * n_scaled * layer.outputs,
                      n_scaled * layer.outputs, n_scaled * layer.outputs, lead_tiles * steps_per_tile, waps_cycles,
                      dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs,
-                     stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer)
+                     stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer,
+                     sram={"weights": plan.weight_sram, "activations": plan.act_sram})
 
 
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0,

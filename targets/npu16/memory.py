@@ -51,6 +51,8 @@ class StripePlan:
     row_stripes: int     # ⌈OH / R⌉
     weight_stripes: int  # conv groups × ⌈OT / K⌉
     weights_first: bool = False   # loop order: weight stripes outside row stripes
+    weight_sram: int = 0          # peak bytes of the weight buffer (both halves when double-buffered)
+    act_sram: int = 0             # peak bytes of the activation buffer (input rows + output rows)
 
     def weight_fetches(self, n: int) -> int:
         """How many times the layer's weights cross the DMA for ``n`` samples."""
@@ -93,7 +95,11 @@ def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, ph: int, dh: int, in_row
     if best == 0:
         raise SramTooSmall(f"one output row ({in_rows(1, h, kh, sh, dh) * in_row_bytes + ow * k * tile} B with its "
                            f"input rows) exceeds the usable activation SRAM ({a_cap} B)")
-    rows_first = StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k))
+    halves = 2 if npu.double_buffer else 1
+    stripe_w = conv_groups * out_tiles * tile_weight_bytes if resident else k * tile_weight_bytes
+    stripe_a = in_rows(best, h, kh, sh, dh) * in_row_bytes + best * ow * k * tile
+    rows_first = StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k),
+                            weight_sram=stripe_w * (1 if resident else halves), act_sram=stripe_a * halves)
     weights_first = replace(rows_first, weights_first=True)
     in_bytes = fetched_rows(rows_first, h, oh, kh, sh, ph, dh) * in_row_bytes
 

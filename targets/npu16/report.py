@@ -8,7 +8,7 @@ overhead column.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -49,73 +49,119 @@ def layer_shape(op, in_shape, in_dtype: str, npu: NPU16) -> LayerShape:
                       im2col=runs_im2col(npu, c=c, conv_groups=g, kh=kh, kw=kw, waps_groups="groups" in op.params))
 
 
-def estimate(program, op, npu: NPU16) -> LayerCost:
-    """The estimator's counts for one offloaded op (what its counters will say)."""
+@dataclass(frozen=True)
+class CostQuery:
+    """One op's call of a cost.py function, JSON-able (``report.json`` keeps it), so a compiled
+    model can be re-costed for another machine without recompiling: ``fn`` names the function
+    (``COSTS``), ``args`` its arguments apart from the machine. A layer's first-layer mode is
+    decided again for the machine it is costed on (first_layer.runs_im2col)."""
+    fn: str
+    args: dict
+
+    def cost(self, npu: NPU16) -> LayerCost:
+        if self.fn == "layer":
+            shape = LayerShape(**{k: _tuples(v) for k, v in self.args.items()})
+            shape = replace(shape, im2col=runs_im2col(npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh,
+                                                      kw=shape.kw, waps_groups=bool(shape.group_sizes)))
+            return layer_cost(shape, npu)
+        return COSTS[self.fn](**self.args, npu=npu)
+
+    def to_json(self) -> dict:
+        return {"fn": self.fn, "args": self.args}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostQuery":
+        if not isinstance(d, dict) or d.get("fn") not in (*COSTS, "layer") or not isinstance(d.get("args"), dict):
+            raise ValueError(f"not an npu16 cost query: {d!r:.80}")
+        return cls(d["fn"], d["args"])
+
+
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+COSTS: dict[str, Callable[..., LayerCost]] = {
+    "add": add_cost, "pool": pool_cost, "gather": gather_cost, "pad": pad_cost, "avg_pool": avg_pool_cost,
+    "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost}
+
+
+def query(program, op, npu: NPU16) -> CostQuery:
+    """The cost query of one offloaded op of ``program``."""
     if op.kind not in ESTIMATES:
         raise ValueError(f"no npu16 cost for {op.kind}")
     in_shape = tuple(program.shape_of(op.inputs[0]))
     return ESTIMATES[op.kind](program, op, in_shape, program.dtype_of(op.inputs[0]), npu)
 
 
-def _host(program, op, in_shape, in_dtype, npu) -> LayerCost:
+def estimate(program, op, npu: NPU16) -> LayerCost:
+    """The estimator's counts for one offloaded op (what its counters will say)."""
+    return query(program, op, npu).cost(npu)
+
+
+def _host(program, op, in_shape, in_dtype, npu) -> CostQuery:
     raise ValueError(f"no npu16 cost for {op.kind}: it runs on the host")
 
 
-def _layer(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return layer_cost(layer_shape(op, in_shape, in_dtype, npu), npu)
+def _layer(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("layer", asdict(layer_shape(op, in_shape, in_dtype, npu)))
 
 
-def _add(program, op, in_shape, in_dtype, npu) -> LayerCost:
+def _add(program, op, in_shape, in_dtype, npu) -> CostQuery:
     sb = program.shape_of(op.inputs[1])
-    if tuple(sb) == tuple(in_shape):
-        return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
-    wide = program.dtype_of(op.inputs[1]) != "uint8"
-    return add_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu, int(np.prod(sb)) * (4 if wide else 1))
+    args = {"name": op.name, "in_elems": int(np.prod(in_shape)), "out_elems": int(np.prod(op.shape))}
+    if tuple(sb) != tuple(in_shape):
+        args["b_bytes"] = int(np.prod(sb)) * (4 if program.dtype_of(op.inputs[1]) != "uint8" else 1)
+    return CostQuery("add", args)
 
 
 def _pool(out_bytes: int):
     """A max (uint8 out) or sum (int32 out) pool: one epilogue value per window tap."""
-    def cost(program, op, in_shape, in_dtype, npu) -> LayerCost:
-        taps = int(np.prod(op.attrs.kernel))
-        return pool_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), taps, out_bytes, npu)
+    def cost(program, op, in_shape, in_dtype, npu) -> CostQuery:
+        return CostQuery("pool", {"name": op.name, "in_elems": int(np.prod(in_shape)),
+                                  "out_elems": int(np.prod(op.shape)), "taps": int(np.prod(op.attrs.kernel)),
+                                  "out_bytes": out_bytes})
     return cost
 
 
-def _gather(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return gather_cost(op.name, int(np.prod(op.shape)), 1 if in_dtype == "uint8" else 4, npu)
+def _gather(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("gather", {"name": op.name, "out_elems": int(np.prod(op.shape)),
+                                "elem_bytes": 1 if in_dtype == "uint8" else 4})
 
 
-def _pad(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return pad_cost(op.name, int(np.prod(in_shape)), int(np.prod(op.shape)), npu)
+def _pad(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("pad", {"name": op.name, "in_elems": int(np.prod(in_shape)), "out_elems": int(np.prod(op.shape))})
 
 
-def _avg_pool2d(program, op, in_shape, in_dtype, npu) -> LayerCost:
+def _avg_pool2d(program, op, in_shape, in_dtype, npu) -> CostQuery:
     p = op.params
     rows = np.maximum(np.asarray(p["h1"], np.int64) - p["h0"], 0).sum()
     cols = np.maximum(np.asarray(p["w1"], np.int64) - p["w0"], 0).sum()
-    return avg_pool_cost(op.name, in_shape[0] * in_shape[1], int(np.prod(in_shape)), p["h0"].size, p["w0"].size,
-                         int(rows * cols), p["mult"].size, npu)
+    return CostQuery("avg_pool", {"name": op.name, "planes": int(in_shape[0] * in_shape[1]),
+                                  "in_elems": int(np.prod(in_shape)), "oh": int(p["h0"].size), "ow": int(p["w0"].size),
+                                  "taps": int(rows * cols), "requants": int(p["mult"].size)})
 
 
-def _concat(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return concat_cost(op.name, [int(np.prod(program.shape_of(i))) for i in op.inputs], npu)
+def _concat(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("concat", {"name": op.name, "part_elems": [int(np.prod(program.shape_of(i))) for i in op.inputs]})
 
 
-def _table(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return lut_cost(op.name, int(np.prod(in_shape)), op.params["table"].size, npu)
+def _table(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("lut", {"name": op.name, "elems": int(np.prod(in_shape)), "table_size": int(op.params["table"].size)})
 
 
-def _mul(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return mul_cost(op.name, int(np.prod(in_shape)), int(np.prod(program.shape_of(op.inputs[1]))), npu)
+def _mul(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("mul", {"name": op.name, "elems": int(np.prod(in_shape)),
+                             "b_elems": int(np.prod(program.shape_of(op.inputs[1])))})
 
 
-def _resize(program, op, in_shape, in_dtype, npu) -> LayerCost:
-    return resize_cost(op.name, in_shape[0] * in_shape[1], in_shape[3], op.params["y0"].size, op.params["x0"].size,
-                       op.attrs.frac > 0, npu)
+def _resize(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    return CostQuery("resize", {"name": op.name, "planes": int(in_shape[0] * in_shape[1]), "w": int(in_shape[3]),
+                                "oh": int(op.params["y0"].size), "ow": int(op.params["x0"].size),
+                                "bilinear": bool(op.attrs.frac > 0)})
 
 
-# kind → its estimated npu16 cost (every kind of relay_passes/opset.py; the host kinds have none)
-ESTIMATES: dict[str, Callable[..., LayerCost]] = {
+# kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
+ESTIMATES: dict[str, Callable[..., CostQuery]] = {
     "quantize": _host, "dequantize": _host, "flatten": _host, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
     "concat": _concat, "table": _table, "mul": _mul, "resize": _resize}
@@ -130,25 +176,41 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
         row = {"op": op.name, "kind": op.kind, "layer": op.attrs.layer or "", "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape)}
         if place["target"] == "npu16":
-            est = estimate(program, op, npu)
-            cnt = counters[op.name] if counters is not None else est.counters()
-            plain = est.cycles
-            groups = []
+            q = query(program, op, npu)
+            plain = None
             if is_layer(op):
-                shape = layer_shape(op, program.shape_of(op.inputs[0]), program.dtype_of(op.inputs[0]), npu)
-                plain = layer_cost(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=(), im2col=runs_im2col(
-                    npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh, kw=shape.kw, waps_groups=False)),
-                    npu).cycles
-                groups = list(shape.group_sizes)
-                int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
-            else:
-                int_ops = cnt["epilogue_values"]
-            row.update(macs=cnt["macs"], int_ops=int_ops, shift_ops=cnt["shifts"],
-                       compute=cnt["compute_cycles"] + cnt["waps_cycles"], waps=cnt["waps_cycles"],
-                       dma=cnt["dma_cycles"], epilogue=cnt["epilogue_cycles"], cycles=cnt["cycles"],
-                       cycles_no_groups=plain, groups=groups, counted=counters is not None, counters=cnt)
+                shape = LayerShape(**{k: _tuples(v) for k, v in q.args.items()})
+                plain = CostQuery("layer", asdict(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=())))
+            row.update(cost_row(q, npu, counters[op.name] if counters is not None else None, plain))
         rows.append(row)
     return rows
+
+
+def cost_row(q: CostQuery, npu: NPU16, counted: dict | None = None, plain: CostQuery | None = None) -> dict:
+    """The report's npu16 columns of one op (Vela-style): MACs and integer ops; cycles split into
+    compute (array + WAPS), WAPS, DMA and epilogue with the bounding unit; MAC utilisation of
+    the op's cycles; SRAM peak per buffer; bytes read (weights among them) and written off
+    chip; time at the clock. From the simulator's ``counted`` counters when given (the SRAM
+    peaks and the bound always from the estimate, which tests hold equal to the counters),
+    else from the estimate. ``plain``: the same layer without WAPS groups (overhead column)."""
+    est = q.cost(npu)
+    cnt = counted if counted is not None else est.counters()
+    if q.fn == "layer":
+        int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
+        groups = list(q.args.get("group_sizes") or [])
+    else:
+        int_ops, groups = cnt["epilogue_values"], []
+    peak = npu.tile * npu.tile * npu.arrays
+    return {"macs": cnt["macs"], "int_ops": int_ops, "shift_ops": cnt["shifts"],
+            "compute": cnt["compute_cycles"] + cnt["waps_cycles"], "waps": cnt["waps_cycles"],
+            "dma": cnt["dma_cycles"], "epilogue": cnt["epilogue_cycles"], "cycles": cnt["cycles"],
+            "bound": est.bound, "utilisation": cnt["macs"] / max(cnt["cycles"] * peak, 1),
+            "sram": dict(est.sram) or {"weights": 0, "activations": 0},
+            "offchip_read": cnt["dma_in_bytes"], "offchip_write": cnt["dma_out_bytes"],
+            "weight_bytes": cnt["dma_weight_bytes"], "time_us": cnt["cycles"] / npu.clock_mhz,
+            "cycles_no_groups": plain.cost(npu).cycles if plain else est.cycles, "groups": groups,
+            "counted": counted is not None, "counters": cnt, "query": q.to_json(),
+            "query_no_groups": plain.to_json() if plain else None}
 
 
 def totals(rows: list[dict]) -> dict:

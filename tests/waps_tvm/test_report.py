@@ -65,3 +65,53 @@ def test_report_errors_are_one_line(labelled, tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a waps-tvm report" in err and "\n" not in err
+
+
+def test_npu16_report_vela_columns_csv_roofline_and_recost(labelled, tmp_path, capsys):
+    """An npu16 build's report has the Vela-style columns (bound, MAC utilisation, SRAM peaks,
+    off-chip bytes, time) and a CSV and roofline; `report --npu-config` re-costs it for another
+    machine from the stored cost queries, equal to the estimator there, without recompiling."""
+    import csv
+
+    from targets.npu16.params import NPU16, from_config
+    from targets.npu16.report import CostQuery
+    waps, _ = labelled
+    out = tmp_path / "out"
+    assert cli.main(["compile", str(waps), "--target", "npu16", "--batch", "1", "-o", str(out), "-q"]) == 0
+    capsys.readouterr()
+    rep = json.loads((out / "report.json").read_text())
+    npu_rows = [r for r in rep["ops"] if "npu16" in r]
+    assert npu_rows and all(r["npu16"]["counted"] for r in npu_rows)
+    for r in npu_rows:
+        c = r["npu16"]
+        assert c["bound"] in ("compute", "dma", "epilogue") and 0 <= c["utilisation"] <= 1
+        assert c["offchip_read"] == c["counters"]["dma_in_bytes"] and c["time_us"] == c["cycles"] / 800
+        # the stored query re-costs to the counted numbers on the same machine
+        assert CostQuery.from_json(c["query"]).cost(NPU16()).counters() == c["counters"]
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["op"] for r in rows] == [r["op"] for r in rep["ops"]]
+    assert (out / "roofline.png").stat().st_size > 1000
+    assert "| bound | MAC util |" in (out / "report.md").read_text()
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({"tile": 8, "arrays": 2, "clock_mhz": 500, "sram_kib": {"activations": 1}}))
+    assert cli.main(["report", str(out), "--npu-config", str(small)]) == 0
+    capsys.readouterr()
+    again = json.loads((out / "recost-small" / "report.json").read_text())
+    npu = from_config(json.loads(small.read_text()))
+    assert again["npu"] == npu.to_config() and again["recosted_from"] == rep["npu"]
+    moved = 0
+    for before, after in zip(rep["ops"], again["ops"]):
+        if "npu16" not in before:
+            assert "npu16" not in after
+            continue
+        if "npu16" not in after:                   # the 1 KiB activation buffer is too small for it
+            assert "does not fit this npu16" in after["reason"] and after["target"] == "llvm"
+            moved += 1
+            continue
+        assert not after["npu16"]["counted"]
+        assert after["npu16"]["counters"] == CostQuery.from_json(before["npu16"]["query"]).cost(npu).counters()
+    assert moved and moved < len(npu_rows)
+    assert (out / "recost-small" / "report.csv").exists() and (out / "report.json").read_text() == json.dumps(rep, indent=1)
+    assert cli.main(["report", str(out), "--out", str(tmp_path / "x")]) == 2     # --out needs --npu-config
+    assert "--out goes with --npu-config" in capsys.readouterr().err
