@@ -83,6 +83,7 @@ def capture(program: ExportedProgram) -> Graph:
     nodes: list[Node] = []
     shapes: dict[str, tuple[int, ...]] = {}
     unsupported: list[str] = []
+    refused: set[str] = set()               # fx values not captured (reported once, in ``unsupported``)
     output = None
 
     def add(node: Node) -> None:
@@ -93,6 +94,8 @@ def capture(program: ExportedProgram) -> Graph:
         """The graph value an fx argument denotes; a pending layout chain is
         materialised here (as gather and/or flatten nodes) when something reads it."""
         name = alias.get(arg.name, arg.name)
+        if name in refused:                 # already reported: its readers are refused with it
+            raise _Refused(None)
         if name not in pending:
             return name
         p = pending.pop(name)
@@ -137,7 +140,7 @@ def capture(program: ExportedProgram) -> Graph:
             try:
                 output = value(outs[0])
             except _Refused as e:
-                unsupported.append(str(e))
+                unsupported += [str(e)] if e.args[0] else []
             continue
         if fx.op != "call_function":
             unsupported.append(f"{fx.op} {fx.target}")
@@ -146,7 +149,8 @@ def capture(program: ExportedProgram) -> Graph:
         try:
             node = _map(fx, source, value, const, alias, pending, shapes, add)
         except _Refused as e:
-            unsupported.append(str(e))
+            unsupported += [str(e)] if e.args[0] else []
+            refused.add(fx.name)
             continue
         if node is not None:
             add(node)

@@ -194,3 +194,24 @@ def test_standalone_batch_norm_becomes_depthwise_conv():
 def test_identity_ops_and_single_input_cat_vanish():
     m = Fn(lambda y: torch.cat([F.dropout(y.clone(), 0.5, training=False)], 1))
     assert ops(graph_of(m)) == []
+
+
+def test_readers_of_a_refused_op_are_refused_with_it():
+    """``x - 0.5`` is not captured; the conv reading it and the layers after it must not crash
+    looking for it: one UnsupportedOpError naming each refused op once."""
+    from torch import nn
+
+    from calib.capture import capture, export_module
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.d(self.c(x - 0.5) * 2.0)
+
+    with pytest.raises(UnsupportedOpError) as e:
+        capture(export_module(M().eval(), (3, 8, 8)))
+    msg = str(e.value)
+    assert msg.count("sub") == 2 and "mul with a scalar" in msg and "None" not in msg   # "sub: sub.Tensor"
