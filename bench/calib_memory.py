@@ -158,6 +158,8 @@ def measure(arch: str, samples: int, iters: int, search_steps: int = 0, floor_gb
         w = watch(proc, floor_gb)
         out = proc.stdout.read()
     stderr = err_path.read_text()
+    if log is None:
+        err_path.unlink()
     trace = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"block"')]
     polled = {"peak_rss_polled_gb": round(w.peak_rss_gb, 3), "peak_anon_gb": round(w.peak_anon_gb, 3),
               "min_mem_available_gb": round(w.min_available_gb, 2)}
