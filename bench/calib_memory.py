@@ -8,6 +8,13 @@ autograd graph do), batch 32, on the CPU with 2 threads. Peak = a + b·N is fitt
 model through the measured N and extrapolated to the reference 1024 samples; the
 results say which numbers are measured and which are extrapolated.
 
+The parent polls the child's /proc status (peak RSS, peak anonymous memory; spill files'
+pages are file-backed and reclaimable, calib/spill.py) and the machine's MemAvailable,
+and kills the child when MemAvailable falls below ``--floor-gb`` (the row then says
+where it stopped): other jobs share this machine. The child logs per block the
+frontier's bytes and its peak RSS while the block ran. New rows are merged into the
+result files; earlier rows stay, each with the code version it measured.
+
     python -m bench.calib_memory [--samples 64 256] [--models resnet18 resnet50] [--iters 2]
 """
 from __future__ import annotations
@@ -122,14 +129,21 @@ class Watch:
     peak_anon_gb: float = 0.0    # RssAnon: memory the kernel cannot reclaim without swap
     min_available_gb: float = float("inf")
     stopped_at_gb: float | None = None  # the child's RSS when the watchdog killed it
+    timed_out: bool = False              # killed at the time limit
 
 
 def watch(proc: subprocess.Popen, floor_gb: float, interval: float = 0.5,
-          available=mem_available_gb) -> Watch:
+          available=mem_available_gb, time_limit_s: float | None = None) -> Watch:
     """Poll until ``proc`` ends; kill it when the machine's MemAvailable falls below
-    ``floor_gb``, so a measurement cannot take the machine (and others' jobs) down."""
-    w = Watch()
+    ``floor_gb``, so a measurement cannot take the machine (and others' jobs) down,
+    or when it has run ``time_limit_s``."""
+    w, start = Watch(), time.monotonic()
     while proc.poll() is None:
+        if time_limit_s is not None and time.monotonic() - start > time_limit_s:
+            w.timed_out = True
+            proc.kill()
+            proc.wait()
+            break
         try:
             st = _proc_status(str(proc.pid))
         except (FileNotFoundError, ProcessLookupError):
@@ -147,15 +161,25 @@ def watch(proc: subprocess.Popen, floor_gb: float, interval: float = 0.5,
     return w
 
 
+def stopped_row(arch: str, samples: int, iters: int, search_steps: int, why: str, trace: list[dict],
+                polled: dict) -> dict:
+    """The row of a measurement stopped before it ended: how far it got and its peak so far
+    (per-block peaks from the trace, the parent's polled peak for the unfinished block)."""
+    where = f"{len(trace)} blocks done, last {trace[-1]['name']}" if trace else "no block done"
+    peak = max([t["peak_rss_in_block"] for t in trace] + [polled.get("peak_rss_polled_gb", 0.0)])
+    return {"model": arch, "samples": samples, "iters": iters, "search_steps": search_steps or "default",
+            "status": f"{why}; {where}", "peak_rss_so_far_gb": round(peak, 3), **polled, "trace": trace}
+
+
 def measure(arch: str, samples: int, iters: int, search_steps: int = 0, floor_gb: float = FLOOR_GB,
-            log: Path | None = None) -> dict | None:
+            log: Path | None = None, time_limit_s: float | None = None) -> dict | None:
     """One child calibration under the watchdog; its row (``status`` "stopped" when killed)."""
     cmd = [sys.executable, "-m", "bench.calib_memory", "--child", arch, str(samples), str(iters), str(search_steps)]
     err_path = log or Path(tempfile.mkstemp(prefix="calib_memory-", suffix=".log")[1])
     with open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                 cwd=Path(__file__).resolve().parent.parent)
-        w = watch(proc, floor_gb)
+        w = watch(proc, floor_gb, time_limit_s=time_limit_s)
         out = proc.stdout.read()
     stderr = err_path.read_text()
     if log is None:
@@ -163,11 +187,10 @@ def measure(arch: str, samples: int, iters: int, search_steps: int = 0, floor_gb
     trace = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"block"')]
     polled = {"peak_rss_polled_gb": round(w.peak_rss_gb, 3), "peak_anon_gb": round(w.peak_anon_gb, 3),
               "min_mem_available_gb": round(w.min_available_gb, 2)}
-    if w.stopped_at_gb is not None:
-        where = trace[-1]["name"] if trace else "before the first block ended"
-        row = {"model": arch, "samples": samples, "iters": iters, "search_steps": search_steps or "default",
-               "status": f"stopped at {w.stopped_at_gb:.1f} GB: would exceed (MemAvailable < {floor_gb} GB); "
-                         f"{len(trace)} blocks done, last {where}", **polled, "trace": trace}
+    if w.stopped_at_gb is not None or w.timed_out:
+        why = (f"stopped at {w.stopped_at_gb:.1f} GB: would exceed (MemAvailable < {floor_gb} GB)"
+               if w.stopped_at_gb is not None else f"stopped at the time limit ({time_limit_s:.0f} s)")
+        row = stopped_row(arch, samples, iters, search_steps, why, trace, polled)
         print(f"{arch} N={samples}: {row['status']}", flush=True)
         return row
     if proc.returncode != 0:
@@ -244,7 +267,12 @@ def write(rows: list[dict], args, results: Path = RESULTS) -> Path:
     def cell(r, k, fmt="{:.2f}"):
         return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "–"
 
-    md += [f"| {r['model']} | {r['samples']} | {cell(r, 'peak_rss_gb')} | {cell(r, 'peak_anon_gb')} | "
+    def peak(r):
+        if "peak_rss_so_far_gb" in r and "peak_rss_gb" not in r:
+            return f"≥ {r['peak_rss_so_far_gb']:.2f} (so far)"
+        return cell(r, "peak_rss_gb")
+
+    md += [f"| {r['model']} | {r['samples']} | {peak(r)} | {cell(r, 'peak_anon_gb')} | "
            f"{cell(r, 'rss_before_gb')} | {cell(r, 'seconds', '{:.0f}')} | {r.get('code', '?')} | "
            f"{r.get('status', 'done')} |" for r in rows]
     if fits:
@@ -280,6 +308,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="measurements run side by side (each its own process)")
     ap.add_argument("--floor-gb", type=float, default=FLOOR_GB,
                     help="stop a measurement when the machine's MemAvailable falls below this")
+    ap.add_argument("--time-limit", type=float, default=None, metavar="S",
+                    help="stop a measurement after S seconds, recording how far it got and its peak so far")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. to keep a baseline)")
     args = ap.parse_args()
     if args.child:
@@ -291,7 +321,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = ([(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs
                 else [(arch, n) for arch in args.models for n in args.samples])
-        jobs = [pool.submit(measure, arch, n, args.iters, args.search_steps, args.floor_gb) for arch, n in runs]
+        jobs = [pool.submit(measure, arch, n, args.iters, args.search_steps, args.floor_gb, None,
+                            args.time_limit) for arch, n in runs]
         path, code = None, code_version()
         for job in as_completed(jobs):
             if job.result() is not None:

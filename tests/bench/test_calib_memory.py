@@ -6,7 +6,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from bench.calib_memory import merge, watch, write
+from bench.calib_memory import merge, stopped_row, watch, write
 
 
 def test_watchdog_kills_the_child_when_memory_available_falls_below_the_floor():
@@ -15,6 +15,16 @@ def test_watchdog_kills_the_child_when_memory_available_falls_below_the_floor():
     w = watch(proc, floor_gb=2.5, interval=0.05, available=lambda: 1.0)
     assert proc.returncode is not None and time.monotonic() - t0 < 30
     assert w.stopped_at_gb is not None and w.min_available_gb == 1.0
+
+
+def test_watchdog_stops_a_child_at_the_time_limit_and_the_row_says_how_far_it_got():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    w = watch(proc, floor_gb=2.5, interval=0.05, available=lambda: 100.0, time_limit_s=0.3)
+    assert proc.returncode is not None and w.timed_out and w.stopped_at_gb is None
+    trace = [{"block": 1, "name": "conv2d", "peak_rss_in_block": 9.0},
+             {"block": 2, "name": "add_", "peak_rss_in_block": 11.8}]
+    row = stopped_row("resnet50", 1024, 2, 4, "stopped at the time limit", trace, {"peak_rss_polled_gb": 10.5})
+    assert row["peak_rss_so_far_gb"] == 11.8 and "2 blocks done, last add_" in row["status"]
 
 
 def test_watchdog_lets_a_child_finish_and_reports_its_peak():
