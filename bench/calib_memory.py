@@ -55,12 +55,14 @@ def _proc_status(pid: str = "self") -> dict[str, float]:
     return out
 
 
-def _trace_blocks() -> None:
+def _trace_blocks() -> list[float]:
     """Log to stderr, per block, the frontier's bytes and the process's peak RSS while
-    that block ran (VmHWM is reset after each block through /proc/self/clear_refs)."""
+    that block ran (VmHWM is reset after each block through /proc/self/clear_refs).
+    Returns the list the per-block peaks (GB) are appended to: the reset also resets
+    ``ru_maxrss``, so the run's peak is the largest of these and the final ``ru_maxrss``."""
     from calib import calibrate, frontier
 
-    real_reconstruct, real_evaluate, state = calibrate.reconstruct, frontier.evaluate, {"block": 0}
+    real_reconstruct, real_evaluate, state, peaks = calibrate.reconstruct, frontier.evaluate, {"block": 0}, []
 
     def gb(values) -> float:
         return round(frontier.nbytes(values) / 2**30, 3)
@@ -75,12 +77,14 @@ def _trace_blocks() -> None:
         if compact:  # the quantized outputs: the block's last step
             st = _proc_status()
             state["block"] += 1
+            peaks.append(st["VmHWM"])
             print(json.dumps({**state, "q_out": gb(out), "peak_rss_in_block": round(st["VmHWM"], 3),
                               "rss_end": round(st["VmRSS"], 3)}), file=sys.stderr, flush=True)
             Path("/proc/self/clear_refs").write_text("5")
         return out
 
     calibrate.reconstruct, frontier.evaluate = reconstruct, evaluate
+    return peaks
 
 
 def child(arch: str, samples: int, iters: int, search_steps: int = 0) -> dict:
@@ -92,7 +96,7 @@ def child(arch: str, samples: int, iters: int, search_steps: int = 0) -> dict:
     from waps_tvm.architectures import get_architecture
 
     torch.set_num_threads(2)
-    _trace_blocks()
+    block_peaks = _trace_blocks()
     if search_steps:
         _shorten_range_searches(search_steps)
     torch.manual_seed(0)
@@ -108,7 +112,7 @@ def child(arch: str, samples: int, iters: int, search_steps: int = 0) -> dict:
     t0 = time.perf_counter()
     result, _ = api.quantize(net, x, cfg, input_shape=(3, 224, 224))
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = max([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, *block_peaks])
     return {"model": arch, "samples": samples, "iters": iters, "search_steps": search_steps or "default",
             "blocks": len(result.blocks),
             "rss_before_gb": round(before, 3), "peak_rss_gb": round(peak, 3), "seconds": round(seconds, 1),
