@@ -4,7 +4,9 @@ Float and quantized activations advance together, one block at a time: each
 block is reconstructed from the *quantized* outputs of the blocks before it
 towards the float model's outputs (BRECQ), and only tensors that later blocks
 still read are kept, so memory is the frontier, not the whole network; quantized
-activations are kept as their integer codes (calib/frontier.py).
+activations are kept as their integer codes (calib/frontier.py), a block's float
+inputs are dropped once its float outputs exist (unless QDrop or CWAC read them), and
+large float activations live in memory-mapped files (calib/spill.py).
 Everything runs on one device (``cfg.device``); after each block the state can be
 checkpointed and a run resumed from it (calib/checkpoint.py).
 """
@@ -31,6 +33,7 @@ from calib.qmodel import QuantModel
 from calib.quantizers import init_act_range
 from calib.frontier import Tensors
 from calib.reconstruct import block_modules, reconstruct
+from calib.spill import Spill
 
 
 @dataclass
@@ -56,6 +59,7 @@ class CalibResult:
     config: CalibConfig
     report: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
+    spilled: int = 0     # bytes of cached activations that went to spill files (calib/spill.py)
 
 
 def check_data(x: torch.Tensor) -> None:
@@ -78,6 +82,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
     device = resolve_device(cfg.device)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     saved = _open_checkpoint(ckpt_path, resume, graph, data, cfg, device)
+    spill = Spill.from_config(cfg.spill_gb, cfg.spill_dir)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -116,9 +121,10 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
             for i in range(first):  # rebuild the frontier: the evaluation that produced it
                 block = blocks[i]
                 model.set_quant(False)
-                fp_out = frontier.evaluate(model, block, {k: fp_env[k] for k in block.inputs})
+                fp_out = frontier.evaluate(model, block, {k: fp_env[k] for k in block.inputs}, spill=spill)
                 model.set_quant(True)
-                q_out = frontier.evaluate(model, block, {k: q_env[k] for k in block.inputs}, compact=True)
+                q_out = frontier.evaluate(model, block, {k: q_env[k] for k in block.inputs}, compact=True,
+                                          spill=spill)
                 advance(i, fp_out, q_out)
         if cfg.progress:
             tqdm.write(f"resuming after block {first}/{len(blocks)} from {ckpt_path}")
@@ -132,8 +138,12 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
         fp_in = {k: fp_env[k] for k in block.inputs}
         q_in = {k: q_env[k] for k in block.inputs}
         model.set_quant(False)
-        fp_out = frontier.evaluate(model, block, fp_in)
+        fp_out = frontier.evaluate(model, block, fp_in, spill=spill)
         _init_act_ranges(model, block, fp_in)
+        if not (cfg.uses_qdrop or cfg.cwac):  # nothing reads this block's float inputs any more
+            fp_in = {}
+            for k in [k for k in block.inputs if readers.get(k, -1) <= i and k != graph.output]:
+                fp_env.pop(k, None)
         model.set_quant(True)
         before = frontier.loss(model, block, q_in, fp_out)
         layers, _ = block_modules(model, block)
@@ -147,7 +157,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
                 if t % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}")
 
-            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step)
+            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step, spill=spill)
             bar.close()
         else:
             for layer in layers:  # groups stay off: rtn has no WAPS search
@@ -156,7 +166,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
         if cfg.cwac and layers:
             compensate_block(model, block, q_in, fp_in)
         after = frontier.loss(model, block, q_in, fp_out)
-        q_out = frontier.evaluate(model, block, q_in, compact=True)
+        q_out = frontier.evaluate(model, block, q_in, compact=True, spill=spill)
         del fp_in, q_in
         advance(i, fp_out, q_out)
         del fp_out, q_out
@@ -169,6 +179,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
             tqdm.write(f"block {i + 1}/{len(blocks)} {block.kind:8s} {_source(graph, block):28s} "
                        f"loss {before:.4g} → {after:.4g}")
     result.seconds = earlier + time.perf_counter() - start
+    result.spilled = spill.bytes
     return result
 
 
@@ -211,11 +222,24 @@ def _source(graph: Graph, block: Block) -> str:
 
 @torch.no_grad()
 def _init_act_ranges(model: QuantModel, block: Block, fp_in: dict[str, torch.Tensor], limit: int = 256) -> None:
-    """Initialise the block's output quantizers from the float values they will see."""
-    env = model.run(block.nodes, {k: v[:limit] for k, v in fp_in.items()})
+    """Initialise the block's output quantizers from the float values they will see.
+
+    Node by node, in block order, each value freed after its last reader: quantizers are
+    off here, so no output depends on a range set before it."""
+    env = {k: v[:limit] for k, v in fp_in.items()}
+    keep = set(block.outputs)
     for name in block.nodes:
+        model.run([name], env)
         if model.graph[name].op in QUANT_OPS:
             model.layer(name).out_quant.init_from(env[name])
+        for v in [v for v in env if v not in keep and not _read_after(model, block, name, v)]:
+            del env[v]
+
+
+def _read_after(model: QuantModel, block: Block, name: str, value: str) -> bool:
+    """Whether a node of ``block`` after ``name`` reads ``value``."""
+    later = block.nodes[block.nodes.index(name) + 1:]
+    return any(value in model.graph[n].inputs for n in later)
 
 
 @torch.no_grad()

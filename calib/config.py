@@ -53,6 +53,10 @@ class CalibConfig:
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
     cat_quant: str = "shared"      # CAT_QUANTS
+    # float cached activations larger than this (GB) live in memory-mapped temporary files
+    # (calib/spill.py; same values, pageable); None: 1/16 of RAM; 0: every float one
+    spill_gb: float | None = None
+    spill_dir: str | None = None   # where spill files go (unlinked at once); None: the temp dir
     extra: dict = field(default_factory=dict)
 
     @property
@@ -106,13 +110,15 @@ class CalibConfig:
             raise ConfigError("drop probability must be in [0, 1]")
         if self.cat_quant not in CAT_QUANTS:
             raise ConfigError(f"--cat-quant {self.cat_quant}: choose one of {', '.join(CAT_QUANTS)}")
+        if self.spill_gb is not None and not self.spill_gb >= 0:
+            raise ConfigError(f"spill threshold {self.spill_gb} GB: must be ≥ 0")
         check_device_name(self.device)
         return self
 
     def to_json(self) -> dict:
-        """The recipe, as the artifact records it: how it was run (progress bars, device)
-        is not part of what was computed."""
+        """The recipe, as the artifact records it: how it was run (progress bars, device,
+        where cached activations were kept) is not part of what was computed."""
         d = asdict(self)
-        d.pop("progress")
-        d.pop("device")
+        for how in ("progress", "device", "spill_gb", "spill_dir"):
+            d.pop(how)
         return d

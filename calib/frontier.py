@@ -9,8 +9,10 @@ and compare); a value that is not on the grid (e.g. after an average pool) stays
 float32. Float activations stay float32: fp16 would change the result.
 
 Block outputs are written chunk by chunk into one preallocated buffer (no list of
-chunks plus a concatenated copy), and block losses are accumulated chunk by chunk,
-so a block's evaluation never holds more than its inputs, its outputs and one chunk.
+chunks plus a concatenated copy), a chunk's intermediates are freed after their last
+reader, and block losses are accumulated chunk by chunk, so a block's evaluation
+never holds more than its inputs, its outputs and one chunk's live values. Float
+outputs larger than the spill threshold live in memory-mapped files (calib/spill.py).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from calib.blocks import Block
 from calib.qmodel import QuantModel, code_source
 from calib.quantizers import ActQuantizer
+from calib.spill import IN_MEMORY, Spill
 
 
 class Codes:
@@ -57,8 +60,8 @@ def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) 
 class _Sink:
     """Collects a block output chunk by chunk, as codes while every chunk is on the grid."""
 
-    def __init__(self, n: int, quantizer: ActQuantizer | None):
-        self.n, self.store = n, None
+    def __init__(self, n: int, quantizer: ActQuantizer | None, spill: Spill = IN_MEMORY):
+        self.n, self.store, self.spill = n, None, spill
         self.coded = quantizer is not None and quantizer.enabled and quantizer.levels <= 255
         if self.coded:
             self.scale = quantizer.scale.detach().clone()
@@ -67,8 +70,9 @@ class _Sink:
 
     def put(self, start: int, y: torch.Tensor, rows: int = 32) -> None:
         if self.store is None:
-            dtype = torch.uint8 if self.coded else y.dtype
-            self.store = torch.empty((self.n, *y.shape[1:]), dtype=dtype, device=y.device)
+            shape = (self.n, *y.shape[1:])
+            self.store = (torch.empty(shape, dtype=torch.uint8, device=y.device) if self.coded
+                          else self.spill.empty(shape, y.dtype, y.device))
         # encoded ``rows`` samples at a time: its temporaries stay small beside the chunk
         for i in range(0, len(y), rows):
             part = y[i:i + rows]
@@ -82,7 +86,7 @@ class _Sink:
 
     def _to_float(self, filled: int, dtype: torch.dtype) -> None:
         """A chunk off the grid: keep the whole tensor as floats from here on."""
-        store = torch.empty(self.store.shape, dtype=dtype, device=self.store.device)
+        store = self.spill.empty(tuple(self.store.shape), dtype, self.store.device)
         store[:filled] = _decode(self.store[:filled], self.scale, self.zero_point)
         self.store, self.coded = store, False
 
@@ -114,15 +118,23 @@ def count(inputs: Tensors) -> int:
 
 @torch.no_grad()
 def evaluate(model: QuantModel, block: Block, inputs: Tensors, compact: bool = False,
-             chunk: int = 256) -> Tensors:
+             chunk: int = 256, spill: Spill = IN_MEMORY) -> Tensors:
     """Block outputs for all samples (the model's current quant mode), chunk by chunk.
     ``compact``: store each output as codes of the quantizer that produced it where exact."""
-    n = count(inputs)
-    sinks = {o: _Sink(n, producer_quantizer(model, o) if compact else None) for o in block.outputs}
+    return evaluate_nodes(model, block.nodes, block.outputs, inputs, compact, chunk, spill)
+
+
+@torch.no_grad()
+def evaluate_nodes(model: QuantModel, nodes, outputs, inputs: Tensors, compact: bool = False,
+                   chunk: int = 256, spill: Spill = IN_MEMORY) -> Tensors:
+    """``outputs`` of running ``nodes`` on ``inputs``, for all samples; see ``evaluate``."""
+    n, keep = count(inputs), set(outputs)
+    sinks = {o: _Sink(n, producer_quantizer(model, o) if compact else None, spill) for o in outputs}
     for i in range(0, n, chunk):
-        env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in inputs.items()})
+        env = model.run(nodes, {k: v[i:i + chunk] for k, v in inputs.items()}, keep=keep)
         for o, sink in sinks.items():
             sink.put(i, env[o])
+        del env
     return {o: s.result() for o, s in sinks.items()}
 
 
@@ -133,7 +145,7 @@ def loss(model: QuantModel, block: Block, q_in: Tensors, fp_out: Tensors, chunk:
     model.eval()
     n, total = count(q_in), 0.0
     for i in range(0, n, chunk):
-        env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in q_in.items()})
+        env = model.run(block.nodes, {k: v[i:i + chunk] for k, v in q_in.items()}, keep=set(block.outputs))
         total += sum(float((env[o] - fp_out[o][i:i + chunk]).pow_(2).sum()) for o in block.outputs)
     return total / n
 

@@ -354,7 +354,16 @@ class QuantModel(nn.Module):
 
     def run(self, names: tuple[str, ...] | list[str], env: dict[str, torch.Tensor],
             keep: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """Evaluate ``names`` in order reading/writing ``env``; returns env."""
+        """Evaluate ``names`` in order reading/writing ``env``; returns env.
+
+        ``keep``: the values wanted afterwards; every other value is dropped from ``env``
+        right after its last reader among ``names`` (for no-grad evaluation of large
+        chunks, where a block's intermediates would otherwise all live until its end)."""
+        last = {}
+        if keep is not None:
+            for name in names:
+                for i in self.graph[name].inputs:
+                    last[i] = name
         for name in names:
             n = self.graph[name]
             if n.op in PARAM_OPS:
@@ -363,6 +372,10 @@ class QuantModel(nn.Module):
                 env[name] = self.ops[key(name)](*(env[i] for i in n.inputs))
             else:
                 env[name] = compute(n, [env[i] for i in n.inputs])
+            if keep is not None:
+                for i in dict.fromkeys(n.inputs):
+                    if last[i] == name and i not in keep:
+                        env.pop(i, None)
         return env
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

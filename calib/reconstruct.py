@@ -14,10 +14,12 @@ import torch.nn.functional as F
 
 from calib.blocks import Block
 from calib.config import CalibConfig
+from calib import frontier
 from calib.frontier import producer_quantizer
 from calib.graph import QUANT_OPS
 from calib.qmodel import QuantLayer, QuantModel, QuantOp
 from calib.rounding import BetaSchedule, cosine_lr
+from calib.spill import IN_MEMORY, Spill
 
 Tensors = dict[str, torch.Tensor]
 
@@ -99,29 +101,24 @@ def leading_glue(model: QuantModel, block: Block) -> list[str]:
 
 
 def _precompute(model: QuantModel, block: Block, lead: list[str], q_in: Tensors, fp_in: Tensors,
-                chunk: int = 256) -> tuple[tuple[str, ...], Tensors, Tensors]:
-    """(remaining nodes, their quantized inputs, their float inputs) with ``lead`` evaluated."""
+                chunk: int = 256, spill: Spill = IN_MEMORY) -> tuple[tuple[str, ...], Tensors, Tensors]:
+    """(remaining nodes, their quantized inputs, their float inputs) with ``lead`` evaluated.
+    The quantized ones are kept as codes where exact (glue such as max-pool keeps values
+    on the grid); the float ones only where ``fp_in`` is given (QDrop reads them)."""
     rest = tuple(n for n in block.nodes if n not in lead)
     produced = set(rest)
     needed = [v for v in dict.fromkeys(i for n in rest for i in model.graph[n].inputs) if v not in produced]
-
-    def run(inputs: Tensors) -> Tensors:
-        n = next(iter(inputs.values())).shape[0]
-        parts: dict[str, list[torch.Tensor]] = {v: [] for v in needed}
-        with torch.no_grad():
-            for i in range(0, n, chunk):
-                env = model.run(lead, {k: v[i:i + chunk] for k, v in inputs.items()})
-                for v in needed:
-                    parts[v].append(env[v])
-        return {v: torch.cat(p).contiguous() for v, p in parts.items()}
-
-    return rest, run(q_in), run(fp_in)
+    q = frontier.evaluate_nodes(model, lead, needed, q_in, compact=True, chunk=chunk, spill=spill)
+    fp = frontier.evaluate_nodes(model, lead, needed, fp_in, chunk=chunk, spill=spill) if fp_in else {}
+    return rest, q, fp
 
 
 def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, fp_out: Tensors,
                 cfg: CalibConfig, generator: torch.Generator, on_step=None,
-                speed: Speedups = Speedups()) -> None:
-    """Learn rounding (and WAPS groups, γ^z/φ^z) of one block in place, then freeze it."""
+                speed: Speedups = Speedups(), spill: Spill = IN_MEMORY) -> None:
+    """Learn rounding (and WAPS groups, γ^z/φ^z) of one block in place, then freeze it.
+    ``q_in`` may hold codes (frontier.Codes); ``fp_in`` is read only with QDrop and may
+    then be empty."""
     layers, adds = block_modules(model, block)
     quantizers = list({id(m.out_quant): m.out_quant for m in (*layers, *adds) if m.out_quant.enabled}.values())
     learned = [q for q in quantizers if not q.range_fixed]
@@ -156,7 +153,8 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     nodes = block.nodes
     lead = leading_glue(model, block) if speed.cache_glue else []
     if lead:
-        nodes, q_in, fp_in = _precompute(model, block, lead, q_in, fp_in)
+        nodes, q_in, fp_in = _precompute(model, block, lead, q_in, fp_in if cfg.uses_qdrop else {},
+                                         spill=spill)
     harden_step = int(cfg.harden_at * cfg.iters) if cfg.uses_waps else cfg.iters
     schedule = BetaSchedule(harden_step, cfg.warmup, *cfg.beta)
     n = next(iter(q_in.values())).shape[0]
