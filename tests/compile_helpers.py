@@ -88,7 +88,11 @@ def assert_bit_exact_on_backends(art, x: np.ndarray, npu_kinds: tuple[str, ...] 
         if target == "npu16":
             checked = [r for r in lowered.placement
                        if (r["kind"] in npu_kinds if npu_kinds else r["kind"] not in HOST_KINDS)]
-            assert checked and all(r["target"] == "npu16" for r in checked), lowered.placement
+            # an op stays on the host only when even its smallest stripe does not fit the default
+            # SRAM (targets/npu16/memory.py: e.g. one output tile of a 3×3 conv over 1024 channels)
+            on_npu = [r for r in checked if r["target"] == "npu16"]
+            assert on_npu and all(r in on_npu or "SRAM" in r["reason"] for r in checked), \
+                [(r["op"], r["reason"]) for r in checked if r not in on_npu]
 
 
 def run_in_fresh_process(folder, x: np.ndarray, tmp) -> np.ndarray:
