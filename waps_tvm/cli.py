@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="meta-schedule search (XGBoost cost model) over a model's kernels")
     t.add_argument("model", help="a .waps artifact")
     t.add_argument("--target", default="llvm", help="llvm (candidates are measured on this machine), or aarch64 / a "
-                                                    "JSON llvm dict measured on a board through --rpc")
+                                                    "JSON llvm dict measured on a board through --rpc or --tracker")
     boards = t.add_mutually_exclusive_group()
     boards.add_argument("--rpc", metavar="HOST:PORT", help="the TVM RPC server on the board that a cross target's "
                                                            "candidates run on (waps-tvm rpc-server [--emulate])")

@@ -9,10 +9,10 @@ Then each kernel's best candidates are timed again beside its default schedule, 
 way, and ``--work-dir``'s own database (database_workload.json,
 database_tuning_record.json) gets one record per kernel: a candidate at least 2 % faster,
 else the default, so a tuned build is not slower than the untuned one. ``waps-tuning.json``
-names the target the records were measured on. A cross target (aarch64) is measured on its
-board: one TVM RPC server (``--rpc``), or every free server registered under a key with a TVM
-RPC tracker (``--tracker``/``--key``), which then measure candidates in parallel. ``compile --tuning-records DIR`` builds every
-kernel from its record.
+names the target the records were measured on. ``compile --tuning-records DIR`` builds every
+kernel from its record. A cross target (aarch64) is measured on its board: one TVM RPC server
+(``--rpc``), or every server free under a key at a TVM RPC tracker (``--tracker``/``--key``),
+which then measure candidates in parallel.
 """
 from __future__ import annotations
 
@@ -22,10 +22,14 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from waps_tvm.boards import Boards
 
 INFO = "waps-tuning.json"
 SEARCH = "search"          # meta-schedule's database of every measured candidate, reused by later runs
@@ -105,12 +109,12 @@ def _alloc_remote(session, device, args_info, alloc_repeat):
     return [_random_args(args_info, device) for _ in range(alloc_repeat)]
 
 
-def _remote_cores(boards) -> int:
+def _remote_cores(boards: "Boards") -> int:
     """The thread count of the TVM runtime on (one of) ``boards``."""
     return int(boards.session().get_function("runtime.NumThreads")())
 
 
-def _measure_remote(sch, target, boards, cc: str, repeat: int = 10) -> tuple[float, np.ndarray]:
+def _measure_remote(sch, target, boards: "Boards", cc: str, repeat: int = 10) -> tuple[float, np.ndarray]:
     """_measure on (one of) ``boards``."""
     import tvm
     path = Path(_export_cross(cc, tvm.compile(sch.mod, target=target)))
@@ -128,7 +132,7 @@ def _measure_remote(sch, target, boards, cc: str, repeat: int = 10) -> tuple[flo
 
 
 def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True,
-         boards=None) -> dict:
+         boards: "Boards | None" = None) -> dict:
     """Tune ``art``'s kernels; returns a summary (kernels, trials, seconds, improved, searched,
     default_ms, best_ms, boards: how many measured candidates at once). ``target`` 'llvm'
     measures on this machine; a cross target (aarch64) on ``boards`` (waps_tvm.boards.Boards:
@@ -213,8 +217,8 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
                                               f_export=functools.partial(_export_cross, cc))
             # one pool worker per board: each holds one session at a time, on the board it was handed
             runner = ms.runner.RPCRunner(boards.rpc_config(session_timeout_sec=300), evaluator,
-                                         max_workers=workers, f_create_session=functools.partial(runner_session, boards),
-                                         f_alloc_argument=_alloc_remote)
+                                         max_workers=workers, f_alloc_argument=_alloc_remote,
+                                         f_create_session=functools.partial(runner_session, boards))
         else:
             builder = ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build)
             runner = ms.runner.LocalRunner(evaluator_config=evaluator)

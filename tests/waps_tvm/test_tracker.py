@@ -3,9 +3,8 @@ one key (``rpc-server --emulate --tracker … --key …``), ``tune --tracker`` m
 on both at once, and ``run --tracker`` of the tuned build, bit-exact (waps_tvm/boards.py).
 
 Needs scripts/aarch64-emulation.sh; without it the farm test fails in CI and is skipped
-elsewhere. The one-line errors need no emulation."""
+elsewhere. The one-line errors of the tracker flags are in test_bad_inputs.py."""
 import json
-import os
 import re
 import signal
 import socket
@@ -21,8 +20,8 @@ from calib import artifact
 from relay_passes import reference
 from targets import cpu
 from tests.emulation_helpers import require
-from tests.waps_tvm.conftest import free_port
-from tests.waps_tvm.test_cli import assert_one_line_error, run
+from tests.waps_tvm.conftest import free_port, require_tornado
+from tests.waps_tvm.test_cli import run
 from waps_tvm import boards, emulation
 from waps_tvm.compiler import lower_artifact
 
@@ -48,6 +47,7 @@ def farm(tmp_path_factory):
     once the tracker lists both as free."""
     require(lambda: cpu.export_cc("aarch64"))
     require(emulation.python)
+    require_tornado()
     d = tmp_path_factory.mktemp("farm")
     port = free_port()
     address = f"127.0.0.1:{port}"
