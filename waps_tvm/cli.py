@@ -113,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="meta-schedule search (XGBoost cost model) over a model's kernels")
     t.add_argument("model", help="a .waps artifact")
     t.add_argument("--target", default="llvm", help="llvm (candidates are measured on this machine), or aarch64 / a "
-                                                    "JSON llvm dict measured on a board through --rpc")
-    t.add_argument("--rpc", metavar="HOST:PORT", help="the TVM RPC server on the board that a cross target's "
-                                                      "candidates run on (waps-tvm rpc-server [--emulate])")
+                                                    "JSON llvm dict measured on a board through --rpc or --tracker")
+    boards = t.add_mutually_exclusive_group()
+    boards.add_argument("--rpc", metavar="HOST:PORT", help="the TVM RPC server on the board that a cross target's "
+                                                           "candidates run on (waps-tvm rpc-server [--emulate])")
+    boards.add_argument("--tracker", metavar="HOST:PORT",
+                        help="a TVM RPC tracker (waps-tvm rpc-tracker): candidates run on every server free under "
+                             "--key, in parallel")
+    t.add_argument("--key", help="with --tracker: the key its boards registered under (one kind of board)")
     t.add_argument("--trials", type=int, default=200, help="search trials over all kernels (default 200)")
     t.add_argument("--work-dir", required=True, help="records folder (meta-schedule JSON database), reused")
     t.add_argument("--batch", type=int, default=1)
@@ -131,11 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--emulate", action="store_true",
                        help="run an aarch64 build under qemu (set up by scripts/aarch64-emulation.sh)")
     where.add_argument("--rpc", metavar="HOST:PORT", help="run on a TVM RPC server (python -m tvm.exec.rpc_server)")
+    where.add_argument("--tracker", metavar="HOST:PORT", help="run on one free board of --key at a TVM RPC tracker")
+    r.add_argument("--key", help="with --tracker: the key of the boards to run on")
 
     rs = sub.add_parser("rpc-server", help="serve TVM RPC on this machine, or as aarch64 under qemu (--emulate)")
     rs.add_argument("--emulate", action="store_true", help="an aarch64 server under qemu")
     rs.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     rs.add_argument("--port", type=int, default=9090)
+    rs.add_argument("--tracker", metavar="HOST:PORT", help="register with this TVM RPC tracker (waps-tvm rpc-tracker)")
+    rs.add_argument("--key", help="with --tracker: the key clients ask the tracker for (one kind of board, "
+                                  "e.g. aarch64)")
+
+    rt = sub.add_parser("rpc-tracker", help="a TVM RPC tracker: boards' RPC servers register with it under a key, "
+                                            "tune and run --tracker share them out")
+    rt.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for "
+                                                         "boards on the network)")
+    rt.add_argument("--port", type=int, default=9190)
 
     rp = sub.add_parser("report", help="the compile report of a compiled folder: per-op targets, groups, gathers, "
                                        "npu16 costs, accuracy (prints it, rewrites report.md and its PNGs)")
@@ -180,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "rpc-server":
             return _rpc_server(args)
+        if args.command == "rpc-tracker":
+            return _rpc_tracker(args)
     except WapsError as e:
         print(f"waps-tvm: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -371,22 +389,27 @@ def _eval_compiled(folder: Path, art, spec: str, test, quiet: bool = False) -> N
 
 def _tune(args) -> int:
     from waps_tvm import api
+    from waps_tvm.boards import Boards
     from waps_tvm.tuning import tune
+    boards = Boards.from_flags(args.rpc, args.tracker, args.key)
     if not str(args.model).endswith(".waps"):
         raise ConfigError(f"{args.model}: tune takes a .waps artifact (calibrate first)")
     art = api.load_artifact(args.model)
-    s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet, rpc=args.rpc)
+    s = tune(art, args.target, args.trials, args.work_dir, args.batch, progress=not args.quiet, boards=boards)
     print(f"tuned {s['kernels']} kernels with {s['trials']} trials in {s['seconds']:.0f} s → {args.work_dir}: "
           f"sum of kernel times {s['default_ms']:.3f} ms (default schedules) → {s['best_ms']:.3f} ms (best records); "
           f"{s['searched']} kernels searched"
           + (f" (meta-schedule's rules fail on the other {s['kernels'] - s['searched']})"
-             if s["trials"] and s["searched"] < s["kernels"] else "") + f", {s['improved']} improved")
+             if s["trials"] and s["searched"] < s["kernels"] else "") + f", {s['improved']} improved"
+          + (f"; measured on {s['boards']} board{'s' if s['boards'] > 1 else ''} ({boards})" if boards else ""))
     return 0
 
 
 def _run(args) -> int:
     import numpy as np
     from waps_tvm import runner
+    from waps_tvm.boards import Boards
+    boards = Boards.from_flags(args.rpc, args.tracker, args.key)
     try:
         x = np.load(args.input, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -395,9 +418,9 @@ def _run(args) -> int:
     if args.emulate:
         from waps_tvm import emulation
         deq, codes, times = emulation.run(args.folder, x, args.repeat)
-    elif args.rpc:
+    elif boards:
         from waps_tvm import remote
-        model = remote.load(args.folder, args.rpc)
+        model = remote.load(args.folder, boards)
         try:
             deq, codes = model(x)
             if args.repeat:
@@ -420,23 +443,56 @@ def _run(args) -> int:
             print("top-1:", y.argmax(1).tolist())
     if args.repeat:
         t = np.array(times if times is not None else model.time(x, args.repeat)) * 1000
-        where = " (emulated aarch64 under qemu)" if args.emulate else f" (on {args.rpc})" if args.rpc else ""
+        where = " (emulated aarch64 under qemu)" if args.emulate else f" (on {args.rpc})" if args.rpc else \
+            f" (on a board of {boards})" if boards else ""
         print(f"latency over {args.repeat} runs{where}: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
     return 0
 
 
 def _rpc_server(args) -> int:
     """TVM's RPC server in the foreground until Ctrl-C (which stops its worker processes too)."""
-    import signal
     import subprocess
+
+    from waps_tvm.boards import Boards, server_args
+    if args.tracker is not None or args.key is not None:
+        tracker = Boards.from_flags(tracker=args.tracker, key=args.key)
+        tracker.summary()                     # a wrong address: one line now, not a minute of retries later
     if args.emulate:
         from waps_tvm import emulation
-        proc = emulation.rpc_server(args.host, args.port)
+        proc = emulation.rpc_server(args.host, args.port, args.tracker, args.key)
     else:
-        proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", args.host,
-                                 "--port", str(args.port), "--port-end", str(args.port + 1)], start_new_session=True)
-    print(f"TVM RPC server{' (aarch64 under qemu)' if args.emulate else ''} on {args.host}:{args.port}; "
-          "Ctrl-C stops it", flush=True)
+        proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server",
+                                 *server_args(args.host, args.port, args.tracker, args.key)], start_new_session=True)
+    registered = f", registered as key {args.key!r} with the tracker at {args.tracker}" if args.tracker else ""
+    return _foreground(proc, f"TVM RPC server{' (aarch64 under qemu)' if args.emulate else ''} on "
+                             f"{args.host}:{args.port}{registered}")
+
+
+def _rpc_tracker(args) -> int:
+    """TVM's RPC tracker in the foreground until Ctrl-C."""
+    import importlib.util
+    import socket
+    import subprocess
+    if importlib.util.find_spec("tornado") is None:         # TVM's tracker runs on tornado's event loop
+        raise ConfigError("rpc-tracker needs the tornado package (pip install tornado)")
+    try:                                      # TVM's tracker would die on a busy port with a traceback
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        raise ConfigError(f"rpc-tracker: cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", args.host,
+                             "--port", str(args.port), "--port-end", str(args.port + 1)], start_new_session=True)
+    return _foreground(proc, f"TVM RPC tracker on {args.host}:{args.port} (boards: waps-tvm rpc-server --tracker "
+                             f"{args.host}:{args.port} --key KEY)")
+
+
+def _foreground(proc, banner: str) -> int:
+    """Wait for ``proc`` (started in its own process group) after printing ``banner``; Ctrl-C or
+    SIGTERM stops its whole group."""
+    import signal
+    import subprocess
+    print(f"{banner}; Ctrl-C stops it", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # `kill` also stops the server's group
     try:
         return proc.wait()

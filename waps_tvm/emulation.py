@@ -95,9 +95,12 @@ def run_many(jobs: Sequence[tuple[str | Path, np.ndarray]], repeat: int = 0
                  np.load(tmp / str(i) / "times.npy").tolist()) for i in range(len(folders))]
 
 
-def rpc_server(host: str = "127.0.0.1", port: int = 9090, **popen) -> subprocess.Popen:
+def rpc_server(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str | None = None,
+               **popen) -> subprocess.Popen:
     """Start TVM's RPC server under qemu in its own process group (the server listens in a
-    child process: stop it with ``os.killpg(proc.pid, signal.SIGTERM)``). The launcher is
+    child process: stop it with ``os.killpg(proc.pid, signal.SIGTERM)``), registered with the
+    tracker at ``tracker`` (host:port) under ``key`` when given. The launcher is
     sys.executable there, so the server's popen workers start under qemu too."""
-    cmd = command("-m", "tvm.exec.rpc_server", "--host", host, "--port", str(port), "--port-end", str(port + 1))
+    from waps_tvm.boards import server_args
+    cmd = command("-m", "tvm.exec.rpc_server", *server_args(host, port, tracker, key))
     return subprocess.Popen(cmd, env=env(), start_new_session=True, **popen)

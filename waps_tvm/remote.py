@@ -1,4 +1,5 @@
-"""Run a compiled folder on a TVM RPC server (``waps-tvm run --rpc host:port``).
+"""Run a compiled folder on a TVM RPC server (``waps-tvm run --rpc host:port``), or on one
+free board of a tracker's key (``--tracker host:port --key KEY``; waps_tvm/boards.py).
 
 The library is uploaded to the server, loaded there and run by the Relax VM on the
 server's CPU; the input and outputs cross the connection. Start a server on the board with
@@ -6,60 +7,19 @@ server's CPU; the input and outputs cross the connection. Start a server on the 
 """
 from __future__ import annotations
 
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from waps_tvm.runner import RunError, check_input, first_batch, first_line, read_folder, run_batches
-
-CONNECT_TIMEOUT_S = 5.0
-HANDSHAKE_TIMEOUT_S = 60.0
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RunError(f"--rpc {address!r}: expected host:port (e.g. 192.168.1.20:9090)")
-    return host.strip("[]"), int(port)
-
-
-def connect(address: str, timeout: float = CONNECT_TIMEOUT_S):
-    """A tvm.rpc session; a RunError naming host:port when nothing answers within ``timeout``
-    (TVM's own connect would wait for the system's TCP timeout, minutes for a dropped packet)."""
-    from tvm import rpc
-    host, port = parse_address(address)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        raise RunError(f"cannot reach the RPC server at {host}:{port} ({reason})") from None
-    # TVM's handshake has no timeout: a server busy with another session would block forever
-    result: dict = {}
-
-    def handshake():
-        try:
-            result["session"] = rpc.connect(host, port)
-        except Exception as e:  # noqa: BLE001 (TVM raises many types; one line for the user)
-            result["error"] = first_line(e)
-    worker = threading.Thread(target=handshake, daemon=True)
-    worker.start()
-    worker.join(HANDSHAKE_TIMEOUT_S)
-    if "session" in result:
-        return result["session"]
-    if "error" in result:
-        raise RunError(f"RPC server at {host}:{port}: {result['error']}")
-    raise RunError(f"RPC server at {host}:{port} accepted the connection but did not answer within "
-                   f"{HANDSHAKE_TIMEOUT_S:.0f} s (busy with another session?)")
-
+from waps_tvm.boards import Boards
+from waps_tvm.runner import RunError, check_input, first_batch, read_folder, run_batches
 
 @dataclass
 class RemoteCompiled:
     folder: Path
     meta: dict
-    address: str
+    boards: Boards
     session: object
     vm: object
 
@@ -94,11 +54,12 @@ class RemoteCompiled:
         return list(timer("main").results)
 
 
-def load(folder: str | Path, address: str, timeout: float = CONNECT_TIMEOUT_S) -> RemoteCompiled:
+def load(folder: str | Path, boards: Boards) -> RemoteCompiled:
+    """The folder's library loaded on one of ``boards`` (a session held until close())."""
     from tvm.runtime.vm import VirtualMachine
     folder = Path(folder)
     meta, lib_path = read_folder(folder)
-    session = connect(address, timeout)
+    session = boards.session()
     # the server keeps uploads in one temporary folder: name by content, not by folder
     name = f"waps_{meta.get('library', {}).get('sha256', 'model')[:16]}.so"
     failed = None
@@ -113,6 +74,6 @@ def load(folder: str | Path, address: str, timeout: float = CONNECT_TIMEOUT_S) -
         import gc
         session = lib = None            # release the server (it serves one session at a time)
         gc.collect()
-        raise RunError(f"{lib_path}: cannot load on the RPC server at {address} "
+        raise RunError(f"{lib_path}: cannot load on {boards} "
                        f"(compiled for {meta.get('arch', 'x86_64')}): {failed}")
-    return RemoteCompiled(folder, meta, address, session, vm)
+    return RemoteCompiled(folder, meta, boards, session, vm)

@@ -10,7 +10,9 @@ way, and ``--work-dir``'s own database (database_workload.json,
 database_tuning_record.json) gets one record per kernel: a candidate at least 2 % faster,
 else the default, so a tuned build is not slower than the untuned one. ``waps-tuning.json``
 names the target the records were measured on. ``compile --tuning-records DIR`` builds every
-kernel from its record.
+kernel from its record. A cross target (aarch64) is measured on its board: one TVM RPC server
+(``--rpc``), or every server free under a key at a TVM RPC tracker (``--tracker``/``--key``),
+which then measure candidates in parallel.
 """
 from __future__ import annotations
 
@@ -20,10 +22,14 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from waps_tvm.boards import Boards
 
 INFO = "waps-tuning.json"
 SEARCH = "search"          # meta-schedule's database of every measured candidate, reused by later runs
@@ -32,7 +38,7 @@ SEARCH = "search"          # meta-schedule's database of every measured candidat
 def ms_target(target, cores: int | None = None):
     """The llvm target that meta-schedule measures on, with its core count: this machine's CPU
     for 'llvm'; for a cross target (aarch64, a JSON dict) its own dict and ``cores``, the count
-    of the board behind --rpc (or, when loading records, the one they were measured with)."""
+    of the board behind --rpc / --tracker (or, when loading records, the one they were measured with)."""
     import tvm
 
     from targets.cpu import llvm_target, resolve
@@ -47,7 +53,8 @@ def ms_target(target, cores: int | None = None):
         raise ConfigError(f"--target {tgt.name}: tune this machine with --target llvm")
     if cores is None:
         raise ConfigError(f"--target {tgt.name} is tuned on the board itself: pass --rpc HOST:PORT of a TVM RPC "
-                          "server there (waps-tvm rpc-server, or rpc-server --emulate for qemu)")
+                          "server there (waps-tvm rpc-server, or rpc-server --emulate for qemu), or "
+                          "--tracker HOST:PORT --key KEY of a tracker that boards registered with")
     return tvm.target.Target({**tgt.config, "num-cores": int(cores)})
 
 
@@ -84,14 +91,6 @@ def _export_cross(cc: str, mod) -> str:
     return path
 
 
-def _rpc_session(rpc_config):
-    """meta-schedule's RPC runner without a tracker: the server at --rpc directly (its
-    tracker_host/port carry the address)."""
-    from tvm import rpc
-    return rpc.connect(rpc_config.tracker_host, rpc_config.tracker_port,
-                       session_timeout=rpc_config.session_timeout_sec)
-
-
 def _random_args(arg_infos, device) -> list:
     """Random small codes (0..2) for a kernel's arguments — a PrimFunc's, or meta-schedule's
     ArgInfo JSON list — made here and placed on ``device`` (this CPU, or a board's over RPC,
@@ -110,19 +109,16 @@ def _alloc_remote(session, device, args_info, alloc_repeat):
     return [_random_args(args_info, device) for _ in range(alloc_repeat)]
 
 
-def _remote_cores(address: str) -> int:
-    """The thread count of the TVM runtime behind ``address``."""
-    from waps_tvm import remote
-    return int(remote.connect(address).get_function("runtime.NumThreads")())
+def _remote_cores(boards: "Boards") -> int:
+    """The thread count of the TVM runtime on (one of) ``boards``."""
+    return int(boards.session().get_function("runtime.NumThreads")())
 
 
-def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> tuple[float, np.ndarray]:
-    """_measure on the board behind ``address``."""
+def _measure_remote(sch, target, boards: "Boards", cc: str, repeat: int = 10) -> tuple[float, np.ndarray]:
+    """_measure on (one of) ``boards``."""
     import tvm
-
-    from waps_tvm import remote
     path = Path(_export_cross(cc, tvm.compile(sch.mod, target=target)))
-    session = remote.connect(address)
+    session = boards.session()
     name = f"waps_default_{os.getpid()}_{time.monotonic_ns()}.so"
     session.upload(str(path), target=name)
     shutil.rmtree(path.parent)
@@ -136,10 +132,12 @@ def _measure_remote(sch, target, address: str, cc: str, repeat: int = 10) -> tup
 
 
 def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int = 1, progress: bool = True,
-         rpc: str | None = None) -> dict:
-    """Tune ``art``'s kernels; returns a summary (tasks, trials, seconds, per-task best ms).
-    ``target`` 'llvm' measures on this machine; a cross target (aarch64) on the TVM RPC server
-    at ``rpc`` (host:port), each candidate linked by the cross gcc and uploaded."""
+         boards: "Boards | None" = None) -> dict:
+    """Tune ``art``'s kernels; returns a summary (kernels, trials, seconds, improved, searched,
+    default_ms, best_ms, boards: how many measured candidates at once). ``target`` 'llvm'
+    measures on this machine; a cross target (aarch64) on ``boards`` (waps_tvm.boards.Boards:
+    one RPC server, or the servers free under a tracker's key when tuning starts, one
+    candidate each at a time), each candidate linked by the cross gcc and uploaded."""
     import tvm
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -150,11 +148,14 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
         raise ConfigError(f"--trials must be at least 0 (got {trials})")
     from targets.cpu import export_cc, resolve
     cross = resolve(target).cross
-    if rpc is not None and not cross:
-        raise ConfigError("--rpc measures a cross target's kernels on its board (tune --target aarch64 --rpc ...); "
+    if boards is not None and not cross:
+        flag = "--rpc" if boards.key is None else "--tracker"
+        raise ConfigError(f"{flag} measures a cross target's kernels on its board (tune --target aarch64 {flag} ...); "
                           "--target llvm is measured on this machine")
+    # the servers free before this run opens any session of its own (a key names one kind of board)
+    workers = boards.workers() if cross and boards else 0
     cc = export_cc(target) if cross else None
-    target_ms = ms_target(target, _remote_cores(rpc) if cross and rpc else None)
+    target_ms = ms_target(target, _remote_cores(boards) if workers else None)
     work = Path(work_dir)
     info_path = work / INFO
     if info_path.exists():
@@ -176,7 +177,7 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
     db = ms.database.JSONDatabase(work_dir=str(work / SEARCH))
 
     def measure(sch) -> tuple[float, np.ndarray]:
-        return _measure_remote(sch, target_ms, rpc, cc) if cross else _measure(sch, target_ms)
+        return _measure_remote(sch, target_ms, boards, cc) if cross else _measure(sch, target_ms)
     if progress:
         print(f"{len(unique)} distinct kernels; measuring their default schedules", flush=True)
     defaults, expected = {}, {}
@@ -211,14 +212,13 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
         if cross:
             import functools
 
-            from waps_tvm.remote import parse_address
-            host, port = parse_address(rpc)
+            from waps_tvm.boards import runner_session
             builder = ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build,
                                               f_export=functools.partial(_export_cross, cc))
-            runner = ms.runner.RPCRunner(
-                ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key="direct",
-                                    session_timeout_sec=300),
-                evaluator, max_workers=1, f_create_session=_rpc_session, f_alloc_argument=_alloc_remote)
+            # one pool worker per board: each holds one session at a time, on the board it was handed
+            runner = ms.runner.RPCRunner(boards.rpc_config(session_timeout_sec=300), evaluator,
+                                         max_workers=workers, f_alloc_argument=_alloc_remote,
+                                         f_create_session=functools.partial(runner_session, boards))
         else:
             builder = ms.builder.LocalBuilder(max_workers=_cores(), timeout_sec=120, f_build=_build)
             runner = ms.runner.LocalRunner(evaluator_config=evaluator)
@@ -239,7 +239,7 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
     tmp.write_text(json.dumps(info, indent=1))
     tmp.replace(info_path)
     return {"kernels": len(unique), "trials": trials, "seconds": time.perf_counter() - t0, "improved": improved,
-            "searched": len(unique) - skipped,
+            "searched": len(unique) - skipped, "boards": workers,
             "default_ms": 1000 * sum(defaults.values()), "best_ms": 1000 * sum(best.values())}
 
 

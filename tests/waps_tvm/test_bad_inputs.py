@@ -17,7 +17,9 @@ from torch import nn
 
 from calib import artifact
 from tests.compile_helpers import rewrite_archive
+from tests.waps_tvm.conftest import free_port
 from tests.waps_tvm.test_cli import EXE, assert_one_line_error, run
+from waps_tvm.cli import main
 
 
 class Wide(nn.Module):
@@ -172,3 +174,51 @@ def test_ctrl_c_during_compile_exits_130_and_leaves_nothing(corpus, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def llvm_build(corpus):
+    out = corpus / "llvm"
+    assert main(["compile", str(corpus / "good.waps"), "-o", str(out), "-q"]) == 0
+    np.save(corpus / "x1.npy", np.zeros((1, 1, 16, 16), np.float32))
+    return out
+
+
+TRACKER = [                 # tune/run --tracker: none of these waits for TVM's minute of retries
+    (["--tracker", "{closed}", "--key", "k"], ["cannot reach the RPC tracker at 127.0.0.1:"]),
+    (["--tracker", "nohost", "--key", "k"], ["--tracker 'nohost': expected host:port"]),
+    (["--tracker", "{empty}"], ["--tracker needs --key"]),
+    (["--key", "k"], ["--key names a kind of board", "--tracker"]),
+    (["--rpc", "{closed}", "--key", "k"], ["--key names a kind of board"]),
+    (["--tracker", "{empty}", "--key", "nope"], ["no server under key 'nope'", "keys there: none"]),
+]
+
+
+@pytest.mark.parametrize("extra, words", TRACKER,
+                         ids=["unreachable", "malformed", "no-key", "key-alone", "key-with-rpc", "no-server"])
+@pytest.mark.parametrize("command", ["tune", "run"])
+def test_tracker_flags_reject(corpus, llvm_build, request, capsys, command, extra, words):
+    empty = request.getfixturevalue("empty_tracker") if "{empty}" in extra else None    # only these need tornado
+    extra = [a.format(closed=f"127.0.0.1:{free_port()}", empty=empty) for a in extra]
+    argv = ["tune", corpus / "good.waps", "--target", "aarch64", "--work-dir", corpus / "rec"] if command == "tune" \
+        else ["run", llvm_build, "--input", corpus / "x1.npy"]
+    t0 = time.monotonic()
+    code, _, err = run([*argv, *extra], capsys)
+    assert_one_line_error(code, err, *words)
+    assert time.monotonic() - t0 < 30 and not (corpus / "rec").exists()
+
+
+def test_rpc_tracker_and_server_reject(empty_tracker, capsys, monkeypatch):
+    port = empty_tracker.rpartition(":")[2]
+    assert_one_line_error(*run(["rpc-tracker", "--port", port], capsys)[::2], f"cannot listen on 127.0.0.1:{port}")
+    closed = f"127.0.0.1:{free_port()}"
+    assert_one_line_error(*run(["rpc-server", "--tracker", closed, "--key", "k"], capsys)[::2],
+                          f"cannot reach the RPC tracker at {closed}")
+    assert_one_line_error(*run(["rpc-server", "--key", "k"], capsys)[::2], "--key names a kind of board")
+    assert_one_line_error(*run(["rpc-server", "--tracker", empty_tracker], capsys)[::2], "--tracker needs --key")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "tornado" else real(name, *a, **k))
+    assert_one_line_error(*run(["rpc-tracker", "--port", str(free_port())], capsys)[::2],
+                          "rpc-tracker needs the tornado package")
