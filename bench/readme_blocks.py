@@ -8,6 +8,7 @@ through `python -m bench.readme`.
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,93 @@ def vela_compare(results: Path) -> str:
     return "\n".join(lines)
 
 
+# --- npu16 from architecture (bench/npu16.py) ------------------------------------------------
+
+_GOPS = re.compile(r"([+−-][\d.]+) \(([+−-][\d.]+ %)\)")
+
+
+def npu16_table6(results: Path) -> str:
+    """Table 6 (paper's counting convention) beside the paper; models off by > 10 % said apart."""
+    t = table(results / "npu16.md", "Table 6")
+    close, off = [], []
+    for r in t.rows:
+        ours, paper = _GOPS.match(r["ours, paper's convention"]), _GOPS.match(r["paper"])
+        ratio = float(r["ratio"].rstrip("×"))
+        if 0.9 <= ratio <= 1.1:
+            unit = " GOPs" if not close else ""
+            lead = "paper " if not close else ""
+            close.append(f"{_name(r['model'])} {ours[1]}{unit} ({ours[2]}; {lead}{paper[1]}, {paper[2]})")
+        else:
+            off.append(f"{_name(r['model'])} gives {ours[1]} ({ours[2]}), {ratio:.2f}× the paper's {paper[1]}")
+    return ", ".join(close) + "".join(f". {o}" for o in off)
+
+
+def npu16_table7(results: Path) -> str:
+    """Per-layer Table 7 overheads of the models the paper measured, pipelined and serial."""
+    t = table(results / "npu16.md", "Table 7 and fragmentation")
+    rows = [r for r in t.rows if r["paper overhead"] != "–"]
+    names = [_name(r["model"]) for r in rows]
+    pipe = " and ".join(f"{r['npu16 overhead']} ({n})" for r, n in zip(rows, names))
+    serial = " / ".join(r["serial WAPS overhead"] for r in rows)
+    paper = " and ".join(r["paper overhead"] for r in rows)
+    return (f"{pipe} when the D1→D2 scaling is pipelined, and {serial} when appendix B's 4 cycles are "
+            f"charged serially to every output tile. The paper measured {paper}")
+
+
+# --- npu16 design sweep (bench/npu16_sweep.py) ------------------------------------------------
+
+_COUNT = {1: "one", 2: "two", 4: "four", 8: "eight"}
+
+
+def _sweep(results: Path) -> list[tuple[str, str, dict[str, list[float]]]]:
+    """Per model: the smallest SRAM column where every layer fits, and per array count the
+    cycles (M) of the columns from there on."""
+    out = []
+    for t in tables(results / "npu16_sweep.md"):
+        if "arrays" not in t.header:
+            continue
+        cols = [c for c in t.header[1:] if not any(r[c].startswith("–") for r in t.rows)]
+        cycles = {r["arrays"]: [float(r[c].split(" M")[0]) for c in cols] for r in t.rows}
+        out.append((t.heading, cols[0] if cols else "", cycles))
+    return out
+
+
+def npu16_sweep_fit(results: Path) -> str:
+    """'ResNet-18 needs 256 KiB per buffer and MobileNetV2 128 KiB'."""
+    parts = [f"{_name(m)} needs {c} per buffer" if i == 0 else f"{_name(m)} {c}"
+             for i, (m, c, _) in enumerate(_sweep(results))]
+    return " and ".join(parts)
+
+
+def npu16_sweep_cycles(results: Path) -> str:
+    """'ResNet-18 9.48 M cycles on one array, 2.83 M on four; MobileNetV2 2.84 M and 1.44–1.48 M'."""
+    parts = []
+    for i, (m, _, cycles) in enumerate(_sweep(results)):
+        lo, hi = min(cycles, key=int), max(cycles, key=int)
+        a, b = _span(cycles[lo], ".2f"), _span(cycles[hi], ".2f")
+        parts.append(f"{_name(m)} {a} M cycles on {_COUNT.get(int(lo), lo)} array{'s' * (int(lo) > 1)}, "
+                     f"{b} M on {_COUNT.get(int(hi), hi)}" if i == 0 else f"{_name(m)} {a} M and {b} M")
+    return "; ".join(parts)
+
+
+# --- calibration memory (bench/calib_memory.py) -----------------------------------------------
+
+def calib_memory(results: Path) -> str:
+    """Peak RSS and anonymous memory of each model's largest run (the latest one at that size)."""
+    best: dict[str, dict] = {}
+    for r in _json(results, "calib_memory.json")["rows"]:
+        if r.get("status", "done") == "done" and r["samples"] >= best.get(r["model"], {"samples": 0})["samples"]:
+            best[r["model"]] = r
+    # the sentence around the marker names the sample count; say it here only when models differ
+    say_n = len({r["samples"] for r in best.values()}) > 1
+    parts = []
+    for i, (m, r) in enumerate(sorted(best.items())):
+        anon = f" ({r['peak_anon_gb']:.1f} GB anonymous)" if r.get("peak_anon_gb") is not None else ""
+        n = f" with {r['samples']} samples" if say_n else ""
+        parts.append(f"{_name(m)} {'peaks at' if i == 0 else 'at'} {r['peak_rss_gb']:.1f} GB RSS{anon}{n}")
+    return " and ".join(parts)
+
+
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
     Block("calib_speed", calib_speed, inline=True),
@@ -248,4 +336,9 @@ BLOCKS: tuple[Block, ...] = (
     Block("cpu_ort", cpu_ort),
     Block("ort_ratio", ort_ratio, inline=True),
     Block("vela_compare", vela_compare),
+    Block("npu16_table6", npu16_table6, inline=True),
+    Block("npu16_table7", npu16_table7, inline=True),
+    Block("npu16_sweep_fit", npu16_sweep_fit, inline=True),
+    Block("npu16_sweep_cycles", npu16_sweep_cycles, inline=True),
+    Block("calib_memory", calib_memory, inline=True),
 )

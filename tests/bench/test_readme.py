@@ -101,3 +101,22 @@ def test_missing_marker_is_an_error():
     start, end = text.index("<!-- bench:vela_compare -->"), text.index("<!-- /bench:vela_compare -->")
     with pytest.raises(ReadmeError, match="no markers for bench:vela_compare"):
         rewrite(text[:start] + text[end + len("<!-- /bench:vela_compare -->"):], RESULTS)
+
+
+def test_prose_spans_follow_results(results):
+    """The npu16 sweep, Table 6 and calibration-memory phrases are read from their results."""
+    from bench.readme_blocks import calib_memory, npu16_sweep_fit, npu16_table6
+    sweep = results / "npu16_sweep.md"
+    sweep.write_text(sweep.read_text().replace("| 1 | – (17 layers do not fit) | – (11 layers do not fit) | "
+                                               "– (7 layers do not fit) | – (3 layers do not fit) | 9.48 M, 20.1 MB, 75% |",
+                                               "| 1 | – (17 layers do not fit) | – (11 layers do not fit) | "
+                                               "– (7 layers do not fit) | – (3 layers do not fit) | – (1 layers do not fit) |"))
+    assert npu16_sweep_fit(results) == "ResNet-18 needs 512 KiB per buffer and MobileNetV2 128 KiB"
+    assert "ResNet-18 gives +0.0030 (+0.20 %), 0.50× the paper's +0.006" in npu16_table6(results)
+
+    def bigger(data):
+        data["rows"].append({"model": "resnet18", "samples": 2048, "peak_rss_gb": 15.04, "peak_anon_gb": 9.96,
+                             "status": "done"})
+    _edit_json(results / "calib_memory.json", bigger)
+    assert calib_memory(results) == ("ResNet-18 peaks at 15.0 GB RSS (10.0 GB anonymous) with 2048 samples and "
+                                     "ResNet-50 at 11.9 GB RSS (8.0 GB anonymous) with 1024 samples")
