@@ -241,6 +241,35 @@ def vela_compare(results: Path) -> str:
     return "\n".join(lines)
 
 
+def _vela_ratios(results: Path, why: Callable[[dict], bool]) -> str:
+    """'a–b×': npu16/Vela cycle ratios of the nodes (all models) whose row ``why`` accepts."""
+    vals = [float(r["npu16/Vela"]) for t in tables(results / "vela_compare.md")[1:]
+            if "npu16/Vela" in t.header for r in t.rows if why(r)]
+    if not vals:
+        raise ValueError("vela_compare.md: no node of this kind")
+    return _span(vals, ".2f") + "×"
+
+
+_WHY = "why they differ (> 25 %)"
+
+
+def vela_refetch(results: Path) -> str:
+    """Nodes where Vela re-reads its input per output-depth block (SRAM-bound)."""
+    return _vela_ratios(results, lambda r: "re-reads the input" in r[_WHY])
+
+
+def vela_stem(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r[_WHY].startswith("first layer"))
+
+
+def vela_depthwise(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r[_WHY].startswith("depthwise"))
+
+
+def vela_mean(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r["op"] == "global_avg_pool")
+
+
 # --- npu16 from architecture (bench/npu16.py) ------------------------------------------------
 
 _GOPS = re.compile(r"([+−-][\d.]+) \(([+−-][\d.]+ %)\)")
@@ -336,6 +365,10 @@ BLOCKS: tuple[Block, ...] = (
     Block("cpu_ort", cpu_ort),
     Block("ort_ratio", ort_ratio, inline=True),
     Block("vela_compare", vela_compare),
+    Block("vela_refetch", vela_refetch, inline=True),
+    Block("vela_stem", vela_stem, inline=True),
+    Block("vela_depthwise", vela_depthwise, inline=True),
+    Block("vela_mean", vela_mean, inline=True),
     Block("npu16_table6", npu16_table6, inline=True),
     Block("npu16_table7", npu16_table7, inline=True),
     Block("npu16_sweep_fit", npu16_sweep_fit, inline=True),
