@@ -1,0 +1,377 @@
+"""The README's generated blocks, each rendered from bench/results/ alone.
+
+One function per block; each takes the results folder and returns the block's text (a
+``Block.inline`` one is a phrase inside a sentence, the others whole paragraphs/tables).
+Numbers are formatted here and nowhere else, so a rerun benchmark changes the README only
+through `python -m bench.readme`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bench.mdtables import table, tables
+
+NAMES = {"digit_recognizer": "digit-recognizer", "fashion_resnet": "FashionResNet",
+         "fashion_mobilenetv2": "FashionMobileNetV2", "fashion_mobilenetv3": "FashionMobileNetV3",
+         "resnet18": "ResNet-18", "resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2",
+         "regnet_x_600mf": "RegNet-600MF", "regnet_x_3_2gf": "RegNet-3.2GF", "mnasnet2_0": "MnasNet-2.0"}
+# what the accuracy table says about a model besides its name
+ABOUT = {"digit_recognizer": "MNIST", "fashion_mobilenetv3": "hardswish, SE"}
+ACCURACY_METHODS = ("RTN", "BRECQ", "BRECQ+WAPS", "QDrop", "QDrop+WAPS")
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    render: Callable[[Path], str]
+    inline: bool = False
+
+
+def _json(results: Path, name: str):
+    return json.loads((results / name).read_text())
+
+
+def _name(model: str) -> str:
+    return NAMES.get(model, model)
+
+
+def _span(values: list[float], fmt: str, sep: str = "–") -> str:
+    """'a–b' of the formatted min and max, or one value when they format alike."""
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f"{lo}{sep}{hi}"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{'+' if x >= 0 else '−'}{abs(x):.1f} %"
+
+
+def _ms(x: float) -> str:
+    """Milliseconds as the README prints them: 2 decimals from 1 ms up, 3 below."""
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
+
+
+# --- accuracy (bench/accuracy.py) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    """A model's W2A4 calibration runs: seeds, iterations per block, samples, λ."""
+    seeds: tuple[int, ...]
+    iters: int
+    samples: int
+    lam: float | None
+
+
+def _setups(runs: list[dict]) -> dict[str, Setup]:
+    by_model: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["config"] == "W2A4" and r["method"] != "rtn":
+            by_model.setdefault(r["model"], []).append(r)
+    out = {}
+    for model, rs in by_model.items():
+        one = {(r["iters"], r["samples"], r.get("lam")) for r in rs}
+        if len(one) != 1:
+            raise ValueError(f"accuracy.json: {model} W2A4 runs mix setups {sorted(one, key=str)}")
+        iters, samples, lam = one.pop()
+        out[model] = Setup(tuple(sorted({r["seed"] for r in rs})), iters, samples, lam)
+    return out
+
+
+def accuracy(results: Path) -> str:
+    setups = _setups(_json(results, "accuracy.json")["runs"])
+    common = Counter(setups.values()).most_common(1)[0][0]
+    rows = []
+    for t in tables(results / "accuracy.md"):
+        model = t.heading.split(" (")[0]
+        if model not in setups or "W2A4" not in t.header or "method" not in t.header:
+            continue
+        cell = {r["method"]: r["W2A4"] for r in t.rows}
+        about = [ABOUT[model]] if model in ABOUT else []
+        s = setups[model]
+        if s != common:
+            about.append(f"seed{'s' if len(s.seeds) > 1 else ''} {', '.join(map(str, s.seeds))}, "
+                         f"{s.iters} iterations, {s.samples} samples")
+        label = _name(model) + (f" ({'; '.join(about)})" if about else "")
+        flt = t.heading.rsplit("float ", 1)[1].rstrip(" %")
+        vals = [cell.get(m, "–") for m in ACCURACY_METHODS]
+        vals = [f"**{v}**" if m.endswith("+WAPS") and v != "–" else v for m, v in zip(ACCURACY_METHODS, vals)]
+        rows.append(f"| {label} | {flt} | " + " | ".join(vals) + " |")
+    lower = table(results / "accuracy.md", "Block reconstruction loss")
+    won = {"BRECQ": [0, 0], "QDrop": [0, 0]}
+    models = [m for m, s in setups.items() if s == common]
+    for r in lower.rows:
+        if r["config"] != "W2A4" or r["model"] not in models:
+            continue
+        for base in won:
+            a, _, b = r[f"{base}+WAPS < {base}"].partition("/")
+            if b:
+                won[base][0] += int(a)
+                won[base][1] += int(b)
+    # no-break spaces keep "λ = 0.1" on one line
+    lam = f", λ\u00a0=\u00a0{common.lam:g}" if common.lam is not None else ""
+    return "\n".join([
+        f"Measured on this project's 2-core x86 machine, {common.iters} iterations per block, "
+        f"{common.samples} samples{lam}, top-1 % of the fake-quant model reloaded from the `.waps`, "
+        f"mean ± std over {len(common.seeds)} seeds:", "",
+        "| W2A4 | float | " + " | ".join(ACCURACY_METHODS) + " |",
+        "|---" * (len(ACCURACY_METHODS) + 2) + "|", *rows, "",
+        f"At W2A4, WAPS lowered the block reconstruction loss on {won['BRECQ'][0]} of {won['BRECQ'][1]} "
+        f"blocks ({len(common.seeds)} seeds, {len(models)} models) against BRECQ and on {won['QDrop'][0]} "
+        f"of {won['QDrop'][1]} against QDrop."])
+
+
+# --- calibration speed (bench/calib_speed.py) ---------------------------------------------
+
+def _lever_speedups(results: Path) -> dict[int, list[float]]:
+    """{input size: speed-ups of the default loop (all levers) over the plain one, per method}."""
+    out: dict[int, list[float]] = {}
+    for r in _json(results, "calib_speed.json")["rows"]:
+        if all(r["speed"].values()):
+            out.setdefault(r["input"], []).append(r["speedup_vs_before"])
+    return out
+
+
+def calib_speed(results: Path) -> str:
+    """'×1.37–1.65 faster at 224×224 and ×1.19–1.20 at 32×32'."""
+    s = sorted(_lever_speedups(results).items(), reverse=True)
+    parts = [f"×{_span(v, '.2f')} faster at {n}×{n}" if i == 0 else f"×{_span(v, '.2f')} at {n}×{n}"
+             for i, (n, v) in enumerate(s)]
+    return " and ".join(parts)
+
+
+def calib_speed_gain(results: Path) -> str:
+    """'×1.37–1.65 at 224×224 (×1.19–1.20 at 32×32)'."""
+    (big, vb), *rest = sorted(_lever_speedups(results).items(), reverse=True)
+    small = "; ".join(f"×{_span(v, '.2f')} at {n}×{n}" for n, v in rest)
+    return f"×{_span(vb, '.2f')} at {big}×{big}" + (f" ({small})" if small else "")
+
+
+# --- the compiled integer model (bench/cpu.py) ---------------------------------------------
+
+CPU_FORMS = ("split", "fused", "fast")
+
+
+def cpu(results: Path) -> str:
+    data = _json(results, "cpu.json")
+    meta, rows = data["meta"], data["rows"]
+    forms = [f for f in CPU_FORMS if all(f"tvm_int_{f}_ms" in r for r in rows)]
+    head = ["model", "config", "compiled top-1", "fake-quant top-1", "agreement", "PyTorch fp32",
+            "TVM fp32", "TVM int, no groups", *[f"WAPS {f}" for f in forms]]
+    lines = [f"Each model calibrated once (BRECQ+WAPS, {meta['iters']} iterations per block, seed 0), "
+             f"compiled for llvm, run by the TVM runtime over the full test set; latency at batch 1, "
+             f"median of {meta['repeat']} runs, all columns from one run (full table: `bench/results/cpu.md`):",
+             "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        ng = r["tvm_int_nogroups_ms"]
+        waps = [f"{r[f'tvm_int_{f}_ms']:.2f} ms ({r[f'tvm_int_{f}_ms'] / ng:.2f}×)" for f in forms]
+        lines.append(f"| {_name(r['model'])} | {r['config']} | {r['compiled_top1']:.2f} | "
+                     f"{r['fakequant_top1']:.2f} | {r['agreement']:.2f} % | {r['pytorch_fp32_ms']:.2f} ms | "
+                     f"{r['tvm_fp32_ms']:.2f} ms | {ng:.2f} ms | " + " | ".join(waps) + " |")
+    # rounded to whole percent first, so that a −0.3 % cost prints as +0, not -0
+    cost = {f: [round((r[f"tvm_int_{f}_ms"] / r["tvm_int_nogroups_ms"] - 1) * 100) for r in rows] for f in forms}
+    lines += ["", "The integer program is bit-exact against the NumPy reference and agrees with the "
+              f"fake-quant model on top-1 for {_span([r['agreement'] for r in rows], '.2f')} % of test "
+              "images: the deployed accuracy equals the calibrated one. Against the same integer model "
+              "without groups, the groups cost " +
+              "; ".join(f"{_span(v, '+d', ' to ')} % in {f} form" for f, v in cost.items()) + "."]
+    if "fast" not in forms:
+        ort = {r["model"]: r for r in _json(results, "cpu_ort.json")["rows"]}
+        same = [m for m in dict.fromkeys(r["model"] for r in rows) if m in ort]
+        fast = ", ".join(f"{_name(m)} {_ms(ort[m]['tvm_fast_ms'])} ms" for m in same)
+        lines += ["", f"These latencies are the {' and '.join(forms)} forms only: TVM's unscheduled default "
+                  "lowering, slower than the default `fast` form, which `bench/cpu.py` does not time. "
+                  "The fast form is measured in the ONNX Runtime comparison below" +
+                  (f" ({fast}, WAPS, batch 1)." if fast else ".")]
+    return "\n".join(lines)
+
+
+# --- against ONNX Runtime (bench/cpu_ort.py) -----------------------------------------------
+
+def _ort_label(r: dict) -> str:
+    return f"{_name(r['model'])} {r['input'][-1]}²"
+
+
+def cpu_ort(results: Path) -> str:
+    data = _json(results, "cpu_ort.json")
+    meta, rows = data["meta"], data["rows"]
+    ort = ".".join(meta["onnxruntime"].split(".")[:2])
+    trials = sorted({r["tune_trials"] for r in rows if r.get("tvm_tuned_ms") is not None})
+    dots = sorted({r["dot"].upper() if r["dot"] == "vnni" else f"`{r['dot']}`" for r in rows})
+    exact = [r for r in rows if r["bit_exact"]]
+    exact_text = ("All TVM builds are" if len(exact) == len(rows) else
+                  f"{len(exact)} of {len(rows)} TVM builds ({', '.join(_ort_label(r) for r in exact)}) are")
+    head = ["model", "PyTorch fp32", "ORT fp32", "ORT int8", "TVM split (before)", "TVM fast, no groups",
+            "TVM fast, WAPS", "fast/ORT int8", "groups", "TVM tuned", "tuned/ORT int8"]
+    lines = [f"Batch 1, median ms of {meta['repeat']} runs. ORT {ort} runs static QDQ int8 (uint8 activations, "
+             f"per-channel int8 weights) and fp32, with {meta['ort_threads']} threads. waps-tvm's `fast` form "
+             f"runs with {' and '.join(dots)} and {meta['tvm_threads']} threads, untuned (the default schedules)"
+             + (f" and tuned (`waps-tvm tune`, {' or '.join(map(str, trials))} trials per model)" if trials else "")
+             + ". The torchvision models have random weights and random tile-granular WAPS groups (latency "
+             f"only). {exact_text} bit-exact against the NumPy reference (`bench/results/cpu_ort.md`, "
+             "`cpu_ort.png`).", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        split = _ms(r["tvm_split_ms"]) if r.get("tvm_split_ms") is not None else "–¹"
+        tuned = r.get("tvm_tuned_ms")
+        lines.append(" | ".join([
+            f"| {_ort_label(r)}", _ms(r["pytorch_fp32_ms"]), _ms(r["ort_fp32_ms"]), _ms(r["ort_int8_ms"]), split,
+            _ms(r["tvm_fast_nogroups_ms"]), _ms(r["tvm_fast_ms"]), f"{r['fast_vs_ort_int8']:.2f}×",
+            _signed_pct(r["groups_cost_pct"]), _ms(tuned) if tuned is not None else "–",
+            f"{r['tuned_vs_ort_int8']:.2f}×" if tuned is not None else "–"]) + " |")
+    return "\n".join(lines)
+
+
+def ort_ratio(results: Path) -> str:
+    """'0.85× on ResNet-18 and 0.86× on MobileNetV2': untuned fast / ORT int8 at 224²."""
+    rows = [r for r in _json(results, "cpu_ort.json")["rows"] if r["input"][-1] >= 224]
+    return " and ".join(f"{r['fast_vs_ort_int8']:.2f}× on {_name(r['model'])}" for r in rows)
+
+
+# --- npu16 beside Vela (bench/vela_compare.py) ----------------------------------------------
+
+def vela_compare(results: Path) -> str:
+    t = tables(results / "vela_compare.md")[0]
+    head = ["model", "npu16 cycles", "Vela cycles", "npu16 / Vela", "nodes differing > 25 %"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in t.rows:
+        lines.append(f"| {_name(r['model'])} | " + " | ".join(r[h] for h in head[1:]) + " |")
+    return "\n".join(lines)
+
+
+def _vela_ratios(results: Path, why: Callable[[dict], bool]) -> str:
+    """'a–b×': npu16/Vela cycle ratios of the nodes (all models) whose row ``why`` accepts."""
+    vals = [float(r["npu16/Vela"]) for t in tables(results / "vela_compare.md")[1:]
+            if "npu16/Vela" in t.header for r in t.rows if why(r)]
+    if not vals:
+        raise ValueError("vela_compare.md: no node of this kind")
+    return _span(vals, ".2f") + "×"
+
+
+_WHY = "why they differ (> 25 %)"
+
+
+def vela_refetch(results: Path) -> str:
+    """Nodes where Vela re-reads its input per output-depth block (SRAM-bound)."""
+    return _vela_ratios(results, lambda r: "re-reads the input" in r[_WHY])
+
+
+def vela_stem(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r[_WHY].startswith("first layer"))
+
+
+def vela_depthwise(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r[_WHY].startswith("depthwise"))
+
+
+def vela_mean(results: Path) -> str:
+    return _vela_ratios(results, lambda r: r["op"] == "global_avg_pool")
+
+
+# --- npu16 from architecture (bench/npu16.py) ------------------------------------------------
+
+_GOPS = re.compile(r"([+−-][\d.]+) \(([+−-][\d.]+ %)\)")
+
+
+def npu16_table6(results: Path) -> str:
+    """Table 6 (paper's counting convention) beside the paper; models off by > 10 % said apart."""
+    t = table(results / "npu16.md", "Table 6")
+    close, off = [], []
+    for r in t.rows:
+        ours, paper = _GOPS.match(r["ours, paper's convention"]), _GOPS.match(r["paper"])
+        ratio = float(r["ratio"].rstrip("×"))
+        if 0.9 <= ratio <= 1.1:
+            unit = " GOPs" if not close else ""
+            lead = "paper " if not close else ""
+            close.append(f"{_name(r['model'])} {ours[1]}{unit} ({ours[2]}; {lead}{paper[1]}, {paper[2]})")
+        else:
+            off.append(f"{_name(r['model'])} gives {ours[1]} ({ours[2]}), {ratio:.2f}× the paper's {paper[1]}")
+    return ", ".join(close) + "".join(f". {o}" for o in off)
+
+
+def npu16_table7(results: Path) -> str:
+    """Per-layer Table 7 overheads of the models the paper measured, pipelined and serial."""
+    t = table(results / "npu16.md", "Table 7 and fragmentation")
+    rows = [r for r in t.rows if r["paper overhead"] != "–"]
+    names = [_name(r["model"]) for r in rows]
+    pipe = " and ".join(f"{r['npu16 overhead']} ({n})" for r, n in zip(rows, names))
+    serial = " / ".join(r["serial WAPS overhead"] for r in rows)
+    paper = " and ".join(r["paper overhead"] for r in rows)
+    return (f"{pipe} when the D1→D2 scaling is pipelined, and {serial} when appendix B's 4 cycles are "
+            f"charged serially to every output tile. The paper measured {paper}")
+
+
+# --- npu16 design sweep (bench/npu16_sweep.py) ------------------------------------------------
+
+_COUNT = {1: "one", 2: "two", 4: "four", 8: "eight"}
+
+
+def _sweep(results: Path) -> list[tuple[str, str, dict[str, list[float]]]]:
+    """Per model: the smallest SRAM column where every layer fits, and per array count the
+    cycles (M) of the columns from there on."""
+    out = []
+    for t in tables(results / "npu16_sweep.md"):
+        if "arrays" not in t.header:
+            continue
+        cols = [c for c in t.header[1:] if not any(r[c].startswith("–") for r in t.rows)]
+        cycles = {r["arrays"]: [float(r[c].split(" M")[0]) for c in cols] for r in t.rows}
+        out.append((t.heading, cols[0] if cols else "", cycles))
+    return out
+
+
+def npu16_sweep_fit(results: Path) -> str:
+    """'ResNet-18 needs 256 KiB per buffer and MobileNetV2 128 KiB'."""
+    parts = [f"{_name(m)} needs {c} per buffer" if i == 0 else f"{_name(m)} {c}"
+             for i, (m, c, _) in enumerate(_sweep(results))]
+    return " and ".join(parts)
+
+
+def npu16_sweep_cycles(results: Path) -> str:
+    """'ResNet-18 9.48 M cycles on one array, 2.83 M on four; MobileNetV2 2.84 M and 1.44–1.48 M'."""
+    parts = []
+    for i, (m, _, cycles) in enumerate(_sweep(results)):
+        lo, hi = min(cycles, key=int), max(cycles, key=int)
+        a, b = _span(cycles[lo], ".2f"), _span(cycles[hi], ".2f")
+        parts.append(f"{_name(m)} {a} M cycles on {_COUNT.get(int(lo), lo)} array{'s' * (int(lo) > 1)}, "
+                     f"{b} M on {_COUNT.get(int(hi), hi)}" if i == 0 else f"{_name(m)} {a} M and {b} M")
+    return "; ".join(parts)
+
+
+# --- calibration memory (bench/calib_memory.py) -----------------------------------------------
+
+def calib_memory(results: Path) -> str:
+    """Peak RSS and anonymous memory of each model's largest run (the latest one at that size)."""
+    best: dict[str, dict] = {}
+    for r in _json(results, "calib_memory.json")["rows"]:
+        if r.get("status", "done") == "done" and r["samples"] >= best.get(r["model"], {"samples": 0})["samples"]:
+            best[r["model"]] = r
+    # the sentence around the marker names the sample count; say it here only when models differ
+    say_n = len({r["samples"] for r in best.values()}) > 1
+    parts = []
+    for i, (m, r) in enumerate(sorted(best.items())):
+        anon = f" ({r['peak_anon_gb']:.1f} GB anonymous)" if r.get("peak_anon_gb") is not None else ""
+        n = f" with {r['samples']} samples" if say_n else ""
+        parts.append(f"{_name(m)} {'peaks at' if i == 0 else 'at'} {r['peak_rss_gb']:.1f} GB RSS{anon}{n}")
+    return " and ".join(parts)
+
+
+BLOCKS: tuple[Block, ...] = (
+    Block("accuracy", accuracy),
+    Block("calib_speed", calib_speed, inline=True),
+    Block("calib_speed_gain", calib_speed_gain, inline=True),
+    Block("cpu", cpu),
+    Block("cpu_ort", cpu_ort),
+    Block("ort_ratio", ort_ratio, inline=True),
+    Block("vela_compare", vela_compare),
+    Block("vela_refetch", vela_refetch, inline=True),
+    Block("vela_stem", vela_stem, inline=True),
+    Block("vela_depthwise", vela_depthwise, inline=True),
+    Block("vela_mean", vela_mean, inline=True),
+    Block("npu16_table6", npu16_table6, inline=True),
+    Block("npu16_table7", npu16_table7, inline=True),
+    Block("npu16_sweep_fit", npu16_sweep_fit, inline=True),
+    Block("npu16_sweep_cycles", npu16_sweep_cycles, inline=True),
+    Block("calib_memory", calib_memory, inline=True),
+)
