@@ -196,7 +196,9 @@ def input_energy(model, names: list[str], data: torch.Tensor, probe: int) -> dic
         return pre
 
     handles = [model.layer(n).register_forward_pre_hook(hook(n)) for n in names]
-    was = [m.quant for m in model.ops.values()]
+    # the float pass switches every quantizer off; all of them are switched back as they were
+    # (an input quantizer left off would never get its range: calibrate's init_from skips it)
+    was = [m.quant for m in model.ops.values()], model.input_quant.enabled
     device = next(iter(model.buffers())).device
     try:
         model.set_quant(False)
@@ -206,8 +208,9 @@ def input_energy(model, names: list[str], data: torch.Tensor, probe: int) -> dic
     finally:
         for h in handles:
             h.remove()
-        for m, q in zip(model.ops.values(), was):
+        for m, q in zip(model.ops.values(), was[0]):
             m.quant = q
+        model.input_quant.enabled = was[1]
     return {n: sums[n] / counts[n] for n in names}
 
 

@@ -120,6 +120,16 @@ def test_search_on_a_model_is_within_budget_and_calibration_uses_its_groups(tiny
     assert plan.overhead_cycles <= tight_budget.fraction * plan.base_cycles
     assert sum(len(c.gammas) for c in plan.layers) < sum(len(c.gammas) for c in full.layers)
     assert result.config.layer_gammas == plan.gammas() and result.config.npu_budget == tight_budget.fraction
+    # the search only chooses: calibrating with its choice given directly gives the same artifact
+    from calib.export import to_artifact
+    direct = calibrate(graph, data, dataclasses.replace(cfg, layer_gammas=plan.gammas()))
+    a, b = to_artifact(result), to_artifact(direct)
+    assert a.quant == b.quant
+    for name, rec in a.layers.items():
+        other = b.layers[name]
+        assert np.array_equal(rec.w_codes, other.w_codes) and rec.group_scales == other.group_scales
+        assert (rec.groups is None) == (other.groups is None)
+        assert rec.groups is None or np.array_equal(rec.groups, other.groups)
     for c in plan.layers:                                # the reconstructed model has exactly the plan's groups
         layer = result.model.layer(c.name)
         got = (1.0,) if layer.groups is None else tuple(np.round(layer.groups.gammas.tolist(), 12))
