@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.npu16.cost import LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, layer_cost, pad_cost, pool_cost
-from targets.npu16.first_layer import runs_im2col
+from targets.npu16.cost import LayerCost, add_cost, avg_pool_cost, concat_cost, layer_cost, pad_cost, pool_cost
+from targets.npu16.group_cost import layer_shape
 from targets.npu16.params import NPU16
 
 
@@ -21,20 +21,7 @@ def node_cost(graph, node, npu: NPU16) -> LayerCost | None:
     shape = tuple(int(d) for d in node.shape)
     elems = int(np.prod(shape))
     if node.op in ("conv2d", "linear"):
-        w = node.params["weight"]
-        if node.op == "conv2d":
-            m, cg, kh, kw = w.shape
-            a = node.attrs
-            _, h, wd = ins[0].shape
-            layer = LayerShape(node.name, cg * a["groups"], m, shape[1], shape[2], kh, kw, a["groups"], h=h, w=wd,
-                               wbits=8, abits_in=8, abits_out=8, sh=a["stride"][0], ph=a["padding"][0],
-                               dh=a["dilation"][0], im2col=runs_im2col(npu, c=cg * a["groups"],
-                                                                       conv_groups=a["groups"], kh=kh, kw=kw,
-                                                                       waps_groups=False))
-        else:
-            m, c = w.shape
-            layer = LayerShape(node.name, c, m, wbits=8, abits_in=8, abits_out=8)
-        return layer_cost(layer, npu)
+        return layer_cost(layer_shape(graph, node, npu), npu)
     in_elems = int(np.prod(ins[0].shape)) if ins else 0
     if node.op == "add":
         return add_cost(node.name, in_elems, elems, npu)

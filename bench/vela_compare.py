@@ -41,6 +41,7 @@ import numpy as np
 
 from bench.graph_cost import node_cost
 from targets.npu16.cost import LayerCost
+from targets.npu16.memory import dma_port_cycles
 from targets.npu16.params import NPU16, load_config
 
 HERE = Path(__file__).resolve().parent
@@ -72,12 +73,7 @@ class NodeRow:
 
 def parts(cost: LayerCost, npu: NPU16) -> dict:
     """Cycles per unit of an npu16 cost: array, weight port, feature-map port, element unit."""
-    w = cost.bytes["weights"]
-    act = cost.bytes["input"] + cost.bytes["output"]
-    if npu.weight_bytes_per_cycle:
-        wc, ac = -(-w // npu.weight_bytes_per_cycle), -(-act // npu.dma_bytes_per_cycle)
-    else:
-        wc, ac = 0, -(-(w + act) // npu.dma_bytes_per_cycle)
+    wc, ac = dma_port_cycles(cost.bytes["weights"], cost.bytes["input"] + cost.bytes["output"], npu)
     return {"compute": cost.compute_cycles + cost.waps_cycles, "weights": wc, "feature maps": ac,
             "unit": cost.epilogue_cycles}
 

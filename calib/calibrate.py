@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from calib import frontier
+from calib import frontier, group_search
 from calib.blocks import Block, find_blocks
 from calib.checkpoint import Checkpoint, Fingerprint, progress
 from calib.config import CalibConfig
@@ -29,7 +29,8 @@ from calib.cwac import compensate_block
 from calib.device import resolve_device
 from calib.errors import CheckpointError, ConfigError, DataError
 from calib.graph import QUANT_OPS, Graph
-from calib.qmodel import QuantModel
+from calib.group_search import GroupBudget, GroupPlan
+from calib.qmodel import QuantModel, takes_groups
 from calib.quantizers import init_act_range
 from calib.frontier import Tensors
 from calib.reconstruct import block_modules, reconstruct
@@ -60,6 +61,7 @@ class CalibResult:
     report: list[BlockReport] = field(default_factory=list)
     seconds: float = 0.0
     spilled: int = 0     # bytes of cached activations that went to spill files (calib/spill.py)
+    group_plan: GroupPlan | None = None   # the hardware-aware group search's choice, when asked for
 
 
 def check_data(x: torch.Tensor) -> None:
@@ -69,26 +71,39 @@ def check_data(x: torch.Tensor) -> None:
 
 
 def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
-              checkpoint: str | os.PathLike | None = None, resume: bool = False) -> CalibResult:
+              checkpoint: str | os.PathLike | None = None, resume: bool = False,
+              group_budget: GroupBudget | None = None) -> CalibResult:
     """Quantize ``graph`` with calibration images ``data`` [N, C, H, W] (float32, any device).
 
     Runs on ``cfg.device``. With ``checkpoint`` (a path), the state after every block is
     written there atomically; ``resume`` continues from it and gives the same result,
     bit for bit, as an uninterrupted run. Without ``resume`` an existing checkpoint is
     refused rather than overwritten (it may hold hours of work). The caller deletes it
-    once the result is safely stored."""
+    once the result is safely stored.
+
+    With ``group_budget`` (a WAPS method), each layer's groups are chosen first by the
+    hardware-aware search (calib/group_search.py); the choice becomes ``cfg.layer_gammas``
+    of the result's config, so the artifact records it."""
     cfg.validate()
     check_data(data)
     device = resolve_device(cfg.device)
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
-    saved = _open_checkpoint(ckpt_path, resume, graph, data, cfg, device)
+    if group_budget is not None and not cfg.uses_waps:
+        raise ConfigError(f"an NPU budget chooses WAPS groups: method {cfg.method} has none (use waps or qdrop+waps)")
     spill = Spill.from_config(cfg.spill_gb, cfg.spill_dir)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     model = build_model(graph, cfg, device)
+    plan = None
+    if group_budget is not None:
+        plan = group_search.search(model, graph, data, group_budget, cfg.tile,
+                                   lambda n: takes_groups(graph, n, cfg))
+        cfg = dataclasses.replace(cfg, layer_gammas=plan.gammas(), npu_budget=group_budget.fraction)
+        model.set_groups(cfg.layer_gammas, cfg.group_prob)
+    saved = _open_checkpoint(ckpt_path, resume, graph, data, cfg, device)
     blocks = find_blocks(graph, residual=cfg.blockwise)
-    result = CalibResult(model, blocks, cfg)
+    result = CalibResult(model, blocks, cfg, group_plan=plan)
 
     readers = {}
     for i, b in enumerate(blocks):

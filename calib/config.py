@@ -57,6 +57,10 @@ class CalibConfig:
     # (calib/spill.py; same values, pageable); None: 1/16 of RAM; 0: every float one
     spill_gb: float | None = None
     spill_dir: str | None = None   # where spill files go (unlinked at once); None: the temp dir
+    # per-layer γ^G overriding ``gammas`` ((1.0,): no groups), e.g. chosen by the hardware-aware
+    # group search (calib/group_search.py) under ``npu_budget`` (a fraction of the NPU cycles)
+    layer_gammas: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    npu_budget: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -102,6 +106,13 @@ class CalibConfig:
             raise ConfigError("between 1 and 8 group scales are supported")
         for g in self.gammas:
             group_scale(g)
+        for name, gs in self.layer_gammas.items():
+            if not 1 <= len(gs) <= 8:
+                raise ConfigError(f"layer {name}: between 1 and 8 group scales are supported")
+            for g in gs:
+                group_scale(g)
+        if self.npu_budget is not None and not self.npu_budget >= 0:
+            raise ConfigError(f"--npu-budget {self.npu_budget * 100:g} %: must be ≥ 0")
         if self.tile < 1:
             raise ConfigError("--tile must be ≥ 1")
         if self.group_prob not in GROUP_PROBS:

@@ -307,6 +307,21 @@ def cat_classes(graph: Graph, bits: dict[str, int]) -> list[list[str]]:
     return [c for c in classes.values() if len(c) > 1]
 
 
+def takes_groups(graph: Graph, node: Node, cfg: CalibConfig) -> bool:
+    """Whether conv/linear ``node`` learns WAPS groups: a WAPS method, not depthwise, and more
+    input units than one tile."""
+    units = node.params["weight"].shape[1] * node.attrs.get("groups", 1) // unit_size(graph, node)
+    return cfg.uses_waps and not node.is_depthwise and units > cfg.tile
+
+
+def layer_gammas(graph: Graph, node: Node, cfg: CalibConfig) -> tuple[float, ...]:
+    """γ^G of ``node``: the per-layer choice (cfg.layer_gammas, e.g. from a group search),
+    else cfg.gammas; (1.0,) when it takes no groups."""
+    if not takes_groups(graph, node, cfg):
+        return (1.0,)
+    return tuple(cfg.layer_gammas.get(node.name, cfg.gammas))
+
+
 class QuantModel(nn.Module):
     """Fake-quant executor of a fused graph."""
 
@@ -321,11 +336,9 @@ class QuantModel(nn.Module):
         for n in graph:
             if n.op in PARAM_OPS:
                 wb = cfg.first_last_bits if n.name in first | last else cfg.wbits
-                us = unit_size(graph, n)
-                units = n.params["weight"].shape[1] * n.attrs.get("groups", 1) // us
-                wants_groups = cfg.uses_waps and not n.is_depthwise and units > cfg.tile
-                self.ops[key(n.name)] = QuantLayer(n, wb, bits[n.name], us,
-                                                   list(cfg.gammas) if wants_groups else None, cfg.group_prob)
+                gammas = layer_gammas(graph, n, cfg)
+                self.ops[key(n.name)] = QuantLayer(n, wb, bits[n.name], unit_size(graph, n),
+                                                   list(gammas) if len(gammas) > 1 else None, cfg.group_prob)
             elif n.op in QUANT_OPS:
                 self.ops[key(n.name)] = QuantOp(n, bits[n.name])
         # "shared": one quantizer object per class, so fake quantization, export and the
@@ -339,6 +352,12 @@ class QuantModel(nn.Module):
 
     def layer(self, name: str) -> QuantLayer | QuantOp:
         return self.ops[key(name)]
+
+    def set_groups(self, gammas: dict[str, tuple[float, ...]], prob: str) -> None:
+        """Give the named layers fresh WAPS groups over their γ^G ((1.0,): no groups)."""
+        for name, gs in gammas.items():
+            layer = self.layer(name)
+            layer.groups = ProductGroups(layer.units, list(gs), prob).to(layer.weight.device) if len(gs) > 1 else None
 
     def quant_points(self) -> dict[str, "QuantLayer | QuantOp"]:
         """Every node with its own output quantizer, in graph order."""

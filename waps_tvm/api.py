@@ -18,16 +18,18 @@ from waps_tvm.model_io import LoadedModel
 
 def quantize(model: torch.nn.Module | LoadedModel, data: torch.Tensor, config: CalibConfig | None = None,
              input_shape: tuple[int, int, int] | None = None, checkpoint: str | os.PathLike | None = None,
-             resume: bool = False) -> tuple[CalibResult, WapsArtifact]:
+             resume: bool = False, group_budget: GroupBudget | None = None) -> tuple[CalibResult, WapsArtifact]:
     """Calibrate ``model`` (an nn.Module or LoadedModel) on ``data`` [N, C, H, W] float32,
     on ``config.device``. ``checkpoint``: a file written after every block (see
-    ``calib.checkpoint``); ``resume`` continues from it. Delete it after saving the artifact."""
+    ``calib.checkpoint``); ``resume`` continues from it. Delete it after saving the artifact.
+    ``group_budget``: choose each layer's WAPS groups under an accelerator cycle budget
+    (calib/group_search.py; e.g. ``waps_tvm.npu_budget.npu16_budget``)."""
     cfg = (config or CalibConfig()).validate()
     if isinstance(model, torch.nn.Module):
         model = LoadedModel(type(model).__name__, tuple(input_shape or data.shape[1:]), module=model)
     if tuple(data.shape[1:]) != tuple(model.input_shape):
         raise DataError(f"data shape {tuple(data.shape[1:])} does not fit the model input {tuple(model.input_shape)}")
-    result = calibrate(model.graph(), data[: cfg.samples], cfg, checkpoint, resume)
+    result = calibrate(model.graph(), data[: cfg.samples], cfg, checkpoint, resume, group_budget)
     return result, to_artifact(result, producer=f"waps-tvm {__version__}")
 
 

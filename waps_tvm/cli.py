@@ -24,6 +24,17 @@ def _shape(text: str) -> tuple[int, int, int]:
     return dims
 
 
+def _percent(text: str) -> float:
+    """'1%' or '1' → 0.01 (a fraction)."""
+    try:
+        v = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a percentage such as 1%") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"'{text}': a budget must be ≥ 0 %")
+    return v / 100
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -74,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the default), cpu, cuda or cuda:N")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint OUTPUT.ckpt (same arguments)")
+    c.add_argument("--npu-budget", type=_percent, metavar="PCT",
+                   help="hardware-aware groups: choose each layer's g ∈ 1..4 and group shifts so the WAPS "
+                        "overhead on npu16 stays within PCT of its conv/linear cycles (e.g. 1%%; waps methods)")
+    c.add_argument("--npu-config", metavar="FILE", help="the npu16 machine (JSON) --npu-budget costs groups on "
+                                                        "(default: the built-in 16x16 npu16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     k = sub.add_parser("compile", help="compile a .waps (or calibrate+compile a model with --data) for a target")
@@ -91,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernel per WAPS conv)")
     k.add_argument("--dump-ir", action="store_true", help="write each pipeline stage's Relax to out/ir/")
     k.add_argument("--data", help="calibration data, to calibrate a .pt/.pt2/built-in model first")
-    for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed"):
+    for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed",
+                 "--npu-budget"):
         src = next(a for a in c._actions if flag in a.option_strings)
-        k.add_argument(flag, type=src.type, default=src.default, choices=src.choices, help=src.help)
+        k.add_argument(flag, type=src.type, default=src.default, choices=src.choices, help=src.help,
+                       metavar=src.metavar)
     k.add_argument("--trust-pickle", action="store_true", help="allow unpickling a .pt nn.Module")
     k.add_argument("--eval-data", help="labelled test data (mnist | fashion-mnist | digits, a .npz with y, an "
                                        "image folder): the report gets the compiled and fake-quant top-1 and "
@@ -242,11 +260,14 @@ def _calibrate(args) -> int:
     ckpt = checkpoint_path(out)
     if args.resume and not ckpt.exists():
         raise CheckpointError(f"--resume: no checkpoint {ckpt} to continue (a run writes it after its first block)")
+    if args.npu_config and args.npu_budget is None:
+        raise ConfigError("--npu-config goes with --npu-budget (the machine the groups are costed on)")
+    budget = _group_budget(args.npu_budget, args.npu_config, cfg)
     model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
     data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
     t0 = time.perf_counter()
     try:
-        result, art = api.quantize(model, data.x, cfg, checkpoint=ckpt, resume=args.resume)
+        result, art = api.quantize(model, data.x, cfg, checkpoint=ckpt, resume=args.resume, group_budget=budget)
     except KeyboardInterrupt:
         done = progress(ckpt)
         if done is None:
@@ -257,6 +278,8 @@ def _calibrate(args) -> int:
         return 130
     api.save_artifact(art, out)
     ckpt.unlink(missing_ok=True)
+    if result.group_plan is not None:
+        console.print(_group_table(result.group_plan))
     console.print(_loss_table(result))
     console.print(f"calibrated {len(result.blocks)} blocks in {time.perf_counter() - t0:.1f} s "
                   f"({cfg.method}, W{cfg.wbits}A{cfg.abits}, {cfg.iters} iters/block) → {out}")
@@ -339,9 +362,13 @@ def _calibrate_for_compile(args):
     from waps_tvm.model_io import load_model
     cfg = CalibConfig(wbits=args.wbits, abits=args.abits, method=args.method, iters=args.iters,
                       samples=args.samples, seed=args.seed, progress=not args.quiet).validate()
+    budget = _group_budget(args.npu_budget, args.npu_config, cfg)
     model = load_model(args.model, args.arch, args.trust_pickle, args.input_shape)
     data = load_dataset(args.data, "calib", n=cfg.samples, seed=cfg.seed, input_shape=model.input_shape)
-    _, art = api.quantize(model, data.x, cfg)
+    result, art = api.quantize(model, data.x, cfg, group_budget=budget)
+    if result.group_plan is not None and not args.quiet:
+        from rich.console import Console
+        Console().print(_group_table(result.group_plan))
     waps = Path(args.output).with_name(Path(args.output).name + ".waps")
     api.save_artifact(art, waps)
     print(f"calibrated {args.model} ({cfg.method}, W{cfg.wbits}A{cfg.abits}) → {waps}")
@@ -577,6 +604,32 @@ def _float_logits(model, x):
     import torch
     with torch.no_grad():
         return torch.cat([model.float_forward(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+
+
+def _group_budget(fraction, npu_config, cfg):
+    """The hardware-aware group search's request, or None without --npu-budget."""
+    if fraction is None:
+        return None
+    if not cfg.uses_waps:
+        raise ConfigError(f"--npu-budget chooses WAPS groups: --method {cfg.method} has none (waps or qdrop+waps)")
+    from calib.group_search import GroupBudget
+    from targets.npu16.group_cost import NpuGroupCost
+    from targets.npu16.params import NPU16, load_config
+    return GroupBudget(fraction, NpuGroupCost(load_config(npu_config) if npu_config else NPU16()))
+
+
+def _group_table(plan):
+    from rich.table import Table
+    t = Table(title=f"WAPS groups under the npu16 budget: {plan.overhead_cycles:,} of {plan.base_cycles:,} "
+                    f"conv/linear cycles = {plan.overhead_fraction * 100:.2f} % (budget {plan.fraction * 100:g} %, "
+                    "worst case over group assignments)")
+    for col in ("layer", "g", "γ^G", "benefit (NSR drop)", "+cycles"):
+        t.add_column(col, justify="left" if col in ("layer", "γ^G") else "right")
+    for c in plan.layers:
+        if c.benefit or c.overhead or len(c.gammas) > 1:
+            t.add_row(c.name, str(len(c.gammas)), ", ".join(f"{g:g}" for g in c.gammas), f"{c.benefit:.3g}",
+                      "host" if c.base is None else f"{c.overhead:,}")
+    return t
 
 
 def _loss_table(result):

@@ -63,13 +63,19 @@ class StripePlan:
         return self.weight_stripes if self.weights_first else 1
 
 
-def dma_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> int:
-    """Cycles to move ``weight_bytes`` of constants and ``act_bytes`` of feature maps: one DMA
-    port at dma_bytes_per_cycle, or, with ``weight_bytes_per_cycle`` set, weights over their
-    own port (e.g. flash) in parallel with the feature maps."""
+def dma_port_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> tuple[int, int]:
+    """(weight port, feature-map port) cycles to move ``weight_bytes`` of constants and
+    ``act_bytes`` of feature maps: with ``weight_bytes_per_cycle`` set, weights go over their
+    own port (e.g. flash) in parallel with the feature maps; else both share the one DMA port
+    at dma_bytes_per_cycle (reported as (0, all))."""
     if npu.weight_bytes_per_cycle:
-        return max(-(-weight_bytes // npu.weight_bytes_per_cycle), -(-act_bytes // npu.dma_bytes_per_cycle))
-    return -(-(weight_bytes + act_bytes) // npu.dma_bytes_per_cycle)
+        return -(-weight_bytes // npu.weight_bytes_per_cycle), -(-act_bytes // npu.dma_bytes_per_cycle)
+    return 0, -(-(weight_bytes + act_bytes) // npu.dma_bytes_per_cycle)
+
+
+def dma_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> int:
+    """Cycles of the DMA: the slower of its ports (dma_port_cycles)."""
+    return max(dma_port_cycles(weight_bytes, act_bytes, npu))
 
 
 def usable_bytes(kib: int, npu: NPU16) -> int:

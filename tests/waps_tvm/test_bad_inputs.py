@@ -222,3 +222,28 @@ def test_rpc_tracker_and_server_reject(empty_tracker, capsys, monkeypatch):
                         lambda name, *a, **k: None if name == "tornado" else real(name, *a, **k))
     assert_one_line_error(*run(["rpc-tracker", "--port", str(free_port())], capsys)[::2],
                           "rpc-tracker needs the tornado package")
+
+
+NPU_BUDGET = [
+    (["--npu-budget", "1%", "--method", "brecq"], ["--npu-budget", "brecq", "WAPS groups"]),
+    (["--npu-config", "{d}/missing.json"], ["--npu-config", "--npu-budget"]),
+    (["--npu-budget", "1%", "--npu-config", "{d}/missing.json"], ["missing.json"]),
+]
+
+
+@pytest.mark.parametrize("args, words", NPU_BUDGET, ids=["no-waps", "config-alone", "no-config"])
+def test_calibrate_rejects_npu_budget(corpus, capsys, args, words):
+    out = corpus / "out.waps"
+    code, _, err = run(["calibrate", corpus / "good.pt2", "--data", corpus / "x.npy", "--samples", "8", "-q",
+                        "--no-eval", "-o", out, *[a.format(d=corpus) for a in args]], capsys)
+    assert_one_line_error(code, err, *words)
+    assert not out.exists()
+
+
+def test_calibrate_rejects_a_budget_that_is_not_a_percentage(corpus, capsys):
+    with pytest.raises(SystemExit) as e:            # argparse's usage error
+        run(["calibrate", corpus / "good.pt2", "--data", corpus / "x.npy", "-o", corpus / "out.waps",
+             "--npu-budget", "lots"], capsys)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("--npu-budget: 'lots' is not a percentage such as 1%")
