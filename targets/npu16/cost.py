@@ -55,7 +55,7 @@ per value: params.NPU16.unit_cycles), a gather only through DMA. The ops of issu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from targets.npu16 import memory
 from targets.npu16.first_layer import im2col_in_tiles
@@ -153,7 +153,21 @@ class LayerCost:
                 "dma_in_bytes": self.bytes["weights"] + self.bytes["input"], "dma_out_bytes": self.bytes["output"],
                 "compute_cycles": self.compute_cycles, "dma_cycles": self.dma_cycles,
                 "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles, "stripes": self.stripes,
-                "dma_weight_bytes": self.bytes["weights"]}
+                "dma_weight_bytes": self.bytes["weights"], "dma_saved_bytes": self.bytes.get("saved", 0)}
+
+
+def cascaded(cost: LayerCost, kept_in_bytes: int, keep_out: bool, npu: NPU16) -> LayerCost:
+    """``cost`` of an op in a chain (codegen/npu16/cascade.py) whose kept inputs (``kept_in_bytes``
+    of its input DMA) and, with ``keep_out``, output stay in the activation SRAM: those bytes
+    move to ``bytes["saved"]`` (counter dma_saved_bytes) and the DMA cycles are recounted."""
+    b = dict(cost.bytes)
+    if not 0 <= kept_in_bytes <= b["input"]:
+        raise ValueError(f"{cost.name}: {kept_in_bytes} kept input bytes of {b['input']}")
+    saved = kept_in_bytes + (b["output"] if keep_out else 0)
+    b["input"] -= kept_in_bytes
+    b["output"] = 0 if keep_out else b["output"]
+    b["saved"] = b.get("saved", 0) + saved
+    return replace(cost, bytes=b, dma_cycles=memory.dma_cycles(b["weights"], b["input"] + b["output"], npu))
 
 
 def _ceil(a: int, b: int) -> int:

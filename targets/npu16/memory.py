@@ -31,6 +31,12 @@ a layer that fits moves its input once (rows no output reads, e.g. the last row 
 stride-2 1×1 conv of an even H, are not fetched) and a striped one re-reads its halo rows.
 A layer for which one output row of one tile, or one tile's weights, does not fit is not
 run on the NPU (``SramTooSmall``).
+
+Cascading (``keeps``; chains of codegen/npu16/cascade.py): the intermediate between two ops
+of a chain stays in the activation buffer, instead of a DMA store and load through host
+memory, when the whole activation buffer (both halves) holds it next to each op's working
+set: the producer's (its stripe's activations, ``StripePlan.act_sram``; 0 for an op that
+streams) plus the producer's own kept input, and the consumer's.
 """
 from __future__ import annotations
 
@@ -70,6 +76,14 @@ def dma_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> int:
     if npu.weight_bytes_per_cycle:
         return max(-(-weight_bytes // npu.weight_bytes_per_cycle), -(-act_bytes // npu.dma_bytes_per_cycle))
     return -(-(weight_bytes + act_bytes) // npu.dma_bytes_per_cycle)
+
+
+def keeps(intermediate: int, producer_ws: int, consumer_ws: int, npu: NPU16, held: int = 0) -> bool:
+    """Whether a chain's intermediate of ``intermediate`` bytes (the whole batch) stays in the
+    activation SRAM: ``held`` (the producer's input, when that is kept too) + it + the
+    producer's working set, and it + the consumer's working set, each fit ``sram_act_kib``."""
+    cap = npu.sram_act_kib * 1024
+    return held + intermediate + producer_ws <= cap and intermediate + consumer_ws <= cap
 
 
 def usable_bytes(kib: int, npu: NPU16) -> int:
