@@ -173,3 +173,71 @@ def test_chain_that_does_not_fit_spills_and_stays_one_partition(tmp_path):
     assert sum(c["dma_saved_bytes"] for c in got.values()) == 0
     _, _, _, off, _ = run_npu16(prog, NPU16(sram_act_kib=4, sram_weight_kib=8, cascade=False), tmp_path)
     assert got == off
+
+
+# --- end to end: a MobileNetV2-like block through waps-tvm compile / run / report --------
+
+def _inverted_block():
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        """Stem conv → 1×1 expansion → depthwise 3×3 → 1×1 projection + residual → max pool."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+            self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.BatchNorm2d(48), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.BatchNorm2d(48), nn.ReLU6())
+            self.project = nn.Sequential(nn.Conv2d(48, 16, 1), nn.BatchNorm2d(16))
+            self.pool = nn.MaxPool2d(2)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.pool(y + self.project(self.dw(self.expand(y))))
+
+    torch.manual_seed(0)
+    return Block()
+
+
+@pytest.fixture(scope="module")
+def block_artifact():
+    from tests.compile_helpers import calibrated
+    from tests.conftest import randomize_bn
+    return calibrated(randomize_bn(_inverted_block()), (3, 12, 12))
+
+
+@pytest.mark.slow                  # ~30 s: calibration and two compiles
+def test_inverted_block_compiles_to_partitions_bit_exact_with_report(block_artifact, tmp_path, capsys):
+    import json
+
+    from calib import artifact
+    from tests.compile_helpers import run_in_fresh_process
+    from waps_tvm import cli
+    from waps_tvm.compiler import lower_artifact
+    path = artifact.save(block_artifact, tmp_path / "b.waps")
+    x = np.random.default_rng(2).normal(size=(2, 3, 12, 12)).astype("float32")
+    ref = reference.run(lower_artifact(block_artifact, 2).program, x)
+    reps = {}
+    for on in (True, False):
+        cfg = tmp_path / f"npu_{on}.json"
+        cfg.write_text(json.dumps({"cascade": on}))
+        out = tmp_path / f"out_{on}"
+        assert cli.main(["compile", str(path), "--target", "npu16", "--npu-config", str(cfg), "-o", str(out),
+                         "--batch", "2"]) == 0
+        np.testing.assert_array_equal(run_in_fresh_process(out, x, tmp_path), ref[1], err_msg=f"cascade {on}")
+        reps[on] = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    on, off = reps[True]["totals"], reps[False]["totals"]
+    parts = on["partitions"]
+    merged = {op for p in parts for op in p["ops"]}
+    kinds = {r["op"]: r["kind"] for r in reps[True]["ops"]}
+    assert {kinds[o] for o in merged} >= {"conv2d", "add", "max_pool2d"}       # 1×1 → dw → 1×1 → add → pool
+    assert on["dma_saved_bytes"] > 0 and off["partitions"] == [] and off["dma_saved_bytes"] == 0
+    assert on["offchip_read"] + on["offchip_write"] == off["offchip_read"] + off["offchip_write"] - on["dma_saved_bytes"]
+    assert on["cycles"] == off["cycles"] - on["cycles_saved"]
+    assert cli.main(["report", str(tmp_path / "out_True")]) == 0
+    text = capsys.readouterr().out
+    assert "Multi-op partitions (cascading)" in text and " → " in text
+    csv = (tmp_path / "out_True" / "report.csv").read_text().splitlines()
+    assert "partition" in csv[0] and any(p["partition"] in line for p in parts for line in csv[1:])
