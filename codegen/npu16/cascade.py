@@ -17,9 +17,13 @@ the cost model does the same (cost.cascaded). With ``npu.cascade`` false there a
 chains: every op is its own partition, as before.
 
 TVM's own route, ``FuseOpsByPattern`` + ``MergeCompositeFunctions``, is not used: the
-passes already produce one Relax function per integer op (not composites of Relax ops), and
-``MergeCompositeFunctions`` fails on calls of such functions in TVM 0.27; the chain is
-formed here, over the integer program, and codegen/npu16/byoc.py merges its calls.
+passes already produce one Relax function per integer op (nothing for an operator pattern
+to match), and ``MergeCompositeFunctions`` on those functions marked ``Composite`` fails in
+TVM 0.27 with "Check failed: (it_group != obj2group_.end()) is false: Variable lv could not
+be found in any group" (it expects composites nested in FuseOpsByPattern's functions). The
+chain is formed here, over the integer program (``form`` over ``Node``s, so a captured graph
+gets the same rule: bench/graph_cost.graph_chains), and codegen/npu16/merge.py merges its
+calls in Relax.
 """
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ class CostQuery:
     (``COSTS``), ``args`` its arguments apart from the machine. A layer's first-layer mode is
     decided again for the machine it is costed on (first_layer.runs_im2col). ``keep``: the op is
     in a chain (codegen/npu16/cascade.py) and {"inputs": [input indices], "output": bool}
-    stay in the activation SRAM as compiled (not decided again for another machine)."""
+    stay in the activation SRAM as compiled (not decided again for another machine; ignored on
+    one with ``cascade`` false, where every op runs alone)."""
     fn: str
     args: dict
     keep: dict | None = None
@@ -69,7 +70,7 @@ class CostQuery:
             est = layer_cost(shape, npu)
         else:
             est = COSTS[self.fn](**self.args, npu=npu)
-        if not self.keep:
+        if not self.keep or not npu.cascade:          # re-costed for a machine without cascading: alone
             return est
         from codegen.npu16.cascade import cascaded_cost
         return cascaded_cost(est, self.input_bytes(est), tuple(self.keep["inputs"]), bool(self.keep["output"]), npu)

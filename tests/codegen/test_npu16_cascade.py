@@ -62,6 +62,16 @@ def test_cascaded_cost_moves_bytes_to_saved():
         cascaded(base, base.bytes["input"] + 1, False, npu)
 
 
+def test_cost_query_keeps_as_compiled_unless_the_machine_does_not_cascade():
+    from targets.npu16.report import CostQuery
+    args = {"name": "a", "in_elems": 64, "out_elems": 64}
+    kept, alone = CostQuery("add", args, {"inputs": [1], "output": True}), CostQuery("add", args)
+    assert kept.cost(NPU16()).bytes == {"weights": 0, "input": 64, "output": 0, "saved": 128}
+    assert CostQuery.from_json(kept.to_json()) == kept and "keep" not in alone.to_json()
+    assert kept.cost(NPU16(cascade=False)).bytes == alone.cost(NPU16()).bytes == {"weights": 0, "input": 128,
+                                                                                 "output": 64}
+
+
 def test_config_key_cascade():
     assert NPU16().cascade and not from_config({"cascade": False}).cascade
     assert "cascade" in NPU16().to_config()
@@ -241,3 +251,41 @@ def test_inverted_block_compiles_to_partitions_bit_exact_with_report(block_artif
     assert "Multi-op partitions (cascading)" in text and " → " in text
     csv = (tmp_path / "out_True" / "report.csv").read_text().splitlines()
     assert "partition" in csv[0] and any(p["partition"] in line for p in parts for line in csv[1:])
+
+
+@pytest.mark.slow                  # ~1-2 min: calibrates MobileNetV2 (W2A4, 32×32) and builds it twice
+def test_mobilenet_v2_partitions_bit_exact_and_fewer_dma_bytes(tmp_path):
+    """The real network through the normal lowering and npu16 build, cascading on and off:
+    the same codes as the reference, the counters equal to the cost model, chains of its
+    inverted-residual blocks, and the bytes kept in SRAM missing from the DMA exactly."""
+    import tvm
+
+    from codegen.npu16.byoc import counter_symbols
+    from targets.npu16.counters import measure
+    from targets.npu16.report import query
+    from tests.compile_helpers import torchvision_w2
+    from waps_tvm.compiler import build, lower_artifact
+    art = torchvision_w2("mobilenet_v2")
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype("float32")
+    moved = {}
+    for on in (True, False):
+        npu = NPU16(cascade=on)
+        lowered = lower_artifact(art, 2)
+        ex = build(lowered, "npu16", npu)
+        out = tvm.runtime.vm.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x))
+        np.testing.assert_array_equal(out[1].numpy(), reference.run(lowered.program, x)[1], err_msg=f"cascade {on}")
+        ex.export_library(str(tmp_path / f"mnv2_{on}.so"))
+        where = lowered.placement
+        got = measure(tmp_path / f"mnv2_{on}.so", x.shape, counter_symbols(where))
+        prog = lowered.program
+        for r in where:
+            if r.get("symbol"):
+                keep = {"inputs": r.get("keep_in", []), "output": r.get("keep_out", False)}
+                assert got[r["symbol"]] == query(prog, prog[r["op"]], npu, keep).cost(npu).counters(), r["op"]
+        parts = {r["partition"] for r in where if r.get("partition")}
+        kinds = {prog[r["op"]].kind for r in where if r.get("partition")}
+        moved[on] = (sum(c["dma_in_bytes"] + c["dma_out_bytes"] for c in got.values()),
+                     sum(c["dma_saved_bytes"] for c in got.values()), len(parts), kinds)
+    (b_on, saved, n_parts, kinds), (b_off, saved_off, n_off, _) = moved[True], moved[False]
+    assert n_parts >= 10 and kinds >= {"conv2d", "add"} and n_off == 0 and saved_off == 0
+    assert saved > 0 and b_on == b_off - saved
