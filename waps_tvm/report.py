@@ -132,6 +132,8 @@ def recost(rep: dict, npu) -> dict:
         c = row.get("npu16")
         if not c:
             continue
+        if not npu.cascade:                  # every op its own partition on this machine
+            row["partition"] = ""
         if "query" not in c:
             raise ValueError(f"{row['op']}: no cost query (compiled before 'report --npu-config' existed)")
         plain = CostQuery.from_json(c["query_no_groups"]) if c.get("query_no_groups") else None

@@ -251,6 +251,12 @@ def test_inverted_block_compiles_to_partitions_bit_exact_with_report(block_artif
     assert "Multi-op partitions (cascading)" in text and " → " in text
     csv = (tmp_path / "out_True" / "report.csv").read_text().splitlines()
     assert "partition" in csv[0] and any(p["partition"] in line for p in parts for line in csv[1:])
+    # re-costed for the same machine without cascading: what the cascade-off build counted
+    assert cli.main(["report", str(tmp_path / "out_True"), "--npu-config", str(tmp_path / "npu_False.json"),
+                     "--out", str(tmp_path / "recost")]) == 0
+    again = json.loads((tmp_path / "recost" / "report.json").read_text())["totals"]
+    assert again["partitions"] == [] and again["cycles"] == off["cycles"]
+    assert (again["offchip_read"], again["offchip_write"]) == (off["offchip_read"], off["offchip_write"])
 
 
 @pytest.mark.slow                  # ~1-2 min: calibrates MobileNetV2 (W2A4, 32×32) and builds it twice
