@@ -62,8 +62,8 @@ def graph_chains(graph, npu: NPU16):
     from codegen.npu16.cascade import CHAIN_KINDS, Node, cascaded_cost, form
     costs = {n.name: c for n in graph if (c := node_cost(graph, n, npu)) is not None}
     nodes = [Node(n.name, tuple(n.inputs), int(np.prod(n.shape)),
-                  costs[n.name].sram.get("activations", 0) if n.name in costs else 0,
-                  n.name in costs and n.op in CHAIN_KINDS) for n in graph]
+                  *(costs[n.name].act_split if n.name in costs else (0, 0)), n.name in costs and n.op in CHAIN_KINDS)
+             for n in graph]
     chains = form(nodes, {graph.output}, npu)
     for ch in chains:
         for name in ch.ops:

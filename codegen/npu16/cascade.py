@@ -67,12 +67,14 @@ class Chain:
 @dataclass(frozen=True)
 class Node:
     """What chain forming needs of one op: its inputs (names), its output's size in bytes
-    (uint8 codes, whole batch), the activation SRAM its stripes use (0: it streams) and
-    whether it may be chained at all (offloaded, a ``CHAIN_KINDS`` command, NCHW, uint8 out)."""
+    (uint8 codes, whole batch), the activation SRAM its stripes use for input rows and for
+    output rows (memory.StripePlan; 0: it streams) and whether it may be chained at all
+    (offloaded, a ``CHAIN_KINDS`` command, NCHW, uint8 out)."""
     name: str
     inputs: tuple[str, ...]
     nbytes: int
-    act_sram: int
+    sram_in: int
+    sram_out: int
     chainable: bool
 
 
@@ -112,7 +114,7 @@ def chains(program, where: list[dict], npu: NPU16) -> list[Chain]:
     ``lowered`` NpuOp) on ``npu``."""
     low = {r["op"]: r["lowered"] for r in where if r["target"] == "npu16"}
     nodes = [Node(op.name, tuple(op.inputs), int(np.prod(op.shape)),
-                  low[op.name].act_sram if op.name in low else 0,
+                  low[op.name].sram_in if op.name in low else 0, low[op.name].sram_out if op.name in low else 0,
                   op.name in low and op.kind in CHAIN_KINDS and op.schedule.layout == "NCHW" and op.dtype == "uint8"
                   and _command(low[op.name]))
              for op in program.ops]
@@ -123,7 +125,7 @@ def _decide(nodes: list[Node], npu: NPU16) -> Chain:
     """The chain's links, each kept in SRAM or spilled (memory.keeps), first to last."""
     links, held = [], 0
     for a, b in zip(nodes, nodes[1:]):
-        kept = memory.keeps(a.nbytes, a.act_sram, b.act_sram, npu, held)
+        kept = memory.keeps(a.nbytes, a.sram_in, b.sram_out, npu, held)
         links.append(Link(a.name, b.name, b.inputs.index(a.name), a.nbytes, kept))
         held = a.nbytes if kept else 0
     return Chain(tuple(n.name for n in nodes), tuple(links))

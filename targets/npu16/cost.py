@@ -125,6 +125,7 @@ class LayerCost:
     stripes: int = 0                      # row × weight stripes run (conv/linear; memory.py)
     overlap: bool = True                  # double-buffered: DMA overlaps compute
     sram: dict = field(default_factory=dict)   # peak bytes per SRAM buffer (striped layers)
+    act_split: tuple = (0, 0)             # the activation peak's input rows and output rows
 
     @property
     def cycles(self) -> int:
@@ -234,7 +235,8 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
                      n_scaled * layer.outputs, n_scaled * layer.outputs, lead_tiles * steps_per_tile, waps_cycles,
                      dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs,
                      stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer,
-                     sram={"weights": plan.weight_sram, "activations": plan.act_sram})
+                     sram={"weights": plan.weight_sram, "activations": plan.act_sram},
+                     act_split=(plan.act_in_sram, plan.act_sram - plan.act_in_sram))
 
 
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0,

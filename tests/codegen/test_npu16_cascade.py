@@ -16,8 +16,8 @@ from targets.npu16.cost import LayerShape, cascaded, layer_cost
 from targets.npu16.params import NPU16, from_config
 
 
-def _node(name, inputs, nbytes=100, ws=0, chainable=True):
-    return Node(name, tuple(inputs), nbytes, ws, chainable)
+def _node(name, inputs, nbytes=100, sram_in=0, sram_out=0, chainable=True):
+    return Node(name, tuple(inputs), nbytes, sram_in, sram_out, chainable)
 
 
 def test_chains_follow_single_consumer_edges():
@@ -42,8 +42,11 @@ def test_an_add_of_two_chainable_producers_continues_the_later_one():
 
 def test_keep_decision_is_memory_keeps():
     npu = NPU16(sram_act_kib=1)
-    assert memory.keeps(600, 400, 0, npu) and not memory.keeps(600, 0, 500, npu)
+    # the producer's input rows and the consumer's output rows count, next to the kept tensor
+    assert memory.keeps(600, 400, 0, npu) and not memory.keeps(600, 500, 0, npu)
+    assert memory.keeps(600, 0, 400, npu) and not memory.keeps(600, 0, 500, npu)
     assert not memory.keeps(600, 0, 0, npu, held=500)
+    assert memory.keeps(600, 900, 0, npu, held=400)        # a kept input replaces the input rows
     nodes = [_node("a", ["x"], 600), _node("b", ["a"], 600), _node("c", ["b"], 10)]
     ch = form(nodes, set(), npu)[0]
     # a → b kept (600 B); b → c: b's input (600) + its output (600) > 1 KiB: spilled
