@@ -7,8 +7,9 @@ ops but the last are dropped, the last's variable is bound to one call of the ne
 The function is marked for the npu16 codegen (codegen/npu16/byoc.py), which never reads its
 body: ``Partition`` says what its C entry runs (per op: symbol, function, lowered stream, the C
 pointer of each parameter and of the output) and which buffers it declares: the model of the
-activation SRAM (``sram_kib.activations`` bytes; consecutive kept intermediates at its two
-ends, which memory.keeps guarantees do not overlap) and a host buffer per spilled one.
+activation SRAM (``npu16_act_sram``, ``sram_kib.activations`` bytes, one per module since
+partitions run one at a time; consecutive kept intermediates at its two ends, which
+memory.keeps guarantees do not overlap) and a host buffer per spilled one.
 """
 from __future__ import annotations
 
@@ -53,14 +54,15 @@ def merge_chains(mod: tvm.IRModule, chs: list[Chain], rows: dict[str, dict], npu
         for j, lk in enumerate(ch.links):
             if lk.kept:                # the SRAM model: consecutive kept intermediates at its two ends
                 off = npu.sram_act_kib * 1024 - lk.nbytes if sram_top else 0
-                buf_of[lk.producer] = f"(void*)({sym}_sram + {off})"
+                buf_of[lk.producer] = f"(void*)(npu16_act_sram + {off})"
                 sram_top = not sram_top
             else:                      # spilled: host memory, by DMA
                 part.buffers.append(f"static uint8_t {sym}_spill{j}[{lk.nbytes}];")
                 buf_of[lk.producer] = f"(void*){sym}_spill{j}"
                 sram_top = False
-        if any(lk.kept for lk in ch.links):
-            part.buffers.insert(0, f"static uint8_t {sym}_sram[{npu.sram_act_kib * 1024}];")
+        if any(lk.kept for lk in ch.links):     # one activation SRAM per module: partitions run one by one
+            part.buffers.insert(0, f"#ifndef NPU16_ACT_SRAM\n#define NPU16_ACT_SRAM\n"
+                                   f"static uint8_t npu16_act_sram[{npu.sram_act_kib * 1024}];\n#endif")
         for op in ch.ops:
             fn = mod[gv_of[op]]
             args = []
