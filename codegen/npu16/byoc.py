@@ -93,7 +93,9 @@ def offload(mod: tvm.IRModule, npu: NPU16 = DEFAULT) -> tuple[tvm.IRModule, list
     _PARTITIONS.update(parts)
     names.update({sym: sym for sym in parts})
     mod = byoc_offload(mod, CODEGEN, names)
-    return relax.transform.DeadCodeElimination(["main"])(mod), where
+    if parts:                         # the chained ops' own functions are no longer called
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    return mod, where
 
 
 def lowered_arrays(low: NpuOp) -> dict[str, np.ndarray]:
