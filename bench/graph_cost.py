@@ -39,3 +39,23 @@ def node_cost(graph, node, npu: NPU16) -> LayerCost | None:
     if node.op == "cat":
         return concat_cost(node.name, [int(np.prod(i.shape)) for i in ins], npu)
     return None
+
+
+def graph_chains(graph, npu: NPU16):
+    """Multi-op partitions of a captured graph on ``npu`` (codegen/npu16/cascade.form, the
+    compiler's rule: single-consumer edges between conv/linear/add/max-pool nodes, each
+    intermediate kept in SRAM when memory.keeps says it fits) and every node's cost with them:
+    → (chains, {node name: LayerCost, cascaded where a chain keeps its input or output})."""
+    from codegen.npu16.cascade import CHAIN_KINDS, Node, cascaded_cost, form
+    costs = {n.name: c for n in graph if (c := node_cost(graph, n, npu)) is not None}
+    nodes = [Node(n.name, tuple(n.inputs), int(np.prod(n.shape)),
+                  *(costs[n.name].act_split if n.name in costs else (0, 0)), n.name in costs and n.op in CHAIN_KINDS)
+             for n in graph]
+    chains = form(nodes, {graph.output}, npu)
+    for ch in chains:
+        for name in ch.ops:
+            node, cost = graph[name], costs[name]
+            per_input = ([cost.bytes["input"]] if node.op in ("conv2d", "linear")
+                         else [int(np.prod(graph[i].shape)) for i in node.inputs])
+            costs[name] = cascaded_cost(cost, per_input, ch.keep_in(name), ch.keep_out(name), npu)
+    return chains, costs

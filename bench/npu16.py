@@ -12,6 +12,9 @@ Table 6 (extra giga integer ops from WAPS groups) under two conventions:
 Table 7 (latency overhead of WAPS on the paper's NPU: four 16×16 arrays, 800 MHz) from the
 npu16 cost model, and fragmentation: cycles with tile-aligned groups (appendix C, what
 calibration produces) against equal, tile-unaligned groups.
+Multi-op partitions (issue 15): every node of the graph (int8, batch 1) with cascading on and
+off (codegen/npu16/cascade.py through bench/graph_cost.graph_chains): chains, ops merged,
+intermediates kept in SRAM, off-chip activation bytes, DMA bytes saved and cycles.
 Writes bench/results/npu16.json, npu16.md and npu16_cycles.png.
 
     python -m bench.npu16 [--models ...] [--npu-config FILE]
@@ -92,6 +95,30 @@ def other_cycles(name: str, npu) -> int:
     return sum(c.cycles for c in costs if c is not None)
 
 
+def cascade(name: str, npu) -> dict:
+    """Every node of ``name``'s graph (224×224, int8, batch 1) on ``npu`` with cascading on and
+    off: chains, ops merged, links kept, activation bytes moved off chip, bytes saved, cycles."""
+    from bench.graph_cost import graph_chains
+    from waps_tvm.model_io import LoadedModel
+    graph = LoadedModel(name, (3, 224, 224), module=build(name)).graph()
+    out = {}
+    for on in (True, False):
+        chs, costs = graph_chains(graph, replace(npu, cascade=on))
+        out["on" if on else "off"] = {
+            "partitions": len(chs), "ops_merged": sum(len(c.ops) for c in chs),
+            "links": sum(len(c.links) for c in chs), "links_kept": sum(lk.kept for c in chs for lk in c.links),
+            "activation_bytes": sum(c.bytes["input"] + c.bytes["output"] for c in costs.values()),
+            "weight_bytes": sum(c.bytes["weights"] for c in costs.values()),
+            "saved_bytes": sum(c.bytes.get("saved", 0) for c in costs.values()),
+            "dma_cycles": sum(c.dma_cycles for c in costs.values()), "cycles": sum(c.cycles for c in costs.values()),
+            "chains": [list(c.ops) for c in chs] if on else []}
+    on, off = out["on"], out["off"]
+    out["dma_bytes_saved_pct"] = 100 * (1 - (on["activation_bytes"] + on["weight_bytes"])
+                                        / (off["activation_bytes"] + off["weight_bytes"]))
+    out["cycles_saved_pct"] = 100 * (1 - on["cycles"] / off["cycles"])
+    return out
+
+
 def with_groups(shape: LayerShape, sizes) -> LayerShape:
     from dataclasses import replace
     return replace(shape, group_sizes=tuple(sizes), scaled=SCALED)
@@ -149,6 +176,7 @@ def main(argv=None) -> int:
             "waps_overhead_all_ops_serial_pct": 100 * (serial - base) / (base + other),
             "latency_us_base": base / npu.clock_mhz, "latency_us_waps": aligned / npu.clock_mhz,
             "layers": [{"name": r["shape"].name, "base": b, "waps": a} for r, b, a in zip(rows, base_per, aligned_per)],
+            "cascade": cascade(name, npu),
         }
         print(name, json.dumps({k: v for k, v in results["models"][name].items() if k != "layers"}), flush=True)
     RESULTS.mkdir(exist_ok=True)
@@ -197,6 +225,21 @@ def report(results: dict) -> str:
         L.append(f"| {name} | {pov} | {total / results['npu']['clock_mhz']:.0f} | "
                  f"{100 * r['cycles_other_ops'] / total:.1f} % | +{r['waps_overhead_all_ops_pct']:.2f} % | "
                  f"+{r['waps_overhead_all_ops_serial_pct']:.2f} % |")
+    L += ["", "## Multi-op partitions (issue 15): cascading on vs off", "",
+          "Every node (int8, batch 1, `bench/graph_cost.graph_chains`): chains of single-consumer",
+          "conv/linear/add/max-pool edges run as one partition; an intermediate stays in the activation",
+          "SRAM when `memory.keeps` says it fits next to both ops' stripes, else it spills by DMA.", "",
+          "| model | partitions (ops merged) | intermediates kept / chained | DMA bytes off → on | saved | "
+          "cycles off → on | saved |", "|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        c = r.get("cascade")
+        if not c:
+            continue
+        on, off = c["on"], c["off"]
+        L.append(f"| {name} | {on['partitions']} ({on['ops_merged']}) | {on['links_kept']} / {on['links']} | "
+                 f"{(off['activation_bytes'] + off['weight_bytes']) / 1e6:.2f} MB → "
+                 f"{(on['activation_bytes'] + on['weight_bytes']) / 1e6:.2f} MB | {c['dma_bytes_saved_pct']:.1f} % | "
+                 f"{off['cycles']:,} → {on['cycles']:,} | {c['cycles_saved_pct']:.1f} % |")
     L += ["", "Why the Table 7 numbers differ: the paper's RTL pipelines the D1→D2 scaling (its Table 8",
           "shows the same conv latency with and without WAPS), so per-tile WAPS cycles hide behind the",
           "next tile's accumulation; npu16's pipelined model charges only what cannot hide (short",

@@ -24,7 +24,7 @@ FILES = ("report.json", "report.md", "report.csv", "groups.png", "cycles.png", "
 # an npu16 op's report fields (targets/npu16/report.cost_row)
 NPU16_COLUMNS = ("macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue", "cycles", "bound", "utilisation",
                  "sram", "offchip_read", "offchip_write", "weight_bytes", "time_us", "cycles_no_groups", "counted",
-                 "counters", "query", "query_no_groups")
+                 "counters", "query", "query_no_groups", "dma_saved_bytes", "dma_saved_cycles", "cycles_saved")
 
 
 def build(program, placement: list[dict], target: str, npu=None, counters: dict | None = None) -> dict:
@@ -44,6 +44,7 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
         a = op.attrs
         row = {"op": op.name, "kind": op.kind, "layer": a.layer or "", "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape), "macs": _macs(program, op),
+               "partition": place.get("partition", ""),          # npu16: the multi-op partition it is in
                "in_channels": _in_channels(op),
                "group_sizes": [], "sigma": [], "n": [], "frac_bits": getattr(a, "frac", 0),
                "gather_folded": "in_index" in op.params,     # fast form: read through the index
@@ -58,6 +59,20 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
             row["npu16"] = {k: c[k] for k in NPU16_COLUMNS}
         rows.append(row)
     return {"target": target, "npu": npu, "ops": rows, "totals": _totals(rows), "accuracy": None}
+
+
+def partitions(rows: list[dict]) -> list[dict]:
+    """npu16 multi-op partitions (codegen/npu16/cascade.py): each one's ops in order and what
+    cascading saved, summed over them (DMA bytes, DMA cycles, cycles)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if r.get("partition") and "npu16" in r:
+            p = out.setdefault(r["partition"], {"partition": r["partition"], "ops": [], "dma_saved_bytes": 0,
+                                                "dma_saved_cycles": 0, "cycles_saved": 0})
+            p["ops"].append(r["op"])
+            for k in ("dma_saved_bytes", "dma_saved_cycles", "cycles_saved"):
+                p[k] += r["npu16"].get(k, 0)
+    return list(out.values())
 
 
 def _macs(program, op) -> int:
@@ -90,6 +105,10 @@ def _totals(rows: list[dict]) -> dict:
                   "offchip_read", "offchip_write", "weight_bytes"):
             t[k] = int(sum(c.get(k, 0) for c in npu))
         t["waps_overhead_pct"] = 100.0 * (t["cycles"] - t["cycles_no_groups"]) / max(t["cycles_no_groups"], 1)
+        parts = partitions(rows)
+        t["partitions"] = parts
+        for k in ("dma_saved_bytes", "dma_saved_cycles", "cycles_saved"):
+            t[k] = sum(p[k] for p in parts)
         t["sram_peak"] = {b: max((c.get("sram", {}).get(b, 0) for c in npu), default=0)
                           for b in ("weights", "activations")}
         t["bound"] = {}
@@ -113,6 +132,8 @@ def recost(rep: dict, npu) -> dict:
         c = row.get("npu16")
         if not c:
             continue
+        if not npu.cascade:                  # every op its own partition on this machine
+            row["partition"] = ""
         if "query" not in c:
             raise ValueError(f"{row['op']}: no cost query (compiled before 'report --npu-config' existed)")
         plain = CostQuery.from_json(c["query_no_groups"]) if c.get("query_no_groups") else None
@@ -155,9 +176,9 @@ def _vela_cells(c: dict) -> list[str]:
             f"{c['offchip_read'] / 1e3:,.1f} / {c['offchip_write'] / 1e3:,.1f}", f"{c['time_us']:,.2f}"]
 
 
-CSV_COLUMNS = ("op", "kind", "layer", "target", "macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue",
+CSV_COLUMNS = ("op", "kind", "layer", "target", "partition", "macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue",
                "cycles", "bound", "utilisation", "sram_weights", "sram_activations", "offchip_read", "offchip_write",
-               "weight_bytes", "time_us", "cycles_no_groups")
+               "weight_bytes", "time_us", "cycles_no_groups", "dma_saved_bytes", "dma_saved_cycles")
 
 
 def csv_text(rep: dict) -> str:
@@ -171,7 +192,7 @@ def csv_text(rep: dict) -> str:
         c = dict(r.get("npu16") or {})
         if "sram" in c:
             c["sram_weights"], c["sram_activations"] = c["sram"]["weights"], c["sram"]["activations"]
-        row = {**{k: r.get(k, "") for k in ("op", "kind", "layer", "target", "macs")}, **c}
+        row = {**{k: r.get(k, "") for k in ("op", "kind", "layer", "target", "partition", "macs")}, **c}
         w.writerow([row.get(k, "") for k in CSV_COLUMNS])
     return buf.getvalue()
 
@@ -220,6 +241,14 @@ def markdown(rep: dict) -> str:
         out += [f"npu16 ({rep['npu']['arrays']} {tile}×{tile} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
                 f"{t['cycles'] / clock:.1f} µs per batch; WAPS groups cost {t['waps_overhead_pct']:+.2f} % against "
                 f"the same layers without groups.", ""]
+        parts = t.get("partitions") or []
+        if parts:
+            out += [f"Multi-op partitions (cascading): {len(parts)} chains of {sum(len(p['ops']) for p in parts)} ops "
+                    f"keep {t['dma_saved_bytes']:,} DMA bytes on chip, saving {t['dma_saved_cycles']:,} DMA cycles and "
+                    f"{t['cycles_saved']:,} cycles.", "", "| partition | ops merged | DMA bytes saved | DMA cycles saved "
+                    "| cycles saved |", "|---|---|---|---|---|"]
+            out += [f"| {p['partition']} | {' → '.join(p['ops'])} | {p['dma_saved_bytes']:,} | "
+                    f"{p['dma_saved_cycles']:,} | {p['cycles_saved']:,} |" for p in parts] + [""]
     if acc := rep.get("accuracy"):
         out += [f"Accuracy on {acc['data']} ({acc['images']} labelled images): compiled integer model "
                 f"{acc['compiled_top1'] * 100:.2f} %, fake-quant {acc['fake_quant_top1'] * 100:.2f} %, "

@@ -34,6 +34,8 @@ class NpuOp:
     table: np.ndarray | None = None          # int32 channel table (conv), window table (avg pool), source table (resize)
     lut: np.ndarray | None = None            # uint8 lookup table (table op)
     counts: dict = field(default_factory=dict)
+    sram_in: int = 0                         # activation SRAM its stripes use for input rows / output rows
+    sram_out: int = 0                        # (memory.StripePlan; 0: the op streams)
 
     @property
     def words(self) -> np.ndarray:
@@ -81,11 +83,12 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     stripes = partial(memory.plan, h=h, oh=oh, ow=ow, kh=kh, sh=sh, ph=ph, dh=dh, tile=npu.tile,
                       in_row_bytes=c * w * (4 if _wide(in_dtypes) else 1), npu=npu)
     if g > 1 and cg == 1 and g == c == m and groups is None:       # (a channel multiplier runs as CONV)
-        s += _stripe_regs(stripes, out_tiles=-(-c // npu.tile), conv_groups=1, tile_weight_bytes=npu.tile * kh * kw,
-                          weight_bytes=c * kh * kw)
+        regs, (a_in, a_out) = _stripe_regs(stripes, out_tiles=-(-c // npu.tile), conv_groups=1,
+                                 tile_weight_bytes=npu.tile * kh * kw, weight_bytes=c * kh * kw)
+        s += regs
         s.append(Instr(Op.DWCONV))
         s.append(Instr(Op.END))
-        return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)))
+        return NpuOp(s, tiles=np.ascontiguousarray(wt.reshape(m, kh, kw)), sram_in=a_in, sram_out=a_out)
     im2col = runs_im2col(npu, c=c, conv_groups=g, kh=kh, kw=kw, waps_groups=groups is not None)
     if im2col:             # the rows take (channel, ky, kx): one step per in-tile, no tap loop
         tiles, table, in_tiles = tile_weights_im2col(wt, npu.tile)
@@ -94,25 +97,27 @@ def _layer(a, shape, wt, in_dtypes, params, npu) -> NpuOp:
     p_count = len(in_tiles)
     taps = 1 if im2col else kh * kw
     ot, tile_bytes = -(-(m // g) // npu.tile), taps * int(in_tiles.sum()) * npu.tile ** 2
-    s += _stripe_regs(stripes, out_tiles=ot, conv_groups=g, tile_weight_bytes=tile_bytes, weight_bytes=g * ot * tile_bytes)
+    regs, (a_in, a_out) = _stripe_regs(stripes, out_tiles=ot, conv_groups=g, tile_weight_bytes=tile_bytes,
+                             weight_bytes=g * ot * tile_bytes)
+    s += regs
     s += [set_(Reg.IM2COL, int(im2col)), set_(Reg.NGROUPS, p_count)]
     for p in range(p_count):
         s += [set_(Reg.SIGMA0 + p, scales[p].sigma if groups is not None else 0),
               set_(Reg.NSHIFT0 + p, scales[p].n if groups is not None else 0),
               set_(Reg.TILES0 + p, int(in_tiles[p]))]
     s += [Instr(Op.CONV), Instr(Op.END)]
-    return NpuOp(s, tiles=tiles, table=table)
+    return NpuOp(s, tiles=tiles, table=table, sram_in=a_in, sram_out=a_out)
 
 
-def _stripe_regs(stripes, **layer) -> list[Instr]:
-    """The registers of the layer's stripe plan (targets/npu16/memory.py); NotOnNpu when even
-    the smallest stripe does not fit the SRAM."""
+def _stripe_regs(stripes, **layer) -> tuple[list[Instr], tuple[int, int]]:
+    """The registers of the layer's stripe plan (targets/npu16/memory.py) and the activation
+    SRAM it uses (input rows, output rows); NotOnNpu when even the smallest stripe does not fit."""
     try:
         p = stripes(**layer)
     except memory.SramTooSmall as e:
         raise NotOnNpu(str(e)) from None
     return _regs({Reg.STRIPE_ROWS: p.rows, Reg.STRIPE_TILES: p.tiles, Reg.W_RESIDENT: int(p.resident),
-                  Reg.STRIPE_ORDER: int(p.weights_first)})
+                  Reg.STRIPE_ORDER: int(p.weights_first)}), (p.act_in_sram, p.act_sram - p.act_in_sram)
 
 
 def _wide(in_dtypes: list[str]) -> int:

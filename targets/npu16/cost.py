@@ -55,7 +55,7 @@ per value: params.NPU16.unit_cycles), a gather only through DMA. The ops of issu
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from targets.npu16 import memory
 from targets.npu16.first_layer import im2col_in_tiles
@@ -125,6 +125,7 @@ class LayerCost:
     stripes: int = 0                      # row × weight stripes run (conv/linear; memory.py)
     overlap: bool = True                  # double-buffered: DMA overlaps compute
     sram: dict = field(default_factory=dict)   # peak bytes per SRAM buffer (striped layers)
+    act_split: tuple = (0, 0)             # the activation peak's input rows and output rows
 
     @property
     def cycles(self) -> int:
@@ -153,7 +154,21 @@ class LayerCost:
                 "dma_in_bytes": self.bytes["weights"] + self.bytes["input"], "dma_out_bytes": self.bytes["output"],
                 "compute_cycles": self.compute_cycles, "dma_cycles": self.dma_cycles,
                 "epilogue_cycles": self.epilogue_cycles, "cycles": self.cycles, "stripes": self.stripes,
-                "dma_weight_bytes": self.bytes["weights"]}
+                "dma_weight_bytes": self.bytes["weights"], "dma_saved_bytes": self.bytes.get("saved", 0)}
+
+
+def cascaded(cost: LayerCost, kept_in_bytes: int, keep_out: bool, npu: NPU16) -> LayerCost:
+    """``cost`` of an op in a chain (codegen/npu16/cascade.py) whose kept inputs (``kept_in_bytes``
+    of its input DMA) and, with ``keep_out``, output stay in the activation SRAM: those bytes
+    move to ``bytes["saved"]`` (counter dma_saved_bytes) and the DMA cycles are recounted."""
+    b = dict(cost.bytes)
+    if not 0 <= kept_in_bytes <= b["input"]:
+        raise ValueError(f"{cost.name}: {kept_in_bytes} kept input bytes of {b['input']}")
+    saved = kept_in_bytes + (b["output"] if keep_out else 0)
+    b["input"] -= kept_in_bytes
+    b["output"] = 0 if keep_out else b["output"]
+    b["saved"] = b.get("saved", 0) + saved
+    return replace(cost, bytes=b, dma_cycles=memory.dma_cycles(b["weights"], b["input"] + b["output"], npu))
 
 
 def _ceil(a: int, b: int) -> int:
@@ -220,7 +235,8 @@ def layer_cost(layer: LayerShape, npu: NPU16) -> LayerCost:
                      n_scaled * layer.outputs, n_scaled * layer.outputs, lead_tiles * steps_per_tile, waps_cycles,
                      dma, epi, bytes_, array_steps=pix * g * ot * steps_per_tile, epilogue_values=layer.outputs,
                      stripes=layer.n * plan.row_stripes * plan.weight_stripes, overlap=npu.double_buffer,
-                     sram={"weights": plan.weight_sram, "activations": plan.act_sram})
+                     sram={"weights": plan.weight_sram, "activations": plan.act_sram},
+                     act_split=(plan.act_in_sram, plan.act_sram - plan.act_in_sram))
 
 
 def _unit_cost(name: str, bytes_in: int, bytes_out: int, values: int, npu: NPU16, weights: int = 0,

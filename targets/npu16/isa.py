@@ -121,6 +121,9 @@ class Reg(IntEnum):
     CPV_LUT = 88
     IM2COL = 89           # conv: 1 = tile rows are (channel, ky, kx) products, one step per in-tile
                           # (targets/npu16/first_layer.py); 0 = T channels of one tap
+    KEEP_IN = 90          # cascading (codegen/npu16/cascade.py): bit i = input i is already in the
+                          # activation SRAM (a chain's kept intermediate): no DMA, its bytes count as saved
+    KEEP_OUT = 91         # 1 = the output stays in the activation SRAM for the next op of the chain
 
 
 NREGS = 128
@@ -128,7 +131,8 @@ NREGS = 128
 # counters, which targets/npu16/cost.py estimates analytically and tests hold equal.
 COUNTERS = ("macs", "array_steps", "waps_cycles", "shifts", "adds", "epilogue_values", "dma_in_bytes",
             "dma_out_bytes", "compute_cycles", "dma_cycles", "epilogue_cycles", "cycles", "stripes",
-            "dma_weight_bytes")          # of dma_in_bytes: constants (weights, tables), over the weight port
+            "dma_weight_bytes",          # of dma_in_bytes: constants (weights, tables), over the weight port
+            "dma_saved_bytes")           # bytes a chain kept in SRAM (KEEP_IN/KEEP_OUT) instead of moving
 # C spellings of registers whose C name predates this module (the simulator's arithmetic uses them)
 _C_NAME = {"CONV_GROUPS": "G", "Z_IN": "ZIN", "Z_OUT": "ZOUT", "OUT_CHANNELS": "OUTC"}
 

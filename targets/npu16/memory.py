@@ -31,6 +31,14 @@ a layer that fits moves its input once (rows no output reads, e.g. the last row 
 stride-2 1×1 conv of an even H, are not fetched) and a striped one re-reads its halo rows.
 A layer for which one output row of one tile, or one tile's weights, does not fit is not
 run on the NPU (``SramTooSmall``).
+
+Cascading (``keeps``; chains of codegen/npu16/cascade.py): the intermediate between two ops
+of a chain stays in the activation buffer, instead of a DMA store and load through host
+memory, when the whole activation buffer (both halves) holds it next to what each op still
+stripes through the buffer: the producer writes its output straight into the kept tensor and
+needs its input rows (``StripePlan.act_in_sram``; or its own kept input, already there);
+the consumer reads the kept tensor and needs its output rows (``act_sram − act_in_sram``).
+An op that streams (add, pool) needs none.
 """
 from __future__ import annotations
 
@@ -53,6 +61,7 @@ class StripePlan:
     weights_first: bool = False   # loop order: weight stripes outside row stripes
     weight_sram: int = 0          # peak bytes of the weight buffer (both halves when double-buffered)
     act_sram: int = 0             # peak bytes of the activation buffer (input rows + output rows)
+    act_in_sram: int = 0          # of act_sram: the input rows' part (the output rows': act_sram − it)
 
     def weight_fetches(self, n: int) -> int:
         """How many times the layer's weights cross the DMA for ``n`` samples."""
@@ -76,6 +85,15 @@ def dma_port_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> tuple[int,
 def dma_cycles(weight_bytes: int, act_bytes: int, npu: NPU16) -> int:
     """Cycles of the DMA: the slower of its ports (dma_port_cycles)."""
     return max(dma_port_cycles(weight_bytes, act_bytes, npu))
+
+
+def keeps(intermediate: int, producer_in: int, consumer_out: int, npu: NPU16, held: int = 0) -> bool:
+    """Whether a chain's intermediate of ``intermediate`` bytes (the whole batch) stays in the
+    activation SRAM: with the producer's input (``held`` when that is kept too, else its
+    striped input rows ``producer_in``), and with the consumer's striped output rows
+    ``consumer_out``, it fits ``sram_act_kib``."""
+    cap = npu.sram_act_kib * 1024
+    return (held or producer_in) + intermediate <= cap and intermediate + consumer_out <= cap
 
 
 def usable_bytes(kib: int, npu: NPU16) -> int:
@@ -105,7 +123,8 @@ def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, ph: int, dh: int, in_row
     stripe_w = conv_groups * out_tiles * tile_weight_bytes if resident else k * tile_weight_bytes
     stripe_a = in_rows(best, h, kh, sh, dh) * in_row_bytes + best * ow * k * tile
     rows_first = StripePlan(best, k, resident, -(-oh // best), conv_groups * -(-out_tiles // k),
-                            weight_sram=stripe_w * (1 if resident else halves), act_sram=stripe_a * halves)
+                            weight_sram=stripe_w * (1 if resident else halves), act_sram=stripe_a * halves,
+                            act_in_sram=in_rows(best, h, kh, sh, dh) * in_row_bytes * halves)
     weights_first = replace(rows_first, weights_first=True)
     in_bytes = fetched_rows(rows_first, h, oh, kh, sh, ph, dh) * in_row_bytes
 

@@ -71,6 +71,19 @@ static inline uint8_t npu16_requant(int64_t acc, int32_t mult, int32_t shift, co
  * outside, for every stripe with weights outside. */
 typedef struct { int rows, row_stripes, weight_stripes, wfirst, resident, count; } npu16_stripes;
 
+/* Activation DMA of input ``i`` / of the output: bytes the DMA moves, or, when the stream says
+ * the tensor is a chain's intermediate kept in the activation SRAM (KEEP_IN bit i, KEEP_OUT),
+ * bytes saved. */
+static inline void npu16_dma_in(const int64_t *r, npu16_counters *c, int i, int64_t bytes) {
+  if ((r[R_KEEP_IN] >> i) & 1) c->dma_saved_bytes += bytes;
+  else c->dma_in_bytes += bytes;
+}
+
+static inline void npu16_dma_out(const int64_t *r, npu16_counters *c, int64_t bytes) {
+  if (r[R_KEEP_OUT]) c->dma_saved_bytes += bytes;
+  else c->dma_out_bytes += bytes;
+}
+
 static inline void npu16_fetch_weights(npu16_counters *c, int64_t bytes) {
   c->dma_in_bytes += bytes;
   c->dma_weight_bytes += bytes;
@@ -102,7 +115,7 @@ static inline int npu16_stripe(const npu16_stripes *st, const int64_t *r, npu16_
     int lo = *oy0 * sh - ph, hi = (*oy1 - 1) * sh - ph + (KH - 1) * dh + 1;
     if (lo < 0) lo = 0;
     if (hi > H) hi = H;
-    if (hi > lo) c->dma_in_bytes += (int64_t)C * (hi - lo) * W * elem;
+    if (hi > lo) npu16_dma_in(r, c, 0, (int64_t)C * (hi - lo) * W * elem);
   }
   c->stripes += 1;
   return ws;
@@ -197,7 +210,7 @@ static int npu16_conv(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
           }
    }
   if (piped && (int64_t)N * G * OT * OH * OW > 0) c->waps_cycles += w_tile;
-  c->dma_out_bytes += (int64_t)N * M * OH * OW;
+  npu16_dma_out(r, c, (int64_t)N * M * OH * OW);
   return 0;
 }
 
@@ -244,7 +257,7 @@ static int npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *c
           c->epilogue_cycles += npu16_cdiv(valid, lanes);
         }
    }
-  c->dma_out_bytes += (int64_t)N * C * OH * OW;
+  npu16_dma_out(r, c, (int64_t)N * C * OH * OW);
   return 0;
 }
 
@@ -266,8 +279,9 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
         }
     c->epilogue_values += N * C * inner;
     c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_ADD, N * C * inner);
-    c->dma_in_bytes += N * C * inner + N * bC * bI * (r[R_B_WIDE] ? 4 : 1);
-    c->dma_out_bytes += N * C * inner;
+    npu16_dma_in(r, c, 0, N * C * inner);
+    npu16_dma_in(r, c, 1, N * bC * bI * (r[R_B_WIDE] ? 4 : 1));
+    npu16_dma_out(r, c, N * C * inner);
     return;
   }
   for (int64_t i = 0; i < r[R_COUNT]; ++i) {
@@ -276,8 +290,9 @@ static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) 
   }
   c->epilogue_values += r[R_COUNT];
   c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_ADD, r[R_COUNT]);
-  c->dma_in_bytes += 2 * r[R_COUNT];
-  c->dma_out_bytes += r[R_COUNT];
+  npu16_dma_in(r, c, 0, r[R_COUNT]);
+  npu16_dma_in(r, c, 1, r[R_COUNT]);
+  npu16_dma_out(r, c, r[R_COUNT]);
 }
 
 /* MAXPOOL (dilation DH, DW; padding never wins) and SUMPOOL (padding counts as Z_IN). */
@@ -304,8 +319,8 @@ static int npu16_pool(const int64_t *r, const npu16_bufs *b, npu16_counters *c, 
       }
   c->epilogue_values += (int64_t)N * C * OH * OW * KH * KW;
   c->epilogue_cycles += npu16_unit_cycles(r, R_CPV_POOL, (int64_t)N * C * OH * OW * KH * KW);
-  c->dma_in_bytes += (int64_t)N * C * H * W;
-  c->dma_out_bytes += (int64_t)N * C * OH * OW * (is_max ? 1 : 4);
+  npu16_dma_in(r, c, 0, (int64_t)N * C * H * W);
+  npu16_dma_out(r, c, (int64_t)N * C * OH * OW * (is_max ? 1 : 4));
   return 0;
 }
 

@@ -22,6 +22,10 @@
                                             group, no WAPS groups, kh·kw > 1) run im2col: the
                                             array's rows take (channel, ky, kx) products
                                             (targets/npu16/first_layer.py)
+    cascade              bool               chains of npu16 ops run as one partition and keep
+                                            their intermediates in the activation SRAM when
+                                            they fit (codegen/npu16/cascade.py); false: every
+                                            op is its own partition, DMA in and out
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ class NPU16:
     first_layer_im2col a conv with fewer input channels than the tile (the stem) runs with its
                        c·kh·kw products in the array's rows, ⌈c·kh·kw/T⌉ steps per output
                        tile and pixel instead of kh·kw·⌈c/T⌉ (targets/npu16/first_layer.py)
+    cascade            chains of ops run as one partition, intermediates kept in the
+                       activation SRAM when they fit (codegen/npu16/cascade.py)
     """
 
     arrays: int = 1
@@ -87,6 +93,7 @@ class NPU16:
     lut_cycles_per_value: float = 0.0
     double_buffer: bool = True
     first_layer_im2col: bool = False
+    cascade: bool = True
 
     def __post_init__(self):
         for f in fields(self):
@@ -138,7 +145,8 @@ _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
 UNITS = ("add", "mul", "pool", "lut")          # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
-        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col")
+        "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col",
+        "cascade")
 
 
 def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:

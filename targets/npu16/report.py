@@ -54,26 +54,45 @@ class CostQuery:
     """One op's call of a cost.py function, JSON-able (``report.json`` keeps it), so a compiled
     model can be re-costed for another machine without recompiling: ``fn`` names the function
     (``COSTS``), ``args`` its arguments apart from the machine. A layer's first-layer mode is
-    decided again for the machine it is costed on (first_layer.runs_im2col)."""
+    decided again for the machine it is costed on (first_layer.runs_im2col). ``keep``: the op is
+    in a chain (codegen/npu16/cascade.py) and {"inputs": [input indices], "output": bool}
+    stay in the activation SRAM as compiled (not decided again for another machine; ignored on
+    one with ``cascade`` false, where every op runs alone)."""
     fn: str
     args: dict
+    keep: dict | None = None
 
     def cost(self, npu: NPU16) -> LayerCost:
         if self.fn == "layer":
             shape = LayerShape(**{k: _tuples(v) for k, v in self.args.items()})
             shape = replace(shape, im2col=runs_im2col(npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh,
                                                       kw=shape.kw, waps_groups=bool(shape.group_sizes)))
-            return layer_cost(shape, npu)
-        return COSTS[self.fn](**self.args, npu=npu)
+            est = layer_cost(shape, npu)
+        else:
+            est = COSTS[self.fn](**self.args, npu=npu)
+        if not self.keep or not npu.cascade:          # re-costed for a machine without cascading: alone
+            return est
+        from codegen.npu16.cascade import cascaded_cost
+        return cascaded_cost(est, self.input_bytes(est), tuple(self.keep["inputs"]), bool(self.keep["output"]), npu)
+
+    def input_bytes(self, est: LayerCost) -> list[int]:
+        """Activation DMA bytes of each input as the op moves them (chainable kinds)."""
+        if self.fn == "layer":
+            return [est.bytes["input"]]
+        if self.fn == "add":
+            return [self.args["in_elems"], self.args.get("b_bytes", self.args["in_elems"])]
+        if self.fn == "pool":
+            return [self.args["in_elems"]]
+        raise ValueError(f"an npu16 {self.fn} is never in a chain")
 
     def to_json(self) -> dict:
-        return {"fn": self.fn, "args": self.args}
+        return {"fn": self.fn, "args": self.args, **({"keep": self.keep} if self.keep else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostQuery":
         if not isinstance(d, dict) or d.get("fn") not in (*COSTS, "layer") or not isinstance(d.get("args"), dict):
             raise ValueError(f"not an npu16 cost query: {d!r:.80}")
-        return cls(d["fn"], d["args"])
+        return cls(d["fn"], d["args"], d.get("keep"))
 
 
 def _tuples(v):
@@ -85,12 +104,17 @@ COSTS: dict[str, Callable[..., LayerCost]] = {
     "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost}
 
 
-def query(program, op, npu: NPU16) -> CostQuery:
-    """The cost query of one offloaded op of ``program``."""
+def query(program, op, npu: NPU16, keep: dict | None = None) -> CostQuery:
+    """The cost query of one offloaded op of ``program``; ``keep``: what of it a chain keeps in
+    SRAM ({"inputs", "output"}; default: as the offload decides it, cascade.keeps_of)."""
     if op.kind not in ESTIMATES:
         raise ValueError(f"no npu16 cost for {op.kind}")
     in_shape = tuple(program.shape_of(op.inputs[0]))
-    return ESTIMATES[op.kind](program, op, in_shape, program.dtype_of(op.inputs[0]), npu)
+    q = ESTIMATES[op.kind](program, op, in_shape, program.dtype_of(op.inputs[0]), npu)
+    if keep is None and npu.cascade:
+        from codegen.npu16.cascade import keeps_of
+        keep = keeps_of(program, npu).get(op.name)
+    return replace(q, keep=keep) if keep and (keep["inputs"] or keep["output"]) else q
 
 
 def estimate(program, op, npu: NPU16) -> LayerCost:
@@ -176,7 +200,7 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
         row = {"op": op.name, "kind": op.kind, "layer": op.attrs.layer or "", "target": place["target"],
                "reason": place.get("reason", ""), "shape": list(op.shape)}
         if place["target"] == "npu16":
-            q = query(program, op, npu)
+            q = query(program, op, npu, {"inputs": place.get("keep_in", []), "output": place.get("keep_out", False)})
             plain = None
             if is_layer(op):
                 shape = LayerShape(**{k: _tuples(v) for k, v in q.args.items()})
@@ -192,9 +216,12 @@ def cost_row(q: CostQuery, npu: NPU16, counted: dict | None = None, plain: CostQ
     the op's cycles; SRAM peak per buffer; bytes read (weights among them) and written off
     chip; time at the clock. From the simulator's ``counted`` counters when given (the SRAM
     peaks and the bound always from the estimate, which tests hold equal to the counters),
-    else from the estimate. ``plain``: the same layer without WAPS groups (overhead column)."""
+    else from the estimate. ``plain``: the same layer without WAPS groups (overhead column).
+    An op of a chain (``q.keep``) also gets what cascading saved against running it alone:
+    DMA bytes (counter dma_saved_bytes), DMA cycles and cycles."""
     est = q.cost(npu)
     cnt = counted if counted is not None else est.counters()
+    alone = CostQuery(q.fn, q.args).cost(npu) if q.keep else est      # the op as its own partition
     if q.fn == "layer":
         int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
         groups = list(q.args.get("group_sizes") or [])
@@ -209,6 +236,8 @@ def cost_row(q: CostQuery, npu: NPU16, counted: dict | None = None, plain: CostQ
             "offchip_read": cnt["dma_in_bytes"], "offchip_write": cnt["dma_out_bytes"],
             "weight_bytes": cnt["dma_weight_bytes"], "time_us": cnt["cycles"] / npu.clock_mhz,
             "cycles_no_groups": plain.cost(npu).cycles if plain else est.cycles, "groups": groups,
+            "dma_saved_bytes": cnt.get("dma_saved_bytes", 0), "dma_saved_cycles": alone.dma_cycles - cnt["dma_cycles"],
+            "cycles_saved": alone.cycles - cnt["cycles"],
             "counted": counted is not None, "counters": cnt, "query": q.to_json(),
             "query_no_groups": plain.to_json() if plain else None}
 

@@ -28,10 +28,14 @@ def _p(a):
 
 
 def simulate(lib, prog, op, env, npu):
-    """Lower ``op`` for ``npu`` and run it on its reference inputs → (output codes, counters)."""
+    """Lower ``op`` for ``npu`` and run it on its reference inputs → (output codes, counters); in
+    a chain of ``prog`` (codegen/npu16/cascade.py) with the KEEP registers the compiler sets."""
+    from codegen.npu16.cascade import keeps_of, with_keep
     ins = [np.ascontiguousarray(env[i]) for i in op.inputs]
     low = lower_op(op.kind, op.attrs, [prog.shape_of(i) for i in op.inputs], [prog.dtype_of(i) for i in op.inputs],
                    op.params, npu)
+    if keep := keeps_of(prog, npu).get(op.name):
+        low = with_keep(low, tuple(keep["inputs"]), keep["output"])
     xs = (ctypes.c_void_p * len(ins))(*[a.ctypes.data for a in ins])
     out = np.zeros(op.shape, np.uint8)
     cnt = np.zeros(len(COUNTERS), np.int64)
