@@ -18,8 +18,8 @@ Cost: a ``GroupCost`` (the accelerator's cost model, e.g. targets/npu16/group_co
 a layer's cycles with g tile-sized groups, none empty: the most any assignment calibration
 can produce costs (an emptier assignment costs less), so the budget holds for the artifact.
 The budget is a fraction of the summed cycles of the accelerator's conv/linear layers without
-groups; the compiled model's total also holds its other ops, so the measured overhead
-fraction is lower still. Selection: a greedy multiple-choice knapsack taking the upgrade with
+groups (npu16: their compute-unit cycles, a lower bound); the compiled model's total also
+holds its DMA and other ops, so the measured overhead fraction is lower still. Selection: a greedy multiple-choice knapsack taking the upgrade with
 the most benefit per cycle that still fits, until none does.
 """
 from __future__ import annotations
@@ -49,7 +49,9 @@ def gamma_set(g: int, n: int) -> tuple[float, ...]:
 class GroupCost(Protocol):
     def cycles(self, graph: Graph, node: Node, groups: int, tile: int) -> int | None:
         """Cycles of conv/linear ``node`` with ``groups`` WAPS groups of whole ``tile``-channel
-        tiles, none empty (groups = 1: no WAPS); None when the accelerator does not run it."""
+        tiles, none empty (groups = 1: no WAPS); None when the accelerator does not run it.
+        For the budget to hold, the extra cycles must bound the real ones from above and the
+        groups = 1 cycles the layer's real cycles from below (e.g. compute units only)."""
 
 
 @dataclass(frozen=True)

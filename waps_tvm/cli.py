@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its checkpoint OUTPUT.ckpt (same arguments)")
     c.add_argument("--npu-budget", type=_percent, metavar="PCT",
                    help="hardware-aware groups: choose each layer's g ∈ 1..4 and group shifts so the WAPS "
-                        "overhead on npu16 stays within PCT of its conv/linear cycles (e.g. 1%%; waps methods)")
+                        "overhead on npu16 stays within PCT of its conv/linear compute cycles (e.g. 1%%; waps methods)")
     c.add_argument("--npu-config", metavar="FILE", help="the npu16 machine (JSON) --npu-budget costs groups on "
                                                         "(default: the built-in 16x16 npu16)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -621,7 +621,7 @@ def _group_budget(fraction, npu_config, cfg):
 def _group_table(plan):
     from rich.table import Table
     t = Table(title=f"WAPS groups under the npu16 budget: {plan.overhead_cycles:,} of {plan.base_cycles:,} "
-                    f"conv/linear cycles = {plan.overhead_fraction * 100:.2f} % (budget {plan.fraction * 100:g} %, "
+                    f"conv/linear compute cycles = {plan.overhead_fraction * 100:.2f} % (budget {plan.fraction * 100:g} %, "
                     "worst case over group assignments)")
     for col in ("layer", "g", "γ^G", "benefit (NSR drop)", "+cycles"):
         t.add_column(col, justify="left" if col in ("layer", "γ^G") else "right")

@@ -128,10 +128,18 @@ class LayerCost:
     act_split: tuple = (0, 0)             # the activation peak's input rows and output rows
 
     @property
+    def busy_cycles(self) -> int:
+        """Cycles of the compute units alone (array + WAPS, or the epilogue): what the op takes
+        however little its DMA moves (e.g. with its activations kept on chip by cascading)."""
+        if self.commands:
+            return sum(c.busy_cycles for c in self.commands)
+        return max(self.compute_cycles + self.waps_cycles, self.epilogue_cycles)
+
+    @property
     def cycles(self) -> int:
         if self.commands:                 # the simulator bounds each command by its slowest unit
             return sum(c.cycles for c in self.commands)
-        busy = max(self.compute_cycles + self.waps_cycles, self.epilogue_cycles)
+        busy = self.busy_cycles
         return max(busy, self.dma_cycles) if self.overlap else busy + self.dma_cycles
 
     def to_json(self) -> dict:

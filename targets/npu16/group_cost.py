@@ -28,8 +28,11 @@ def layer_shape(graph, node, npu: NPU16) -> LayerShape:
 
 @dataclass(frozen=True)
 class NpuGroupCost:
-    """A layer's npu16 cycles with g WAPS groups of whole tiles, none empty, every scaled group
-    a shift-add (the most any assignment of calibration costs: an empty group has no switch)."""
+    """A layer's npu16 compute-unit cycles (``LayerCost.busy_cycles``) with g WAPS groups of
+    whole tiles, none empty (the most any assignment of calibration costs: an empty group has
+    no switch). Without the DMA, so the budget holds whatever the DMA does: the groups' extra
+    cycles can only shrink behind DMA (max(a, d) − max(b, d) ≤ a − b), and a layer takes at
+    least its busy cycles, cascaded (its activations kept on chip) or not."""
     npu: NPU16
 
     def cycles(self, graph, node, groups: int, tile: int) -> int | None:
@@ -38,6 +41,6 @@ class NpuGroupCost:
             shape = replace(shape, group_sizes=tile_aligned_sizes(shape.c, groups, tile),
                             scaled=(False,) + (True,) * (groups - 1), im2col=False)
         try:
-            return layer_cost(shape, self.npu).cycles
+            return layer_cost(shape, self.npu).busy_cycles
         except SramTooSmall:        # the compiler leaves it on the host
             return None
