@@ -24,13 +24,14 @@ SYSROOT=$ROOT/sysroot
 SITE=$ROOT/site
 t0=$(date +%s)
 
-# The aarch64 side runs the same numerics stack as the x86 venv: versions from requirements.txt.
-pin() { sed -n "s/^$1==\([^ #]*\).*/\1/p" "$REPO/requirements.txt"; }
+# The aarch64 side runs the same numerics stack as the x86 venv: versions from the pins in
+# requirements/*.txt (requirements.txt includes them).
+pin() { cat "$REPO"/requirements/*.txt | sed -n "s/^$1==\([^ #]*\).*/\1/p" | head -n1; }
 WHEELS=("apache-tvm==$(pin apache-tvm)" "apache-tvm-ffi==$(pin apache-tvm-ffi)" "numpy==$(pin numpy)"
         "ml_dtypes==$(pin ml_dtypes)" "typing_extensions==$(pin typing_extensions)"
-        "cloudpickle==$(pin cloudpickle)" "psutil==7.2.2")   # the last two: tvm.exec.rpc_server
+        "cloudpickle==$(pin cloudpickle)" "psutil==$(pin psutil)")   # the last two: tvm.exec.rpc_server
 for w in "${WHEELS[@]}"; do
-  [[ $w == *== ]] && { echo "aarch64-emulation.sh: no pin for ${w%==} in requirements.txt" >&2; exit 1; }
+  [[ $w == *== ]] && { echo "aarch64-emulation.sh: no pin for ${w%==} in requirements/*.txt" >&2; exit 1; }
 done
 
 # ---- 1. host packages (amd64; nothing already installed is upgraded) ---------------------
