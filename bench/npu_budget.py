@@ -80,7 +80,8 @@ def summarise(results: dict) -> str:
              results["setup"], "",
              "Overhead: the compiled npu16 report's WAPS overhead (simulator counters, all ops of the model) "
              "against the same model without groups; *estimated*: the search's worst case over group "
-             "assignments, against the conv/linear cycles only (so never below the measured one).", ""]
+             "assignments, against the conv/linear layers' compute-unit cycles only (so never below the measured one).",
+             ""]
     for m in results["models"]:
         rows = [r for r in results["runs"] if r["model"] == m]
         if not rows:
@@ -124,6 +125,8 @@ def plot(results: dict, path: Path) -> None:
             xs = [statistics.fmean(r["overhead_pct"] for r in rows if r["point"] == p) for p in budget_rows]
             ys = [statistics.fmean(r["top1"] * 100 for r in rows if r["point"] == p) for p in budget_rows]
             ax.plot(xs, ys, color="tab:blue", alpha=0.5)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(lo, hi + 0.6 * (hi - lo))          # room for the labels right of the points
         ax.set_xlabel("npu16 WAPS overhead, measured (% cycles, serial WAPS)")
         ax.set_ylabel("top-1 % (W2A4)")
         ax.set_title(m)

@@ -357,6 +357,27 @@ def calib_memory(results: Path) -> str:
     return " and ".join(parts)
 
 
+# --- hardware-aware WAPS groups (bench/npu_budget.py) -------------------------------------
+
+def npu_budget(results: Path) -> str:
+    """Per model: top-1 and the compiled npu16 WAPS overhead of no groups, g = 3 everywhere and
+    each --npu-budget (means over seeds)."""
+    d = _json(results, "npu_budget.json")
+    fixed = {"none": "no groups (BRECQ)", "g3": "g = 3 everywhere (BRECQ+WAPS)"}
+    head = ["model", "groups", "top-1 % (W2A4)", "npu16 WAPS overhead (measured)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in d["models"]:
+        rows = [r for r in d["runs"] if r["model"] == m]
+        points = [p for p in fixed if any(r["point"] == p for r in rows)]
+        points += sorted({r["point"] for r in rows} - set(fixed), key=float)
+        for p in points:
+            rs = [r for r in rows if r["point"] == p]
+            top = sum(r["top1"] for r in rs) / len(rs) * 100
+            ov = sum(r["overhead_pct"] for r in rs) / len(rs)
+            lines.append(f"| {_name(m)} | {fixed.get(p, f'`--npu-budget {p}%`')} | {top:.2f} | {ov:+.2f} % |")
+    return "\n".join(lines)
+
+
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
     Block("calib_speed", calib_speed, inline=True),
@@ -374,4 +395,5 @@ BLOCKS: tuple[Block, ...] = (
     Block("npu16_sweep_fit", npu16_sweep_fit, inline=True),
     Block("npu16_sweep_cycles", npu16_sweep_cycles, inline=True),
     Block("calib_memory", calib_memory, inline=True),
+    Block("npu_budget", npu_budget),
 )
