@@ -30,7 +30,7 @@ from typing import Protocol
 import torch
 
 from calib.errors import ConfigError
-from calib.graph import Graph, Node
+from calib.graph import PARAM_OPS, Graph, Node
 from calib.rounding import nearest_codes
 
 SHIFTS = (3, 4, 5)
@@ -219,7 +219,7 @@ def input_energy(model, names: list[str], data: torch.Tensor, probe: int) -> dic
 def search(model, graph: Graph, data: torch.Tensor, budget: GroupBudget, tile: int, can_group) -> GroupPlan:
     """The plan for ``model`` (a QuantModel built with any groups): ``can_group(node)`` says
     whether a layer may take WAPS groups at all (not depthwise, more units than a tile)."""
-    layers = [n for n in graph if n.op in ("conv2d", "linear")]
+    layers = [n for n in graph if n.op in PARAM_OPS]
     grouped = [n for n in layers if can_group(n)]
     h = input_energy(model, [n.name for n in grouped], data, budget.probe)
     options, costs = {}, {}
