@@ -78,6 +78,7 @@ class LayerAttrs(Attrs):
     """A layer with weights (conv2d, linear): inputs x̄ − z_in (codes up to ``in_qmax``), WAPS
     groups ``group_scales`` (empty: none; one per group label p of ``params['groups']``),
     ``frac`` fractional accumulator bits, requant to z_out clamped to [lo, hi]."""
+    spatial: ClassVar[bool]                # conv2d (a window over [N, C, H, W]) or linear ([N, F])
     z_in: int
     z_out: int
     lo: int
@@ -105,6 +106,7 @@ class LayerAttrs(Attrs):
 class ConvAttrs(LayerAttrs):
     """conv2d, NCHW/OIHW: stride, symmetric padding [ph, pw] (with z_in, the code of real 0),
     dilation, and ``conv_groups`` channel groups (torch's ``groups``; not the WAPS groups)."""
+    spatial: ClassVar[bool] = True         # reads [N, C, H, W] through a window; weights [m, cg, kh, kw]
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
@@ -115,6 +117,7 @@ class ConvAttrs(LayerAttrs):
 class LinearAttrs(LayerAttrs):
     """linear of [N, F]: the 1×1 convolution of an [N, F, 1, 1] map. Its window is fixed
     (class constants, never serialised), so layer code reads conv and linear alike."""
+    spatial: ClassVar[bool] = False        # reads [N, F]; weights [m, F]
     stride: ClassVar[tuple[int, int]] = (1, 1)
     padding: ClassVar[tuple[int, int]] = (0, 0)
     dilation: ClassVar[tuple[int, int]] = (1, 1)

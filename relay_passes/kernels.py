@@ -18,6 +18,8 @@ Requantization is int64: (acc·M + 2^(S−1)) >> S with S = 31 + shift (round ha
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import tvm
@@ -27,7 +29,7 @@ import tvm.s_tir as s_tir
 from calib.numerics import requant_tables
 from relay_passes import fast_kernels as fast
 from relay_passes import numeric_tvm as nt
-from relay_passes.opset import has_fast_body, is_layer
+from relay_passes.opset import is_layer
 from relay_passes.program import Op, encode_attrs, input_layout, param_order, physical
 
 I32, I64 = "int32", "int64"
@@ -75,7 +77,7 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
              "waps.params": param_order(op)}
     with lb.function(op.name, xs + list(pvars.values()) + dvars, attrs=attrs, private=True):
         with lb.dataflow():
-            out = _BODIES[op.kind](lb, op, xs, pvars, dvars, in_types, add_prim)
+            out = KERNELS[op.kind].body(lb, op, xs, pvars, dvars, in_types, add_prim)
             out = lb.emit_output(out)
         lb.emit_func_output(out)
     return lb.get()[op.name], derived_np
@@ -89,42 +91,63 @@ def _c(value, dtype: str) -> relax.Expr:
 # ---------------------------------------------------------------- derived constants
 
 def fast_plan(op: Op, in_types) -> str | None:
-    """Which fast_kernels body a ``fast``-form op gets (None: the split/reference body)."""
-    if op.schedule.form != "fast":
-        return None
-    if op.kind == "conv2d":
-        ranges = layer_ranges(op)
-        if op.attrs.conv_groups > 1:
-            ranges = ranges or [(0, 0)]                        # depthwise: any channel order
-        if fast.conv_fits(op, in_types[0][1], ranges):
-            return "conv" if op.attrs.conv_groups == 1 else "depthwise"
-        return None
-    if op.kind == "linear":
-        return "linear" if layer_ranges(op) is not None else None
-    if op.kind == "max_pool2d" and op.attrs.rates != (1, 1):
-        return None
-    if op.kind == "add" and tuple(in_types[0][0]) != tuple(in_types[1][0]):
-        return None                                    # a broadcast operand: the Relax body broadcasts
-    return op.kind if has_fast_body(op) else None
+    """Which fast_kernels body a ``fast``-form op gets (None: the split/reference body):
+    its kind's ``Kernel.plan``."""
+    plan = KERNELS[op.kind].plan
+    return plan(op, in_types) if op.schedule.form == "fast" and plan is not None else None
+
+
+def has_fast_body(op: Op) -> bool:
+    """The kind has a fast-form (NHWC) body in relay_passes/fast_kernels.py for some shapes."""
+    return KERNELS[op.kind].plan is not None
 
 
 def choose_layout(op: Op, in_types, in_layouts: list[str]) -> str:
-    """The layout of a fast-form op (relay_passes/program.py): NHWC for the fast kernels, which
-    are written for it, and for the layout-free ops that follow them (gather, dequantize, a
-    global sum pool, a flatten of 1×1 maps); NCHW for everything else."""
-    plan = fast_plan(op, in_types)
-    if plan in ("conv", "depthwise", "max_pool2d", "quantize") or (plan == "add" and len(in_types[0][0]) == 4):
+    """The layout of a fast-form op (relay_passes/program.py): NHWC for a fast body over 4-D
+    maps (the fast kernels are written for it), and for a layout-free op (``Kernel.reads_nhwc``)
+    whose input already is NHWC; NCHW for everything else."""
+    if fast_plan(op, in_types) is not None and len(in_types[0][0]) == 4:
         return "NHWC"
     if not in_layouts or in_layouts[0] != "NHWC" or len(in_types[0][0]) != 4:
         return "NCHW"
-    if op.kind in ("gather", "dequantize"):
-        return "NHWC"
-    (_, _, h, w) = in_types[0][0]
-    if op.kind == "sum_pool2d" and tuple(op.attrs.kernel) == (h, w) and not any(op.attrs.padding):
-        return "NHWC"
-    if op.kind == "flatten" and h == w == 1:
-        return "NHWC"
-    return "NCHW"
+    reads = KERNELS[op.kind].reads_nhwc
+    return "NHWC" if reads is not None and reads(op, in_types[0][0]) else "NCHW"
+
+
+def _plan_layer(op: Op, in_types) -> str | None:
+    ranges = layer_ranges(op)
+    if not op.attrs.spatial:
+        return "linear" if ranges is not None else None
+    if op.attrs.conv_groups > 1:
+        ranges = ranges or [(0, 0)]                        # depthwise: any channel order
+    if fast.conv_fits(op, in_types[0][1], ranges):
+        return "conv" if op.attrs.conv_groups == 1 else "depthwise"
+    return None
+
+
+def _plan_quantize(op: Op, in_types) -> str:
+    return "quantize"
+
+
+def _plan_max_pool(op: Op, in_types) -> str | None:
+    return "max_pool2d" if op.attrs.rates == (1, 1) else None
+
+
+def _plan_add(op: Op, in_types) -> str | None:
+    same = tuple(in_types[0][0]) == tuple(in_types[1][0])
+    return "add" if same else None                   # a broadcast operand: the Relax body broadcasts
+
+
+def _any_map(op: Op, shape) -> bool:
+    return True
+
+
+def _global_sum(op: Op, shape) -> bool:
+    return tuple(op.attrs.kernel) == tuple(shape[2:]) and not any(op.attrs.padding)
+
+
+def _flat_1x1(op: Op, shape) -> bool:
+    return shape[2] == shape[3] == 1
 
 
 def _derived(op: Op, in_types) -> list[np.ndarray]:
@@ -164,7 +187,7 @@ def _derived(op: Op, in_types) -> list[np.ndarray]:
     if is_layer(op):
         consts = requant_constants(op, op.params["w"].ndim)     # over [N, m, OH, OW] (conv) or [N, m]
         consts.append(_corrections(op).astype(np.int32))        # [g, m]
-        if op.kind == "linear" or _conv_form(op, in_types) == "reference":
+        if not op.attrs.spatial or _conv_form(op, in_types) == "reference":
             consts.append(_group_masks(op))                       # [g, fan_in] int8
         return consts
     return []
@@ -188,7 +211,7 @@ def _masked_weights(op: Op) -> list[np.ndarray]:
     g = op.params["groups"]
     out = []
     for p in range(op.n_groups):
-        if op.kind == "conv2d":
+        if op.attrs.spatial:
             m, cg = w.shape[:2]
             cgroups = op.attrs.conv_groups
             per_out = g.reshape(cgroups, cg).repeat(m // cgroups, axis=0)     # [m, cg]
@@ -564,7 +587,31 @@ def _conv2d_fused(lb, op, xs, P, D, in_types, add_prim):
                                   relax.TensorType((n, m, oh, ow), op.dtype)))
 
 
-_BODIES = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear,
-           "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
-           "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
-           "mul": _mul, "resize": _resize}
+@dataclass(frozen=True)
+class Kernel:
+    """How TVM computes one kind. ``body(lb, op, xs, params, derived, in_types, add_prim)`` emits its
+    Relax; ``plan(op, in_types)`` names the fast_kernels body a fast-form op gets (None: none for
+    these shapes; a kind without ``plan`` has none); ``reads_nhwc(op, logical_in_shape)``: the op
+    is layout-free for this shape and keeps an NHWC input NHWC (a kind without it: never)."""
+    body: Callable
+    plan: Callable[[Op, list], str | None] | None = None
+    reads_nhwc: Callable[[Op, tuple], bool] | None = None
+
+
+KERNELS: dict[str, Kernel] = {
+    "quantize": Kernel(_quantize, plan=_plan_quantize),
+    "dequantize": Kernel(_dequantize, reads_nhwc=_any_map),
+    "conv2d": Kernel(_conv2d, plan=_plan_layer),
+    "linear": Kernel(_linear, plan=_plan_layer),
+    "add": Kernel(_add, plan=_plan_add),
+    "max_pool2d": Kernel(_max_pool2d, plan=_plan_max_pool),
+    "sum_pool2d": Kernel(_sum_pool2d, reads_nhwc=_global_sum),
+    "flatten": Kernel(_flatten, reads_nhwc=_flat_1x1),
+    "gather": Kernel(_gather, reads_nhwc=_any_map),
+    "avg_pool2d": Kernel(_avg_pool2d),
+    "pad": Kernel(_pad),
+    "concat": Kernel(_concat),
+    "table": Kernel(_table),
+    "mul": Kernel(_mul),
+    "resize": Kernel(_resize),
+}

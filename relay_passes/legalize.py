@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from relay_passes.kernels import fast_plan, choose_layout, group_ranges
-from relay_passes.opset import has_fast_body, is_layer
+from relay_passes.attrs import GatherAttrs
+from relay_passes.kernels import choose_layout, fast_plan, group_ranges, has_fast_body
+from relay_passes.opset import is_layer
 from relay_passes.program import waps_pass, INPUT, Program, Schedule, emit, parse
 
 FORMS = ("split", "fused", "fast")
@@ -66,11 +67,11 @@ def _fold_gathers(prog: Program) -> None:
     users = prog.consumers()
     folded = set()
     for g in prog.ops:
-        if g.kind != "gather" or len(users[g.name]) != 1 or g.name in prog.outputs:
+        if not isinstance(g.attrs, GatherAttrs) or len(users[g.name]) != 1 or g.name in prog.outputs:
             continue
         conv = users[g.name][0]
         in_types = [(prog.shape_of(i), prog.dtype_of(i)) for i in conv.inputs]
-        if conv.kind != "conv2d" or "in_index" in conv.params or fast_plan(conv, in_types) != "conv":
+        if "in_index" in conv.params or fast_plan(conv, in_types) != "conv":
             continue
         if g.params["index"].size != prog.shape_of(g.inputs[0])[1]:
             continue                        # a selection (split, chunk): the conv reads fewer channels than exist

@@ -4,10 +4,10 @@ and a random small case that the conformance test runs on every backend.
 A kind's attributes are one frozen dataclass (``OpKind.attrs``, relay_passes/attrs.py: what
 the op computes, apart from its tensors and its Schedule). Its meaning is its NumPy reference
 (relay_passes/reference.py); each backend has one
-table from kind to handler (reference.OPS, kernels._BODIES, codegen/c/emit.CALLS,
+table from kind to handler (reference.OPS, kernels.KERNELS, codegen/c/emit.CALLS,
 codegen/c/byoc.ENTRIES, codegen/npu16/lower.LOWERINGS, targets/npu16/report.ESTIMATES,
 waps_tvm/inspect.RENDER). A question about a kind ("is it a layer with weights?") is asked
-of its declaration here (``is_layer``, ``has_fast_body``), never by listing kind names.
+of its declaration here (``is_layer``), never by listing kind names.
 tests/relay_passes/test_op_conformance.py checks that every table covers ``KINDS`` and runs
 each kind's ``example`` on every backend against the reference, so a new kind is tested
 everywhere by registering it here.
@@ -47,7 +47,6 @@ class OpKind:
     attrs: type[Attrs]         # its attributes' dataclass (Op.attrs)
     channels: Channels
     example: Callable[[np.random.Generator], Program]     # a random small program using the kind
-    fast: bool = False         # besides the layers, has an NHWC body in fast_kernels (the ``fast`` form)
 
 
 # ---------------------------------------------------------------- example programs
@@ -210,13 +209,13 @@ def _quantize(rng) -> Program:
 
 
 KINDS: dict[str, OpKind] = {k.name: k for k in [
-    OpKind("quantize", QuantizeAttrs, Channels.PINNED, _quantize, fast=True),
+    OpKind("quantize", QuantizeAttrs, Channels.PINNED, _quantize),
     OpKind("dequantize", DequantizeAttrs, Channels.PINNED, _quantize),
     OpKind("conv2d", ConvAttrs, Channels.LAYER, _conv2d),
     OpKind("linear", LinearAttrs, Channels.LAYER, _linear),
-    OpKind("add", AddAttrs, Channels.CHANNELWISE, _add, fast=True),
+    OpKind("add", AddAttrs, Channels.CHANNELWISE, _add),
     OpKind("mul", MulAttrs, Channels.CHANNELWISE, _mul),
-    OpKind("max_pool2d", MaxPoolAttrs, Channels.CHANNELWISE, _max_pool2d, fast=True),
+    OpKind("max_pool2d", MaxPoolAttrs, Channels.CHANNELWISE, _max_pool2d),
     OpKind("sum_pool2d", SumPoolAttrs, Channels.CHANNELWISE, _sum_pool2d),
     OpKind("avg_pool2d", AvgPoolAttrs, Channels.CHANNELWISE, _avg_pool2d),
     OpKind("pad", PadAttrs, Channels.CHANNELWISE, _pad),
@@ -237,8 +236,3 @@ def kind(name: str) -> OpKind:
 def is_layer(op: Op) -> bool:
     """A layer with weights (conv2d, linear): WAPS groups, int32 accumulator, requant epilogue."""
     return kind(op.kind).channels is Channels.LAYER
-
-
-def has_fast_body(op: Op) -> bool:
-    """A non-layer kind with its own fast-form (NHWC) kernel in relay_passes/fast_kernels.py."""
-    return kind(op.kind).fast

@@ -29,7 +29,7 @@ def accumulator_bound(op: Op) -> int:
     xmax, z = int(a.in_qmax), int(a.z_in)
     groups = op.params.get("groups")
     m = w.shape[0]
-    if op.kind == "conv2d":
+    if a.spatial:
         cg, cgroups = w.shape[1], a.conv_groups
         chan = (np.arange(m)[:, None] // (m // cgroups)) * cg + np.arange(cg)[None, :]      # [m, cg]
         mass = w.sum(axis=(2, 3))                                                          # [m, cg]

@@ -50,6 +50,12 @@ def _depthwise(op: Op) -> bool:
     return is_layer(op) and op.attrs.grouped and op.params["w"].shape[1] == 1
 
 
+def _broadcast(prog: Program, name: str, op: Op) -> bool:
+    """Input ``name`` of ``op`` is one channel broadcast to all (an add operand): any order reads it."""
+    shape = prog.shape_of(name)
+    return len(shape) > 1 and shape[1] == 1 != prog.shape_of(op.name)[1] and len(shape) == len(prog.shape_of(op.name))
+
+
 class _UF:
     def __init__(self):
         self.parent: dict[str, str] = {}
@@ -74,16 +80,14 @@ def permute_channels(program: Program) -> tuple[Program, PermuteReport]:
     for op in prog.ops:
         uf.find(op.name)
         unit[op.name] = 1
-        if op.kind == "flatten":
-            uf.union(op.name, op.inputs[0])
-            shp = prog.shape_of(op.inputs[0])
-            unit[op.name] = unit[op.inputs[0]] * int(np.prod(shp[2:]))
-        elif KINDS[op.kind].channels is Channels.CHANNELWISE or _depthwise(op):
-            for i in op.inputs:
-                if len(prog.shape_of(i)) > 1 and prog.shape_of(i)[1] == 1 != prog.shape_of(op.name)[1]:
-                    continue              # one channel broadcast to all (an add operand): any order reads it
+        if KINDS[op.kind].channels is Channels.CHANNELWISE or _depthwise(op):
+            joined = [i for i in op.inputs if not _broadcast(prog, i, op)]
+            for i in joined:
                 uf.union(op.name, i)
-            unit[op.name] = unit[op.inputs[0]]
+            src = joined[0] if joined else op.inputs[0]
+            # features along dim 1 per input channel: 1, H·W for a flatten of [N, C, H, W], the
+            # multiplier of a depthwise conv
+            unit[op.name] = unit[src] * (prog.shape_of(op.name)[1] // prog.shape_of(src)[1])
     fixed: set[str] = set()
     for op in prog.ops:
         if KINDS[op.kind].channels is Channels.PINNED or _grouped_conv(op):

@@ -42,8 +42,9 @@ TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
 def input_layout(op: "Op") -> str:
-    """The layout an op reads its 4-D inputs in (a quantize reads the float input as given)."""
-    return "NCHW" if op.kind == "quantize" else op.schedule.layout
+    """The layout an op reads its 4-D inputs in (the op reading the float model input, its
+    quantize, reads it as given: NCHW)."""
+    return "NCHW" if INPUT in op.inputs else op.schedule.layout
 
 
 def physical(shape, layout: str) -> tuple[int, ...]:

@@ -84,7 +84,7 @@ def _group_accumulators(op: Op, x: np.ndarray) -> list[np.ndarray]:
     a = op.attrs
     n_groups = op.n_groups
     groups = op.params.get("groups")
-    if op.kind == "linear":
+    if not a.spatial:
         xz = (x.astype(np.int64) - a.z_in).astype(np.float64)
         out = []
         for p in range(n_groups):

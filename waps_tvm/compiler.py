@@ -23,6 +23,7 @@ from pathlib import Path
 from calib.artifact import WapsArtifact
 from calib.errors import ConfigError
 from relay_passes.pipeline import Lowered, lower
+from relay_passes.program import INPUT
 from targets.cpu import CpuTarget, export_cc, llvm_target, resolve, target_config
 from waps_tvm.frontend import to_program
 
@@ -82,8 +83,8 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
     as the tests do): no "model" entry."""
     import tvm
     prog = lowered.program
-    quant = next(o for o in prog.ops if o.kind == "quantize")
-    deq = next(o for o in prog.ops if o.kind == "dequantize")
+    quant = next(o for o in prog.ops if INPUT in o.inputs)      # the input's quantize
+    deq = prog[prog.outputs[0]]                                 # outputs: (dequantized, codes)
     codes = prog[prog.outputs[1]]
     return {
         "format": "waps-tvm-compiled", "version": META_VERSION, "target": target.name,

@@ -11,6 +11,8 @@ crossed three IRs and could pair a layer with another's parameters; see docs/com
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from calib.artifact import TensorQuant, WapsArtifact
 from calib.errors import ArtifactError, UnsupportedOpError
 from calib.graph import PARAM_OPS, Graph, Node, add_broadcast_ok
 from calib.qmodel import apply_act, compute, key
+from relay_passes.opset import kind as op_kind
 from relay_passes.program import Program
 from relay_passes.quantize import AddQuant, CompileError, LayerQuant, ProgramBuilder, TensorCodes, Value, Windows
 
@@ -35,7 +38,7 @@ def build_program(art: WapsArtifact, batch: int = 1) -> tuple[Program, dict[str,
     b = ProgramBuilder((batch, *g.input.attrs["shape"]), _codes(art.quant[g.input.name], "the model input"))
     env: dict[str, Value] = {g.input.name: b.input}
     for n in g:
-        if n.op == "input":
+        if n is g.input:
             continue
         xs = [env[i] for i in n.inputs]
         env[n.name] = _lower_node(art, b, n, xs)
@@ -43,58 +46,111 @@ def build_program(art: WapsArtifact, batch: int = 1) -> tuple[Program, dict[str,
 
 
 def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) -> Value:
-    a = n.attrs
-    label = n.label()
-    if n.op in PARAM_OPS:
-        conv = {}
-        if n.op == "conv2d":
-            conv = {"stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
-                    "conv_groups": int(a["groups"])}
-        return b.layer(layer_quant(art, n), xs[0], conv)
-    size = tuple(art.graph[n.inputs[0]].shape[1:3]) if n.inputs else ()
-    if n.op == "add":
-        x, y = xs
-        bcast = _broadcast_operand(art, n)
-        if bcast == 0:                       # the broadcast operand goes second (a + b = b + a)
-            x, y = y, x
-        return b.residual_add(AddQuant(label, a.get("act"), _codes(art.quant[n.name], label)), x, y,
-                              b_broadcast=bcast is not None)
-    if n.op == "max_pool2d":
-        return b.max_pool(xs[0], a, label, size)
-    if n.op == "avg_pool2d" and n.name in art.quant:
-        win = Windows.pooling(size, a["kernel"], a["stride"], a["padding"], bool(a.get("ceil_mode")),
-                              bool(a.get("count_include_pad", True)), a.get("divisor_override"))
-        return b.avg_pool(xs[0], win, _codes(art.quant[n.name], label), label)
-    if n.op == "avg_pool2d":                # an artifact without the pool's quantizer: sums folded downstream
-        return b.sum_pool(xs[0], _window(a), label)
-    if n.op == "adaptive_avg_pool2d":
-        win = Windows.adaptive(size, tuple(a["output_size"]))
-        return b.avg_pool(xs[0], win, _codes(art.quant[n.name], label), label)
-    if n.op in ("upsample_nearest2d", "upsample_bilinear2d"):
-        bilinear = n.op == "upsample_bilinear2d"
-        out = _codes(art.quant[n.name], label) if bilinear else None
-        return b.resize(xs[0], size, tuple(a["size"]), "bilinear" if bilinear else "nearest",
-                        bool(a.get("align_corners", False)), a.get("scales"), out, label)
-    if n.op == "global_avg_pool":
-        h, w = size
-        return b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, label)
-    if n.op == "flatten":
-        return b.flatten(xs[0])
-    if n.op == "pad":
-        return b.pad(xs[0], list(a["pads"]), float(a.get("value", 0.0)), label)
-    if n.op == "gather":
-        return b.gather(xs[0], list(a["index"]), label)
-    if n.op == "cat":
-        if int(a.get("axis", 1)) != 1:
-            raise UnsupportedOpError(f"cat along axis {a['axis']} at {label} (only channels)")
-        return b.concat(xs, _codes(art.quant[n.name], label), label)
-    if n.op == "mul":
-        _broadcast_operand(art, n)
-        return b.mul(*xs, _codes(art.quant[n.name], label), label)
-    if n.op in ("elementwise", "relu", "relu6"):
-        out = _codes(art.quant[n.name], label) if n.name in art.quant else xs[0].codes
-        return b.table(xs[0], _float_fn(n), out, label)
-    raise UnsupportedOpError(f"operation {n.op} at {label} has no integer lowering")
+    rule = NODE_RULES.get(n.op)
+    if rule is None:
+        raise UnsupportedOpError(f"operation {n.op} at {n.label()} has no integer lowering")
+    return rule(Lowering(art, b, n, n.attrs, n.label()), xs)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """What a node's rule reads: the artifact, the builder, the node, its attributes and label."""
+    art: WapsArtifact
+    b: ProgramBuilder
+    n: Node
+    a: dict
+    label: str
+
+    @property
+    def size(self) -> tuple[int, ...]:
+        """The first input's spatial size (H, W)."""
+        return tuple(self.art.graph[self.n.inputs[0]].shape[1:3])
+
+    def out_codes(self) -> TensorCodes:
+        return _codes(self.art.quant[self.n.name], self.label)
+
+
+def _layer(L: Lowering, xs: list[Value]) -> Value:
+    a = L.a
+    conv = {}
+    if op_kind(L.n.op).attrs.spatial:            # a conv's window; a linear's is fixed (LinearAttrs)
+        conv = {"stride": list(a["stride"]), "padding": list(a["padding"]), "dilation": list(a["dilation"]),
+                "conv_groups": int(a["groups"])}
+    return L.b.layer(layer_quant(L.art, L.n), xs[0], conv)
+
+
+def _add(L: Lowering, xs: list[Value]) -> Value:
+    x, y = xs
+    bcast = _broadcast_operand(L.art, L.n, either=True)
+    if bcast == 0:                       # the broadcast operand goes second (a + b = b + a)
+        x, y = y, x
+    return L.b.residual_add(AddQuant(L.label, L.a.get("act"), L.out_codes()), x, y, b_broadcast=bcast is not None)
+
+
+def _max_pool(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.max_pool(xs[0], L.a, L.label, L.size)
+
+
+def _avg_pool(L: Lowering, xs: list[Value]) -> Value:
+    a = L.a
+    if L.n.name not in L.art.quant:      # an artifact without the pool's quantizer: sums folded downstream
+        return L.b.sum_pool(xs[0], _window(a), L.label)
+    win = Windows.pooling(L.size, a["kernel"], a["stride"], a["padding"], bool(a.get("ceil_mode")),
+                          bool(a.get("count_include_pad", True)), a.get("divisor_override"))
+    return L.b.avg_pool(xs[0], win, L.out_codes(), L.label)
+
+
+def _adaptive_avg_pool(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.avg_pool(xs[0], Windows.adaptive(L.size, tuple(L.a["output_size"])), L.out_codes(), L.label)
+
+
+def _upsample(mode: str):
+    def rule(L: Lowering, xs: list[Value]) -> Value:
+        out = L.out_codes() if mode == "bilinear" else None       # nearest moves codes unchanged
+        return L.b.resize(xs[0], L.size, tuple(L.a["size"]), mode, bool(L.a.get("align_corners", False)),
+                          L.a.get("scales"), out, L.label)
+    return rule
+
+
+def _global_avg_pool(L: Lowering, xs: list[Value]) -> Value:
+    h, w = L.size
+    return L.b.sum_pool(xs[0], {"kernel": [h, w], "stride": [1, 1], "padding": [0, 0]}, L.label)
+
+
+def _flatten(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.flatten(xs[0])
+
+
+def _pad(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.pad(xs[0], list(L.a["pads"]), float(L.a.get("value", 0.0)), L.label)
+
+
+def _gather(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.gather(xs[0], list(L.a["index"]), L.label)
+
+
+def _cat(L: Lowering, xs: list[Value]) -> Value:
+    if int(L.a.get("axis", 1)) != 1:
+        raise UnsupportedOpError(f"cat along axis {L.a['axis']} at {L.label} (only channels)")
+    return L.b.concat(xs, L.out_codes(), L.label)
+
+
+def _mul(L: Lowering, xs: list[Value]) -> Value:
+    _broadcast_operand(L.art, L.n, either=False)
+    return L.b.mul(*xs, L.out_codes(), L.label)
+
+
+def _elementwise(L: Lowering, xs: list[Value]) -> Value:
+    out = L.out_codes() if L.n.name in L.art.quant else xs[0].codes
+    return L.b.table(xs[0], _float_fn(L.n), out, L.label)
+
+
+# graph op (calib/graph.py) → its integer rule: the frontend's one table
+NODE_RULES = {**{op: _layer for op in PARAM_OPS}, "add": _add, "max_pool2d": _max_pool, "avg_pool2d": _avg_pool,
+              "adaptive_avg_pool2d": _adaptive_avg_pool, "upsample_nearest2d": _upsample("nearest"),
+              "upsample_bilinear2d": _upsample("bilinear"), "global_avg_pool": _global_avg_pool,
+              "flatten": _flatten, "pad": _pad, "gather": _gather, "cat": _cat, "mul": _mul,
+              "elementwise": _elementwise, "relu": _elementwise, "relu6": _elementwise}
 
 
 def _float_fn(n: Node):
@@ -105,14 +161,14 @@ def _float_fn(n: Node):
     return fn
 
 
-def _broadcast_operand(art: WapsArtifact, n: Node) -> int | None:
-    """None for equal shapes; else the index of the broadcast operand. add broadcasts either
-    operand as [C, 1, 1], [1, H, W] or [1, 1, 1] (shapes without the batch); mul its second
-    operand per channel ([C, 1, 1])."""
+def _broadcast_operand(art: WapsArtifact, n: Node, either: bool) -> int | None:
+    """None for equal shapes; else the index of the broadcast operand. ``either`` (add): either
+    operand as [C, 1, 1], [1, H, W] or [1, 1, 1] (shapes without the batch); else (mul) the
+    second operand per channel ([C, 1, 1])."""
     a, b_ = (tuple(art.graph[i].shape) for i in n.inputs)
     if a == b_:
         return None
-    if n.op == "add":
+    if either:
         for full, part, i in ((a, b_, 1), (b_, a, 0)):
             if add_broadcast_ok(full, part):
                 return i
@@ -157,19 +213,18 @@ class ArtifactModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         env = {self.graph.input.name: x}
         for n in self.graph:
-            if n.op == "input":
+            if n is self.graph.input:
                 continue
             a, ins = n.attrs, [env[i] for i in n.inputs]
-            if n.op == "conv2d":
-                y = F.conv2d(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b"),
-                             a["stride"], a["padding"], a["dilation"], a["groups"])
-                y = apply_act(y, a.get("act"))
-            elif n.op == "linear":
-                y = apply_act(F.linear(ins[0], getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b")),
-                         a.get("act"))
+            if n.op in PARAM_OPS:                  # the folded weights of the buffers above
+                w, bias = getattr(self, key(n.name) + "_w"), getattr(self, key(n.name) + "_b")
+                if op_kind(n.op).attrs.spatial:
+                    y = F.conv2d(ins[0], w, bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+                else:
+                    y = F.linear(ins[0], w, bias)
             else:
-                y = apply_act(compute(n, ins), a.get("act"))
-            env[n.name] = y
+                y = compute(n, ins)
+            env[n.name] = apply_act(y, a.get("act"))
         return env[self.graph.output]
 
 

@@ -46,10 +46,10 @@ def layer_agreement(art: WapsArtifact, x: np.ndarray) -> list[LayerAgreement]:
     g = art.graph
     with torch.no_grad():
         env = {g.input.name: model.input_quant(torch.from_numpy(np.asarray(x, np.float32)))}
-        model.run([n.name for n in g if n.op != "input"], env)
+        model.run([n.name for n in g if n is not g.input], env)
     rows = []
     for n in g:
-        if n.op == "input" or n.name not in art.quant:      # only quantization points are compared
+        if n is g.input or n.name not in art.quant:      # only quantization points are compared
             continue
         op = program[values[n.name].name]
         ins = [to_codes(env[i], values[i].codes).astype(program.dtype_of(values[i].name)) for i in n.inputs]

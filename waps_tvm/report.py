@@ -31,6 +31,8 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
     """Report rows and totals of a lowered ``program`` (relay_passes.program.Program).
     npu16: ``npu`` the machine (params.NPU16, default today's), ``counters`` {op: simulator
     counters} (else the estimator's counts)."""
+    from relay_passes.attrs import GatherAttrs
+    from relay_passes.program import INPUT
     where = {p["op"]: p for p in placement}
     costs = {}
     if target == "npu16":
@@ -48,8 +50,9 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
                "in_channels": _in_channels(op),
                "group_sizes": [], "sigma": [], "n": [], "frac_bits": getattr(a, "frac", 0),
                "gather_folded": "in_index" in op.params,     # fast form: read through the index
+               "gather": isinstance(a, GatherAttrs),           # a channel gather (permutation or selection)
                "gathered": "in_index" in op.params
-                           or any(program[i].kind == "gather" for i in op.inputs if i != "input")}
+                           or any(isinstance(program[i].attrs, GatherAttrs) for i in op.inputs if i != INPUT)}
         if "groups" in op.params:
             labels = op.params["groups"]
             row["group_sizes"] = [int((labels == p).sum()) for p in range(op.n_groups)]
@@ -95,7 +98,7 @@ def _in_channels(op) -> int:
 def _totals(rows: list[dict]) -> dict:
     t = {"ops": len(rows), "macs": sum(r["macs"] for r in rows),
          "waps_layers": sum(1 for r in rows if len(r["group_sizes"]) > 1),
-         "gathers": sum(1 for r in rows if r["kind"] == "gather" or r.get("gather_folded")),
+         "gathers": sum(1 for r in rows if r.get("gather") or r.get("gather_folded")),
          "by_target": {}}
     for r in rows:
         t["by_target"][r["target"]] = t["by_target"].get(r["target"], 0) + 1

@@ -5,7 +5,7 @@ output has exactly one consumer, the next op of the chain (not a model output), 
 of that op's inputs: conv → conv, 1×1 → depthwise → 1×1 → residual add (the add's other
 input comes from outside the chain, e.g. the chain's input, by DMA as before), conv → pool.
 Only ops run as one command that moves its activations through the DMA of the simulator's
-``npu16_dma_in``/``npu16_dma_out`` (``CHAIN_KINDS``) are chained, and only in NCHW uint8.
+``npu16_dma_in``/``npu16_dma_out`` (``CHAIN_COMMANDS``) are chained, and only in NCHW uint8.
 An add fed by two chainable producers continues the later one's chain (program order).
 
 Each intermediate (``Link``) is kept in the activation SRAM when ``memory.keeps`` says it fits
@@ -36,8 +36,7 @@ from targets.npu16 import memory
 from targets.npu16.isa import Op, Reg, set_
 from targets.npu16.params import NPU16
 
-CHAIN_KINDS = ("conv2d", "linear", "add", "max_pool2d")
-_COMMANDS = (Op.CONV, Op.DWCONV, Op.ADD, Op.MAXPOOL)
+CHAIN_COMMANDS = (Op.CONV, Op.DWCONV, Op.ADD, Op.MAXPOOL)      # conv2d/linear, add, max_pool2d
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ class Node:
     """What chain forming needs of one op: its inputs (names), its output's size in bytes
     (uint8 codes, whole batch), the activation SRAM its stripes use for input rows and for
     output rows (memory.StripePlan; 0: it streams) and whether it may be chained at all
-    (offloaded, a ``CHAIN_KINDS`` command, NCHW, uint8 out)."""
+    (offloaded, lowered to one ``CHAIN_COMMANDS`` command, NCHW, uint8 out)."""
     name: str
     inputs: tuple[str, ...]
     nbytes: int
@@ -115,7 +114,7 @@ def chains(program, where: list[dict], npu: NPU16) -> list[Chain]:
     low = {r["op"]: r["lowered"] for r in where if r["target"] == "npu16"}
     nodes = [Node(op.name, tuple(op.inputs), int(np.prod(op.shape)),
                   low[op.name].sram_in if op.name in low else 0, low[op.name].sram_out if op.name in low else 0,
-                  op.name in low and op.kind in CHAIN_KINDS and op.schedule.layout == "NCHW" and op.dtype == "uint8"
+                  op.name in low and op.schedule.layout == "NCHW" and op.dtype == "uint8"
                   and _command(low[op.name]))
              for op in program.ops]
     return form(nodes, set(program.outputs), npu)
@@ -153,7 +152,7 @@ def with_keep(low: NpuOp, keep_in: tuple[int, ...], keep_out: bool) -> NpuOp:
 def _command(low: NpuOp) -> bool:
     """One command of the chainable units, then END."""
     cmds = [i.op for i in low.stream if i.op != Op.SET]
-    return len(cmds) == 2 and cmds[0] in _COMMANDS and cmds[1] == Op.END
+    return len(cmds) == 2 and cmds[0] in CHAIN_COMMANDS and cmds[1] == Op.END
 
 
 _LAST: list = []          # (program, npu, keeps) of the last ``keeps_of`` call: estimates ask per op

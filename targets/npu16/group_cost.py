@@ -14,7 +14,7 @@ from targets.npu16.params import NPU16
 def layer_shape(graph, node, npu: NPU16) -> LayerShape:
     """The npu16 shape of conv2d/linear ``node`` of a calib Graph, without WAPS groups."""
     w = node.params["weight"]
-    if node.op == "linear":
+    if w.ndim == 2:                                   # a linear's [m, F] (a conv's is [m, cg, kh, kw])
         m, c = w.shape
         return LayerShape(node.name, c, m, wbits=8, abits_in=8, abits_out=8)
     m, cg, kh, kw = w.shape

@@ -24,7 +24,7 @@ def layer_shape(op, in_shape, in_dtype: str, npu: NPU16) -> LayerShape:
     """The cost model's view of a conv/linear op of the integer program, exactly as lowered on ``npu``."""
     w = op.params["w"]
     a = op.attrs
-    if op.kind == "linear":
+    if not a.spatial:
         m, c = w.shape
         kh = kw = oh = ow = h = wd = g = sh = dh = 1
         ph = 0
@@ -63,13 +63,7 @@ class CostQuery:
     keep: dict | None = None
 
     def cost(self, npu: NPU16) -> LayerCost:
-        if self.fn == "layer":
-            shape = LayerShape(**{k: _tuples(v) for k, v in self.args.items()})
-            shape = replace(shape, im2col=runs_im2col(npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh,
-                                                      kw=shape.kw, waps_groups=bool(shape.group_sizes)))
-            est = layer_cost(shape, npu)
-        else:
-            est = COSTS[self.fn](**self.args, npu=npu)
+        est = COSTS[self.fn](**self.args, npu=npu)
         if not self.keep or not npu.cascade:          # re-costed for a machine without cascading: alone
             return est
         from codegen.npu16.cascade import cascaded_cost
@@ -77,31 +71,45 @@ class CostQuery:
 
     def input_bytes(self, est: LayerCost) -> list[int]:
         """Activation DMA bytes of each input as the op moves them (chainable kinds)."""
-        if self.fn == "layer":
-            return [est.bytes["input"]]
-        if self.fn == "add":
-            return [self.args["in_elems"], self.args.get("b_bytes", self.args["in_elems"])]
-        if self.fn == "pool":
-            return [self.args["in_elems"]]
-        raise ValueError(f"an npu16 {self.fn} is never in a chain")
+        if self.fn not in _CHAIN_INPUT_BYTES:
+            raise ValueError(f"an npu16 {self.fn} is never in a chain")
+        return _CHAIN_INPUT_BYTES[self.fn](self.args, est)
 
     def to_json(self) -> dict:
         return {"fn": self.fn, "args": self.args, **({"keep": self.keep} if self.keep else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> "CostQuery":
-        if not isinstance(d, dict) or d.get("fn") not in (*COSTS, "layer") or not isinstance(d.get("args"), dict):
+        if not isinstance(d, dict) or d.get("fn") not in COSTS or not isinstance(d.get("args"), dict):
             raise ValueError(f"not an npu16 cost query: {d!r:.80}")
         return cls(d["fn"], d["args"], d.get("keep"))
+
+
+# cost function of a chainable op → (its query's args, its estimate) → DMA bytes of each input
+_CHAIN_INPUT_BYTES = {
+    "layer": lambda args, est: [est.bytes["input"]],
+    "add": lambda args, est: [args["in_elems"], args.get("b_bytes", args["in_elems"])],
+    "pool": lambda args, est: [args["in_elems"]],
+}
 
 
 def _tuples(v):
     return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
+def _layer_query_cost(npu: NPU16, **args) -> LayerCost:
+    """A layer query's cost: its LayerShape (JSON lists back to tuples) in the first-layer mode
+    ``npu`` runs it in."""
+    shape = LayerShape(**{k: _tuples(v) for k, v in args.items()})
+    shape = replace(shape, im2col=runs_im2col(npu, c=shape.c, conv_groups=shape.conv_groups, kh=shape.kh,
+                                              kw=shape.kw, waps_groups=bool(shape.group_sizes)))
+    return layer_cost(shape, npu)
+
+
+# a query's ``fn`` → its cost function (keyword arguments: the query's args and ``npu``)
 COSTS: dict[str, Callable[..., LayerCost]] = {
-    "add": add_cost, "pool": pool_cost, "gather": gather_cost, "pad": pad_cost, "avg_pool": avg_pool_cost,
-    "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost}
+    "layer": _layer_query_cost, "add": add_cost, "pool": pool_cost, "gather": gather_cost, "pad": pad_cost,
+    "avg_pool": avg_pool_cost, "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost}
 
 
 def query(program, op, npu: NPU16, keep: dict | None = None) -> CostQuery:
@@ -240,13 +248,3 @@ def cost_row(q: CostQuery, npu: NPU16, counted: dict | None = None, plain: CostQ
             "cycles_saved": alone.cycles - cnt["cycles"],
             "counted": counted is not None, "counters": cnt, "query": q.to_json(),
             "query_no_groups": plain.to_json() if plain else None}
-
-
-def totals(rows: list[dict]) -> dict:
-    npu = [r for r in rows if r["target"] == "npu16"]
-    keys = ("macs", "int_ops", "shift_ops", "compute", "dma", "epilogue", "cycles", "cycles_no_groups")
-    t = {k: int(sum(r[k] for r in npu)) for k in keys}
-    t["gathers"] = sum(1 for r in rows if r["kind"] == "gather")
-    t["waps_overhead_pct"] = 100.0 * (t["cycles"] - t["cycles_no_groups"]) / max(t["cycles_no_groups"], 1)
-    t["host_ops"] = [r["op"] for r in rows if r["target"] != "npu16"]
-    return t

@@ -126,7 +126,7 @@ def test_adds_that_stay_refused():
     add, _ = _broadcast_add(art)
     art.graph[add.inputs[1]].shape = (1, 6, 1)                      # [1, H, 1]: not a supported broadcast
     with pytest.raises(UnsupportedOpError, match="broadcasts either operand"):
-        _broadcast_operand(art, add)
+        _broadcast_operand(art, add, either=True)
 
 
 def test_npu16_estimator_equals_the_simulator_on_broadcast_adds(tmp_path):
