@@ -106,7 +106,7 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
         meta[k] = {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": hashlib.sha256(buffers[k]).hexdigest()}
     manifest = {
         "format": FORMAT, "version": art.version, "producer": art.producer,
-        "config": art.config, "output": art.graph.output, "graph": art.graph.to_json(),
+        "config": art.config, "output": _outputs_json(art.graph.outputs), "graph": art.graph.to_json(),
         "layers": layers,
         "tensors": {k: {"bits": q.bits, "scale": q.scale, "zero_point": q.zero_point} for k, q in art.quant.items()},
         "arrays": meta, "report": art.report,
@@ -193,6 +193,12 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:200] if text else ""
 
 
+def _outputs_json(outputs: tuple[str, ...]) -> str | list[str]:
+    """The manifest's "output": the value's name for a single-output model (as before several
+    were allowed), the list of names in the model's order otherwise."""
+    return outputs[0] if len(outputs) == 1 else list(outputs)
+
+
 def _check_header(path: Path, m: dict) -> None:
     if m.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a .waps artifact (format {m.get('format')!r})")
@@ -202,6 +208,9 @@ def _check_header(path: Path, m: dict) -> None:
     for k in ("graph", "layers", "tensors", "arrays", "output", "config"):
         if k not in m:
             raise ArtifactError(f"{path}: manifest lacks '{k}'")
+    out = m["output"]
+    if not (isinstance(out, str) or (isinstance(out, list) and out and all(isinstance(o, str) for o in out))):
+        raise ArtifactError(f"{path}: manifest 'output' must be a value name or a list of them")
 
 
 def _build(m: dict, arrays: dict[str, np.ndarray]) -> WapsArtifact:
@@ -231,8 +240,9 @@ def validate(art: WapsArtifact, where: str = "artifact") -> None:
             raise ArtifactError(f"{where}: layer '{n.name}' has no weights")
         if n.op in (*QUANT_OPS, "input") and n.name not in art.quant:
             raise ArtifactError(f"{where}: tensor '{n.name}' has no quantization parameters")
-    if art.graph.output not in names:
-        raise ArtifactError(f"{where}: output '{art.graph.output}' is not a graph node")
+    for out in art.graph.outputs:
+        if out not in names:
+            raise ArtifactError(f"{where}: output '{out}' is not a graph node")
     for name, rec in art.layers.items():
         if name not in names or art.graph[name].op not in PARAM_OPS:
             raise ArtifactError(f"{where}: layer record '{name}' matches no conv/linear node")

@@ -126,14 +126,24 @@ def find_blocks(graph: Graph, residual: bool = True) -> list[Block]:
     for kind, members in groups:
         names = tuple(sorted(members, key=order.__getitem__))
         inputs = tuple(dict.fromkeys(i for v in names for i in graph[v].inputs if i not in members))
-        outputs = tuple(v for v in names if v == graph.output or any(u not in members for u in users[v]))
+        outputs = tuple(v for v in names if v in graph.outputs or any(u not in members for u in users[v]))
         blocks.append(Block(kind, names, inputs, outputs))
-    blocks.sort(key=lambda b: order[b.nodes[-1]])
+    return _schedule(blocks, order, graph.input.name)
 
-    produced = {graph.input.name}
-    for b in blocks:
-        missing = [i for i in b.inputs if i not in produced]
-        if missing:
+
+def _schedule(blocks: list[Block], order: dict[str, int], source: str) -> list[Block]:
+    """The blocks in execution order: of those whose inputs are all computed, the one whose
+    last node comes first in the graph. That is graph order of the last nodes wherever it
+    respects the data (a chain, a residual network); a unit that a later output branch reads
+    from inside (a feature pyramid's output conv on a top-down sum) runs before that branch."""
+    produced, pending, out = {source}, sorted(blocks, key=lambda b: order[b.nodes[-1]]), []
+    while pending:
+        ready = next((b for b in pending if all(i in produced for i in b.inputs)), None)
+        if ready is None:
+            b = pending[0]
+            missing = [i for i in b.inputs if i not in produced]
             raise ModelError(f"block ending at {b.name} reads {missing} before they are computed")
-        produced.update(b.nodes)
-    return blocks
+        pending.remove(ready)
+        produced.update(ready.nodes)
+        out.append(ready)
+    return out

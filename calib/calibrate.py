@@ -124,7 +124,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
         fp_env.update(fp_out)
         q_env.update(q_out)
         for env in (fp_env, q_env):
-            for k in [k for k in env if readers.get(k, -1) <= i and k != graph.output]:
+            for k in [k for k in env if readers.get(k, -1) <= i and k not in graph.outputs]:
                 del env[k]
 
     first = 0
@@ -157,7 +157,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
         _init_act_ranges(model, block, fp_in)
         if not (cfg.uses_qdrop or cfg.cwac):  # nothing reads this block's float inputs any more
             fp_in = {}
-            for k in [k for k in block.inputs if readers.get(k, -1) <= i and k != graph.output]:
+            for k in [k for k in block.inputs if readers.get(k, -1) <= i and k not in graph.outputs]:
                 fp_env.pop(k, None)
         model.set_quant(True)
         before = frontier.loss(model, block, q_in, fp_out)

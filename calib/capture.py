@@ -84,7 +84,7 @@ def capture(program: ExportedProgram) -> Graph:
     shapes: dict[str, tuple[int, ...]] = {}
     unsupported: list[str] = []
     refused: set[str] = set()               # fx values not captured (reported once, in ``unsupported``)
-    output = None
+    outputs: list[str] | None = None
 
     def add(node: Node) -> None:
         nodes.append(node)
@@ -133,14 +133,18 @@ def capture(program: ExportedProgram) -> Graph:
                     raise ModelError(f"the model input must be N×C×H×W, got shape {shape}")
                 add(Node(fx.name, "input", [], {"shape": list(shape[1:])}, shape=shape[1:]))
             continue
-        if fx.op == "output":
-            outs = fx.args[0]
-            if len(outs) != 1:
-                raise ModelError(f"the model must return one tensor, it returns {len(outs)}")
-            try:
-                output = value(outs[0])
-            except _Refused as e:
-                unsupported += [str(e)] if e.args[0] else []
+        if fx.op == "output":                # the returned tensors, flattened in the model's order
+            outs = [o for o in fx.args[0] if o is not None]
+            if not outs:
+                raise ModelError("the model returns no tensor")
+            outputs = []
+            for o in outs:
+                if not hasattr(o, "name"):
+                    raise ModelError(f"the model returns a non-tensor value {o!r}")
+                try:
+                    outputs.append(value(o))
+                except _Refused as e:
+                    unsupported += [str(e)] if e.args[0] else []
             continue
         if fx.op != "call_function":
             unsupported.append(f"{fx.op} {fx.target}")
@@ -157,9 +161,9 @@ def capture(program: ExportedProgram) -> Graph:
 
     if unsupported:
         raise UnsupportedOpError("unsupported layers: " + "; ".join(dict.fromkeys(unsupported)))
-    if output is None:
+    if outputs is None:
         raise ModelError("the exported program has no output")
-    return _prune(Graph(nodes, output))
+    return _prune(Graph(nodes, tuple(outputs)))
 
 
 class _Refused(Exception):
@@ -343,8 +347,8 @@ def _json_scalar(v):
 
 
 def _prune(graph: Graph) -> Graph:
-    """Drop nodes whose value never reaches the output (e.g. max-pool indices)."""
-    live, stack = set(), [graph.output]
+    """Drop nodes whose value never reaches an output (e.g. max-pool indices)."""
+    live, stack = set(), list(graph.outputs)
     while stack:
         name = stack.pop()
         if name not in live:

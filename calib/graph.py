@@ -76,11 +76,22 @@ class Node:
 
 @dataclass
 class Graph:
+    """Nodes in topological order and ``outputs``, the values the model returns in its order
+    (a detection backbone returns one per pyramid level; a str is taken as one output)."""
     nodes: list[Node]
-    output: str
+    outputs: tuple[str, ...]
 
     def __post_init__(self) -> None:
+        self.outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)
         self._by_name = {n.name: n for n in self.nodes}
+
+    @property
+    def output(self) -> str:
+        """The value a single-output model returns (ModelError for a model with several)."""
+        if len(self.outputs) != 1:
+            from calib.errors import ModelError
+            raise ModelError(f"the model returns {len(self.outputs)} tensors; this needs one")
+        return self.outputs[0]
 
     def __getitem__(self, name: str) -> Node:
         return self._by_name[name]
@@ -103,8 +114,8 @@ class Graph:
     def layers(self) -> list[Node]:
         return [n for n in self.nodes if n.op in PARAM_OPS]
 
-    def replace(self, nodes: list[Node], output: str | None = None) -> "Graph":
-        return Graph(nodes, output or self.output)
+    def replace(self, nodes: list[Node], outputs: tuple[str, ...] | None = None) -> "Graph":
+        return Graph(nodes, self.outputs if outputs is None else outputs)
 
     def to_json(self) -> list[dict[str, Any]]:
         """Structure only (no parameters): what the artifact stores as its graph."""
@@ -112,7 +123,7 @@ class Graph:
                  "source": n.source, "shape": list(n.shape)} for n in self.nodes]
 
     @staticmethod
-    def from_json(rows: list[dict[str, Any]], output: str) -> "Graph":
+    def from_json(rows: list[dict[str, Any]], outputs: tuple[str, ...] | str) -> "Graph":
         nodes = [Node(r["name"], r["op"], list(r["inputs"]), dict(r["attrs"]),
                       {}, r.get("source", ""), tuple(r.get("shape", ()))) for r in rows]
-        return Graph(nodes, output)
+        return Graph(nodes, outputs)

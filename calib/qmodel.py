@@ -237,7 +237,7 @@ def layer_roles(graph: Graph) -> tuple[set[str], set[str]]:
         return found
 
     first = walk(users[graph.input.name], lambda v: users[v])
-    last = walk([graph.output], lambda v: graph[v].inputs)
+    last = walk(list(graph.outputs), lambda v: graph[v].inputs)
     return first, last
 
 
@@ -397,7 +397,9 @@ class QuantModel(nn.Module):
                         env.pop(i, None)
         return env
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The model's output, or the tuple of its outputs when it returns several."""
         env = {self.graph.input.name: self.input_quant(x)}
         names = [n.name for n in self.graph if n.op != "input"]
-        return self.run(names, env)[self.graph.output]
+        out = self.run(names, env)
+        return out[self.graph.output] if len(self.graph.outputs) == 1 else tuple(out[o] for o in self.graph.outputs)

@@ -155,7 +155,12 @@ class Op:
 class Program:
     input_shape: tuple[int, ...]
     ops: list[Op]
-    outputs: list[str]                     # (dequantized, codes)
+    outputs: list[str]                     # (dequantized, codes) of each model output, in its order
+
+    @property
+    def results(self) -> list[tuple[str, str]]:
+        """(dequantized, codes) value names of each model output."""
+        return list(zip(self.outputs[0::2], self.outputs[1::2]))
 
     def __getitem__(self, name: str) -> Op:
         for op in self.ops:

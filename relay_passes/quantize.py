@@ -93,11 +93,15 @@ class ProgramBuilder:
         self.input = self._new("quantize", "quantize", [INPUT], QuantizeAttrs(
             scale=codes.scale, zero_point=codes.zero_point, qmax=codes.qmax), {}, codes)
 
-    def finish(self, out: Value) -> Program:
-        """The program returning (dequantized ``out``, its codes); shapes and dtypes filled in."""
-        deq = self._new("dequantize", "dequantize", [out.name], DequantizeAttrs(
-            scale=out.codes.scale, zero_point=out.codes.zero_point), {}, None, dtype="float32")
-        prog = Program(self.input_shape, self.ops, [deq.name, out.name])
+    def finish(self, outs: Value | list[Value]) -> Program:
+        """The program returning (dequantized, codes) of each of ``outs`` in order (Program.results);
+        shapes and dtypes filled in."""
+        names = []
+        for out in [outs] if isinstance(outs, Value) else outs:
+            deq = self._new("dequantize", "dequantize", [out.name], DequantizeAttrs(
+                scale=out.codes.scale, zero_point=out.codes.zero_point), {}, None, dtype="float32")
+            names += [deq.name, out.name]
+        prog = Program(self.input_shape, self.ops, names)
         emit(prog)
         return prog
 

@@ -445,19 +445,57 @@ def _run(args) -> int:
     if args.emulate:
         from waps_tvm import emulation
         deq, codes, times = emulation.run(args.folder, x, args.repeat)
+        results = [(deq, codes)]
     elif boards:
         from waps_tvm import remote
         model = remote.load(args.folder, boards)
         try:
-            deq, codes = model(x)
+            _check_output_file(args, model.meta)
+            results = model.results(x)
             if args.repeat:
                 times = model.time(x, args.repeat)
         finally:
             model.close()
     else:
         model = runner.load(args.folder)
-        deq, codes = model(x)
-    y = codes if args.codes else deq
+        _check_output_file(args, model.meta)
+        results = model.results(x)
+    if len(results) > 1:
+        _write_results(args, model.meta, results)
+    else:
+        _show(args, results[0][1] if args.codes else results[0][0])
+    if args.repeat:
+        t = np.array(times if times is not None else model.time(x, args.repeat)) * 1000
+        where = " (emulated aarch64 under qemu)" if args.emulate else f" (on {args.rpc})" if args.rpc else \
+            f" (on a board of {boards})" if boards else ""
+        print(f"latency over {args.repeat} runs{where}: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
+    return 0
+
+
+def _check_output_file(args, meta: dict) -> None:
+    """A model with several outputs writes them to an .npz (before any work is done)."""
+    names = [r["name"] for r in meta.get("results", [])]
+    if len(names) > 1 and not (args.output or "").endswith(".npz"):
+        raise ConfigError(f"the model has {len(names)} outputs ({', '.join(names)}); give --output F.npz "
+                          "to write one array per output")
+
+
+def _write_results(args, meta: dict, results) -> None:
+    """A model with several outputs: one array per output in an .npz, keyed by the output's
+    name (meta.json "results"), dequantized or (--codes) its codes."""
+    import numpy as np
+    names = [r["name"] for r in meta["results"]]
+    _check_output_file(args, meta)
+    arrays = {n: (codes if args.codes else deq) for n, (deq, codes) in zip(names, results)}
+    tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{n} {a.shape} {a.dtype}" for n, a in arrays.items()))
+
+
+def _show(args, y) -> None:
+    """One output: written to --output (.npy) or printed (with the top-1 class of a [N, K] output)."""
+    import numpy as np
     if args.output:
         tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npy")
         np.save(tmp, y)
@@ -468,12 +506,6 @@ def _run(args) -> int:
         print(y)
         if y.ndim == 2:
             print("top-1:", y.argmax(1).tolist())
-    if args.repeat:
-        t = np.array(times if times is not None else model.time(x, args.repeat)) * 1000
-        where = " (emulated aarch64 under qemu)" if args.emulate else f" (on {args.rpc})" if args.rpc else \
-            f" (on a board of {boards})" if boards else ""
-        print(f"latency over {args.repeat} runs{where}: median {np.median(t):.3f} ms, min {t.min():.3f} ms")
-    return 0
 
 
 def _rpc_server(args) -> int:

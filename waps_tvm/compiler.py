@@ -84,8 +84,7 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
     import tvm
     prog = lowered.program
     quant = next(o for o in prog.ops if INPUT in o.inputs)      # the input's quantize
-    deq = prog[prog.outputs[0]]                                 # outputs: (dequantized, codes)
-    codes = prog[prog.outputs[1]]
+    results = [_result(prog[d], prog[c]) for d, c in prog.results]
     return {
         "format": "waps-tvm-compiled", "version": META_VERSION, "target": target.name,
         # the runner refuses a library built for another machine (runner.check_arch)
@@ -93,9 +92,10 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
         "input": {"shape": list(prog.input_shape), "dtype": "float32", "layout": "NCHW",
                   "scale": quant.attrs.scale, "zero_point": quant.attrs.zero_point,
                   "qmax": quant.attrs.qmax},
-        "output": {"shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
-                   "scale": deq.attrs.scale, "zero_point": deq.attrs.zero_point},
-        "outputs": ["dequantized", "codes"],
+        "output": results[0],                     # the first (a classifier's only) output
+        "results": results,                       # every model output, in its order
+        # the VM's tuple: (dequantized, codes) of each result in turn
+        "outputs": ["dequantized", "codes"] * len(results),
         "waps": {"form": lowered.legalize.form, "legalized_layers": lowered.legalize.legalized,
                  "masked_layers": lowered.legalize.masked,
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
@@ -105,6 +105,13 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
         "compile_seconds": round(seconds, 2),
     }
+
+
+def _result(deq, codes) -> dict:
+    """meta.json's description of one model output: its name (the codes value), shape, code
+    dtype and the scale and zero point that dequantize it."""
+    return {"name": codes.name, "shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
+            "scale": deq.attrs.scale, "zero_point": deq.attrs.zero_point}
 
 
 def write_library(ex, folder: Path, meta: dict, cc: str | None) -> None:

@@ -42,7 +42,7 @@ def build_program(art: WapsArtifact, batch: int = 1) -> tuple[Program, dict[str,
             continue
         xs = [env[i] for i in n.inputs]
         env[n.name] = _lower_node(art, b, n, xs)
-    return b.finish(env[g.output]), env
+    return b.finish([env[o] for o in g.outputs]), env
 
 
 def _lower_node(art: WapsArtifact, b: ProgramBuilder, n: Node, xs: list[Value]) -> Value:

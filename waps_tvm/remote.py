@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from waps_tvm.boards import Boards
-from waps_tvm.runner import RunError, check_input, first_batch, read_folder, run_batches
+from waps_tvm.runner import RunError, check_input, first_batch, read_folder, run_batches, single
 
 @dataclass
 class RemoteCompiled:
@@ -31,13 +31,16 @@ class RemoteCompiled:
         self.vm.invoke_stateful("main")
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs for any number of samples, one compiled batch per remote call."""
+        """(dequantized, codes) of a single-output model for any number of samples."""
+        return single(self.meta, self.results(x))
+
+    def results(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(dequantized, codes) of every model output, one compiled batch per remote call."""
         return run_batches(self._call_batch, self.meta, x)
 
-    def _call_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _call_batch(self, x: np.ndarray) -> list[np.ndarray]:
         self._invoke(x)
-        deq, codes = self.vm.get_outputs("main")
-        return deq.numpy(), codes.numpy()
+        return [t.numpy() for t in self.vm.get_outputs("main")]
 
     def close(self) -> None:
         """Drop the remote VM, module and session now: a TVM RPC server serves one session at a

@@ -35,13 +35,17 @@ class Compiled:
     vm: object
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Outputs for any number of samples (run_batches)."""
+        """(dequantized, codes) for any number of samples (run_batches) of a single-output model."""
+        return single(self.meta, self.results(x))
+
+    def results(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(dequantized, codes) of every model output (meta["results"]), for any number of samples."""
         return run_batches(self._call_batch, self.meta, x)
 
-    def _call_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _call_batch(self, x: np.ndarray) -> list[np.ndarray]:
         import tvm
         out = self.vm["main"](tvm.runtime.tensor(check_input(self.meta, x)))
-        return out[0].numpy(), out[1].numpy()
+        return [out[i].numpy() for i in range(len(out))]
 
     def time(self, x: np.ndarray, repeat: int) -> list[float]:
         """Seconds per call of one compiled batch (the first of ``x``), ``repeat`` calls after one
@@ -175,12 +179,22 @@ def first_batch(meta: dict, x: np.ndarray) -> np.ndarray:
     return batches(meta, check_samples(meta, x))[0]
 
 
-def run_batches(call, meta: dict, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(dequantized, codes) for any number of samples: ``call`` (one compiled batch → its two
-    outputs) runs on each chunk of ``batches``; the results are joined and trimmed to S rows."""
+def run_batches(call, meta: dict, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(dequantized, codes) of each model output for any number of samples: ``call`` (one
+    compiled batch → the VM's flat tuple, meta["outputs"]) runs on each chunk of ``batches``;
+    the results are joined and trimmed to S rows."""
     x = check_samples(meta, x)
     outs = [call(part) for part in batches(meta, x)]
-    return (np.concatenate([o[0] for o in outs])[:len(x)], np.concatenate([o[1] for o in outs])[:len(x)])
+    flat = [np.concatenate([o[i] for o in outs])[:len(x)] for i in range(len(outs[0]))]
+    return list(zip(flat[0::2], flat[1::2]))
+
+
+def single(meta: dict, results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (dequantized, codes) of a single-output model; RunError for a model with several."""
+    if len(results) != 1:
+        names = ", ".join(r["name"] for r in meta.get("results", []))
+        raise RunError(f"the model has {len(results)} outputs ({names}); write them to an .npz (--output F.npz)")
+    return results[0]
 
 
 def main(argv: list[str] | None = None) -> int:

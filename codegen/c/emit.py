@@ -37,6 +37,11 @@ def _array(name: str, arr: np.ndarray) -> str:
 
 
 def emit_c(program: Program) -> str:
+    """The standalone C unit ``waps_model_run(input, output, codes)`` of a single-output program
+    (a program with several outputs compiles through TVM: --target c)."""
+    if len(program.results) != 1:
+        from relay_passes.quantize import CompileError
+        raise CompileError(f"the standalone C unit returns one output; this program has {len(program.results)}")
     if any(not o.shape for o in program.ops):
         from relay_passes.program import emit
         emit(program)

@@ -1,0 +1,95 @@
+"""Models that return several tensors (a feature pyramid returns one per level): captured,
+calibrated, stored, compiled and run with every output, bit-exact on every backend, and
+written by ``waps-tvm run`` as an .npz with one array per output."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib import artifact
+from calib.errors import ModelError
+from tests.compile_helpers import assert_bit_exact_on_backends, calibrated
+from tests.conftest import randomize_bn
+from waps_tvm.oracle import layer_agreement
+
+
+class TinyPyramid(nn.Module):
+    """A two-stage body and an FPN head in the manner of torchvision's: 1×1 laterals, nearest
+    top-down upsampling and adds, 3×3 output convs and a max-pooled extra level; returns a dict
+    of four levels (torch.export flattens it in key order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+        self.c4 = nn.Sequential(nn.Conv2d(16, 24, 3, 2, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.lat = nn.ModuleList([nn.Conv2d(c, 12, 1) for c in (8, 16, 24)])
+        self.out = nn.ModuleList([nn.Conv2d(12, 12, 3, 1, 1) for _ in range(3)])
+
+    def forward(self, x):
+        feats = [self.stem(x)]
+        feats.append(self.c3(feats[-1]))
+        feats.append(self.c4(feats[-1]))
+        inner = self.lat[2](feats[2])
+        levels = [self.out[2](inner)]
+        for i in (1, 0):
+            lateral = self.lat[i](feats[i])
+            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            levels.insert(0, self.out[i](inner))
+        return {"p2": levels[0], "p3": levels[1], "p4": levels[2], "pool": F.max_pool2d(levels[2], 1, 2, 0)}
+
+
+@pytest.fixture(scope="module")
+def pyramid():
+    torch.manual_seed(0)
+    return calibrated(randomize_bn(TinyPyramid().eval()), (3, 32, 32), wbits=4, abits=4, iters=2, samples=8)
+
+
+def test_every_output_is_captured_calibrated_and_stored(pyramid, tmp_path):
+    g = pyramid.graph
+    assert [g[o].shape for o in g.outputs] == [(12, 16, 16), (12, 8, 8), (12, 4, 4), (12, 2, 2)]
+    with pytest.raises(ModelError, match="returns 4 tensors"):
+        g.output
+    artifact.save(pyramid, tmp_path / "p.waps")
+    assert artifact.load(tmp_path / "p.waps").graph.outputs == g.outputs
+    from calib.fakequant import build_fake_quant
+    outs = build_fake_quant(pyramid)(torch.zeros(2, 3, 32, 32))
+    assert isinstance(outs, tuple) and [tuple(o.shape) for o in outs] == [(2, *g[o].shape) for o in g.outputs]
+
+
+def test_every_output_bit_exact_on_every_backend_and_near_fake_quant(pyramid):
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype("float32")
+    assert_bit_exact_on_backends(pyramid, x)
+    rows = layer_agreement(pyramid, x)
+    assert rows and max(r.max_diff for r in rows) <= 1
+
+
+@pytest.mark.slow
+def test_compile_and_run_write_one_array_per_output(pyramid, tmp_path):
+    artifact.save(pyramid, tmp_path / "p.waps")
+    x = np.random.default_rng(1).normal(size=(3, 3, 32, 32)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    cli = [sys.executable, "-m", "waps_tvm.cli"]
+    r = subprocess.run([*cli, "compile", str(tmp_path / "p.waps"), "-o", str(tmp_path / "out"), "--target", "npu16"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    names = [res["name"] for res in meta["results"]]
+    assert len(names) == 4 and meta["outputs"] == ["dequantized", "codes"] * 4
+    run = [*cli, "run", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy")]
+    r = subprocess.run(run, capture_output=True, text=True)                 # several outputs need an .npz
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--output F.npz" in r.stderr
+    r = subprocess.run([*run, "--codes", "--output", str(tmp_path / "y.npz")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "y.npz")
+    from relay_passes import reference
+    from waps_tvm.frontend import to_program
+    want = reference.run(to_program(pyramid, 3), x)[1::2]
+    assert list(got.files) == names
+    for name, w in zip(names, want):
+        np.testing.assert_array_equal(got[name], w)
