@@ -25,6 +25,7 @@ _RELU = {aten.relu.default, aten.relu_.default}
 _HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default}
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor}
+_SUB = {aten.sub.Tensor, aten.sub_.Tensor}
 _PAD = {aten.pad.default, aten.constant_pad_nd.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
 # F.interpolate / nn.Upsample: graph op → its ATen overloads (.vec from F.interpolate, .default decomposed)
@@ -149,6 +150,9 @@ def capture(program: ExportedProgram) -> Graph:
         if fx.op != "call_function":
             unsupported.append(f"{fx.op} {fx.target}")
             continue
+        if _folds(fx, tensors):              # arithmetic on parameters and buffers only: done now
+            tensors[fx.name] = _evaluate(fx, tensors)
+            continue
         source = _source(fx)
         try:
             node = _map(fx, source, value, const, alias, pending, shapes, add)
@@ -184,6 +188,61 @@ def _arguments(fx) -> dict:
         elif a.has_default_value():
             out[a.name] = a.default_value
     return out
+
+
+def _folds(fx, tensors: dict) -> bool:
+    """An fx call whose tensor inputs are all constants (parameters, buffers, folded values),
+    e.g. a frozen batch norm's w·rsqrt(var + eps) and b − mean·scale."""
+    ins = fx.all_input_nodes
+    return bool(ins) and all(i.name in tensors for i in ins) and hasattr(fx.meta.get("val"), "shape")
+
+
+def _evaluate(fx, tensors: dict) -> torch.Tensor:
+    """The value of a ``_folds`` call, computed with torch on the constants."""
+    def sub(v):
+        if isinstance(v, torch.fx.Node):
+            return tensors[v.name]
+        if isinstance(v, (list, tuple)):
+            return type(v)(sub(x) for x in v)
+        return v
+    with torch.no_grad():
+        return fx.target(*sub(fx.args), **{k: sub(v) for k, v in fx.kwargs.items()}).detach()
+
+
+def _channel_affine(fx, value, const, shapes, source, shape) -> Node | None:
+    """``x * c``, ``x + c`` or ``x − c`` with a constant ``c`` of one value per channel (or one in
+    all: [C, 1, 1] / [1, C, 1, 1], a one-element tensor or a number) as a ``batch_norm`` node with mean 0, var 1,
+    eps 0 — exactly x·w + b — which fold_bn folds into the conv before it (a frozen batch norm,
+    a layer scale). None when the call is not of that form."""
+    a = fx.args
+    if len(a) != 2 or fx.kwargs.get("alpha", 1) != 1:
+        return None
+    number = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in a]
+    consts = [i for i, v in enumerate(a) if number[i] or (_is_tensor(v) and value_or_none(const, v) is not None)]
+    if len(consts) != 1 or not _is_tensor(a[1 - consts[0]]) or (fx.target in _SUB and consts[0] != 1):
+        return None
+    c = torch.tensor(float(a[consts[0]])) if number[consts[0]] else const(a[consts[0]])
+    x = value(a[1 - consts[0]])
+    xs = shapes[x]
+    if len(xs) != 3:
+        return None
+    if c.numel() != 1:                       # else one value for all: any shape broadcasts
+        lead, (ch, h, w) = c.shape[:-3], c.shape[-3:] if c.dim() >= 3 else (0, 0, 0)
+        if c.dim() < 3 or c.dim() > 4 or any(d != 1 for d in lead) or (h, w) != (1, 1) or ch != xs[0]:
+            return None                      # broadcasts along H or W, or over the batch
+    v = c.reshape(-1).float().expand(xs[0]).clone()
+    ones, zeros = torch.ones(xs[0]), torch.zeros(xs[0])
+    w, b = (v, zeros) if fx.target in _MUL else (ones, -v if fx.target in _SUB else v)
+    return Node(fx.name, "batch_norm", [x], {"eps": 0.0}, {"weight": w, "bias": b, "mean": zeros, "var": ones},
+                source, shape)
+
+
+def value_or_none(const, arg):
+    """The constant ``arg`` denotes, or None for a computed tensor."""
+    try:
+        return const(arg)
+    except ModelError:
+        return None
 
 
 def _is_tensor(v) -> bool:
@@ -258,10 +317,16 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         args = _arguments(fx)
         attrs = {"fn": fn, **{k: _json_scalar(args[k]) for k in params}}
         return Node(fx.name, "elementwise", [value(a[0])], attrs, {}, source, shape)
+    if t in _ADD or t in _MUL or t in _SUB:
+        folded = _channel_affine(fx, value, const, shapes, source, shape)
+        if folded is not None:
+            return folded
     if t in _ADD or t in _MUL:
         op = "add" if t in _ADD else "mul"
         if len(a) != 2 or not all(_is_tensor(v) for v in a) or fx.kwargs.get("alpha", 1) != 1:
             raise _Refused(f"{where}: {op} with a scalar or scaled operand")
+        if any(value_or_none(const, v) is not None for v in a):
+            raise _Refused(f"{where}: {op} with a constant that is not one value per channel")
         x, y = value(a[0]), value(a[1])
         if math.prod(shapes[y]) > math.prod(shapes[x]):  # the broadcast operand goes second
             x, y = y, x

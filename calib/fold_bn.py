@@ -15,7 +15,8 @@ from calib.graph import Graph, Node
 def fold_batch_norm(graph: Graph) -> Graph:
     """Return a graph with every batch_norm folded into its producer.
 
-    A batch_norm whose input is not a conv/linear read by nothing else (DenseNet's
+    Batch norms in a row (a frozen batch norm captured as a scale and a shift) fold one after
+    the other. A batch_norm whose input is not a conv/linear read by nothing else (DenseNet's
     pre-activation BN after a cat or pool) becomes a 1×1 depthwise conv2d with the
     BN's per-channel scale and shift: the integer program has no BN op, and one weight
     per output channel is exact under per-channel symmetric weight quantization.
@@ -29,10 +30,12 @@ def fold_batch_norm(graph: Graph) -> Graph:
     for bn in graph.nodes:
         if bn.op != "batch_norm":
             continue
-        prod = by_name[bn.inputs[0]]
+        src = bn.inputs[0]
+        r = alias.get(src, src)               # a batch_norm folded already: its conv, as folded
+        prod = folded.get(r) or standalone.get(r) or by_name[r]
         p = bn.params
         scale = p["weight"].double() / torch.sqrt(p["var"].double() + bn.attrs["eps"])
-        if prod.op not in ("conv2d", "linear") or len(users[prod.name]) != 1:
+        if prod.op not in ("conv2d", "linear") or len(users[src]) != 1:
             if len(bn.shape) != 3:
                 bad.append(f"{bn.label()}: batch_norm of a {len(bn.shape) + 1}-D tensor not after a conv/linear")
                 continue

@@ -54,3 +54,51 @@ def test_unsupported_ops_are_listed_by_module_name():
     msg = str(e.value)
     assert "gate" in msg and "log_sigmoid" in msg and "up" in msg
     assert "\n" not in msg
+
+
+class FrozenAndScaled(nn.Module):
+    """A frozen batch norm (torchvision's detection backbones with pretrained weights compute
+    w·rsqrt(var + eps) and b − mean·scale from buffers, then x·scale + shift) and a learned
+    per-channel layer scale after a pool (no conv to fold into)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fbn = FrozenBatchNorm2d(8)
+        for b in (self.fbn.weight, self.fbn.running_var):
+            b.uniform_(0.5, 2.0)
+        for b in (self.fbn.bias, self.fbn.running_mean):
+            b.uniform_(-1.0, 1.0)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(8, 1, 1))
+
+    def forward(self, x):
+        y = torch.relu(self.fbn(self.conv(x)))
+        return nn.functional.max_pool2d(y, 2) * self.gamma - 0.25
+
+
+def test_frozen_batch_norm_and_layer_scale_fold_exactly():
+    torch.manual_seed(0)
+    model = FrozenAndScaled().eval()
+    g = graph_of(model, (3, 8, 8))
+    assert [n.op for n in g] == ["input", "conv2d", "max_pool2d", "conv2d"]   # scale − 0.25: one 1×1 dw conv
+    fp = QuantModel(g, CalibConfig(method="rtn", abits=32))
+    fp.set_quant(False)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fp(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class AlongWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.c = nn.Parameter(torch.ones(8))          # broadcasts along W, not over channels
+
+    def forward(self, x):
+        return self.conv(x) * self.c
+
+
+def test_a_constant_that_is_not_per_channel_is_refused_in_one_line():
+    with pytest.raises(UnsupportedOpError, match="mul with a constant that is not one value per channel"):
+        graph_of(AlongWidth().eval(), (3, 8, 8))

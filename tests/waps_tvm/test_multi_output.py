@@ -93,3 +93,21 @@ def test_compile_and_run_write_one_array_per_output(pyramid, tmp_path):
     assert list(got.files) == names
     for name, w in zip(names, want):
         np.testing.assert_array_equal(got[name], w)
+
+
+@pytest.mark.slow
+def test_faster_rcnn_fpn_backbone_five_outputs_bit_exact():
+    """torchvision's Faster R-CNN ResNet-50 FPN backbone (random weights, so BatchNorm2d as
+    torchvision builds it untrained): ResNet body, 1×1 laterals, nearest top-down upsampling,
+    3×3 output convs and the max-pooled extra level, as one integer program with five outputs."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
+                                                                 num_classes=2).backbone
+    art = calibrated(randomize_bn(model.eval()), (3, 32, 32), wbits=4, abits=4, iters=1, samples=2)
+    g = art.graph
+    assert [g[o].shape for o in g.outputs] == [(256, 8, 8), (256, 4, 4), (256, 2, 2), (256, 1, 1), (256, 1, 1)]
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype("float32")
+    assert_bit_exact_on_backends(art, x)
+    rows = layer_agreement(art, x)
+    assert rows and max(r.max_diff for r in rows) <= 1
