@@ -181,7 +181,9 @@ def cpu(results: Path) -> str:
     if "fast" not in forms:
         ort = {r["model"]: r for r in _json(results, "cpu_ort.json")["rows"]}
         same = [m for m in dict.fromkeys(r["model"] for r in rows) if m in ort]
-        fast = ", ".join(f"{_name(m)} {_ms(ort[m]['tvm_fast_ms'])} ms" for m in same)
+        configs = list(dict.fromkeys(r["config"] for r in rows))
+        fast = ", ".join(f"{_name(m)} " + ", ".join(f"{c} {_ms(ort[m]['builds'][c]['fast_ms'])} ms"
+                                                    for c in configs if c in ort[m]["builds"]) for m in same)
         lines += ["", f"These latencies are the {' and '.join(forms)} forms only: TVM's unscheduled default "
                   "lowering, slower than the default `fast` form, which `bench/cpu.py` does not time. "
                   "The fast form is measured in the ONNX Runtime comparison below" +
@@ -195,39 +197,75 @@ def _ort_label(r: dict) -> str:
     return f"{_name(r['model'])} {r['input'][-1]}²"
 
 
+def _peak_clause(peak: dict) -> str:
+    """'64 MACs per `vpdpbusd zmm` × 1.02 per cycle × 2.80 GHz × 2 cores = 366 GMAC/s'."""
+    clock = f" × {peak['clock_ghz']:.2f} GHz" if peak.get("clock_ghz") else ""
+    ipc = f" × {peak['all_core_instr_per_cycle']:.2f} per cycle" if peak.get("all_core_instr_per_cycle") else ""
+    return (f"{peak['macs_per_instruction']} MACs per `{peak['instruction']}`{ipc}{clock} × {peak['cores']} cores "
+            f"= {peak['peak_gmacs']:.0f} GMAC/s")
+
+
 def cpu_ort(results: Path) -> str:
+    """Two tables: latency of ORT and of waps-tvm's builds at each precision (the headline
+    precision against ORT int8 like for like), and GMAC/s against the measured peak."""
     data = _json(results, "cpu_ort.json")
     meta, rows = data["meta"], data["rows"]
+    ps, top = meta["precisions"], meta["headline"]
+    low = [p for p in ps if p != top]
     ort = ".".join(meta["onnxruntime"].split(".")[:2])
-    trials = sorted({r["tune_trials"] for r in rows if r.get("tvm_tuned_ms") is not None})
+    tuned = meta["tune_trials"] > 0
     dots = sorted({r["dot"].upper() if r["dot"] == "vnni" else f"`{r['dot']}`" for r in rows})
-    exact = [r for r in rows if r["bit_exact"]]
-    exact_text = ("All TVM builds are" if len(exact) == len(rows) else
-                  f"{len(exact)} of {len(rows)} TVM builds ({', '.join(_ort_label(r) for r in exact)}) are")
-    head = ["model", "PyTorch fp32", "ORT fp32", "ORT int8", "TVM split (before)", "TVM fast, no groups",
-            "TVM fast, WAPS", "fast/ORT int8", "groups", "TVM tuned", "tuned/ORT int8"]
-    lines = [f"Batch 1, median ms of {meta['repeat']} runs. ORT {ort} runs static QDQ int8 (uint8 activations, "
-             f"per-channel int8 weights) and fp32, with {meta['ort_threads']} threads. waps-tvm's `fast` form "
-             f"runs with {' and '.join(dots)} and {meta['tvm_threads']} threads, untuned (the default schedules)"
-             + (f" and tuned (`waps-tvm tune`, {' or '.join(map(str, trials))} trials per model)" if trials else "")
-             + ". The torchvision models have random weights and random tile-granular WAPS groups (latency "
-             f"only). {exact_text} bit-exact against the NumPy reference (`bench/results/cpu_ort.md`, "
-             "`cpu_ort.png`).", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    exact = [r for r in rows if all(ok for b in r["builds"].values() for ok in b["bit_exact"].values())]
+    builds = sum(len(b["bit_exact"]) for r in rows for b in r["builds"].values())
+    exact_text = (f"All {builds} TVM builds are" if len(exact) == len(rows) else
+                  f"The TVM builds of {len(exact)} of {len(rows)} models "
+                  f"({', '.join(_ort_label(r) for r in exact) or 'none'}) are")
+    head = ["model", "PyTorch fp32", "ORT fp32", f"ORT int8 ({top})", f"TVM split {top} (before)",
+            f"TVM fast {top}, no groups", f"TVM fast {top}", f"**{top}/ORT int8**", f"groups ({top})"]
+    head += [h for p in low for h in (f"TVM fast {p}", f"{p}/ORT int8")]
+    head += [h for p in ps if tuned for h in (f"TVM tuned {p}", f"tuned {p}/ORT int8")]
+    peak = meta["peak"]
+    lines = [f"Batch 1, median ms of {meta['repeat']} runs. ORT {ort} runs static QDQ int8 — {top}: uint8 "
+             f"activations, per-channel int8 weights — and fp32, with {meta['ort_threads']} threads. waps-tvm's "
+             f"`fast` form runs with {' and '.join(dots)} and {meta['tvm_threads']} threads, untuned (the default "
+             f"schedules), built at {', '.join(ps)}: the {top} build is the like-for-like comparison, "
+             f"{' and '.join(low)} show what fewer bits buy on the same CPU"
+             + (f"; tuned with `waps-tvm tune`, {meta['tune_trials']} trials per model and precision" if tuned
+                else "; not tuned here (`--tune-trials 0`)")
+             + ". The torchvision models have random weights, RTN calibration and random tile-granular WAPS "
+             f"groups (latency only); the 28×28 models: {meta['calibration']['bench']}. {exact_text} bit-exact "
+             "against the NumPy reference (`bench/results/cpu_ort.md`, `cpu_ort.png`).", "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
-        split = _ms(r["tvm_split_ms"]) if r.get("tvm_split_ms") is not None else "–¹"
-        tuned = r.get("tvm_tuned_ms")
-        lines.append(" | ".join([
-            f"| {_ort_label(r)}", _ms(r["pytorch_fp32_ms"]), _ms(r["ort_fp32_ms"]), _ms(r["ort_int8_ms"]), split,
-            _ms(r["tvm_fast_nogroups_ms"]), _ms(r["tvm_fast_ms"]), f"{r['fast_vs_ort_int8']:.2f}×",
-            _signed_pct(r["groups_cost_pct"]), _ms(tuned) if tuned is not None else "–",
-            f"{r['tuned_vs_ort_int8']:.2f}×" if tuned is not None else "–"]) + " |")
+        b, h = r["builds"], r["builds"][top]
+        cells = [_ort_label(r), _ms(r["pytorch_fp32_ms"]), _ms(r["ort_fp32_ms"]), _ms(r["ort_int8_ms"]),
+                 _ms(h["split_ms"]) if "split_ms" in h else "–¹", _ms(h["nogroups_ms"]), _ms(h["fast_ms"]),
+                 f"**{h['vs_ort_int8']:.2f}×**", _signed_pct(h["groups_cost_pct"])]
+        cells += [c for p in low for c in (_ms(b[p]["fast_ms"]), f"{b[p]['vs_ort_int8']:.2f}×")]
+        cells += [c for p in ps if tuned for c in (_ms(b[p]["tuned_ms"]), f"{b[p]['tuned_vs_ort_int8']:.2f}×")]
+        lines.append("| " + " | ".join(cells) + " |")
+    head = ["model", "integer MACs", f"ORT int8 ({top})", *[f"TVM fast {p}" for p in ps]]
+    lines += ["", f"Throughput, GMAC/s and % of this CPU's peak: the compiled program's conv/linear MACs ÷ latency "
+              f"(ORT on the same count). Peak measured by `bench/cpu_peak.py`: {_peak_clause(peak)}; every build "
+              "runs on that instruction (2- and 4-bit codes sit in int8 lanes).", "",
+              "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        b = r["builds"]
+        cells = [_ort_label(r), f"{b[top]['macs'] / 1e6:.1f} M",
+                 f"{r['ort_int8_gmacs']:.1f} ({r['ort_int8_pct_of_peak']:.1f} %)"]
+        cells += [f"{b[p]['gmacs']:.1f} ({b[p]['pct_of_peak']:.1f} %)" for p in ps]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def ort_ratio(results: Path) -> str:
-    """'0.85× on ResNet-18 and 0.86× on MobileNetV2': untuned fast / ORT int8 at 224²."""
-    rows = [r for r in _json(results, "cpu_ort.json")["rows"] if r["input"][-1] >= 224]
-    return " and ".join(f"{r['fast_vs_ort_int8']:.2f}× on {_name(r['model'])}" for r in rows)
+    """'0.95× on ResNet-18 and 1.02× on MobileNetV2 (our W8A8 build)': the headline precision's
+    untuned fast build ÷ ORT int8 at 224²."""
+    data = _json(results, "cpu_ort.json")
+    top = data["meta"]["headline"]
+    rows = [r for r in data["rows"] if r["input"][-1] >= 224]
+    return (" and ".join(f"{r['builds'][top]['vs_ort_int8']:.2f}× on {_name(r['model'])}" for r in rows)
+            + f" (our {top} build)")
 
 
 # --- npu16 beside Vela (bench/vela_compare.py) ----------------------------------------------

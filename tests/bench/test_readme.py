@@ -49,25 +49,51 @@ def test_check_flags_a_stale_readme_and_rewrite_fixes_it(tmp_path, capsys):
 
 
 def test_new_results_reach_every_marked_place(results):
-    """The ORT ratio appears in Status, Known gaps and the table; all follow cpu_ort.json."""
+    """The headline (W8A8) ORT ratio appears in Status, Known gaps and the table; all follow
+    cpu_ort.json, and the lower-precision columns do not leak into the headline."""
+    data = json.loads((results / "cpu_ort.json").read_text())
+    top = data["meta"]["headline"]
+    assert top == "W8A8"
+    row = next(r for r in data["rows"] if r["model"] == "resnet18")
+    was = f"{row['builds'][top]['vs_ort_int8']:.2f}× on ResNet-18"
+
     def faster(data):
         row = next(r for r in data["rows"] if r["model"] == "resnet18")
-        row["fast_vs_ort_int8"] = 0.5
-        row["tvm_fast_ms"] = 1.451
+        row["builds"][top]["vs_ort_int8"] = 0.123
+        row["builds"][top]["fast_ms"] = 1.451
+        row["builds"]["W2A4"]["vs_ort_int8"] = 0.456
     _edit_json(results / "cpu_ort.json", faster)
     old = README.read_text()
     new = rewrite(old, results)
-    assert "0.85× on ResNet-18" in old and "0.85× on ResNet-18" not in new
-    assert new.count("0.50× on ResNet-18") == 2
-    assert "| ResNet-18 224² | 16.37 | 8.60 | 2.90 | –¹ | 2.45 | 1.45 | 0.50× |" in new
+    assert was in old and was not in new
+    assert new.count("0.12× on ResNet-18") == 2 and "0.46× on ResNet-18" not in new
+    assert "(our W8A8 build)" in new
+    line = next(ln for ln in new.splitlines() if ln.startswith("| ResNet-18 224² |") and "**0.12×**" in ln)
+    assert "| 1.45 | **0.12×** |" in line and "| 0.46× |" in line
     assert readme.main(["--check", "--results", str(results)]) == 1
+
+
+def test_cpu_ort_headers_state_precisions_and_peak(results):
+    """Every TVM and ORT column names its precision; the throughput table quotes the peak."""
+    from bench.readme_blocks import cpu_ort
+    text = cpu_ort(results)
+    heads = [ln for ln in text.splitlines() if ln.startswith("| model |")]
+    assert len(heads) == 2
+    for h in heads:
+        for cell in h.strip("| ").split(" | "):
+            if "TVM" in cell or "ORT int8" in cell:
+                assert any(p in cell for p in ("W8A8", "W4A4", "W2A4")), cell
+    peak = json.loads((results / "cpu_ort.json").read_text())["meta"]["peak"]
+    assert f"= {peak['peak_gmacs']:.0f} GMAC/s" in text
 
 
 def test_cpu_block_names_the_forms_it_measured(results):
     """cpu.json times split/fused only, so the block says so and points at the fast form's
     numbers; once it times the fast form too, the pointer goes and a column comes."""
     text = cpu(results)
-    assert "does not time" in text and "0.064 ms" in text and "WAPS fast" not in text
+    ort = json.loads((results / "cpu_ort.json").read_text())
+    fast = next(r for r in ort["rows"] if r["model"] == "fashion_resnet")["builds"]["W4A4"]["fast_ms"]
+    assert "does not time" in text and f"W4A4 {fast:.3f} ms" in text and "WAPS fast" not in text
     assert "Known gaps" not in text
 
     def add_fast(data):
