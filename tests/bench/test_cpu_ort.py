@@ -71,9 +71,11 @@ def test_peak_is_positive_and_finite(dot, tmp_path):
     peak = cpu_peak.measure(seconds=0.02, repeats=1)
     assert peak.macs_per_instruction == dot.macs
     assert math.isfinite(peak.peak_gmacs) and peak.peak_gmacs > 0
-    assert peak.peak_gmacs == pytest.approx(peak.all_core_instr_per_s_per_core * dot.macs * peak.cores / 1e9)
+    best = max(peak.single_core_instr_per_s, peak.all_core_instr_per_s_per_core)     # per core
+    assert peak.per_core_instr_per_s == best
+    assert peak.peak_gmacs == pytest.approx(best * dot.macs * peak.cores / 1e9)
     if peak.clock_ghz:
-        ipc = peak.all_core_instr_per_cycle
+        ipc = best / 1e9 / peak.clock_ghz
         assert peak.peak_gmacs == pytest.approx(ipc * dot.macs * peak.clock_ghz * peak.cores)
         assert 0.05 < peak.single_core_instr_per_cycle < 8          # a real core's issue width
     cpu_peak.write(peak, tmp_path)
