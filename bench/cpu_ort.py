@@ -148,13 +148,6 @@ def ort_sessions(model, x_calib: torch.Tensor, folder: Path):
             ort.InferenceSession(str(int8), so, providers=["CPUExecutionProvider"]))
 
 
-def program_macs(program) -> int:
-    """Integer multiply-accumulates of one run of a lowered program: the conv/linear layers'
-    MACs as ``waps-tvm report`` counts them (waps_tvm.report), summed."""
-    from waps_tvm.report import _macs
-    return sum(_macs(program, op) for op in program.ops)
-
-
 def tvm_call(art, form: str, x: np.ndarray, records=None) -> tuple[object, dict]:
     """(a call of the compiled model on ``x``, its facts: gathers, WAPS layers, MACs, bit-exact);
     ``records`` (waps_tvm.tuning.load_records) builds each fast kernel from its best record."""
@@ -164,6 +157,7 @@ def tvm_call(art, form: str, x: np.ndarray, records=None) -> tuple[object, dict]
 
     from relay_passes import fast_kernels, reference
     from waps_tvm.compiler import build, lower_artifact
+    from waps_tvm.report import program_macs
     with fast_kernels.tuned(*records) if records else contextlib.nullcontext():
         low = lower_artifact(art, 1, form)
     vm = tvm.runtime.vm.VirtualMachine(build(low), tvm.cpu())

@@ -45,7 +45,7 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
         place = where.get(op.name, {"target": target, "reason": ""})
         a = op.attrs
         row = {"op": op.name, "kind": op.kind, "layer": a.layer or "", "target": place["target"],
-               "reason": place.get("reason", ""), "shape": list(op.shape), "macs": _macs(program, op),
+               "reason": place.get("reason", ""), "shape": list(op.shape), "macs": layer_macs(op),
                "partition": place.get("partition", ""),          # npu16: the multi-op partition it is in
                "in_channels": _in_channels(op),
                "group_sizes": [], "sigma": [], "n": [], "frac_bits": getattr(a, "frac", 0),
@@ -78,7 +78,12 @@ def partitions(rows: list[dict]) -> list[dict]:
     return list(out.values())
 
 
-def _macs(program, op) -> int:
+def program_macs(program) -> int:
+    """The multiply-accumulates of every conv/linear of ``program`` (one batch)."""
+    return sum(layer_macs(op) for op in program.ops)
+
+
+def layer_macs(op) -> int:
     """A layer's multiply-accumulates: each output code reads w[k] minus its first axis
     ([cg, kh, kw] conv, [f] linear)."""
     from relay_passes.opset import is_layer      # here: ``waps-tvm report`` of a report.json loads no TVM

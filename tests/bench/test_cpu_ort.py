@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bench import cpu_peak
-from bench.cpu_ort import bits, program_macs
+from bench.cpu_ort import bits
+from waps_tvm.report import program_macs
 from calib.errors import ConfigError
 
 
