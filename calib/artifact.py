@@ -106,7 +106,8 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
         meta[k] = {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": hashlib.sha256(buffers[k]).hexdigest()}
     manifest = {
         "format": FORMAT, "version": art.version, "producer": art.producer,
-        "config": art.config, "output": _outputs_json(art.graph.outputs), "graph": art.graph.to_json(),
+        "config": art.config, "output": _outputs_json(art.graph.outputs),
+        **({"output_labels": list(art.graph.labels)} if art.graph.labels else {}), "graph": art.graph.to_json(),
         "layers": layers,
         "tensors": {k: {"bits": q.bits, "scale": q.scale, "zero_point": q.zero_point} for k, q in art.quant.items()},
         "arrays": meta, "report": art.report,
@@ -214,7 +215,11 @@ def _check_header(path: Path, m: dict) -> None:
 
 
 def _build(m: dict, arrays: dict[str, np.ndarray]) -> WapsArtifact:
-    graph = Graph.from_json(m["graph"], m["output"])
+    labels = m.get("output_labels", [])
+    if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels) or \
+            (labels and len(labels) != (len(m["output"]) if isinstance(m["output"], list) else 1)):
+        raise ArtifactError("manifest 'output_labels' must be one name per output")
+    graph = Graph.from_json(m["graph"], m["output"], labels)
     layers = {}
     for name, e in m["layers"].items():
         get = lambda a: arrays[e[a]] if a in e else None  # noqa: E731

@@ -135,9 +135,10 @@ def capture(program: ExportedProgram) -> Graph:
                 add(Node(fx.name, "input", [], {"shape": list(shape[1:])}, shape=shape[1:]))
             continue
         if fx.op == "output":                # the returned tensors, flattened in the model's order
-            outs = [o for o in fx.args[0] if o is not None]
-            if not outs:
+            named = [(o, s) for o, s in zip(fx.args[0], _output_labels(program, len(fx.args[0]))) if o is not None]
+            if not named:
                 raise ModelError("the model returns no tensor")
+            outs, labels = [o for o, _ in named], [s for _, s in named]
             outputs = []
             for o in outs:
                 if not hasattr(o, "name"):
@@ -167,7 +168,9 @@ def capture(program: ExportedProgram) -> Graph:
         raise UnsupportedOpError("unsupported layers: " + "; ".join(dict.fromkeys(unsupported)))
     if outputs is None:
         raise ModelError("the exported program has no output")
-    return _prune(Graph(nodes, tuple(outputs)))
+    if len(outputs) == 1 or len(set(labels)) != len(labels) or not all(labels):
+        labels = []                          # one tensor, or labels that would not name each output
+    return _prune(Graph(nodes, tuple(outputs), tuple(labels)))
 
 
 class _Refused(Exception):
@@ -188,6 +191,22 @@ def _arguments(fx) -> dict:
         elif a.has_default_value():
             out[a.name] = a.default_value
     return out
+
+
+def _output_labels(program: ExportedProgram, n: int) -> list[str]:
+    """The name of each of the ``n`` returned leaves in the model's output structure: dict keys
+    and sequence indices joined by dots ("pool", "feats.1"); "" where there is none."""
+    import re
+
+    from torch.utils import _pytree as pytree
+    try:
+        spec = program.call_spec.out_spec
+        tree = pytree.tree_unflatten(list(range(n)), spec)
+        paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(tree)[0]]
+    except Exception:  # noqa: BLE001 (an output structure pytree cannot walk: no labels)
+        return [""] * n
+    keys = [".".join(a or b for a, b in re.findall(r"\['([^']*)'\]|\[(\d+)\]", p)) for p in paths]
+    return keys if len(keys) == n else [""] * n
 
 
 def _folds(fx, tensors: dict) -> bool:

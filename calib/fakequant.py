@@ -34,7 +34,7 @@ def build_fake_quant(art: WapsArtifact) -> QuantModel:
             params = {"weight": codes * scale.reshape((-1,) + (1,) * (codes.dim() - 1)),
                       "bias": torch.from_numpy(rec.bias.copy()), "w_scale": scale}
         nodes.append(Node(n.name, n.op, list(n.inputs), dict(n.attrs), params, n.source, tuple(n.shape)))
-    graph = Graph(nodes, art.graph.outputs)
+    graph = art.graph.replace(nodes)
     cfg = CalibConfig(method="rtn", progress=False)
     model = QuantModel(graph, cfg)
     _set(model.input_quant, art.quant[graph.input.name])

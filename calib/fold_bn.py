@@ -62,4 +62,4 @@ def fold_batch_norm(graph: Graph) -> Graph:
         n = standalone.get(n.name, n)
         n = folded.get(n.name, n)
         nodes.append(Node(n.name, n.op, [alias.get(i, i) for i in n.inputs], n.attrs, n.params, n.source, n.shape))
-    return Graph(nodes, tuple(alias.get(o, o) for o in graph.outputs))
+    return graph.replace(nodes, tuple(alias.get(o, o) for o in graph.outputs))

@@ -31,4 +31,4 @@ def fuse_activations(graph: Graph) -> Graph:
         if n.name in fused:
             attrs["act"] = fused[n.name]
         nodes.append(Node(n.name, n.op, [alias.get(i, i) for i in n.inputs], attrs, n.params, n.source, n.shape))
-    return Graph(nodes, tuple(alias.get(o, o) for o in graph.outputs))
+    return graph.replace(nodes, tuple(alias.get(o, o) for o in graph.outputs))

@@ -77,13 +77,23 @@ class Node:
 @dataclass
 class Graph:
     """Nodes in topological order and ``outputs``, the values the model returns in its order
-    (a detection backbone returns one per pyramid level; a str is taken as one output)."""
+    (a detection backbone returns one per pyramid level; a str is taken as one output);
+    ``labels``: the outputs' names in the model's own structure (dict keys and indices, e.g.
+    "pool", "feats.1"), one per output, or () where it returns one tensor."""
     nodes: list[Node]
     outputs: tuple[str, ...]
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.outputs = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)
+        self.labels = tuple(self.labels)
+        if self.labels and len(self.labels) != len(self.outputs):
+            raise ValueError(f"{len(self.labels)} output labels for {len(self.outputs)} outputs")
         self._by_name = {n.name: n for n in self.nodes}
+
+    def output_names(self) -> tuple[str, ...]:
+        """A name per output: its label, else its value's name."""
+        return self.labels or self.outputs
 
     @property
     def output(self) -> str:
@@ -115,7 +125,8 @@ class Graph:
         return [n for n in self.nodes if n.op in PARAM_OPS]
 
     def replace(self, nodes: list[Node], outputs: tuple[str, ...] | None = None) -> "Graph":
-        return Graph(nodes, self.outputs if outputs is None else outputs)
+        """Other nodes (and outputs, renamed by a pass), the same labels."""
+        return Graph(nodes, self.outputs if outputs is None else outputs, self.labels)
 
     def to_json(self) -> list[dict[str, Any]]:
         """Structure only (no parameters): what the artifact stores as its graph."""
@@ -123,7 +134,7 @@ class Graph:
                  "source": n.source, "shape": list(n.shape)} for n in self.nodes]
 
     @staticmethod
-    def from_json(rows: list[dict[str, Any]], outputs: tuple[str, ...] | str) -> "Graph":
+    def from_json(rows: list[dict[str, Any]], outputs: tuple[str, ...] | str, labels=()) -> "Graph":
         nodes = [Node(r["name"], r["op"], list(r["inputs"]), dict(r["attrs"]),
                       {}, r.get("source", ""), tuple(r.get("shape", ()))) for r in rows]
-        return Graph(nodes, outputs)
+        return Graph(nodes, outputs, tuple(labels))

@@ -444,8 +444,8 @@ def _run(args) -> int:
     times = None
     if args.emulate:
         from waps_tvm import emulation
-        deq, codes, times = emulation.run(args.folder, x, args.repeat)
-        results = [(deq, codes)]
+        _check_output_file(args, runner.read_folder(args.folder)[0])
+        results, times = emulation.run_results(args.folder, x, args.repeat)
     elif boards:
         from waps_tvm import remote
         model = remote.load(args.folder, boards)
@@ -461,7 +461,7 @@ def _run(args) -> int:
         _check_output_file(args, model.meta)
         results = model.results(x)
     if len(results) > 1:
-        _write_results(args, model.meta, results)
+        _write_results(args, runner.read_folder(args.folder)[0], results)
     else:
         _show(args, results[0][1] if args.codes else results[0][0])
     if args.repeat:

@@ -84,7 +84,8 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
     import tvm
     prog = lowered.program
     quant = next(o for o in prog.ops if INPUT in o.inputs)      # the input's quantize
-    results = [_result(prog[d], prog[c]) for d, c in prog.results]
+    names = art.graph.output_names() if art is not None else [c for _, c in prog.results]
+    results = [_result(name, prog[d], prog[c]) for name, (d, c) in zip(names, prog.results)]
     return {
         "format": "waps-tvm-compiled", "version": META_VERSION, "target": target.name,
         # the runner refuses a library built for another machine (runner.check_arch)
@@ -107,10 +108,10 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
     }
 
 
-def _result(deq, codes) -> dict:
-    """meta.json's description of one model output: its name (the codes value), shape, code
-    dtype and the scale and zero point that dequantize it."""
-    return {"name": codes.name, "shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
+def _result(name: str, deq, codes) -> dict:
+    """meta.json's description of one model output: its name (the model's key for it, else its
+    value's), shape, code dtype and the scale and zero point that dequantize it."""
+    return {"name": name, "shape": list(codes.shape), "dtype": "float32", "codes_dtype": codes.dtype,
             "scale": deq.attrs.scale, "zero_point": deq.attrs.zero_point}
 
 

@@ -54,8 +54,14 @@ def command(*args: str) -> list[str]:
 
 def run(folder: str | Path, x: np.ndarray, repeat: int = 0) -> tuple[np.ndarray, np.ndarray, list[float]]:
     """(dequantized, codes, seconds per call for ``repeat`` calls) of the compiled folder run
-    under qemu. Timings are emulated aarch64, not of any real board."""
+    under qemu (its first output). Timings are emulated aarch64, not of any real board."""
     return run_many([(folder, x)], repeat)[0]
+
+
+def run_results(folder: str | Path, x: np.ndarray, repeat: int = 0
+                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+    """((dequantized, codes) of every output, seconds per call) of the folder run under qemu."""
+    return _emulate([(folder, x)], repeat)[0]
 
 
 def run_many(jobs: Sequence[tuple[str | Path, np.ndarray]], repeat: int = 0
@@ -64,6 +70,11 @@ def run_many(jobs: Sequence[tuple[str | Path, np.ndarray]], repeat: int = 0
     python: qemu start-up and ``import tvm`` take seconds, a small model's run milliseconds.
     Every folder is checked (aarch64, input shape) before qemu starts; a RunError names the
     first failing folder when any run fails (the others still ran, their outputs are dropped)."""
+    return [(results[0][0], results[0][1], times) for results, times in _emulate(jobs, repeat)]
+
+
+def _emulate(jobs, repeat: int) -> list[tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]]:
+    """Every output of each job (run_many's contract otherwise)."""
     folders = []
     inputs = []
     for folder, x in jobs:
@@ -91,8 +102,12 @@ def run_many(jobs: Sequence[tuple[str | Path, np.ndarray]], repeat: int = 0
             said = [ln for ln in lines if any(ln.startswith(str(f)) for f in folders)] or lines[-1:]
             more = f" (and {len(said) - 1} more)" if len(said) > 1 else ""
             raise RunError(f"emulated run failed (exit {r.returncode}): {said[0] if said else 'no output'}{more}")
-        return [(np.load(tmp / str(i) / "dequantized.npy"), np.load(tmp / str(i) / "codes.npy"),
-                 np.load(tmp / str(i) / "times.npy").tolist()) for i in range(len(folders))]
+        out = []
+        for i in range(len(folders)):
+            with np.load(tmp / str(i) / "results.npz") as z:
+                flat = [z[f"arr_{k}"] for k in range(len(z.files))]
+            out.append((list(zip(flat[0::2], flat[1::2])), np.load(tmp / str(i) / "times.npy").tolist()))
+        return out
 
 
 def rpc_server(host: str = "127.0.0.1", port: int = 9090, tracker: str | None = None, key: str | None = None,

@@ -200,7 +200,8 @@ def single(meta: dict, results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np
 def main(argv: list[str] | None = None) -> int:
     """``python -m waps_tvm.runner FOLDER X.npy OUTDIR [FOLDER X.npy OUTDIR ...] [--repeat N]``: what
     ``waps-tvm run --emulate`` runs under qemu. For each triple, writes OUTDIR/dequantized.npy,
-    codes.npy and times.npy (seconds per call). Several triples share one process, so one qemu
+    codes.npy (the first output), results.npz (arr_0, arr_1, …: dequantized and codes of every
+    output in turn) and times.npy (seconds per call). Several triples share one process, so one qemu
     start-up and one ``import tvm`` serve many compiled folders. A triple's RunError is one line
     on stderr (and no outputs in its OUTDIR); the others still run; the exit code is then 2."""
     import argparse
@@ -215,15 +216,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = load(folder)
             x = np.load(x_path, allow_pickle=False)
-            deq, codes = model(x)
+            results = model.results(x)
             times = model.time(x, args.repeat) if args.repeat else []
         except RunError as e:
             print(f"{e}", file=sys.stderr)
             code = e.exit_code
             continue
         out = Path(outdir)
-        np.save(out / "dequantized.npy", deq)
-        np.save(out / "codes.npy", codes)
+        np.save(out / "dequantized.npy", results[0][0])       # the first (a classifier's only) output
+        np.save(out / "codes.npy", results[0][1])
+        np.savez(out / "results.npz", *(a for pair in results for a in pair))   # every output, in meta order
         np.save(out / "times.npy", np.asarray(times, dtype=np.float64))
     return code
 

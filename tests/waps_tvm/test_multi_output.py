@@ -53,10 +53,12 @@ def pyramid():
 def test_every_output_is_captured_calibrated_and_stored(pyramid, tmp_path):
     g = pyramid.graph
     assert [g[o].shape for o in g.outputs] == [(12, 16, 16), (12, 8, 8), (12, 4, 4), (12, 2, 2)]
+    assert g.labels == ("p2", "p3", "p4", "pool")                     # the model's dict keys
     with pytest.raises(ModelError, match="returns 4 tensors"):
         g.output
     artifact.save(pyramid, tmp_path / "p.waps")
-    assert artifact.load(tmp_path / "p.waps").graph.outputs == g.outputs
+    loaded = artifact.load(tmp_path / "p.waps").graph
+    assert (loaded.outputs, loaded.labels) == (g.outputs, g.labels)
     from calib.fakequant import build_fake_quant
     outs = build_fake_quant(pyramid)(torch.zeros(2, 3, 32, 32))
     assert isinstance(outs, tuple) and [tuple(o.shape) for o in outs] == [(2, *g[o].shape) for o in g.outputs]
@@ -80,7 +82,7 @@ def test_compile_and_run_write_one_array_per_output(pyramid, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     names = [res["name"] for res in meta["results"]]
-    assert len(names) == 4 and meta["outputs"] == ["dequantized", "codes"] * 4
+    assert names == ["p2", "p3", "p4", "pool"] and meta["outputs"] == ["dequantized", "codes"] * 4
     run = [*cli, "run", str(tmp_path / "out"), "--input", str(tmp_path / "x.npy")]
     r = subprocess.run(run, capture_output=True, text=True)                 # several outputs need an .npz
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--output F.npz" in r.stderr
@@ -107,7 +109,32 @@ def test_faster_rcnn_fpn_backbone_five_outputs_bit_exact():
     art = calibrated(randomize_bn(model.eval()), (3, 32, 32), wbits=4, abits=4, iters=1, samples=2)
     g = art.graph
     assert [g[o].shape for o in g.outputs] == [(256, 8, 8), (256, 4, 4), (256, 2, 2), (256, 1, 1), (256, 1, 1)]
+    assert g.labels == ("0", "1", "2", "3", "pool")
     x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype("float32")
     assert_bit_exact_on_backends(art, x)
     rows = layer_agreement(art, x)
     assert rows and max(r.max_diff for r in rows) <= 1
+
+
+@pytest.mark.slow
+def test_emulated_aarch64_run_writes_every_output(pyramid, tmp_path):
+    """--target aarch64 under qemu (scripts/aarch64-emulation.sh): every output, named, equal to
+    the reference's."""
+    from targets import cpu
+    from tests.emulation_helpers import require
+    from waps_tvm import cli, emulation
+    require(lambda: cpu.export_cc("aarch64"))
+    require(emulation.python)
+    waps = artifact.save(pyramid, tmp_path / "p.waps")
+    assert cli.main(["compile", str(waps), "--target", "aarch64", "-o", str(tmp_path / "a64")]) == 0
+    x = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    assert cli.main(["run", str(tmp_path / "a64"), "--input", str(tmp_path / "x.npy"), "--emulate",
+                     "--output", str(tmp_path / "y.npz")]) == 0
+    from relay_passes import reference
+    from waps_tvm.frontend import to_program
+    want = reference.run(to_program(pyramid, 2), x)[0::2]                  # dequantized of each output
+    got = np.load(tmp_path / "y.npz")
+    assert list(got.files) == ["p2", "p3", "p4", "pool"]
+    for name, w in zip(got.files, want):
+        assert got[name].tobytes() == w.tobytes(), name
