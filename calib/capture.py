@@ -237,7 +237,7 @@ def _channel_affine(fx, value, const, shapes, source, shape) -> Node | None:
     if len(a) != 2 or fx.kwargs.get("alpha", 1) != 1:
         return None
     number = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in a]
-    consts = [i for i, v in enumerate(a) if number[i] or (_is_tensor(v) and value_or_none(const, v) is not None)]
+    consts = [i for i, v in enumerate(a) if number[i] or (_is_tensor(v) and _constant_or_none(const, v) is not None)]
     if len(consts) != 1 or not _is_tensor(a[1 - consts[0]]) or (fx.target in _SUB and consts[0] != 1):
         return None
     c = torch.tensor(float(a[consts[0]])) if number[consts[0]] else const(a[consts[0]])
@@ -256,7 +256,7 @@ def _channel_affine(fx, value, const, shapes, source, shape) -> Node | None:
                 source, shape)
 
 
-def value_or_none(const, arg):
+def _constant_or_none(const, arg):
     """The constant ``arg`` denotes, or None for a computed tensor."""
     try:
         return const(arg)
@@ -344,7 +344,7 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         op = "add" if t in _ADD else "mul"
         if len(a) != 2 or not all(_is_tensor(v) for v in a) or fx.kwargs.get("alpha", 1) != 1:
             raise _Refused(f"{where}: {op} with a scalar or scaled operand")
-        if any(value_or_none(const, v) is not None for v in a):
+        if any(_constant_or_none(const, v) is not None for v in a):
             raise _Refused(f"{where}: {op} with a constant that is not one value per channel")
         x, y = value(a[0]), value(a[1])
         if math.prod(shapes[y]) > math.prod(shapes[x]):  # the broadcast operand goes second

@@ -444,13 +444,15 @@ def _run(args) -> int:
     times = None
     if args.emulate:
         from waps_tvm import emulation
-        _check_output_file(args, runner.read_folder(args.folder)[0])
+        meta = runner.read_folder(args.folder)[0]
+        _check_output_file(args, meta)
         results, times = emulation.run_results(args.folder, x, args.repeat)
     elif boards:
         from waps_tvm import remote
         model = remote.load(args.folder, boards)
         try:
-            _check_output_file(args, model.meta)
+            meta = model.meta
+            _check_output_file(args, meta)
             results = model.results(x)
             if args.repeat:
                 times = model.time(x, args.repeat)
@@ -458,10 +460,11 @@ def _run(args) -> int:
             model.close()
     else:
         model = runner.load(args.folder)
-        _check_output_file(args, model.meta)
+        meta = model.meta
+        _check_output_file(args, meta)
         results = model.results(x)
     if len(results) > 1:
-        _write_results(args, runner.read_folder(args.folder)[0], results)
+        _write_results(args, meta, results)
     else:
         _show(args, results[0][1] if args.codes else results[0][0])
     if args.repeat:
@@ -484,8 +487,7 @@ def _write_results(args, meta: dict, results) -> None:
     """A model with several outputs: one array per output in an .npz, keyed by the output's
     name (meta.json "results"), dequantized or (--codes) its codes."""
     import numpy as np
-    names = [r["name"] for r in meta["results"]]
-    _check_output_file(args, meta)
+    names = [r["name"] for r in meta["results"]]           # --output F.npz: checked before the run
     arrays = {n: (codes if args.codes else deq) for n, (deq, codes) in zip(names, results)}
     tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npz")
     np.savez(tmp, **arrays)

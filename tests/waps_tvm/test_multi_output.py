@@ -64,11 +64,16 @@ def test_every_output_is_captured_calibrated_and_stored(pyramid, tmp_path):
     assert isinstance(outs, tuple) and [tuple(o.shape) for o in outs] == [(2, *g[o].shape) for o in g.outputs]
 
 
-def test_every_output_bit_exact_on_every_backend_and_near_fake_quant(pyramid):
-    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype("float32")
-    assert_bit_exact_on_backends(pyramid, x)
-    rows = layer_agreement(pyramid, x)
+def _exact_everywhere_and_near_fake_quant(art, batch: int) -> None:
+    """Every output bit-exact on every backend; every quantization point within one code of fake-quant."""
+    x = np.random.default_rng(0).normal(size=(batch, 3, 32, 32)).astype("float32")
+    assert_bit_exact_on_backends(art, x)
+    rows = layer_agreement(art, x)
     assert rows and max(r.max_diff for r in rows) <= 1
+
+
+def test_every_output_bit_exact_on_every_backend_and_near_fake_quant(pyramid):
+    _exact_everywhere_and_near_fake_quant(pyramid, 2)
 
 
 @pytest.mark.slow
@@ -110,10 +115,7 @@ def test_faster_rcnn_fpn_backbone_five_outputs_bit_exact():
     g = art.graph
     assert [g[o].shape for o in g.outputs] == [(256, 8, 8), (256, 4, 4), (256, 2, 2), (256, 1, 1), (256, 1, 1)]
     assert g.labels == ("0", "1", "2", "3", "pool")
-    x = np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype("float32")
-    assert_bit_exact_on_backends(art, x)
-    rows = layer_agreement(art, x)
-    assert rows and max(r.max_diff for r in rows) <= 1
+    _exact_everywhere_and_near_fake_quant(art, 1)
 
 
 @pytest.mark.slow
