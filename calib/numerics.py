@@ -163,3 +163,85 @@ def code_table(fn, in_scale: float, in_zero: int, in_qmax: int, out_scale: float
 def apply_table(table: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """table[codes]: the output codes of an elementwise function (see ``code_table``)."""
     return np.asarray(table)[np.asarray(codes, dtype=np.int64)]
+
+
+def isqrt(v: np.ndarray) -> np.ndarray:
+    """⌊√v⌋ exactly, int64, for 0 ≤ v < 2^62: the float64 root (within one of the answer) then
+    one correction each way. The C definition is a bitwise integer root; both are exact."""
+    v = np.asarray(v, dtype=np.int64)
+    r = np.floor(np.sqrt(v.astype(np.float64))).astype(np.int64)
+    r = r - (r * r > v)
+    return r + ((r + 1) * (r + 1) <= v)
+
+
+NORM_PREC_MAX = 8        # at most this many extra bits of the layer norm's root (2^p)
+NORM_BOUND = 1 << 62     # C³·qmax²·4^p stays below this (Σy²·4^p in int64)
+NORM_NUM_BOUND = 1 << 29  # (√C·max|g| + max|b|): the output numerator stays below 2^62
+
+
+def norm_precision(channels: int, qmax: int) -> int:
+    """p of the layer norm: the most bits (≤ NORM_PREC_MAX) with C³·qmax²·4^p < 2^62; −1 when
+    even p = 0 overflows (too many channels)."""
+    p = -1
+    while p < NORM_PREC_MAX and channels**3 * qmax**2 * 4 ** (p + 1) < NORM_BOUND:
+        p += 1
+    return p
+
+
+def norm_shift(gain: np.ndarray, offset: np.ndarray, channels: int, max_shift: int = 24) -> int:
+    """k of the layer norm: the most fractional bits (≤ ``max_shift``) of the per-channel gain
+    g = γ/s_out and offset b = β/s_out with (√C·max|g| + max|b|)·2^k < 2^29; −1 when none fit."""
+    need = math.sqrt(channels) * float(np.max(np.abs(gain), initial=0)) + float(np.max(np.abs(offset), initial=0))
+    k = -1
+    while k < max_shift and need * 2.0 ** (k + 1) < NORM_NUM_BOUND:
+        k += 1
+    return k
+
+
+def layer_norm_codes(x: np.ndarray, g: np.ndarray, b: np.ndarray, p: int, e: int, k: int, z_out: int, lo: int,
+                     hi: int) -> np.ndarray:
+    """Layer norm over axis 1 (the channels, C of them) of codes ``x`` [N, C, ...], int64:
+
+        s = Σ_c x_c,  y_c = C·x_c − s                       (the input's zero point cancels)
+        D = ⌊√(⌊Σ_c y_c²·4^p / C⌋ + e)⌋                     (2^p·the standard deviation; e ≥ 1)
+        out_c = clamp(⌊(2·num + den) / (2·den)⌋ + z_out, lo, hi),
+                num = y_c·g_c·2^p + b_c·D,  den = D·2^k      (round half up)
+
+    with g_c = round(γ_c/s_out·2^k), b_c = round(β_c/s_out·2^k) (int32 [C]) and e = the float
+    eps in these units, round(eps·C²·4^p/s_in²). Bounds (norm_precision, norm_shift) keep every
+    intermediate in int64."""
+    x = np.asarray(x, dtype=np.int64)
+    c = x.shape[1]
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    y = c * x - x.sum(axis=1, keepdims=True)
+    d = isqrt((y * y).sum(axis=1, keepdims=True) * (1 << 2 * p) // c + e)
+    num = y * np.asarray(g, np.int64).reshape(bshape) * (1 << p) + np.asarray(b, np.int64).reshape(bshape) * d
+    den = d << k
+    return clamp((2 * num + den) // (2 * den) + z_out, lo, hi)
+
+
+@dataclass(frozen=True)
+class NormConstants:
+    """The integers of ``layer_norm_codes`` for one layer norm: g, b (int32 [C]), p, e, k."""
+    g: np.ndarray
+    b: np.ndarray
+    p: int
+    e: int
+    k: int
+
+
+def layer_norm_constants(gamma: np.ndarray, beta: np.ndarray, eps: float, in_scale: float, in_qmax: int,
+                         out_scale: float) -> NormConstants:
+    """The integer form of a float layer norm (γ, β [C], ``eps``) between codes of ``in_scale``
+    (0..in_qmax) and codes of ``out_scale``; ConfigError when the bounds leave no bits."""
+    gamma, beta = np.asarray(gamma, np.float64), np.asarray(beta, np.float64)
+    c = gamma.size
+    p = norm_precision(c, in_qmax)
+    k = norm_shift(gamma / out_scale, beta / out_scale, c)
+    if p < 0 or k < 0:
+        raise ConfigError(f"layer norm over {c} channels does not fit the int64 contract "
+                          f"(precision bits {p}, gain bits {k})")
+    e = int(min(max(round(eps * c * c * 4.0**p / in_scale**2), 1), 1 << 60))
+    g = np.round(gamma / out_scale * 2.0**k).astype(np.int32)
+    b = np.round(beta / out_scale * 2.0**k).astype(np.int32)
+    return NormConstants(g, b, p, e, k)

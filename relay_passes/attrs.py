@@ -215,6 +215,19 @@ class ResizeAttrs(Attrs):
 
 
 @dataclass(frozen=True, kw_only=True)
+class LayerNormAttrs(Attrs):
+    """Layer norm over the channels (axis 1) of codes (calib/numerics.layer_norm_codes):
+    ``prec`` extra bits of the root (p), ``eps`` the float eps in integer units (e ≥ 1),
+    ``frac`` the fractional bits of the gain and offset params g, b (k); z_out in [lo, hi]."""
+    prec: int
+    eps: int
+    frac: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class TableAttrs(Attrs):
     """An elementwise function as a table over the input codes (params['table'])."""
 

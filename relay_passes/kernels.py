@@ -448,6 +448,37 @@ def _resize(lb, op, xs, P, D, in_types, add_prim):
                       (n, c, oh, ow))
 
 
+def _layer_norm(lb, op, xs, P, D, in_types, add_prim):
+    """One TE kernel over [N, C, ...]: per position the int64 sum and sum of squares over the
+    channels and the exact root (nt.isqrt), then each channel's rounded quotient."""
+    a = op.attrs
+    shape, dtype = in_types[0]
+    c = shape[1]
+    X = te.placeholder(shape, dtype, "x")
+    G, B = te.placeholder((c,), I32, "g"), te.placeholder((c,), I32, "b")
+    rest = shape[:1] + shape[2:]
+
+    def at(pos, ch):                                     # x[n, ch, ...] as int64 from a position (n, ...)
+        return X[(pos[0], ch, *pos[1:])].astype(I64)
+
+    rs = te.reduce_axis((0, c), "rs")
+    total = te.compute(rest, lambda *pos: te.sum(at(pos, rs), axis=rs), name="total")
+    rq = te.reduce_axis((0, c), "rq")
+    cc = tvm.tirx.const(c, I64)
+    squares = te.compute(rest, lambda *pos: te.sum((cc * at(pos, rq) - total[pos]) * (cc * at(pos, rq) - total[pos]),
+                                                   axis=rq), name="squares")
+    root = te.compute(rest, lambda *pos: nt.isqrt(tvm.tirx.floordiv(squares[pos] * tvm.tirx.const(1 << 2 * a.prec, I64),
+                                                                      cc) + tvm.tirx.const(a.eps, I64)), name="root")
+
+    def code(n, ch, *sp):
+        pos = (n, *sp)
+        y = cc * at(pos, ch) - total[pos]
+        return nt.layer_norm_code(y, root[pos], G[ch], B[ch], a.prec, a.frac, a.z_out, a.lo, a.hi, op.dtype)
+    out = te.compute(shape, code, name="out")
+    func = te.create_prim_func([X, G, B, out])
+    return _call_fast(lb, op, add_prim, func, [xs[0], P["g"], P["b"]], shape)
+
+
 def _pad(lb, op, xs, P, D, in_types, add_prim):
     top, left, bottom, right = op.attrs.pads
     return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs.value)))
@@ -613,5 +644,6 @@ KERNELS: dict[str, Kernel] = {
     "concat": Kernel(_concat),
     "table": Kernel(_table),
     "mul": Kernel(_mul),
+    "layer_norm": Kernel(_layer_norm),
     "resize": Kernel(_resize),
 }

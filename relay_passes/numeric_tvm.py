@@ -179,3 +179,24 @@ def group_factors(scales: Sequence[GroupScale], frac: int) -> np.ndarray | None:
     """K_p of every group (int64 [g]) when every group's shift is exact, else None."""
     ks = [group_factor(s, frac) for s in scales]
     return None if any(k is None for k in ks) else np.array(ks, np.int64)
+
+
+def isqrt(v: Expr) -> Expr:
+    """⌊√v⌋ of an int64 TIR expression, 0 ≤ v < 2^62 (numerics.isqrt): the float64 root, then one
+    integer correction each way (the root is within one of the answer)."""
+    r0 = tirx.Var("r0", I64)
+    r1 = tirx.Var("r1", I64)
+    fixed_down = tirx.Select(r0 * r0 > v, r0 - tirx.const(1, I64), r0)
+    fixed_up = tirx.Select((r1 + tirx.const(1, I64)) * (r1 + tirx.const(1, I64)) <= v, r1 + tirx.const(1, I64), r1)
+    root = tirx.Cast(I64, tirx.floor(tirx.sqrt(tirx.Cast("float64", v))))
+    return tirx.Let(r0, root, tirx.Let(r1, fixed_down, fixed_up))
+
+
+def layer_norm_code(y: Expr, d: Expr, g: Expr, b: Expr, p: int, k: int, z_out: int, lo: int, hi: int,
+                    dtype: str) -> Expr:
+    """One output code of numerics.layer_norm_codes from y_c = C·x_c − Σx and the root D (int64
+    TIR): clamp(⌊(2·num + den) / (2·den)⌋ + z_out, lo, hi), num = y·g·2^p + b·D, den = D·2^k."""
+    num = y * g.astype(I64) * tirx.const(1 << p, I64) + b.astype(I64) * d
+    den = d * tirx.const(1 << k, I64)
+    q = tirx.floordiv(num * tirx.const(2, I64) + den, den * tirx.const(2, I64))
+    return clamp_code(TIR, q, z_out, lo, hi, dtype)

@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from calib.numerics import GroupScale, code_table, quantize_multiplier
+from calib.numerics import GroupScale, code_table, layer_norm_constants, quantize_multiplier
 from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConvAttrs, DequantizeAttrs, FlattenAttrs,
-                                GatherAttrs, LinearAttrs, MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, ResizeAttrs,
-                                SumPoolAttrs, TableAttrs)
+                                GatherAttrs, LayerNormAttrs, LinearAttrs, MaxPoolAttrs, MulAttrs, PadAttrs,
+                                QuantizeAttrs, ResizeAttrs, SumPoolAttrs, TableAttrs)
 from relay_passes.program import INPUT, Op, Program
 from relay_passes.resize import resize_op
 
@@ -170,6 +170,21 @@ def _table(rng) -> Program:
     return _program((2, 3, 4, 4), [Op("table", "op", ["q"], TableAttrs(), {"table": table})], "op", 40, 0.01)
 
 
+def _layer_norm(rng) -> Program:
+    """Over the channels of a map, or of features (after a flatten); one channel is a zero
+    variance everywhere (only e keeps the root positive)."""
+    c = int(rng.choice([1, 3, 16, 40]))
+    nc = layer_norm_constants(rng.normal(1, 0.5, c), rng.normal(0, 0.5, c), float(rng.choice([1e-5, 1e-6, 0.0])),
+                              0.02, 255, 0.03)
+    z_out = int(rng.integers(100, 156))
+    attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=z_out, lo=0, hi=255)
+    params = {"g": nc.g, "b": nc.b}
+    if rng.random() < 0.7:
+        return _program((2, c, 3, 2), [Op("layer_norm", "op", ["q"], attrs, params)], "op", z_out, 0.03)
+    ops = [Op("flatten", "flat", ["q"]), Op("layer_norm", "op", ["flat"], attrs, params)]
+    return _program((2, c, 1, 1), ops, "op", z_out, 0.03)
+
+
 def _mul(rng) -> Program:
     mult, shift = quantize_multiplier(np.array([0.02 * 0.02 / 0.01 * rng.uniform(0.5, 2)]))
     gate = Op("max_pool2d", "gate", ["q"], MaxPoolAttrs(kernel=(4, 4), stride=(4, 4), padding=(0, 0)))
@@ -223,6 +238,7 @@ KINDS: dict[str, OpKind] = {k.name: k for k in [
     OpKind("resize", ResizeAttrs, Channels.CHANNELWISE, _resize),
     OpKind("flatten", FlattenAttrs, Channels.CHANNELWISE, _flatten),
     OpKind("concat", ConcatAttrs, Channels.PINNED, _concat),
+    OpKind("layer_norm", LayerNormAttrs, Channels.PINNED, _layer_norm),
     OpKind("gather", GatherAttrs, Channels.PINNED, _gather),
 ]}
 

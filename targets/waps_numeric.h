@@ -10,6 +10,9 @@
  *   add_rescale         = ((a − za)·ka + (b − zb)·kb + 2^(t−1)) >> t         int64
  *   rescale(x, z, k, t) = ((x − z)·k + 2^(t−1)) >> t                          int64 (concat)
  *   resize_acc          = Σ row weight · column weight · (code − z)            int32 (resize)
+ *   isqrt(v)            = ⌊√v⌋, 0 ≤ v < 2^62, bit by bit                      int64 (layer norm)
+ *   layer_norm_code     = clamp(⌊(2·num + den) / (2·den)⌋ + z_out, lo, hi),
+ *                         num = y·g·2^p + b·D, den = D·2^k                     int64 (layer norm)
  * Right shifts of negative values use waps_asr32/64 (floor), never C's implementation-
  * defined >>; left shifts are multiplications.
  */
@@ -67,6 +70,36 @@ static inline int32_t waps_resize_acc(const uint8_t *r0, const uint8_t *r1, int3
   int32_t a0 = wx * (r0[c0] - z) + (one - wx) * (r0[c1] - z);
   int32_t a1 = wx * (r1[c0] - z) + (one - wx) * (r1[c1] - z);
   return wy * a0 + (one - wy) * a1;
+}
+
+/* ⌊√v⌋ exactly for 0 ≤ v < 2^62, integers only (digit by digit, two bits per step). */
+static inline int64_t waps_isqrt64(int64_t v) {
+  uint64_t x = (uint64_t)v, r = 0, bit = (uint64_t)1 << 62;
+  while (bit > x) bit >>= 2;
+  while (bit) {
+    if (x >= r + bit) {
+      x -= r + bit;
+      r = (r >> 1) + bit;
+    } else {
+      r >>= 1;
+    }
+    bit >>= 2;
+  }
+  return (int64_t)r;
+}
+
+/* ⌊a / b⌋ for b > 0 (C's / truncates toward zero). */
+static inline int64_t waps_floordiv64(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* One layer norm output code from y = C·x_c − Σx and the root D (calib/numerics.layer_norm_codes). */
+static inline int64_t waps_layer_norm_code(int64_t y, int64_t d, int32_t g, int32_t b, int p, int k, int32_t z_out,
+                                           int32_t lo, int32_t hi) {
+  int64_t num = y * (int64_t)g * ((int64_t)1 << p) + (int64_t)b * d;
+  int64_t den = d * ((int64_t)1 << k);
+  return waps_clamp64(waps_floordiv64(2 * num + den, 2 * den) + z_out, lo, hi);
 }
 
 #endif /* WAPS_NUMERIC_H */

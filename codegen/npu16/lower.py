@@ -252,6 +252,7 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "quantize": _host("float arithmetic: npu16 is integer-only"),
     "dequantize": _host("float arithmetic: npu16 is integer-only"),
     "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
+    "layer_norm": _host("layer norm: a per-position square root and division, not in the npu16 ISA"),
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,

@@ -3,6 +3,7 @@
 (targets/waps_numeric.h, compiled with gcc)."""
 import ctypes
 import functools
+import math
 
 import numpy as np
 import pytest
@@ -31,6 +32,13 @@ void t_output_code(const int32_t *acc, const int32_t *mult, const int32_t *shift
 void t_add_rescale(const uint8_t *a, const uint8_t *b, int count, int za, int64_t ka, int zb, int64_t kb, int t,
                    int64_t *out) {
   for (int i = 0; i < count; ++i) out[i] = waps_add_rescale(a[i], za, ka, b[i], zb, kb, t);
+}
+void t_isqrt(const int64_t *v, int count, int64_t *out) {
+  for (int i = 0; i < count; ++i) out[i] = waps_isqrt64(v[i]);
+}
+void t_layer_norm_code(const int64_t *y, const int64_t *d, const int32_t *g, const int32_t *b, int count, int p, int k,
+                       int32_t z_out, int32_t lo, int32_t hi, int64_t *out) {
+  for (int i = 0; i < count; ++i) out[i] = waps_layer_norm_code(y[i], d[i], g[i], b[i], p, k, z_out, lo, hi);
 }
 void t_table(const uint8_t *table, const uint8_t *codes, int count, uint8_t *out) {
   for (int i = 0; i < count; ++i) out[i] = waps_table(table, codes[i]);
@@ -213,3 +221,76 @@ def test_code_table_is_exact_fake_quant_of_the_function(clib):
     res = tvm.runtime.tensor(np.zeros(codes.size, np.uint8))
     lib["main"](tvm.runtime.tensor(table), tvm.runtime.tensor(codes), res)
     np.testing.assert_array_equal(res.numpy(), nx.apply_table(table, codes))
+
+
+def _isqrt_edges() -> np.ndarray:
+    """Perfect squares, their neighbours, the top of the domain and random values below 2^62."""
+    roots = np.array([0, 1, 2, 3, 255, 46340, 2**20 + 7, 2**31 - 1], np.int64)
+    sq = roots * roots
+    rng = np.random.default_rng(3)
+    edges = np.concatenate([sq, sq + 1, np.maximum(sq - 1, 0), [2**62 - 1, 2**62 - 2**31],
+                            rng.integers(0, 2**62, 40, dtype=np.int64)])
+    return edges.astype(np.int64)
+
+
+def test_isqrt_numpy_tir_c_exact(clib):
+    v = _isqrt_edges()
+    want = np.array([math.isqrt(int(a)) for a in v], np.int64)
+    np.testing.assert_array_equal(nx.isqrt(v), want)
+    got_c = np.zeros(v.size, np.int64)
+    clib.t_isqrt(_p(v), v.size, _p(got_c))
+    np.testing.assert_array_equal(got_c, want)
+    V = te.placeholder((v.size,), "int64", "v")
+    out = te.compute((v.size,), lambda i: nt.isqrt(V[i]), name="out")
+    np.testing.assert_array_equal(_run_tir(te.create_prim_func([V, out]), v, out_dtype="int64"), want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(p=st.integers(0, 8), k=st.integers(0, 24), data=st.data())
+def test_layer_norm_code_numpy_tir_c(clib, p, k, data):
+    """The output rule in C and TIR against exact rationals: ties (num/den exactly half a code),
+    negatives and the int64 bounds. (The NumPy rule is held to float by the test below and to
+    every backend by the op conformance test.)"""
+    d = np.array(data.draw(st.lists(st.integers(1, 2**31 - 1), min_size=COUNT, max_size=COUNT)), np.int64)
+    gb = st.integers(-(2**29 >> 6), 2**29 >> 6)
+    g = np.array(data.draw(st.lists(gb, min_size=COUNT, max_size=COUNT)), np.int32)
+    b = np.array(data.draw(st.lists(gb, min_size=COUNT, max_size=COUNT)), np.int32)
+    y = np.array(data.draw(st.lists(st.integers(-(2**17), 2**17), min_size=COUNT, max_size=COUNT)), np.int64)
+    y = np.clip(y, -(d << 5) >> p, (d << 5) >> p)          # |y|·2^p ≤ √C·(D + 1) for C ≤ 1024
+    y[0], d[0], g[0], b[0] = 1, 2, 1 << k, 0                # 2^p/2 codes: a tie when p = 0
+    want = np.array([_layer_norm_code(*(int(v) for v in t), p, k) for t in zip(y, d, g, b)], np.int64)
+    want = np.clip(want + 7, 0, 255)
+    got_c = np.zeros(COUNT, np.int64)
+    clib.t_layer_norm_code(_p(y), _p(d), _p(g), _p(b), COUNT, p, k, 7, 0, 255, _p(got_c))
+    np.testing.assert_array_equal(got_c, want)
+    Y, D = te.placeholder((COUNT,), "int64", "y"), te.placeholder((COUNT,), "int64", "d")
+    G, B = te.placeholder((COUNT,), "int32", "g"), te.placeholder((COUNT,), "int32", "b")
+    out = te.compute((COUNT,), lambda i: nt.layer_norm_code(Y[i], D[i], G[i], B[i], p, k, 7, 0, 255, "int64"),
+                     name="out")
+    np.testing.assert_array_equal(_run_tir(te.create_prim_func([Y, D, G, B, out]), y, d, g, b, out_dtype="int64"),
+                                  want)
+
+
+def _layer_norm_code(y: int, d: int, g: int, b: int, p: int, k: int) -> int:
+    """round_half_up((y·g·2^p + b·D) / (D·2^k)) in exact rationals (Python ints)."""
+    from fractions import Fraction
+    return math.floor(Fraction(y * g * (1 << p) + b * d, d << k) + Fraction(1, 2))
+
+
+def test_layer_norm_codes_match_float_layer_norm_within_one_code():
+    """The integer layer norm against torch's float layer norm of the dequantized input, quantized
+    half to even: at most one code apart, and nearly always equal (A8 input and output)."""
+    import torch
+    rng = np.random.default_rng(7)
+    for c, s_in, s_out, eps in [(768, 0.05, 0.04, 1e-6), (96, 0.1, 0.05, 1e-6), (16, 0.02, 0.03, 1e-5)]:
+        x = rng.integers(0, 256, (64, c, 3)).astype(np.int64)
+        gamma, beta = rng.normal(1, 0.3, c), rng.normal(0, 0.3, c)
+        nc = nx.layer_norm_constants(gamma, beta, eps, s_in, 255, s_out)
+        got = nx.layer_norm_codes(x, nc.g, nc.b, nc.p, nc.e, nc.k, 128, 0, 255)
+        real = torch.from_numpy(((x - 128) * s_in).astype(np.float32)).movedim(1, -1)
+        ref = torch.nn.functional.layer_norm(real, (c,), torch.tensor(gamma, dtype=torch.float32),
+                                             torch.tensor(beta, dtype=torch.float32), eps).movedim(-1, 1)
+        want = np.clip(np.rint(ref.numpy() / np.float32(s_out)) + 128, 0, 255)
+        diff = np.abs(got - want)
+        assert diff.max() <= 1, (c, diff.max())
+        assert (diff == 0).mean() > 0.97, (c, (diff == 0).mean())
