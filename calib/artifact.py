@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from calib.errors import ArtifactError
-from calib.graph import PARAM_OPS, QUANT_OPS, Graph
+from calib.graph import NODE_PARAMS, PARAM_OPS, QUANT_OPS, Graph
 from calib.graph_check import check_node
 from calib.numerics import GroupScale, group_scale
 
@@ -97,6 +98,12 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
             arrays[k] = np.ascontiguousarray(v, dtype=_DTYPES[a])
             entry[a] = k
         layers[name] = entry
+    node_params = {}
+    for n in art.graph:
+        for p in NODE_PARAMS.get(n.op, ()):
+            k = f"{n.name}.{p}"
+            arrays[k] = np.ascontiguousarray(n.params[p].detach().cpu().numpy(), dtype=np.float32)
+            node_params.setdefault(n.name, {})[p] = k
     buffers = {}
     meta = {}
     for k, v in arrays.items():
@@ -108,7 +115,7 @@ def save(art: WapsArtifact, path: str | os.PathLike) -> Path:
         "format": FORMAT, "version": art.version, "producer": art.producer,
         "config": art.config, "output": _outputs_json(art.graph.outputs),
         **({"output_labels": list(art.graph.labels)} if art.graph.labels else {}), "graph": art.graph.to_json(),
-        "layers": layers,
+        "layers": layers, **({"node_params": node_params} if node_params else {}),
         "tensors": {k: {"bits": q.bits, "scale": q.scale, "zero_point": q.zero_point} for k, q in art.quant.items()},
         "arrays": meta, "report": art.report,
         "numerics": {"shift": "round_half_up", "requant": "q_multiply_shift round_half_up",
@@ -226,6 +233,11 @@ def _build(m: dict, arrays: dict[str, np.ndarray]) -> WapsArtifact:
         layers[name] = LayerRecord(int(e["wbits"]), int(e["unit_size"]), get("w_codes"), get("w_scale"),
                                    get("bias"), get("gamma_z"), get("phi_z"), get("groups"),
                                    [GroupScale(int(s), int(n)) for s, n in e["group_scales"]])
+    for name, entry in m.get("node_params", {}).items():
+        node = graph[name]
+        if set(entry) != set(NODE_PARAMS.get(node.op, ())):
+            raise ArtifactError(f"manifest 'node_params' of {node.op} '{name}' must be {NODE_PARAMS.get(node.op, ())}")
+        node.params = {p: torch.from_numpy(arrays[k].copy()) for p, k in entry.items()}
     quant = {k: TensorQuant(int(q["bits"]), float(q["scale"]), int(q["zero_point"])) for k, q in m["tensors"].items()}
     return WapsArtifact(graph, layers, quant, m["config"], m.get("report", []), m.get("producer", ""), m["version"])
 
@@ -243,6 +255,10 @@ def validate(art: WapsArtifact, where: str = "artifact") -> None:
         check_node(n, shapes, where)
         if n.op in PARAM_OPS and n.name not in art.layers:
             raise ArtifactError(f"{where}: layer '{n.name}' has no weights")
+        for p in NODE_PARAMS.get(n.op, ()):
+            v = n.params.get(p)
+            if v is None or tuple(v.shape) != tuple(n.shape[:1]) or not bool(torch.isfinite(v).all()):
+                raise ArtifactError(f"{where}: {n.op} '{n.name}' needs {p}: {n.shape[:1]} finite values")
         if n.op in (*QUANT_OPS, "input") and n.name not in art.quant:
             raise ArtifactError(f"{where}: tensor '{n.name}' has no quantization parameters")
     for out in art.graph.outputs:

@@ -268,6 +268,61 @@ def _is_tensor(v) -> bool:
     return hasattr(v, "name") and hasattr(v.meta.get("val"), "shape")
 
 
+def _unresolved(arg, alias, pending, shapes) -> layout.Pending | None:
+    """The layout chain ``arg`` denotes when it is no gather or flatten (channels last, tokens):
+    an op that commutes with data movement runs on its base and passes the chain on."""
+    if not _is_tensor(arg):
+        return None
+    p = pending.get(alias.get(arg.name, arg.name))
+    if isinstance(p, layout.Pending) and layout.resolve(p, shapes[p.base]) is None:
+        return p
+    return None
+
+
+def _channels_last_input(fx, arg, features: int, where: str, value, alias, pending, shapes, add
+                         ) -> tuple[str, tuple[int, ...] | None]:
+    """The value a channels-last op (linear, layer norm over the last axis) reads, and the leading
+    axes of the chain it came through (None: a plain [N, F] value). A chain showing a map channels
+    last (calib/layout.channels_last) is read as its base, through a channel gather if it selects."""
+    p = _unresolved(arg, alias, pending, shapes)
+    if p is None:
+        x = value(arg)
+        if tuple(shapes[x]) != (features,):
+            raise _Refused(f"{where}: {_op_name(fx)} over the last axis of a {tuple(shapes[x])} tensor")
+        return x, None
+    base_shape = shapes[p.base]
+    r = layout.channels_last(p, base_shape)
+    if r is None or p.index.shape[-1] != features:
+        raise _Refused(f"{where}: {_op_name(fx)} of a view that is not channels last "
+                       f"(shape {tuple(p.index.shape[1:])})")
+    x = p.base
+    if r.gather is not None:
+        x = f"{fx.name}_gather"
+        add(Node(x, "gather", [p.base], {"index": r.gather}, {}, _source(fx), (len(r.gather), *base_shape[1:])))
+    return x, tuple(int(d) for d in p.index.shape[1:-1])
+
+
+def _show(fx, chain: layout.Pending, alias, pending) -> None:
+    """fx's tensor is ``chain`` over a graph node of the same name (the node holds the NCHW map, the
+    tensor a channels-last view of it): the tensor gets its own name, so that readers of the node
+    (a later permute back resolves to it) never see the view."""
+    view = f"{fx.name}:view"
+    pending[view] = chain
+    alias[fx.name] = view
+
+
+def _lifted(fx, op: str, ins: list, attrs: dict, source: str, alias, pending, shapes) -> Node | None:
+    """``op`` computed on the bases of channels-last chains, the chain passed on to its result:
+    an elementwise function of one chain, or an add/mul of two equal chains. None when an input
+    is no such chain (the op reads plain values)."""
+    chains = [_unresolved(v, alias, pending, shapes) for v in ins]
+    if any(c is None for c in chains) or any(not torch.equal(c.index, chains[0].index) or
+                                             shapes[c.base] != shapes[chains[0].base] for c in chains):
+        return None
+    _show(fx, layout.Pending(fx.name, chains[0].index), alias, pending)
+    return Node(fx.name, op, [c.base for c in chains], attrs, {}, source, tuple(shapes[chains[0].base]))
+
+
 def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
     """The Node for one fx call (None when it only aliases or extends a layout chain)."""
     t, a = fx.target, fx.args
@@ -314,7 +369,17 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
     if t is aten.linear.default:
         w = const(a[1])
         b = const(a[2]) if len(a) > 2 and a[2] is not None else torch.zeros(w.shape[0])
-        return Node(fx.name, "linear", [value(a[0])], {"act": None}, {"weight": w, "bias": b}, source, shape)
+        if _unresolved(a[0], alias, pending, shapes) is None:
+            return Node(fx.name, "linear", [value(a[0])], {"act": None}, {"weight": w, "bias": b}, source, shape)
+        # over the channels of a channels-last view: a 1×1 conv of its base (a linear of a [C] base)
+        x, lead = _channels_last_input(fx, a[0], w.shape[1], where, value, alias, pending, shapes, add)
+        out_shape = (w.shape[0], *shapes[x][1:])
+        _show(fx, layout.channels_last_view(fx.name, out_shape, lead), alias, pending)
+        if len(out_shape) == 1:
+            return Node(fx.name, "linear", [x], {"act": None}, {"weight": w, "bias": b}, source, out_shape)
+        return Node(fx.name, "conv2d", [x], {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1,
+                                             "act": None}, {"weight": w.reshape(*w.shape, 1, 1), "bias": b}, source,
+                    out_shape)
     if t is aten.batch_norm.default or t is aten._native_batch_norm_legit_no_training.default:
         w, b, mean, var = (const(a[1]), const(a[2]), const(a[3]), const(a[4]))
         eps = float(a[7] if t is aten.batch_norm.default else a[6])
@@ -323,19 +388,24 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
                     {"weight": w if w is not None else torch.ones(c),
                      "bias": b if b is not None else torch.zeros(c), "mean": mean, "var": var},
                     source, shape)
-    if t in _RELU:
-        return Node(fx.name, "relu", [value(a[0])], {}, {}, source, shape)
-    if t in _HARDTANH:
-        lo, hi = (float(v) for v in (_arguments(fx)["min_val"], _arguments(fx)["max_val"]))
-        if (lo, hi) == (0.0, 6.0):
-            return Node(fx.name, "relu6", [value(a[0])], {}, {}, source, shape)
-        return Node(fx.name, "elementwise", [value(a[0])], {"fn": "hardtanh", "min_val": lo, "max_val": hi},
-                    {}, source, shape)
-    if t in _ELEMENTWISE:
-        fn, params = _ELEMENTWISE[t]
+    unary = _unary(fx)
+    if unary is not None:
+        op, attrs = unary
+        lifted = _lifted(fx, op, [a[0]], attrs, source, alias, pending, shapes)
+        return lifted or Node(fx.name, op, [value(a[0])], attrs, {}, source, shape)
+    if t is aten.layer_norm.default:
         args = _arguments(fx)
-        attrs = {"fn": fn, **{k: _json_scalar(args[k]) for k in params}}
-        return Node(fx.name, "elementwise", [value(a[0])], attrs, {}, source, shape)
+        norm = [int(v) for v in args["normalized_shape"]]
+        if len(norm) != 1:
+            raise _Refused(f"{where}: layer_norm over {len(norm)} axes")
+        x, lead = _channels_last_input(fx, a[0], norm[0], where, value, alias, pending, shapes, add)
+        w = const(args["weight"]) if args.get("weight") is not None else torch.ones(norm[0])
+        b = const(args["bias"]) if args.get("bias") is not None else torch.zeros(norm[0])
+        out_shape = tuple(shapes[x])
+        if lead is not None:
+            _show(fx, layout.channels_last_view(fx.name, out_shape, lead), alias, pending)
+        return Node(fx.name, "layer_norm", [x], {"eps": float(args["eps"])}, {"weight": w, "bias": b}, source,
+                    out_shape)
     if t in _ADD or t in _MUL or t in _SUB:
         folded = _channel_affine(fx, value, const, shapes, source, shape)
         if folded is not None:
@@ -344,6 +414,9 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         op = "add" if t in _ADD else "mul"
         if len(a) != 2 or not all(_is_tensor(v) for v in a) or fx.kwargs.get("alpha", 1) != 1:
             raise _Refused(f"{where}: {op} with a scalar or scaled operand")
+        lifted = _lifted(fx, op, list(a), {"act": None} if op == "add" else {}, source, alias, pending, shapes)
+        if lifted is not None:
+            return lifted
         if any(_constant_or_none(const, v) is not None for v in a):
             raise _Refused(f"{where}: {op} with a constant that is not one value per channel")
         x, y = value(a[0]), value(a[1])
@@ -405,6 +478,24 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         alias[fx.name] = fx.name + "_flat"
         return Node(fx.name + "_flat", "flatten", [fx.name], {}, {}, source, shape)
     raise _Refused(f"{where}: {_op_name(fx)}")
+
+
+def _unary(fx) -> tuple[str, dict] | None:
+    """(graph op, attrs) of an elementwise function of one tensor (relu, relu6, hardtanh, the
+    _ELEMENTWISE table); None for any other call."""
+    t = fx.target
+    if t in _RELU:
+        return "relu", {}
+    if t in _HARDTANH:
+        lo, hi = (float(v) for v in (_arguments(fx)["min_val"], _arguments(fx)["max_val"]))
+        if (lo, hi) == (0.0, 6.0):
+            return "relu6", {}
+        return "elementwise", {"fn": "hardtanh", "min_val": lo, "max_val": hi}
+    if t in _ELEMENTWISE:
+        fn, params = _ELEMENTWISE[t]
+        args = _arguments(fx)
+        return "elementwise", {"fn": fn, **{k: _json_scalar(args[k]) for k in params}}
+    return None
 
 
 def _upsample_attrs(t, args: dict, shape) -> dict:

@@ -7,7 +7,7 @@ import numpy as np
 
 from calib.artifact import TensorQuant, WapsArtifact, LayerRecord, group_scales_of
 from calib.calibrate import CalibResult
-from calib.graph import PARAM_OPS, QUANT_OPS, Node
+from calib.graph import NODE_PARAMS, PARAM_OPS, QUANT_OPS, Node
 from calib.quantizers import ActQuantizer
 
 
@@ -50,5 +50,7 @@ def _np(t) -> np.ndarray:
 
 
 def _strip(n: Node) -> Node:
-    """The node without its float parameters (the artifact stores codes instead)."""
-    return Node(n.name, n.op, list(n.inputs), dict(n.attrs), {}, n.source, tuple(n.shape))
+    """The node without the layers' float parameters (the artifact stores codes instead); the
+    float parameters of NODE_PARAMS ops (a layer norm's γ, β) stay, on the CPU."""
+    params = {k: n.params[k].detach().float().cpu() for k in NODE_PARAMS.get(n.op, ())}
+    return Node(n.name, n.op, list(n.inputs), dict(n.attrs), params, n.source, tuple(n.shape))

@@ -26,7 +26,7 @@ def _set(q: ActQuantizer, tq: TensorQuant) -> None:
 def build_fake_quant(art: WapsArtifact) -> QuantModel:
     nodes = []
     for n in art.graph:
-        params = {}
+        params = dict(n.params)             # NODE_PARAMS ops keep theirs (a layer norm's γ, β)
         if n.op in PARAM_OPS:
             rec = art.layers[n.name]
             codes = torch.from_numpy(rec.w_codes.astype("float32"))

@@ -24,6 +24,12 @@ inside a .waps artifact. Ops after capture:
                                 (the output shares the input's quantizer)
     upsample_bilinear2d (x)     mode="bilinear"; attrs: size, scales, align_corners (its own quantizer)
     flatten (x)                 N×C×1×1 or N×C×H×W → N×(C·H·W)
+    layer_norm (x)              over the channels (axis 1) of N×C×H×W or N×C (torch's layer norm over
+                                the last axis of a channels-last view); params: weight, bias [C] (float,
+                                stored in the artifact: NODE_PARAMS); attrs: eps
+
+A channels-last linear (over the last axis of a permuted map, or of a transformer's tokens)
+is captured as a 1×1 conv2d of the map (calib/layout.channels_last).
 
 Attrs are the calib → compiler interface (issue 13 graph vocabulary): do not rename them.
 
@@ -40,10 +46,13 @@ import torch
 PARAM_OPS = ("conv2d", "linear")
 OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add", "mul", "cat", "elementwise",
        "pad", "gather", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool", "flatten",
-       "upsample_nearest2d", "upsample_bilinear2d")
+       "upsample_nearest2d", "upsample_bilinear2d", "layer_norm")
 # ops whose output is a quantization point of its own (an ActQuantizer, art.quant[name])
 QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d", "adaptive_avg_pool2d",
-             "upsample_bilinear2d")
+             "upsample_bilinear2d", "layer_norm")
+# float parameters of ops other than the layers, kept as they are (the artifact stores them, the
+# compiler derives their integers): op → the names of its params, each one value per channel
+NODE_PARAMS = {"layer_norm": ("weight", "bias")}
 
 
 def add_broadcast_ok(full: tuple, part: tuple) -> bool:

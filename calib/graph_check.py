@@ -65,6 +65,9 @@ def check_node(n: Node, shapes: dict[str, tuple[int, ...]], where: str) -> None:
         if not _ints(idx, len(idx) if isinstance(idx, list) else -1, 0) or not idx or \
                 (c is not None and max(idx) >= c):
             raise bad("needs a non-empty index of input channels")
+    elif n.op == "layer_norm":
+        if not _finite(a.get("eps")) or a["eps"] < 0:
+            raise bad("needs a finite eps ≥ 0")
     elif n.op == "cat":
         if a.get("axis") != 1 or len(n.inputs) < 2:
             raise bad("needs axis 1 and two or more inputs")

@@ -63,3 +63,42 @@ def resolve(p: Pending, base_shape: tuple[int, ...]) -> Resolved | None:
     if not torch.equal(base[:, index], idx):
         return None
     return Resolved(None if index == list(range(c)) else index, flatten)
+
+
+def channels_last(p: Pending, base_shape: tuple[int, ...]) -> Resolved | None:
+    """The chain's result read as channels last: its last axis the base's channels (through a
+    channel gather) and its leading axes the base's positions in order, e.g. NCHW → NHWC
+    (permute(0, 2, 3, 1)) or [N, C, H·W] → [N, H·W, C] (a vision transformer's tokens). The
+    gather (None: identity) that a channels-last op (linear, layer norm) applies to the base
+    first; None when the chain is not of that form."""
+    idx = p.index
+    if idx.dim() < 2 or idx.shape[0] != 1 or not base_shape:
+        return None
+    positions = 1
+    for d in base_shape[1:]:
+        positions *= d
+    lead = 1
+    for d in idx.shape[1:-1]:
+        lead *= d
+    if lead != positions:
+        return None
+    feats = idx.shape[-1]
+    planar = idx.reshape(1, positions, feats).transpose(1, 2)           # [1, F, positions]
+    index = (planar[0, :, 0] // positions).tolist()
+    if any(not 0 <= i < base_shape[0] for i in index):
+        return None
+    base = torch.arange(base_shape[0] * positions, dtype=torch.int64).view(1, base_shape[0], positions)
+    if not torch.equal(base[:, index], planar):
+        return None
+    return Resolved(None if index == list(range(base_shape[0])) else index, False)
+
+
+def channels_last_view(base: str, shape: tuple[int, ...], lead: tuple[int, ...]) -> Pending:
+    """The chain that shows ``base`` (shape (M, *positions)) channels last with leading axes
+    ``lead`` (whose product is the number of positions): what a channels-last op returns."""
+    m = shape[0]
+    positions = 1
+    for d in shape[1:]:
+        positions *= d
+    idx = torch.arange(m * positions, dtype=torch.int64).view(1, m, positions).transpose(1, 2)
+    return Pending(base, idx.reshape(1, *lead, m).contiguous())

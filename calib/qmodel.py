@@ -211,6 +211,10 @@ def compute(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.ops.aten.upsample_bilinear2d.vec(x, size, bool(a["align_corners"]), scales)
     if op == "flatten":
         return x.flatten(1)
+    if op == "layer_norm":                   # over the channels, as torch over a channels-last view
+        p = node.params
+        return F.layer_norm(x.movedim(1, -1), (x.shape[1],), p["weight"].to(x), p["bias"].to(x),
+                            a["eps"]).movedim(-1, 1)
     if op == "relu":
         return F.relu(x)
     if op == "relu6":

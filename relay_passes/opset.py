@@ -171,18 +171,24 @@ def _table(rng) -> Program:
 
 
 def _layer_norm(rng) -> Program:
-    """Over the channels of a map, or of features (after a flatten); one channel is a zero
-    variance everywhere (only e keeps the root positive)."""
+    """Over the channels of a map, of the int32 sums of its global pool (a ConvNeXt head norms
+    them) and of features after a flatten; one channel is a zero variance everywhere (only e
+    keeps the root positive)."""
     c = int(rng.choice([1, 3, 16, 40]))
-    nc = layer_norm_constants(rng.normal(1, 0.5, c), rng.normal(0, 0.5, c), float(rng.choice([1e-5, 1e-6, 0.0])),
-                              0.02, 255, 0.03)
+
+    def norm(name, src, in_scale, in_qmax, z_out):
+        nc = layer_norm_constants(rng.normal(1, 0.5, c), rng.normal(0, 0.5, c),
+                                  float(rng.choice([1e-5, 1e-6, 0.0])), in_scale, in_qmax, 0.03)
+        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=z_out, lo=0, hi=255, in_qmax=in_qmax)
+        return Op("layer_norm", name, [src], attrs, {"g": nc.g, "b": nc.b})
+
     z_out = int(rng.integers(100, 156))
-    attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=z_out, lo=0, hi=255)
-    params = {"g": nc.g, "b": nc.b}
-    if rng.random() < 0.7:
-        return _program((2, c, 3, 2), [Op("layer_norm", "op", ["q"], attrs, params)], "op", z_out, 0.03)
-    ops = [Op("flatten", "flat", ["q"]), Op("layer_norm", "op", ["flat"], attrs, params)]
-    return _program((2, c, 1, 1), ops, "op", z_out, 0.03)
+    ops = [norm("map", "q", 0.02, 255, 128),
+           Op("sum_pool2d", "sums", ["map"], SumPoolAttrs(kernel=(5, 4), stride=(1, 1), padding=(0, 0), z_in=128),
+              dtype="int32"),
+           norm("pooled", "sums", 0.03 / 20, 255 * 20, 120), Op("flatten", "flat", ["pooled"]),
+           norm("op", "flat", 0.03, 255, z_out)]
+    return _program((2, c, 5, 4), ops, "op", z_out, 0.03)
 
 
 def _mul(rng) -> Program:

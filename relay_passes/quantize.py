@@ -12,6 +12,7 @@ by position in another IR) and the integer program is emitted as Relax once:
     avg_pool2d / global_avg_pool              → sum_pool2d (int32 sums, 1/count folded
                                                 into the consumer's requantization)
     flatten                                   → flatten
+    layer_norm                                → layer_norm (integer sums, exact root; numerics)
 with quantize at the input and dequantize at the output. Integer parameters:
     α′_k = γ^z_k·s_w[k]·s_in / (s_out·2^L)  →  (M_k, shift_k) by quantize_multiplier
     b_k  = round((γ^z_k·β_k + φ^z_k)·2^L / (γ^z_k·s_w[k]·s_in))
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from calib.errors import UnsupportedOpError, WapsError
-from calib.numerics import INT32_MAX, GroupScale, code_table, quantize_multiplier
+from calib.errors import ConfigError, UnsupportedOpError, WapsError
+from calib.numerics import INT32_MAX, GroupScale, code_table, layer_norm_constants, quantize_multiplier
 from relay_passes.attrs import (AddAttrs, AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, FlattenAttrs, GatherAttrs,
-                                MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, SumPoolAttrs, TableAttrs)
+                                LayerNormAttrs, MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, SumPoolAttrs,
+                                TableAttrs)
 from relay_passes.opset import kind as op_kind
 from relay_passes.program import INPUT, Op, Program, emit
 from relay_passes.resize import resize_op
@@ -266,6 +268,18 @@ class ProgramBuilder:
         c = self._narrow(t, "an elementwise function", label)
         table = code_table(fn, c.scale, c.zero_point, c.qmax, out.scale, out.zero_point, out.qmax)
         return self._new("table", _op_name(label), [t.name], TableAttrs(layer=label), {"table": table}, out)
+
+    def layer_norm(self, t: Value, gamma: np.ndarray, beta: np.ndarray, eps: float, out: TensorCodes,
+                   label: str) -> Value:
+        """Layer norm over the channels (γ, β [C] float, ``eps``) in integers: numerics.layer_norm_codes."""
+        c = t.codes                         # int32 sums of a global pool too (the norm ignores their scale)
+        try:
+            nc = layer_norm_constants(gamma, beta, eps, c.scale, c.qmax, out.scale)
+        except ConfigError as e:
+            raise CompileError(f"{label}: {e}") from None
+        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=out.zero_point, lo=0, hi=out.qmax,
+                               in_qmax=int(c.qmax), layer=label)
+        return self._new("layer_norm", _op_name(label), [t.name], attrs, {"g": nc.g, "b": nc.b}, out)
 
     def mul(self, a: Value, b: Value, out: TensorCodes, label: str) -> Value:
         """a·b (b of a's shape, or one value per channel broadcast over H, W)."""

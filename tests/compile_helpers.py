@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from calib.config import CalibConfig
+from codegen.npu16.lower import HOST_KINDS                            # what npu16 leaves on the host
 
 
 def calibrated(model: torch.nn.Module, input_shape, wbits=4, abits=4, iters=2, samples=16, seed=0, gammas=None,
@@ -68,7 +69,6 @@ def compile_c_wrapper(source: str, folder):
 
 
 BACKENDS = (("fast", "llvm"), ("split", "c"), ("split", "npu16"))   # (form, target) a model test runs
-HOST_KINDS = ("quantize", "dequantize", "flatten")                    # what npu16 leaves on the host
 
 
 def assert_bit_exact_on_backends(art, x: np.ndarray, npu_kinds: tuple[str, ...] | None = None) -> None:

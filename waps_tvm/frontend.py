@@ -140,6 +140,11 @@ def _mul(L: Lowering, xs: list[Value]) -> Value:
     return L.b.mul(*xs, L.out_codes(), L.label)
 
 
+def _layer_norm(L: Lowering, xs: list[Value]) -> Value:
+    p = L.n.params
+    return L.b.layer_norm(xs[0], p["weight"].numpy(), p["bias"].numpy(), float(L.a["eps"]), L.out_codes(), L.label)
+
+
 def _elementwise(L: Lowering, xs: list[Value]) -> Value:
     out = L.out_codes() if L.n.name in L.art.quant else xs[0].codes
     return L.b.table(xs[0], _float_fn(L.n), out, L.label)
@@ -150,7 +155,7 @@ NODE_RULES = {**{op: _layer for op in PARAM_OPS}, "add": _add, "max_pool2d": _ma
               "adaptive_avg_pool2d": _adaptive_avg_pool, "upsample_nearest2d": _upsample("nearest"),
               "upsample_bilinear2d": _upsample("bilinear"), "global_avg_pool": _global_avg_pool,
               "flatten": _flatten, "pad": _pad, "gather": _gather, "cat": _cat, "mul": _mul,
-              "elementwise": _elementwise, "relu": _elementwise, "relu6": _elementwise}
+              "elementwise": _elementwise, "relu": _elementwise, "relu6": _elementwise, "layer_norm": _layer_norm}
 
 
 def _float_fn(n: Node):

@@ -231,7 +231,7 @@ def _table_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 def _layer_norm_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     shape = tuple(in_shapes[0])
     inner = int(np.prod(shape[2:]))
-    return [f"waps_layer_norm({ins[0]}, {shape[0]}, {shape[1]}, {inner}, {param['g']}, {param['b']}, {a.prec}, "
+    return [f"waps_layer_norm({ins[0]}, {int(a.in_qmax > 255)}, {shape[0]}, {shape[1]}, {inner}, {param['g']}, {param['b']}, {a.prec}, "
             f"{a.eps}LL, {a.frac}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
 
 

@@ -207,25 +207,28 @@ static void waps_concat_part(const uint8_t *x, int N, int C, size_t inner, int c
             (uint8_t)waps_clamp64(waps_rescale(x[((size_t)n * C + c) * inner + i], z, k, t) + z_out, lo, hi);
 }
 
-/* Layer norm over the C channels of x [N, C, inner] at each (n, position): the int64 sum and sum
- * of squares of y = C·x − Σx, the root D = ⌊√(⌊Σy²·4^p / C⌋ + e)⌋, then waps_layer_norm_code. */
-static void waps_layer_norm(const uint8_t *x, int N, int C, size_t inner, const int32_t *g, const int32_t *b, int p,
-                            int64_t e, int k, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+/* Layer norm over the C channels of x [N, C, inner] (uint8 codes, or int32 sums when ``wide``) at
+ * each (n, position): the int64 sum and sum of squares of y = C·x − Σx, the root
+ * D = ⌊√(⌊Σy²·4^p / C⌋ + e)⌋, then waps_layer_norm_code. */
+static void waps_layer_norm(const void *x, int wide, int N, int C, size_t inner, const int32_t *g, const int32_t *b,
+                            int p, int64_t e, int k, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+#define WAPS_LN_AT(j) (wide ? (int64_t)((const int32_t *)x)[j] : (int64_t)((const uint8_t *)x)[j])
   for (int n = 0; n < N; ++n)
     for (size_t i = 0; i < inner; ++i) {
-      const uint8_t *xs = x + (size_t)n * C * inner + i;
+      size_t at = (size_t)n * C * inner + i;
       int64_t total = 0, squares = 0;
-      for (int c = 0; c < C; ++c) total += xs[(size_t)c * inner];
+      for (int c = 0; c < C; ++c) total += WAPS_LN_AT(at + (size_t)c * inner);
       for (int c = 0; c < C; ++c) {
-        int64_t y = (int64_t)C * xs[(size_t)c * inner] - total;
+        int64_t y = (int64_t)C * WAPS_LN_AT(at + (size_t)c * inner) - total;
         squares += y * y;
       }
       int64_t d = waps_isqrt64(squares * ((int64_t)1 << (2 * p)) / C + e);
       for (int c = 0; c < C; ++c) {
-        int64_t y = (int64_t)C * xs[(size_t)c * inner] - total;
+        int64_t y = (int64_t)C * WAPS_LN_AT(at + (size_t)c * inner) - total;
         out[((size_t)n * C + c) * inner + i] = (uint8_t)waps_layer_norm_code(y, d, g[c], b[c], p, k, z_out, lo, hi);
       }
     }
+#undef WAPS_LN_AT
 }
 
 /* out[i] = table[x[i]]: an elementwise function of codes. */

@@ -53,6 +53,7 @@ def _host(reason: str):
     """The lowering of a kind that always runs on the host: NotOnNpu with ``reason``."""
     def lowering(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
         raise NotOnNpu(reason)
+    lowering.host_reason = reason
     return lowering
 
 
@@ -257,3 +258,5 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,
                                                "table": _table, "mul": _mul, "resize": _resize}.items()}}
+# the kinds that always stay on the host, whatever their shapes
+HOST_KINDS = frozenset(k for k, f in LOWERINGS.items() if hasattr(f, "host_reason"))

@@ -54,8 +54,11 @@ def _run(prog, x, backend: str, lib) -> list[np.ndarray]:
     return [out[0].numpy(), out[1].numpy()]
 
 
-HOST_ON_NPU16 = {"quantize", "dequantize", "flatten", "layer_norm"}   # float arithmetic, nothing to compute, or
-                                                                       # a root and division per position
+HOST_ON_NPU16 = npu16_lower.HOST_KINDS      # float arithmetic, nothing to compute, a root and division per position
+
+
+def test_host_kinds_are_the_expected_ones():
+    assert HOST_ON_NPU16 == {"quantize", "dequantize", "flatten", "layer_norm"}
 
 
 def test_every_handler_table_covers_the_op_set():
