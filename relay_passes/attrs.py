@@ -218,16 +218,14 @@ class ResizeAttrs(Attrs):
 class LayerNormAttrs(Attrs):
     """Layer norm over the channels (axis 1) of codes (calib/numerics.layer_norm_codes):
     ``prec`` extra bits of the root (p), ``eps`` the float eps in integer units (e ≥ 1),
-    ``frac`` the fractional bits of the gain and offset params g, b (k); z_out in [lo, hi];
-    ``in_qmax`` the input's largest code (> 255: int32 sums of a global pool, the norm is
-    invariant to their scale)."""
+    ``frac`` the fractional bits of the gain and offset params g, b (k); z_out in [lo, hi]. The
+    input is uint8 codes or the int32 sums of a global pool (the norm ignores their scale)."""
     prec: int
     eps: int
     frac: int
     z_out: int
     lo: int
     hi: int
-    in_qmax: int = 255
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -179,14 +179,17 @@ def _layer_norm(rng) -> Program:
     def norm(name, src, in_scale, in_qmax, z_out):
         nc = layer_norm_constants(rng.normal(1, 0.5, c), rng.normal(0, 0.5, c),
                                   float(rng.choice([1e-5, 1e-6, 0.0])), in_scale, in_qmax, 0.03)
-        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=z_out, lo=0, hi=255, in_qmax=in_qmax)
+        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=z_out, lo=0, hi=255)
         return Op("layer_norm", name, [src], attrs, {"g": nc.g, "b": nc.b})
 
     z_out = int(rng.integers(100, 156))
     ops = [norm("map", "q", 0.02, 255, 128),
            Op("sum_pool2d", "sums", ["map"], SumPoolAttrs(kernel=(5, 4), stride=(1, 1), padding=(0, 0), z_in=128),
               dtype="int32"),
-           norm("pooled", "sums", 0.03 / 20, 255 * 20, 120), Op("flatten", "flat", ["pooled"]),
+           norm("pooled", "sums", 0.03 / 20, 255 * 20, 120),
+           Op("sum_pool2d", "one", ["pooled"], SumPoolAttrs(kernel=(1, 1), stride=(1, 1), padding=(0, 0), z_in=120),
+              dtype="int32"),                # int32 sums of one code each: wide by dtype, not by range
+           norm("pooled1", "one", 0.03, 255, 125), Op("flatten", "flat", ["pooled1"]),
            norm("op", "flat", 0.03, 255, z_out)]
     return _program((2, c, 5, 4), ops, "op", z_out, 0.03)
 

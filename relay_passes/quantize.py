@@ -277,8 +277,7 @@ class ProgramBuilder:
             nc = layer_norm_constants(gamma, beta, eps, c.scale, c.qmax, out.scale)
         except ConfigError as e:
             raise CompileError(f"{label}: {e}") from None
-        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=out.zero_point, lo=0, hi=out.qmax,
-                               in_qmax=int(c.qmax), layer=label)
+        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
         return self._new("layer_norm", _op_name(label), [t.name], attrs, {"g": nc.g, "b": nc.b}, out)
 
     def mul(self, a: Value, b: Value, out: TensorCodes, label: str) -> Value:

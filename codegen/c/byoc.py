@@ -18,7 +18,7 @@ from tvm import relax
 
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
-from codegen.c.emit import C_TYPES, KERNELS, SHARED_KINDS, add_call, kernel_call, quantize_call
+from codegen.c.emit import C_TYPES, KERNELS, SHARED_KINDS, add_call, kernel_call, layer_norm_call, quantize_call
 from relay_passes.program import decode_attrs
 from targets.c_source import inline_source
 
@@ -138,6 +138,11 @@ def _add(e: _Entry) -> list[str]:
     return [add_call(e.a, e.in_shape, _shape(e.ins[1]), b_dtype, e.x, b, _ptr(_OUT, "uint8_t"))]
 
 
+def _layer_norm(e: _Entry) -> list[str]:
+    return [layer_norm_call(e.a, e.in_shape, e.in_dtype, e.x, _ptr(e.arg["g"], "const int32_t"),
+                            _ptr(e.arg["b"], "const int32_t"), _ptr(_OUT, "uint8_t"))]
+
+
 def _shared(e: _Entry) -> list[str]:
     ptypes = {"table": "const uint8_t"}
     return kernel_call(str(e.fn.attrs["waps.kind"]), e.a, [_shape(v) for v in e.ins], _out_shape(e.fn),
@@ -162,4 +167,4 @@ def _gather(e: _Entry) -> list[str]:
 # kind → the C body of its tvm-ffi entry (every kind of relay_passes/opset.py)
 ENTRIES: dict[str, Callable[[_Entry], list[str]]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_KINDS}}
+    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_KINDS}}

@@ -145,6 +145,19 @@ def _add(s: _Site) -> str:
                     f"buf_{s.v}")
 
 
+def _layer_norm(s: _Site) -> str:
+    return layer_norm_call(s.op.attrs, s.in_shape, s.in_dtype, s.x, f"{s.v}_g", f"{s.v}_b", f"buf_{s.v}")
+
+
+def layer_norm_call(a, shape, in_dtype: str, x: str, g: str, b: str, out: str) -> str:
+    """The C statement of a layer norm over [N, C, ...] codes (uint8) or sums (int32): the C unit
+    and the C BYOC entry both call this."""
+    n, c = shape[:2]
+    inner = int(np.prod(shape[2:]))
+    return (f"waps_layer_norm({x}, {int(in_dtype != 'uint8')}, {n}, {c}, {inner}, {g}, {b}, {a.prec}, {a.eps}LL, "
+            f"{a.frac}, {a.z_out}, {a.lo}, {a.hi}, {out});")
+
+
 def add_call(a: dict, sa, sb, b_dtype: str, x: str, b: str, out: str) -> str:
     """The C statement of one add (the C program and the C BYOC entries both call this): waps_add
     for equal shapes, waps_add_bcast_{u8,i32} for a broadcast b ([N, C|1, H·W|1])."""
@@ -228,13 +241,6 @@ def _table_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     return [f"waps_lookup({ins[0]}, {int(np.prod(in_shapes[0]))}, {param['table']}, {out});"]
 
 
-def _layer_norm_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
-    shape = tuple(in_shapes[0])
-    inner = int(np.prod(shape[2:]))
-    return [f"waps_layer_norm({ins[0]}, {int(a.in_qmax > 255)}, {shape[0]}, {shape[1]}, {inner}, {param['g']}, {param['b']}, {a.prec}, "
-            f"{a.eps}LL, {a.frac}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
-
-
 def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     shape = tuple(in_shapes[0])
     nc = shape[0] * shape[1]
@@ -246,8 +252,7 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
     "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call,
-    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call,
-    "layer_norm": _layer_norm_call}
+    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 
 
@@ -263,7 +268,7 @@ def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], 
 # kind → the C statement of one op of the unit (every kind of relay_passes/opset.py)
 CALLS: dict[str, Callable[[_Site], str]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "flatten": _flatten, "gather": _gather, **{k: _shared for k in SHARED_CALLS}}
+    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_CALLS}}
 
 
 def float_literal(v: float) -> str:
