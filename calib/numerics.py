@@ -216,8 +216,53 @@ def layer_norm_codes(x: np.ndarray, g: np.ndarray, b: np.ndarray, p: int, e: int
     y = c * x - x.sum(axis=1, keepdims=True)
     d = isqrt((y * y).sum(axis=1, keepdims=True) * (1 << 2 * p) // c + e)
     num = y * np.asarray(g, np.int64).reshape(bshape) * (1 << p) + np.asarray(b, np.int64).reshape(bshape) * d
-    den = d << k
-    return clamp((2 * num + den) // (2 * den) + z_out, lo, hi)
+    return clamp(round_div(num, d << k) + z_out, lo, hi)
+
+
+def round_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den rounded half up, den > 0: ⌊(2·num + den) / (2·den)⌋ (int64; |2·num + den| < 2^63)."""
+    num, den = np.asarray(num, np.int64), np.asarray(den, np.int64)
+    return (2 * num + den) // (2 * den)
+
+
+EXP_BITS = 20            # the softmax's exp table holds round(e^(−d·s)·2^EXP_BITS)
+
+
+@dataclass(frozen=True)
+class SoftmaxConstants:
+    """The integers of ``softmax_codes``: the exp table (int32 [qmax + 1]), r and k."""
+    table: np.ndarray
+    r: int
+    k: int
+
+
+def softmax_constants(in_scale: float, in_qmax: int, out_scale: float, max_shift: int = 24) -> SoftmaxConstants:
+    """The integer form of a softmax between codes of ``in_scale`` (0..in_qmax) and codes of
+    ``out_scale``: table[d] = round(e^(−d·s_in)·2^EXP_BITS) for the d = max − x̄ an input can
+    show, r = round(2^k/s_out) with k the most bits (≤ ``max_shift``) keeping r·2^EXP_BITS < 2^60."""
+    d = np.arange(in_qmax + 1, dtype=np.float64)
+    table = np.round(np.exp(-d * in_scale) * 2.0**EXP_BITS).astype(np.int32)
+    k = max_shift
+    while k > 0 and 2.0**k / out_scale * 2.0**EXP_BITS >= 2.0**60:
+        k -= 1
+    return SoftmaxConstants(table, int(round(2.0**k / out_scale)), k)
+
+
+def softmax_codes(x: np.ndarray, table: np.ndarray, groups: int, r: int, k: int, z_out: int, lo: int,
+                  hi: int) -> np.ndarray:
+    """Softmax over axis 1 of codes ``x`` [N, C, ...] in ``groups`` contiguous groups of C/groups
+    channels (one per attention head), int64:
+
+        m = max over the group,  e_c = table[m − x̄_c]  (e^(−(m − x_c)·s_in)·2^20, exact per code)
+        S = Σ_group e,  out_c = clamp(round_div(e_c·r, S·2^k) + z_out, lo, hi)
+
+    (r = round(2^k/s_out): e_c/S in output steps). S ≤ C·2^20 and e·r < 2^60 stay in int64."""
+    x = np.asarray(x, dtype=np.int64)
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, c // groups, *x.shape[2:])
+    e = np.asarray(table, np.int64)[xg.max(axis=2, keepdims=True) - xg]
+    total = e.sum(axis=2, keepdims=True)
+    return clamp(round_div(e * r, total << k) + z_out, lo, hi).reshape(x.shape)
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,19 @@ class LayerNormAttrs(Attrs):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SoftmaxAttrs(Attrs):
+    """Softmax over the channels (axis 1) in ``groups`` contiguous groups (one per attention
+    head; calib/numerics.softmax_codes): the exp table params['exp'], e/S in output steps
+    through ``mult`` = round(2^frac/s_out), z_out in [lo, hi]."""
+    groups: int
+    mult: int
+    frac: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class TableAttrs(Attrs):
     """An elementwise function as a table over the input codes (params['table'])."""
 

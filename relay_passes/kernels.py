@@ -479,6 +479,33 @@ def _layer_norm(lb, op, xs, P, D, in_types, add_prim):
     return _call_fast(lb, op, add_prim, func, [xs[0], P["g"], P["b"]], shape)
 
 
+def _softmax(lb, op, xs, P, D, in_types, add_prim):
+    """One TE kernel over [N, C, ...] in G groups: per (group, position) the max code and the int64
+    sum of the exp table at max − x̄, then each channel's rounded quotient (nt.softmax_code)."""
+    a = op.attrs
+    shape, dtype = in_types[0]
+    size = shape[1] // a.groups
+    X = te.placeholder(shape, dtype, "x")
+    T = te.placeholder(op.params["exp"].shape, I32, "exp")
+    rest = (shape[0], a.groups, *shape[2:])
+
+    def at(pos, j):                                      # x[n, g·size + j, ...] as int32 from (n, g, ...)
+        return X[(pos[0], pos[1] * size + j, *pos[2:])].astype(I32)
+
+    rm = te.reduce_axis((0, size), "rm")
+    top = te.compute(rest, lambda *pos: te.max(at(pos, rm), axis=rm), name="top")
+    rs = te.reduce_axis((0, size), "rs")
+    total = te.compute(rest, lambda *pos: te.sum(T[top[pos] - at(pos, rs)].astype(I64), axis=rs), name="total")
+
+    def code(n, ch, *sp):
+        pos = (n, ch // size, *sp)
+        e = T[top[pos] - X[(n, ch, *sp)].astype(I32)].astype(I64)
+        return nt.softmax_code(e, total[pos], a.mult, a.frac, a.z_out, a.lo, a.hi, op.dtype)
+    out = te.compute(shape, code, name="out")
+    func = te.create_prim_func([X, T, out])
+    return _call_fast(lb, op, add_prim, func, [xs[0], P["exp"]], shape)
+
+
 def _pad(lb, op, xs, P, D, in_types, add_prim):
     top, left, bottom, right = op.attrs.pads
     return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs.value)))
@@ -645,5 +672,6 @@ KERNELS: dict[str, Kernel] = {
     "table": Kernel(_table),
     "mul": Kernel(_mul),
     "layer_norm": Kernel(_layer_norm),
+    "softmax": Kernel(_softmax),
     "resize": Kernel(_resize),
 }

@@ -197,6 +197,17 @@ def layer_norm_code(y: Expr, d: Expr, g: Expr, b: Expr, p: int, k: int, z_out: i
     """One output code of numerics.layer_norm_codes from y_c = C·x_c − Σx and the root D (int64
     TIR): clamp(⌊(2·num + den) / (2·den)⌋ + z_out, lo, hi), num = y·g·2^p + b·D, den = D·2^k."""
     num = y * g.astype(I64) * tirx.const(1 << p, I64) + b.astype(I64) * d
-    den = d * tirx.const(1 << k, I64)
-    q = tirx.floordiv(num * tirx.const(2, I64) + den, den * tirx.const(2, I64))
+    return clamp_code(TIR, round_div(num, d * tirx.const(1 << k, I64)), z_out, lo, hi, dtype)
+
+
+def round_div(num: Expr, den: Expr) -> Expr:
+    """num / den rounded half up (int64 TIR, den > 0): ⌊(2·num + den) / (2·den)⌋ (numerics.round_div)."""
+    two = tirx.const(2, I64)
+    return tirx.floordiv(num * two + den, den * two)
+
+
+def softmax_code(e: Expr, total: Expr, mult: int, k: int, z_out: int, lo: int, hi: int, dtype: str) -> Expr:
+    """One output code of numerics.softmax_codes from the table value e and the group's sum S
+    (int64 TIR): clamp(round_div(e·r, S·2^k) + z_out, lo, hi)."""
+    q = round_div(e * tirx.const(mult, I64), total * tirx.const(1 << k, I64))
     return clamp_code(TIR, q, z_out, lo, hi, dtype)

@@ -27,10 +27,10 @@ from typing import Callable
 
 import numpy as np
 
-from calib.numerics import GroupScale, code_table, layer_norm_constants, quantize_multiplier
+from calib.numerics import GroupScale, code_table, layer_norm_constants, quantize_multiplier, softmax_constants
 from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConvAttrs, DequantizeAttrs, FlattenAttrs,
                                 GatherAttrs, LayerNormAttrs, LinearAttrs, MaxPoolAttrs, MulAttrs, PadAttrs,
-                                QuantizeAttrs, ResizeAttrs, SumPoolAttrs, TableAttrs)
+                                QuantizeAttrs, ResizeAttrs, SoftmaxAttrs, SumPoolAttrs, TableAttrs)
 from relay_passes.program import INPUT, Op, Program
 from relay_passes.resize import resize_op
 
@@ -194,6 +194,23 @@ def _layer_norm(rng) -> Program:
     return _program((2, c, 5, 4), ops, "op", z_out, 0.03)
 
 
+def _softmax(rng) -> Program:
+    """Over the channels of a map (attention scores: keys as channels, queries as positions) in
+    one group or one per head; an A4 softmax of an A8 one's output; ties for the maximum (a
+    channel drawn twice)."""
+    heads = int(rng.choice([1, 2, 3]))
+    keys = int(rng.choice([1, 5, 17]))
+    k8 = softmax_constants(0.02, 255, 1 / 255)
+    k4 = softmax_constants(1 / 255, 255, 1 / 15)
+    ops = [Op("gather", "dup", ["q"], GatherAttrs(), {"index": np.repeat(np.arange(heads * keys // 2 + 1),
+                                                                         2)[:heads * keys].astype(np.int32)}),
+           Op("softmax", "probs", ["dup"], SoftmaxAttrs(groups=heads, mult=k8.r, frac=k8.k, z_out=0, lo=0, hi=255),
+              {"exp": k8.table}),
+           Op("softmax", "op", ["probs"], SoftmaxAttrs(groups=heads, mult=k4.r, frac=k4.k, z_out=0, lo=0, hi=15),
+              {"exp": k4.table})]
+    return _program((2, heads * keys, 3, 2), ops, "op", 0, 1 / 15)
+
+
 def _mul(rng) -> Program:
     mult, shift = quantize_multiplier(np.array([0.02 * 0.02 / 0.01 * rng.uniform(0.5, 2)]))
     gate = Op("max_pool2d", "gate", ["q"], MaxPoolAttrs(kernel=(4, 4), stride=(4, 4), padding=(0, 0)))
@@ -248,6 +265,7 @@ KINDS: dict[str, OpKind] = {k.name: k for k in [
     OpKind("flatten", FlattenAttrs, Channels.CHANNELWISE, _flatten),
     OpKind("concat", ConcatAttrs, Channels.PINNED, _concat),
     OpKind("layer_norm", LayerNormAttrs, Channels.PINNED, _layer_norm),
+    OpKind("softmax", SoftmaxAttrs, Channels.PINNED, _softmax),
     OpKind("gather", GatherAttrs, Channels.PINNED, _gather),
 ]}
 

@@ -25,6 +25,8 @@ pad          [N, C, H, W] → [N, C, H+top+bottom, W+left+right] filled with ``v
 concat       along axis 1; input i becomes clip(rescale(x_i, z_i, k_i, t) + z_out, lo, hi)
 layer_norm   over the channels (axis 1): calib/numerics.layer_norm_codes with params g, b and
              attributes prec (p), eps (e), frac (k): integer sum, sum of squares, exact ⌊√⌋
+softmax      over the channels in ``groups`` groups: calib/numerics.softmax_codes (exp table of
+             max − x, int64 sum, rounded quotient)
 table        table[x]: an elementwise function of codes (calib/numerics.code_table)
 mul          clip(requant((a − za)·(b − zb), mult, shift) + z_out, lo, hi); b is a's shape or
              [N, C, 1, 1] (broadcast over H, W)
@@ -43,7 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from calib.numerics import (INT32_MAX, INT32_MIN, add_rescale, apply_table, clamp, layer_norm_codes,
-                            merge_groups, output_codes, requantize, rescale)
+                            merge_groups, output_codes, requantize, rescale, softmax_codes)
 from relay_passes.program import INPUT, Op, Program
 
 
@@ -171,6 +173,11 @@ def _layer_norm(op: Op, x):
                             a.hi).astype(op.dtype)
 
 
+def _softmax(op: Op, x):
+    a = op.attrs
+    return softmax_codes(x, op.params["exp"], a.groups, a.mult, a.frac, a.z_out, a.lo, a.hi).astype(op.dtype)
+
+
 def _mul(op: Op, a_, b_):
     a = op.attrs
     prod = (a_.astype(np.int64) - a.za) * (b_.astype(np.int64) - a.zb)
@@ -208,4 +215,5 @@ def _gather(op: Op, x):
 OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "linear": _layer,
        "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
        "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
-       "mul": _mul, "resize": _resize, "layer_norm": _layer_norm}
+       "mul": _mul, "resize": _resize, "layer_norm": _layer_norm,
+       "softmax": _softmax}

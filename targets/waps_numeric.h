@@ -11,8 +11,9 @@
  *   rescale(x, z, k, t) = ((x − z)·k + 2^(t−1)) >> t                          int64 (concat)
  *   resize_acc          = Σ row weight · column weight · (code − z)            int32 (resize)
  *   isqrt(v)            = ⌊√v⌋, 0 ≤ v < 2^62, bit by bit                      int64 (layer norm)
- *   layer_norm_code     = clamp(⌊(2·num + den) / (2·den)⌋ + z_out, lo, hi),
- *                         num = y·g·2^p + b·D, den = D·2^k                     int64 (layer norm)
+ *   round_div(num, den) = ⌊(2·num + den) / (2·den)⌋, den > 0: round half up   int64
+ *   layer_norm_code     = clamp(round_div(y·g·2^p + b·D, D·2^k) + z_out, lo, hi)  int64 (layer norm)
+ *   softmax_code        = clamp(round_div(e·r, S·2^k) + z_out, lo, hi)           int64 (softmax)
  * Right shifts of negative values use waps_asr32/64 (floor), never C's implementation-
  * defined >>; left shifts are multiplications.
  */
@@ -94,12 +95,20 @@ static inline int64_t waps_floordiv64(int64_t a, int64_t b) {
   return (a % b != 0 && a < 0) ? q - 1 : q;
 }
 
+/* num / den rounded half up, den > 0. */
+static inline int64_t waps_round_div64(int64_t num, int64_t den) { return waps_floordiv64(2 * num + den, 2 * den); }
+
 /* One layer norm output code from y = C·x_c − Σx and the root D (calib/numerics.layer_norm_codes). */
 static inline int64_t waps_layer_norm_code(int64_t y, int64_t d, int32_t g, int32_t b, int p, int k, int32_t z_out,
                                            int32_t lo, int32_t hi) {
   int64_t num = y * (int64_t)g * ((int64_t)1 << p) + (int64_t)b * d;
-  int64_t den = d * ((int64_t)1 << k);
-  return waps_clamp64(waps_floordiv64(2 * num + den, 2 * den) + z_out, lo, hi);
+  return waps_clamp64(waps_round_div64(num, d * ((int64_t)1 << k)) + z_out, lo, hi);
+}
+
+/* One softmax output code from its exp table value e and the group's sum S (calib/numerics.softmax_codes). */
+static inline int64_t waps_softmax_code(int64_t e, int64_t total, int64_t mult, int k, int32_t z_out, int32_t lo,
+                                        int32_t hi) {
+  return waps_clamp64(waps_round_div64(e * mult, total * ((int64_t)1 << k)) + z_out, lo, hi);
 }
 
 #endif /* WAPS_NUMERIC_H */

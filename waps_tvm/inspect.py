@@ -142,7 +142,8 @@ RENDER = {
     "max_pool2d": _pool("MaxPool"), "sum_pool2d": _pool("SumPool"), "quantize": _float_edge("Quantize", qmax=True),
     "dequantize": _float_edge("Dequantize", qmax=False), "flatten": _flatten, "pad": _generic("Pad"),
     "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul"),
-    "resize": _generic("Resize"), "layer_norm": _generic("LayerNorm")}
+    "resize": _generic("Resize"), "layer_norm": _generic("LayerNorm"),
+    "softmax": _generic("Softmax")}
 
 
 def _attr_ok(v) -> bool:

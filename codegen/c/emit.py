@@ -241,6 +241,13 @@ def _table_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     return [f"waps_lookup({ins[0]}, {int(np.prod(in_shapes[0]))}, {param['table']}, {out});"]
 
 
+def _softmax_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    shape = tuple(in_shapes[0])
+    inner = int(np.prod(shape[2:]))
+    return [f"waps_softmax({ins[0]}, {shape[0]}, {shape[1]}, {a.groups}, {inner}, {param['exp']}, {a.mult}LL, "
+            f"{a.frac}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
+
+
 def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     shape = tuple(in_shapes[0])
     nc = shape[0] * shape[1]
@@ -252,7 +259,8 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
     "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call,
-    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call}
+    "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call,
+    "softmax": _softmax_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 
 

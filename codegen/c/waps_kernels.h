@@ -231,6 +231,26 @@ static void waps_layer_norm(const void *x, int wide, int N, int C, size_t inner,
 #undef WAPS_LN_AT
 }
 
+/* Softmax over x [N, C, inner] (uint8 codes) in G groups of C/G channels at each (n, position):
+ * the group's max m, e = table[m − x] (int32 table), the int64 sum S, then waps_softmax_code. */
+static void waps_softmax(const uint8_t *x, int N, int C, int G, size_t inner, const int32_t *table, int64_t mult,
+                         int k, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
+  int size = C / G;
+  for (int n = 0; n < N; ++n)
+    for (int g = 0; g < G; ++g)
+      for (size_t i = 0; i < inner; ++i) {
+        size_t at = ((size_t)n * C + (size_t)g * size) * inner + i;
+        int32_t m = 0;
+        int64_t total = 0;
+        for (int c = 0; c < size; ++c)
+          if (x[at + (size_t)c * inner] > m) m = x[at + (size_t)c * inner];
+        for (int c = 0; c < size; ++c) total += table[m - x[at + (size_t)c * inner]];
+        for (int c = 0; c < size; ++c)
+          out[at + (size_t)c * inner] =
+              (uint8_t)waps_softmax_code(table[m - x[at + (size_t)c * inner]], total, mult, k, z_out, lo, hi);
+      }
+}
+
 /* out[i] = table[x[i]]: an elementwise function of codes. */
 static void waps_lookup(const uint8_t *x, size_t count, const uint8_t *table, uint8_t *out) {
   for (size_t i = 0; i < count; ++i) out[i] = waps_table(table, x[i]);

@@ -254,6 +254,7 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "dequantize": _host("float arithmetic: npu16 is integer-only"),
     "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
     "layer_norm": _host("layer norm: a per-position square root and division, not in the npu16 ISA"),
+    "softmax": _host("softmax: a per-position division by the sum of exponentials, not in the npu16 ISA"),
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,
