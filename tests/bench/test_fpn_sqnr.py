@@ -95,6 +95,16 @@ def test_render_flag_rewrites_md_and_png_from_the_json(res, tmp_path):
     assert (tmp_path / "fpn_sqnr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_readme_block_follows_the_json(res, tmp_path):
+    from bench.readme_blocks import fpn_sqnr as block
+    (tmp_path / "fpn_sqnr.json").write_text(json.dumps(res))
+    text = block(tmp_path)
+    assert "| level | W4A4 BRECQ | W4A4 BRECQ+WAPS | W8A8 BRECQ | W8A8 BRECQ+WAPS |" in text
+    assert "| `0` | 10.00 | 20.00 | ∞ | ∞ |" in text
+    assert f"| all levels | {level_db(res['runs'][0], 'all'):.2f} |" in text
+    assert "32×32 inputs, 4 calibration and 4 evaluation images, 1 iterations per block, seed 0." in text
+
+
 def test_a_run_of_another_setup_is_not_kept(res):
     """Runs are keyed by their setup, so a rerun with other settings never mixes with them."""
     other = dict(res["runs"][0], iters=2)
