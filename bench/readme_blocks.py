@@ -418,6 +418,30 @@ def npu_budget(results: Path) -> str:
     return "\n".join(lines)
 
 
+# --- Faster R-CNN FPN backbone, per-level SQNR (bench/fpn_sqnr.py) -----------------------
+
+def fpn_sqnr(results: Path) -> str:
+    """Per FPN level: SQNR (dB) of the compiled integer program against the float backbone, per
+    precision and method (mean over seeds), and a setup line."""
+    from bench.fpn_sqnr import METHODS, PRECISIONS, level_db
+    d = _json(results, "fpn_sqnr.json")
+    runs, m = d["runs"], d["meta"]
+    cols = [(p, k) for p in PRECISIONS for k in METHODS if any((r["precision"], r["method"]) == (p, k) for r in runs)]
+    head = ["level", *(f"{p} {METHODS[k]}" for p, k in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for level in [*runs[0]["levels"], "all"]:
+        cells = []
+        for p, k in cols:
+            dbs = [level_db(r, level) for r in runs if (r["precision"], r["method"]) == (p, k)]
+            cells.append("∞" if any(x == float("inf") for x in dbs) else f"{sum(dbs) / len(dbs):.2f}")
+        lines.append(f"| {f'`{level}`' if level != 'all' else 'all levels'} | " + " | ".join(cells) + " |")
+    seeds = sorted({r["seed"] for r in runs})
+    setup = (f"SQNR in dB, {m['px']}×{m['px']} inputs, {m['samples']} calibration and {m['eval']} evaluation "
+             f"images, {m['iters']} iterations per block, seed{'s' if len(seeds) > 1 else ''} "
+             f"{', '.join(map(str, seeds))}.")
+    return "\n".join(lines) + "\n\n" + setup
+
+
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
     Block("calib_speed", calib_speed, inline=True),
@@ -436,4 +460,5 @@ BLOCKS: tuple[Block, ...] = (
     Block("npu16_sweep_cycles", npu16_sweep_cycles, inline=True),
     Block("calib_memory", calib_memory, inline=True),
     Block("npu_budget", npu_budget),
+    Block("fpn_sqnr", fpn_sqnr),
 )
