@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from calib.errors import ArtifactError
-from calib.graph import NODE_PARAMS, PARAM_OPS, QUANT_OPS, Graph
+from calib.graph import NODE_PARAMS, PARAM_OPS, QUANT_OPS, Graph, node_param_shape
 from calib.graph_check import check_node
 from calib.numerics import GroupScale, group_scale
 
@@ -257,8 +257,8 @@ def validate(art: WapsArtifact, where: str = "artifact") -> None:
             raise ArtifactError(f"{where}: layer '{n.name}' has no weights")
         for p in NODE_PARAMS.get(n.op, ()):
             v = n.params.get(p)
-            if v is None or tuple(v.shape) != tuple(n.shape[:1]) or not bool(torch.isfinite(v).all()):
-                raise ArtifactError(f"{where}: {n.op} '{n.name}' needs {p}: {n.shape[:1]} finite values")
+            if v is None or tuple(v.shape) != node_param_shape(n) or not bool(torch.isfinite(v).all()):
+                raise ArtifactError(f"{where}: {n.op} '{n.name}' needs {p}: {node_param_shape(n)} finite values")
         if n.op in (*QUANT_OPS, "input") and n.name not in art.quant:
             raise ArtifactError(f"{where}: tensor '{n.name}' has no quantization parameters")
     for out in art.graph.outputs:

@@ -51,8 +51,8 @@ def _dominators(graph: Graph) -> dict[str, str | None]:
         return a
 
     for n in graph.nodes:
-        if not n.inputs:
-            idom[n.name] = None
+        if not n.inputs:                     # a constant hangs off the input: a join reading it
+            idom[n.name] = None if n.op == "input" else graph.input.name     # forks there
             continue
         d = n.inputs[0]
         for p in n.inputs[1:]:

@@ -26,6 +26,9 @@ _HARDTANH = {aten.hardtanh.default, aten.hardtanh_.default}
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
 _MUL = {aten.mul.Tensor, aten.mul_.Tensor}
 _SUB = {aten.sub.Tensor, aten.sub_.Tensor}
+_DIV = {aten.div.Tensor, aten.div_.Tensor}
+_MATMUL = {aten.matmul.default, aten.bmm.default}
+_SOFTMAX = {aten._softmax.default, aten.softmax.int}
 _PAD = {aten.pad.default, aten.constant_pad_nd.default}
 _MAXPOOL = {aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
 # F.interpolate / nn.Upsample: graph op → its ATen overloads (.vec from F.interpolate, .default decomposed)
@@ -103,6 +106,9 @@ def capture(program: ExportedProgram) -> Graph:
         if isinstance(p, tuple):
             raise _Refused(f"{arg.name}: a tuple of tensors read as one tensor")
         r = layout.resolve(p, shapes[p.base])
+        if r is None:
+            p = _cropped(p, name, _source(arg), shapes, add)
+            r = p and layout.resolve(p, shapes[p.base])
         if r is None:
             raise _Refused(f"{_source(arg) or arg.name}: view/reshape/permute chain that is not a channel "
                            f"gather or flatten (result shape {tuple(p.index.shape[1:])})")
@@ -290,8 +296,11 @@ def _channels_last_input(fx, arg, features: int, where: str, value, alias, pendi
         if tuple(shapes[x]) != (features,):
             raise _Refused(f"{where}: {_op_name(fx)} over the last axis of a {tuple(shapes[x])} tensor")
         return x, None
+    r = layout.channels_last(p, shapes[p.base])
+    if r is None:                            # a token select or spatial slice first: crop the base
+        p = _cropped(p, fx.name, _source(fx), shapes, add) or p
+        r = layout.channels_last(p, shapes[p.base])
     base_shape = shapes[p.base]
-    r = layout.channels_last(p, base_shape)
     if r is None or p.index.shape[-1] != features:
         raise _Refused(f"{where}: {_op_name(fx)} of a view that is not channels last "
                        f"(shape {tuple(p.index.shape[1:])})")
@@ -299,7 +308,20 @@ def _channels_last_input(fx, arg, features: int, where: str, value, alias, pendi
     if r.gather is not None:
         x = f"{fx.name}_gather"
         add(Node(x, "gather", [p.base], {"index": r.gather}, {}, _source(fx), (len(r.gather), *base_shape[1:])))
-    return x, tuple(int(d) for d in p.index.shape[1:-1])
+    return x, tuple(int(d) for d in p.index.shape[:-1])
+
+
+def _cropped(p: layout.Pending, name: str, source: str, shapes, add) -> layout.Pending | None:
+    """``p`` re-indexed onto a crop node of its base when it reads one box of the base's positions
+    (calib/layout.crop_box); None when it does not."""
+    found = layout.crop_box(p, shapes[p.base])
+    if found is None:
+        return None
+    (top, left, h, w), q = found
+    crop = f"{name}_crop"
+    if crop not in shapes:
+        add(Node(crop, "crop", [p.base], {"box": [top, left, h, w]}, {}, source, (shapes[p.base][0], h, w)))
+    return layout.Pending(crop, q.index)
 
 
 def _show(fx, chain: layout.Pending, alias, pending) -> None:
@@ -388,6 +410,17 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
                     {"weight": w if w is not None else torch.ones(c),
                      "bias": b if b is not None else torch.zeros(c), "mean": mean, "var": var},
                     source, shape)
+    if t is aten.scaled_dot_product_attention.default:
+        _attention(fx, _arguments(fx), where, source, alias, pending, shapes, add)
+        return None
+    if t in _MATMUL:                         # q @ kᵀ (channels) or p @ v (positions), per head
+        ops = [_operand(fx, v, role, where, alias, pending, shapes, add) for v, role in zip(a, "ab")]
+        contract = "positions" if ops[1][1].tokens_first else "channels"
+        out_shape = _matmul_node(fx, fx.name, ops[0], ops[1], contract, 1.0, where, source, shapes, add)
+        _show(fx, layout.token_view(fx.name, out_shape, tuple(int(d) for d in fx.meta["val"].shape)), alias, pending)
+        return None
+    if t in _SOFTMAX:
+        return _softmax(fx, a[0], int(a[1]), where, source, alias, pending, shapes)
     unary = _unary(fx)
     if unary is not None:
         op, attrs = unary
@@ -406,10 +439,16 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
             _show(fx, layout.channels_last_view(fx.name, out_shape, lead), alias, pending)
         return Node(fx.name, "layer_norm", [x], {"eps": float(args["eps"])}, {"weight": w, "bias": b}, source,
                     out_shape)
-    if t in _ADD or t in _MUL or t in _SUB:
-        folded = _channel_affine(fx, value, const, shapes, source, shape)
+    if t in _ADD or t in _MUL or t in _SUB or t in _DIV:
+        chained = _with_constant(fx, where, source, const, alias, pending, shapes, add, plain=False)
+        if chained is not None:
+            return chained
+        folded = _channel_affine(fx, value, const, shapes, source, shape) if t not in _DIV else None
         if folded is not None:
             return folded
+        chained = _with_constant(fx, where, source, const, alias, pending, shapes, add, plain=True)
+        if chained is not None:
+            return chained
     if t in _ADD or t in _MUL:
         op = "add" if t in _ADD else "mul"
         if len(a) != 2 or not all(_is_tensor(v) for v in a) or fx.kwargs.get("alpha", 1) != 1:
@@ -429,6 +468,9 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         args = _arguments(fx)
         ins = list(args["tensors"])
         rank = len(shape) + 1
+        if any(_unresolved(v, alias, pending, shapes) is not None or _constant_or_none(const, v) is not None
+               for v in ins):
+            return _token_cat(fx, ins, int(args["dim"]) % rank, where, source, const, alias, pending, shapes, add)
         if int(args["dim"]) % rank != 1 or rank not in (2, 4):
             raise _Refused(f"{where}: cat on dim {args['dim']} of a {rank}-D tensor")
         names = [value(v) for v in ins]
@@ -468,6 +510,8 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         if size == [1, 1]:
             return Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source, shape)
         return Node(fx.name, "adaptive_avg_pool2d", [value(a[0])], {"output_size": size}, {}, source, shape)
+    if t is aten.mean.dim and _unresolved(a[0], alias, pending, shapes) is not None:
+        return _token_mean(fx, a, where, source, alias, pending, shapes, add)
     if t is aten.mean.dim and sorted(int(d) % 4 for d in a[1]) == [2, 3] and len(shape) + 1 in (2, 4):
         keep = bool(a[2]) if len(a) > 2 else False
         node = Node(fx.name, "global_avg_pool", [value(a[0])], {}, {}, source,
@@ -478,6 +522,181 @@ def _map(fx, source, value, const, alias, pending, shapes, add) -> Node | None:
         alias[fx.name] = fx.name + "_flat"
         return Node(fx.name + "_flat", "flatten", [fx.name], {}, {}, source, shape)
     raise _Refused(f"{where}: {_op_name(fx)}")
+
+
+def _operand(fx, arg, role: str, where: str, alias, pending, shapes, add) -> tuple[str, layout.TokenMatrix]:
+    """An attention operand (Q, K, V, probabilities): the graph value holding its channels, gathered
+    in head order, and how the tensor reads it (calib/layout.token_matrix)."""
+    if not _is_tensor(arg):
+        raise _Refused(f"{where}: {_op_name(fx)} of a non-tensor")
+    src = alias.get(arg.name, arg.name)
+    p = pending.get(src) or (layout.start(src, shapes[src]) if src in shapes else None)
+    if p is None or isinstance(p, tuple):
+        raise _Refused(f"{where}: {_op_name(fx)} of a constant or a tuple")
+    m = layout.token_matrix(p, shapes[p.base])
+    if m is None:
+        raise _Refused(f"{where}: {_op_name(fx)} of a view that is not per-head tokens × features "
+                       f"(shape {tuple(p.index.shape)})")
+    if m.gather is None:
+        return p.base, m
+    x = f"{fx.name}_{role}"
+    add(Node(x, "gather", [p.base], {"index": m.gather}, {}, _source(fx), (len(m.gather), *shapes[p.base][1:])))
+    return x, m
+
+
+def _matmul_node(fx, name: str, a: tuple[str, layout.TokenMatrix], b: tuple[str, layout.TokenMatrix],
+                 contract: str, alpha: float, where: str, source: str, shapes, add) -> tuple[int, ...]:
+    """A per-head product of two operands as a ``matmul`` node over a's positions (graph.py); its
+    shape. ``contract``: "channels" (Q·Kᵀ: b read
+    as tokens × features, used transposed) or "positions" (P·V: a's columns are b's tokens)."""
+    (xa, ma), (xb, mb) = a, b
+    ta, fa = (ma.rows, ma.cols) if ma.tokens_first else (ma.cols, ma.rows)
+    tb, fb = (mb.rows, mb.cols) if mb.tokens_first else (mb.cols, mb.rows)
+    ok = ma.tokens_first and ma.groups == mb.groups and (fa == fb if contract == "channels" else fa == tb)
+    if not ok:
+        raise _Refused(f"{where}: {_op_name(fx)} of per-head operands that do not multiply "
+                       f"({ma.groups}×{ma.rows}×{ma.cols} by {mb.groups}×{mb.rows}×{mb.cols})")
+    n_out = tb if contract == "channels" else fb
+    out_shape = (ma.groups * n_out, *shapes[xa][1:])
+    add(Node(name, "matmul", [xa, xb], {"heads": ma.groups, "contract": contract, "alpha": float(alpha)}, {},
+             source, out_shape))
+    return out_shape
+
+
+def _attention(fx, args: dict, where: str, source: str, alias, pending, shapes, add) -> None:
+    """scaled_dot_product_attention(q, k, v) as matmul (scores, scaled) → softmax per head → matmul."""
+    if args.get("attn_mask") is not None or float(args.get("dropout_p") or 0.0) != 0.0 or \
+            args.get("is_causal") or args.get("enable_gqa"):
+        raise _Refused(f"{where}: scaled_dot_product_attention with a mask, dropout, causal or grouped heads")
+    q, k, v = (_operand(fx, args[n], n[0], where, alias, pending, shapes, add) for n in ("query", "key", "value"))
+    d = q[1].cols
+    scale = args.get("scale")
+    scores, probs = f"{fx.name}_scores", f"{fx.name}_probs"
+    _matmul_node(fx, scores, q, k, "channels", 1.0 / math.sqrt(d) if scale is None else float(scale), where,
+                 source, shapes, add)
+    add(Node(probs, "softmax", [scores], {"groups": q[1].groups}, {}, source, shapes[scores]))
+    m = layout.TokenMatrix(q[1].groups, q[1].rows, k[1].rows, True, None)
+    _matmul_node(fx, fx.name, (probs, m), v, "positions", 1.0, where, source, shapes, add)
+    _show(fx, layout.token_view(fx.name, shapes[fx.name], tuple(int(d) for d in fx.meta["val"].shape)),
+          alias, pending)
+
+
+def _softmax(fx, arg, dim: int, where: str, source: str, alias, pending, shapes) -> Node:
+    """Softmax over the last axis of per-head scores (a matmul's view), or over the channels of a
+    plain value: a ``softmax`` node over contiguous channel groups."""
+    rank = len(fx.meta["val"].shape)
+    p = _unresolved(arg, alias, pending, shapes)
+    if p is None:
+        x = alias.get(arg.name, arg.name)
+        if x not in shapes or dim % rank != 1 or x in pending:
+            raise _Refused(f"{where}: softmax over dim {dim} of a {rank}-D tensor")
+        return Node(fx.name, "softmax", [x], {"groups": 1}, {}, source, tuple(shapes[x]))
+    m = layout.token_matrix(p, shapes[p.base])
+    if dim % rank != rank - 1 or m is None or not m.tokens_first or m.gather is not None:
+        raise _Refused(f"{where}: softmax over dim {dim} of a view that is not per-head scores")
+    _show(fx, layout.Pending(fx.name, p.index), alias, pending)
+    return Node(fx.name, "softmax", [p.base], {"groups": m.groups}, {}, source, tuple(shapes[p.base]))
+
+
+def _with_constant(fx, where: str, source: str, const, alias, pending, shapes, add, plain: bool) -> Node | None:
+    """``x ∘ c`` (add, sub, mul, div) of a tensor and a number or constant tensor, on x's base when x
+    is a view (``plain``: x a plain map). A number or one value per channel is a ``batch_norm`` node
+    (x·w + b per channel, folded into the producer where one allows); any other constant becomes a
+    ``constant`` node (a position embedding) in the base's layout and an add or mul of two maps.
+    None when the call is not of that form."""
+    a, t = fx.args, fx.target
+    if len(a) != 2 or fx.kwargs.get("alpha", 1) != 1 or fx.kwargs.get("rounding_mode") is not None:
+        return None
+    number = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in a]
+    c_at = [i for i in (0, 1) if number[i] or (_is_tensor(a[i]) and _constant_or_none(const, a[i]) is not None)]
+    if len(c_at) != 1 or c_at[0] != 1 and (t in _SUB or t in _DIV) or not _is_tensor(a[1 - c_at[0]]):
+        return None
+    x = a[1 - c_at[0]]
+    p = _unresolved(x, alias, pending, shapes)
+    if plain:
+        name = alias.get(x.name, x.name)
+        if p is not None or name in pending or name not in shapes or len(shapes[name]) != 3:
+            return None
+        p = layout.start(name, shapes[name])
+    elif p is None:
+        return None
+    base = tuple(shapes[p.base])
+    view = tuple(int(d) for d in fx.meta["val"].shape)
+    if tuple(p.index.shape) != view or not torch.equal(p.index.reshape(-1).sort().values,
+                                                       torch.arange(p.index.numel())):
+        raise _Refused(f"{where}: {_op_name(fx)} with a constant on a view that does not show each value once")
+    c = torch.tensor(float(a[c_at[0]])) if number[c_at[0]] else const(a[c_at[0]])
+    on_base = torch.empty(p.index.numel())
+    on_base[p.index.reshape(-1)] = c.expand(view).reshape(-1).float()
+    on_base = on_base.reshape(base)
+    if t in _SUB:
+        on_base = -on_base
+    if t in _DIV:
+        on_base = 1.0 / on_base
+    if not plain:
+        _show(fx, layout.Pending(fx.name, p.index), alias, pending)
+    per_channel = on_base.reshape(base[0], -1)
+    if torch.equal(per_channel, per_channel[:, :1].expand_as(per_channel)):
+        v, ones, zeros = per_channel[:, 0].clone(), torch.ones(base[0]), torch.zeros(base[0])
+        w, b = (v, zeros) if t in _MUL or t in _DIV else (ones, v)
+        return Node(fx.name, "batch_norm", [p.base], {"eps": 0.0},
+                    {"weight": w, "bias": b, "mean": zeros, "var": ones}, source, base)
+    if t in _DIV:
+        raise _Refused(f"{where}: division by a constant that is not one value per channel")
+    k = f"{fx.name}_const"
+    add(Node(k, "constant", [], {}, {"value": on_base}, source, base))
+    op = "mul" if t in _MUL else "add"
+    return Node(fx.name, op, [p.base, k], {} if op == "mul" else {"act": None}, {}, source, base)
+
+
+def _token_mean(fx, a, where: str, source: str, alias, pending, shapes, add) -> None:
+    """The mean over all tokens of a channels-last view (keepdim or not): a global_avg_pool of its
+    base, shown as the view's shape (1 for each reduced axis, or without them)."""
+    p = _unresolved(a[0], alias, pending, shapes)
+    view_in = tuple(p.index.shape)
+    dims = sorted({int(d) % len(view_in) for d in a[1]})
+    r = layout.channels_last(p, shapes[p.base])
+    kept = [d for i, d in enumerate(view_in[:-1]) if i not in dims]
+    if r is None or r.gather is not None or len(view_in) - 1 in dims or any(d != 1 for d in kept):
+        raise _Refused(f"{where}: mean over dims {dims} of a {view_in} view (not over all its tokens)")
+    c = shapes[p.base][0]
+    add(Node(fx.name, "global_avg_pool", [p.base], {}, {}, source, (c, 1, 1)))
+    view = tuple(int(d) for d in fx.meta["val"].shape)
+    _show(fx, layout.Pending(fx.name, torch.arange(c, dtype=torch.int64).reshape(view)), alias, pending)
+
+
+def _token_cat(fx, ins: list, dim: int, where: str, source: str, const, alias, pending, shapes, add) -> Node:
+    """``cat`` of channels-last views and constants along their tokens (a class token before a
+    patch sequence): each part's base laid out as [C, T_i, 1] (a ``reshape`` of a map, a
+    ``constant`` node), joined by a ``cat`` on axis 2, the result shown channels last."""
+    view = tuple(int(d) for d in fx.meta["val"].shape)
+    if dim == len(view) - 1 or any(d != 1 for d in view[:dim]):
+        raise _Refused(f"{where}: cat on dim {dim} of a {view} view (not a run of tokens)")
+    feats = view[-1]
+    parts = []
+    for i, v in enumerate(ins):
+        c = _constant_or_none(const, v) if _is_tensor(v) else None
+        if c is not None:
+            tokens = c.reshape(-1, feats).T.contiguous()                        # [C, T_i]
+            name = f"{fx.name}_const{i}"
+            add(Node(name, "constant", [], {}, {"value": tokens.reshape(feats, -1, 1)}, source,
+                     (feats, tokens.shape[1], 1)))
+            parts.append(name)
+            continue
+        p = _unresolved(v, alias, pending, shapes)
+        if p is None:
+            raise _Refused(f"{where}: cat of a plain tensor with channels-last views")
+        x, _ = _channels_last_input(fx, v, feats, where, None, alias, pending, shapes, add)
+        t = math.prod(shapes[x][1:])
+        if tuple(shapes[x][1:]) != (t, 1):
+            flat = f"{fx.name}_tokens{i}"
+            add(Node(flat, "reshape", [x], {}, {}, source, (feats, t, 1)))
+            x = flat
+        parts.append(x)
+    total = sum(shapes[x][1] for x in parts)
+    out_shape = (feats, total, 1)
+    _show(fx, layout.channels_last_view(fx.name, out_shape, view[:-1]), alias, pending)
+    return Node(fx.name, "cat", parts, {"axis": 2}, {}, source, out_shape)
 
 
 def _unary(fx) -> tuple[str, dict] | None:

@@ -1,4 +1,4 @@
-"""Fold inference batch norm into the preceding conv/linear.
+"""Fold inference batch norm into the preceding conv/linear (a uniform scale into a matmul).
 
 y = γ·(W*x + b − μ)/√(σ² + ε) + β  ⇒  W' = W·γ/√(σ² + ε) (per output channel),
 b' = (b − μ)·γ/√(σ² + ε) + β. Exact in real arithmetic; done in float64 so the
@@ -35,12 +35,19 @@ def fold_batch_norm(graph: Graph) -> Graph:
         prod = folded.get(r) or standalone.get(r) or by_name[r]
         p = bn.params
         scale = p["weight"].double() / torch.sqrt(p["var"].double() + bn.attrs["eps"])
+        shift = p["bias"].double() - p["mean"].double() * scale
+        if prod.op == "matmul" and len(users[src]) == 1 and not shift.any() and bool((scale == scale[0]).all()):
+            # attention scores times a number (q·kᵀ·d^-½ written out): the matmul's alpha
+            folded[prod.name] = Node(prod.name, prod.op, prod.inputs,
+                                     {**prod.attrs, "alpha": float(prod.attrs["alpha"] * scale[0])}, {},
+                                     prod.source, bn.shape)
+            alias[bn.name] = prod.name
+            continue
         if prod.op not in ("conv2d", "linear") or len(users[src]) != 1:
             if len(bn.shape) != 3:
                 bad.append(f"{bn.label()}: batch_norm of a {len(bn.shape) + 1}-D tensor not after a conv/linear")
                 continue
             c = scale.shape[0]
-            shift = p["bias"].double() - p["mean"].double() * scale
             standalone[bn.name] = Node(bn.name, "conv2d", list(bn.inputs),
                                        {"stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": c,
                                         "act": None},

@@ -12,7 +12,7 @@ inside a .waps artifact. Ops after capture:
     relu, relu6 (x)             (fused into the producer where it is the only consumer)
     add     (a, b)              attrs: act
     mul     (a, b)              b equal-shaped or per-channel (C,1,1) against a (C,H,W); attrs: {}
-    cat     (x1..xk)            attrs: axis (always 1: channels of 2-D or 4-D tensors)
+    cat     (x1..xk)            attrs: axis (1: channels of 2-D or 4-D tensors; 2: see below)
     elementwise (x)             attrs: fn ("hardswish", "sigmoid", "silu", "gelu", …) and fn's parameters
     pad     (x)                 attrs: pads [top, left, bottom, right], value (real pad value)
     gather  (x)                 attrs: index (input channels, axis 1): split/chunk/narrow/shuffle
@@ -27,6 +27,17 @@ inside a .waps artifact. Ops after capture:
     layer_norm (x)              over the channels (axis 1) of N×C×H×W or N×C (torch's layer norm over
                                 the last axis of a channels-last view); params: weight, bias [C] (float,
                                 stored in the artifact: NODE_PARAMS); attrs: eps
+
+    matmul  (a, b)              per attention head (attrs heads G, contract, alpha: a float factor,
+                                e.g. 1/√d): a [G·K, *pos], b [·, *pos_b] → [G·n, *pos]; contract
+                                "channels": out[g·L+j, p] = α·Σ_d a[g·D+d, p]·b[g·D+d, j] (Q·Kᵀ);
+                                "positions": out[g·D+d, p] = α·Σ_j a[g·L+j, p]·b[g·D+d, j] (P·V)
+    softmax (x)                 over the channels in ``groups`` contiguous groups (one per head)
+    constant ()                 params: value [C, H, W] (a class token, a position embedding);
+                                broadcast over the batch; its own quantizer
+    reshape (x)                 [C, H, W] → [C, H', W'] (``shape``): positions re-laid row-major
+    crop    (x)                 attrs: box [top, left, height, width] of the positions (a token select)
+    cat     (x1..xk)            attrs: axis 1 (channels) or 2 (positions along H: tokens)
 
 A channels-last linear (over the last axis of a permuted map, or of a transformer's tokens)
 is captured as a 1×1 conv2d of the map (calib/layout.channels_last).
@@ -46,13 +57,19 @@ import torch
 PARAM_OPS = ("conv2d", "linear")
 OPS = ("input", "conv2d", "linear", "batch_norm", "relu", "relu6", "add", "mul", "cat", "elementwise",
        "pad", "gather", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool", "flatten",
-       "upsample_nearest2d", "upsample_bilinear2d", "layer_norm")
+       "upsample_nearest2d", "upsample_bilinear2d", "layer_norm", "matmul", "softmax", "constant", "reshape",
+       "crop")
 # ops whose output is a quantization point of its own (an ActQuantizer, art.quant[name])
 QUANT_OPS = ("conv2d", "linear", "add", "mul", "cat", "elementwise", "avg_pool2d", "adaptive_avg_pool2d",
-             "upsample_bilinear2d", "layer_norm")
+             "upsample_bilinear2d", "layer_norm", "matmul", "softmax", "constant")
 # float parameters of ops other than the layers, kept as they are (the artifact stores them, the
-# compiler derives their integers): op → the names of its params, each one value per channel
-NODE_PARAMS = {"layer_norm": ("weight", "bias")}
+# compiler derives their integers): op → the names of its params (node_param_shape)
+NODE_PARAMS = {"layer_norm": ("weight", "bias"), "constant": ("value",)}
+
+
+def node_param_shape(node: "Node") -> tuple[int, ...]:
+    """The shape of each of ``node``'s NODE_PARAMS: one value per channel, or a constant's whole value."""
+    return tuple(node.shape) if node.op == "constant" else tuple(node.shape[:1])
 
 
 def add_broadcast_ok(full: tuple, part: tuple) -> bool:

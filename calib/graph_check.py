@@ -69,8 +69,32 @@ def check_node(n: Node, shapes: dict[str, tuple[int, ...]], where: str) -> None:
         if not _finite(a.get("eps")) or a["eps"] < 0:
             raise bad("needs a finite eps ≥ 0")
     elif n.op == "cat":
-        if a.get("axis") != 1 or len(n.inputs) < 2:
-            raise bad("needs axis 1 and two or more inputs")
+        if a.get("axis") not in (1, 2) or len(n.inputs) < 2:
+            raise bad("needs axis 1 or 2 and two or more inputs")
+    elif n.op == "matmul":
+        g = a.get("heads")
+        if len(n.inputs) != 2 or not (isinstance(g, int) and g >= 1) or a.get("contract") not in \
+                ("channels", "positions") or not _finite(a.get("alpha")):
+            raise bad("needs two inputs, heads ≥ 1, contract 'channels' or 'positions' and a finite alpha")
+        sa, sb = shapes.get(n.inputs[0]), shapes.get(n.inputs[1])
+        if sa and sb and (sa[0] % g or sb[0] % g):
+            raise bad(f"has inputs of {sa[0]} and {sb[0]} channels, not {g} heads")
+    elif n.op == "softmax":
+        g, sx = a.get("groups"), shapes.get(n.inputs[0]) if n.inputs else None
+        if not (isinstance(g, int) and g >= 1) or (sx and sx[0] % g):
+            raise bad("needs groups ≥ 1 dividing the channels")
+    elif n.op == "constant":
+        if n.inputs or len(n.shape) != 3:
+            raise bad("needs no inputs and a [C, H, W] shape")
+    elif n.op == "reshape":
+        sx = shapes.get(n.inputs[0]) if n.inputs else None
+        if len(n.shape) != 3 or (sx and (sx[0] != n.shape[0] or math.prod(sx) != math.prod(n.shape))):
+            raise bad("needs a [C, H, W] shape of the input's channels and size")
+    elif n.op == "crop":
+        box, sx = a.get("box"), shapes.get(n.inputs[0]) if n.inputs else None
+        if not _ints(box, 4, 0) or box[2] < 1 or box[3] < 1 or \
+                (sx and (len(sx) != 3 or box[0] + box[2] > sx[1] or box[1] + box[3] > sx[2])):
+            raise bad("needs a box [top, left, height, width] inside the input's positions")
     elif n.op == "elementwise":
         fn = a.get("fn")
         if fn not in ELEMENTWISE_PARAMS:

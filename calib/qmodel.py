@@ -137,8 +137,13 @@ class QuantOp(nn.Module):
         self.act = node.attrs.get("act")
         self.out_quant = ActQuantizer(out_bits)
         self.quant = True
+        if node.op == "constant":            # a buffer, so that it moves with the model's device
+            self.register_buffer("value", node.params["value"].detach().float()[None].clone())
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        if self.node.op == "constant":
+            y = self.value
+            return self.out_quant(y) if self.quant else y
         y = apply_act(compute(self.node, list(xs)), self.act)
         return self.out_quant(y) if self.quant else y
 
@@ -177,16 +182,41 @@ ELEMENTWISE_FNS = ("hardswish", "hardsigmoid", "sigmoid", "silu", "gelu", "tanh"
                    "softplus", "hardtanh")
 
 
+def _matmul(a: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The graph's per-head matmul (calib/graph.py) of [N, G·K, *pos] by [N, ·, *pos_b], times alpha."""
+    g, n = a["heads"], x.shape[0]
+    xa = x.reshape(n, g, x.shape[1] // g, -1)                        # [N, G, K, P]
+    yb = y.reshape(n, g, y.shape[1] // g, -1)                        # [N, G, D, L]
+    if a["contract"] == "channels":
+        out = torch.einsum("ngdp,ngdj->ngjp", xa, yb)                 # [N, G, L, P]
+    else:
+        out = torch.einsum("ngjp,ngdj->ngdp", xa, yb)                 # [N, G, D, P]
+    return (out * a["alpha"]).reshape(n, -1, *x.shape[2:])
+
+
 def compute(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
     """The float value of a parameter-free node, exactly as torch computes it."""
-    a, x = node.attrs, xs[0]
+    a, x = node.attrs, xs[0] if xs else None
     op = node.op
     if op == "add":
         return x + xs[1]
     if op == "mul":
         return x * xs[1]
-    if op == "cat":
-        return torch.cat(xs, 1)
+    if op == "cat":                          # a constant part (batch 1) joins every sample
+        n = max(v.shape[0] for v in xs)
+        return torch.cat([v.expand(n, *v.shape[1:]) for v in xs], a.get("axis", 1))
+    if op == "matmul":
+        return _matmul(a, x, xs[1])
+    if op == "softmax":
+        g = a["groups"]
+        return x.reshape(x.shape[0], g, x.shape[1] // g, *x.shape[2:]).softmax(2).reshape(x.shape)
+    if op == "constant":
+        return node.params["value"][None].float()
+    if op == "reshape":
+        return x.reshape(x.shape[0], *node.shape)
+    if op == "crop":
+        top, left, h, w = a["box"]
+        return x[:, :, top:top + h, left:left + w]
     if op == "elementwise":
         return _elementwise(a, x)
     if op == "gather":

@@ -191,13 +191,58 @@ class PadAttrs(Attrs):
 
 @dataclass(frozen=True, kw_only=True)
 class ConcatAttrs(Attrs):
-    """Channel concat: input i is rescaled (x − zs[i])·ks[i] >> t, + z_out, clamped to [lo, hi]."""
+    """Concat along ``axis`` (1: channels; 2, 3: rows, columns; the other axes equal): input i is
+    rescaled (x − zs[i])·ks[i] >> t, + z_out, clamped to [lo, hi]."""
     zs: tuple[int, ...]
     ks: tuple[int, ...]
     t: int
     z_out: int
     lo: int
     hi: int
+    axis: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatmulAttrs(Attrs):
+    """Product of two code maps a [N, Ca, Ha, Wa], b [N, Cb, Hb, Wb] in ``heads`` groups G, with
+    P = Ha·Wa positions of a and L = Hb·Wb of b (attention: tokens as positions).
+    contract "channels": Ca = Cb = G·D, out [N, G·L, Ha, Wa],
+        acc[g·L + j, p] = Σ_d (a[g·D + d, p] − za)·(b[g·D + d, j] − zb)       (scores Q·Kᵀ)
+    contract "positions": Ca = G·L, Cb = G·D, out [N, G·D, Ha, Wa],
+        acc[g·D + d, p] = Σ_j (a[g·L + j, p] − za)·(b[g·D + d, j] − zb)       (probs·V)
+    int32 accumulator (|acc| ≤ D·255² or L·255² < 2^31); out = clamp(requantize(acc, mult, shift)
+    + z_out, lo, hi) (calib/numerics.output_codes), uint8."""
+    heads: int
+    contract: str
+    za: int
+    zb: int
+    mult: int
+    shift: int
+    z_out: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConstantAttrs(Attrs):
+    """A constant code map params['codes'] (uint8 [C, H, W]) broadcast over the batch of its one
+    input (only the input's batch size is read): [N, C, H, W]."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReshapeAttrs(Attrs):
+    """[N, C, H, W] → [N, C, H', W'] with H'·W' = H·W: each channel's positions re-laid row-major
+    (``shape`` = (C, H', W'))."""
+    shape: tuple[int, int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CropAttrs(Attrs):
+    """x[:, :, top:top + height, left:left + width]."""
+    top: int
+    left: int
+    height: int
+    width: int
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -99,6 +99,28 @@ class AlongWidth(nn.Module):
         return self.conv(x) * self.c
 
 
-def test_a_constant_that_is_not_per_channel_is_refused_in_one_line():
-    with pytest.raises(UnsupportedOpError, match="mul with a constant that is not one value per channel"):
-        graph_of(AlongWidth().eval(), (3, 8, 8))
+class OverWidth(AlongWidth):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.linspace(0.5, 2.0, 8))
+
+    def forward(self, x):
+        return self.conv(x) / self.c
+
+
+def test_a_constant_that_is_not_per_channel_becomes_a_constant_map():
+    """x·c with c varying along W: a ``constant`` node holding c on x's layout and a mul of maps;
+    the captured model computes what the float model does."""
+    model = AlongWidth().eval()
+    with torch.no_grad():
+        model.c.copy_(torch.linspace(0.5, 2.0, 8))
+    g = graph_of(model, (3, 8, 8))
+    const = [n for n in g if n.op == "constant"]
+    assert len(const) == 1 and tuple(const[0].params["value"].shape) == (8, 8, 8)
+    assert torch.equal(const[0].params["value"][0, 0], model.c.detach())
+    assert [n.op for n in g if const[0].name in n.inputs] == ["mul"]
+
+
+def test_a_division_by_a_constant_that_is_not_per_channel_is_refused_in_one_line():
+    with pytest.raises(UnsupportedOpError, match="division by a constant that is not one value per channel"):
+        graph_of(OverWidth().eval(), (3, 8, 8))
