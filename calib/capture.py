@@ -107,8 +107,9 @@ def capture(program: ExportedProgram) -> Graph:
             raise _Refused(f"{arg.name}: a tuple of tensors read as one tensor")
         r = layout.resolve(p, shapes[p.base])
         if r is None:
-            p = _cropped(p, name, _source(arg), shapes, add)
-            r = p and layout.resolve(p, shapes[p.base])
+            crop = _cropped(p, name, _source(arg), shapes, add)
+            if crop is not None:
+                p, r = crop, layout.resolve(crop, shapes[crop.base])
         if r is None:
             raise _Refused(f"{_source(arg) or arg.name}: view/reshape/permute chain that is not a channel "
                            f"gather or flatten (result shape {tuple(p.index.shape[1:])})")
