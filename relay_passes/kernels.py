@@ -506,6 +506,35 @@ def _softmax(lb, op, xs, P, D, in_types, add_prim):
     return _call_fast(lb, op, add_prim, func, [xs[0], P["exp"]], shape)
 
 
+def _matmul(lb, op, xs, P, D, in_types, add_prim):
+    """One TE kernel for every form (NCHW): the int32 sum over D channels ("channels") or L
+    positions ("positions") of (a − za)·(b − zb) per output element, then the scalar requant."""
+    a = op.attrs
+    (n, ca, ha, wa), da = in_types[0]
+    (_, cb, hb, wb), db = in_types[1]
+    g, size = a.heads, cb // a.heads                     # size: D, b's channels per head
+    span = hb * wb if a.contract == "channels" else size  # L or D: output channels per head
+    A, B = te.placeholder((n, ca, ha, wa), da, "a"), te.placeholder((n, cb, hb, wb), db, "b")
+    za, zb = tvm.tirx.const(a.za, I32), tvm.tirx.const(a.zb, I32)
+    M, R, S = (tvm.tirx.const(int(t), I64) for t in requant_tables(np.array(a.mult), np.array(a.shift)))
+
+    def term(b_, ach, bch, j, i, k):                     # (a[ach, i, k] − za)·(b[bch, j] − zb), int32
+        return (A[b_, ach, i, k].astype(I32) - za) * (B[b_, bch, j // wb, j % wb].astype(I32) - zb)
+
+    if a.contract == "channels":
+        r = te.reduce_axis((0, size), "rd")
+        acc = te.compute((n, g * span, ha, wa), lambda b_, c, i, k: te.sum(
+            term(b_, c // span * size + r, c // span * size + r, c % span, i, k), axis=r), name="acc")
+    else:
+        r = te.reduce_axis((0, hb * wb), "rj")
+        acc = te.compute((n, g * span, ha, wa), lambda b_, c, i, k: te.sum(
+            term(b_, c // span * hb * wb + r, c, r, i, k), axis=r), name="acc")
+    out = te.compute(acc.shape, lambda *i: nt.output_code(nt.TIR, acc[i], M, R, S, a.z_out, a.lo, a.hi, op.dtype),
+                     name="out")
+    func = te.create_prim_func([A, B, out])
+    return _call_fast(lb, op, add_prim, func, xs[:2], (n, g * span, ha, wa))
+
+
 def _pad(lb, op, xs, P, D, in_types, add_prim):
     top, left, bottom, right = op.attrs.pads
     return lb.emit(relax.op.nn.pad(xs[0], [0, 0, 0, 0, top, bottom, left, right], pad_value=float(op.attrs.value)))
@@ -673,5 +702,6 @@ KERNELS: dict[str, Kernel] = {
     "mul": Kernel(_mul),
     "layer_norm": Kernel(_layer_norm),
     "softmax": Kernel(_softmax),
+    "matmul": Kernel(_matmul),
     "resize": Kernel(_resize),
 }

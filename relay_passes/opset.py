@@ -29,8 +29,8 @@ import numpy as np
 
 from calib.numerics import GroupScale, code_table, layer_norm_constants, quantize_multiplier, softmax_constants
 from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConvAttrs, DequantizeAttrs, FlattenAttrs,
-                                GatherAttrs, LayerNormAttrs, LinearAttrs, MaxPoolAttrs, MulAttrs, PadAttrs,
-                                QuantizeAttrs, ResizeAttrs, SoftmaxAttrs, SumPoolAttrs, TableAttrs)
+                                GatherAttrs, LayerNormAttrs, LinearAttrs, MatmulAttrs, MaxPoolAttrs, MulAttrs,
+                                PadAttrs, QuantizeAttrs, ResizeAttrs, SoftmaxAttrs, SumPoolAttrs, TableAttrs)
 from relay_passes.program import INPUT, Op, Program
 from relay_passes.resize import resize_op
 
@@ -211,6 +211,44 @@ def _softmax(rng) -> Program:
     return _program((2, heads * keys, 3, 2), ops, "op", 0, 1 / 15)
 
 
+def _matmul(rng) -> Program:
+    """Attention in G heads: scores = Q·Kᵀ (contract "channels": q's positions against k's
+    L = 2·3 pooled positions, L ≠ P = 4·6), then probs·V (contract "positions") of the scores
+    themselves or of their per-head softmax; Q, K, V are channel selections of q (V with its
+    own head size) and K, V are max-pooled to L positions (V's zero point near its pooled codes)."""
+    heads = int(rng.choice([1, 2, 3]))
+    d, dv = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    c = 8
+
+    def pick(name, count):
+        return Op("gather", name, ["q"], GatherAttrs(), {"index": rng.integers(0, c, count).astype(np.int32)})
+
+    def pool(name, src):
+        return Op("max_pool2d", name, [src], MaxPoolAttrs(kernel=(3, 2), stride=(2, 2), padding=(1, 0)))
+
+    def requant(real):
+        mult, shift = quantize_multiplier(np.array([real]))
+        return {"mult": int(mult[0]), "shift": int(shift[0])}
+
+    zs = int(rng.integers(100, 156))
+    scores = MatmulAttrs(heads=heads, contract="channels", za=128, zb=128, z_out=zs, lo=0, hi=255,
+                         **requant(rng.uniform(0.5, 2) / (240 * np.sqrt(d))))
+    ops = [pick("qs", heads * d), pick("ks", heads * d), pool("kp", "ks"), pick("vs", heads * dv), pool("vp", "vs"),
+           Op("matmul", "scores", ["qs", "kp"], scores)]
+    if rng.random() < 0.5:
+        k8 = softmax_constants(0.05, 255, 1 / 255)
+        ops.append(Op("softmax", "probs", ["scores"], SoftmaxAttrs(groups=heads, mult=k8.r, frac=k8.k, z_out=0,
+                                                                   lo=0, hi=255), {"exp": k8.table}))
+        za, real = 0, 1 / 255
+    else:
+        za, real = zs, 1 / (40 * 6)
+    z_out = int(rng.integers(100, 156))
+    out = MatmulAttrs(heads=heads, contract="positions", za=za, zb=int(rng.integers(170, 230)), z_out=z_out,
+                      lo=0, hi=255, **requant(real * rng.uniform(0.5, 2)))
+    ops.append(Op("matmul", "op", [ops[-1].name, "vp"], out))
+    return _program((2, c, 4, 6), ops, "op", z_out, 0.02)
+
+
 def _mul(rng) -> Program:
     mult, shift = quantize_multiplier(np.array([0.02 * 0.02 / 0.01 * rng.uniform(0.5, 2)]))
     gate = Op("max_pool2d", "gate", ["q"], MaxPoolAttrs(kernel=(4, 4), stride=(4, 4), padding=(0, 0)))
@@ -266,6 +304,7 @@ KINDS: dict[str, OpKind] = {k.name: k for k in [
     OpKind("concat", ConcatAttrs, Channels.PINNED, _concat),
     OpKind("layer_norm", LayerNormAttrs, Channels.PINNED, _layer_norm),
     OpKind("softmax", SoftmaxAttrs, Channels.PINNED, _softmax),
+    OpKind("matmul", MatmulAttrs, Channels.PINNED, _matmul),
     OpKind("gather", GatherAttrs, Channels.PINNED, _gather),
 ]}
 

@@ -7,6 +7,8 @@ channel k and group p the weight mass A_p[k] = Σ_{i∈G_p} Σ_kernel |w[k,i,·]
     |acc_p + 2^(n−1)| ≤ |acc_p| + 2^(n−1)      (the rounding add of the group shift)
     |acc + b|         ≤ Σ_p (|acc_p| + (|acc_p| + 2^(n_p−1)) >> n_p) + |b|
 All must stay ≤ 2^31 − 1 (every partial sum of the merge is bounded by the last line).
+A matmul of two uint8 code maps sums K = D (contract "channels") or L ("positions") products:
+    |acc|             ≤ K·max(za, 255 − za)·max(zb, 255 − zb)
 Requantization and residual adds run in int64: |acc·M| < 2^62, |(x − z)·k| < 2^40.
 A layer that fails is rejected by name; the bound uses the layer's actual weights.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.numerics import INT32_MAX
+from relay_passes.attrs import MatmulAttrs
 from relay_passes.opset import is_layer
 from relay_passes.program import waps_pass, Op, Program, parse
 from relay_passes.quantize import CompileError
@@ -49,11 +52,24 @@ def accumulator_bound(op: Op) -> int:
     return max(worst, int(total.max()))
 
 
+def matmul_bound(op: Op, b_shape: tuple[int, ...]) -> int:
+    """The largest |acc| of a matmul whose second operand has ``b_shape`` (uint8 codes)."""
+    a = op.attrs
+    terms = b_shape[1] // a.heads if a.contract == "channels" else int(np.prod(b_shape[2:]))
+    return terms * max(a.za, 255 - a.za) * max(a.zb, 255 - a.zb)
+
+
 def check_overflow(program: Program) -> dict[str, int]:
-    """Bound of every conv/linear (name → bound); CompileError naming the first that overflows."""
+    """Bound of every conv/linear and matmul (name → bound); CompileError naming the first that
+    overflows."""
     bounds = {}
     for op in program.ops:
-        if is_layer(op):
+        if isinstance(op.attrs, MatmulAttrs):
+            b = matmul_bound(op, program.shape_of(op.inputs[1]))
+            if b > INT32_MAX:
+                raise CompileError(f"matmul {op.label} could overflow its int32 accumulator (bound {b} > 2^31-1)")
+            bounds[op.name] = b
+        elif is_layer(op):
             b = accumulator_bound(op)
             if b > INT32_MAX:
                 raise CompileError(f"layer {op.label} could overflow its int32 accumulator "
@@ -64,7 +80,7 @@ def check_overflow(program: Program) -> dict[str, int]:
 
 @dataclass
 class OverflowReport:
-    bounds: dict[str, int]                  # conv/linear op → largest int32 intermediate
+    bounds: dict[str, int]                  # conv/linear/matmul op → largest int32 intermediate
 
 
 def CheckOverflow(sink=None):  # noqa: N802 (TVM pass naming)

@@ -27,6 +27,10 @@ layer_norm   over the channels (axis 1): calib/numerics.layer_norm_codes with pa
              attributes prec (p), eps (e), frac (k): integer sum, sum of squares, exact ⌊√⌋
 softmax      over the channels in ``groups`` groups: calib/numerics.softmax_codes (exp table of
              max − x, int64 sum, rounded quotient)
+matmul       a [N, Ca, Ha, Wa], b [N, Cb, Hb, Wb] in ``heads`` G, P = Ha·Wa, L = Hb·Wb:
+             "channels" (Ca = Cb = G·D): acc[g·L + j, p] = Σ_d (a[g·D + d, p] − za)·(b[g·D + d, j] − zb);
+             "positions" (Ca = G·L, Cb = G·D): acc[g·D + d, p] = Σ_j (a[g·L + j, p] − za)·(b[g·D + d, j] − zb);
+             out [N, G·L or G·D, Ha, Wa] = clip(requant(acc, mult, shift) + z_out, lo, hi), int32 sum
 table        table[x]: an elementwise function of codes (calib/numerics.code_table)
 mul          clip(requant((a − za)·(b − zb), mult, shift) + z_out, lo, hi); b is a's shape or
              [N, C, 1, 1] (broadcast over H, W)
@@ -178,6 +182,15 @@ def _softmax(op: Op, x):
     return softmax_codes(x, op.params["exp"], a.groups, a.mult, a.frac, a.z_out, a.lo, a.hi).astype(op.dtype)
 
 
+def _matmul(op: Op, a_, b_):
+    a = op.attrs
+    n, g, (ha, wa) = a_.shape[0], a.heads, a_.shape[2:]
+    x = a_.astype(np.int64).reshape(n, g, a_.shape[1] // g, ha * wa) - a.za        # [N, G, D or L, P]
+    y = b_.astype(np.int64).reshape(n, g, b_.shape[1] // g, -1) - a.zb             # [N, G, D, L]
+    acc = np.einsum("ngdp,ngdl->nglp" if a.contract == "channels" else "nglp,ngdl->ngdp", x, y)
+    return output_codes(acc.reshape(n, -1, ha, wa), a.mult, a.shift, a.z_out, a.lo, a.hi).astype(op.dtype)
+
+
 def _mul(op: Op, a_, b_):
     a = op.attrs
     prod = (a_.astype(np.int64) - a.za) * (b_.astype(np.int64) - a.zb)
@@ -216,4 +229,5 @@ OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "line
        "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
        "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
        "mul": _mul, "resize": _resize, "layer_norm": _layer_norm,
+       "matmul": _matmul,
        "softmax": _softmax}

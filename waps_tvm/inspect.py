@@ -143,6 +143,7 @@ RENDER = {
     "dequantize": _float_edge("Dequantize", qmax=False), "flatten": _flatten, "pad": _generic("Pad"),
     "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul"),
     "resize": _generic("Resize"), "layer_norm": _generic("LayerNorm"),
+    "matmul": _generic("MatMulCodes"),
     "softmax": _generic("Softmax")}
 
 

@@ -248,6 +248,13 @@ def _softmax_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
             f"{a.frac}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
 
 
+def _matmul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
+    (n, ca, *hw_a), (_, cb, *hw_b) = in_shapes
+    p, l_ = int(np.prod(hw_a)), int(np.prod(hw_b))
+    return [f"waps_matmul({ins[0]}, {ins[1]}, {n}, {a.heads}, {int(a.contract == 'positions')}, {ca}, {cb}, {p}, "
+            f"{l_}, {a.za}, {a.zb}, {a.mult}, {a.shift}, {a.z_out}, {a.lo}, {a.hi}, {out});"]
+
+
 def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
     shape = tuple(in_shapes[0])
     nc = shape[0] * shape[1]
@@ -260,6 +267,7 @@ def _mul_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 SHARED_CALLS: dict[str, Callable[..., list[str]]] = {
     "max_pool2d": _max_pool2d_call, "sum_pool2d": _sum_pool2d_call, "avg_pool2d": _avg_pool2d_call,
     "pad": _pad_call, "concat": _concat_call, "table": _table_call, "mul": _mul_call, "resize": _resize_call,
+    "matmul": _matmul_call,
     "softmax": _softmax_call}
 SHARED_KINDS = tuple(SHARED_CALLS)
 

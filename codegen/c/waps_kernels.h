@@ -251,6 +251,32 @@ static void waps_softmax(const uint8_t *x, int N, int C, int G, size_t inner, co
       }
 }
 
+/* Product of a [N, Ca, P] and b [N, Cb, L] (uint8 codes) in G heads, int32 sums, then
+ * waps_output_code (relay_passes/attrs.MatmulAttrs). over_positions 0, "channels" (Ca = Cb = G·D):
+ * out[n, g·L + j, p] = Σ_d (a[n, g·D + d, p] − za)·(b[n, g·D + d, j] − zb); 1, "positions"
+ * (Ca = G·L, Cb = G·D): out[n, g·D + d, p] = Σ_j (a[n, g·L + j, p] − za)·(b[n, g·D + d, j] − zb). */
+static void waps_matmul(const uint8_t *a, const uint8_t *b, int N, int G, int over_positions, int Ca, int Cb,
+                        size_t P, size_t L, int32_t za, int32_t zb, int32_t mult, int32_t shift, int32_t z_out,
+                        int32_t lo, int32_t hi, uint8_t *out) {
+  int D = Cb / G;
+  size_t rows = over_positions ? (size_t)D : L;         /* output channels per head */
+  size_t sum_len = over_positions ? L : (size_t)D;
+  for (int n = 0; n < N; ++n)
+    for (int g = 0; g < G; ++g)
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t p = 0; p < P; ++p) {
+          int32_t acc = 0;
+          for (size_t k = 0; k < sum_len; ++k) {
+            /* channels: a row g·D + k against b's (g·D + k, r); positions: a row g·L + k against b's (g·D + r, k) */
+            size_t ach = over_positions ? (size_t)g * L + k : (size_t)g * D + k;
+            size_t bat = over_positions ? ((size_t)n * Cb + (size_t)g * D + r) * L + k
+                                        : ((size_t)n * Cb + (size_t)g * D + k) * L + r;
+            acc += ((int32_t)a[((size_t)n * Ca + ach) * P + p] - za) * ((int32_t)b[bat] - zb);
+          }
+          out[(((size_t)n * G + g) * rows + r) * P + p] = (uint8_t)waps_output_code(acc, mult, shift, z_out, lo, hi);
+        }
+}
+
 /* out[i] = table[x[i]]: an elementwise function of codes. */
 static void waps_lookup(const uint8_t *x, size_t count, const uint8_t *table, uint8_t *out) {
   for (size_t i = 0; i < count; ++i) out[i] = waps_table(table, x[i]);

@@ -255,6 +255,9 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
     "layer_norm": _host("layer norm: a per-position square root and division, not in the npu16 ISA"),
     "softmax": _host("softmax: a per-position division by the sum of exponentials, not in the npu16 ISA"),
+    "matmul": _host("matmul of two activations: the MAC array's stationary operand is int8 weight tiles fetched "
+                    "by DMA from constants (CONV), and b − zb of uint8 codes needs 9 bits; no command loads a runtime "
+                    "activation into the array"),
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,

@@ -194,6 +194,7 @@ def _resize(program, op, in_shape, in_dtype, npu) -> CostQuery:
 
 # kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., CostQuery]] = {
+    "matmul": _host,
     "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _host, "softmax": _host, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
     "concat": _concat, "table": _table, "mul": _mul, "resize": _resize}

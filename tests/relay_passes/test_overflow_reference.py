@@ -70,3 +70,19 @@ def test_overflowing_layer_is_rejected_by_name():
         check_overflow(prog)
     op.attrs = replace(op.attrs, in_qmax=15)
     assert check_overflow(prog)["conv"] == 127 * 512 * 9 * 15
+
+
+def test_matmul_bound_counts_its_products_and_rejects_too_many():
+    from relay_passes.attrs import GatherAttrs, MatmulAttrs
+    probs = Op("gather", "probs", ["input"], GatherAttrs(), {"index": np.zeros(1, np.int32)}, (1, 40000, 1, 1), "uint8")
+    v = Op("gather", "v", ["input"], GatherAttrs(), {"index": np.zeros(2, np.int32)}, (1, 2, 200, 200), "uint8")
+    attrs = MatmulAttrs(heads=1, contract="positions", za=0, zb=0, mult=1 << 30, shift=0, z_out=0, lo=0, hi=255,
+                        layer="attn.pv")
+    op = Op("matmul", "pv", ["probs", "v"], attrs, {}, (1, 2, 1, 1), "uint8")
+    prog = Program((1, 1, 1, 1), [probs, v, op], ["pv", "pv"])
+    with pytest.raises(CompileError, match=r"matmul attn.pv could overflow"):        # 40000·255² > 2^31
+        check_overflow(prog)
+    v.shape = (1, 2, 100, 100)
+    assert check_overflow(prog)["pv"] == 10000 * 255 * 255
+    op.attrs = replace(attrs, contract="channels")
+    assert check_overflow(prog)["pv"] == 2 * 255 * 255
