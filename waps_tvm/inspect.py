@@ -143,7 +143,10 @@ RENDER = {
     "dequantize": _float_edge("Dequantize", qmax=False), "flatten": _flatten, "pad": _generic("Pad"),
     "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul"),
     "resize": _generic("Resize"), "layer_norm": _generic("LayerNorm"),
-    "softmax": _generic("Softmax")}
+    "softmax": _generic("Softmax"),
+    "constant": _generic("Constant"),
+    "reshape": _generic("Reshape"),
+    "crop": _generic("Crop")}
 
 
 def _attr_ok(v) -> bool:
