@@ -19,6 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
 from calib.numerics import GroupScale
 
 
@@ -200,6 +202,17 @@ class ConcatAttrs(Attrs):
     lo: int
     hi: int
     axis: int = 1
+
+    def blocks(self, in_shapes) -> tuple[int, int, list[int], int]:
+        """The concat as contiguous copies, for kernels that write flat buffers: (outer, inner,
+        each input's extent along ``axis``, their total). Input i, read as [outer, extent_i,
+        inner], fills extents [Σ_{j<i} extent_j, …) of the output read as [outer, total, inner]
+        (axis 1: outer = N, inner = H·W)."""
+        shapes = [tuple(int(d) for d in s) for s in in_shapes]
+        sizes = [s[self.axis] for s in shapes]
+        outer = int(np.prod(shapes[0][:self.axis]))
+        inner = int(np.prod(shapes[0][self.axis + 1:]))
+        return outer, inner, sizes, sum(sizes)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -545,7 +545,7 @@ def _concat(lb, op, xs, P, D, in_types, add_prim):
     ar = nt.RelaxArith(lb)
     parts = [nt.clamp_code(ar, nt.rescale(ar, x, z, k, a.t), a.z_out, a.lo, a.hi, op.dtype)
              for x, z, k in zip(xs, a.zs, a.ks)]
-    return lb.emit(relax.op.concat(parts, axis=1))
+    return lb.emit(relax.op.concat(parts, axis=a.axis))
 
 
 def _table(lb, op, xs, P, D, in_types, add_prim):
@@ -586,6 +586,25 @@ def _gather(lb, op, xs, P, D, in_types, add_prim):
         func, shape = fast.gather(in_types[0][0], in_types[0][1], op.params["index"].size)
         return _call_fast(lb, op, add_prim, func, [xs[0], P["index"]], shape)
     return lb.emit(relax.op.take(xs[0], P["index"], axis=1))
+
+
+def _constant(lb, op, xs, P, D, in_types, add_prim):
+    """The codes [C, H, W] repeated over the input's batch (transposed first when NHWC)."""
+    codes = P["codes"]
+    if op.schedule.layout == "NHWC":
+        codes = lb.emit(relax.op.permute_dims(codes, [1, 2, 0]))
+    shape = physical((in_types[0][0][0], *op.params["codes"].shape), op.schedule.layout)
+    return lb.emit(relax.op.broadcast_to(lb.emit(relax.op.expand_dims(codes, 0)), shape))
+
+
+def _reshape(lb, op, xs, P, D, in_types, add_prim):
+    return lb.emit(relax.op.reshape(xs[0], (in_types[0][0][0], *op.attrs.shape)))
+
+
+def _crop(lb, op, xs, P, D, in_types, add_prim):
+    a = op.attrs
+    axes = [1, 2] if op.schedule.layout == "NHWC" else [2, 3]
+    return lb.emit(relax.op.strided_slice(xs[0], axes, [a.top, a.left], [a.top + a.height, a.left + a.width]))
 
 
 # ---------------------------------------------------------------- fast form (fast_kernels.py)
@@ -704,4 +723,7 @@ KERNELS: dict[str, Kernel] = {
     "softmax": Kernel(_softmax),
     "matmul": Kernel(_matmul),
     "resize": Kernel(_resize),
+    "constant": Kernel(_constant, reads_nhwc=_any_map),
+    "reshape": Kernel(_reshape),
+    "crop": Kernel(_crop, reads_nhwc=_any_map),
 }

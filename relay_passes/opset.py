@@ -16,8 +16,8 @@ Channel rules (what PermuteChannels may do across an op):
     LAYER        conv2d/linear: emits its output channels in any order (rows permuted)
     CHANNELWISE  output channel c depends only on input channel c of each input: an order
                  of the output is the order of its inputs (one class)
-    PINNED       mixes or selects channels (concat, gather) or reads floats: its inputs and
-                 output keep the identity order
+    PINNED       mixes or selects channels (concat, gather), reads floats, or makes channels
+                 of its own (constant): its inputs and output keep the identity order
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ from typing import Callable
 import numpy as np
 
 from calib.numerics import GroupScale, code_table, layer_norm_constants, quantize_multiplier, softmax_constants
-from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConvAttrs, DequantizeAttrs, FlattenAttrs,
-                                GatherAttrs, LayerNormAttrs, LinearAttrs, MatmulAttrs, MaxPoolAttrs, MulAttrs,
-                                PadAttrs, QuantizeAttrs, ResizeAttrs, SoftmaxAttrs, SumPoolAttrs, TableAttrs)
+from relay_passes.attrs import (AddAttrs, Attrs, AvgPoolAttrs, ConcatAttrs, ConstantAttrs, ConvAttrs, CropAttrs,
+                                DequantizeAttrs, FlattenAttrs, GatherAttrs, LayerNormAttrs, LinearAttrs, MatmulAttrs,
+                                MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, ReshapeAttrs, ResizeAttrs,
+                                SoftmaxAttrs, SumPoolAttrs, TableAttrs)
 from relay_passes.program import INPUT, Op, Program
 from relay_passes.resize import resize_op
 
@@ -154,14 +155,80 @@ def _pad(rng) -> Program:
 
 
 def _concat(rng) -> Program:
-    k = int(rng.integers(1, 4))
-    # same spatial size: pool with padding that keeps H, W
-    ops = [Op("max_pool2d", f"b{i}", ["q"], MaxPoolAttrs(kernel=(2 * i + 1,) * 2, stride=(1, 1), padding=(i, i)))
-           for i in range(k)]
-    t = 16
-    ks = [int(v) for v in rng.integers(1 << 14, 1 << 17, k)]
-    attrs = ConcatAttrs(zs=(128,) * k, ks=ks, t=t, z_out=60, lo=0, hi=255)
-    return _program((2, 3, 5, 4), [*ops, Op("concat", "op", [o.name for o in ops], attrs)], "op", 60)
+    """Three concats in a chain, along the channels, rows and columns in a drawn order, each of
+    two or three inputs of different sizes along its axis: max pools of the previous result that
+    keep the map (then a channel selection, axis 1) or shrink the axis by 2i."""
+    ops, src, c = [], "q", 3
+    for stage, axis in enumerate(int(v) for v in rng.permutation([1, 2, 3])):
+        k = int(rng.integers(2, 4))
+        parts = []
+        for i in range(k):
+            kernel, padding = [((2 * i + 1,) * 2, (i, i)), ((2 * i + 1, 1), (0, 0)),
+                               ((1, 2 * i + 1), (0, 0))][axis - 1]
+            ops.append(Op("max_pool2d", f"b{stage}{i}", [src], MaxPoolAttrs(kernel=kernel, stride=(1, 1),
+                                                                             padding=padding)))
+            if axis == 1:
+                index = rng.permutation(c)[:int(rng.integers(1, c + 1))].astype(np.int32)
+                ops.append(Op("gather", f"g{stage}{i}", [f"b{stage}{i}"], GatherAttrs(), {"index": index}))
+            parts.append(ops[-1].name)
+        if axis == 1:
+            c = sum(o.params["index"].size for o in ops if o.name in parts)
+        ks = [int(v) for v in rng.integers(1 << 14, 1 << 17, k)]
+        zs = [int(v) for v in rng.integers(40, 200, k)]
+        src = "op" if stage == 2 else f"c{stage}"
+        ops.append(Op("concat", src, parts, ConcatAttrs(zs=zs, ks=ks, t=16, z_out=60, lo=0, hi=255, axis=axis)))
+    return _program((2, 3, 5, 5), ops, "op", 60)
+
+
+def _constant(rng) -> Program:
+    """Codes drawn at random: a ViT's position embedding added to a map, then a class token
+    concatenated before its rows; or returned as they are (the program's output is a constant)."""
+    c, h, w = 3, int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    if rng.random() < 0.4:
+        codes = rng.integers(0, 256, (c, h, w)).astype(np.uint8)
+        return _program((2, c, h, w), [Op("constant", "op", ["q"], ConstantAttrs(), {"codes": codes})], "op", 128)
+    ka, kb = (int(v) for v in rng.integers(1 << 20, 1 << 23, 2))
+    ks = [int(v) for v in rng.integers(1 << 14, 1 << 17, 2)]
+    ops = [Op("constant", "pos", ["q"], ConstantAttrs(), {"codes": rng.integers(0, 256, (c, h, w)).astype(np.uint8)}),
+           Op("add", "sum", ["q", "pos"], AddAttrs(za=128, zb=int(rng.integers(0, 256)), ka=ka, kb=kb, t=22,
+                                                   z_out=100, lo=0, hi=255)),
+           Op("constant", "token", ["sum"], ConstantAttrs(),
+              {"codes": rng.integers(0, 256, (c, 1, w)).astype(np.uint8)}),
+           Op("concat", "op", ["token", "sum"], ConcatAttrs(zs=(int(rng.integers(0, 256)), 100), ks=ks, t=16,
+                                                           z_out=60, lo=0, hi=255, axis=2))]
+    return _program((2, c, h, w), ops, "op", 60)
+
+
+def _reshape(rng) -> Program:
+    """Three reshapes in a drawn order, to H·W × 1, 1 × H·W and a drawn factorisation, each
+    followed by a 3×3 max pool that reads the new layout."""
+    h, w = int(rng.integers(2, 5)), int(rng.integers(1, 5))
+    hw = h * w
+    divisors = [d for d in range(1, hw + 1) if hw % d == 0]
+    a = int(rng.choice(divisors))
+    targets = [(hw, 1), (1, hw), (a, hw // a)]
+    ops, src = [], "q"
+    for i, j in enumerate(rng.permutation(3)):
+        last = i == 2
+        ops.append(Op("reshape", "op" if last else f"r{i}", [src], ReshapeAttrs(shape=(3, *targets[j]))))
+        if not last:
+            ops.append(Op("max_pool2d", f"p{i}", [f"r{i}"], MaxPoolAttrs(kernel=(3, 3), stride=(1, 1),
+                                                                       padding=(1, 1))))
+            src = f"p{i}"
+    return _program((2, 3, h, w), ops, "op", 128)
+
+
+def _crop(rng) -> Program:
+    """The full map, a 3×3 max pool of it, a drawn box of that, and a 1×1 box of the box."""
+    h, w = 6, 5
+    top, left = int(rng.integers(0, h)), int(rng.integers(0, w))
+    bh, bw = int(rng.integers(1, h - top + 1)), int(rng.integers(1, w - left + 1))
+    ops = [Op("crop", "full", ["q"], CropAttrs(top=0, left=0, height=h, width=w)),
+           Op("max_pool2d", "pool", ["full"], MaxPoolAttrs(kernel=(3, 3), stride=(1, 1), padding=(1, 1))),
+           Op("crop", "box", ["pool"], CropAttrs(top=top, left=left, height=bh, width=bw)),
+           Op("crop", "op", ["box"], CropAttrs(top=int(rng.integers(0, bh)), left=int(rng.integers(0, bw)),
+                                                height=1, width=1))]
+    return _program((2, 3, h, w), ops, "op", 128)
 
 
 def _table(rng) -> Program:
@@ -306,6 +373,9 @@ KINDS: dict[str, OpKind] = {k.name: k for k in [
     OpKind("softmax", SoftmaxAttrs, Channels.PINNED, _softmax),
     OpKind("matmul", MatmulAttrs, Channels.PINNED, _matmul),
     OpKind("gather", GatherAttrs, Channels.PINNED, _gather),
+    OpKind("constant", ConstantAttrs, Channels.PINNED, _constant),
+    OpKind("reshape", ReshapeAttrs, Channels.CHANNELWISE, _reshape),
+    OpKind("crop", CropAttrs, Channels.CHANNELWISE, _crop),
 ]}
 
 

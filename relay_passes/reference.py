@@ -22,7 +22,8 @@ avg_pool2d   box average with its own rounding: output row i reads input rows [h
              (window count or kernel area) is folded into mult/shift, so one op covers
              count_include_pad either way, ceil_mode, adaptive pooling and spatial means
 pad          [N, C, H, W] → [N, C, H+top+bottom, W+left+right] filled with ``value`` (a code)
-concat       along axis 1; input i becomes clip(rescale(x_i, z_i, k_i, t) + z_out, lo, hi)
+concat       along ``axis`` (1 channels, 2 rows, 3 columns; the other axes equal); input i
+             becomes clip(rescale(x_i, z_i, k_i, t) + z_out, lo, hi)
 layer_norm   over the channels (axis 1): calib/numerics.layer_norm_codes with params g, b and
              attributes prec (p), eps (e), frac (k): integer sum, sum of squares, exact ⌊√⌋
 softmax      over the channels in ``groups`` groups: calib/numerics.softmax_codes (exp table of
@@ -40,6 +41,9 @@ resize       output (i, j) = clamp(requant(Σ_{a,b∈{0,1}} wy_a[i]·wx_b[j]·(x
              int32 sum, |acc| ≤ 2^(2F)·255. Bilinear: F = 10, mult/shift fold s_in/(s_out·2^(2F)).
              Nearest: F = 0, y1 = y0, wy = 1, mult/shift = 1 exactly, z_out = z_in: a gather of codes
 flatten      [N, C, H, W] → [N, C·H·W];  gather: channels x[:, index]
+constant     params codes [C, H, W] repeated over the batch of its input (only N is read)
+reshape      [N, C, H, W] → [N, C, H', W']: each channel's H·W positions re-laid row-major
+crop         x[:, :, top:top + height, left:left + width]
 with shift(a, n) = (a + 2^(n−1)) >> n and requant(a, M, s) = (a·M + 2^(30+s)) >> (31+s), each
 rule taken from calib/numerics.py (the NumPy definition of the contract).
 Accumulations run in float64 BLAS, exact because every sum stays far below 2^53.
@@ -164,7 +168,7 @@ def _pad(op: Op, x):
 def _concat(op: Op, *xs):
     a = op.attrs
     parts = [clamp(rescale(x, z, k, a.t) + a.z_out, a.lo, a.hi) for x, z, k in zip(xs, a.zs, a.ks)]
-    return np.concatenate(parts, axis=1).astype(op.dtype)
+    return np.concatenate(parts, axis=a.axis).astype(op.dtype)
 
 
 def _table(op: Op, x):
@@ -225,9 +229,26 @@ def _gather(op: Op, x):
     return np.take(x, op.params["index"], axis=1)
 
 
+def _constant(op: Op, x):
+    codes = op.params["codes"]
+    return np.broadcast_to(codes, (x.shape[0], *codes.shape)).astype(op.dtype)
+
+
+def _reshape(op: Op, x):
+    return x.reshape(x.shape[0], *op.attrs.shape)
+
+
+def _crop(op: Op, x):
+    a = op.attrs
+    return x[:, :, a.top:a.top + a.height, a.left:a.left + a.width].copy()
+
+
 OPS = {"quantize": _quantize, "dequantize": _dequantize, "conv2d": _layer, "linear": _layer,
        "add": _add, "max_pool2d": _max_pool2d, "sum_pool2d": _sum_pool2d, "flatten": _flatten,
        "gather": _gather, "avg_pool2d": _avg_pool2d, "pad": _pad, "concat": _concat, "table": _table,
        "mul": _mul, "resize": _resize, "layer_norm": _layer_norm,
        "matmul": _matmul,
-       "softmax": _softmax}
+       "softmax": _softmax,
+       "constant": _constant,
+       "reshape": _reshape,
+       "crop": _crop}

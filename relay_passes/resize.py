@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.numerics import quantize_multiplier
-from relay_passes.attrs import ResizeAttrs
+from relay_passes.attrs import CropAttrs, ResizeAttrs
 from relay_passes.program import Op
 
 RESIZE_FRAC = 10        # bilinear weights in units of 2^-10: |acc| ≤ 2^20·255 stays far inside int32
@@ -102,3 +102,14 @@ def resize_op(name: str, src: str, in_hw, out_hw, mode: str, align_corners: bool
     attrs = ResizeAttrs(mode=mode, frac=rows.frac, z_in=int(z_in), z_out=int(z_out), mult=int(mult[0]),
                         shift=int(shift[0]), lo=0, hi=int(qmax))
     return Op("resize", name, [src], attrs, resize_params(rows, cols))
+
+
+def crop_as_resize(a: CropAttrs) -> tuple[ResizeAttrs, dict[str, np.ndarray]]:
+    """A crop as the nearest resize that reads its box (attributes and params): rows top + i and
+    columns left + j, F = 0 and the exact unit multiplier with z_in = z_out = 0 over [0, 255], so
+    every uint8 code moves unchanged (npu16 runs a crop as its RESIZE gather)."""
+    rows, cols = (np.arange(start, start + size, dtype=np.int32) for start, size in ((a.top, a.height),
+                                                                                    (a.left, a.width)))
+    mult, shift = quantize_multiplier(np.array([1.0]))
+    attrs = ResizeAttrs(mode="nearest", frac=0, z_in=0, z_out=0, mult=int(mult[0]), shift=int(shift[0]), lo=0, hi=255)
+    return attrs, resize_params(*(AxisTable(i, i.copy(), np.ones(i.size, np.int32), 0) for i in (rows, cols)))

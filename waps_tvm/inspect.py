@@ -144,7 +144,10 @@ RENDER = {
     "avg_pool2d": _generic("AvgPool"), "concat": _generic("Concat"), "table": _generic("Table"), "mul": _generic("Mul"),
     "resize": _generic("Resize"), "layer_norm": _generic("LayerNorm"),
     "matmul": _generic("MatMulCodes"),
-    "softmax": _generic("Softmax")}
+    "softmax": _generic("Softmax"),
+    "constant": _generic("Constant"),
+    "reshape": _generic("Reshape"),
+    "crop": _generic("Crop")}
 
 
 def _attr_ok(v) -> bool:

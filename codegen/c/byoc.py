@@ -18,7 +18,8 @@ from tvm import relax
 
 from codegen.byoc_source import entry_function, register, symbol
 from codegen.byoc_source import offload as byoc_offload
-from codegen.c.emit import C_TYPES, KERNELS, SHARED_KINDS, add_call, kernel_call, layer_norm_call, quantize_call
+from codegen.c.emit import (C_TYPES, KERNELS, SHARED_KINDS, add_call, constant_call, crop_call, kernel_call,
+                            layer_norm_call, quantize_call)
 from relay_passes.program import decode_attrs
 from targets.c_source import inline_source
 
@@ -164,7 +165,19 @@ def _gather(e: _Entry) -> list[str]:
             f"{e.param_shape('index')[0]}, waps_ptr(&{_OUT}));"]
 
 
+def _constant(e: _Entry) -> list[str]:
+    size = int(np.prod(e.param_shape("codes")))
+    return [constant_call(size, e.in_shape[0], _ptr(e.arg["codes"], "const uint8_t"), _ptr(_OUT, "uint8_t"))]
+
+
+def _crop(e: _Entry) -> list[str]:
+    return [crop_call(e.a, e.in_shape, e.in_dtype, "waps_ptr(&args[0])", f"waps_ptr(&{_OUT})")]
+
+
 # kind → the C body of its tvm-ffi entry (every kind of relay_passes/opset.py)
 ENTRIES: dict[str, Callable[[_Entry], list[str]]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_KINDS}}
+    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_KINDS},
+    "constant": _constant,
+    "reshape": _flatten,
+    "crop": _crop}

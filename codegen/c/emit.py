@@ -189,6 +189,28 @@ def _gather(s: _Site) -> str:
     return f"waps_gather({s.x}, {n}, {c}, {inner}, {elem}, {s.v}_index, {s.op.params['index'].size}, buf_{s.v});"
 
 
+def _constant(s: _Site) -> str:
+    return constant_call(s.op.params["codes"].size, s.in_shape[0], f"{s.v}_codes", f"buf_{s.v}")
+
+
+def constant_call(size: int, n: int, codes: str, out: str) -> str:
+    """The C statement of a constant: its ``size`` codes repeated over the batch ``n`` (the C unit
+    and the C BYOC entry both call this)."""
+    return f"waps_repeat({codes}, {size}, {n}, {out});"
+
+
+def _crop(s: _Site) -> str:
+    return crop_call(s.op.attrs, s.in_shape, s.in_dtype, s.x, f"buf_{s.v}")
+
+
+def crop_call(a, shape, in_dtype: str, x: str, out: str) -> str:
+    """The C statement of a crop of [N, C, H, W] codes (uint8) or sums (int32): the C unit and the
+    C BYOC entry both call this."""
+    n, c, h, w = shape
+    elem = 1 if in_dtype == "uint8" else 4
+    return f"waps_crop({x}, {n}, {c}, {h}, {w}, {elem}, {a.top}, {a.left}, {a.height}, {a.width}, {out});"
+
+
 # ---------------------------------------------------------------- kernels the C unit and the C BYOC share
 
 def _max_pool2d_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
@@ -227,13 +249,12 @@ def _pad_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
 
 
 def _concat_call(a, in_shapes, out_shape, ins, param, out) -> list[str]:
-    c_out = int(out_shape[1])
+    outer, inner, sizes, total = a.blocks(in_shapes)
     lines, off = [], 0
-    for x, s, z, k in zip(ins, in_shapes, a.zs, a.ks):
-        inner = int(np.prod(s[2:]))
-        lines.append(f"waps_concat_part({x}, {s[0]}, {s[1]}, {inner}, {off}, {c_out}, {z}, {int(k)}LL, {a.t}, "
+    for x, size, z, k in zip(ins, sizes, a.zs, a.ks):
+        lines.append(f"waps_concat_part({x}, {outer}, {size}, {inner}, {off}, {total}, {z}, {int(k)}LL, {a.t}, "
                      f"{a.z_out}, {a.lo}, {a.hi}, {out});")
-        off += int(s[1])
+        off += size
     return lines
 
 
@@ -284,7 +305,10 @@ def kernel_call(kind: str, a: dict, in_shapes: list, out_shape, ins: list[str], 
 # kind → the C statement of one op of the unit (every kind of relay_passes/opset.py)
 CALLS: dict[str, Callable[[_Site], str]] = {
     "quantize": _quantize, "dequantize": _dequantize, "conv2d": _conv2d, "linear": _linear, "add": _add,
-    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_CALLS}}
+    "flatten": _flatten, "gather": _gather, "layer_norm": _layer_norm, **{k: _shared for k in SHARED_CALLS},
+    "constant": _constant,
+    "reshape": _flatten,
+    "crop": _crop}
 
 
 def float_literal(v: float) -> str:

@@ -197,7 +197,8 @@ static void waps_pad(const uint8_t *x, int N, int C, int H, int W, int top, int 
 }
 
 /* One concat input x [N, C, inner] into channels [c_off, c_off + C) of out [N, c_out, inner]:
- * clamp(rescale(x, z, k, t) + z_out, lo, hi). */
+ * clamp(rescale(x, z, k, t) + z_out, lo, hi). A concat along rows or columns is the same copy with
+ * N the extent before its axis, C the input's extent along it and inner the extent after. */
 static void waps_concat_part(const uint8_t *x, int N, int C, size_t inner, int c_off, int c_out, int32_t z,
                              int64_t k, int t, int32_t z_out, int32_t lo, int32_t hi, uint8_t *out) {
   for (int n = 0; n < N; ++n)
@@ -301,6 +302,20 @@ static void waps_gather(const void *x, int N, int C, size_t inner, size_t elem, 
     for (int j = 0; j < J; ++j)
       memcpy((char *)out + (((size_t)n * J + j) * inner) * elem,
              (const char *)x + (((size_t)n * C + index[j]) * inner) * elem, inner * elem);
+}
+
+/* out [N, C, OH, OW] = x [N, C, H, W] rows [top, top + OH), columns [left, left + OW); elem bytes each */
+static void waps_crop(const void *x, int N, int C, int H, int W, size_t elem, int top, int left, int OH, int OW,
+                      void *out) {
+  for (size_t nc = 0; nc < (size_t)N * C; ++nc)
+    for (int i = 0; i < OH; ++i)
+      memcpy((char *)out + ((nc * OH + i) * OW) * elem,
+             (const char *)x + ((nc * H + top + i) * W + left) * elem, OW * elem);
+}
+
+/* out = N copies of the bytes x (a constant map repeated over the batch) */
+static void waps_repeat(const void *x, size_t bytes, int N, void *out) {
+  for (int n = 0; n < N; ++n) memcpy((char *)out + (size_t)n * bytes, x, bytes);
 }
 
 static void waps_quantize(const float *x, size_t count, float scale, float zero_point, float qmax, uint8_t *out) {

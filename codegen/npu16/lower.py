@@ -2,7 +2,7 @@
 
 ``lower_op(kind, attrs, shapes, dtypes, params, npu)`` returns an ``NpuOp`` or raises
 ``NotOnNpu`` with the reason an op stays on the host (llvm): float arithmetic
-(quantize/dequantize), pure layout changes (flatten), or shapes the array cannot take
+(quantize/dequantize), pure layout changes (flatten, reshape) and constants, or shapes the array cannot take
 (more than MAX_GROUPS WAPS groups, int32 codes into the uint8-only units). Every stream starts with the machine registers of
 ``npu`` (targets/npu16/params.py; default today's npu16), and weights are tiled for its
 array side ``npu.tile``.
@@ -17,6 +17,7 @@ import numpy as np
 
 from codegen.npu16.tiling import tile_weights, tile_weights_im2col
 from relay_passes.fast_kernels import output_hw
+from relay_passes.resize import crop_as_resize
 from targets.npu16 import memory
 from targets.npu16.first_layer import runs_im2col
 from targets.npu16.isa import MAX_GROUPS, Instr, Op, Reg, encode, machine_registers, set_
@@ -218,16 +219,24 @@ def _resize(s, a, in_shapes, params) -> NpuOp:
 
 
 def _concat(s, a, in_shapes, params) -> NpuOp:
-    """One CONCAT command per input: the epilogue streams it through its rescale."""
-    c_out = sum(int(sh[1]) for sh in in_shapes)
-    s += _regs({Reg.N: in_shapes[0][0], Reg.INNER: _inner(in_shapes[0]), Reg.OUT_CHANNELS: c_out, Reg.T: a.t,
-                **_clamp_regs(a)})
+    """One CONCAT command per input: the epilogue streams it through its rescale. Along rows or
+    columns the command is the same copy of [outer, extent, inner] blocks (ConcatAttrs.blocks):
+    N counts the outer blocks, C the input's extent along the axis."""
+    outer, inner, sizes, total = a.blocks(in_shapes)
+    s += _regs({Reg.N: outer, Reg.INNER: inner, Reg.OUT_CHANNELS: total, Reg.T: a.t, **_clamp_regs(a)})
     off = 0
-    for i, (shape, z, k) in enumerate(zip(in_shapes, a.zs, a.ks)):
-        s += _regs({Reg.INPUT_SEL: i, Reg.C: shape[1], Reg.C_OFFSET: off, Reg.ZA: z, Reg.KA: k})
+    for i, (size, z, k) in enumerate(zip(sizes, a.zs, a.ks)):
+        s += _regs({Reg.INPUT_SEL: i, Reg.C: size, Reg.C_OFFSET: off, Reg.ZA: z, Reg.KA: k})
         s.append(Instr(Op.CONCAT))
-        off += int(shape[1])
+        off += size
     return NpuOp(s + [Instr(Op.END)])
+
+
+def _crop(s, a, in_shapes, params) -> NpuOp:
+    """The RESIZE command's nearest gather over the box's rows and columns (resize.crop_as_resize):
+    DMA only, the codes unchanged."""
+    attrs, box = crop_as_resize(a)
+    return _resize(s, attrs, in_shapes, box)
 
 
 def _table(s, a, in_shapes, params) -> NpuOp:
@@ -261,6 +270,9 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,
-                                               "table": _table, "mul": _mul, "resize": _resize}.items()}}
+                                               "table": _table, "mul": _mul, "resize": _resize}.items()},
+    "constant": _host("a constant: codes the host writes once per sample, nothing for the NPU to compute"),
+    "reshape": _host("layout only (a reshape): nothing for the NPU to compute"),
+    "crop": _epilogue("crop", _crop)}
 # the kinds that always stay on the host, whatever their shapes
 HOST_KINDS = frozenset(k for k, f in LOWERINGS.items() if hasattr(f, "host_reason"))

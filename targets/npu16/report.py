@@ -192,12 +192,21 @@ def _resize(program, op, in_shape, in_dtype, npu) -> CostQuery:
                                 "bilinear": bool(op.attrs.frac > 0)})
 
 
+def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    """Lowered as a nearest RESIZE over the box (codegen/npu16/lower._crop)."""
+    return CostQuery("resize", {"name": op.name, "planes": int(in_shape[0] * in_shape[1]), "w": int(in_shape[3]),
+                                "oh": int(op.attrs.height), "ow": int(op.attrs.width), "bilinear": False})
+
+
 # kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., CostQuery]] = {
     "matmul": _host,
     "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _host, "softmax": _host, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
-    "concat": _concat, "table": _table, "mul": _mul, "resize": _resize}
+    "concat": _concat, "table": _table, "mul": _mul, "resize": _resize,
+    "constant": _host,
+    "reshape": _host,
+    "crop": _crop}
 
 
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calib.numerics import GroupScale
-from relay_passes.attrs import ConvAttrs, LinearAttrs, MaxPoolAttrs, PadAttrs, TableAttrs
+from relay_passes.attrs import ConcatAttrs, ConvAttrs, LinearAttrs, MaxPoolAttrs, PadAttrs, TableAttrs
 from relay_passes.opset import KINDS
 from relay_passes.program import Op, decode_attrs, emit, encode_attrs, parse
 
@@ -63,3 +63,10 @@ def test_attrs_are_frozen_and_checked_against_the_kind():
     copy = op.copy()
     copy.attrs = dataclasses.replace(copy.attrs, value=5)
     assert op.attrs.value == 0 and json.loads(encode_attrs(copy))["value"] == 5
+
+
+def test_concat_axis_reads_back_and_an_old_program_concats_channels():
+    cat = Op("concat", "c", ["a", "b"], ConcatAttrs(zs=(1, 2), ks=(3, 4), t=5, z_out=6, lo=0, hi=255, axis=3))
+    assert decode_attrs("concat", encode_attrs(cat))[0].axis == 3
+    old = {k: v for k, v in json.loads(encode_attrs(cat)).items() if k != "axis"}
+    assert decode_attrs("concat", json.dumps(old))[0].axis == 1

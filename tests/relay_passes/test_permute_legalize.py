@@ -121,3 +121,55 @@ def test_split_form_needs_contiguous_groups(quantized):
     prog, _ = legalize_waps(quantized, "split")          # no permutation: layers stay masked
     assert prog is not quantized
     assert any(o.schedule.form == "reference" for o in _waps_layers(prog))
+
+
+def _token_program(consumer_reads_constant: bool):
+    """q → conv (8 channels) → crop → reshape → a WAPS conv whose groups alternate (0, 1, 0, …),
+    and optionally a constant read from the first conv's map, added to the crop's."""
+    from calib.numerics import GroupScale, quantize_multiplier
+    from relay_passes.attrs import (AddAttrs, ConstantAttrs, ConvAttrs, CropAttrs, DequantizeAttrs, QuantizeAttrs,
+                                    ReshapeAttrs)
+    from relay_passes.program import Op, Program
+    rng = np.random.default_rng(0)
+
+    def conv(name, src, c, m, groups):
+        mult, shift = quantize_multiplier(np.full(m, 0.002))
+        params = {"w": rng.integers(-8, 8, (m, c, 1, 1)).astype(np.int8), "bias": np.zeros(m, np.int32),
+                  "mult": mult.astype(np.int32), "shift": shift.astype(np.int32)}
+        scales = ()
+        if groups:
+            params["groups"] = (np.arange(c) % 2).astype(np.int8)
+            scales = (GroupScale(0, 0), GroupScale(1, 2))
+        attrs = ConvAttrs(z_in=128, z_out=100, lo=0, hi=255, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                          conv_groups=1, group_scales=scales)
+        return Op("conv2d", name, [src], attrs, params)
+    ops = [Op("quantize", "q", [INPUT], QuantizeAttrs(scale=0.02, zero_point=128, qmax=255)),
+           conv("c1", "q", 3, 8, False),
+           Op("crop", "box", ["c1"], CropAttrs(top=1, left=0, height=4, width=3))]
+    if consumer_reads_constant:
+        codes = rng.integers(0, 256, (8, 4, 3)).astype(np.uint8)
+        ops += [Op("constant", "pos", ["c1"], ConstantAttrs(), {"codes": codes}),
+                Op("add", "box_pos", ["box", "pos"], AddAttrs(za=100, zb=128, ka=1 << 21, kb=1 << 20, t=22,
+                                                              z_out=100, lo=0, hi=255))]
+    ops += [Op("reshape", "tokens", [ops[-1].name], ReshapeAttrs(shape=(8, 12, 1))),
+            conv("c2", "tokens", 8, 4, True),
+            Op("dequantize", "deq", ["c2"], DequantizeAttrs(scale=0.05, zero_point=100), dtype="float32")]
+    return Program((2, 3, 5, 3), ops, ["deq", "c2"])
+
+
+@pytest.mark.parametrize("reads_constant", [False, True])
+def test_permute_goes_through_crop_and_reshape(reads_constant):
+    """A crop and a reshape are channel-wise: the first conv emits its channels in the WAPS conv's
+    group order through them, with no gather. A constant is pinned: added to the crop, it fixes
+    that class at the identity order and the WAPS conv gets a gather instead. Same codes."""
+    prog = _token_program(reads_constant)
+    emit(prog)
+    x = np.random.default_rng(1).normal(size=prog.input_shape).astype("float32")
+    out, report = permute_channels(prog)
+    got = reference.run(out, x)
+    want = reference.run(prog, x)
+    np.testing.assert_array_equal(got[1], want[1])
+    if not reads_constant:
+        assert report.permuted == 1 and report.gathers == 0
+    else:                       # the add joins the crop's class to the constant's, which is pinned
+        assert report.gathers == 1
