@@ -38,6 +38,7 @@ class CalibConfig:
     seed: int = 0
     first_last_bits: int = 8       # weights of the first and last layer, input and logits codes
     residual_bits: int = 8         # codes of tensors read only by residual adds
+    attn_bits: int | None = None   # codes of attention (Q, K, V, scores, probabilities, context); None: abits
     gammas: tuple[float, ...] = (1.0, 1.0 - 2**-4, 1.0 + 2**-4)
     tile: int = 16
     lr_round: float | None = None  # AdaRound V (Adam); None: 1e-3·20000/iters, at most 1e-2
@@ -100,6 +101,8 @@ class CalibConfig:
             raise ConfigError(f"--abits {self.abits}: activation bits must be one of {ACT_BITS}")
         if self.first_last_bits not in WEIGHT_BITS or self.residual_bits not in (2, 3, 4, 8):
             raise ConfigError("first/last and residual bits must be one of 2, 3, 4, 8")
+        if self.attn_bits is not None and self.attn_bits not in ACT_BITS[:-1]:
+            raise ConfigError(f"--attn-bits {self.attn_bits}: attention bits must be one of {ACT_BITS[:-1]}")
         if self.iters < 0 or self.batch < 1 or self.samples < 1:
             raise ConfigError("--iters must be ≥ 0, --batch and --samples ≥ 1")
         if not 1 <= len(self.gammas) <= 8:

@@ -291,7 +291,9 @@ def output_bits(graph: Graph, cfg: CalibConfig, last: set[str]) -> dict[str, int
     """Code width of every quantization point (the input and every QUANT_OPS output).
 
     The graph output is a last layer's value (first_last_bits); a tensor read only by
-    residual adds gets residual_bits; every other point gets abits."""
+    residual adds gets residual_bits; attention's points (the outputs of matmul and softmax and
+    the tensors matmuls read: Q, K, V, scores, probabilities, context) get attn_bits when set;
+    every other point gets abits."""
     if cfg.abits == FLOAT_BITS:
         return {n.name: FLOAT_BITS for n in graph if n.op in (*QUANT_OPS, "input")}
     users = graph.consumers()
@@ -303,6 +305,11 @@ def output_bits(graph: Graph, cfg: CalibConfig, last: set[str]) -> dict[str, int
             readers = users[n.name]
             only_add = readers and all(graph[u].op == "add" for u in readers)
             bits[n.name] = cfg.residual_bits if only_add else cfg.abits
+    if cfg.attn_bits is not None:
+        attention = {n.name for n in graph if n.op in ("matmul", "softmax")}
+        attention |= {code_source(graph, i) for n in graph if n.op == "matmul" for i in n.inputs}
+        for name in attention & bits.keys() - last:
+            bits[name] = cfg.attn_bits
     return bits
 
 

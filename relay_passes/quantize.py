@@ -13,6 +13,10 @@ by position in another IR) and the integer program is emitted as Relax once:
                                                 into the consumer's requantization)
     flatten                                   → flatten
     layer_norm                                → layer_norm (integer sums, exact root; numerics)
+    matmul (attention, per head)              → matmul (int32 Σ of code products, requant of α·s_a·s_b)
+    softmax (per head)                        → softmax (exp table, int64 sum, rounded quotient)
+    constant (class token, position embedding) → constant (its codes, broadcast over the batch)
+    reshape / crop (token layouts)            → reshape / crop (codes moved unchanged)
 with quantize at the input and dequantize at the output. Integer parameters:
     α′_k = γ^z_k·s_w[k]·s_in / (s_out·2^L)  →  (M_k, shift_k) by quantize_multiplier
     b_k  = round((γ^z_k·β_k + φ^z_k)·2^L / (γ^z_k·s_w[k]·s_in))
@@ -27,10 +31,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from calib.errors import ConfigError, UnsupportedOpError, WapsError
-from calib.numerics import INT32_MAX, GroupScale, code_table, layer_norm_constants, quantize_multiplier
-from relay_passes.attrs import (AddAttrs, AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, FlattenAttrs, GatherAttrs,
-                                LayerNormAttrs, MaxPoolAttrs, MulAttrs, PadAttrs, QuantizeAttrs, SumPoolAttrs,
-                                TableAttrs)
+from calib.numerics import (INT32_MAX, GroupScale, code_table, layer_norm_constants, quantize_multiplier,
+                            softmax_constants)
+from relay_passes.attrs import (AddAttrs, AvgPoolAttrs, ConcatAttrs, ConstantAttrs, CropAttrs, DequantizeAttrs,
+                                FlattenAttrs, GatherAttrs, LayerNormAttrs, MatmulAttrs, MaxPoolAttrs, MulAttrs,
+                                PadAttrs, QuantizeAttrs, ReshapeAttrs, SoftmaxAttrs, SumPoolAttrs, TableAttrs)
 from relay_passes.opset import kind as op_kind
 from relay_passes.program import INPUT, Op, Program, emit
 from relay_passes.resize import resize_op
@@ -252,14 +257,15 @@ class ProgramBuilder:
         self._check_multiplier(np.array([op.attrs.shift]), label)
         return self._new("resize", op.name, [t.name], replace(op.attrs, layer=label), op.params, out or c)
 
-    def concat(self, ts: list[Value], out: TensorCodes, label: str) -> Value:
-        """Inputs moved to the output scale (one rounding each, common shift t), then joined."""
+    def concat(self, ts: list[Value], out: TensorCodes, label: str, axis: int = 1) -> Value:
+        """Inputs moved to the output scale (one rounding each, common shift t), then joined along
+        ``axis`` (1: channels; 2, 3: rows, columns)."""
         for t in ts:
             self._narrow(t, "concat", label)
         ratios = [t.codes.scale / out.scale for t in ts]
         t_ = int(np.clip(30 - math.ceil(math.log2(max(ratios))), 1, 48))
         attrs = ConcatAttrs(zs=[t.codes.zero_point for t in ts], ks=[int(round(r * 2.0**t_)) for r in ratios], t=t_,
-                            z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
+                            z_out=out.zero_point, lo=0, hi=out.qmax, axis=int(axis), layer=label)
         return self._new("concat", _op_name(label), [t.name for t in ts], attrs, {}, out)
 
     def table(self, t: Value, fn, out: TensorCodes, label: str) -> Value:
@@ -288,6 +294,46 @@ class ProgramBuilder:
         attrs = MulAttrs(za=ca.zero_point, zb=cb.zero_point, mult=int(mult[0]), shift=int(shift[0]),
                          z_out=out.zero_point, lo=0, hi=out.qmax, layer=label)
         return self._new("mul", _op_name(label), [a.name, b.name], attrs, {}, out)
+
+    # ------------------------------------------------------------ attention
+    def matmul(self, a: Value, b: Value, heads: int, contract: str, alpha: float, terms: int, out: TensorCodes,
+               label: str) -> Value:
+        """α·(a ⊗ b) per head (MatmulAttrs) over ``terms`` products each (D or L): the int32 sum of
+        code products, requantized once by M·2^-s = α·s_a·s_b/s_out. Refused when the sum could
+        leave int32."""
+        ca, cb = self._narrow(a, "matmul", label), self._narrow(b, "matmul", label)
+        if terms * ca.qmax * cb.qmax >= 1 << 31:
+            raise CompileError(f"{label}: matmul over {terms} terms could overflow int32")
+        mult, shift = quantize_multiplier(np.array([alpha * ca.scale * cb.scale / out.scale]))
+        self._check_multiplier(shift, label)
+        attrs = MatmulAttrs(heads=int(heads), contract=contract, za=ca.zero_point, zb=cb.zero_point,
+                            mult=int(mult[0]), shift=int(shift[0]), z_out=out.zero_point, lo=0, hi=out.qmax,
+                            layer=label)
+        return self._new("matmul", _op_name(label), [a.name, b.name], attrs, {}, out)
+
+    def softmax(self, t: Value, groups: int, out: TensorCodes, label: str) -> Value:
+        """Softmax over the channels in ``groups`` heads (numerics.softmax_codes)."""
+        c = self._narrow(t, "softmax", label)
+        k = softmax_constants(c.scale, c.qmax, out.scale)
+        attrs = SoftmaxAttrs(groups=int(groups), mult=k.r, frac=k.k, z_out=out.zero_point, lo=0, hi=out.qmax,
+                             layer=label)
+        return self._new("softmax", _op_name(label), [t.name], attrs, {"exp": k.table}, out)
+
+    def constant(self, batch_of: Value, codes: np.ndarray, out: TensorCodes, label: str) -> Value:
+        """A constant map of ``codes`` (uint8 [C, H, W]) for every sample of ``batch_of``."""
+        return self._new("constant", _op_name(label), [batch_of.name], ConstantAttrs(layer=label),
+                         {"codes": np.asarray(codes, np.uint8)}, out)
+
+    def reshape(self, t: Value, shape: tuple[int, int, int], label: str) -> Value:
+        """Each channel's positions re-laid row-major as ``shape`` (C, H', W')."""
+        return self._new("reshape", "reshape", [t.name], ReshapeAttrs(shape=tuple(int(d) for d in shape)), {},
+                         t.codes)
+
+    def crop(self, t: Value, box: tuple[int, int, int, int], label: str) -> Value:
+        """The positions [top, top + height) × [left, left + width) of every channel."""
+        top, left, height, width = (int(v) for v in box)
+        return self._new("crop", "crop", [t.name], CropAttrs(top=top, left=left, height=height, width=width), {},
+                         t.codes)
 
     @staticmethod
     def _narrow(t: Value, what: str, label: str) -> TensorCodes:

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"rescale each to its own (default {d.cat_quant}; bench/results/cat_quant.md)")
     c.add_argument("--lam", type=float, default=None, help="regulariser weight λ_r = λ_g (default 0.01)")
     c.add_argument("--first-last-bits", type=int, default=d.first_last_bits, choices=WEIGHT_BITS)
+    c.add_argument("--attn-bits", type=int, default=None, choices=ACT_BITS[:-1],
+                   help="codes of attention's Q, K, V, scores, probabilities and context (default: --abits)")
     c.add_argument("--eval-data", help="labelled data for top-1 (default: the built-in test split)")
     c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     c.add_argument("--device", default=d.device, help="where to calibrate: auto (CUDA when available, "
@@ -254,7 +256,7 @@ def _calibrate(args) -> int:
                       iters=args.iters, batch=args.batch, samples=args.samples, seed=args.seed,
                       gammas=tuple(gammas), tile=args.tile, lam=args.lam, group_prob=args.group_prob,
                       cat_quant=args.cat_quant,
-                      first_last_bits=args.first_last_bits, progress=not args.quiet,
+                      first_last_bits=args.first_last_bits, attn_bits=args.attn_bits, progress=not args.quiet,
                       device=args.device).validate()
     resolve_device(cfg.device)                        # no CUDA: one line before any work
     ckpt = checkpoint_path(out)

@@ -130,9 +130,34 @@ def _gather(L: Lowering, xs: list[Value]) -> Value:
 
 
 def _cat(L: Lowering, xs: list[Value]) -> Value:
-    if int(L.a.get("axis", 1)) != 1:
-        raise UnsupportedOpError(f"cat along axis {L.a['axis']} at {L.label} (only channels)")
-    return L.b.concat(xs, L.out_codes(), L.label)
+    return L.b.concat(xs, L.out_codes(), L.label, int(L.a.get("axis", 1)))
+
+
+def _matmul(L: Lowering, xs: list[Value]) -> Value:
+    heads = int(L.a["heads"])
+    terms = L.art.graph[L.n.inputs[0]].shape[0] // heads           # D (channels) or L (positions)
+    return L.b.matmul(xs[0], xs[1], heads, L.a["contract"], float(L.a["alpha"]), terms, L.out_codes(), L.label)
+
+
+def _softmax(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.softmax(xs[0], int(L.a["groups"]), L.out_codes(), L.label)
+
+
+def _constant(L: Lowering, xs: list[Value]) -> Value:
+    """The value's codes exactly as its quantizer rounds them (calib/quantizers: float32
+    round(v/s) + z, half to even, clamped), for every sample of the program's input."""
+    out = L.out_codes()
+    v = L.n.params["value"].detach().float()
+    codes = torch.clamp(torch.round(v / torch.tensor(out.scale, dtype=torch.float32)) + out.zero_point, 0, out.qmax)
+    return L.b.constant(L.b.input, codes.numpy().astype(np.uint8), out, L.label)
+
+
+def _reshape(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.reshape(xs[0], tuple(L.n.shape), L.label)
+
+
+def _crop(L: Lowering, xs: list[Value]) -> Value:
+    return L.b.crop(xs[0], tuple(L.a["box"]), L.label)
 
 
 def _mul(L: Lowering, xs: list[Value]) -> Value:
@@ -155,7 +180,8 @@ NODE_RULES = {**{op: _layer for op in PARAM_OPS}, "add": _add, "max_pool2d": _ma
               "adaptive_avg_pool2d": _adaptive_avg_pool, "upsample_nearest2d": _upsample("nearest"),
               "upsample_bilinear2d": _upsample("bilinear"), "global_avg_pool": _global_avg_pool,
               "flatten": _flatten, "pad": _pad, "gather": _gather, "cat": _cat, "mul": _mul,
-              "elementwise": _elementwise, "relu": _elementwise, "relu6": _elementwise, "layer_norm": _layer_norm}
+              "elementwise": _elementwise, "relu": _elementwise, "relu6": _elementwise, "layer_norm": _layer_norm,
+              "matmul": _matmul, "softmax": _softmax, "constant": _constant, "reshape": _reshape, "crop": _crop}
 
 
 def _float_fn(n: Node):

@@ -52,7 +52,9 @@ def layer_agreement(art: WapsArtifact, x: np.ndarray) -> list[LayerAgreement]:
         if n is g.input or n.name not in art.quant:      # only quantization points are compared
             continue
         op = program[values[n.name].name]
-        ins = [to_codes(env[i], values[i].codes).astype(program.dtype_of(values[i].name)) for i in n.inputs]
+        sources = n.inputs or [g.input.name]           # a constant reads only the input's batch size
+        ins = [np.broadcast_to(to_codes(env[i], values[i].codes), (len(x), *env[i].shape[1:]))   # constants: batch 1
+               .astype(program.dtype_of(values[i].name)) for i in sources]
         got = reference.OPS[op.kind](op, *ins).astype(np.int64)
         want = to_codes(env[n.name], values[n.name].codes)
         diff = np.abs(got - want)
