@@ -4,6 +4,7 @@
 import ctypes
 import functools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -39,6 +40,10 @@ void t_isqrt(const int64_t *v, int count, int64_t *out) {
 void t_layer_norm_code(const int64_t *y, const int64_t *d, const int32_t *g, const int32_t *b, int count, int p, int k,
                        int32_t z_out, int32_t lo, int32_t hi, int64_t *out) {
   for (int i = 0; i < count; ++i) out[i] = waps_layer_norm_code(y[i], d[i], g[i], b[i], p, k, z_out, lo, hi);
+}
+void t_softmax_code(const int64_t *e, const int64_t *total, int count, int64_t mult, int k, int32_t z_out, int32_t lo,
+                    int32_t hi, int64_t *out) {
+  for (int i = 0; i < count; ++i) out[i] = waps_softmax_code(e[i], total[i], mult, k, z_out, lo, hi);
 }
 void t_table(const uint8_t *table, const uint8_t *codes, int count, uint8_t *out) {
   for (int i = 0; i < count; ++i) out[i] = waps_table(table, codes[i]);
@@ -269,6 +274,29 @@ def test_layer_norm_code_numpy_tir_c(clib, p, k, data):
                      name="out")
     np.testing.assert_array_equal(_run_tir(te.create_prim_func([Y, D, G, B, out]), y, d, g, b, out_dtype="int64"),
                                   want)
+
+
+@settings(max_examples=15, deadline=None)
+@given(k=st.integers(0, 24), r_bits=st.integers(0, 39), data=st.data())
+def test_softmax_code_numpy_tir_c(clib, k, r_bits, data):
+    """The softmax's rounded quotient clamp(round_half_up(e·r / (S·2^k)) + z_out) in NumPy, C and
+    TIR against exact rationals: ties, e = S (one key), e = 0 and products near 2^60."""
+    r = data.draw(st.integers(1, 1 << r_bits))
+    e = np.array(data.draw(st.lists(st.integers(0, 1 << nx.EXP_BITS), min_size=COUNT, max_size=COUNT)), np.int64)
+    total = e + np.array(data.draw(st.lists(st.integers(1, 2**30), min_size=COUNT, max_size=COUNT)), np.int64)
+    e[0], total[0] = 1, 2 * r                               # e·r / (S·2^k) = 2^-(k+1): a tie when k = 0
+    e[1], total[1] = 1 << nx.EXP_BITS, 1 << nx.EXP_BITS     # one key: the probability 1
+    e[2] = 0
+    want = np.array([math.floor(Fraction(int(a) * r, int(b) << k) + Fraction(1, 2)) for a, b in zip(e, total)],
+                    np.int64)
+    want = np.clip(want + 3, 0, 255)
+    np.testing.assert_array_equal(np.clip(nx.round_div(e * r, total << k) + 3, 0, 255), want)
+    got_c = np.zeros(COUNT, np.int64)
+    clib.t_softmax_code(_p(e), _p(total), COUNT, ctypes.c_int64(r), k, 3, 0, 255, _p(got_c))
+    np.testing.assert_array_equal(got_c, want)
+    E, S = te.placeholder((COUNT,), "int64", "e"), te.placeholder((COUNT,), "int64", "s")
+    out = te.compute((COUNT,), lambda i: nt.softmax_code(E[i], S[i], r, k, 3, 0, 255, "int64"), name="out")
+    np.testing.assert_array_equal(_run_tir(te.create_prim_func([E, S, out]), e, total, out_dtype="int64"), want)
 
 
 def _layer_norm_code(y: int, d: int, g: int, b: int, p: int, k: int) -> int:
