@@ -1,10 +1,12 @@
 """Program → one C99 translation unit over waps_kernels.h (no TVM inside).
 
 The unit defines
-    int waps_model_run(const float *input, float *output, void *codes);
-for the program's fixed input shape: ``input`` float32 NCHW, ``output`` the dequantized
-float32 result, ``codes`` the output codes (uint8, or int32 after pooling). Parameters are
-static const arrays; activations live in static buffers (one per op). Returns 0.
+    #define WAPS_MODEL_OUTPUTS K
+    int waps_model_run(const float *input, float *const outputs[], void *const codes[]);
+for the program's fixed input shape: ``input`` float32 NCHW; for each of the program's K
+results in order (Program.results), ``outputs[i]`` receives its dequantized float32 values
+and ``codes[i]`` its codes (uint8, or int32 after pooling). Parameters are static const
+arrays; activations live in static buffers (one per op). Returns 0.
 """
 from __future__ import annotations
 
@@ -37,11 +39,8 @@ def _array(name: str, arr: np.ndarray) -> str:
 
 
 def emit_c(program: Program) -> str:
-    """The standalone C unit ``waps_model_run(input, output, codes)`` of a single-output program
-    (a program with several outputs compiles through TVM: --target c)."""
-    if len(program.results) != 1:
-        from relay_passes.quantize import CompileError
-        raise CompileError(f"the standalone C unit returns one output; this program has {len(program.results)}")
+    """The standalone C unit ``waps_model_run(input, outputs, codes)`` of ``program`` (module
+    docstring): one output and one codes pointer per result."""
     if any(not o.shape for o in program.ops):
         from relay_passes.program import emit
         emit(program)
@@ -61,10 +60,11 @@ def emit_c(program: Program) -> str:
             lines.append(_array(f"{v}_sigma", np.array([s.sigma for s in op.group_scales], np.int8)))
             lines.append(_array(f"{v}_n", np.array([s.n for s in op.group_scales], np.int8)))
         body.append(_call(op, v, program, buf))
-    codes = program[program.outputs[1]]
-    lines += ["", "int waps_model_run(const float *input, float *output, void *codes) {"]
+    lines += ["", f"#define WAPS_MODEL_OUTPUTS {len(program.results)}",
+              "int waps_model_run(const float *input, float *const outputs[], void *const codes[]) {"]
     lines += ["  " + b for b in body]
-    lines.append(f"  memcpy(codes, {buf[codes.name]}, sizeof({buf[codes.name]}));")
+    for i, (_, codes) in enumerate(program.results):
+        lines.append(f"  memcpy(codes[{i}], {buf[codes]}, sizeof({buf[codes]}));")
     lines += ["  return 0;", "}", ""]
     return "\n".join(lines)
 
@@ -106,7 +106,9 @@ def _quantize(s: _Site) -> str:
 
 
 def _dequantize(s: _Site) -> str:
-    return quantize_call(f"waps_dequantize_{s.suffix}", s.op.attrs, s.in_shape, s.x, "output")
+    """Written straight to ``outputs[i]``, i its place among the program's results."""
+    i = [deq for deq, _ in s.program.results].index(s.op.name)
+    return quantize_call(f"waps_dequantize_{s.suffix}", s.op.attrs, s.in_shape, s.x, f"outputs[{i}]")
 
 
 def quantize_call(fn: str, a: dict, shape, x: str, out: str) -> str:
@@ -330,15 +332,17 @@ def build_shared(program: Program, path: str | Path, cc: str = "gcc") -> Path:
     return path
 
 
-def run_shared(path: str | Path, program: Program, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Load a library from build_shared with ctypes and run it on ``x``."""
+def run_shared(path: str | Path, program: Program, x: np.ndarray) -> list[np.ndarray]:
+    """Load a library from build_shared with ctypes and run it on ``x``: the arrays of
+    ``program.outputs`` in order (dequantized float32, codes) for each result."""
     import ctypes
     lib = ctypes.CDLL(str(path))
     x = np.ascontiguousarray(x, np.float32)
-    codes_op = program[program.outputs[1]]
-    out = np.empty(codes_op.shape, np.float32)
-    codes = np.empty(codes_op.shape, codes_op.dtype)
+    arrays = [np.empty(program[name].shape, np.float32 if i % 2 == 0 else program[name].dtype)
+              for i, name in enumerate(program.outputs)]
+    pointers = [a.ctypes.data_as(ctypes.c_void_p) for a in arrays]
+    k = len(program.results)
+    outs, codes = (ctypes.c_void_p * k)(*pointers[0::2]), (ctypes.c_void_p * k)(*pointers[1::2])
     lib.waps_model_run.restype = ctypes.c_int
-    lib.waps_model_run(x.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p),
-                       codes.ctypes.data_as(ctypes.c_void_p))
-    return out, codes
+    lib.waps_model_run(x.ctypes.data_as(ctypes.c_void_p), outs, codes)
+    return arrays

@@ -76,6 +76,22 @@ def test_every_output_bit_exact_on_every_backend_and_near_fake_quant(pyramid):
     _exact_everywhere_and_near_fake_quant(pyramid, 2)
 
 
+def test_standalone_c_unit_returns_every_output(pyramid, tmp_path):
+    """The C unit (no TVM inside) writes one dequantized array and one codes array per output,
+    equal to the reference's."""
+    from codegen.c.emit import build_shared, emit_c, run_shared
+    from relay_passes import reference
+    from waps_tvm.compiler import lower_artifact
+    prog = lower_artifact(pyramid, 2, "split").program
+    assert "#define WAPS_MODEL_OUTPUTS 4" in emit_c(prog)
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype("float32")
+    got = run_shared(build_shared(prog, tmp_path / "pyramid.so"), prog, x)
+    want = reference.run(prog, x)
+    assert len(got) == len(want) == 8
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 @pytest.mark.slow
 def test_compile_and_run_write_one_array_per_output(pyramid, tmp_path):
     artifact.save(pyramid, tmp_path / "p.waps")
