@@ -257,6 +257,35 @@ def _mul(s, a, in_shapes, params) -> NpuOp:
     return NpuOp(s + [Instr(Op.MUL), Instr(Op.END)])
 
 
+def matmul_gemm(a, in_shapes) -> tuple[int, int, int, int, int]:
+    """(N, G, K, M, P) of a matmul (relay_passes/attrs.MatmulAttrs): per sample and head an
+    [M × K]·[K × P] product, K the contracted size (D channels or L positions), M the outputs
+    per head (L or D), P = Ha·Wa the positions of a."""
+    (n, _, *sa), (_, cb, *sb) = in_shapes
+    g = a.heads
+    p, l = int(np.prod(sa)), int(np.prod(sb))
+    d = cb // g
+    return (n, g, d, l, p) if a.contract == "channels" else (n, g, l, d, p)
+
+
+def _matmul(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    """MATMUL: each head's GEMM on the array, its stationary tiles read from b in the activation
+    SRAM (targets/npu16/npu16_sim.h npu16_matmul), positions striped (memory.matmul_plan)."""
+    if any(d != "uint8" for d in in_dtypes):
+        raise NotOnNpu("matmul of int32 codes: the array takes uint8 codes")
+    n, g, k, m, p = matmul_gemm(a, in_shapes)
+    try:
+        plan = memory.matmul_plan(k=k, m=m, positions=p, npu=npu)
+    except memory.SramTooSmall as e:
+        raise NotOnNpu(str(e)) from None
+    s = machine_registers(npu)
+    s += _regs({Reg.N: n, Reg.CONV_GROUPS: g, Reg.C: k, Reg.M: m, Reg.INNER: p,
+                Reg.MM_POSITIONS: int(a.contract == "positions"), Reg.Z_IN: a.za, Reg.ZB: a.zb,
+                Reg.MULT: a.mult, Reg.SHIFT: a.shift, Reg.STRIPE_ROWS: plan.rows, **_clamp_regs(a)})
+    return NpuOp(s + [Instr(Op.MATMUL), Instr(Op.END)], sram_in=plan.act_in_sram,
+                 sram_out=plan.act_sram - plan.act_in_sram)
+
+
 # kind → its lowering (every kind of relay_passes/opset.py): an NpuOp, or NotOnNpu saying why it stays on the host
 LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "quantize": _host("float arithmetic: npu16 is integer-only"),
@@ -264,9 +293,7 @@ LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
     "layer_norm": _host("layer norm: a per-position square root and division, not in the npu16 ISA"),
     "softmax": _host("softmax: a per-position division by the sum of exponentials, not in the npu16 ISA"),
-    "matmul": _host("matmul of two activations: the MAC array's stationary operand is int8 weight tiles fetched "
-                    "by DMA from constants (CONV), and b − zb of uint8 codes needs 9 bits; no command loads a runtime "
-                    "activation into the array"),
+    "matmul": _matmul,
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),
     **{k: _epilogue(k, unit) for k, unit in {"pad": _pad, "avg_pool2d": _avg_pool2d, "concat": _concat,

@@ -52,6 +52,16 @@ per value: params.NPU16.unit_cycles), a gather only through DMA. The ops of issu
                 gathers each output code (one byte in per output), no epilogue; bilinear: the
                 two source rows of each output row (2·W bytes per row and plane) in, five
                 epilogue values per output (four weighted taps, one requant)
+A matmul (``matmul_cost``: attention's Q·Kᵀ and probs·V, the MATMUL command) is per sample and
+head g an [M × K]·[K × P] GEMM on the array, like a 1×1 conv of G groups whose weights come
+from the second operand (IT = ⌈K/T⌉, OT = ⌈M/T⌉):
+    MACs        n·G·P·M·K
+    compute     n·G·P·⌈OT/A⌉·IT array steps of the lead array (n·G·P·OT·IT steps in all)
+    epilogue    n·G·P·Σ_ot ⌈valid outputs/epilogue_width⌉ (the zero-point term and requant)
+    dma         a (n·G·K·P), b (n·G·K·M, once per head, from the activation SRAM into the
+                array's tiles: no weight port) and the output (n·G·M·P), each once, at
+                dma_bytes_per_cycle; stripes of R positions (memory.matmul_plan)
+    total       as a layer: max(compute, dma, epilogue), or dma + max(compute, epilogue)
 """
 from __future__ import annotations
 
@@ -306,6 +316,21 @@ def resize_cost(name: str, planes: int, w: int, oh: int, ow: int, bilinear: bool
     outs = planes * oh * ow
     bytes_in = planes * oh * 2 * w if bilinear else outs
     return _unit_cost(name, bytes_in, outs, 5 * outs if bilinear else 0, npu, weights=4 * 3 * (oh + ow))
+
+
+def matmul_cost(name: str, n: int, heads: int, k: int, m: int, positions: int, npu: NPU16) -> LayerCost:
+    """A matmul of ``heads`` [m × k]·[k × positions] GEMMs per sample (codegen/npu16/lower.matmul_gemm)."""
+    t, g, p = npu.tile, heads, positions
+    ot, it = _ceil(m, t), _ceil(k, t)
+    plan = memory.matmul_plan(k=k, m=m, positions=p, npu=npu)
+    macs = n * g * p * m * k
+    b = {"weights": 0, "input": n * g * k * (p + m), "output": n * g * m * p}
+    epi = n * g * p * sum(_ceil(min(t, m - o * t), npu.epilogue_width) for o in range(ot))
+    return LayerCost(name, macs, 2 * macs, 0, 0, 0, n * g * p * _ceil(ot, npu.arrays) * it, 0,
+                     memory.dma_cycles(0, b["input"] + b["output"], npu), epi, b, array_steps=n * g * p * ot * it,
+                     epilogue_values=n * g * m * p, stripes=n * g * plan.stripes, overlap=npu.double_buffer,
+                     sram={"weights": 0, "activations": plan.act_sram},
+                     act_split=(plan.act_in_sram, plan.act_sram - plan.act_in_sram))
 
 
 def tile_aligned_sizes(c: int, g: int, tile: int) -> tuple[int, ...]:

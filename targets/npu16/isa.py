@@ -18,7 +18,12 @@ through the epilogue into its channel range; one command per input), LUT (the ep
 lookup unit, table loaded by DMA), MUL (epilogue elementwise product, b optionally
 broadcast over H·W), RESIZE (nearest: the DMA gathers each output code by the row/column
 table, no epilogue; bilinear: the DMA fetches the two source rows of each output row and the
-epilogue weighs four taps and requantizes, FRAC = weight bits), END.
+epilogue weighs four taps and requantizes, FRAC = weight bits), MATMUL (a product of two
+activations, attention's Q·Kᵀ and probs·V: per head a GEMM whose stationary T×T tiles the
+array loads from the second operand, held in the activation SRAM, as int8 b − 128; the first
+operand streams through the rows as a − za like CONV's input, a row-sum adder beside the
+array gives Σ(a − za) per position, and the epilogue adds (128 − zb)·Σ(a − za) before the
+scalar requant), END.
 
 Every stream starts by writing the machine registers (TILE, ARRAYS, DMA_BPC, EPI_LANES,
 WAPS_*) from the target parameters (params.NPU16), so one simulator runs any config.
@@ -48,6 +53,7 @@ class Op(IntEnum):
     LUT = 11
     MUL = 12
     RESIZE = 13
+    MATMUL = 14
 
 
 MAX_GROUPS = 8           # WAPS groups the D1/D2 datapath holds (σ/n/tile registers per group)
@@ -124,6 +130,8 @@ class Reg(IntEnum):
     KEEP_IN = 90          # cascading (codegen/npu16/cascade.py): bit i = input i is already in the
                           # activation SRAM (a chain's kept intermediate): no DMA, its bytes count as saved
     KEEP_OUT = 91         # 1 = the output stays in the activation SRAM for the next op of the chain
+    MM_POSITIONS = 92     # matmul: 0 = contract channels (b's [K = D, L] as stored), 1 = contract
+                          # positions (b's [D, L] read transposed: rows j < L = K, columns d)
 
 
 NREGS = 128

@@ -32,6 +32,12 @@ stride-2 1×1 conv of an even H, are not fetched) and a striped one re-reads its
 A layer for which one output row of one tile, or one tile's weights, does not fit is not
 run on the NPU (``SramTooSmall``).
 
+A matmul (``matmul_plan``) runs per sample and head: the head's stationary operand (b's K×M
+codes, read into the array's tiles) stays in the activation buffer while stripes of R positions
+of a (K codes each) come in and their outputs (M codes each) go out, R = the largest ≤ P with
+K·M + R·(K + M) ≤ usable; every byte crosses the DMA once, so only the stripe count and the
+SRAM peak depend on R.
+
 Cascading (``keeps``; chains of codegen/npu16/cascade.py): the intermediate between two ops
 of a chain stays in the activation buffer, instead of a DMA store and load through host
 memory, when the whole activation buffer (both halves) holds it next to what each op still
@@ -131,6 +137,25 @@ def plan(*, h: int, oh: int, ow: int, kh: int, sh: int, ph: int, dh: int, in_row
     def cycles(p: StripePlan) -> int:              # one sample's weights and input (output is the same)
         return dma_cycles(weight_bytes * p.weight_fetches(1), in_bytes * p.input_fetches(), npu)
     return weights_first if cycles(weights_first) < cycles(rows_first) else rows_first
+
+
+@dataclass(frozen=True)
+class MatmulPlan:
+    rows: int            # R: positions per stripe
+    stripes: int         # ⌈P / R⌉ per sample and head
+    act_sram: int        # peak bytes of the activation buffer (both halves when double-buffered)
+    act_in_sram: int     # of it: the stationary operand and the stripe's a codes
+
+
+def matmul_plan(*, k: int, m: int, positions: int, npu: NPU16) -> MatmulPlan:
+    """The stripes of one head's [M × K]·[K × P] product of a matmul (uint8 codes)."""
+    cap = usable_bytes(npu.sram_act_kib, npu)
+    if k * m + k + m > cap:
+        raise SramTooSmall(f"one head's stationary operand and one position ({k * m + k + m} B) exceed the usable "
+                           f"activation SRAM ({cap} B)")
+    r = max(1, min(positions, (cap - k * m) // (k + m)))
+    halves = 2 if npu.double_buffer else 1
+    return MatmulPlan(r, -(-positions // r), (k * m + r * (k + m)) * halves, (k * m + r * k) * halves)
 
 
 def in_rows(r: int, h: int, kh: int, sh: int, dh: int) -> int:

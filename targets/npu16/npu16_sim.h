@@ -11,7 +11,9 @@
  * groups are merged (appendix B: an empty group has no switch and costs nothing); the
  * epilogue adds the bias, requantizes (int64, round half up) and clamps, EPI_LANES values
  * per cycle. A conv runs in the stripes of targets/npu16/memory.py (STRIPE_ROWS output rows,
- * STRIPE_TILES output tiles), and the DMA counters count what each stripe fetches.
+ * STRIPE_TILES output tiles), and the DMA counters count what each stripe fetches. MATMUL
+ * (attention) runs per head a GEMM on the same array whose stationary tiles come from the
+ * second activation (npu16_matmul).
  * Every rounding, shift and requantization is a primitive of
  * targets/waps_numeric.h, the C definition the C kernels share.
  *
@@ -261,6 +263,66 @@ static int npu16_dwconv(const int64_t *r, const npu16_bufs *b, npu16_counters *c
   return 0;
 }
 
+/* MATMUL: a [N, G·K, P] times the stationary operand b (per head g a K × M matrix: b's
+ * [N, G·K, M] as stored when contracting channels, its [N, G·M, K] read transposed when
+ * MM_POSITIONS) into out [N, G·M, P]; per sample and head one GEMM tiled like a 1×1 CONV:
+ * output tile ot of T columns, position p, input tile it of T rows per array step. The array
+ * loads each T×T tile from b in the activation SRAM as int8 b − 128 (the top bit flipped), the
+ * rows take a − za (ZIN) as CONV's input does, and a row-sum adder beside the array gives
+ * S = Σ_k (a − za) per position, so that Σ (a − za)·(b − zb) = D1 + (128 − zb)·S exactly; the
+ * epilogue adds that term and requantizes with the scalar MULT/SHIFT. DMA: the head's K·M codes
+ * of b once (input 1), then stripes of STRIPE_ROWS positions: their K·R codes of a in (input 0),
+ * M·R outputs out (targets/npu16/memory.py matmul_plan). */
+static int npu16_matmul(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int N = (int)r[R_N], G = (int)r[R_G], K = (int)r[R_C], M = (int)r[R_M], P = (int)r[R_INNER];
+  int T = (int)r[R_TILE], A = (int)r[R_ARRAYS], lanes = (int)r[R_EPI_LANES], R = (int)r[R_STRIPE_ROWS];
+  int transposed = (int)r[R_MM_POSITIONS];
+  int32_t za = (int32_t)r[R_ZIN], mult = (int32_t)r[R_MULT], shift = (int32_t)r[R_SHIFT];
+  int64_t corr = 128 - r[R_ZB];
+  if (T < 1 || T > NPU16_MAX_TILE || A < 1 || lanes < 1 || G < 1 || R < 1) return -1;
+  int OT = (int)npu16_cdiv(M, T), IT = (int)npu16_cdiv(K, T);
+  for (int n = 0; n < N; ++n)
+    for (int g = 0; g < G; ++g) {
+      size_t head = (size_t)n * G + g;
+      const uint8_t *a = (const uint8_t *)b->x + head * K * P, *w = (const uint8_t *)b->x2 + head * K * M;
+      uint8_t *out = (uint8_t *)b->out + head * M * P;
+      npu16_dma_in(r, c, 1, (int64_t)K * M);           /* the stationary operand, once per head */
+      for (int p0 = 0; p0 < P; p0 += R) {
+        int p1 = p0 + R < P ? p0 + R : P;
+        npu16_dma_in(r, c, 0, (int64_t)K * (p1 - p0));
+        c->stripes += 1;
+        for (int ot = 0; ot < OT; ++ot) {
+          int valid = M - ot * T < T ? M - ot * T : T, lead = ot % A == 0;
+          for (int p = p0; p < p1; ++p) {
+            int32_t d1[NPU16_MAX_TILE] = {0}, sum = 0;
+            for (int it = 0; it < IT; ++it) {
+              c->array_steps += 1;
+              c->compute_cycles += lead;
+              for (int i = 0; i < T; ++i) {
+                int k = it * T + i;
+                if (k >= K) continue;                    /* a padding row */
+                int32_t xv = (int32_t)a[(size_t)k * P + p] - za;
+                sum += xv;
+                for (int j = 0; j < valid; ++j) {
+                  int o = ot * T + j;
+                  int8_t wv = (int8_t)(w[transposed ? (size_t)o * K + k : (size_t)k * M + o] ^ 0x80);
+                  d1[j] += (int32_t)wv * xv;
+                }
+                c->macs += valid;
+              }
+            }
+            for (int j = 0; j < valid; ++j)
+              out[(size_t)(ot * T + j) * P + p] = npu16_requant((int64_t)d1[j] + corr * sum, mult, shift, r);
+            c->epilogue_values += valid;
+            c->epilogue_cycles += npu16_cdiv(valid, lanes);
+          }
+        }
+        npu16_dma_out(r, c, (int64_t)M * (p1 - p0));
+      }
+    }
+  return 0;
+}
+
 /* ADD: a and b of COUNT codes; with B_BCAST, a is [N, C, INNER] and b [N, C or 1, INNER or 1]
  * (B_C, B_INNER), uint8 or int32 (B_WIDE) codes, read once by the DMA and reused. */
 static void npu16_add(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
@@ -501,6 +563,7 @@ static int npu16_execute(const uint32_t *prog, const npu16_bufs *b, npu16_counte
       case NPU16_LUT: rc = npu16_lut(r, b, &d); break;
       case NPU16_MUL: npu16_mul(r, b, &d); break;
       case NPU16_RESIZE: rc = npu16_resize(r, b, &d); break;
+      case NPU16_MATMUL: rc = npu16_matmul(r, b, &d); break;
       default: return -1;
     }
     if (rc) return rc;

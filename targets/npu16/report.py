@@ -15,7 +15,7 @@ import numpy as np
 
 from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
-                                lut_cost, mul_cost, pad_cost, pool_cost, resize_cost)
+                                lut_cost, matmul_cost, mul_cost, pad_cost, pool_cost, resize_cost)
 from targets.npu16.first_layer import runs_im2col
 from targets.npu16.params import NPU16
 
@@ -109,7 +109,8 @@ def _layer_query_cost(npu: NPU16, **args) -> LayerCost:
 # a query's ``fn`` → its cost function (keyword arguments: the query's args and ``npu``)
 COSTS: dict[str, Callable[..., LayerCost]] = {
     "layer": _layer_query_cost, "add": add_cost, "pool": pool_cost, "gather": gather_cost, "pad": pad_cost,
-    "avg_pool": avg_pool_cost, "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost}
+    "avg_pool": avg_pool_cost, "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost,
+    "matmul": matmul_cost}
 
 
 def query(program, op, npu: NPU16, keep: dict | None = None) -> CostQuery:
@@ -192,6 +193,13 @@ def _resize(program, op, in_shape, in_dtype, npu) -> CostQuery:
                                 "bilinear": bool(op.attrs.frac > 0)})
 
 
+def _matmul(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    """Lowered as one MATMUL command (codegen/npu16/lower._matmul)."""
+    from codegen.npu16.lower import matmul_gemm
+    n, g, k, m, p = matmul_gemm(op.attrs, [in_shape, program.shape_of(op.inputs[1])])
+    return CostQuery("matmul", {"name": op.name, "n": n, "heads": g, "k": k, "m": m, "positions": p})
+
+
 def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
     """Lowered as a nearest RESIZE over the box (codegen/npu16/lower._crop)."""
     return CostQuery("resize", {"name": op.name, "planes": int(in_shape[0] * in_shape[1]), "w": int(in_shape[3]),
@@ -200,7 +208,7 @@ def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
 
 # kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., CostQuery]] = {
-    "matmul": _host,
+    "matmul": _matmul,
     "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _host, "softmax": _host, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
     "concat": _concat, "table": _table, "mul": _mul, "resize": _resize,
@@ -240,7 +248,7 @@ def cost_row(q: CostQuery, npu: NPU16, counted: dict | None = None, plain: CostQ
     est = q.cost(npu)
     cnt = counted if counted is not None else est.counters()
     alone = CostQuery(q.fn, q.args).cost(npu) if q.keep else est      # the op as its own partition
-    if q.fn == "layer":
+    if q.fn in ("layer", "matmul"):
         int_ops = 2 * cnt["macs"] + cnt["shifts"] + cnt["adds"]
         groups = list(q.args.get("group_sizes") or [])
     else:

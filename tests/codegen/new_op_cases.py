@@ -1,5 +1,5 @@
 """Random small programs around one op of the new kinds (pad, dilated max_pool2d, avg_pool2d,
-concat, table, mul, resize), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
+concat, table, mul, resize, matmul), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
 zero 0, so integer inputs are their own codes) → helper ops making the op's inputs (gathers,
 a global max pool for a broadcast operand) → the op → dequantize.
 
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from relay_passes.attrs import (AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, MaxPoolAttrs, MulAttrs, PadAttrs,
-                                QuantizeAttrs, ResizeAttrs)
+from relay_passes.attrs import (AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, MatmulAttrs, MaxPoolAttrs, MulAttrs,
+                                PadAttrs, QuantizeAttrs, ResizeAttrs)
 from relay_passes.program import INPUT, Op, Program
 
-KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize")
+KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize", "matmul")
 
 
 def _clamp_range(rng) -> tuple[int, int]:
@@ -129,6 +129,25 @@ def case(kind: str, seed: int):
         shape = (n, c, h, w)
         ops = [Op("resize", "op", ["q"], attrs, {k: v.astype(np.int32) for k, v in params.items()},
                   shape=(n, c, oh, ow))]
+    elif kind == "matmul":
+        # heads of K and M up to 3·16: several input and output tiles of the array, partial last ones
+        g, contract = int(rng.integers(1, 4)), str(rng.choice(["channels", "positions"]))
+        h, w = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        kh, kw = int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1))
+        hb, wb = h // kh, w // kw
+        d, l = int(rng.integers(1, 41)), hb * wb
+        k = d if contract == "channels" else l
+        shape = (n, 5, h, w)
+        bs = _gather("bs", "q", rng.integers(0, 5, g * d), shape)
+        b = Op("max_pool2d", "b", ["bs"], MaxPoolAttrs(kernel=[kh, kw], stride=[kh, kw], padding=[0, 0]),
+               shape=(n, g * d, hb, wb))
+        a = _gather("a", "q", rng.integers(0, 5, g * k), shape)
+        lo, hi = _clamp_range(rng)
+        attrs = MatmulAttrs(heads=g, contract=contract, za=int(rng.integers(0, 256)), zb=int(rng.integers(0, 256)),
+                            mult=_mult(rng), shift=int(6 + np.log2(k) / 2 + rng.integers(0, 3)),
+                            z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
+        m = l if contract == "channels" else d
+        ops = [bs, b, a, Op("matmul", "op", ["a", "b"], attrs, shape=(n, g * m, h, w))]
     else:
         raise ValueError(kind)
     x = rng.integers(0, qmax + 1, shape).astype(np.float32)

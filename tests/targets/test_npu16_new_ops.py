@@ -123,3 +123,31 @@ def test_units_with_their_own_throughput(simulator):
     for npu, want in ((NPU16(epilogue_width=8), -(-values // 8)), (NPU16(add_cycles_per_value=0.75), -(-values * 3 // 4))):
         _, counted = simulate(simulator, prog, op, env, npu)
         assert counted["epilogue_cycles"] == want == estimate(prog, op, npu).epilogue_cycles
+
+
+def test_matmul_tiles_and_stripes(simulator):
+    """MATMUL over heads whose K and M span several tiles (partial last ones), on 8- and 16-wide
+    arrays and a 1 KiB activation SRAM (512 B usable, double-buffered) that holds a head's
+    stationary operand and only a few positions: bit-exact, several stripes per head, MACs and
+    array steps of G GEMMs, and every counter equal to the estimator."""
+    from codegen.npu16.lower import matmul_gemm
+    striped = multi_tile = 0
+    for seed in range(60):
+        prog, op, x = case("matmul", seed)
+        env = reference.run(prog, x, keep=True)
+        n, g, k, m, p = matmul_gemm(op.attrs, [prog.shape_of(i) for i in op.inputs])
+        for npu in (NPU16(tile=8, arrays=3), NPU16(sram_act_kib=1)):
+            if npu.sram_act_kib == 1 and k * m + k + m > 512:
+                with pytest.raises(NotOnNpu, match="activation SRAM"):
+                    lower_op(op.kind, op.attrs, [prog.shape_of(i) for i in op.inputs], ["uint8"] * 2, {}, npu)
+                continue
+            out, counted = simulate(simulator, prog, op, env, npu)
+            np.testing.assert_array_equal(out, env[op.name], err_msg=f"seed {seed}")
+            assert counted == estimate(prog, op, npu).counters()
+            t = npu.tile
+            assert counted["macs"] == n * g * p * m * k
+            assert counted["array_steps"] == n * g * p * -(-m // t) * -(-k // t)
+            assert counted["dma_weight_bytes"] == 0 and counted["dma_in_bytes"] == n * g * k * (p + m)
+            striped += counted["stripes"] > n * g
+            multi_tile += k > t and m > t
+    assert striped >= 5 and multi_tile >= 2, (striped, multi_tile)
