@@ -134,9 +134,8 @@ def _cat(L: Lowering, xs: list[Value]) -> Value:
 
 
 def _matmul(L: Lowering, xs: list[Value]) -> Value:
-    heads = int(L.a["heads"])
-    terms = L.art.graph[L.n.inputs[0]].shape[0] // heads           # D (channels) or L (positions)
-    return L.b.matmul(xs[0], xs[1], heads, L.a["contract"], float(L.a["alpha"]), terms, L.out_codes(), L.label)
+    return L.b.matmul(xs[0], xs[1], int(L.a["heads"]), L.a["contract"], float(L.a["alpha"]), L.out_codes(),
+                      L.label)
 
 
 def _softmax(L: Lowering, xs: list[Value]) -> Value:
