@@ -1,4 +1,5 @@
-"""Four small CNNs for Fashion-MNIST (input float32 N×1×28×28, normalised; output N×10 logits).
+"""Four small CNNs and a small vision transformer for Fashion-MNIST (input float32 N×1×28×28,
+normalised; output N×10 logits).
 
 All are built from the blocks WAPS-Quant must handle in real networks: torchvision-style
 residual BasicBlocks with BN and projection shortcuts, MobileNetV2 inverted residuals
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -253,6 +255,20 @@ class FashionCatNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class FashionViT(VisionTransformer):
+    """torchvision's VisionTransformer in small: 7×7 patches of the 1-channel image (16 tokens
+    and a class token), 4 pre-norm encoder layers of 4 heads, 64 wide, MLP 128 (GELU), the
+    class token's head. Only the patch embedding differs from torchvision's (1 input channel)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(image_size=28, patch_size=7, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128,
+                         num_classes=num_classes)
+        self.conv_proj = nn.Conv2d(1, self.hidden_dim, self.patch_size, stride=self.patch_size)
+        # torchvision's init of the patch embedding: truncated normal over the fan-in
+        nn.init.trunc_normal_(self.conv_proj.weight, std=(1 / (self.patch_size ** 2)) ** 0.5)
+        nn.init.zeros_(self.conv_proj.bias)
+
+
 def _init(model: nn.Module) -> None:
     """torchvision's init: Kaiming for convs, BN to identity."""
     for m in model.modules():
@@ -268,6 +284,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "fashion_mobilenetv2": FashionMobileNetV2,
     "fashion_mobilenetv3": FashionMobileNetV3,
     "fashion_catnet": FashionCatNet,
+    "fashion_vit": FashionViT,
 }
 
 

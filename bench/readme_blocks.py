@@ -17,7 +17,7 @@ from typing import Callable
 from bench.mdtables import table, tables
 
 NAMES = {"digit_recognizer": "digit-recognizer", "fashion_resnet": "FashionResNet",
-         "fashion_mobilenetv2": "FashionMobileNetV2", "fashion_mobilenetv3": "FashionMobileNetV3",
+         "fashion_mobilenetv2": "FashionMobileNetV2", "fashion_mobilenetv3": "FashionMobileNetV3", "fashion_vit": "FashionViT",
          "resnet18": "ResNet-18", "resnet50": "ResNet-50", "mobilenet_v2": "MobileNetV2",
          "regnet_x_600mf": "RegNet-600MF", "regnet_x_3_2gf": "RegNet-3.2GF", "mnasnet2_0": "MnasNet-2.0"}
 # what the accuracy table says about a model besides its name
@@ -122,6 +122,44 @@ def accuracy(results: Path) -> str:
         f"At W2A4, WAPS lowered the block reconstruction loss on {won['BRECQ'][0]} of {won['BRECQ'][1]} "
         f"blocks ({len(common.seeds)} seeds, {len(models)} models) against BRECQ and on {won['QDrop'][0]} "
         f"of {won['QDrop'][1]} against QDrop."])
+
+
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.2f}" if values else "–"
+
+
+def vit_accuracy(results: Path) -> str:
+    """FashionViT (bench/accuracy.py's PLAN_BY_MODEL) per method at its configurations: the
+    fake-quant top-1, the compiled (llvm) one and their agreement, means over its seeds."""
+    from bench.accuracy import LABEL, PAPER, PLAN_BY_MODEL
+    model = "fashion_vit"
+    data = _json(results, "accuracy.json")
+    runs = [r for r in data["runs"] if r["model"] == model]
+    configs = [c for c in PLAN_BY_MODEL[model] if any(r["config"] == c for r in runs)]
+    head, rows = ["method"], []
+    for c in configs:
+        head += [f"{c} fake-quant", f"{c} compiled", f"{c} agree"]
+    for m in LABEL:
+        cells = []
+        for c in configs:
+            mine = [r for r in runs if r["config"] == c and r["method"] == m]
+            comp = [r["compiled"] for r in mine if "compiled" in r]
+            cells += [_mean([r["top1"] * 100 for r in mine]), _mean([x["compiled_top1"] for x in comp]),
+                      _mean([x["agreement"] for x in comp]) + (" %" if comp else "")]
+        if any(v != "–" for v in cells):
+            rows.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
+    one = {(r["iters"], r["samples"], r.get("lam")) for r in runs}
+    if len(one) != 1:
+        raise ValueError(f"accuracy.json: {model} runs mix setups {sorted(one, key=str)}")
+    iters, samples, lam = one.pop()
+    seeds = sorted({r["seed"] for r in runs})
+    return "\n".join([
+        f"{_name(model)} (torchvision's VisionTransformer in small: 7×7 patches, 4 layers of 4 heads, 64 wide; "
+        f"float {data['float'][model] * 100:.2f} % on the Fashion-MNIST test set), {iters} iterations per block, "
+        f"{samples} samples, λ\u00a0=\u00a0{lam:g}, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}: top-1 % of the fake-quant model, of the compiled integer program "
+        "(llvm, TVM runtime, 10k images) and the images on which their top-1 agree:", "",
+        "| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows, "", PAPER[model]])
 
 
 # --- calibration speed (bench/calib_speed.py) ---------------------------------------------
@@ -444,6 +482,7 @@ def fpn_sqnr(results: Path) -> str:
 
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
+    Block("vit_accuracy", vit_accuracy),
     Block("calib_speed", calib_speed, inline=True),
     Block("calib_speed_gain", calib_speed_gain, inline=True),
     Block("cpu", cpu),

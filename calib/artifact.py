@@ -29,10 +29,10 @@ from calib.errors import ArtifactError
 from calib.graph import NODE_PARAMS, PARAM_OPS, QUANT_OPS, Graph, node_param_shape
 from calib.graph_check import check_node
 from calib.numerics import GroupScale, group_scale
+from calib.quantizers import CODE_BITS, FLOAT_BITS
 
 FORMAT = "waps"
 VERSION = 1
-FLOAT_BITS = 32
 
 
 @dataclass
@@ -272,7 +272,7 @@ def validate(art: WapsArtifact, where: str = "artifact") -> None:
                 raise ArtifactError(f"{where}: layer '{name}' lacks {a}")
         m = rec.w_codes.shape[0]
         lo, hi = -(2 ** (rec.wbits - 1)), 2 ** (rec.wbits - 1) - 1
-        if rec.wbits not in (2, 3, 4, 8) or rec.w_codes.min(initial=0) < lo or rec.w_codes.max(initial=0) > hi:
+        if rec.wbits not in CODE_BITS or rec.w_codes.min(initial=0) < lo or rec.w_codes.max(initial=0) > hi:
             raise ArtifactError(f"{where}: layer '{name}' weight codes outside the {rec.wbits}-bit range")
         for a in ("w_scale", "bias", "gamma_z", "phi_z"):
             v = getattr(rec, a)
@@ -292,7 +292,7 @@ def validate(art: WapsArtifact, where: str = "artifact") -> None:
                 if s.sigma not in (-1, 0, 1) or not 0 <= s.n <= 15:
                     raise ArtifactError(f"{where}: layer '{name}' group scale {s} is not 1 ± 2^-n")
     for k, q in art.quant.items():
-        if q.bits not in (2, 3, 4, 8, FLOAT_BITS):
+        if q.bits not in (*CODE_BITS, FLOAT_BITS):
             raise ArtifactError(f"{where}: tensor '{k}' has unsupported bit width {q.bits}")
         if not q.is_float and (not np.isfinite(q.scale) or q.scale <= 0 or not 0 <= q.zero_point < 2**q.bits):
             raise ArtifactError(f"{where}: tensor '{k}' has invalid scale/zero point")

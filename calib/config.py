@@ -7,11 +7,11 @@ from calib.device import check_device_name
 from calib.errors import ConfigError
 from calib.numerics import group_scale
 from calib.product_groups import GROUP_PROBS
-from calib.quantizers import FLOAT_BITS
+from calib.quantizers import CODE_BITS, FLOAT_BITS
 
 METHODS = ("rtn", "adaround", "brecq", "waps", "qdrop", "qdrop+waps")
-WEIGHT_BITS = (2, 3, 4, 8)
-ACT_BITS = (2, 3, 4, 8, FLOAT_BITS)
+WEIGHT_BITS = CODE_BITS
+ACT_BITS = (*CODE_BITS, FLOAT_BITS)
 # how a channel concatenation meets its inputs' codes (bench/results/cat_quant.md):
 # "shared": the cat and the values it joins share one quantizer, so it only moves codes;
 # "rescale": each keeps its own and the cat requantizes them to its scale (a second rounding)
@@ -99,8 +99,8 @@ class CalibConfig:
             raise ConfigError(f"--wbits {self.wbits}: weight bits must be one of {WEIGHT_BITS}")
         if self.abits not in ACT_BITS:
             raise ConfigError(f"--abits {self.abits}: activation bits must be one of {ACT_BITS}")
-        if self.first_last_bits not in WEIGHT_BITS or self.residual_bits not in (2, 3, 4, 8):
-            raise ConfigError("first/last and residual bits must be one of 2, 3, 4, 8")
+        if self.first_last_bits not in WEIGHT_BITS or self.residual_bits not in CODE_BITS:
+            raise ConfigError(f"first/last and residual bits must be one of {CODE_BITS}")
         if self.attn_bits is not None and self.attn_bits not in ACT_BITS[:-1]:
             raise ConfigError(f"--attn-bits {self.attn_bits}: attention bits must be one of {ACT_BITS[:-1]}")
         if self.iters < 0 or self.batch < 1 or self.samples < 1:

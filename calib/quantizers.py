@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 FLOAT_BITS = 32  # "A32": the tensor stays float (weight-only quantization)
+# integer code widths of weights and activations; every backend holds codes in int8/uint8
+# lanes and sums them in int32 (CheckOverflow proves each layer), so any width up to 8 works
+CODE_BITS = (2, 3, 4, 5, 6, 7, 8)
 LP_NORM = 2.4
 
 

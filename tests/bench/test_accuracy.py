@@ -61,3 +61,18 @@ def test_compiled_accuracy_agrees_with_fake_quant():
     assert got["agreement"] >= 99.0 and abs(got["compiled_top1"] - got["fakequant_top1"]) <= 1.0
     with pytest.raises(ValueError, match="multiple of the batch"):
         accuracy.compiled_accuracy(art, x[:150], y[:150], batch=100)
+
+
+def test_the_vit_runs_its_own_plan_and_the_cnns_skip_it():
+    assert accuracy.plan("fashion_vit", "W6A6") == accuracy.plan("fashion_vit", "W4A4") == accuracy.VIT_METHODS
+    assert accuracy.plan("fashion_vit", "W2A4") == [] and accuracy.plan("fashion_resnet", "W6A6") == []
+    assert accuracy.plan("fashion_resnet", "W2A4") == accuracy.METHODS
+
+
+def test_summary_sets_the_papers_vit_figure_beside_the_vit(monkeypatch, tmp_path):
+    monkeypatch.setattr(accuracy, "RESULTS", tmp_path)
+    results = {"setup": "s", "float": {"fashion_vit": 0.88},
+               "runs": [_run("fashion_vit", "W6A6", "waps", 0, 0.87, compiled=87.1)]}
+    text = accuracy.summarise(results)
+    assert "## fashion_vit" in text and accuracy.PAPER["fashion_vit"] in text
+    assert "| fashion_vit | W6A6 | BRECQ+WAPS | 0 | 87.10 | 87.00 | 99.50 % |" in text

@@ -1,12 +1,12 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from calib.quantizers import ActQuantizer, init_act_range, init_weight_scale, weight_range
+from calib.quantizers import CODE_BITS, ActQuantizer, init_act_range, init_weight_scale, weight_range
 from calib.rounding import AdaRound, BetaSchedule, binary_regulariser, nearest_codes, rectified_sigmoid
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), seed=st.integers(0, 10_000))
+@given(bits=st.sampled_from(CODE_BITS), seed=st.integers(0, 10_000))
 def test_weight_codes_round_trip(bits, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(8, 4, 3, 3, generator=g)
@@ -25,7 +25,7 @@ def test_weight_codes_round_trip(bits, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), shift=st.floats(-2, 2), seed=st.integers(0, 1000))
+@given(bits=st.sampled_from(CODE_BITS), shift=st.floats(-2, 2), seed=st.integers(0, 1000))
 def test_activation_codes_round_trip(bits, shift, seed):
     x = torch.randn(1000, generator=torch.Generator().manual_seed(seed)) + shift
     q = ActQuantizer(bits)

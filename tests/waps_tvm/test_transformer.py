@@ -153,3 +153,20 @@ def test_torchvision_vit_b_16_bit_exact_on_every_backend():
     assert_bit_exact_on_backends(art, x)
     rows = layer_agreement(art, x)
     assert rows and max(r.max_diff for r in rows) <= 1
+
+
+@pytest.mark.slow
+def test_trained_fashion_vit_at_w6a6_bit_exact_on_every_backend():
+    """bench's FashionViT (trained weights; 4 encoder layers, 17 tokens, 1-channel patches)
+    calibrated W6A6 on Fashion-MNIST images: the accuracy benchmark's transformer compiles."""
+    from bench.models import load_pretrained
+    from calib.config import CalibConfig
+    from waps_tvm import api
+    from waps_tvm.datasets import load_dataset
+    calib = load_dataset("fashion-mnist", "calib", n=16, seed=0)
+    _, art = api.quantize(load_pretrained("fashion_vit"), calib.x,
+                          CalibConfig(wbits=6, abits=6, method="waps", iters=2, batch=8, samples=16, progress=False))
+    x = calib.x[:2].numpy()
+    assert_bit_exact_on_backends(art, x)
+    rows = layer_agreement(art, x)
+    assert rows and max(r.max_diff for r in rows) <= 1
