@@ -6,7 +6,9 @@ host of an npu16 build, with the reason), its output shape, MACs, the WAPS group
 with each group's shift γ_p = 1 + σ_p·2^−n_p, the fractional accumulator bits, whether a
 gather feeds it; for npu16 builds also its npu16 cost (targets/npu16/report.py: ops and
 cycles from the simulator's counters read out of the compiled module after a run, on the
-npu16 config the build used). When the compile was given
+npu16 config the build used), and for an op the NPU cannot run its host time
+(targets/npu16/host_cost.py, on the config's host) in separate ``host`` fields, with the
+totals' NPU time, host time, their sum and the host's share. When the compile was given
 labelled data, the report also holds the compiled model's top-1, the fake-quant top-1
 and how often their predictions agree.
 
@@ -25,6 +27,8 @@ FILES = ("report.json", "report.md", "report.csv", "groups.png", "cycles.png", "
 NPU16_COLUMNS = ("macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue", "cycles", "bound", "utilisation",
                  "sram", "offchip_read", "offchip_write", "weight_bytes", "time_us", "cycles_no_groups", "counted",
                  "counters", "query", "query_no_groups", "dma_saved_bytes", "dma_saved_cycles", "cycles_saved")
+# a host op's report fields in an npu16 build (targets/npu16/host_cost.host_row)
+HOST_COLUMNS = ("ops", "divisions", "work", "read_bytes", "write_bytes", "cycles", "bound", "time_us", "note", "query")
 
 
 def build(program, placement: list[dict], target: str, npu=None, counters: dict | None = None) -> dict:
@@ -60,6 +64,8 @@ def build(program, placement: list[dict], target: str, npu=None, counters: dict 
         if "cycles" in costs.get(op.name, {}):
             c = costs[op.name]
             row["npu16"] = {k: c[k] for k in NPU16_COLUMNS}
+        if "host" in costs.get(op.name, {}):
+            row["host"] = {k: costs[op.name]["host"][k] for k in HOST_COLUMNS}
         rows.append(row)
     return {"target": target, "npu": npu, "ops": rows, "totals": _totals(rows), "accuracy": None}
 
@@ -123,13 +129,31 @@ def _totals(rows: list[dict]) -> dict:
         for c in npu:
             if "bound" in c:
                 t["bound"][c["bound"]] = t["bound"].get(c["bound"], 0) + c["cycles"]
+    if npu or any("host" in r for r in rows):
+        t.update(_time_totals(rows))
     return t
+
+
+def _time_totals(rows: list[dict]) -> dict:
+    """NPU time, host time (ops the NPU cannot run, targets/npu16/host_cost.py), their sum and
+    the host's share; host ops of a kind without a host model are counted (``host_unmodelled``)."""
+    npu_us = sum(r["npu16"].get("time_us", 0.0) for r in rows if "npu16" in r)
+    host = [r["host"] for r in rows if "host" in r]
+    host_us = sum(h["time_us"] for h in host)
+    total = npu_us + host_us
+    return {"npu_time_us": npu_us, "host_cycles": int(sum(h["cycles"] for h in host)),
+            "host_ops": int(sum(h["work"] for h in host)),
+            "host_bytes": int(sum(h["read_bytes"] + h["write_bytes"] for h in host)),
+            "host_time_us": host_us, "total_time_us": total,
+            "host_share": host_us / total if total else 0.0,
+            "host_unmodelled": [r["op"] for r in rows if r["target"] != "npu16" and "host" not in r]}
 
 
 def recost(rep: dict, npu) -> dict:
     """``rep`` (an npu16 report.json) re-costed for another machine ``npu`` (params.NPU16) from
     each op's cost query, without the compiled module: every count is the estimator's
     (``counted`` false), and an op whose smallest stripe no longer fits the SRAM is marked."""
+    from targets.npu16.host_cost import host_row
     from targets.npu16.memory import SramTooSmall
     from targets.npu16.report import CostQuery, cost_row
     if rep.get("target") != "npu16":
@@ -137,6 +161,9 @@ def recost(rep: dict, npu) -> dict:
     out = json.loads(json.dumps(rep))
     out["npu"], out["recosted_from"] = npu.to_config(), rep["npu"]
     for row in out["ops"]:
+        if h := row.get("host"):           # counts are the machine's own; cycles and time the new host's
+            row["host"] = {k: v for k, v in host_row(h["query"]["fn"], h["query"]["args"], npu.host).items()
+                           if k in HOST_COLUMNS}
         c = row.get("npu16")
         if not c:
             continue
@@ -186,7 +213,8 @@ def _vela_cells(c: dict) -> list[str]:
 
 CSV_COLUMNS = ("op", "kind", "layer", "target", "partition", "macs", "int_ops", "shift_ops", "compute", "waps", "dma", "epilogue",
                "cycles", "bound", "utilisation", "sram_weights", "sram_activations", "offchip_read", "offchip_write",
-               "weight_bytes", "time_us", "cycles_no_groups", "dma_saved_bytes", "dma_saved_cycles")
+               "weight_bytes", "time_us", "cycles_no_groups", "dma_saved_bytes", "dma_saved_cycles",
+               "host_ops", "host_bytes", "host_cycles", "host_time_us")
 
 
 def csv_text(rep: dict) -> str:
@@ -200,6 +228,9 @@ def csv_text(rep: dict) -> str:
         c = dict(r.get("npu16") or {})
         if "sram" in c:
             c["sram_weights"], c["sram_activations"] = c["sram"]["weights"], c["sram"]["activations"]
+        if h := r.get("host"):
+            c.update(host_ops=h["work"], host_bytes=h["read_bytes"] + h["write_bytes"], host_cycles=h["cycles"],
+                     host_time_us=h["time_us"])
         row = {**{k: r.get(k, "") for k in ("op", "kind", "layer", "target", "partition", "macs")}, **c}
         w.writerow([row.get(k, "") for k in CSV_COLUMNS])
     return buf.getvalue()
@@ -211,7 +242,7 @@ def markdown(rep: dict) -> str:
     head = ["op", "kind", "runs on", "shape", "MACs", "groups (channels × γ)", "L", "gather in"]
     if npu:
         head += ["int ops", "shifts", "compute", "DMA", "epilogue", "cycles", "bound", "MAC util", "SRAM w/a (KiB)",
-                 "off-chip r/w (KB)", "µs", "WAPS overhead"]
+                 "off-chip r/w (KB)", "µs", "WAPS overhead", "host cycles", "host µs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rep["ops"]:
         runs = r["target"] if not r["reason"] else f"{r['target']}: {r['reason']}"
@@ -225,6 +256,8 @@ def markdown(rep: dict) -> str:
                           f"{c['epilogue']:,}", f"{c['cycles']:,}", *_vela_cells(c), f"{ov:+.1f} %"]
             else:
                 cells += ["–"] * 12
+            h = r.get("host")
+            cells += [f"{h['cycles']:,}", f"{h['time_us']:,.2f}"] if h else ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
     t = rep["totals"]
     total = ["**total**", "", "", "", f"{t['macs']:,}", "", "", f"{t['gathers']} gathers"]
@@ -238,6 +271,7 @@ def markdown(rep: dict) -> str:
                   f"{t.get('offchip_read', 0) / 1e3:,.1f} / {t.get('offchip_write', 0) / 1e3:,.1f}",
                   f"{t['cycles'] / rep['npu']['clock_mhz']:,.1f}"]
         total.append(f"{t['waps_overhead_pct']:+.2f} %")
+        total += [f"{t['host_cycles']:,}", f"{t['host_time_us']:,.1f}"] if "host_cycles" in t else ["–", "–"]
     lines.append("| " + " | ".join(total) + " |")
     where = ", ".join(f"{k} {v}" for k, v in sorted(t["by_target"].items()))
     out = [f"# waps-tvm compile report ({rep['target']})", "",
@@ -249,6 +283,8 @@ def markdown(rep: dict) -> str:
         out += [f"npu16 ({rep['npu']['arrays']} {tile}×{tile} array(s), {clock:g} MHz): {t['cycles']:,} cycles = "
                 f"{t['cycles'] / clock:.1f} µs per batch; WAPS groups cost {t['waps_overhead_pct']:+.2f} % against "
                 f"the same layers without groups.", ""]
+        if "host_time_us" in t:
+            out += _time_lines(rep["npu"], t) + [""]
         parts = t.get("partitions") or []
         if parts:
             out += [f"Multi-op partitions (cascading): {len(parts)} chains of {sum(len(p['ops']) for p in parts)} ops "
@@ -265,6 +301,20 @@ def markdown(rep: dict) -> str:
     if npu:
         out += ["", "![npu16 cycles per op](cycles.png)"]
     return "\n".join(out) + "\n"
+
+
+def _time_lines(cfg: dict, t: dict) -> list[str]:
+    """The NPU / host / total time paragraph of an npu16 report (Vela's CPU-fallback split)."""
+    from targets.npu16.params import Host
+    host = {**vars(Host()), **(cfg.get("host") or {})}     # a report from before the host had none
+    lines = [f"Time per batch: NPU {t['npu_time_us']:,.1f} µs + host {t['host_time_us']:,.1f} µs = "
+             f"{t['total_time_us']:,.1f} µs; {100 * t['host_share']:.1f} % on the host ({host['clock_mhz']:g} MHz, "
+             f"{host['ops_per_cycle']:g} ops and {host['bytes_per_cycle']:g} B per cycle, a 64-bit division = "
+             f"{host['div_ops']} ops: {t['host_ops']:,} ops, {t['host_bytes']:,} DRAM bytes, "
+             f"{t['host_cycles']:,} cycles for the ops the NPU cannot run)."]
+    if t.get("host_unmodelled"):
+        lines += ["", f"Host ops without a host time model (not in the host total): {', '.join(t['host_unmodelled'])}."]
+    return lines
 
 
 def write(folder: str | os.PathLike, rep: dict) -> list[Path]:

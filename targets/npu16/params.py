@@ -26,6 +26,9 @@
                                             their intermediates in the activation SRAM when
                                             they fit (codegen/npu16/cascade.py); false: every
                                             op is its own partition, DMA in and out
+    host                 {"clock_mhz", "ops_per_cycle", "bytes_per_cycle", "div_ops"}: the host
+                         CPU that runs what the NPU cannot (``Host``; an omitted key keeps the
+                         default: a Cortex-A53-class core, targets/npu16/host_cost.py)
 """
 from __future__ import annotations
 
@@ -42,6 +45,39 @@ MAX_TILE = 64          # the simulator's accumulator registers (D1/D2) are sized
 
 class NpuConfigError(ConfigError, ValueError):
     """An npu16 parameter or config file is invalid (also a ValueError: the dataclass checks)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """The host CPU beside the NPU: it runs the ops the NPU cannot (placed on ``llvm`` with a
+    reason, codegen/npu16/lower.py) on tensors in the DRAM it shares with the NPU's DMA.
+    Its time for an op is a roofline, max(ops / ops_per_cycle, bytes / bytes_per_cycle) cycles
+    at ``clock_mhz`` (targets/npu16/host_cost.py has the per-kind counts).
+
+    clock_mhz        1200: a Cortex-A53 cluster as paired with a small NPU in i.MX 8M Plus-class
+                     SoCs runs at 1.2–1.8 GHz; the low end, one core
+    ops_per_cycle    1.0: scalar integer code on a dual-issue in-order core (the A53 issues at
+                     most 2 per cycle; loads, table lookups and dependent chains keep compiled
+                     scalar loops near 1); float quantize/dequantize counted the same way
+    bytes_per_cycle  4.0: 4.8 GB/s at 1.2 GHz, what one in-order core streams from LPDDR4
+                     (the DRAM itself offers more; one A53's load/store path does not)
+    div_ops          20: one 64-bit integer division (or a float64 root) counted as this many
+                     ops: an iterative, non-pipelined divider taking tens of cycles on Arm
+                     application cores (an assumption to set per board, not a measurement)
+    """
+
+    clock_mhz: float = 1200.0
+    ops_per_cycle: float = 1.0
+    bytes_per_cycle: float = 4.0
+    div_ops: int = 20
+
+    def __post_init__(self):
+        for name in ("clock_mhz", "ops_per_cycle", "bytes_per_cycle"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise NpuConfigError(f"npu16 host.{name} must be a positive number, not {v!r}")
+        if isinstance(self.div_ops, bool) or not isinstance(self.div_ops, int) or self.div_ops < 1:
+            raise NpuConfigError(f"npu16 host.div_ops must be an integer at least 1, not {self.div_ops!r}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,8 @@ class NPU16:
                        tile and pixel instead of kh·kw·⌈c/T⌉ (targets/npu16/first_layer.py)
     cascade            chains of ops run as one partition, intermediates kept in the
                        activation SRAM when they fit (codegen/npu16/cascade.py)
+    host               the host CPU that runs the ops the NPU cannot (``Host``): their time
+                       in the report, apart from the NPU's
     """
 
     arrays: int = 1
@@ -94,9 +132,14 @@ class NPU16:
     double_buffer: bool = True
     first_layer_im2col: bool = False
     cascade: bool = True
+    host: Host = Host()
 
     def __post_init__(self):
+        if not isinstance(self.host, Host):
+            raise NpuConfigError(f"npu16 host: expected Host, got {self.host!r}")
         for f in fields(self):
+            if f.name == "host":
+                continue
             v = getattr(self, f.name)
             want = {"bool": bool, "float": (int, float)}.get(f.type, int)
             if isinstance(v, bool) != (want is bool) or not isinstance(v, want):
@@ -129,7 +172,7 @@ class NPU16:
         return -(-values * q // CPV_STEPS) if q else -(-values // self.epilogue_width)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self)          # the host as a nested object
 
     def to_config(self) -> dict:
         """The JSON config that ``from_config`` reads back into this machine."""
@@ -146,7 +189,8 @@ _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulat
 UNITS = ("add", "mul", "pool", "lut")          # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
         "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col",
-        "cascade")
+        "cascade", "host")
+HOST_KEYS = tuple(f.name for f in fields(Host))
 
 
 def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
@@ -168,10 +212,18 @@ def from_config(cfg: dict, base: NPU16 | None = None) -> NPU16:
                 raise NpuConfigError('npu16 config: cycles_per_value must be an object with keys among '
                                      f'{", ".join(UNITS)}, not {json.dumps(value)}')
             changes.update({f"{k}_cycles_per_value": v for k, v in value.items()})
+        elif key == "host":
+            if not isinstance(value, dict) or set(value) - set(HOST_KEYS):
+                raise NpuConfigError('npu16 config: host must be an object with keys among '
+                                     f'{", ".join(HOST_KEYS)}, not {json.dumps(value)}')
+            changes["host"] = value
         else:
             changes[_RENAMED.get(key, key)] = value
+    base = base or DEFAULT
     try:
-        return replace(base or DEFAULT, **changes)
+        if "host" in changes:
+            changes["host"] = replace(base.host, **changes["host"])
+        return replace(base, **changes)
     except NpuConfigError as e:          # name the key as the config spells it
         msg = str(e)
         for key, name in [*_RENAMED.items(), *((f"sram_kib.{k}", v) for k, v in _SRAM.items()),

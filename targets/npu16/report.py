@@ -4,7 +4,8 @@ The counts of an op come from the simulator's counters read out of the compiled 
 after a run (targets/npu16/counters.py) when given, else from the analytical estimator
 (targets/npu16/cost.py), which tests hold equal to the counters. Each conv/linear also
 gets the estimated cycles of the same layer without WAPS groups (one group) for the
-overhead column.
+overhead column. An op the NPU cannot run (a host kind) gets its host time instead
+(targets/npu16/host_cost.py: ``host_query``), in its own ``host`` fields.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
                                 lut_cost, matmul_cost, mul_cost, pad_cost, pool_cost, resize_cost)
 from targets.npu16.first_layer import runs_im2col
+from targets.npu16.host_cost import host_row
 from targets.npu16.params import NPU16
 
 
@@ -217,8 +219,44 @@ ESTIMATES: dict[str, Callable[..., CostQuery]] = {
     "crop": _crop}
 
 
+def _itemsize(dtype: str) -> int:
+    return int(np.dtype(dtype).itemsize)
+
+
+def host_query(program, op) -> tuple[str, dict] | None:
+    """(fn, args) of host_cost.HOST_COSTS for an op of a host kind (the shapes and dtypes its
+    host time depends on); None for another kind (an op that fell back for another reason,
+    e.g. a layer that does not fit the SRAM: not modelled)."""
+    from relay_passes.program import INPUT
+    src = op.inputs[0] if op.inputs else None
+    shape = tuple(program.shape_of(src)) if src is not None else tuple(op.shape)
+    elems = int(np.prod(shape))
+    in_b = _itemsize(program.dtype_of(src)) if src is not None else 1
+    out_b = _itemsize(op.dtype)
+    if op.kind == "softmax":
+        rows = elems // (shape[1] // op.attrs.groups)
+        return "softmax", {"elems": elems, "rows": rows, "in_bytes": in_b, "out_bytes": out_b,
+                           "table_entries": int(op.params["exp"].size)}
+    if op.kind == "layer_norm":
+        return "layer_norm", {"elems": elems, "positions": elems // shape[1], "channels": int(shape[1]),
+                              "in_bytes": in_b, "out_bytes": out_b}
+    if op.kind == "quantize":
+        return "quantize", {"elems": elems, "in_bytes": in_b, "out_bytes": out_b}
+    if op.kind == "dequantize":
+        return "dequantize", {"elems": elems, "in_bytes": in_b, "out_bytes": out_b}
+    if op.kind in ("flatten", "reshape"):
+        # a reshape of the logical (NCHW) order is a view unless the input is physically NHWC
+        layout = "NCHW" if src in (None, INPUT) else program[src].schedule.layout
+        trivial = len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1
+        return "view", {"elems": elems, "elem_bytes": in_b, "contiguous": layout == "NCHW" or trivial}
+    if op.kind == "constant":
+        return "constant", {"elems": int(np.prod(op.shape)), "elem_bytes": out_b}
+    return None
+
+
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:
-    """One row per op; ``counters``: {op name: simulator counters} of the offloaded ops."""
+    """One row per op; ``counters``: {op name: simulator counters} of the offloaded ops. A host
+    op of a modelled kind gets ``host`` (host_cost.host_row on ``npu.host``)."""
     where = {p["op"]: p for p in placement}
     rows = []
     for op in program.ops:
@@ -232,6 +270,8 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
                 shape = LayerShape(**{k: _tuples(v) for k, v in q.args.items()})
                 plain = CostQuery("layer", asdict(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=())))
             row.update(cost_row(q, npu, counters[op.name] if counters is not None else None, plain))
+        elif (hq := host_query(program, op)) is not None:
+            row["host"] = host_row(*hq, npu.host)
         rows.append(row)
     return rows
 

@@ -88,6 +88,10 @@ def test_npu16_report_vela_columns_csv_roofline_and_recost(labelled, tmp_path, c
         assert c["offchip_read"] == c["counters"]["dma_in_bytes"] and c["time_us"] == c["cycles"] / 800
         # the stored query re-costs to the counted numbers on the same machine
         assert CostQuery.from_json(c["query"]).cost(NPU16()).counters() == c["counters"]
+    host = [r for r in rep["ops"] if r["target"] != "npu16"]          # quantize, dequantize, ...: host time
+    assert host and all("host" in r and "npu16" not in r for r in host)
+    t = rep["totals"]
+    assert t["host_time_us"] > 0 and t["total_time_us"] == pytest.approx(t["npu_time_us"] + t["host_time_us"])
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [r["op"] for r in rows] == [r["op"] for r in rep["ops"]]
     assert (out / "roofline.png").stat().st_size > 1000
@@ -112,6 +116,34 @@ def test_npu16_report_vela_columns_csv_roofline_and_recost(labelled, tmp_path, c
         assert not after["npu16"]["counted"]
         assert after["npu16"]["counters"] == CostQuery.from_json(before["npu16"]["query"]).cost(npu).counters()
     assert moved and moved < len(npu_rows)
+    assert again["totals"]["host_time_us"] == pytest.approx(t["host_time_us"])      # the same (default) host
     assert (out / "recost-small" / "report.csv").exists() and (out / "report.json").read_text() == json.dumps(rep, indent=1)
     assert cli.main(["report", str(out), "--out", str(tmp_path / "x")]) == 2     # --out needs --npu-config
     assert "--out goes with --npu-config" in capsys.readouterr().err
+
+
+def test_npu16_report_host_time_of_a_transformer():
+    """A timm-style ViT on npu16: its layer norms and softmax run on the host, each with host
+    cycles and time; the totals add the host's time to the NPU's and give its share."""
+    import torch
+
+    from codegen.npu16.byoc import placement
+    from tests.compile_helpers import calibrated
+    from tests.waps_tvm.test_transformer import TimmStyleViT
+    from waps_tvm import report
+    from waps_tvm.compiler import lower_artifact
+    torch.manual_seed(0)
+    art = calibrated(TimmStyleViT().eval(), (3, 16, 16), wbits=4, abits=8, iters=1, samples=8)
+    prog = lower_artifact(art, 1, "split", target="npu16").program
+    rep = report.build(prog, placement(None, prog=prog), "npu16")
+    norms = [r for r in rep["ops"] if r["kind"] in ("layer_norm", "softmax")]
+    assert {r["kind"] for r in norms} == {"layer_norm", "softmax"}
+    for r in norms:
+        assert r["target"] == "llvm" and "npu16" not in r
+        assert r["host"]["cycles"] > 0 and r["host"]["divisions"] > 0 and r["host"]["bound"] == "compute"
+    t = rep["totals"]
+    assert t["host_time_us"] >= sum(r["host"]["time_us"] for r in norms) > 0
+    assert t["total_time_us"] == pytest.approx(t["npu_time_us"] + t["host_time_us"]) and 0 < t["host_share"] < 1
+    assert t["cycles"] == sum(r["npu16"]["cycles"] for r in rep["ops"] if "npu16" in r)
+    md = report.markdown(rep)
+    assert f"host {t['host_time_us']:,.1f} µs" in md and "% on the host" in md
