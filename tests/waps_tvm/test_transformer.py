@@ -136,13 +136,14 @@ def test_bit_exact_on_every_backend_and_near_fake_quant(which, request):
     assert rows and max(r.max_diff for r in rows) <= 1
 
 
-VIT_B16_SIZE = 32          # 224 keeps the same ops with 196 tokens; 32 (4 tokens) fits CI
+# measured here (2-core machine): 92 s to calibrate, 433 s on the three backends
+VIT_B16_SIZE = 224
 
 
 @pytest.mark.slow
 def test_torchvision_vit_b_16_bit_exact_on_every_backend():
     """torchvision's ViT-B/16 (random weights, 10 classes; 12 layers, 12 heads, 768 wide) at
-    32×32: every encoder layer's attention and MLP, W4A8."""
+    224×224 (196 patches and the class token): every encoder layer's attention and MLP, W4A8."""
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(image_size=VIT_B16_SIZE, patch_size=16, num_layers=12, num_heads=12, hidden_dim=768,
