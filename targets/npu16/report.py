@@ -223,35 +223,60 @@ def _itemsize(dtype: str) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
+def _host_shape(program, op) -> tuple[str | None, tuple, int, int, int]:
+    """(source, input shape, elements, input and output bytes per element) of a host op."""
+    src = op.inputs[0] if op.inputs else None
+    shape = tuple(program.shape_of(src)) if src is not None else tuple(op.shape)
+    in_b = _itemsize(program.dtype_of(src)) if src is not None else 1
+    return src, shape, int(np.prod(shape)), in_b, _itemsize(op.dtype)
+
+
+def _host_softmax(program, op) -> tuple[str, dict]:
+    _, shape, elems, in_b, out_b = _host_shape(program, op)
+    rows = elems // (shape[1] // op.attrs.groups)
+    return "softmax", {"elems": elems, "rows": rows, "in_bytes": in_b, "out_bytes": out_b,
+                       "table_entries": int(op.params["exp"].size)}
+
+
+def _host_layer_norm(program, op) -> tuple[str, dict]:
+    _, shape, elems, in_b, out_b = _host_shape(program, op)
+    return "layer_norm", {"elems": elems, "positions": elems // shape[1], "channels": int(shape[1]),
+                          "in_bytes": in_b, "out_bytes": out_b}
+
+
+def _host_elementwise(fn: str):
+    def query(program, op) -> tuple[str, dict]:
+        _, _, elems, in_b, out_b = _host_shape(program, op)
+        return fn, {"elems": elems, "in_bytes": in_b, "out_bytes": out_b}
+    return query
+
+
+def _host_view(program, op) -> tuple[str, dict]:
+    """A reshape of the logical (NCHW) order is a view unless the input is physically NHWC."""
+    from relay_passes.program import INPUT
+    src, shape, elems, in_b, _ = _host_shape(program, op)
+    layout = "NCHW" if src in (None, INPUT) else program[src].schedule.layout
+    trivial = len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1
+    return "view", {"elems": elems, "elem_bytes": in_b, "contiguous": layout == "NCHW" or trivial}
+
+
+def _host_constant(program, op) -> tuple[str, dict]:
+    return "constant", {"elems": int(np.prod(op.shape)), "elem_bytes": _itemsize(op.dtype)}
+
+
+# host kind → its host_cost.HOST_COSTS query (codegen/npu16/lower.HOST_KINDS)
+HOST_ESTIMATES: dict[str, Callable[..., tuple[str, dict]]] = {
+    "softmax": _host_softmax, "layer_norm": _host_layer_norm, "quantize": _host_elementwise("quantize"),
+    "dequantize": _host_elementwise("dequantize"), "flatten": _host_view, "reshape": _host_view,
+    "constant": _host_constant}
+
+
 def host_query(program, op) -> tuple[str, dict] | None:
     """(fn, args) of host_cost.HOST_COSTS for an op of a host kind (the shapes and dtypes its
     host time depends on); None for another kind (an op that fell back for another reason,
     e.g. a layer that does not fit the SRAM: not modelled)."""
-    from relay_passes.program import INPUT
-    src = op.inputs[0] if op.inputs else None
-    shape = tuple(program.shape_of(src)) if src is not None else tuple(op.shape)
-    elems = int(np.prod(shape))
-    in_b = _itemsize(program.dtype_of(src)) if src is not None else 1
-    out_b = _itemsize(op.dtype)
-    if op.kind == "softmax":
-        rows = elems // (shape[1] // op.attrs.groups)
-        return "softmax", {"elems": elems, "rows": rows, "in_bytes": in_b, "out_bytes": out_b,
-                           "table_entries": int(op.params["exp"].size)}
-    if op.kind == "layer_norm":
-        return "layer_norm", {"elems": elems, "positions": elems // shape[1], "channels": int(shape[1]),
-                              "in_bytes": in_b, "out_bytes": out_b}
-    if op.kind == "quantize":
-        return "quantize", {"elems": elems, "in_bytes": in_b, "out_bytes": out_b}
-    if op.kind == "dequantize":
-        return "dequantize", {"elems": elems, "in_bytes": in_b, "out_bytes": out_b}
-    if op.kind in ("flatten", "reshape"):
-        # a reshape of the logical (NCHW) order is a view unless the input is physically NHWC
-        layout = "NCHW" if src in (None, INPUT) else program[src].schedule.layout
-        trivial = len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1
-        return "view", {"elems": elems, "elem_bytes": in_b, "contiguous": layout == "NCHW" or trivial}
-    if op.kind == "constant":
-        return "constant", {"elems": int(np.prod(op.shape)), "elem_bytes": out_b}
-    return None
+    estimate = HOST_ESTIMATES.get(op.kind)
+    return estimate(program, op) if estimate is not None else None
 
 
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:
