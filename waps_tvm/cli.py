@@ -352,9 +352,21 @@ def _compile(args) -> int:
         m = meta["npu16"]
         print(f"npu16 machine: {m['tile']}x{m['tile']} MAC array x{m['arrays']}, {m['clock_mhz']:g} MHz, DMA "
               f"{m['dma_bytes_per_cycle']} B/cycle, epilogue {m['epilogue_lanes']} lanes (in {out}/npu_config.json)")
+        _print_time_split(Path(out) / "report.json")
     if test is not None:
         _eval_compiled(out, art, spec, test, quiet=args.quiet)
     return 0
+
+
+def _print_time_split(report: Path) -> None:
+    """The npu16 report's estimated NPU time, host time and the host's share, in one line."""
+    import json
+    if not report.exists():
+        return
+    t = json.loads(report.read_text()).get("totals", {})
+    if "total_time_us" in t:
+        print(f"estimated per batch: NPU {t['npu_time_us']:,.1f} µs + host {t['host_time_us']:,.1f} µs "
+              f"({100 * t['host_share']:.1f} % on the host; {report.parent}/report.md)")
 
 
 def _calibrate_for_compile(args):

@@ -74,6 +74,7 @@ def test_readme_main_job_compiles_for_npu16_and_reports(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "compiled integer model (npu16)" in p.stdout and "npu16 runs" in p.stdout
+    assert "estimated per batch: NPU" in p.stdout and "% on the host" in p.stdout
     compiled = float(p.stdout.split("(npu16)")[1].split("%")[0])
     fake = float(p.stdout.split("fake-quant")[1].split("%")[0])
     assert compiled > 95.0 and abs(compiled - fake) <= 1.0
