@@ -33,7 +33,7 @@ from calib.group_search import GroupBudget, GroupPlan
 from calib.qmodel import QuantModel, takes_groups
 from calib.quantizers import init_act_range
 from calib.frontier import Tensors
-from calib.reconstruct import block_modules, reconstruct
+from calib.reconstruct import Speedups, block_modules, reconstruct
 from calib.spill import Spill
 
 
@@ -172,7 +172,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
                 if t % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}")
 
-            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step, spill=spill)
+            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step, spill=spill, speed=Speedups(bf16=cfg.bf16))
             bar.close()
         else:
             for layer in layers:  # groups stay off: rtn has no WAPS search

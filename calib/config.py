@@ -53,6 +53,9 @@ class CalibConfig:
     group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
+    # conv/linear products of the reconstruction loop in bfloat16 (autocast; quantizers and
+    # losses stay float32): ×1.4–1.5 per iteration on CPUs with AVX512-BF16 (bench/results/calib_speed.md)
+    bf16: bool = False
     cat_quant: str = "shared"      # CAT_QUANTS
     # float cached activations larger than this (GB) live in memory-mapped temporary files
     # (calib/spill.py; same values, pageable); None: 1/16 of RAM; 0: every float one

@@ -89,10 +89,14 @@ class QuantLayer(nn.Module):
         return g.repeat_interleave(self.unit_size) if self.unit_size > 1 else g
 
     def linear_part(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """conv2d/linear in float32; under autocast (reconstruct's bf16 lever) the product
+        runs in the reduced type and the result returns to float32 for the quantizers."""
         if self.op == "conv2d":
             a = self.attrs
-            return F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
-        return F.linear(x, w, b)
+            y = F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+        else:
+            y = F.linear(x, w, b)
+        return y.float()
 
     def preact(self, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
         """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z.
@@ -191,7 +195,7 @@ def _matmul(a: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.einsum("ngdp,ngdj->ngjp", xa, yb)                 # [N, G, L, P]
     else:
         out = torch.einsum("ngjp,ngdj->ngdp", xa, yb)                 # [N, G, D, P]
-    return (out * a["alpha"]).reshape(n, -1, *x.shape[2:])
+    return (out.float() * a["alpha"]).reshape(n, -1, *x.shape[2:])   # float32 after a bf16 autocast
 
 
 def compute(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:

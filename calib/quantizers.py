@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from calib import native
+
 FLOAT_BITS = 32  # "A32": the tensor stays float (weight-only quantization)
 # integer code widths of weights and activations; every backend holds codes in int8/uint8
 # lanes and sums them in int32 (CheckOverflow proves each layer), so any width up to 8 works
@@ -33,30 +35,53 @@ class _FakeQuant(torch.autograd.Function):
     float output and a one-byte mask."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
-        v = x / scale
-        v.round_().add_(zero_point)
-        inside = (v > 0).logical_and_(v < levels)
-        v.clamp_(0, levels).sub_(zero_point).mul_(scale)
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int,
+                use_native: bool = False) -> torch.Tensor:
+        if use_native and native.usable(x):  # the same values in one pass (calib/native)
+            v, inside = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+            native.kernels().fq_forward(x.data_ptr(), v.data_ptr(), inside.data_ptr(), x.numel(), float(scale),
+                                        float(zero_point), float(levels), native.threads())
+        else:
+            v = x / scale
+            v.round_().add_(zero_point)
+            inside = (v > 0).logical_and_(v < levels)
+            v.clamp_(0, levels).sub_(zero_point).mul_(scale)
         ctx.save_for_backward(x, v, inside, scale)
+        ctx.use_native = use_native
         return v
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, out, inside, scale = ctx.saved_tensors
-        gx = g * inside if ctx.needs_input_grad[0] else None
+        want_x, want_s = ctx.needs_input_grad[:2]
+        if ctx.use_native and native.usable(x, g, out, inside):
+            gx = torch.empty_like(x) if want_x else None
+            acc = native.kernels().fq_backward(g.data_ptr(), x.data_ptr(), out.data_ptr(), inside.data_ptr(),
+                                               gx.data_ptr() if want_x else None, x.numel(), native.threads())
+            gs = (torch.tensor(acc, dtype=scale.dtype, device=scale.device) / scale).reshape(scale.shape) if want_s else None
+            return gx, gs, None, None, None
+        gx = g * inside if want_x else None
         gs = None
-        if ctx.needs_input_grad[1]:
+        if want_s:
             e = x * inside
             torch.sub(out, e, out=e)
-            gs = torch.dot(g.reshape(-1), e.reshape(-1)).div(scale).reshape(scale.shape)
-        return gx, gs, None, None
+            gs = torch.dot(flat_view(g), flat_view(e)).div(scale).reshape(scale.shape)
+        return gx, gs, None, None, None
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int) -> torch.Tensor:
+def flat_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as a 1-D view in memory order (no copy for NCHW or NHWC layouts)."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return t.reshape(-1)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int,
+               use_native: bool = False) -> torch.Tensor:
     """Fused fake quantization with LSQ gradients (see _FakeQuant); x float32, scale and
-    zero_point 0-dim, same values as ``ActQuantizer`` unfused."""
-    return _FakeQuant.apply(x, scale, zero_point, levels)
+    zero_point 0-dim, same values as ``ActQuantizer`` unfused. ``use_native``: one-pass
+    C kernels (calib/native) where the tensors allow, else PyTorch ops."""
+    return _FakeQuant.apply(x, scale, zero_point, levels, use_native)
 
 
 def weight_range(bits: int) -> tuple[int, int]:
@@ -133,6 +158,7 @@ class ActQuantizer(nn.Module):
         self.enabled = bits < FLOAT_BITS
         self.drop_prob = 0.0
         self.fused = True  # training forward through fake_quant (same values, fewer passes)
+        self.native = False  # ... through its one-pass C kernels (reconstruct's Speedups.native)
         self.range_fixed = False
 
     @property
@@ -151,19 +177,24 @@ class ActQuantizer(nn.Module):
         round half to even. ``forward`` computes exactly this (with an STE)."""
         return ((x / self.scale).round() + self.zero_point).clamp(0, self.levels)
 
+    def clip_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lowest, highest) representable value, 0-dim and detached; None when disabled."""
+        if not self.enabled:
+            return None
+        s = self.scale.detach()
+        return -self.zero_point * s, (self.levels - self.zero_point) * s
+
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """The quantizer without its rounding: x clamped to the representable range."""
-        if not self.enabled:
-            return x
-        s = self.scale.detach()
-        return x.clamp(-self.zero_point * s, (self.levels - self.zero_point) * s)
+        bounds = self.clip_bounds()
+        return x if bounds is None else x.clamp(*bounds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         s = self.scale
         if self.fused and torch.is_grad_enabled():
-            xq = fake_quant(x, s, self.zero_point, self.levels)
+            xq = fake_quant(x, s, self.zero_point, self.levels, self.native)
         else:
             q = (round_ste(x / s) + self.zero_point).clamp(0, self.levels)
             xq = (q - self.zero_point) * s

@@ -7,6 +7,7 @@ block's quantized and float inputs elementwise and drops inside the block.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 
 from calib.blocks import Block
 from calib.config import CalibConfig
-from calib import frontier
+from calib import frontier, native
 from calib.frontier import producer_quantizer
 from calib.graph import QUANT_OPS
+from calib.quantizers import flat_view as _flat
 from calib.qmodel import QuantLayer, QuantModel, QuantOp
+from calib.quantizers import ActQuantizer
 from calib.rounding import BetaSchedule, cosine_lr
 from calib.spill import IN_MEMORY, Spill
 
@@ -31,7 +34,10 @@ class Speedups:
     plain path (bench/calib_speed.py). Defaults: all on."""
     cache_glue: bool = True     # parameter-free nodes that read only block inputs run once, not per step
     fused_quant: bool = True    # one autograd node per activation quantizer (quantizers.fake_quant)
-    fused_loss: bool = True     # squared error as one mse_loss kernel instead of four passes
+    fused_loss: bool = True     # clipped squared error as one autograd node (_ClippedSSE)
+    channels_last: bool = True  # each batch in NHWC memory order: oneDNN's fast conv layout
+    native: bool = True         # quantizer and losses through one-pass C kernels (calib/native)
+    bf16: bool = False          # conv/linear in bfloat16 (CPU autocast), outputs back in float32
 
     @classmethod
     def none(cls) -> "Speedups":
@@ -81,9 +87,87 @@ def _sse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b) ** 2).flatten(1).sum(1).mean()
 
 
-def _sse_fused(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """_sse in one kernel each way (same value up to summation order)."""
-    return F.mse_loss(a, b, reduction="sum") / a.shape[0]
+class _ClippedSSE(torch.autograd.Function):
+    """Σ (clamp(x, lo, hi) − t)² / batch as one autograd node: the value of
+    ``_sse(x.clamp(lo, hi), t)`` up to summation order, and its gradient as autograd gives
+    it, 2/batch·(clamp(x) − t)·[lo ≤ x ≤ hi] (torch's clamp passes the bounds).
+    Why: clamp with tensor bounds and mse_loss each take several full-size passes
+    backward; this keeps one difference tensor and makes the mask once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                use_native: bool = False) -> torch.Tensor:
+        ctx.use_native = use_native and native.usable(x, t)
+        if ctx.use_native:
+            d = torch.empty_like(x)
+            clip = lo is not None
+            acc = native.kernels().sse_forward(x.data_ptr(), t.data_ptr(), d.data_ptr(), x.numel(),
+                                               float(lo) if clip else 0.0, float(hi) if clip else 0.0, int(clip),
+                                               native.threads())
+            ctx.save_for_backward(x, d, lo, hi)
+            return torch.tensor(acc / x.shape[0], dtype=x.dtype, device=x.device)
+        d = torch.clamp(x, lo, hi).sub_(t) if lo is not None else x - t
+        ctx.save_for_backward(x, d, lo, hi)
+        flat = _flat(d)
+        return torch.dot(flat, flat) / x.shape[0]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, d, lo, hi = ctx.saved_tensors
+        c = g * (2.0 / x.shape[0])
+        if ctx.use_native:
+            gx = torch.empty_like(x)
+            clip = lo is not None
+            native.kernels().sse_backward(x.data_ptr(), d.data_ptr(), gx.data_ptr(), x.numel(),
+                                          float(lo) if clip else 0.0, float(hi) if clip else 0.0, int(clip),
+                                          float(c), native.threads())
+            return gx, None, None, None, None
+        gx = d.mul(c)
+        if lo is not None:
+            gx.mul_((x >= lo).logical_and_(x <= hi))
+        return gx, None, None, None, None
+
+
+class _QuantizedSSE(torch.autograd.Function):
+    """Σ (q(x) − t)² / batch with q the fake quantizer of step ``scale`` (zero point z,
+    codes 0…L), differentiated in ``scale`` only (x is detached: the LSQ term that
+    teaches an output step), in one read pass (calib/native lsq_sse). The value is that
+    of ``_sse(fake_quant(x), t)`` and the step gradient that of autograd through
+    fake_quant's LSQ backward, up to summation order."""
+
+    @staticmethod
+    def forward(ctx, scale: torch.Tensor, x: torch.Tensor, t: torch.Tensor, zero_point: torch.Tensor,
+                levels: int) -> torch.Tensor:
+        ds = ctypes.c_double()
+        acc = native.kernels().lsq_sse(x.data_ptr(), t.data_ptr(), x.numel(), float(scale), float(zero_point),
+                                       float(levels), ctypes.byref(ds), native.threads())
+        ctx.ds = ds.value / x.shape[0]
+        ctx.shape = scale.shape
+        return torch.tensor(acc / x.shape[0], dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return (g * ctx.ds).reshape(ctx.shape), None, None, None, None
+
+
+def _sse_fused(a: torch.Tensor, b: torch.Tensor, bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+               use_native: bool = False) -> torch.Tensor:
+    """_sse of ``a`` (clamped to ``bounds`` if given) in one autograd node."""
+    lo, hi = bounds if bounds is not None else (None, None)
+    return _ClippedSSE.apply(a, b.to(a.dtype), lo, hi, use_native)
+
+
+def _step_loss(q: ActQuantizer, x: torch.Tensor, t: torch.Tensor, speed: "Speedups") -> torch.Tensor:
+    """The LSQ term that teaches output quantizer ``q``'s step: sse(q(x.detach()), t)."""
+    x = x.detach()
+    if speed.native and speed.fused_loss and not (q.training and q.drop_prob > 0) and native.usable(x, t):
+        return _QuantizedSSE.apply(q.scale, x, t, q.zero_point, q.levels)
+    return (_sse_fused if speed.fused_loss else _sse)(q(x), t)
+
+
+def _nhwc(ts: Tensors) -> Tensors:
+    """4-D tensors of ``ts`` in channels-last memory order (same values and shapes)."""
+    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in ts.items()}
 
 
 def leading_glue(model: QuantModel, block: Block) -> list[str]:
@@ -149,7 +233,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     # there is nothing to fine-tune, so rounding learns for all iterations.
     for q in quantizers:
         q.fused = speed.fused_quant
-    sse = _sse_fused if speed.fused_loss else _sse
+        q.native = speed.native
     nodes = block.nodes
     lead = leading_glue(model, block) if speed.cache_glue else []
     if lead:
@@ -177,18 +261,25 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
                 keep_fp = torch.rand(x.shape, generator=generator, device=x.device) < cfg.drop_prob
                 x = torch.where(keep_fp, fp_in[k][idx], x)
             inputs[k] = x
+        target = {o: fp_out[o][idx] for o in block.outputs}
+        if speed.channels_last:
+            inputs, target = _nhwc(inputs), _nhwc(target)
         for q in out_quants:
             q.enabled = False
-        env = model.run(nodes, inputs)
+        with torch.autocast(inputs[next(iter(inputs))].device.type, torch.bfloat16, enabled=speed.bf16):
+            env = model.run(nodes, inputs)
         for q, on in zip(out_quants, out_enabled):
             q.enabled = on
-        target = {o: fp_out[o][idx] for o in block.outputs}
         # Rounding, groups and γ^z/φ^z learn from the block output clipped to its
         # quantizer's range but not rounded: the STE through a coarse output rounding
         # biases them (it reads rounding error as a mismatch to fix). The output steps
         # learn from the quantized output (LSQ).
-        rec = sum(sse(out_quants[i].clip(env[o]), target[o]) for i, o in enumerate(block.outputs))
-        loss = rec + sum(sse(out_quants[i](env[o].detach()), target[o]) for i, o in enumerate(block.outputs)
+        if speed.fused_loss:
+            rec = sum(_sse_fused(env[o], target[o], q.clip_bounds(), speed.native)
+                      for q, o in zip(out_quants, block.outputs))
+        else:
+            rec = sum(_sse(q.clip(env[o]), target[o]) for q, o in zip(out_quants, block.outputs))
+        loss = rec + sum(_step_loss(out_quants[i], env[o], target[o], speed) for i, o in enumerate(block.outputs)
                          if out_enabled[i])
         if t < harden_step and schedule.active(t) and lam > 0:
             beta = schedule(t)
@@ -223,4 +314,5 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     for q in quantizers:
         q.drop_prob = 0.0
         q.fused = True
+        q.native = False
     model.eval()

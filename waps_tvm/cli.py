@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     c.add_argument("--device", default=d.device, help="where to calibrate: auto (CUDA when available, "
                                                     "the default), cpu, cuda or cuda:N")
+    c.add_argument("--bf16", action="store_true",
+                   help="reconstruct with conv/linear in bfloat16 (faster where the CPU or GPU has bf16 "
+                        "arithmetic; quantizers and losses stay float32; bench/results/calib_speed.md)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint OUTPUT.ckpt (same arguments)")
     c.add_argument("--npu-budget", type=_percent, metavar="PCT",
@@ -257,7 +260,7 @@ def _calibrate(args) -> int:
                       gammas=tuple(gammas), tile=args.tile, lam=args.lam, group_prob=args.group_prob,
                       cat_quant=args.cat_quant,
                       first_last_bits=args.first_last_bits, attn_bits=args.attn_bits, progress=not args.quiet,
-                      device=args.device).validate()
+                      device=args.device, bf16=args.bf16).validate()
     resolve_device(cfg.device)                        # no CUDA: one line before any work
     ckpt = checkpoint_path(out)
     if args.resume and not ckpt.exists():
