@@ -31,6 +31,7 @@ from calib.blocks import Block, find_blocks
 from calib.calibrate import _init_act_ranges
 from calib.capture import capture, export_module
 from calib.config import CalibConfig
+from calib.device import uses_bf16
 from calib.fold_bn import fold_batch_norm
 from calib.fuse import fuse_activations
 from calib.qmodel import QuantModel
@@ -119,8 +120,8 @@ LEVERS = [("before (plain loop)", _OFF),
           ("+ fused fake quantizer", replace(_OFF, cache_glue=True, fused_quant=True)),
           ("+ fused squared error", replace(_OFF, cache_glue=True, fused_quant=True, fused_loss=True)),
           ("+ one-pass C kernels", replace(Speedups(), channels_last=False)),
-          ("+ channels-last batches (= default)", Speedups()),
-          ("+ bf16 conv (--bf16)", replace(Speedups(), bf16=True))]
+          ("+ channels-last batches (= --conv-dtype float32)", Speedups()),
+          ("+ bf16 conv (--conv-dtype bfloat16)", replace(Speedups(), bf16=True))]
 
 
 def main(argv=None) -> int:
@@ -132,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every lever and the public loop")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # what `waps-tvm calibrate` runs on this machine by default (--conv-dtype auto)
+    here = Speedups(bf16=uses_bf16(CalibConfig().conv_dtype, torch.device("cpu")))
     rows, public = [], {}
     for size in args.sizes:
         for method in args.methods:
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
                      "min": min(r["min"] for r in runs[label]), "loss": runs[label][-1]["loss"]}
                 first = first or m
                 row = {"input": size, "method": method, "levers": label, "speed": asdict(speed),
-                       "default": speed == Speedups(), "sec_per_iter": m["median"], "sec_per_iter_min": m["min"],
+                       "default": speed == here, "sec_per_iter": m["median"], "sec_per_iter_min": m["min"],
                        "final_block_loss": m["loss"],
                        "speedup_vs_before": first["median"] / m["median"],
                        "loss_vs_before": m["loss"] / first["loss"] - 1,
@@ -174,8 +177,17 @@ def main(argv=None) -> int:
             "iters_timed": args.iters, "rounds": args.rounds, "cpu": _cpu(), "load_average": _load(),
             "public_loop_here": {str(k): v for k, v in public.items()}, "rows": rows}
     (RESULTS / "calib_speed.json").write_text(json.dumps(meta, indent=1))
-    md = [f"Per-iteration time of our loop on ResNet-18 layer1.0, W2A4, batch 32, {args.threads} threads, "
-          f"{args.iters} timed iterations after 3 warm-up ones, median over {args.rounds} interleaved rounds; "
+    md = render(meta)
+    (RESULTS / "calib_speed.md").write_text(md)
+    print(md)
+    return 0
+
+
+def render(meta: dict) -> str:
+    """calib_speed.md from the JSON record."""
+    rows = meta["rows"]
+    md = [f"Per-iteration time of our loop on ResNet-18 layer1.0, W2A4, batch 32, {meta['threads']} threads, "
+          f"{meta['iters_timed']} timed iterations after 3 warm-up ones, median over {meta['rounds']} interleaved rounds; "
           f"levers added one per row, all timed in one run on the same cached block (load average at the end {meta['load_average']}: the machine is shared, "
           "so read the ratios, not the absolute times). Final block loss after the timed iterations.", "",
           "The public BRECQ loop's AdaRound stage (bench/public_brecq_loop.py, re-implemented op for op, fp32, "
@@ -186,14 +198,12 @@ def main(argv=None) -> int:
           "| public loop here (ms/iter) | public here ÷ ours | recorded public loop (ms/iter) |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['input']}×{r['input']} | {r['method']} | {r['levers']} | {r['sec_per_iter'] * 1000:.2f} | "
+        md.append(f"| {r['input']}×{r['input']} | {r['method']} | {r['levers']}{' **(default here: --conv-dtype auto)**' if r.get('default') else ''} | {r['sec_per_iter'] * 1000:.2f} | "
                   f"{r['sec_per_iter_min'] * 1000:.2f} | ×{r['speedup_vs_before']:.2f} | "
                   f"{r['final_block_loss']:.5g} ({r['loss_vs_before']:+.2%}) | "
                   f"{r['public_loop_here_sec_per_iter'] * 1000:.2f} | ×{r['public_loop_here_over_ours']:.2f} | "
                   f"{r['reference_method']}: {r['reference_sec_per_iter'] * 1000:.1f} |")
-    (RESULTS / "calib_speed.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return "\n".join(md) + "\n"
 
 
 def _load() -> str:

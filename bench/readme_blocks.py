@@ -164,35 +164,18 @@ def vit_accuracy(results: Path) -> str:
 
 # --- calibration speed (bench/calib_speed.py) ---------------------------------------------
 
+def _all_levers(r: dict, bf16: bool) -> bool:
+    """The row with every float32 lever on (``bf16`` False) or also bf16 convolutions."""
+    return all(v for k, v in r["speed"].items() if k != "bf16") and r["speed"].get("bf16", False) == bf16
+
+
 def _lever_speedups(results: Path) -> dict[int, list[float]]:
-    """{input size: speed-ups of the default loop (all levers) over the plain one, per method}."""
+    """{input size: speed-ups of the float32 loop with every lever over the plain one, per method}."""
     out: dict[int, list[float]] = {}
     for r in _json(results, "calib_speed.json")["rows"]:
-        if r.get("default", all(r["speed"].values())):
+        if _all_levers(r, bf16=False):
             out.setdefault(r["input"], []).append(r["speedup_vs_before"])
     return out
-
-
-def calib_speed_public(results: Path) -> str:
-    """Ours (default and --bf16) against the public BRECQ loop re-implemented and timed
-    beside it, per input size: '135–140 ms per iteration at 224×224 against 133 ms …'."""
-    rows = _json(results, "calib_speed.json")["rows"]
-    parts = []
-    for n in sorted({r["input"] for r in rows}, reverse=True):
-        mine = [r for r in rows if r["input"] == n]
-        default = [r for r in mine if r.get("default")]
-        bf16 = [r for r in mine if r["speed"].get("bf16") and r["speed"]["channels_last"]]
-        if not default or "public_loop_here_sec_per_iter" not in default[0]:
-            continue
-        pub = default[0]["public_loop_here_sec_per_iter"] * 1000
-        text = (f"{_span([r['sec_per_iter'] * 1000 for r in default], '.0f')} ms per iteration at {n}×{n} "
-                f"(BRECQ, BRECQ+WAPS) against {pub:.0f} ms for the public loop "
-                f"(×{_span([r['public_loop_here_over_ours'] for r in default], '.2f')} its speed)")
-        if bf16:
-            text += (f", {_span([r['sec_per_iter'] * 1000 for r in bf16], '.0f')} ms with `--bf16` "
-                     f"(×{_span([r['public_loop_here_over_ours'] for r in bf16], '.2f')})")
-        parts.append(text)
-    return "; ".join(parts)
 
 
 def calib_speed(results: Path) -> str:
@@ -210,19 +193,49 @@ def calib_speed_gain(results: Path) -> str:
     return f"×{_span(vb, '.2f')} at {big}×{big}" + (f" ({small})" if small else "")
 
 
+def calib_speed_public(results: Path) -> str:
+    """Ours in float32 and in bfloat16 against the public BRECQ loop re-implemented and
+    timed beside it, per input size."""
+    rows = _json(results, "calib_speed.json")["rows"]
+    parts = []
+    for n in sorted({r["input"] for r in rows}, reverse=True):
+        fp32 = [r for r in rows if r["input"] == n and _all_levers(r, bf16=False)]
+        bf16 = [r for r in rows if r["input"] == n and _all_levers(r, bf16=True)]
+        if not fp32 or "public_loop_here_sec_per_iter" not in fp32[0]:
+            continue
+        pub = fp32[0]["public_loop_here_sec_per_iter"] * 1000
+        text = (f"at {n}×{n} the public loop takes {pub:.{0 if pub >= 10 else 1}f} ms per iteration, ours (BRECQ, "
+                f"BRECQ+WAPS) {_span([r['sec_per_iter'] * 1000 for r in fp32], '.0f' if pub >= 10 else '.1f')} ms "
+                f"in float32 (×{_span([r['public_loop_here_over_ours'] for r in fp32], '.2f')} its speed)")
+        if bf16:
+            text += (f" and {_span([r['sec_per_iter'] * 1000 for r in bf16], '.0f' if pub >= 10 else '.1f')} ms "
+                     f"with bfloat16 convolutions (×{_span([r['public_loop_here_over_ours'] for r in bf16], '.2f')})")
+        parts.append(text)
+    return "; ".join(parts)
+
+
 def calib_time_estimate(results: Path) -> str:
     """ResNet-18 at 224×224 with the default 3000 iterations per block, estimated from the
     layer1.0 time per iteration: nine blocks of about its cost (the stem and eight basic
-    blocks; the fc is small)."""
+    blocks; the fc is small); the slower of BRECQ and BRECQ+WAPS."""
     from calib.config import CalibConfig
     rows = [r for r in _json(results, "calib_speed.json")["rows"] if r["input"] == 224]
-    default = max(r["sec_per_iter"] for r in rows if r.get("default"))
-    bf16 = [r["sec_per_iter"] for r in rows if r["speed"].get("bf16") and r["speed"]["channels_last"]]
     iters = CalibConfig().iters
-    text = f"9 × {iters} × {default * 1000:.0f} ms ≈ {9 * iters * default / 60:.0f} minutes"
-    if bf16:
-        text += f" ({9 * iters * max(bf16) / 60:.0f} with `--bf16`)"
-    return text
+    fp32 = max(r["sec_per_iter"] for r in rows if _all_levers(r, bf16=False))
+    bf16 = [r["sec_per_iter"] for r in rows if _all_levers(r, bf16=True)]
+    if not bf16:
+        return f"9 × {iters} × {fp32 * 1000:.0f} ms ≈ {9 * iters * fp32 / 60:.0f} minutes"
+    return (f"9 × {iters} × {max(bf16) * 1000:.0f} ms ≈ {9 * iters * max(bf16) / 60:.0f} minutes with bfloat16 "
+            f"convolutions ({9 * iters * fp32 / 60:.0f} in float32)")
+
+
+def bf16_accuracy(results: Path) -> str:
+    """Top-1 of bfloat16 against float32 reconstruction, per model (bench/bf16.py)."""
+    res = _json(results, "bf16.json")
+    parts = [f"{_name(m)} {s['top1']['bf16'] * 100:.2f} % vs {s['top1']['fp32'] * 100:.2f} %"
+             for m, s in res["summary"].items()]
+    return (f"{'; '.join(parts)} top-1 at W2A4 (BRECQ+WAPS, {len(res['summary'][next(iter(res['summary']))]['top1']['seeds'])}"
+            f" seeds, paired; {res['verdict']})")
 
 
 # --- the compiled integer model (bench/cpu.py) ---------------------------------------------
@@ -524,6 +537,7 @@ BLOCKS: tuple[Block, ...] = (
     Block("calib_speed_gain", calib_speed_gain, inline=True),
     Block("calib_speed_public", calib_speed_public, inline=True),
     Block("calib_time_estimate", calib_time_estimate, inline=True),
+    Block("bf16_accuracy", bf16_accuracy, inline=True),
     Block("cpu", cpu),
     Block("cpu_ort", cpu_ort),
     Block("ort_ratio", ort_ratio, inline=True),

@@ -26,7 +26,7 @@ from calib.blocks import Block, find_blocks
 from calib.checkpoint import Checkpoint, Fingerprint, progress
 from calib.config import CalibConfig
 from calib.cwac import compensate_block
-from calib.device import resolve_device
+from calib.device import resolve_device, uses_bf16
 from calib.errors import CheckpointError, ConfigError, DataError
 from calib.graph import QUANT_OPS, Graph
 from calib.group_search import GroupBudget, GroupPlan
@@ -87,6 +87,9 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
     cfg.validate()
     check_data(data)
     device = resolve_device(cfg.device)
+    speed = Speedups(bf16=uses_bf16(cfg.conv_dtype, device))
+    # the artifact and checkpoint record the precision the loop ran in, not "auto"
+    cfg = dataclasses.replace(cfg, conv_dtype="bfloat16" if speed.bf16 else "float32")
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     if group_budget is not None and not cfg.uses_waps:
         raise ConfigError(f"an NPU budget chooses WAPS groups: method {cfg.method} has none (use waps or qdrop+waps)")
@@ -172,7 +175,7 @@ def calibrate(graph: Graph, data: torch.Tensor, cfg: CalibConfig,
                 if t % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}")
 
-            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step, spill=spill, speed=Speedups(bf16=cfg.bf16))
+            reconstruct(model, block, q_in, fp_in, fp_out, cfg, gen, step, spill=spill, speed=speed)
             bar.close()
         else:
             for layer in layers:  # groups stay off: rtn has no WAPS search

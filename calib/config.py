@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from calib.device import check_device_name
+from calib.device import CONV_DTYPES, check_device_name  # noqa: F401 (CONV_DTYPES re-exported for the CLI)
 from calib.errors import ConfigError
 from calib.numerics import group_scale
 from calib.product_groups import GROUP_PROBS
@@ -53,9 +53,10 @@ class CalibConfig:
     group_prob: str = "softmax"    # eq. 15: softmax, or "sigmoid" as printed (bench/results/eq15.md)
     progress: bool = True
     device: str = "auto"           # auto | cpu | cuda[:N]; auto: CUDA when available
-    # conv/linear products of the reconstruction loop in bfloat16 (autocast; quantizers and
-    # losses stay float32): ×1.4–1.5 per iteration on CPUs with AVX512-BF16 (bench/results/calib_speed.md)
-    bf16: bool = False
+    # conv/linear products of the reconstruction loop: auto | float32 | bfloat16 (autocast;
+    # quantizers and losses stay float32); auto: bfloat16 where the device runs it natively
+    # (calib/device.uses_bf16; accuracy bench/results/bf16.md, speed calib_speed.md)
+    conv_dtype: str = "auto"
     cat_quant: str = "shared"      # CAT_QUANTS
     # float cached activations larger than this (GB) live in memory-mapped temporary files
     # (calib/spill.py; same values, pageable); None: 1/16 of RAM; 0: every float one
@@ -106,6 +107,8 @@ class CalibConfig:
             raise ConfigError(f"first/last and residual bits must be one of {CODE_BITS}")
         if self.attn_bits is not None and self.attn_bits not in ACT_BITS[:-1]:
             raise ConfigError(f"--attn-bits {self.attn_bits}: attention bits must be one of {ACT_BITS[:-1]}")
+        if self.conv_dtype not in CONV_DTYPES:
+            raise ConfigError(f"--conv-dtype {self.conv_dtype}: choose {', '.join(CONV_DTYPES)}")
         if self.iters < 0 or self.batch < 1 or self.samples < 1:
             raise ConfigError("--iters must be ≥ 0, --batch and --samples ≥ 1")
         if not 1 <= len(self.gammas) <= 8:

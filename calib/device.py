@@ -10,6 +10,7 @@ import torch
 from calib.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+CONV_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def check_device_name(name: str) -> None:
@@ -35,3 +36,26 @@ def resolve_device(name: str) -> torch.device:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device("cuda", index)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 convolutions run in hardware: a CUDA device that supports bf16,
+    or a CPU that oneDNN runs bf16 on natively (AVX512-BF16, AMX); elsewhere bf16 is
+    emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def uses_bf16(conv_dtype: str, device: torch.device) -> bool:
+    """Whether reconstruction runs its conv/linear products in bfloat16: ``--conv-dtype``
+    bfloat16, or auto where ``native_bf16`` (bench/results/bf16.md: top-1 and block loss
+    within noise of float32; bench/results/calib_speed.md: the speed)."""
+    if conv_dtype not in CONV_DTYPES:
+        raise ConfigError(f"--conv-dtype {conv_dtype}: choose {', '.join(CONV_DTYPES)}")
+    return conv_dtype == "bfloat16" or (conv_dtype == "auto" and native_bf16(device))

@@ -38,6 +38,16 @@ def apply_act(y: torch.Tensor, act: str | None) -> torch.Tensor:
     return y
 
 
+def act_then_quant(y: torch.Tensor, act: str | None, q: ActQuantizer, quant: bool) -> torch.Tensor:
+    """``q(apply_act(y, act))`` (or the activation alone when ``quant`` is off). A ReLU
+    before a quantizer that absorbs it (ActQuantizer.absorbs_relu) is skipped: the same
+    values and gradients, one full-size pass less each way."""
+    if quant and act == "relu" and q.absorbs_relu():
+        return q(y)
+    y = apply_act(y, act)
+    return q(y) if quant else y
+
+
 class QuantLayer(nn.Module):
     """A conv2d or linear with quantized weights, optional WAPS groups and γ^z/φ^z."""
 
@@ -127,8 +137,7 @@ class QuantLayer(nn.Module):
         return gy.reshape(groups, cg).repeat_interleave(m // groups, dim=0).reshape(m, cg, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = apply_act(self.preact(x), self.attrs["act"])
-        return self.out_quant(y) if self.quant else y
+        return act_then_quant(self.preact(x), self.attrs["act"], self.out_quant, self.quant)
 
 
 class QuantOp(nn.Module):
@@ -148,8 +157,7 @@ class QuantOp(nn.Module):
         if self.node.op == "constant":
             y = self.value
             return self.out_quant(y) if self.quant else y
-        y = apply_act(compute(self.node, list(xs)), self.act)
-        return self.out_quant(y) if self.quant else y
+        return act_then_quant(compute(self.node, list(xs)), self.act, self.out_quant, self.quant)
 
 
 QuantAdd = QuantOp  # the residual add is one QuantOp among others

@@ -177,6 +177,15 @@ class ActQuantizer(nn.Module):
         round half to even. ``forward`` computes exactly this (with an STE)."""
         return ((x / self.scale).round() + self.zero_point).clamp(0, self.levels)
 
+    def absorbs_relu(self) -> bool:
+        """True when this quantizer applied to x equals it applied to relu(x), values and
+        gradients: zero point 0 (codes below 0 clamp to 0, as relu's outputs quantize),
+        the fused form or no gradients (its STE mask 0 < code < L gives x < 0 no gradient,
+        as relu; the unfused clamp passes code 0's), and no QDrop mixing (which would keep
+        the float value of x, not of relu(x))."""
+        return (self.enabled and (self.fused or not torch.is_grad_enabled())
+                and not (self.training and self.drop_prob > 0) and bool(self.zero_point == 0))
+
     def clip_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lowest, highest) representable value, 0-dim and detached; None when disabled."""
         if not self.enabled:

@@ -43,7 +43,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calib.config import ACT_BITS, CAT_QUANTS, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
+    from calib.config import ACT_BITS, CAT_QUANTS, CONV_DTYPES, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
     d = CalibConfig()
     p = argparse.ArgumentParser(prog="waps-tvm", description="WAPS-Quant PTQ and TVM compilation for a 16x16 NPU")
     p.add_argument("--version", action="version", version=f"waps-tvm {__import__('waps_tvm').__version__}")
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the accuracy evaluation")
     c.add_argument("--device", default=d.device, help="where to calibrate: auto (CUDA when available, "
                                                     "the default), cpu, cuda or cuda:N")
-    c.add_argument("--bf16", action="store_true",
-                   help="reconstruct with conv/linear in bfloat16 (faster where the CPU or GPU has bf16 "
-                        "arithmetic; quantizers and losses stay float32; bench/results/calib_speed.md)")
+    c.add_argument("--conv-dtype", default=d.conv_dtype, choices=CONV_DTYPES,
+                   help="precision of the reconstruction loop's conv/linear products: auto (the default: "
+                        "bfloat16 where the CPU or GPU runs it natively, else float32), float32 or bfloat16; "
+                        "quantizers and losses stay float32 (bench/results/bf16.md, calib_speed.md)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint OUTPUT.ckpt (same arguments)")
     c.add_argument("--npu-budget", type=_percent, metavar="PCT",
@@ -260,7 +261,7 @@ def _calibrate(args) -> int:
                       gammas=tuple(gammas), tile=args.tile, lam=args.lam, group_prob=args.group_prob,
                       cat_quant=args.cat_quant,
                       first_last_bits=args.first_last_bits, attn_bits=args.attn_bits, progress=not args.quiet,
-                      device=args.device, bf16=args.bf16).validate()
+                      device=args.device, conv_dtype=args.conv_dtype).validate()
     resolve_device(cfg.device)                        # no CUDA: one line before any work
     ckpt = checkpoint_path(out)
     if args.resume and not ckpt.exists():

@@ -99,3 +99,31 @@ def test_model_is_built_on_a_device_other_than_the_cpu(tiny_graph_data):
     model = build_model(graph, CalibConfig(wbits=2, abits=4, method="qdrop+waps", tile=8), torch.device("meta"))
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     assert tensors and {t.device.type for t in tensors.values()} == {"meta"}
+
+
+def test_conv_dtype_auto_follows_the_device_s_native_bf16():
+    from calib.device import native_bf16, uses_bf16
+    cpu = torch.device("cpu")
+    assert uses_bf16("bfloat16", cpu) and not uses_bf16("float32", cpu)
+    assert uses_bf16("auto", cpu) == native_bf16(cpu)
+    with pytest.raises(ConfigError):
+        uses_bf16("float16", cpu)
+    with pytest.raises(ConfigError):
+        CalibConfig(conv_dtype="half").validate()
+
+
+def test_conv_dtype_reaches_the_loop(tiny_graph_data, monkeypatch):
+    """calibrate passes the resolved precision to reconstruct: float32 and bfloat16 give
+    different artifacts, and auto gives the one its device resolves to."""
+    import calib.calibrate as C
+    seen = []
+    real = C.reconstruct
+    monkeypatch.setattr(C, "reconstruct", lambda *a, **k: (seen.append(k["speed"].bf16), real(*a, **k))[1])
+    graph, x = tiny_graph_data
+    for dtype in ("float32", "bfloat16", "auto"):
+        seen.clear()
+        calibrate(graph, x, CalibConfig(wbits=2, abits=4, method="brecq", iters=2, batch=8, tile=8, device="cpu",
+                                        conv_dtype=dtype, progress=False))
+        from calib.device import native_bf16
+        want = {"float32": False, "bfloat16": True, "auto": native_bf16(torch.device("cpu"))}[dtype]
+        assert seen and set(seen) == {want}, (dtype, seen)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -123,3 +124,33 @@ def test_weight_scale_search_of_a_huge_layer_reads_a_strided_subset(monkeypatch)
     assert err(sub) <= 1.03 * err(exact)                        # and its scales are as good on all of them
     small = torch.randn(8, 100)
     assert torch.equal(init_weight_scale(small, 3), quantizers.init_weight_scale(small, 3))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_zero_point_0_quantizer_absorbs_the_relu_before_it(native):
+    """q(x) = q(relu(x)) in values and in the gradients of x and the step, so
+    qmodel.act_then_quant may skip the ReLU."""
+    from calib.quantizers import ActQuantizer
+    q = ActQuantizer(4)
+    q.scale.data.fill_(0.25)
+    q.native = native
+    q.train()
+    base = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2
+    base[0, 0, 0, :3] = torch.tensor([-0.1, 0.0, -0.125])   # below half a step, zero, a tie
+    grads = []
+    for relu_first in (True, False):
+        x = base.clone().requires_grad_(True)
+        q.scale.grad = None
+        y = q(torch.relu(x) if relu_first else x)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        grads.append((y.detach(), x.grad, q.scale.grad.clone()))
+    assert q.absorbs_relu()
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    torch.testing.assert_close(grads[0][2], grads[1][2], rtol=1e-6, atol=1e-6)
+    q.zero_point.fill_(2.0)
+    assert not q.absorbs_relu()
+    q.zero_point.fill_(0.0)
+    q.fused = False          # the unfused clamp passes gradient at code 0: not the same
+    assert not q.absorbs_relu()
+    q.fused, q.drop_prob = True, 0.5
+    assert not q.absorbs_relu()

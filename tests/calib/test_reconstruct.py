@@ -108,9 +108,10 @@ def test_speedups_keep_the_result(pooled, method, monkeypatch):
     assert abs(sum(fast) - sum(plain)) <= 0.02 * sum(plain)
 
 
+@pytest.mark.slow
 def test_bf16_and_native_kernels_reach_the_float32_torch_loop_s_block_losses(setup, monkeypatch):
     """The speed levers change summation order (C kernels) or the convolutions' precision
-    (--bf16), not what is learned: final block losses within 5 % of the plain loop's."""
+    (--conv-dtype bfloat16), not what is learned: final block losses within 5 % of the plain loop's."""
     from dataclasses import replace
 
     import calib.calibrate as C
