@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from calib.device import CONV_DTYPES, check_device_name  # noqa: F401 (CONV_DTYPES re-exported for the CLI)
+from calib.device import check_conv_dtype, check_device_name
 from calib.errors import ConfigError
 from calib.numerics import group_scale
 from calib.product_groups import GROUP_PROBS
@@ -107,8 +107,7 @@ class CalibConfig:
             raise ConfigError(f"first/last and residual bits must be one of {CODE_BITS}")
         if self.attn_bits is not None and self.attn_bits not in ACT_BITS[:-1]:
             raise ConfigError(f"--attn-bits {self.attn_bits}: attention bits must be one of {ACT_BITS[:-1]}")
-        if self.conv_dtype not in CONV_DTYPES:
-            raise ConfigError(f"--conv-dtype {self.conv_dtype}: choose {', '.join(CONV_DTYPES)}")
+        check_conv_dtype(self.conv_dtype)
         if self.iters < 0 or self.batch < 1 or self.samples < 1:
             raise ConfigError("--iters must be ≥ 0, --batch and --samples ≥ 1")
         if not 1 <= len(self.gammas) <= 8:

@@ -52,10 +52,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def check_conv_dtype(name: str) -> None:
+    if name not in CONV_DTYPES:
+        raise ConfigError(f"--conv-dtype {name}: choose {', '.join(CONV_DTYPES)}")
+
+
 def uses_bf16(conv_dtype: str, device: torch.device) -> bool:
     """Whether reconstruction runs its conv/linear products in bfloat16: ``--conv-dtype``
     bfloat16, or auto where ``native_bf16`` (bench/results/bf16.md: top-1 and block loss
     within noise of float32; bench/results/calib_speed.md: the speed)."""
-    if conv_dtype not in CONV_DTYPES:
-        raise ConfigError(f"--conv-dtype {conv_dtype}: choose {', '.join(CONV_DTYPES)}")
+    check_conv_dtype(conv_dtype)
     return conv_dtype == "bfloat16" or (conv_dtype == "auto" and native_bf16(device))

@@ -43,7 +43,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from calib.config import ACT_BITS, CAT_QUANTS, CONV_DTYPES, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
+    from calib.config import ACT_BITS, CAT_QUANTS, GROUP_PROBS, METHODS, WEIGHT_BITS, CalibConfig
+    from calib.device import CONV_DTYPES
     d = CalibConfig()
     p = argparse.ArgumentParser(prog="waps-tvm", description="WAPS-Quant PTQ and TVM compilation for a 16x16 NPU")
     p.add_argument("--version", action="version", version=f"waps-tvm {__import__('waps_tvm').__version__}")

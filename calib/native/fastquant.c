@@ -25,15 +25,24 @@ static double ordered_sum(const double *part, int64_t blocks) {
 /* round half to even in the default rounding mode, inlined as one instruction */
 static inline float round_even(float v) { return rintf(v); }
 
+/* The fake-quantization rule, once: the code clamp(round_even(x/s) + z, 0, L) in *code,
+ * whether 0 < unclamped code < L (the STE mask) in *inside, and (code − z)·s returned. */
+static inline float fake_quant_point(float x, float s, float z, float levels, int *inside, float *code) {
+    float v = round_even(x / s) + z;
+    *inside = (v > 0.0f) & (v < levels);
+    *code = v < 0.0f ? 0.0f : (v > levels ? levels : v);
+    return (*code - z) * s;
+}
+
 /* Fake quantization forward: out, and inside[i] = 0 < code < L (the STE mask). */
 void fq_forward(const float *x, float *out, uint8_t *inside, int64_t n, float s, float z, float levels,
                 int threads) {
 #pragma omp parallel for simd num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        float v = round_even(x[i] / s) + z;
-        inside[i] = (v > 0.0f) & (v < levels);
-        v = v < 0.0f ? 0.0f : (v > levels ? levels : v);
-        out[i] = (v - z) * s;
+        int in;
+        float code;
+        out[i] = fake_quant_point(x[i], s, z, levels, &in, &code);
+        inside[i] = (uint8_t)in;
     }
 }
 
@@ -110,13 +119,12 @@ double lsq_sse(const float *x, const float *t, int64_t n, float s, float z, floa
         float part = 0.0f, gpart = 0.0f;
 #pragma omp simd reduction(+ : part, gpart)
         for (int64_t i = b * BLOCK; i < end; i++) {
-            float v = round_even(x[i] / s) + z;
-            int in = (v > 0.0f) & (v < levels);
-            v = v < 0.0f ? 0.0f : (v > levels ? levels : v);
-            float q = (v - z) * s;
+            int in;
+            float code;
+            float q = fake_quant_point(x[i], s, z, levels, &in, &code);
             float e = q - t[i];
             part += e * e;
-            gpart += 2.0f * e * (in ? (q - x[i]) / s : (v - z));
+            gpart += 2.0f * e * (in ? (q - x[i]) / s : (code - z));
         }
         sums[b] = part;
         gsums[b] = gpart;
