@@ -3,7 +3,8 @@
 ``lower_op(kind, attrs, shapes, dtypes, params, npu)`` returns an ``NpuOp`` or raises
 ``NotOnNpu`` with the reason an op stays on the host (llvm): float arithmetic
 (quantize/dequantize), pure layout changes (flatten, reshape) and constants, or shapes the array cannot take
-(more than MAX_GROUPS WAPS groups, int32 codes into the uint8-only units). Every stream starts with the machine registers of
+(more than MAX_GROUPS WAPS groups, int32 codes into the uint8-only units, a softmax or layer
+norm position whose channels do not fit the activation SRAM). Every stream starts with the machine registers of
 ``npu`` (targets/npu16/params.py; default today's npu16), and weights are tiled for its
 array side ``npu.tile``.
 """
@@ -286,13 +287,47 @@ def _matmul(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
                  sram_out=plan.act_sram - plan.act_in_sram)
 
 
+def _row_plan_regs(shape, in_bytes: int, npu) -> tuple[list[Instr], memory.RowPlan]:
+    """The row unit's stripe registers for codes [N, C, ...] (memory.row_plan); NotOnNpu when
+    one position does not fit the activation SRAM."""
+    try:
+        plan = memory.row_plan(channels=shape[1], positions=_inner(shape), in_bytes=in_bytes, npu=npu)
+    except memory.SramTooSmall as e:
+        raise NotOnNpu(str(e)) from None
+    return _regs({Reg.N: shape[0], Reg.C: shape[1], Reg.INNER: _inner(shape), Reg.STRIPE_ROWS: plan.rows}), plan
+
+
+def _layer_norm(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    """LAYERNORM on the row unit (npu16_sim.h npu16_layer_norm): uint8 codes or int32 sums in,
+    g and b as one int32 table [2C]."""
+    wide = _wide(in_dtypes)
+    regs, plan = _row_plan_regs(in_shapes[0], 4 if wide else 1, npu)
+    s = machine_registers(npu) + regs
+    s += _regs({Reg.IN_WIDE: wide, Reg.NORM_P: a.prec, Reg.NORM_E: a.eps, Reg.NORM_K: a.frac, **_clamp_regs(a)})
+    return NpuOp(s + [Instr(Op.LAYERNORM), Instr(Op.END)], table=_int32_table(params, ("g", "b")),
+                 sram_in=plan.act_in_sram, sram_out=plan.act_sram - plan.act_in_sram)
+
+
+def _softmax(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
+    """SOFTMAX on the row unit (npu16_sim.h npu16_softmax): uint8 codes, the exp table int32."""
+    if in_dtypes[0] != "uint8":
+        raise NotOnNpu("softmax of int32 codes: the row unit takes uint8 codes")
+    regs, plan = _row_plan_regs(in_shapes[0], 1, npu)
+    table = np.ascontiguousarray(params["exp"], np.int32)
+    s = machine_registers(npu) + regs
+    s += _regs({Reg.CONV_GROUPS: a.groups, Reg.LUT_SIZE: table.size, Reg.MULT: a.mult, Reg.SHIFT: a.frac,
+                **_clamp_regs(a)})
+    return NpuOp(s + [Instr(Op.SOFTMAX), Instr(Op.END)], table=table,
+                 sram_in=plan.act_in_sram, sram_out=plan.act_sram - plan.act_in_sram)
+
+
 # kind → its lowering (every kind of relay_passes/opset.py): an NpuOp, or NotOnNpu saying why it stays on the host
 LOWERINGS: dict[str, Callable[..., NpuOp]] = {
     "quantize": _host("float arithmetic: npu16 is integer-only"),
     "dequantize": _host("float arithmetic: npu16 is integer-only"),
     "flatten": _host("layout only (a reshape): nothing for the NPU to compute"),
-    "layer_norm": _host("layer norm: a per-position square root and division, not in the npu16 ISA"),
-    "softmax": _host("softmax: a per-position division by the sum of exponentials, not in the npu16 ISA"),
+    "layer_norm": _layer_norm,
+    "softmax": _softmax,
     "matmul": _matmul,
     "conv2d": _conv2d, "linear": _linear, "add": _add, "gather": _gather,
     "max_pool2d": _pool(Op.MAXPOOL, dilated=True), "sum_pool2d": _pool(Op.SUMPOOL, dilated=False),

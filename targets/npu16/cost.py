@@ -333,6 +333,25 @@ def matmul_cost(name: str, n: int, heads: int, k: int, m: int, positions: int, n
                      act_split=(plan.act_in_sram, plan.act_sram - plan.act_in_sram))
 
 
+ROW_PASSES = {"layer_norm": 2, "softmax": 3}     # the row unit's passes over each row (npu16_sim.h)
+
+
+def row_cost(name: str, kind: str, n: int, channels: int, positions: int, groups: int, in_bytes: int,
+             table_bytes: int, npu: NPU16) -> LayerCost:
+    """A softmax (``groups`` rows per position) or layer norm (one) on the row unit: the codes
+    of every channel at ``positions`` per sample (``in_bytes`` each) in and out once, the table
+    (softmax exp table, norm g and b) over the weight port once; the lanes make ROW_PASSES
+    passes, the iterative stage takes row_cycles per row beside them, plus one row's fill."""
+    plan = memory.row_plan(channels=channels, positions=positions, in_bytes=in_bytes, npu=npu)
+    elems = n * channels * positions
+    lanes, stage = npu.unit_cycles("row", ROW_PASSES[kind] * elems), n * groups * positions * npu.row_cycles
+    b = {"weights": table_bytes, "input": elems * in_bytes, "output": elems}
+    return LayerCost(name, 0, 0, 0, 0, 0, 0, 0, memory.dma_cycles(table_bytes, b["input"] + b["output"], npu),
+                     max(lanes, stage) + npu.row_cycles, b, epilogue_values=elems, stripes=n * plan.stripes,
+                     overlap=npu.double_buffer, sram={"weights": table_bytes, "activations": plan.act_sram},
+                     act_split=(plan.act_in_sram, plan.act_sram - plan.act_in_sram))
+
+
 def tile_aligned_sizes(c: int, g: int, tile: int) -> tuple[int, ...]:
     """g group sizes in whole tiles (the last group takes the remainder), as calibration's
     appendix-C assignment produces them."""

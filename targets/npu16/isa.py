@@ -23,7 +23,10 @@ activations, attention's Q·Kᵀ and probs·V: per head a GEMM whose stationary 
 array loads from the second operand, held in the activation SRAM, as int8 b − 128; the first
 operand streams through the rows as a − za like CONV's input, a row-sum adder beside the
 array gives Σ(a − za) per position, and the epilogue adds (128 − zb)·Σ(a − za) before the
-scalar requant), END.
+scalar requant), SOFTMAX and LAYERNORM (the row unit: per position, over the channels —
+a softmax per group of C/G of them — a few passes through the epilogue's lanes with the
+codes held in the activation SRAM, and per row an iterative stage for the root and the
+divisor's reciprocal; integer rule of calib/numerics.py, tables by DMA), END.
 
 Every stream starts by writing the machine registers (TILE, ARRAYS, DMA_BPC, EPI_LANES,
 WAPS_*) from the target parameters (params.NPU16), so one simulator runs any config.
@@ -54,6 +57,8 @@ class Op(IntEnum):
     MUL = 12
     RESIZE = 13
     MATMUL = 14
+    SOFTMAX = 15
+    LAYERNORM = 16
 
 
 MAX_GROUPS = 8           # WAPS groups the D1/D2 datapath holds (σ/n/tile registers per group)
@@ -132,6 +137,11 @@ class Reg(IntEnum):
     KEEP_OUT = 91         # 1 = the output stays in the activation SRAM for the next op of the chain
     MM_POSITIONS = 92     # matmul: 0 = contract channels (b's [K = D, L] as stored), 1 = contract
                           # positions (b's [D, L] read transposed: rows j < L = K, columns d)
+    CPV_ROW = 93          # machine: the row unit's cycles per value and pass (1/256 cycle; 0: EPI_LANES)
+    ROW_CYCLES = 94       # machine: the row unit's iterative stage per row (root, reciprocal)
+    NORM_P = 95           # layer norm: p (the root's extra bits), e (eps in the root's units), k (gain bits)
+    NORM_E = 96
+    NORM_K = 97
 
 
 NREGS = 128
@@ -202,4 +212,5 @@ def machine_registers(npu) -> list[Instr]:
             set_(Reg.EPI_LANES, npu.epilogue_width), set_(Reg.WAPS_SWITCH, npu.waps_switch_cycles),
             set_(Reg.WAPS_MERGE, npu.waps_merge_cycles), set_(Reg.WAPS_PIPELINED, int(npu.waps_pipelined)),
             set_(Reg.DOUBLE_BUFFER, int(npu.double_buffer)), set_(Reg.WEIGHT_BPC, npu.weight_bytes_per_cycle),
+            set_(Reg.ROW_CYCLES, npu.row_cycles),
             *(set_(Reg[f"CPV_{u.upper()}"], npu.unit_q8(u)) for u in UNITS)]

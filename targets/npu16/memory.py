@@ -38,6 +38,11 @@ of a (K codes each) come in and their outputs (M codes each) go out, R = the lar
 K·M + R·(K + M) ≤ usable; every byte crosses the DMA once, so only the stripe count and the
 SRAM peak depend on R.
 
+A softmax or layer norm (``row_plan``; the row unit) runs per sample on stripes of R positions:
+their codes of every channel (C·in_bytes each) come in and stay while the unit makes its passes
+over them, and their outputs (C codes each) go out; R = the largest ≤ P with
+R·C·(in_bytes + 1) ≤ usable. Every byte crosses the DMA once.
+
 Cascading (``keeps``; chains of codegen/npu16/cascade.py): the intermediate between two ops
 of a chain stays in the activation buffer, instead of a DMA store and load through host
 memory, when the whole activation buffer (both halves) holds it next to what each op still
@@ -156,6 +161,26 @@ def matmul_plan(*, k: int, m: int, positions: int, npu: NPU16) -> MatmulPlan:
     r = max(1, min(positions, (cap - k * m) // (k + m)))
     halves = 2 if npu.double_buffer else 1
     return MatmulPlan(r, -(-positions // r), (k * m + r * (k + m)) * halves, (k * m + r * k) * halves)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    rows: int            # R: positions per stripe
+    stripes: int         # ⌈P / R⌉ per sample
+    act_sram: int        # peak bytes of the activation buffer (both halves when double-buffered)
+    act_in_sram: int     # of it: the stripe's input codes
+
+
+def row_plan(*, channels: int, positions: int, in_bytes: int, npu: NPU16) -> RowPlan:
+    """The stripes of a softmax or layer norm over ``channels`` at each of ``positions`` (one
+    sample), input codes of ``in_bytes`` (1, or 4 for int32 pooled sums), uint8 out."""
+    cap, per = usable_bytes(npu.sram_act_kib, npu), channels * (in_bytes + 1)
+    if per > cap:
+        raise SramTooSmall(f"one position's {channels} channels in and out ({per} B) exceed the usable activation "
+                           f"SRAM ({cap} B)")
+    r = min(positions, cap // per)
+    halves = 2 if npu.double_buffer else 1
+    return RowPlan(r, -(-positions // r), r * per * halves, r * channels * in_bytes * halves)
 
 
 def in_rows(r: int, h: int, kh: int, sh: int, dh: int) -> int:

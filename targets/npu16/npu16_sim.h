@@ -13,7 +13,8 @@
  * per cycle. A conv runs in the stripes of targets/npu16/memory.py (STRIPE_ROWS output rows,
  * STRIPE_TILES output tiles), and the DMA counters count what each stripe fetches. MATMUL
  * (attention) runs per head a GEMM on the same array whose stationary tiles come from the
- * second activation (npu16_matmul).
+ * second activation (npu16_matmul). SOFTMAX and LAYERNORM run on the row unit beside the
+ * epilogue (npu16_row_counts).
  * Every rounding, shift and requantization is a primitive of
  * targets/waps_numeric.h, the C definition the C kernels share.
  *
@@ -48,7 +49,8 @@ typedef struct {
   const int32_t *table;       /* CONV: [G, P, IT, T] input channel per tile row (IM2COL:
                                  (channel·KH + ky)·KW + kx), -1 = pad;
                                  AVGPOOL: windows h0 [OH], h1 [OH], w0 [OW], w1 [OW], rq [OH, OW];
-                                 RESIZE: y0, y1, wy [OH], x0, x1, wx [OW] */
+                                 RESIZE: y0, y1, wy [OH], x0, x1, wx [OW];
+                                 SOFTMAX: exp table [LUT_SIZE]; LAYERNORM: g [C], b [C] */
   const uint8_t *lut;         /* LUT: [LUT_SIZE] output code per input code */
   const int32_t *bias, *mult, *shift, *index;
 } npu16_bufs;
@@ -532,6 +534,91 @@ static void npu16_gather(const int64_t *r, const npu16_bufs *b, npu16_counters *
   c->dma_out_bytes += (int64_t)N * J * inner * elem;
 }
 
+/* The row unit (SOFTMAX, LAYERNORM): per sample, stripes of STRIPE_ROWS positions come in by
+ * DMA with every channel (memory.row_plan) and stay in the activation SRAM while the unit makes
+ * ``passes`` passes over each row through the epilogue's lanes (CPV_ROW) and its iterative stage
+ * (ROW_CYCLES per row: root, reciprocal) works on one row while the lanes stream the others;
+ * one row's stage does not overlap (the pipeline's fill). */
+static void npu16_row_counts(const int64_t *r, npu16_counters *c, int64_t elems, int64_t rows, int passes) {
+  int64_t lanes = npu16_unit_cycles(r, R_CPV_ROW, passes * elems), stage = rows * r[R_ROW_CYCLES];
+  c->epilogue_values += elems;
+  c->epilogue_cycles += (lanes > stage ? lanes : stage) + r[R_ROW_CYCLES];
+}
+
+/* LAYERNORM over the C channels of x [N, C, INNER] (uint8, or int32 sums when IN_WIDE) per
+ * position: pass 1 sums x and x² (Σy² = C·(C·Σx² − s²) for y = C·x − s, so ⌊Σy²·4^p/C⌋ is
+ * (C·Σx² − s²)·4^p exactly), the stage takes D = ⌊√(that + e)⌋, pass 2 writes
+ * waps_layer_norm_code of each channel (g, b: table [2C]). */
+static int npu16_layer_norm(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int64_t N = r[R_N], C = r[R_C], P = r[R_INNER], R = r[R_STRIPE_ROWS], e = r[R_NORM_E];
+  int wide = (int)r[R_IN_WIDE], p = (int)r[R_NORM_P], k = (int)r[R_NORM_K];
+  const int32_t *g = b->table, *bias = b->table + C;
+  if (R < 1 || C < 1 || p < 0 || p > 30 || k < 0 || k > 30) return -1;
+  npu16_fetch_weights(c, 8 * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p0 = 0; p0 < P; p0 += R) {
+      int64_t p1 = p0 + R < P ? p0 + R : P;
+      npu16_dma_in(r, c, 0, C * (p1 - p0) * (wide ? 4 : 1));
+      c->stripes += 1;
+      for (int64_t i = p0; i < p1; ++i) {
+        size_t at = (size_t)(n * C * P + i);
+        int64_t s = 0, sq = 0;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          int64_t v = npu16_in(b, wide, at + (size_t)(ch * P));
+          s += v;
+          sq += v * v;
+        }
+        int64_t d = waps_isqrt64((C * sq - s * s) * ((int64_t)1 << (2 * p)) + e);
+        for (int64_t ch = 0; ch < C; ++ch) {
+          int64_t y = C * npu16_in(b, wide, at + (size_t)(ch * P)) - s;
+          ((uint8_t *)b->out)[at + (size_t)(ch * P)] =
+              (uint8_t)waps_layer_norm_code(y, d, g[ch], bias[ch], p, k, (int32_t)r[R_ZOUT], (int32_t)r[R_LO],
+                                            (int32_t)r[R_HI]);
+        }
+      }
+      npu16_dma_out(r, c, C * (p1 - p0));
+    }
+  npu16_row_counts(r, c, N * C * P, N * P, 2);
+  return 0;
+}
+
+/* SOFTMAX over x [N, C, INNER] (uint8) per position in G (CONV_GROUPS) groups of C/G channels:
+ * pass 1 the group's max m, pass 2 e = table[m − x] (int32 table of LUT_SIZE entries) and
+ * S = Σe, the stage the reciprocal of S·2^k, pass 3 waps_softmax_code (MULT = r, SHIFT = k). */
+static int npu16_softmax(const int64_t *r, const npu16_bufs *b, npu16_counters *c) {
+  int64_t N = r[R_N], C = r[R_C], G = r[R_G], P = r[R_INNER], R = r[R_STRIPE_ROWS], size;
+  int k = (int)r[R_SHIFT];
+  const uint8_t *x = (const uint8_t *)b->x;
+  if (R < 1 || G < 1 || C % G || k < 0 || k > 62) return -1;
+  size = C / G;
+  npu16_fetch_weights(c, 4 * r[R_LUT_SIZE]);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p0 = 0; p0 < P; p0 += R) {
+      int64_t p1 = p0 + R < P ? p0 + R : P;
+      npu16_dma_in(r, c, 0, C * (p1 - p0));
+      c->stripes += 1;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = p0; i < p1; ++i) {
+          size_t at = (size_t)((n * C + g * size) * P + i);
+          int32_t m = 0;
+          int64_t total = 0;
+          for (int64_t ch = 0; ch < size; ++ch)
+            if (x[at + (size_t)(ch * P)] > m) m = x[at + (size_t)(ch * P)];
+          for (int64_t ch = 0; ch < size; ++ch) {
+            if (m - x[at + (size_t)(ch * P)] >= r[R_LUT_SIZE]) return -1;    /* a difference the table lacks */
+            total += b->table[m - x[at + (size_t)(ch * P)]];
+          }
+          for (int64_t ch = 0; ch < size; ++ch)
+            ((uint8_t *)b->out)[at + (size_t)(ch * P)] =
+                (uint8_t)waps_softmax_code(b->table[m - x[at + (size_t)(ch * P)]], total, r[R_MULT], k,
+                                           (int32_t)r[R_ZOUT], (int32_t)r[R_LO], (int32_t)r[R_HI]);
+        }
+      npu16_dma_out(r, c, C * (p1 - p0));
+    }
+  npu16_row_counts(r, c, N * C * P, N * G * P, 3);
+  return 0;
+}
+
 /* Run ``prog`` (uint32 [n, 4]) until END, adding to ``c``. Returns 0, or -1 on an unknown
  * opcode or a machine register out of range. Per command the units run decoupled (VTA's
  * access/execute split): DMA moves its bytes at DMA_BPC, and the command takes the slowest
@@ -564,6 +651,8 @@ static int npu16_execute(const uint32_t *prog, const npu16_bufs *b, npu16_counte
       case NPU16_MUL: npu16_mul(r, b, &d); break;
       case NPU16_RESIZE: rc = npu16_resize(r, b, &d); break;
       case NPU16_MATMUL: rc = npu16_matmul(r, b, &d); break;
+      case NPU16_SOFTMAX: rc = npu16_softmax(r, b, &d); break;
+      case NPU16_LAYERNORM: rc = npu16_layer_norm(r, b, &d); break;
       default: return -1;
     }
     if (rc) return rc;

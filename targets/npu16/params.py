@@ -12,9 +12,13 @@
     sram_kib             {"weights", "activations", "accumulators"}: ints >= 1 (KiB)
     waps_switch_cycles   int >= 0           waps_merge_cycles  int >= 0
     waps_pipelined       bool
-    cycles_per_value     {"add", "mul", "pool", "lut"}: numbers >= 0 (1/256 steps): each unit's
-                         own throughput (Vela's output cycles per element); 0 or omitted: the
-                         epilogue's lanes
+    cycles_per_value     {"add", "mul", "pool", "lut", "row"}: numbers >= 0 (1/256 steps): each
+                         unit's own throughput (Vela's output cycles per element; "row": per
+                         value and pass of the row unit's softmax / layer norm); 0 or omitted:
+                         the epilogue's lanes
+    row_cycles           int >= 1           the row unit's iterative stage, per row (a layer
+                                            norm position, a softmax group at one position):
+                                            the root and the divisor's reciprocal
     double_buffer        bool               a stripe uses half of each SRAM buffer and the next
                                             stripe's DMA overlaps its compute (False: all of it,
                                             DMA and compute take turns)
@@ -98,9 +102,14 @@ class NPU16:
                        serialises them (appendix B's 4 cycles on every output tile)
     sram_*_kib         on-chip buffers (weights, activations, accumulators); a conv/linear
                        is striped to fit them (targets/npu16/memory.py)
-    *_cycles_per_value cycles per value through the add, mul, pool (max/sum/avg window taps)
-                       and lookup units, in steps of 1/256 cycle (``unit_q8``); 0: the unit is
-                       the epilogue (⌈values / epilogue_width⌉)
+    *_cycles_per_value cycles per value through the add, mul, pool (max/sum/avg window taps),
+                       lookup and row (softmax / layer norm, per pass over a row) units, in
+                       steps of 1/256 cycle (``unit_q8``); 0: the unit is the epilogue's
+                       lanes (⌈values / epilogue_width⌉)
+    row_cycles         the row unit's iterative stage, per row: a layer norm position's integer
+                       root and the reciprocal of its divisor, a softmax row's reciprocal of
+                       S·2^k (64: a bit-serial root and a radix-2 reciprocal of 32 steps each);
+                       it works on one row while the lanes stream the others (``row_cost``)
     double_buffer      two halves per buffer: DMA of the next stripe overlaps this one's
                        compute, so a command takes its slowest unit; single-buffered, DMA
                        and compute take turns (cycles = DMA + the slower of array and epilogue)
@@ -129,6 +138,8 @@ class NPU16:
     mul_cycles_per_value: float = 0.0
     pool_cycles_per_value: float = 0.0
     lut_cycles_per_value: float = 0.0
+    row_cycles_per_value: float = 0.0
+    row_cycles: int = 64
     double_buffer: bool = True
     first_layer_im2col: bool = False
     cascade: bool = True
@@ -150,7 +161,8 @@ class NPU16:
             raise NpuConfigError(f"npu16 tile must be 1 to {MAX_TILE}, not {self.tile}")
         if not (self.clock_mhz > 0 and math.isfinite(self.clock_mhz)):
             raise NpuConfigError(f"npu16 clock_mhz must be positive, not {self.clock_mhz}")
-        for name in ("dma_bytes_per_cycle", "epilogue_width", "sram_weight_kib", "sram_act_kib", "sram_acc_kib"):
+        for name in ("dma_bytes_per_cycle", "epilogue_width", "sram_weight_kib", "sram_act_kib", "sram_acc_kib",
+                     "row_cycles"):
             if getattr(self, name) < 1:
                 raise NpuConfigError(f"npu16 {name} must be at least 1, not {getattr(self, name)}")
         for unit in UNITS:
@@ -186,10 +198,10 @@ class NPU16:
 
 _RENAMED = {"epilogue_lanes": "epilogue_width"}
 _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulators": "sram_acc_kib"}
-UNITS = ("add", "mul", "pool", "lut")          # units with their own throughput (cycles_per_value)
+UNITS = ("add", "mul", "pool", "lut", "row")   # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
         "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col",
-        "cascade", "host")
+        "cascade", "row_cycles", "host")
 HOST_KEYS = tuple(f.name for f in fields(Host))
 
 

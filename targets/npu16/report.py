@@ -16,7 +16,7 @@ import numpy as np
 
 from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
-                                lut_cost, matmul_cost, mul_cost, pad_cost, pool_cost, resize_cost)
+                                lut_cost, matmul_cost, mul_cost, pad_cost, pool_cost, resize_cost, row_cost)
 from targets.npu16.first_layer import runs_im2col
 from targets.npu16.host_cost import host_row
 from targets.npu16.params import NPU16
@@ -112,7 +112,7 @@ def _layer_query_cost(npu: NPU16, **args) -> LayerCost:
 COSTS: dict[str, Callable[..., LayerCost]] = {
     "layer": _layer_query_cost, "add": add_cost, "pool": pool_cost, "gather": gather_cost, "pad": pad_cost,
     "avg_pool": avg_pool_cost, "concat": concat_cost, "lut": lut_cost, "mul": mul_cost, "resize": resize_cost,
-    "matmul": matmul_cost}
+    "matmul": matmul_cost, "row": row_cost}
 
 
 def query(program, op, npu: NPU16, keep: dict | None = None) -> CostQuery:
@@ -202,6 +202,15 @@ def _matmul(program, op, in_shape, in_dtype, npu) -> CostQuery:
     return CostQuery("matmul", {"name": op.name, "n": n, "heads": g, "k": k, "m": m, "positions": p})
 
 
+def _row(program, op, in_shape, in_dtype, npu) -> CostQuery:
+    """A softmax or layer norm: one SOFTMAX / LAYERNORM command on the row unit."""
+    softmax = op.kind == "softmax"
+    table = 4 * int(op.params["exp"].size) if softmax else 8 * int(in_shape[1])
+    return CostQuery("row", {"name": op.name, "kind": op.kind, "n": int(in_shape[0]), "channels": int(in_shape[1]),
+                             "positions": int(np.prod(in_shape[2:])), "groups": op.attrs.groups if softmax else 1,
+                             "in_bytes": _itemsize(in_dtype), "table_bytes": table})
+
+
 def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
     """Lowered as a nearest RESIZE over the box (codegen/npu16/lower._crop)."""
     return CostQuery("resize", {"name": op.name, "planes": int(in_shape[0] * in_shape[1]), "w": int(in_shape[3]),
@@ -211,7 +220,7 @@ def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
 # kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., CostQuery]] = {
     "matmul": _matmul,
-    "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _host, "softmax": _host, "conv2d": _layer, "linear": _layer, "add": _add,
+    "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _row, "softmax": _row, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
     "concat": _concat, "table": _table, "mul": _mul, "resize": _resize,
     "constant": _host,
@@ -264,7 +273,8 @@ def _host_constant(program, op) -> tuple[str, dict]:
     return "constant", {"elems": int(np.prod(op.shape)), "elem_bytes": _itemsize(op.dtype)}
 
 
-# host kind → its host_cost.HOST_COSTS query (codegen/npu16/lower.HOST_KINDS)
+# host kind → its host_cost.HOST_COSTS query (codegen/npu16/lower.HOST_KINDS, and the softmax and
+# layer norm when they fall back: int32 codes, or a position larger than the activation SRAM)
 HOST_ESTIMATES: dict[str, Callable[..., tuple[str, dict]]] = {
     "softmax": _host_softmax, "layer_norm": _host_layer_norm, "quantize": _host_elementwise("quantize"),
     "dequantize": _host_elementwise("dequantize"), "flatten": _host_view, "reshape": _host_view,

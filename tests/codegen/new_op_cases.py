@@ -1,5 +1,5 @@
 """Random small programs around one op of the new kinds (pad, dilated max_pool2d, avg_pool2d,
-concat, table, mul, resize, matmul), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
+concat, table, mul, resize, matmul, softmax, layer_norm), built by hand (shapes and dtypes filled in, no Relax): quantize (scale 1,
 zero 0, so integer inputs are their own codes) → helper ops making the op's inputs (gathers,
 a global max pool for a broadcast operand) → the op → dequantize.
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from relay_passes.attrs import (AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, MatmulAttrs, MaxPoolAttrs, MulAttrs,
-                                PadAttrs, QuantizeAttrs, ResizeAttrs)
+from calib.numerics import layer_norm_constants, softmax_constants
+from relay_passes.attrs import (AvgPoolAttrs, ConcatAttrs, DequantizeAttrs, LayerNormAttrs, MatmulAttrs, MaxPoolAttrs,
+                                MulAttrs, PadAttrs, QuantizeAttrs, ResizeAttrs, SoftmaxAttrs, SumPoolAttrs)
 from relay_passes.program import INPUT, Op, Program
 
-KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize", "matmul")
+KINDS = ("pad", "max_pool2d", "avg_pool2d", "concat", "table", "mul", "resize", "matmul", "softmax", "layer_norm")
 
 
 def _clamp_range(rng) -> tuple[int, int]:
@@ -148,6 +149,33 @@ def case(kind: str, seed: int):
                             z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
         m = l if contract == "channels" else d
         ops = [bs, b, a, Op("matmul", "op", ["a", "b"], attrs, shape=(n, g * m, h, w))]
+    elif kind == "softmax":
+        # heads of 1..40 keys at 1..30 positions; A2–A8 codes in (the table has 2^A entries)
+        bits = int(rng.integers(2, 9))
+        qmax = 2**bits - 1
+        g, keys = int(rng.integers(1, 4)), int(rng.integers(1, 41))
+        spatial = () if rng.random() < 0.2 else (int(rng.integers(1, 6)), int(rng.integers(1, 7)))
+        shape = (n, g * keys, *spatial)
+        k = softmax_constants(float(rng.uniform(0.005, 0.5)), qmax, 1 / float(rng.choice([15, 255])))
+        lo, hi = _clamp_range(rng)
+        attrs = SoftmaxAttrs(groups=g, mult=k.r, frac=k.k, z_out=int(rng.integers(0, 30)), lo=lo, hi=hi)
+        ops = [Op("softmax", "op", ["q"], attrs, {"exp": k.table}, shape=shape)]
+    elif kind == "layer_norm":
+        # 1..80 channels (c = 1: zero variance, only e keeps the root positive) of uint8 codes, or of a sum pool's int32 sums
+        c = int(rng.integers(1, 81))
+        h, w = int(rng.integers(1, 6)), int(rng.integers(1, 7))
+        shape = (n, c, h, w)
+        wide = rng.random() < 0.3
+        in_scale, in_qmax = (0.02 / (h * w), 255 * h * w) if wide else (0.02, 255)
+        nc = layer_norm_constants(rng.normal(1, 0.5, c), rng.normal(0, 0.5, c), float(rng.choice([1e-5, 0.0])),
+                                  in_scale, in_qmax, float(rng.uniform(0.01, 0.1)))
+        lo, hi = _clamp_range(rng)
+        attrs = LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=int(rng.integers(0, 256)), lo=lo, hi=hi)
+        ops = [Op("layer_norm", "op", ["q"], attrs, {"g": nc.g, "b": nc.b}, shape=shape)]
+        if wide:
+            ops = [Op("sum_pool2d", "sums", ["q"], SumPoolAttrs(kernel=(h, w), stride=(1, 1), padding=(0, 0), z_in=0),
+                      shape=(n, c, 1, 1), dtype="int32"),
+                   Op("layer_norm", "op", ["sums"], attrs, {"g": nc.g, "b": nc.b}, shape=(n, c, 1, 1))]
     else:
         raise ValueError(kind)
     x = rng.integers(0, qmax + 1, shape).astype(np.float32)

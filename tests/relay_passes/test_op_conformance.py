@@ -54,11 +54,11 @@ def _run(prog, x, backend: str, lib) -> list[np.ndarray]:
     return [out[0].numpy(), out[1].numpy()]
 
 
-HOST_ON_NPU16 = npu16_lower.HOST_KINDS      # float arithmetic, nothing to compute, a root and division per position
+HOST_ON_NPU16 = npu16_lower.HOST_KINDS      # float arithmetic, nothing to compute, codes written per sample
 
 
 def test_host_kinds_are_the_expected_ones():
-    assert HOST_ON_NPU16 == {"quantize", "dequantize", "flatten", "layer_norm", "softmax", "constant", "reshape"}
+    assert HOST_ON_NPU16 == {"quantize", "dequantize", "flatten", "constant", "reshape"}
 
 
 def test_every_handler_table_covers_the_op_set():
@@ -69,7 +69,7 @@ def test_every_handler_table_covers_the_op_set():
     assert set(c_emit.SHARED_CALLS) <= set(KINDS)            # the kernels the two C tables share
     assert set(npu16_lower.LOWERINGS) == set(KINDS)
     assert set(npu16_report.ESTIMATES) == set(KINDS)
-    assert set(npu16_report.HOST_ESTIMATES) == set(HOST_ON_NPU16)   # every host kind has a host time
+    assert set(npu16_report.HOST_ESTIMATES) == set(HOST_ON_NPU16) | {"softmax", "layer_norm"}  # + row-unit fallbacks
     assert set(waps_inspect.RENDER) == set(KINDS)
 
 

@@ -85,16 +85,18 @@ def _report(kind: str, npu=DEFAULT):
 
 
 def test_report_gives_host_ops_host_time_apart_from_the_npu():
-    """A softmax program: its softmaxes, quantize and dequantize get host cycles and time (not
-    npu16 columns); the totals are the NPU's time, the host's and their sum."""
+    """A softmax program: quantize and dequantize get host cycles and time (not npu16 columns),
+    the softmaxes run on the NPU's row unit; the totals are the NPU's time, the host's and their
+    sum. A softmax that falls back (int32 codes, a position larger than the SRAM) has a host model."""
     from targets.npu16.report import host_query
     from waps_tvm import report
     prog, rep = _report("softmax")
     host = [r for r in rep["ops"] if r["target"] != "npu16"]
-    assert {r["kind"] for r in host} == {"quantize", "softmax", "dequantize"}
+    assert {r["kind"] for r in host} == {"quantize", "dequantize"}
     for r in host:
         assert "npu16" not in r and r["host"]["cycles"] > 0 and r["reason"]
-    sm = next(r for r in host if r["kind"] == "softmax")
+    sm = next(r for r in rep["ops"] if r["kind"] == "softmax")
+    assert sm["target"] == "npu16" and sm["npu16"]["query"]["fn"] == "row" and "host" not in sm
     op = prog[sm["op"]]
     n, c, h, w = prog.shape_of(op.inputs[0])
     assert host_query(prog, op) == ("softmax", {"elems": n * c * h * w, "rows": n * op.attrs.groups * h * w,
@@ -119,6 +121,12 @@ def test_report_gives_host_ops_host_time_apart_from_the_npu():
 def test_layer_norm_and_flatten_rows():
     _, rep = _report("layer_norm")
     rows = {r["kind"]: r for r in rep["ops"] if "host" in r}
-    assert rows["layer_norm"]["host"]["divisions"] > 0 and rows["layer_norm"]["host"]["bound"] == "compute"
+    from targets.npu16.report import host_query
+    assert "layer_norm" not in rows            # on the row unit, int32 sums in too
+    assert all(r["target"] == "npu16" for r in rep["ops"] if r["kind"] == "layer_norm")
+    prog, _ = _report("layer_norm")
+    op = next(o for o in prog.ops if o.kind == "layer_norm")
+    kind, args = host_query(prog, op)          # what it would cost where it falls back
+    assert host_row(kind, args, Host())["divisions"] > 0 and host_row(kind, args, Host())["bound"] == "compute"
     assert rows["flatten"]["host"]["cycles"] == 0 and rows["flatten"]["host"]["bound"] == "none"
     assert rep["totals"]["host_unmodelled"] == []

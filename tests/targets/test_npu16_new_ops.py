@@ -1,7 +1,8 @@
-"""npu16 runs pad, dilated max_pool2d, avg_pool2d, concat, table and mul bit-exactly against the
-NumPy reference, and the estimator (targets/npu16/report.estimate) equals every counter the
+"""npu16 runs pad, dilated max_pool2d, avg_pool2d, concat, table, mul, resize, matmul, softmax
+and layer_norm bit-exactly against the NumPy reference, and the estimator (targets/npu16/report.estimate) equals every counter the
 simulator reports, on random small cases and random machines (hypothesis): epilogue widths,
-units with their own cycles per value, a weight port, single or double buffering."""
+units with their own cycles per value, a weight port, single or double buffering, the row
+unit's stage, a 1 KiB activation SRAM (stripes)."""
 import ctypes
 
 import numpy as np
@@ -55,7 +56,9 @@ _machines = st.builds(NPU16, tile=st.sampled_from([8, 16]), arrays=st.integers(1
                       dma_bytes_per_cycle=st.integers(1, 32), epilogue_width=st.integers(1, 16),
                       weight_bytes_per_cycle=st.sampled_from([0, 1, 4]), double_buffer=st.booleans(),
                       add_cycles_per_value=_per_value, mul_cycles_per_value=_per_value,
-                      pool_cycles_per_value=_per_value, lut_cycles_per_value=_per_value)
+                      pool_cycles_per_value=_per_value, lut_cycles_per_value=_per_value,
+                      row_cycles_per_value=_per_value, row_cycles=st.sampled_from([1, 64, 300]),
+                      sram_act_kib=st.sampled_from([1, 512]))
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -63,7 +66,11 @@ _machines = st.builds(NPU16, tile=st.sampled_from([8, 16]), arrays=st.integers(1
 def test_npu16_equals_reference_and_estimator(simulator, kind, seed, npu):
     prog, op, x = case(kind, seed)
     env = reference.run(prog, x, keep=True)
-    out, counted = simulate(simulator, prog, op, env, npu)
+    try:
+        out, counted = simulate(simulator, prog, op, env, npu)
+    except NotOnNpu as e:               # a 1 KiB activation SRAM can be too small (a matmul's operand)
+        assert npu.sram_act_kib == 1 and "activation SRAM" in str(e), e
+        return
     np.testing.assert_array_equal(out, env[op.name])
     est = estimate(prog, op, npu)
     assert est.counters() == counted

@@ -116,19 +116,26 @@ def test_tune_through_a_tracker_measures_on_both_boards_at_once(farm, tiny_artif
     (run --tracker, on one board of the pool) bit-exact against the reference interpreter."""
     address, logs = farm
     waps = artifact.save(tiny_artifact, tmp_path / "tiny.waps")
-    rec = tmp_path / "rec"
-    code, out, err = run(["tune", waps, "--target", "aarch64", "--tracker", address, "--key", KEY,
-                          "--work-dir", rec, "--trials", "4", "-q"], capsys)
-    assert code == 0, err
-    assert "4 trials" in out and f"measured on 2 boards (key '{KEY}' at the RPC tracker {address})" in out, out
-    info = json.loads((rec / "waps-tuning.json").read_text())
-    assert info["target"]["mtriple"] == "aarch64-linux-gnu"
-    records = [json.loads(line) for line in (rec / "search" / "database_tuning_record.json").read_text().splitlines()]
-    workloads = (rec / "database_workload.json").read_text().splitlines()
-    assert len([r for r in records if all(float(s) < 1e9 for s in r[1][1])]) > len(workloads)
-    a, b = (_sessions(log) for log in logs)
-    assert a and b, [log.read_text()[-2000:] for log in logs]           # both boards served sessions
-    assert _concurrent(a, b), (a, b)                                      # and at the same time
+    for attempt in range(2):
+        # Whether two qemu boards on a 2-core machine hold a round's sessions at once depends on
+        # the scheduler (a loaded CI machine once serialised one tune); a second tune must show it.
+        rec = tmp_path / f"rec{attempt}"
+        code, out, err = run(["tune", waps, "--target", "aarch64", "--tracker", address, "--key", KEY,
+                              "--work-dir", rec, "--trials", "4", "-q"], capsys)
+        assert code == 0, err
+        assert "4 trials" in out and f"measured on 2 boards (key '{KEY}' at the RPC tracker {address})" in out, out
+        info = json.loads((rec / "waps-tuning.json").read_text())
+        assert info["target"]["mtriple"] == "aarch64-linux-gnu"
+        records = [json.loads(line)
+                   for line in (rec / "search" / "database_tuning_record.json").read_text().splitlines()]
+        workloads = (rec / "database_workload.json").read_text().splitlines()
+        assert len([r for r in records if all(float(s) < 1e9 for s in r[1][1])]) > len(workloads)
+        a, b = (_sessions(log) for log in logs)
+        assert a and b, [log.read_text()[-2000:] for log in logs]       # both boards served sessions
+        if _concurrent(a, b):                                           # and at the same time
+            break
+    else:
+        raise AssertionError(f"no two sessions of the boards overlapped in two tunes: {a} / {b}")
 
     x = np.random.default_rng(5).normal(size=(1, 1, 16, 16)).astype("float32")
     np.save(tmp_path / "x.npy", x)
