@@ -14,6 +14,11 @@ from targets.npu16.group_cost import layer_shape
 from targets.npu16.params import NPU16
 
 
+# captured-graph ops the compiler lowers to one command of codegen/npu16/cascade.CHAIN_COMMANDS
+# (CONV/DWCONV, ADD, MAXPOOL; node_cost costs no matmul, softmax or layer norm)
+CHAIN_NODE_OPS = frozenset({"conv2d", "linear", "add", "max_pool2d"})
+
+
 def node_cost(graph, node, npu: NPU16) -> LayerCost | None:
     """npu16's cost of one captured-graph node at batch 1, int8 codes (None: nothing to run,
     e.g. flatten)."""
@@ -46,10 +51,10 @@ def graph_chains(graph, npu: NPU16):
     compiler's rule: single-consumer edges between conv/linear/add/max-pool nodes, each
     intermediate kept in SRAM when memory.keeps says it fits) and every node's cost with them:
     → (chains, {node name: LayerCost, cascaded where a chain keeps its input or output})."""
-    from codegen.npu16.cascade import CHAIN_KINDS, Node, cascaded_cost, form
+    from codegen.npu16.cascade import Node, cascaded_cost, form
     costs = {n.name: c for n in graph if (c := node_cost(graph, n, npu)) is not None}
     nodes = [Node(n.name, tuple(n.inputs), int(np.prod(n.shape)),
-                  *(costs[n.name].act_split if n.name in costs else (0, 0)), n.name in costs and n.op in CHAIN_KINDS)
+                  *(costs[n.name].act_split if n.name in costs else (0, 0)), n.name in costs and n.op in CHAIN_NODE_OPS)
              for n in graph]
     chains = form(nodes, {graph.output}, npu)
     for ch in chains:

@@ -152,10 +152,11 @@ def _time_totals(rows: list[dict]) -> dict:
 def recost(rep: dict, npu) -> dict:
     """``rep`` (an npu16 report.json) re-costed for another machine ``npu`` (params.NPU16) from
     each op's cost query, without the compiled module: every count is the estimator's
-    (``counted`` false), and an op whose smallest stripe no longer fits the SRAM is marked."""
+    (``counted`` false), and an op whose smallest stripe no longer fits the SRAM is marked (a
+    softmax or layer norm, also on a machine without the row unit, then gets its host time)."""
     from targets.npu16.host_cost import host_row
     from targets.npu16.memory import SramTooSmall
-    from targets.npu16.report import CostQuery, cost_row
+    from targets.npu16.report import CostQuery, cost_row, row_host_query
     if rep.get("target") != "npu16":
         raise ValueError("only an npu16 report can be re-costed for another npu16 config")
     out = json.loads(json.dumps(rep))
@@ -172,12 +173,17 @@ def recost(rep: dict, npu) -> dict:
         if "query" not in c:
             raise ValueError(f"{row['op']}: no cost query (compiled before 'report --npu-config' existed)")
         plain = CostQuery.from_json(c["query_no_groups"]) if c.get("query_no_groups") else None
+        query = CostQuery.from_json(c["query"])
         try:
-            row["npu16"] = {k: v for k, v in cost_row(CostQuery.from_json(c["query"]), npu, None, plain).items()
-                            if k in NPU16_COLUMNS}
+            if query.fn == "row" and not npu.row_unit:
+                raise SramTooSmall("it has no row unit (row_unit false)")
+            row["npu16"] = {k: v for k, v in cost_row(query, npu, None, plain).items() if k in NPU16_COLUMNS}
         except SramTooSmall as e:
             del row["npu16"]
             row["target"], row["reason"] = "llvm", f"does not fit this npu16: {e}"
+            if query.fn == "row":            # a softmax or layer norm: the host's time for it
+                row["host"] = {k: v for k, v in host_row(*row_host_query(query.args), npu.host).items()
+                               if k in HOST_COLUMNS}
     out["totals"] = _totals(out["ops"])
     return out
 

@@ -3,7 +3,8 @@
 ``chains(program, where, npu)`` finds the maximal chains of offloaded ops in which each op's
 output has exactly one consumer, the next op of the chain (not a model output), read as one
 of that op's inputs: conv → conv, 1×1 → depthwise → 1×1 → residual add (the add's other
-input comes from outside the chain, e.g. the chain's input, by DMA as before), conv → pool.
+input comes from outside the chain, e.g. the chain's input, by DMA as before), conv → pool,
+attention's scores matmul → softmax → probs·V matmul, conv → layer norm → conv.
 Only ops run as one command that moves its activations through the DMA of the simulator's
 ``npu16_dma_in``/``npu16_dma_out`` (``CHAIN_COMMANDS``) are chained, and only in NCHW uint8.
 An add fed by two chainable producers continues the later one's chain (program order).
@@ -36,7 +37,8 @@ from targets.npu16 import memory
 from targets.npu16.isa import Op, Reg, set_
 from targets.npu16.params import NPU16
 
-CHAIN_COMMANDS = (Op.CONV, Op.DWCONV, Op.ADD, Op.MAXPOOL)      # conv2d/linear, add, max_pool2d
+# conv2d/linear, add, max_pool2d, matmul, softmax, layer_norm
+CHAIN_COMMANDS = (Op.CONV, Op.DWCONV, Op.ADD, Op.MAXPOOL, Op.MATMUL, Op.SOFTMAX, Op.LAYERNORM)
 
 
 @dataclass(frozen=True)

@@ -288,8 +288,10 @@ def _matmul(a, in_shapes, in_dtypes, params, npu) -> NpuOp:
 
 
 def _row_plan_regs(shape, in_bytes: int, npu) -> tuple[list[Instr], memory.RowPlan]:
-    """The row unit's stripe registers for codes [N, C, ...] (memory.row_plan); NotOnNpu when
-    one position does not fit the activation SRAM."""
+    """The row unit's stripe registers for codes [N, C, ...] (memory.row_plan); NotOnNpu on a
+    machine without the row unit or when one position does not fit the activation SRAM."""
+    if not npu.row_unit:
+        raise NotOnNpu("the npu16 config has no row unit (row_unit false) for softmax and layer norm")
     try:
         plan = memory.row_plan(channels=shape[1], positions=_inner(shape), in_bytes=in_bytes, npu=npu)
     except memory.SramTooSmall as e:

@@ -16,6 +16,8 @@
                          unit's own throughput (Vela's output cycles per element; "row": per
                          value and pass of the row unit's softmax / layer norm); 0 or omitted:
                          the epilogue's lanes
+    row_unit             bool               the row unit runs softmax and layer norm
+                                            (SOFTMAX, LAYERNORM); false: they stay on the host
     row_cycles           int >= 1           the row unit's iterative stage, per row (a layer
                                             norm position, a softmax group at one position):
                                             the root and the divisor's reciprocal
@@ -110,6 +112,8 @@ class NPU16:
                        root and the reciprocal of its divisor, a softmax row's reciprocal of
                        S·2^k (64: a bit-serial root and a radix-2 reciprocal of 32 steps each);
                        it works on one row while the lanes stream the others (``row_cost``)
+    row_unit           the machine has the row unit (False: an NPU without one, whose softmax
+                       and layer norm run on the host)
     double_buffer      two halves per buffer: DMA of the next stripe overlaps this one's
                        compute, so a command takes its slowest unit; single-buffered, DMA
                        and compute take turns (cycles = DMA + the slower of array and epilogue)
@@ -140,6 +144,7 @@ class NPU16:
     lut_cycles_per_value: float = 0.0
     row_cycles_per_value: float = 0.0
     row_cycles: int = 64
+    row_unit: bool = True
     double_buffer: bool = True
     first_layer_im2col: bool = False
     cascade: bool = True
@@ -201,7 +206,7 @@ _SRAM = {"weights": "sram_weight_kib", "activations": "sram_act_kib", "accumulat
 UNITS = ("add", "mul", "pool", "lut", "row")   # units with their own throughput (cycles_per_value)
 KEYS = ("tile", "arrays", "clock_mhz", "dma_bytes_per_cycle", "weight_bytes_per_cycle", "epilogue_lanes", "sram_kib",
         "waps_switch_cycles", "waps_merge_cycles", "waps_pipelined", "double_buffer", "cycles_per_value", "first_layer_im2col",
-        "cascade", "row_cycles", "host")
+        "cascade", "row_unit", "row_cycles", "host")
 HOST_KEYS = tuple(f.name for f in fields(Host))
 
 

@@ -92,6 +92,9 @@ _CHAIN_INPUT_BYTES = {
     "layer": lambda args, est: [est.bytes["input"]],
     "add": lambda args, est: [args["in_elems"], args.get("b_bytes", args["in_elems"])],
     "pool": lambda args, est: [args["in_elems"]],
+    "matmul": lambda args, est: [args["n"] * args["heads"] * args["k"] * args["positions"],      # a, then b
+                                 args["n"] * args["heads"] * args["k"] * args["m"]],
+    "row": lambda args, est: [est.bytes["input"]],
 }
 
 
@@ -251,6 +254,17 @@ def _host_layer_norm(program, op) -> tuple[str, dict]:
     _, shape, elems, in_b, out_b = _host_shape(program, op)
     return "layer_norm", {"elems": elems, "positions": elems // shape[1], "channels": int(shape[1]),
                           "in_bytes": in_b, "out_bytes": out_b}
+
+
+def row_host_query(args: dict) -> tuple[str, dict]:
+    """The host query (host_cost.HOST_COSTS) of a softmax or layer norm from its row-unit cost
+    query's args (``_row``): what it costs where a machine runs it on the host."""
+    elems = args["n"] * args["channels"] * args["positions"]
+    if args["kind"] == "softmax":
+        return "softmax", {"elems": elems, "rows": args["n"] * args["groups"] * args["positions"],
+                           "in_bytes": args["in_bytes"], "out_bytes": 1, "table_entries": args["table_bytes"] // 4}
+    return "layer_norm", {"elems": elems, "positions": args["n"] * args["positions"], "channels": args["channels"],
+                          "in_bytes": args["in_bytes"], "out_bytes": 1}
 
 
 def _host_elementwise(fn: str):

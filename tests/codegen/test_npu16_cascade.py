@@ -9,7 +9,9 @@ import pytest
 
 from codegen.npu16.cascade import Node, form
 from relay_passes import reference
-from relay_passes.attrs import AddAttrs, ConvAttrs, DequantizeAttrs, MaxPoolAttrs, QuantizeAttrs
+from calib.numerics import layer_norm_constants, quantize_multiplier, softmax_constants
+from relay_passes.attrs import (AddAttrs, ConvAttrs, DequantizeAttrs, LayerNormAttrs, MatmulAttrs, MaxPoolAttrs,
+                                QuantizeAttrs, SoftmaxAttrs)
 from relay_passes.program import INPUT, Op, Program, emit
 from targets.npu16 import memory
 from targets.npu16.cost import LayerShape, cascaded, layer_cost
@@ -96,7 +98,8 @@ def _conv(rng, name, src, c, m, k, n, hw, g=1, stride=1):
 def chain_program(kind: str, seed: int) -> Program:
     """quantize → the chain → dequantize, random channels/sizes: 'conv_conv' (k×k conv → k×k
     conv), 'inverted' (1×1 expansion → depthwise 3×3 → 1×1 projection + residual add of the
-    chain's input), 'conv_pool' (conv → max pool)."""
+    chain's input), 'conv_pool' (conv → max pool), 'attention' (scores = Q·Kᵀ → per-head
+    softmax → probs·V, K = V a strided 1×1 conv of the input), 'norm' (conv → layer norm → 1×1 conv)."""
     rng = np.random.default_rng([seed, len(kind)])
     n, c, hw = int(rng.integers(1, 3)), int(rng.integers(2, 20)), int(rng.integers(3, 9))
     ops = [Op("quantize", "q", [INPUT], QuantizeAttrs(scale=1.0, zero_point=0.0, qmax=255), shape=(n, c, hw, hw))]
@@ -111,6 +114,29 @@ def chain_program(kind: str, seed: int) -> Program:
         ops.append(Op("add", "add", ["project", "q"], AddAttrs(za=int(rng.integers(0, 8)), zb=0, ka=int(rng.integers(1, 9)),
                                                                 kb=int(rng.integers(1, 9)), t=3, z_out=2, lo=0, hi=255),
                       shape=(n, c, hw, hw)))
+    elif kind == "attention":
+        g = int(rng.choice([h for h in (1, 2, 3, 4) if c % h == 0]))
+        ops.append(_conv(rng, "kv", "q", c, c, 1, n, hw, stride=int(rng.integers(1, 4))))   # two users: not chained
+        lp = ops[-1].shape[2]
+        zv = ops[-1].attrs.z_out                  # the conv's codes spread a few steps around its zero point
+        mult, shift = (int(v[0]) for v in quantize_multiplier(np.array([rng.uniform(0.04, 0.16) / np.sqrt(c // g)])))
+        ops.append(Op("matmul", "scores", ["q", "kv"], MatmulAttrs(heads=g, contract="channels", za=128, zb=zv,
+                                                                   z_out=128, lo=0, hi=255, mult=mult, shift=shift),
+                      shape=(n, g * lp * lp, hw, hw)))
+        k8 = softmax_constants(float(rng.uniform(0.02, 0.1)), 255, 1 / 255)
+        ops.append(Op("softmax", "probs", ["scores"], SoftmaxAttrs(groups=g, mult=k8.r, frac=k8.k, z_out=0, lo=0,
+                                                                   hi=255), {"exp": k8.table}, shape=ops[-1].shape))
+        mult, shift = (int(v[0]) for v in quantize_multiplier(np.array([rng.uniform(0.02, 0.08)])))
+        ops.append(Op("matmul", "pv", ["probs", "kv"], MatmulAttrs(heads=g, contract="positions", za=0, zb=zv,
+                                                                   z_out=128, lo=0, hi=255, mult=mult, shift=shift),
+                      shape=(n, c, hw, hw)))
+    elif kind == "norm":
+        m = int(rng.integers(1, 40))
+        ops.append(_conv(rng, "c1", "q", c, m, int(rng.choice([1, 3])), n, hw))
+        nc = layer_norm_constants(rng.normal(1, 0.5, m), rng.normal(0, 0.5, m), 1e-6, 0.05, 255, 0.03)
+        ops.append(Op("layer_norm", "ln", ["c1"], LayerNormAttrs(prec=nc.p, eps=nc.e, frac=nc.k, z_out=128, lo=0,
+                                                                 hi=255), {"g": nc.g, "b": nc.b}, shape=ops[-1].shape))
+        ops.append(_conv(rng, "c2", "ln", m, int(rng.integers(1, 40)), 1, n, hw))
     else:
         m = int(rng.integers(1, 40))
         ops.append(_conv(rng, "c1", "q", c, m, 3, n, hw))
@@ -157,7 +183,7 @@ def _moved(counters: dict) -> int:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("kind", ["conv_conv", "inverted", "conv_pool"])
+@pytest.mark.parametrize("kind", ["conv_conv", "inverted", "conv_pool", "attention", "norm"])
 def test_chain_bit_exact_and_saves_dma(kind, seed, tmp_path):
     prog = chain_program(kind, seed)
     on_codes, ref, where, on, on_est = run_npu16(prog, NPU16(), tmp_path)
@@ -166,7 +192,7 @@ def test_chain_bit_exact_and_saves_dma(kind, seed, tmp_path):
     np.testing.assert_array_equal(off_codes, ref)
     assert on == on_est and off == off_est                 # simulator = cost model, cascading on and off
     chained = [r for r in where if r.get("partition")]
-    ops = [o.name for o in prog.ops if o.kind not in ("quantize", "dequantize")]
+    ops = [o.name for o in prog.ops if o.kind not in ("quantize", "dequantize") and o.name != "kv"]  # kv: 2 users
     assert [r["op"] for r in chained] == ops and len({r["partition"] for r in chained}) == 1   # one partition
     assert not any(r.get("partition") for r in where_off)
     saved = sum(c["dma_saved_bytes"] for c in on.values())

@@ -67,7 +67,7 @@ _machines = st.builds(NPU16, tile=st.sampled_from([8, 16]), arrays=st.integers(1
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["conv_conv", "inverted", "conv_pool"]), seed=st.integers(0, 2**16), npu=_machines)
+@given(kind=st.sampled_from(["conv_conv", "inverted", "conv_pool", "attention", "norm"]), seed=st.integers(0, 2**16), npu=_machines)
 def test_kept_bytes_are_the_bytes_not_moved(simulator, kind, seed, npu):
     prog = chain_program(kind, seed)
     x = np.random.default_rng(seed).integers(0, 256, prog.input_shape).astype(np.float32)

@@ -130,3 +130,30 @@ def test_layer_norm_and_flatten_rows():
     assert host_row(kind, args, Host())["divisions"] > 0 and host_row(kind, args, Host())["bound"] == "compute"
     assert rows["flatten"]["host"]["cycles"] == 0 and rows["flatten"]["host"]["bound"] == "none"
     assert rep["totals"]["host_unmodelled"] == []
+
+
+def test_a_machine_without_the_row_unit_runs_softmax_and_layer_norm_on_the_host():
+    """row_unit false: lowering says why; compiled and re-costed reports give those ops the
+    host time of their host query (the row query's args map onto it exactly)."""
+    from codegen.npu16.lower import NotOnNpu, lower_op
+    from targets.npu16.report import host_query, query, row_host_query
+    from waps_tvm import report
+    bare = from_config({"row_unit": False})
+    assert bare.row_unit is False and from_config(bare.to_config()) == bare
+    for kind in ("softmax", "layer_norm"):
+        prog, rep = _report(kind)
+        ops = [o for o in prog.ops if o.kind == kind]
+        for op in ops:
+            assert row_host_query(query(prog, op, DEFAULT).args) == host_query(prog, op)
+            with pytest.raises(NotOnNpu, match="no row unit"):
+                lower_op(op.kind, op.attrs, [prog.shape_of(i) for i in op.inputs],
+                         [prog.dtype_of(i) for i in op.inputs], op.params, bare)
+        _, compiled_bare = _report(kind, bare)
+        again = report.recost(json.loads(json.dumps(rep)), bare)
+        for rows in (compiled_bare["ops"], again["ops"]):
+            moved = [r for r in rows if r["kind"] == kind]
+            assert len(moved) == len(ops) and all(r["target"] == "llvm" and "npu16" not in r for r in moved)
+            for r in moved:
+                assert r["host"]["cycles"] == host_row(*host_query(prog, prog[r["op"]]), bare.host)["cycles"] > 0
+        assert again["totals"]["host_time_us"] == pytest.approx(compiled_bare["totals"]["host_time_us"])
+        assert again["totals"]["host_time_us"] > rep["totals"]["host_time_us"]
