@@ -152,11 +152,11 @@ def _time_totals(rows: list[dict]) -> dict:
 def recost(rep: dict, npu) -> dict:
     """``rep`` (an npu16 report.json) re-costed for another machine ``npu`` (params.NPU16) from
     each op's cost query, without the compiled module: every count is the estimator's
-    (``counted`` false), and an op whose smallest stripe no longer fits the SRAM is marked (a
-    softmax or layer norm, also on a machine without the row unit, then gets its host time)."""
+    (``counted`` false), and an op whose smallest stripe no longer fits the SRAM (or a softmax
+    or layer norm on a machine without the row unit) moves to the host with its host time."""
     from targets.npu16.host_cost import host_row
     from targets.npu16.memory import SramTooSmall
-    from targets.npu16.report import CostQuery, cost_row, row_host_query
+    from targets.npu16.report import HOST_FROM_NPU, CostQuery, cost_row
     if rep.get("target") != "npu16":
         raise ValueError("only an npu16 report can be re-costed for another npu16 config")
     out = json.loads(json.dumps(rep))
@@ -181,9 +181,8 @@ def recost(rep: dict, npu) -> dict:
         except SramTooSmall as e:
             del row["npu16"]
             row["target"], row["reason"] = "llvm", f"does not fit this npu16: {e}"
-            if query.fn == "row":            # a softmax or layer norm: the host's time for it
-                row["host"] = {k: v for k, v in host_row(*row_host_query(query.args), npu.host).items()
-                               if k in HOST_COLUMNS}
+            row["host"] = {k: v for k, v in host_row(*HOST_FROM_NPU[query.fn](query.args), npu.host).items()
+                           if k in HOST_COLUMNS}           # its time on this machine's host
     out["totals"] = _totals(out["ops"])
     return out
 

@@ -29,6 +29,27 @@ and weigh ``Host.div_ops`` ops each. Per element of the op's input, for n sample
     constant    the codes [C, H, W] written once per sample (broadcast): read and write
                 n·C·H·W code bytes, 0 ops
 
+An op of a kind the NPU runs can fall back too (a layer whose stripe does not fit the SRAM
+or with more WAPS groups than the datapath holds, int32 codes into a uint8 unit, a machine
+without the row unit). Its host work is counted from its npu16 cost query's arguments
+(targets/npu16/report.HOST_FROM_NPU: the same shapes), with the TE kernel's expression:
+
+    layer       conv2d/linear: 1 op per MAC (a multiply-add; the input zero point is one
+                per-output correction), per output 8 ops (z correction, bias, requant's
+                multiply, rounding add and shift, + z_out, clamp 2) and 4 more per WAPS group
+                beyond the first (its shift, rounding, σ term and merge add)
+    matmul      1 op per MAC, 8 per output (the zero-point terms, requant, clamp)
+    add         per output 10: (x − z)·k twice (4), the rounding add, the shift, + z_out, clamp 2
+    mul         per output 9: two subtractions, the product, requant 3, + z_out, clamp 2
+    lut         per value 1 (the lookup)
+    pool        per window tap 1 (compare or add), per output 1 (store)
+    avg_pool    per window tap 1, per output 7 (− z·taps, requant 3, + z_out, clamp 2)
+    concat      per value 7 (the rescale: −z, ·k, rounding add, shift; + z_out, clamp 2)
+    resize      bilinear: per output 19 (four taps' subtractions and products and their
+                sums 13, requant 3, + z_out, clamp 2); nearest: a copy, 0 ops
+    gather, pad a copy: 0 ops, the bytes read and written
+    row         softmax or layer norm: as above
+
 Bytes: the input read once (a softmax group or layer norm position is at most a few
 thousand codes and stays in L1 between its passes), the op's tables or per-channel constants
 read once (softmax exp table int32, layer norm g and b int32), the output written once.
@@ -95,6 +116,17 @@ def layer_norm_cost(elems: int, positions: int, channels: int, in_bytes: int = 1
                     elems + NORM_POS_DIVS * positions, elems * in_bytes + 8 * channels, elems * out_bytes)
 
 
+MAC_OPS, LAYER_OUT_OPS, LAYER_GROUP_OPS, MATMUL_OUT_OPS = 1, 8, 4, 8
+ELEMENT_OPS = {"add": 10, "mul": 9, "lut": 1, "concat": 7, "bilinear": 19, "copy": 0}
+POOL_OUT_OPS, AVG_POOL_OUT_OPS = 1, 7
+
+
+def kernel_cost(kind: str, ops: int, read_bytes: int, write_bytes: int, note: str = "") -> HostCost:
+    """A host kernel of ``ops`` simple operations (no divisions) over its bytes: the form of
+    every offloadable kind that falls back (counts from report.HOST_FROM_NPU)."""
+    return HostCost(kind, ops, 0, read_bytes, write_bytes, note)
+
+
 def quantize_cost(elems: int, in_bytes: int = 4, out_bytes: int = 1) -> HostCost:
     return HostCost("quantize", QUANTIZE_OPS * elems, 0, elems * in_bytes, elems * out_bytes)
 
@@ -118,7 +150,7 @@ def constant_cost(elems: int, elem_bytes: int = 1) -> HostCost:
 # a host query's ``fn`` → its count function (keyword arguments: the query's args)
 HOST_COSTS: dict[str, Callable[..., HostCost]] = {
     "softmax": softmax_cost, "layer_norm": layer_norm_cost, "quantize": quantize_cost,
-    "dequantize": dequantize_cost, "view": view_cost, "constant": constant_cost}
+    "dequantize": dequantize_cost, "view": view_cost, "constant": constant_cost, "kernel": kernel_cost}
 
 
 def host_row(fn: str, args: dict, host: Host) -> dict:

@@ -18,8 +18,9 @@ from relay_passes.opset import is_layer
 from targets.npu16.cost import (LayerCost, LayerShape, add_cost, avg_pool_cost, concat_cost, gather_cost, layer_cost,
                                 lut_cost, matmul_cost, mul_cost, pad_cost, pool_cost, resize_cost, row_cost)
 from targets.npu16.first_layer import runs_im2col
-from targets.npu16.host_cost import host_row
-from targets.npu16.params import NPU16
+from targets.npu16.host_cost import (AVG_POOL_OUT_OPS, ELEMENT_OPS, LAYER_GROUP_OPS, LAYER_OUT_OPS, MAC_OPS,
+                                     MATMUL_OUT_OPS, POOL_OUT_OPS, host_row)
+from targets.npu16.params import DEFAULT, NPU16
 
 
 def layer_shape(op, in_shape, in_dtype: str, npu: NPU16) -> LayerShape:
@@ -267,6 +268,55 @@ def row_host_query(args: dict) -> tuple[str, dict]:
                           "in_bytes": args["in_bytes"], "out_bytes": 1}
 
 
+def _kernel(kind: str, ops: int, read: int, write: int, note: str = "") -> tuple[str, dict]:
+    return "kernel", {"kind": kind, "ops": int(ops), "read_bytes": int(read), "write_bytes": int(write), "note": note}
+
+
+def _layer_on_host(a: dict) -> tuple[str, dict]:
+    s = LayerShape(**{k: _tuples(v) for k, v in a.items()})
+    groups = max(len(s.group_sizes), 1)
+    h, w = s.h or s.oh, s.w or s.ow
+    ops = MAC_OPS * s.macs + s.outputs * (LAYER_OUT_OPS + LAYER_GROUP_OPS * (groups - 1))
+    weights = s.m * (s.c // s.conv_groups) * s.kh * s.kw + 12 * s.m          # int8 w; bias, mult, shift int32
+    return _kernel("layer", ops, s.n * s.c * h * w * (s.abits_in // 8) + weights, s.outputs)
+
+
+def _matmul_on_host(a: dict) -> tuple[str, dict]:
+    n, g, k, m, p = a["n"], a["heads"], a["k"], a["m"], a["positions"]
+    return _kernel("matmul", MAC_OPS * n * g * p * m * k + MATMUL_OUT_OPS * n * g * m * p, n * g * k * (p + m),
+                   n * g * m * p)
+
+
+def _resize_on_host(a: dict) -> tuple[str, dict]:
+    outs = a["planes"] * a["oh"] * a["ow"]
+    if a["bilinear"]:
+        return _kernel("resize", ELEMENT_OPS["bilinear"] * outs, a["planes"] * a["oh"] * 2 * a["w"], outs)
+    return _kernel("resize", 0, outs, outs, "a copy (nearest)")
+
+
+# npu16 cost query fn → its op's host work from the same arguments (host_cost.py's counts), for
+# an op of an offloadable kind that runs on the host (does not fit, int32 codes, no row unit)
+HOST_FROM_NPU: dict[str, Callable[[dict], tuple[str, dict]]] = {
+    "layer": _layer_on_host,
+    "matmul": _matmul_on_host,
+    "add": lambda a: _kernel("add", ELEMENT_OPS["add"] * a["out_elems"],
+                             a["in_elems"] + a.get("b_bytes", a["in_elems"]), a["out_elems"]),
+    "mul": lambda a: _kernel("mul", ELEMENT_OPS["mul"] * a["elems"], a["elems"] + a["b_elems"], a["elems"]),
+    "lut": lambda a: _kernel("lut", ELEMENT_OPS["lut"] * a["elems"], a["elems"] + a["table_size"], a["elems"]),
+    "pool": lambda a: _kernel("pool", (a["taps"] + POOL_OUT_OPS) * a["out_elems"], a["in_elems"],
+                              a["out_elems"] * a["out_bytes"]),
+    "avg_pool": lambda a: _kernel("avg_pool", a["planes"] * (a["taps"] + AVG_POOL_OUT_OPS * a["oh"] * a["ow"]),
+                                  a["in_elems"], a["planes"] * a["oh"] * a["ow"]),
+    "concat": lambda a: _kernel("concat", ELEMENT_OPS["concat"] * sum(a["part_elems"]), sum(a["part_elems"]),
+                                sum(a["part_elems"])),
+    "gather": lambda a: _kernel("gather", 0, a["out_elems"] * a["elem_bytes"], a["out_elems"] * a["elem_bytes"],
+                                "a copy"),
+    "pad": lambda a: _kernel("pad", 0, a["in_elems"], a["out_elems"], "a copy"),
+    "resize": _resize_on_host,
+    "row": lambda a: row_host_query(a),
+}
+
+
 def _host_elementwise(fn: str):
     def query(program, op) -> tuple[str, dict]:
         _, _, elems, in_b, out_b = _host_shape(program, op)
@@ -295,17 +345,21 @@ HOST_ESTIMATES: dict[str, Callable[..., tuple[str, dict]]] = {
     "constant": _host_constant}
 
 
-def host_query(program, op) -> tuple[str, dict] | None:
-    """(fn, args) of host_cost.HOST_COSTS for an op of a host kind (the shapes and dtypes its
-    host time depends on); None for another kind (an op that fell back for another reason,
-    e.g. a layer that does not fit the SRAM: not modelled)."""
+def host_query(program, op) -> tuple[str, dict]:
+    """(fn, args) of host_cost.HOST_COSTS for an op on the host: a host kind's own query, or,
+    for a kind the NPU runs (an op that fell back: it does not fit the SRAM, int32 codes, ...),
+    its host work from its npu16 cost query's arguments (``HOST_FROM_NPU``)."""
     estimate = HOST_ESTIMATES.get(op.kind)
-    return estimate(program, op) if estimate is not None else None
+    if estimate is not None:
+        return estimate(program, op)
+    in_shape = tuple(program.shape_of(op.inputs[0]))
+    q = ESTIMATES[op.kind](program, op, in_shape, program.dtype_of(op.inputs[0]), DEFAULT)
+    return HOST_FROM_NPU[q.fn](q.args)
 
 
 def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dict] | None = None) -> list[dict]:
     """One row per op; ``counters``: {op name: simulator counters} of the offloaded ops. A host
-    op of a modelled kind gets ``host`` (host_cost.host_row on ``npu.host``)."""
+    op gets ``host`` (host_cost.host_row on ``npu.host``)."""
     where = {p["op"]: p for p in placement}
     rows = []
     for op in program.ops:
@@ -319,8 +373,8 @@ def op_costs(program, placement: list[dict], npu: NPU16, counters: dict[str, dic
                 shape = LayerShape(**{k: _tuples(v) for k, v in q.args.items()})
                 plain = CostQuery("layer", asdict(replace(shape, group_sizes=(), scaled=(), conv_group_sizes=())))
             row.update(cost_row(q, npu, counters[op.name] if counters is not None else None, plain))
-        elif (hq := host_query(program, op)) is not None:
-            row["host"] = host_row(*hq, npu.host)
+        else:
+            row["host"] = host_row(*host_query(program, op), npu.host)
         rows.append(row)
     return rows
 

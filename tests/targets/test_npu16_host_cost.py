@@ -56,7 +56,7 @@ def test_host_row_keeps_its_query_and_recosts_for_another_host():
     assert row["query"] == {"fn": "softmax", "args": {"elems": 24, "rows": 6}}
     half = host_row(**row["query"], host=Host(clock_mhz=600.0))
     assert half["cycles"] == row["cycles"] and half["time_us"] == pytest.approx(2 * row["time_us"])
-    assert set(HOST_COSTS) == {"softmax", "layer_norm", "quantize", "dequantize", "view", "constant"}
+    assert set(HOST_COSTS) == {"softmax", "layer_norm", "quantize", "dequantize", "view", "constant", "kernel"}
     with pytest.raises(ValueError, match="no host cost"):
         host_row("conv2d", {}, Host())
 
@@ -157,3 +157,46 @@ def test_a_machine_without_the_row_unit_runs_softmax_and_layer_norm_on_the_host(
                 assert r["host"]["cycles"] == host_row(*host_query(prog, prog[r["op"]]), bare.host)["cycles"] > 0
         assert again["totals"]["host_time_us"] == pytest.approx(compiled_bare["totals"]["host_time_us"])
         assert again["totals"]["host_time_us"] > rep["totals"]["host_time_us"]
+
+
+def test_every_kind_has_a_host_time_where_it_falls_back():
+    """host_query covers every kind of the op set: an op of a kind the NPU runs gets the host
+    work of its npu16 cost query's shapes (report.HOST_FROM_NPU), counted as host_cost.py says."""
+    from relay_passes.opset import KINDS, is_layer
+    from relay_passes.pipeline import lower
+    from targets.npu16.host_cost import AVG_POOL_OUT_OPS, ELEMENT_OPS, LAYER_GROUP_OPS, LAYER_OUT_OPS
+    from targets.npu16.report import host_query
+    seen = set()
+    for kind in sorted(KINDS):
+        prog = lower(KINDS[kind].example(np.random.default_rng(0)), "split").program
+        for op in prog.ops:
+            fn, args = host_query(prog, op)
+            row = host_row(fn, args, Host())
+            assert row["cycles"] >= 0 and (fn == "view" or row["read_bytes"] + row["write_bytes"] > 0), (op.kind, args)
+            seen.add(op.kind)
+            out = int(np.prod(op.shape))
+            if is_layer(op):
+                w = op.params["w"]
+                groups = op.n_groups if "groups" in op.params else 1
+                macs = out * int(np.prod(w.shape[1:]))
+                assert args["ops"] == macs + out * (LAYER_OUT_OPS + LAYER_GROUP_OPS * (groups - 1)), op.name
+            elif op.kind in ("add", "mul", "table"):
+                assert args["ops"] == ELEMENT_OPS["lut" if op.kind == "table" else op.kind] * out
+            elif op.kind == "avg_pool2d":
+                assert args["ops"] >= AVG_POOL_OUT_OPS * out
+            elif op.kind in ("gather", "pad"):
+                assert args["ops"] == 0 and row["bound"] == "memory"
+    assert seen == set(KINDS)
+
+
+def test_recost_moves_a_layer_that_no_longer_fits_to_the_host_with_its_time():
+    from targets.npu16.report import host_query
+    from waps_tvm import report
+    prog, rep = _report("conv2d")
+    tiny = from_config({"sram_kib": {"weights": 1, "activations": 1}})
+    again = report.recost(json.loads(json.dumps(rep)), tiny)
+    moved = [r for r in again["ops"] if r["kind"] == "conv2d" and r["target"] == "llvm"]
+    assert moved and again["totals"]["host_unmodelled"] == []
+    for r in moved:
+        assert "does not fit this npu16" in r["reason"]
+        assert r["host"]["cycles"] == host_row(*host_query(prog, prog[r["op"]]), tiny.host)["cycles"] > 0
