@@ -530,6 +530,19 @@ def fpn_sqnr(results: Path) -> str:
     return "\n".join(lines) + "\n\n" + setup
 
 
+def vit_npu16(results: Path) -> str:
+    """ViT-B/16 on npu16 with and without the row unit: total time, host share, the ratio."""
+    rows = _json(results, "vit_npu16.json")["rows"]
+    parts = []
+    for machine in dict.fromkeys(r["machine"] for r in rows):
+        on, off = (next(r for r in rows if r["machine"] == machine and r["row_unit"] is u) for u in (True, False))
+        parts.append(f"on the {machine.split(' (')[0]} machine ({machine.split(' (')[1].rstrip(')')}) "
+                     f"{on['total_us'] / 1e3:.2f} ms per inference with the row unit "
+                     f"({100 * on['host_share']:.1f} % on the host) against {off['total_us'] / 1e3:.2f} ms without it "
+                     f"({100 * off['host_share']:.1f} % on the host), ×{on['speedup_vs_no_row_unit']:.1f}")
+    return "; ".join(parts)
+
+
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
     Block("vit_accuracy", vit_accuracy),
@@ -553,4 +566,5 @@ BLOCKS: tuple[Block, ...] = (
     Block("calib_memory", calib_memory, inline=True),
     Block("npu_budget", npu_budget),
     Block("fpn_sqnr", fpn_sqnr),
+    Block("vit_npu16", vit_npu16, inline=True),
 )
