@@ -206,13 +206,18 @@ def _matmul(program, op, in_shape, in_dtype, npu) -> CostQuery:
     return CostQuery("matmul", {"name": op.name, "n": n, "heads": g, "k": k, "m": m, "positions": p})
 
 
-def _row(program, op, in_shape, in_dtype, npu) -> CostQuery:
-    """A softmax or layer norm: one SOFTMAX / LAYERNORM command on the row unit."""
-    softmax = op.kind == "softmax"
-    table = 4 * int(op.params["exp"].size) if softmax else 8 * int(in_shape[1])
-    return CostQuery("row", {"name": op.name, "kind": op.kind, "n": int(in_shape[0]), "channels": int(in_shape[1]),
-                             "positions": int(np.prod(in_shape[2:])), "groups": op.attrs.groups if softmax else 1,
-                             "in_bytes": _itemsize(in_dtype), "table_bytes": table})
+def _row(groups: Callable, table_bytes: Callable):
+    """A softmax or layer norm: one SOFTMAX / LAYERNORM command on the row unit; ``groups(op)``
+    rows per position, ``table_bytes(op, in_shape)`` of constants over the weight port."""
+    def query(program, op, in_shape, in_dtype, npu) -> CostQuery:
+        return CostQuery("row", {"name": op.name, "kind": op.kind, "n": int(in_shape[0]), "channels": int(in_shape[1]),
+                                 "positions": int(np.prod(in_shape[2:])), "groups": groups(op),
+                                 "in_bytes": _itemsize(in_dtype), "table_bytes": table_bytes(op, in_shape)})
+    return query
+
+
+_softmax_row = _row(lambda op: op.attrs.groups, lambda op, shape: 4 * int(op.params["exp"].size))
+_layer_norm_row = _row(lambda op: 1, lambda op, shape: 8 * int(shape[1]))
 
 
 def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
@@ -224,7 +229,7 @@ def _crop(program, op, in_shape, in_dtype, npu) -> CostQuery:
 # kind → its npu16 cost query (every kind of relay_passes/opset.py; the host kinds have none)
 ESTIMATES: dict[str, Callable[..., CostQuery]] = {
     "matmul": _matmul,
-    "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _row, "softmax": _row, "conv2d": _layer, "linear": _layer, "add": _add,
+    "quantize": _host, "dequantize": _host, "flatten": _host, "layer_norm": _layer_norm_row, "softmax": _softmax_row, "conv2d": _layer, "linear": _layer, "add": _add,
     "max_pool2d": _pool(1), "sum_pool2d": _pool(4), "gather": _gather, "pad": _pad, "avg_pool2d": _avg_pool2d,
     "concat": _concat, "table": _table, "mul": _mul, "resize": _resize,
     "constant": _host,
@@ -257,15 +262,23 @@ def _host_layer_norm(program, op) -> tuple[str, dict]:
                           "in_bytes": in_b, "out_bytes": out_b}
 
 
+def _softmax_on_host(a: dict) -> tuple[str, dict]:
+    return "softmax", {"elems": a["n"] * a["channels"] * a["positions"], "rows": a["n"] * a["groups"] * a["positions"],
+                       "in_bytes": a["in_bytes"], "out_bytes": 1, "table_entries": a["table_bytes"] // 4}
+
+
+def _layer_norm_on_host(a: dict) -> tuple[str, dict]:
+    return "layer_norm", {"elems": a["n"] * a["channels"] * a["positions"], "positions": a["n"] * a["positions"],
+                          "channels": a["channels"], "in_bytes": a["in_bytes"], "out_bytes": 1}
+
+
+_ROW_ON_HOST = {"softmax": _softmax_on_host, "layer_norm": _layer_norm_on_host}     # row query's kind → host query
+
+
 def row_host_query(args: dict) -> tuple[str, dict]:
     """The host query (host_cost.HOST_COSTS) of a softmax or layer norm from its row-unit cost
     query's args (``_row``): what it costs where a machine runs it on the host."""
-    elems = args["n"] * args["channels"] * args["positions"]
-    if args["kind"] == "softmax":
-        return "softmax", {"elems": elems, "rows": args["n"] * args["groups"] * args["positions"],
-                           "in_bytes": args["in_bytes"], "out_bytes": 1, "table_entries": args["table_bytes"] // 4}
-    return "layer_norm", {"elems": elems, "positions": args["n"] * args["positions"], "channels": args["channels"],
-                          "in_bytes": args["in_bytes"], "out_bytes": 1}
+    return _ROW_ON_HOST[args["kind"]](args)
 
 
 def _kernel(kind: str, ops: int, read: int, write: int, note: str = "") -> tuple[str, dict]:
