@@ -154,8 +154,8 @@ def tune(art, target: str, trials: int, work_dir: str | os.PathLike, batch: int 
                           "--target llvm is measured on this machine")
     # the servers free before this run opens any session of its own (a key names one kind of board)
     workers = boards.workers() if cross and boards else 0
-    cc = export_cc(target) if cross else None
-    target_ms = ms_target(target, _remote_cores(boards) if workers else None)
+    target_ms = ms_target(target, _remote_cores(boards) if workers else None)   # usage errors first,
+    cc = export_cc(target) if cross else None                                   # then the toolchain
     work = Path(work_dir)
     info_path = work / INFO
     if info_path.exists():
