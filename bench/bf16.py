@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench.accuracy import MODELS, load_model
 from bench.calib_speed import _cpu
-from bench.eq15 import paired
+from bench.eq15 import paired, paired_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRECISIONS = ("fp32", "bf16")
@@ -63,13 +63,7 @@ def render(res: dict) -> str:
     lines = ["# Reconstruction in bfloat16 (`--conv-dtype bfloat16`) against float32", "", res["setup"], "",
              "| model | metric | float32 | bf16 | bf16 − float32 (paired, ± s.e.) | within noise |",
              "|---|---|---|---|---|---|"]
-    for model, s in res["summary"].items():
-        for metric, scale, unit in (("top1", 100, " %"), ("block_loss", 1, "")):
-            m = s[metric]
-            lines.append(f"| {model} | {metric} | {m['fp32'] * scale:.4g}{unit} ± {m['fp32_std'] * scale:.2g} | "
-                         f"{m['bf16'] * scale:.4g}{unit} ± {m['bf16_std'] * scale:.2g} | "
-                         f"{-m['diff'] * scale:+.3g} ± {m['diff_se'] * scale:.2g} | "
-                         f"{'yes' if m['within_noise'] else 'no'} |")
+    lines += paired_rows(res["summary"], ("fp32", "bf16"), flip=True)
     lines += ["", f"Verdict: {res['verdict']}", "",
               "block_loss is the sum over blocks of the reconstruction loss after calibration (mean over "
               "samples of the summed squared error). Speed is measured in bench/results/calib_speed.md "

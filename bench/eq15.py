@@ -84,16 +84,25 @@ def verdict(summary: dict, forms: tuple[str, str] = FORMS) -> str:
     return forms[0]
 
 
+def paired_rows(summary: dict, forms: tuple[str, str], flip: bool = False) -> list[str]:
+    """Table rows per model and metric (top-1 %, block loss) of ``paired`` summaries: each
+    form's mean ± std, the paired difference forms[0] − forms[1] (forms[1] − forms[0] with
+    ``flip``) ± its standard error, and whether it is within noise."""
+    rows, sign = [], -1 if flip else 1
+    for model, s in summary.items():
+        for metric, scale, unit in (("top1", 100, " %"), ("block_loss", 1, "")):
+            m = s[metric]
+            a, b = (f"{m[f] * scale:.4g}{unit} ± {m[f + '_std'] * scale:.2g}" for f in forms)
+            rows.append(f"| {model} | {metric} | {a} | {b} | {sign * m['diff'] * scale:+.3g} ± "
+                        f"{m['diff_se'] * scale:.2g} | {'yes' if m['within_noise'] else 'no'} |")
+    return rows
+
+
 def render(res: dict) -> str:
     lines = ["# Eq. 15: sigmoid ratio (as printed) vs softmax", "", res["setup"], "",
              "| model | metric | sigmoid (eq. 15) | softmax | sigmoid − softmax (paired, ± s.e.) | within noise |",
              "|---|---|---|---|---|---|"]
-    for model, s in res["summary"].items():
-        for metric, scale, unit in (("top1", 100, " %"), ("block_loss", 1, "")):
-            m = s[metric]
-            lines.append(f"| {model} | {metric} | {m['sigmoid'] * scale:.4g}{unit} ± {m['sigmoid_std'] * scale:.2g} | "
-                         f"{m['softmax'] * scale:.4g}{unit} ± {m['softmax_std'] * scale:.2g} | "
-                         f"{m['diff'] * scale:+.3g} ± {m['diff_se'] * scale:.2g} | {'yes' if m['within_noise'] else 'no'} |")
+    lines += paired_rows(res["summary"], FORMS)
     lines += ["", f"Default chosen: **{res['default']}** (rule: top-1 decides where it differs beyond noise, "
               "else the block loss, else the paper's form). block_loss is the sum over blocks of the "
               "reconstruction loss after calibration (mean over samples of the summed squared error)."]
