@@ -92,9 +92,10 @@ def compiled_accuracy(art, x, y, batch: int = 500, form: str = "fast") -> dict:
 
 
 def run_one(model_name: str, config: str, method: str, seed: int, iters: int, samples: int,
-            lam: float, record_groups: bool = False, compile: bool = False) -> dict:
+            lam: float, record_groups: bool = False, compile: bool = False, workers: int = 1) -> dict:
     """Calibrate, save, reload, evaluate one (model, config, method, seed); with ``compile``,
-    also compile the reloaded artifact and evaluate that (row["compiled"])."""
+    also compile the reloaded artifact and evaluate that (row["compiled"]). ``workers``: how
+    many such runs share the machine (recorded: it moves sec_per_iter)."""
     import torch
     torch.set_num_threads(1)
     from calib import artifact
@@ -119,7 +120,7 @@ def run_one(model_name: str, config: str, method: str, seed: int, iters: int, sa
         acc = api.evaluate(loaded, test.x, test.y)
         compiled = compiled_accuracy(loaded, test.x, test.y) if compile else None
     row = {"model": model_name, "config": config, "method": method, "seed": seed, "top1": acc,
-           "seconds": seconds, "iters": iters, "samples": samples, "lam": lam,
+           "seconds": seconds, "iters": iters, "samples": samples, "lam": lam, "workers": workers,
            "sec_per_iter": statistics.fmean([r.sec_per_iter for r in result.report if r.iters] or [0.0]),
            "blocks": [{"name": r.source, "kind": r.kind, "before": r.loss_before, "after": r.loss_after}
                       for r in result.report]}
@@ -148,6 +149,22 @@ def key(r) -> tuple:
     return (r["model"], r["config"], r["method"], r["seed"])
 
 
+def _mixed_workers(rows: list[dict]) -> str:
+    """A sentence naming each seed's worker-process count when a model's runs recorded
+    different ones (their time per iteration is then not comparable), else ''."""
+    by_seed: dict[int, set] = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], set()).add(r.get("workers"))
+    counts = {w for ws in by_seed.values() for w in ws}
+    if len(counts) <= 1:
+        return ""
+    parts = {}
+    for seed, ws in sorted(by_seed.items()):
+        parts.setdefault("/".join("not recorded" if w is None else str(w) for w in sorted(ws, key=str)), []).append(seed)
+    said = "; ".join(f"{w} (seed{'s' if len(ss) > 1 else ''} {', '.join(map(str, ss))})" for w, ss in parts.items())
+    return f" Worker processes differed between seeds: {said}; times per iteration mix them."
+
+
 def summarise(results: dict) -> str:
     runs = results["runs"]
     lines = [f"# Accuracy benchmark (top-1 %, mean ± std over seeds)", "",
@@ -160,7 +177,7 @@ def summarise(results: dict) -> str:
         lines += [f"## {model} ({MODELS[model]} test, 10k images), float {results['float'][model] * 100:.2f} %", ""]
         own = results.get("setup_by_model", {}).get(model, results["setup"])
         seeds = ", ".join(str(s) for s in sorted({r["seed"] for r in mine}))
-        lines += [f"Seeds {seeds}" + (f"; {own}" if own != results["setup"] else "") + ".", "",
+        lines += [f"Seeds {seeds}" + (f"; {own}" if own != results["setup"] else "") + "." + _mixed_workers(mine), "",
                   "| method | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
         for m in METHODS:
             cells = []
@@ -302,7 +319,8 @@ def main(argv=None) -> int:
     jobs = [] if args.report_only else [(m, c, meth, s) for _, s, c in order for m in reversed(args.models)
             for meth in (args.methods or plan(m, c)) if (m, c, meth, s) not in done]
     with ProcessPoolExecutor(args.workers) as pool, tqdm(total=len(jobs), desc="accuracy runs") as bar:
-        futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam, compile=args.compile): j
+        futs = {pool.submit(run_one, *j, args.iters, args.samples, args.lam, compile=args.compile,
+                            workers=args.workers): j
                 for j in jobs}
         for f in as_completed(futs):
             row = f.result()

@@ -38,9 +38,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int,
                 use_native: bool = False) -> torch.Tensor:
         if use_native and native.usable(x):  # the same values in one pass (calib/native)
-            v, inside = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
-            native.kernels().fq_forward(x.data_ptr(), v.data_ptr(), inside.data_ptr(), x.numel(), float(scale),
-                                        float(zero_point), float(levels), native.threads())
+            v, inside = native.fake_quant_forward(x, float(scale), float(zero_point), float(levels))
         else:
             v = x / scale
             v.round_().add_(zero_point)
@@ -55,9 +53,7 @@ class _FakeQuant(torch.autograd.Function):
         x, out, inside, scale = ctx.saved_tensors
         want_x, want_s = ctx.needs_input_grad[:2]
         if ctx.use_native and native.usable(x, g, out, inside):
-            gx = torch.empty_like(x) if want_x else None
-            acc = native.kernels().fq_backward(g.data_ptr(), x.data_ptr(), out.data_ptr(), inside.data_ptr(),
-                                               gx.data_ptr() if want_x else None, x.numel(), native.threads())
+            gx, acc = native.fake_quant_backward(g, x, out, inside, want_x)
             gs = (torch.tensor(acc, dtype=scale.dtype, device=scale.device) / scale).reshape(scale.shape) if want_s else None
             return gx, gs, None, None, None
         gx = g * inside if want_x else None

@@ -7,7 +7,6 @@ block's quantized and float inputs elementwise and drops inside the block.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +98,7 @@ class _ClippedSSE(torch.autograd.Function):
                 use_native: bool = False) -> torch.Tensor:
         ctx.use_native = use_native and native.usable(x, t)
         if ctx.use_native:
-            d = torch.empty_like(x)
-            clip = lo is not None
-            acc = native.kernels().sse_forward(x.data_ptr(), t.data_ptr(), d.data_ptr(), x.numel(),
-                                               float(lo) if clip else 0.0, float(hi) if clip else 0.0, int(clip),
-                                               native.threads())
+            d, acc = native.clipped_sse_forward(x, t, (float(lo), float(hi)) if lo is not None else None)
             ctx.save_for_backward(x, d, lo, hi)
             return torch.tensor(acc / x.shape[0], dtype=x.dtype, device=x.device)
         d = torch.clamp(x, lo, hi).sub_(t) if lo is not None else x - t
@@ -116,11 +111,7 @@ class _ClippedSSE(torch.autograd.Function):
         x, d, lo, hi = ctx.saved_tensors
         c = g * (2.0 / x.shape[0])
         if ctx.use_native:
-            gx = torch.empty_like(x)
-            clip = lo is not None
-            native.kernels().sse_backward(x.data_ptr(), d.data_ptr(), gx.data_ptr(), x.numel(),
-                                          float(lo) if clip else 0.0, float(hi) if clip else 0.0, int(clip),
-                                          float(c), native.threads())
+            gx = native.clipped_sse_backward(x, d, (float(lo), float(hi)) if lo is not None else None, float(c))
             return gx, None, None, None, None
         gx = d.mul(c)
         if lo is not None:
@@ -138,10 +129,8 @@ class _QuantizedSSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scale: torch.Tensor, x: torch.Tensor, t: torch.Tensor, zero_point: torch.Tensor,
                 levels: int) -> torch.Tensor:
-        ds = ctypes.c_double()
-        acc = native.kernels().lsq_sse(x.data_ptr(), t.data_ptr(), x.numel(), float(scale), float(zero_point),
-                                       float(levels), ctypes.byref(ds), native.threads())
-        ctx.ds = ds.value / x.shape[0]
+        acc, ds = native.quantized_sse(x, t, float(scale), float(zero_point), float(levels))
+        ctx.ds = ds / x.shape[0]
         ctx.shape = scale.shape
         return torch.tensor(acc / x.shape[0], dtype=x.dtype, device=x.device)
 

@@ -174,13 +174,17 @@ def recost(rep: dict, npu) -> dict:
             raise ValueError(f"{row['op']}: no cost query (compiled before 'report --npu-config' existed)")
         plain = CostQuery.from_json(c["query_no_groups"]) if c.get("query_no_groups") else None
         query = CostQuery.from_json(c["query"])
-        try:
-            if query.fn == "row" and not npu.row_unit:
-                raise SramTooSmall("it has no row unit (row_unit false)")
-            row["npu16"] = {k: v for k, v in cost_row(query, npu, None, plain).items() if k in NPU16_COLUMNS}
-        except SramTooSmall as e:
+        reason = None
+        if query.fn == "row" and not npu.row_unit:
+            reason = "this npu16 has no row unit (row_unit false)"
+        else:
+            try:
+                row["npu16"] = {k: v for k, v in cost_row(query, npu, None, plain).items() if k in NPU16_COLUMNS}
+            except SramTooSmall as e:
+                reason = f"does not fit this npu16: {e}"
+        if reason is not None:
             del row["npu16"]
-            row["target"], row["reason"] = "llvm", f"does not fit this npu16: {e}"
+            row["target"], row["reason"] = "llvm", reason
             row["host"] = {k: v for k, v in host_row(*HOST_FROM_NPU[query.fn](query.args), npu.host).items()
                            if k in HOST_COLUMNS}           # its time on this machine's host
     out["totals"] = _totals(out["ops"])

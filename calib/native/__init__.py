@@ -5,7 +5,9 @@ cached under ``$XDG_CACHE_HOME/waps-tvm`` (keyed by the source's hash, written
 atomically) and returns it loaded through ctypes, or None when no compiler is found or
 the build fails: callers then use their PyTorch form, which gives the same values.
 ``usable(*tensors)`` says whether tensors can go through the kernels: float32 (masks
-bool) CPU tensors that share one dense memory layout.
+bool) CPU tensors that share one dense memory layout. The functions below are the only
+callers of the library: tensors in, results out, scratch for the block sums owned here
+(the C code allocates nothing).
 """
 from __future__ import annotations
 
@@ -25,14 +27,14 @@ SOURCE = Path(__file__).with_name("fastquant.c")
 # -march=native: the library is built on, and cached for, the machine that runs it
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 
-_f32, _u8, _i64, _int, _dbl = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double)
+_ptr, _i64, _int, _flt, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
 _SIGNATURES = {
-    "fq_forward": (None, [_f32, _f32, _u8, _i64, ctypes.c_float, ctypes.c_float, ctypes.c_float, _int]),
-    "fq_backward": (_dbl, [_f32, _f32, _f32, _u8, _f32, _i64, _int]),
-    "sse_forward": (_dbl, [_f32, _f32, _f32, _i64, ctypes.c_float, ctypes.c_float, _int, _int]),
-    "sse_backward": (None, [_f32, _f32, _f32, _i64, ctypes.c_float, ctypes.c_float, _int, ctypes.c_float, _int]),
-    "lsq_sse": (_dbl, [_f32, _f32, _i64, ctypes.c_float, ctypes.c_float, ctypes.c_float,
-                       ctypes.POINTER(ctypes.c_double), _int]),
+    "scratch_len": (_i64, [_i64]),
+    "fq_forward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _flt, _int]),
+    "fq_backward": (_dbl, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _int]),
+    "sse_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _ptr, _int]),
+    "sse_backward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _flt, _int]),
+    "lsq_sse": (_dbl, [_ptr, _ptr, _i64, _flt, _flt, _flt, ctypes.POINTER(_dbl), _ptr, _int]),
 }
 
 
@@ -96,3 +98,54 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def threads() -> int:
     return torch.get_num_threads()
+
+
+def _scratch(n: int, runs: int = 1) -> torch.Tensor:
+    """float64 scratch for ``runs`` block-sum reductions over ``n`` elements (the caller keeps
+    a reference for the duration of the C call: a bare ``_scratch(n).data_ptr()`` is freed first)."""
+    return torch.empty(runs * int(kernels().scratch_len(n)), dtype=torch.float64)
+
+
+def fake_quant_forward(x: torch.Tensor, scale: float, zero_point: float, levels: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂ = (clamp(round_half_even(x/s) + z, 0, L) − z)·s, inside = 0 < code < L as bool),
+    both like ``x``."""
+    out, inside = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+    kernels().fq_forward(x.data_ptr(), out.data_ptr(), inside.data_ptr(), x.numel(), scale, zero_point, levels,
+                         threads())
+    return out, inside
+
+
+def fake_quant_backward(g, x, out, inside, want_x: bool) -> tuple[torch.Tensor | None, float]:
+    """(g·inside if ``want_x`` else None, Σ g·(x̂ − x·inside)): the STE input gradient and the
+    LSQ step gradient times s."""
+    gx, sums = torch.empty_like(x) if want_x else None, _scratch(x.numel())
+    acc = kernels().fq_backward(g.data_ptr(), x.data_ptr(), out.data_ptr(), inside.data_ptr(),
+                                gx.data_ptr() if want_x else None, x.numel(), sums.data_ptr(), threads())
+    return gx, acc
+
+
+def clipped_sse_forward(x, t, bounds: tuple[float, float] | None) -> tuple[torch.Tensor, float]:
+    """(d = clamp(x, lo, hi) − t, Σ d²); no clamp when ``bounds`` is None."""
+    d, sums = torch.empty_like(x), _scratch(x.numel())
+    lo, hi = bounds if bounds is not None else (0.0, 0.0)
+    acc = kernels().sse_forward(x.data_ptr(), t.data_ptr(), d.data_ptr(), x.numel(), lo, hi, int(bounds is not None),
+                                sums.data_ptr(), threads())
+    return d, acc
+
+
+def clipped_sse_backward(x, d, bounds: tuple[float, float] | None, c: float) -> torch.Tensor:
+    """c·d·[lo ≤ x ≤ hi] (the bounds pass, as torch's clamp); c·d when ``bounds`` is None."""
+    gx = torch.empty_like(x)
+    lo, hi = bounds if bounds is not None else (0.0, 0.0)
+    kernels().sse_backward(x.data_ptr(), d.data_ptr(), gx.data_ptr(), x.numel(), lo, hi, int(bounds is not None), c,
+                           threads())
+    return gx
+
+
+def quantized_sse(x, t, scale: float, zero_point: float, levels: float) -> tuple[float, float]:
+    """(Σ (x̂ − t)², Σ 2(x̂ − t)·∂x̂/∂s) with x̂ fake-quantized x, in one read pass."""
+    ds, sums = ctypes.c_double(), _scratch(x.numel(), 2)
+    acc = kernels().lsq_sse(x.data_ptr(), t.data_ptr(), x.numel(), scale, zero_point, levels, ctypes.byref(ds),
+                            sums.data_ptr(), threads())
+    return acc, ds.value

@@ -7,13 +7,17 @@
  *   v = x / s; v = round_half_even(v) + z; v = clamp(v, 0, L); out = (v - z) * s.
  * Sums are accumulated in float over blocks of BLOCK elements (vectorized), and the
  * block sums in double in block order, so a result does not depend on the thread count
- * or scheduling (PyTorch's order differs: equal up to float summation order). */
+ * or scheduling (PyTorch's order differs: equal up to float summation order).
+ * The kernels allocate nothing: a reduction takes ``part``, scratch_len(n) doubles (two
+ * such runs for lsq_sse) that the caller owns. */
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #define BLOCK 4096
 #define BLOCKS(n) (((n) + BLOCK - 1) / BLOCK)
+
+/* The doubles of scratch one reduction over n elements needs (one per block). */
+int64_t scratch_len(int64_t n) { return BLOCKS(n) + 1; }
 
 /* Σ of the per-block sums, in block order (deterministic). */
 static double ordered_sum(const double *part, int64_t blocks) {
@@ -49,8 +53,7 @@ void fq_forward(const float *x, float *out, uint8_t *inside, int64_t n, float s,
 /* Fake quantization backward: gx = g·inside (when gx is not NULL) and returns
  * Σ g·(out − x·inside), the LSQ step gradient times s. */
 double fq_backward(const float *g, const float *x, const float *out, const uint8_t *inside, float *gx,
-                   int64_t n, int threads) {
-    double *sums = malloc(sizeof(double) * (BLOCKS(n) + 1));
+                   int64_t n, double *sums, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < BLOCKS(n); b++) {
         int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
@@ -68,15 +71,12 @@ double fq_backward(const float *g, const float *x, const float *out, const uint8
         }
         sums[b] = part;
     }
-    double acc = ordered_sum(sums, BLOCKS(n));
-    free(sums);
-    return acc;
+    return ordered_sum(sums, BLOCKS(n));
 }
 
 /* Clipped squared error forward: d = clamp(x, lo, hi) − t (stored), returns Σ d². */
 double sse_forward(const float *x, const float *t, float *d, int64_t n, float lo, float hi, int clip,
-                   int threads) {
-    double *sums = malloc(sizeof(double) * (BLOCKS(n) + 1));
+                   double *sums, int threads) {
     if (!clip) lo = -INFINITY, hi = INFINITY;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < BLOCKS(n); b++) {
@@ -91,9 +91,7 @@ double sse_forward(const float *x, const float *t, float *d, int64_t n, float lo
         }
         sums[b] = part;
     }
-    double acc = ordered_sum(sums, BLOCKS(n));
-    free(sums);
-    return acc;
+    return ordered_sum(sums, BLOCKS(n));
 }
 
 /* Clipped squared error backward: gx = c·d·[lo ≤ x ≤ hi] (the bounds pass, as torch's clamp). */
@@ -109,10 +107,10 @@ void sse_backward(const float *x, const float *d, float *gx, int64_t n, float lo
 
 /* Squared error of the fake-quantized x against t, and its derivative in the step s,
  * in one read pass (x is not differentiated): returns Σ (q − t)² and writes
- * Σ 2(q − t)·∂q/∂s to *ds, with ∂q/∂s = (q − x)/s inside and (code − z) outside. */
+ * Σ 2(q − t)·∂q/∂s to *ds (sums: 2·scratch_len(n) doubles), with ∂q/∂s = (q − x)/s inside and (code − z) outside. */
 double lsq_sse(const float *x, const float *t, int64_t n, float s, float z, float levels, double *ds,
-               int threads) {
-    double *sums = malloc(sizeof(double) * 2 * (BLOCKS(n) + 1)), *gsums = sums + BLOCKS(n) + 1;
+               double *sums, int threads) {
+    double *gsums = sums + BLOCKS(n) + 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < BLOCKS(n); b++) {
         int64_t end = (b + 1) * BLOCK < n ? (b + 1) * BLOCK : n;
@@ -130,7 +128,5 @@ double lsq_sse(const float *x, const float *t, int64_t n, float s, float z, floa
         gsums[b] = gpart;
     }
     *ds = ordered_sum(gsums, BLOCKS(n));
-    double acc = ordered_sum(sums, BLOCKS(n));
-    free(sums);
-    return acc;
+    return ordered_sum(sums, BLOCKS(n));
 }

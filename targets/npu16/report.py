@@ -249,19 +249,6 @@ def _host_shape(program, op) -> tuple[str | None, tuple, int, int, int]:
     return src, shape, int(np.prod(shape)), in_b, _itemsize(op.dtype)
 
 
-def _host_softmax(program, op) -> tuple[str, dict]:
-    _, shape, elems, in_b, out_b = _host_shape(program, op)
-    rows = elems // (shape[1] // op.attrs.groups)
-    return "softmax", {"elems": elems, "rows": rows, "in_bytes": in_b, "out_bytes": out_b,
-                       "table_entries": int(op.params["exp"].size)}
-
-
-def _host_layer_norm(program, op) -> tuple[str, dict]:
-    _, shape, elems, in_b, out_b = _host_shape(program, op)
-    return "layer_norm", {"elems": elems, "positions": elems // shape[1], "channels": int(shape[1]),
-                          "in_bytes": in_b, "out_bytes": out_b}
-
-
 def _softmax_on_host(a: dict) -> tuple[str, dict]:
     return "softmax", {"elems": a["n"] * a["channels"] * a["positions"], "rows": a["n"] * a["groups"] * a["positions"],
                        "in_bytes": a["in_bytes"], "out_bytes": 1, "table_entries": a["table_bytes"] // 4}
@@ -350,10 +337,10 @@ def _host_constant(program, op) -> tuple[str, dict]:
     return "constant", {"elems": int(np.prod(op.shape)), "elem_bytes": _itemsize(op.dtype)}
 
 
-# host kind → its host_cost.HOST_COSTS query (codegen/npu16/lower.HOST_KINDS, and the softmax and
-# layer norm when they fall back: int32 codes, or a position larger than the activation SRAM)
+# host kind (codegen/npu16/lower.HOST_KINDS) → its host_cost.HOST_COSTS query; every other kind
+# that falls back gets its host query from its npu16 cost query (HOST_FROM_NPU)
 HOST_ESTIMATES: dict[str, Callable[..., tuple[str, dict]]] = {
-    "softmax": _host_softmax, "layer_norm": _host_layer_norm, "quantize": _host_elementwise("quantize"),
+    "quantize": _host_elementwise("quantize"),
     "dequantize": _host_elementwise("dequantize"), "flatten": _host_view, "reshape": _host_view,
     "constant": _host_constant}
 

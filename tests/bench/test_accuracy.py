@@ -76,3 +76,13 @@ def test_summary_sets_the_papers_vit_figure_beside_the_vit(monkeypatch, tmp_path
     text = accuracy.summarise(results)
     assert "## fashion_vit" in text and accuracy.PAPER["fashion_vit"] in text
     assert "| fashion_vit | W6A6 | BRECQ+WAPS | 0 | 87.10 | 87.00 | 99.50 % |" in text
+
+
+def test_a_model_whose_seeds_ran_with_different_worker_counts_says_so():
+    row = {"model": "fashion_vit", "config": "W4A4", "method": "brecq"}
+    same = [{**row, "seed": s, "workers": 1} for s in (0, 1)]
+    assert accuracy._mixed_workers(same) == ""
+    mixed = [{**row, "seed": 0, "workers": 2}, {**row, "seed": 1, "workers": 1}, {**row, "seed": 2, "workers": 1},
+             {**row, "seed": 3}]
+    said = accuracy._mixed_workers(mixed)
+    assert "2 (seed 0)" in said and "1 (seeds 1, 2)" in said and "not recorded (seed 3)" in said
