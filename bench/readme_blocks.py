@@ -543,6 +543,18 @@ def vit_npu16(results: Path) -> str:
     return "; ".join(parts)
 
 
+def cpu_fusion(results: Path) -> str:
+    """Residual adds fused into the conv epilogue (bench/cpu_fusion.py): per pair alone, then
+    the whole model, fused ÷ unfused per model and precision."""
+    rows = _json(results, "cpu_fusion.json")["rows"]
+    pairs = [p["ratio"] for r in rows for p in r["pairs"]]
+    whole = ", ".join(f"{_name(r['model'])} {r['precision']} {r['ratio']:.3f}× "
+                      f"({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f} over rounds)" for r in rows)
+    return (f"each fused kernel alone takes {_span(pairs, '.2f')}× the time of its conv and add kernels "
+            f"({sum(p < 1 for p in pairs)} of {len(pairs)} pairs faster), but whole models are unchanged "
+            f"within noise: {whole}")
+
+
 BLOCKS: tuple[Block, ...] = (
     Block("accuracy", accuracy),
     Block("vit_accuracy", vit_accuracy),
@@ -567,4 +579,5 @@ BLOCKS: tuple[Block, ...] = (
     Block("npu_budget", npu_budget),
     Block("fpn_sqnr", fpn_sqnr),
     Block("vit_npu16", vit_npu16, inline=True),
+    Block("cpu_fusion", cpu_fusion, inline=True),
 )

@@ -30,6 +30,7 @@ of 4) keeps the split/reference body of relay_passes/kernels.py.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -39,6 +40,7 @@ from tvm.tirx import const
 
 from calib.numerics import GroupScale, requant_tables
 from relay_passes import numeric_tvm as nt
+from relay_passes.attrs import AddAttrs
 
 I32, I64 = "int32", "int64"
 VNNI = "waps_dot_16x4_u8i8i32_vnni"
@@ -397,14 +399,28 @@ def conv_dot(op, fold) -> tuple[str, bool]:
     return ("sdot", True) if fold is not None or "groups" not in op.params else ("none", False)
 
 
-def conv2d(op, in_shape, ranges, fold: tuple | None = None):
+@dataclass(frozen=True)
+class Residual:
+    """A residual add computed in a conv's epilogue (codegen/cpu_fusion.py): the add's
+    attributes, which of its operands the conv's output codes are (0: a, 1: b), the other
+    operand's dtype and the add's output dtype."""
+    attrs: AddAttrs
+    conv_operand: int
+    dtype: str
+    out_dtype: str
+
+
+def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual | None = None):
     """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
     (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16] [, x_scale [C4] uint8]
-    [, in_index [C] int32]) (tables padded to M16) → out [N, OH, OW, M16]. ``in_shape`` is
-    logical (NCHW). With ``fold`` (fold_groups) there is one group over all channels, corr
-    has one row, the merge is bias + (acc − corr)·2^s, and side 'x' scales the codes while
-    packing them; an ``in_index`` param (a folded gather) is applied while packing too. The
-    inner product is conv_dot's (a flipped sdot pack stores codes ^ 0x80)."""
+    [, in_index [C] int32] [, residual [N, OH, OW, M]]) (tables padded to M16) → out
+    [N, OH, OW, M16]. ``in_shape`` is logical (NCHW). With ``fold`` (fold_groups) there is one
+    group over all channels, corr has one row, the merge is bias + (acc − corr)·2^s, and side
+    'x' scales the codes while packing them; an ``in_index`` param (a folded gather) is
+    applied while packing too. The inner product is conv_dot's (a flipped sdot pack stores
+    codes ^ 0x80). With ``residual`` (M a multiple of 16) each output code is then added to
+    the other operand's code by the add rule (numeric_tvm.residual_add) and ``out`` holds the
+    add's codes: the conv's own output is never stored."""
     dot, flip = conv_dot(op, fold)
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
@@ -427,6 +443,11 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     if "in_index" in op.params and (fold is None or fold[3] is None):
         index = te.placeholder((c,), I32, "in_index")
         extra.append(index)
+    if residual is not None:
+        if m != m16:
+            raise ValueError(f"{op.name}: a residual epilogue needs output channels in multiples of 16 (has {m})")
+        other = te.placeholder((n, oh, ow, m), residual.dtype, "residual")
+        extra.append(other)
     pointwise = kh == kw == 1 and ph == pw == 0
     xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1), flip)
     stride = (1, 1) if pointwise and xp is not X else (sh, sw)      # a pointwise pack is subsampled
@@ -443,7 +464,11 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None):
     def epilogue(b, i, j, k):
         total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()},
                                 scales, frac)
-        return _requant(op, total, k, M, R, S)
+        code = _requant(op, total, k, M, R, S)
+        if residual is None:
+            return code
+        pair = (code, other[b, i, j, k]) if residual.conv_operand == 0 else (other[b, i, j, k], code)
+        return nt.residual_add(nt.TIR, *pair, residual.attrs, residual.out_dtype)
 
     out = te.compute((n, oh, ow, m16), epilogue, name="out")
     func = te.create_prim_func([X, W, B, M, R, S, C, *extra, out])

@@ -63,14 +63,20 @@ def requant_constants(op: Op, ndim: int) -> list[np.ndarray]:
     return [t.reshape(shape) for t in requant_tables(op.params["mult"], op.params["shift"])]
 
 
-def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
-    """→ (private relax.Function, derived constants appended to the call). ``add_prim(func,
-    name)`` adds a TIR PrimFunc to the module being built and returns its GlobalVar."""
-    lb = relax.BlockBuilder()
+def _signature(op: Op, in_types):
+    """(input vars, param vars by name, derived vars, derived arrays) of ``op``'s function."""
     xs = [relax.Var(f"x{i}", relax.TensorType(physical(s, input_layout(op)), d)) for i, (s, d) in enumerate(in_types)]
     pvars = {k: relax.Var(k, relax.TensorType(op.params[k].shape, str(op.params[k].dtype))) for k in param_order(op)}
     derived_np = _derived(op, in_types)
     dvars = [relax.Var(f"d{i}", relax.TensorType(v.shape, str(v.dtype))) for i, v in enumerate(derived_np)]
+    return xs, pvars, dvars, derived_np
+
+
+def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
+    """→ (private relax.Function, derived constants appended to the call). ``add_prim(func,
+    name)`` adds a TIR PrimFunc to the module being built and returns its GlobalVar."""
+    lb = relax.BlockBuilder()
+    xs, pvars, dvars, derived_np = _signature(op, in_types)
     # waps.name keeps two ops with equal bodies (e.g. two gathers by the same index) distinct:
     # BlockBuilder.add_func returns the existing GlobalVar for a structurally equal function
     attrs = {"waps.kind": op.kind, "waps.name": op.name, "waps.attrs": encode_attrs(op),
@@ -81,6 +87,25 @@ def build(op: Op, in_types: list[tuple[tuple[int, ...], str]], add_prim):
             out = lb.emit_output(out)
         lb.emit_func_output(out)
     return lb.get()[op.name], derived_np
+
+
+def build_conv_add(conv: Op, add: Op, conv_operand: int, in_types, other_type, add_prim) -> relax.Function:
+    """The fast conv ``conv`` (its ``plan`` 'conv') with the residual add ``add`` computed in its
+    epilogue (codegen/cpu_fusion.py): a private relax.Function taking the conv's arguments
+    (inputs, params, derived constants, as ``build`` orders them) and then the add's other
+    operand (``other_type``: its logical shape and dtype, NHWC), returning the add's output.
+    ``conv_operand``: which operand of the add the conv's output is."""
+    lb = relax.BlockBuilder()
+    xs, pvars, dvars, _ = _signature(conv, in_types)
+    other = relax.Var("residual", relax.TensorType(physical(other_type[0], "NHWC"), other_type[1]))
+    residual = fast.Residual(add.attrs, conv_operand, other_type[1], add.dtype)
+    name = f"{conv.name}__{add.name}"
+    with lb.function(name, xs + list(pvars.values()) + dvars + [other], private=True):
+        with lb.dataflow():
+            out = _conv2d_fast(lb, conv, xs, pvars, dvars, in_types, add_prim, "conv", (residual, other))
+            out = lb.emit_output(out)
+        lb.emit_func_output(out)
+    return lb.get()[name]
 
 
 def _c(value, dtype: str) -> relax.Expr:
@@ -609,21 +634,24 @@ def _crop(lb, op, xs, P, D, in_types, add_prim):
 
 # ---------------------------------------------------------------- fast form (fast_kernels.py)
 
-def _call_fast(lb, op, add_prim, func, args, shape):
-    name = f"{op.name}_kernel"
+def _call_fast(lb, op, add_prim, func, args, shape, name: str | None = None, dtype: str | None = None):
+    name = name or f"{op.name}_kernel"
     gv = add_prim(func.with_attr("global_symbol", name), name)
-    return lb.emit(relax.call_tir(gv, list(args), relax.TensorType(tuple(shape), op.dtype)))
+    return lb.emit(relax.call_tir(gv, list(args), relax.TensorType(tuple(shape), dtype or op.dtype)))
 
 
-def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan):
+def _conv2d_fast(lb, op, xs, P, D, in_types, add_prim, plan, residual=None):
+    """``residual``: (fast.Residual, the other operand's relax var) of a fused add (build_conv_add)."""
     if plan == "depthwise":
         func, shape = fast.depthwise(op, in_types[0][0])
         return _call_fast(lb, op, add_prim, func, [xs[0], *D], shape)
     ranges = layer_ranges(op)
     fold = fast.fold_groups(op)
-    func, shape = fast.conv2d(op, in_types[0][0], ranges, fold)
+    func, shape = fast.conv2d(op, in_types[0][0], ranges, fold, residual and residual[0])
     index = [P["in_index"]] if "in_index" in op.params and (fold is None or fold[3] is None) else []
-    out = _call_fast(lb, op, add_prim, func, [xs[0], *D, *index], shape)
+    other = [residual[1]] if residual else []
+    name, dtype = (f"{op.name}_add_kernel", residual[0].out_dtype) if residual else (f"{op.name}_kernel", op.dtype)
+    out = _call_fast(lb, op, add_prim, func, [xs[0], *D, *index, *other], shape, name, dtype)
     m = op.params["w"].shape[0]
     if shape[3] != m:                                    # output channels were padded to 16
         out = lb.emit(relax.op.strided_slice(out, [3], [0], [m]))

@@ -39,6 +39,7 @@ class Lowered:
     placement: list[dict] = field(default_factory=list)   # npu16: where each op runs and why
     final: tvm.IRModule | None = None                     # what relax.build received (after BYOC)
     streams: dict = field(default_factory=dict)           # npu16: encoded stream per op
+    fusions: list = field(default_factory=list)           # CPU: conv → add pairs fused (codegen/cpu_fusion.py)
 
     def record(self, report) -> None:
         """A pass's report (the ``sink`` of each waps pass)."""

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "VNNI where the CPU has it), split (per-group Relax convs) or fused (one naive TIR "
                         "kernel per WAPS conv)")
     k.add_argument("--dump-ir", action="store_true", help="write each pipeline stage's Relax to out/ir/")
+    k.add_argument("--fuse-residual-adds", action="store_true",
+                   help="compute each residual add in the epilogue of the fast conv feeding it (TVM CPU targets; "
+                        "bit-exact; bench/results/cpu_fusion.md measures it)")
     k.add_argument("--data", help="calibration data, to calibrate a .pt/.pt2/built-in model first")
     for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed",
                  "--npu-budget"):
@@ -343,7 +346,8 @@ def _compile(args) -> int:
         records = load_records(args.tuning_records, art, args.batch, args.target)
     else:
         records = None
-    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records, npu=npu)
+    meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records, npu=npu,
+                            fuse_residual_adds=args.fuse_residual_adds)
     w = meta["waps"]
     print(f"compiled for {target.name} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "

@@ -52,11 +52,13 @@ def dot_product(target: str | CpuTarget) -> str:
     return "sdot" if tgt.arch == "aarch64" and "+dotprod" in mattr else "none"
 
 
-def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None):
+def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None, fuse: bool = False):
     """Relax VM executable of the lowered module for ``target``: 'llvm' (TVM kernels for
     this CPU), 'aarch64' or a JSON llvm target dict (TVM kernels for that CPU), 'c' (every
     integer op as portable C99 through BYOC, host glue on llvm) or 'npu16' (on the machine
-    ``npu``, a targets.npu16.params.NPU16; default today's npu16)."""
+    ``npu``, a targets.npu16.params.NPU16; default today's npu16). On the TVM CPU targets,
+    ``fuse`` computes each residual add in the epilogue of the fast conv that feeds it
+    (codegen/cpu_fusion.py; the pairs in ``lowered.fusions``)."""
     import tvm
     from tvm import relax
 
@@ -72,6 +74,9 @@ def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None):
         lowered.streams = {r["op"]: r["lowered"].words for r in lowered.placement if r["lowered"] is not None}
         lowered.stages["partitioned"] = module
     else:                                  # one VM frame for the whole model, not one per op
+        if fuse:
+            from codegen.cpu_fusion import fuse_residual_adds
+            module, lowered.fusions = fuse_residual_adds(lowered.program, module)
         module = relax.transform.InlinePrivateFunctions()(module)
     lowered.final = module
     with tvm.transform.PassContext(opt_level=3):
@@ -100,7 +105,9 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
         "waps": {"form": lowered.legalize.form, "legalized_layers": lowered.legalize.legalized,
                  "masked_layers": lowered.legalize.masked,
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
-                 "gathered_layers": lowered.permute.gathered_layers if lowered.permute else []},
+                 "gathered_layers": lowered.permute.gathered_layers if lowered.permute else [],
+                 # conv → residual add pairs computed as one kernel (codegen/cpu_fusion.py)
+                 "fused_residual_adds": [[f.conv, f.add] for f in lowered.fusions]},
         "placement": [{k: v for k, v in row.items() if k != "lowered"} for row in lowered.placement],
         **({"model": {"producer": art.producer, "config": art.config}} if art is not None else {}),
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
@@ -126,7 +133,8 @@ def write_library(ex, folder: Path, meta: dict, cc: str | None) -> None:
 
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
-                     form: str = "fast", dump_ir: bool = False, records=None, npu=None) -> dict:
+                     form: str = "fast", dump_ir: bool = False, records=None, npu=None,
+                     fuse_residual_adds: bool = False) -> dict:
     """Compile ``art`` into the folder ``out`` (replaced atomically) for ``target`` (a name or
     a JSON llvm target dict, targets/cpu.py); returns the metadata. ``records``: (meta-schedule
     database, its target) from waps_tvm.tuning.load_records — the fast kernels' schedules.
@@ -140,6 +148,9 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
     cc = export_cc(tgt)                              # a missing cross gcc fails before any work
     if npu is not None and tgt.name != "npu16":
         raise ConfigError(f"--npu-config describes the npu16 machine; it does not apply to --target {tgt.name}")
+    if fuse_residual_adds and (records is not None or form != "fast" or tgt.name in ("c", "npu16")):
+        raise ConfigError("--fuse-residual-adds applies to the fast form on the TVM CPU targets, without "
+                          "--tuning-records (the records hold the unfused kernels' schedules)")
     if tgt.name == "npu16":
         from targets.npu16.params import DEFAULT
         npu = npu or DEFAULT
@@ -152,7 +163,7 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
             lowered = lower_artifact(art, batch, form, target=tgt)
     else:
         lowered = lower_artifact(art, batch, form, target=tgt)
-    ex = build(lowered, tgt, npu)
+    ex = build(lowered, tgt, npu, fuse=fuse_residual_adds)
     from waps_tvm.inspect import to_onnx
     onnx_model = to_onnx(lowered.program, tgt.name, lowered.placement)
     meta = metadata(art, lowered, tgt, batch, time.perf_counter() - t0)
