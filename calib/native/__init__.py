@@ -103,7 +103,7 @@ def threads() -> int:
 def _scratch(n: int, runs: int = 1) -> torch.Tensor:
     """float64 scratch for ``runs`` block-sum reductions over ``n`` elements (the caller keeps
     a reference for the duration of the C call: a bare ``_scratch(n).data_ptr()`` is freed first)."""
-    return torch.empty(runs * int(kernels().scratch_len(n)), dtype=torch.float64)
+    return torch.empty(runs * int(kernels().scratch_len(n)), dtype=torch.float64, device="cpu")   # never the default device
 
 
 def fake_quant_forward(x: torch.Tensor, scale: float, zero_point: float, levels: float
