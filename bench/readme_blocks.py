@@ -544,15 +544,19 @@ def vit_npu16(results: Path) -> str:
 
 
 def cpu_fusion(results: Path) -> str:
-    """Residual adds fused into the conv epilogue (bench/cpu_fusion.py): per pair alone, then
-    the whole model, fused ÷ unfused per model and precision."""
+    """Kernel fusions (bench/cpu_fusion.py), per fusion: each pair alone, then the whole model,
+    fused ÷ unfused per model and precision."""
     rows = _json(results, "cpu_fusion.json")["rows"]
-    pairs = [p["ratio"] for r in rows for p in r["pairs"]]
-    whole = ", ".join(f"{_name(r['model'])} {r['precision']} {r['ratio']:.3f}× "
-                      f"({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f} over rounds)" for r in rows)
-    return (f"each fused kernel alone takes {_span(pairs, '.2f')}× the time of its conv and add kernels "
-            f"({sum(p < 1 for p in pairs)} of {len(pairs)} pairs faster), but whole models are unchanged "
-            f"within noise: {whole}")
+    parts = []
+    for fusion, pair in (("residual-adds", "conv and add"), ("expand-depthwise", "expansion and depthwise")):
+        mine = [r for r in rows if r["fusion"] == fusion]
+        pairs = [p["ratio"] for r in mine for p in r["pairs"]]
+        whole = ", ".join(f"{_name(r['model'])} {r['precision']} {r['ratio']:.3f}× "
+                          f"({r['ratio_range'][0]:.2f}–{r['ratio_range'][1]:.2f} over rounds)" for r in mine)
+        parts.append(f"`--fuse {fusion}`: each fused kernel alone takes {_span(pairs, '.2f')}× the time of its "
+                     f"{pair} kernels ({sum(p < 1 for p in pairs)} of {len(pairs)} pairs faster); whole models "
+                     f"{whole}")
+    return "; ".join(parts)
 
 
 BLOCKS: tuple[Block, ...] = (

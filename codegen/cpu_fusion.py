@@ -1,13 +1,21 @@
-"""Epilogue fusion for the CPU targets (llvm, aarch64, JSON llvm dicts): residual adds.
+"""Kernel fusion for the CPU targets (llvm, aarch64, JSON llvm dicts), each opt-in
+(``waps-tvm compile --fuse residual-adds,expand-depthwise``):
 
-A fast conv (relay_passes/fast_kernels.conv2d) whose only consumer is a fast residual add
-computes that add in its epilogue: the conv's output codes stay in registers and only the
-add's codes are stored, so one full-size write, two full-size reads and one kernel launch
-go away. The fused kernel applies the same rules in the same order (numeric_tvm.output_code,
-then numeric_tvm.residual_add), so its codes are the add's, bit for bit
-(tests/codegen/test_cpu_fusion.py; the whole model against the reference in the backend
-tests). bench/cpu_fusion.py measures each fused pair against its two kernels and whole
-models fused against unfused.
+residual-adds
+    A fast conv (relay_passes/fast_kernels.conv2d) whose only consumer is a fast residual add
+    computes that add in its epilogue: the conv's output codes stay in registers and only the
+    add's codes are stored, so one full-size write, two full-size reads and one kernel launch
+    go away. The fused kernel applies the same rules in the same order
+    (numeric_tvm.output_code, then numeric_tvm.residual_add).
+expand-depthwise
+    A pointwise stride-1 fast conv (an inverted residual's expansion) whose only consumer is a
+    fast depthwise conv runs with it as one kernel (fast_kernels.expand_depthwise): each task
+    expands the rows and channels its part of the depthwise output reads and convolves them
+    while they are in cache; the expanded map is never written whole.
+
+Fused codes are the unfused kernels', bit for bit (tests/codegen/test_cpu_fusion.py; the whole
+model against the reference in the backend tests). bench/cpu_fusion.py measures each fused
+pair against its two kernels and whole models fused against unfused.
 
 This runs on the final legalized module, after every pass and just before ``relax.build``:
 a fused call is no longer one op per function, so ``program.parse`` does not read it back,
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from relay_passes.kernels import build_conv_add, fast_plan
+from relay_passes.kernels import build_conv_add, build_expand_depthwise, fast_plan
 from relay_passes.program import INPUT, Program
 
 
@@ -63,37 +71,73 @@ def residual_fusions(program: Program) -> list[ResidualFusion]:
     return fusions
 
 
-def fuse_residual_adds(program: Program, mod: tvm.IRModule) -> tuple[tvm.IRModule, list[ResidualFusion]]:
-    """``mod`` (``emit(program)``, the legalized module) with every pair of ``residual_fusions``
-    replaced by one call of its fused function (kernels.build_conv_add) at the add's place, and
-    the functions no longer called removed; with the pairs fused."""
-    fusions = residual_fusions(program)
-    if not fusions:
-        return mod, []
+@dataclass(frozen=True)
+class DepthwiseFusion:
+    """The pointwise conv ``conv`` and the depthwise conv ``depthwise`` that alone reads it,
+    computed as one kernel."""
+    conv: str
+    depthwise: str
+
+
+def depthwise_fusions(program: Program) -> list[DepthwiseFusion]:
+    """The conv → depthwise pairs of a legalized ``fast`` program that fuse: the depthwise has
+    the fast 'depthwise' body and reads, with no layout change between, the output of a fast
+    ungrouped conv (the 'conv' body) that is pointwise (1×1, stride 1, no padding), has output
+    channels in multiples of 16, has no other reader and is not a model output."""
+    users = program.consumers()
+    outputs = set(program.outputs)
+    fusions = []
+    for dw in program.ops:
+        if dw.schedule.layout != "NHWC" or fast_plan(dw, _in_types(program, dw)) != "depthwise":
+            continue
+        src = dw.inputs[0]
+        if src == INPUT or src in outputs or len(users[src]) != 1:
+            continue
+        conv = program[src]
+        a = conv.attrs
+        if conv.schedule.layout != "NHWC" or fast_plan(conv, _in_types(program, conv)) != "conv" \
+                or conv.params["w"].shape[0] % 16 or conv.params["w"].shape[2:] != (1, 1) \
+                or tuple(a.stride) != (1, 1) or any(a.padding):
+            continue
+        fusions.append(DepthwiseFusion(conv.name, dw.name))
+    return fusions
+
+
+KINDS = ("residual-adds", "expand-depthwise")
+
+
+def fuse(program: Program, mod: tvm.IRModule, kinds) -> tuple[tvm.IRModule, list]:
+    """``mod`` (``emit(program)``, the legalized module) with the pairs of each fusion in
+    ``kinds`` (a subset of KINDS) fused; with the pairs (ResidualFusion, DepthwiseFusion)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown fusion {sorted(unknown)}; known: {', '.join(KINDS)}")
+    done = []
+    if "residual-adds" in kinds:
+        mod, pairs = fuse_residual_adds(program, mod)
+        done += pairs
+    if "expand-depthwise" in kinds:
+        mod, pairs = fuse_expand_depthwise(program, mod)
+        done += pairs
+    return mod, done
+
+
+def _op_calls(mod: tvm.IRModule) -> dict[str, tuple[relax.Var, relax.Call]]:
+    """Op name → (the var ``main`` binds its call to, the call of the op's function)."""
     op_of_gv = {gv: str(f.attrs["waps.name"]) for gv, f in mod.functions.items()
                 if isinstance(f, relax.Function) and f.attrs is not None and "waps.name" in f.attrs}
-    main = mod["main"]
-    calls: dict[str, tuple[relax.Var, relax.Call]] = {}          # op name → (its binding's var, its call)
-    for block in main.body.blocks:
+    calls = {}
+    for block in mod["main"].body.blocks:
         for b in block.bindings:
             if isinstance(b.value, relax.Call) and b.value.op in op_of_gv:
                 calls[op_of_gv[b.value.op]] = (b.var, b.value)
-    # a pair fuses when the add reads the conv's binding itself (no layout conversion between)
-    fusions = [f for f in fusions if f.conv in calls and f.add in calls
-               and calls[f.add][1].args[f.conv_operand].same_as(calls[f.conv][0])]
-    if not fusions:
-        return mod, []
-    bb = relax.BlockBuilder(mod)
-    fused_call: dict[str, relax.Call] = {}
-    for f in fusions:
-        conv, add = program[f.conv], program[f.add]
-        other = add.inputs[1 - f.conv_operand]
-        fn = build_conv_add(conv, add, f.conv_operand, _in_types(program, conv),
-                            (program.shape_of(other), program.dtype_of(other)), bb.add_func)
-        gv = bb.add_func(fn, f"{conv.name}__{add.name}")
-        fused_call[f.add] = relax.Call(gv, [*calls[f.conv][1].args, calls[f.add][1].args[1 - f.conv_operand]])
-    dropped = {calls[f.conv][0] for f in fusions}
-    replaced = {calls[f.add][0]: fused_call[f.add] for f in fusions}
+    return calls
+
+
+def _rewrite_main(bb: relax.BlockBuilder, main: relax.Function, dropped: set,
+                  replaced: dict) -> tvm.IRModule:
+    """The module of ``bb`` with ``main``'s bindings of ``dropped`` removed and those of
+    ``replaced`` (var → new call) rebound, and the functions no longer called removed."""
     blocks = []
     for block in main.body.blocks:
         bindings = [relax.VarBinding(b.var, replaced[b.var]) if b.var in replaced else b
@@ -104,7 +148,47 @@ def fuse_residual_adds(program: Program, mod: tvm.IRModule) -> tuple[tvm.IRModul
                               main.is_pure, main.attrs)
     out = bb.get()
     out["main"] = new_main
-    return _reachable(out), fusions
+    return _reachable(out)
+
+
+def fuse_expand_depthwise(program: Program, mod: tvm.IRModule) -> tuple[tvm.IRModule, list[DepthwiseFusion]]:
+    """``mod`` with every pair of ``depthwise_fusions`` replaced by one call of its fused
+    function (kernels.build_expand_depthwise) at the depthwise's place; with the pairs fused."""
+    calls = _op_calls(mod)
+    fusions = [f for f in depthwise_fusions(program) if f.conv in calls and f.depthwise in calls
+               and calls[f.depthwise][1].args[0].same_as(calls[f.conv][0])]
+    if not fusions:
+        return mod, []
+    bb = relax.BlockBuilder(mod)
+    replaced = {}
+    for f in fusions:
+        conv, dw = program[f.conv], program[f.depthwise]
+        fn = build_expand_depthwise(conv, dw, _in_types(program, conv), _in_types(program, dw), bb.add_func)
+        gv = bb.add_func(fn, f"{conv.name}__{dw.name}")
+        replaced[calls[f.depthwise][0]] = relax.Call(gv, [*calls[f.conv][1].args, *calls[f.depthwise][1].args[1:]])
+    return _rewrite_main(bb, mod["main"], {calls[f.conv][0] for f in fusions}, replaced), fusions
+
+
+def fuse_residual_adds(program: Program, mod: tvm.IRModule) -> tuple[tvm.IRModule, list[ResidualFusion]]:
+    """``mod`` (``emit(program)``, the legalized module) with every pair of ``residual_fusions``
+    replaced by one call of its fused function (kernels.build_conv_add) at the add's place, and
+    the functions no longer called removed; with the pairs fused."""
+    calls = _op_calls(mod)
+    # a pair fuses when the add reads the conv's binding itself (no layout conversion between)
+    fusions = [f for f in residual_fusions(program) if f.conv in calls and f.add in calls
+               and calls[f.add][1].args[f.conv_operand].same_as(calls[f.conv][0])]
+    if not fusions:
+        return mod, []
+    bb = relax.BlockBuilder(mod)
+    replaced = {}
+    for f in fusions:
+        conv, add = program[f.conv], program[f.add]
+        other = add.inputs[1 - f.conv_operand]
+        fn = build_conv_add(conv, add, f.conv_operand, _in_types(program, conv),
+                            (program.shape_of(other), program.dtype_of(other)), bb.add_func)
+        gv = bb.add_func(fn, f"{conv.name}__{add.name}")
+        replaced[calls[f.add][0]] = relax.Call(gv, [*calls[f.conv][1].args, calls[f.add][1].args[1 - f.conv_operand]])
+    return _rewrite_main(bb, mod["main"], {calls[f.conv][0] for f in fusions}, replaced), fusions
 
 
 def _reachable(mod: tvm.IRModule) -> tvm.IRModule:

@@ -20,6 +20,10 @@ conv2d (ungrouped, uint8 codes in)
 depthwise conv2d (conv_groups = C = M)
     int32 MACs vectorized over 16 channels, read through the padding; a WAPS depthwise layer
     has one group per channel, so σ and n become per-channel tables in the same epilogue.
+expansion + depthwise (expand_depthwise; codegen/cpu_fusion.py, opt-in)
+    a pointwise stride-1 conv and the depthwise conv that alone reads it, in one kernel:
+    parallel tasks (row bands × channel chunks) each expand the rows they read and
+    convolve them while they are in cache.
 add, max_pool2d, quantize, gather
     one loop nest each, parallel over the outer axes, vectorized along the inner one (a
     gather's channel loop is unrolled instead).
@@ -296,23 +300,25 @@ def _vectorize_channels(sch, block) -> None:
     sch.vectorize(ch)
 
 
-def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = False):
+def _pack(x, a, c4: int, scale=None, index=None, subsample=(1, 1), flip: bool = False, row_pad: int = 0):
     """NHWC codes → padded [N, Hp, Wp, C4] (channel ch = x[..., index[ch]]·scale[ch] when
     given, ^ 0x80 with ``flip``); the input itself when there is nothing to pad, scale, gather
     or flip. Without padding a ``subsample`` (a pointwise conv's stride) keeps only the pixels
-    the conv reads."""
+    the conv reads, and ``row_pad`` adds that many copies of the first and last rows above
+    and below."""
     n, h, w, c = x.shape
     ph, pw = a.padding
-    if ph == pw == 0 and c4 == c and scale is None and index is None and not flip:
+    if ph == pw == 0 and c4 == c and scale is None and index is None and not flip and not row_pad:
         return x
     shape = (n, h + 2 * ph, w + 2 * pw, c4)
     if ph == pw == 0:
         sh, sw = subsample
-        shape = (n, (h - 1) // sh + 1, (w - 1) // sw + 1, c4)
+        shape = (n, (h - 1) // sh + 1 + 2 * row_pad, (w - 1) // sw + 1, c4)
 
         def value(b, i, j, ch):             # channels past c (zero weight rows) read channel c − 1
             cc = tvm.tirx.min(ch, c - 1) if c4 != c else ch
-            return x[b, i * sh, j * sw, index[cc] if index is not None else cc]
+            ii = tvm.tirx.max(tvm.tirx.min(i - row_pad, shape[1] - 2 * row_pad - 1), 0) if row_pad else i
+            return x[b, ii * sh, j * sw, index[cc] if index is not None else cc]
     else:
         value = _window_value(x, a, c, index)
     scaled = value if scale is None else (lambda b, i, j, ch: value(b, i, j, ch) * scale[ch])
@@ -410,17 +416,38 @@ class Residual:
     out_dtype: str
 
 
-def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual | None = None):
-    """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
-    (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16] [, x_scale [C4] uint8]
-    [, in_index [C] int32] [, residual [N, OH, OW, M]]) (tables padded to M16) → out
-    [N, OH, OW, M16]. ``in_shape`` is logical (NCHW). With ``fold`` (fold_groups) there is one
-    group over all channels, corr has one row, the merge is bias + (acc − corr)·2^s, and side
-    'x' scales the codes while packing them; an ``in_index`` param (a folded gather) is
-    applied while packing too. The inner product is conv_dot's (a flipped sdot pack stores
-    codes ^ 0x80). With ``residual`` (M a multiple of 16) each output code is then added to
-    the other operand's code by the add rule (numeric_tvm.residual_add) and ``out`` holds the
-    add's codes: the conv's own output is never stored."""
+@dataclass
+class _ConvDef:
+    """The TE of an ungrouped fast conv up to its output code: the placeholders in argument
+    order (x, w_packed, bias, M, R, S, corr [, x_scale] [, in_index]), the packed input ``xp``
+    (``x`` itself when nothing is packed), the per-group accumulators [N, M16/16, OH, OW, 16]
+    and ``code(b, i, j, k)``, channel k's output code at an output pixel."""
+    args: list
+    x: te.Tensor
+    xp: te.Tensor
+    accs: dict
+    code: object
+    shape: tuple[int, int, int, int]
+    dot: str
+    pointwise: bool
+
+
+@dataclass(frozen=True)
+class _Bands:
+    """Output rows of a pointwise stride-1 conv computed per band (expand_depthwise): ``pad``
+    rows above and below the image (their accumulators read the nearest image row, as the
+    pack repeats it; their codes are meant to be replaced), then ``count`` bands of ``rows``
+    rows, band t starting at padded row t·step. Accumulators and codes are indexed
+    [N, count, ..., rows, OW, ...]: bands overlap by rows − step, and each has its own."""
+    count: int
+    rows: int
+    step: int
+    pad: int
+
+
+def _conv_def(op, in_shape, ranges, fold, bands: _Bands | None = None) -> _ConvDef:
+    """With ``bands`` the output rows are banded (_Bands): ``code(b, t, r, j, k)``, ``shape``
+    [N, count, rows, OW, M16]."""
     dot, flip = conv_dot(op, fold)
     n, c, h, w_ = in_shape
     m, _, kh, kw = op.params["w"].shape
@@ -443,13 +470,8 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual |
     if "in_index" in op.params and (fold is None or fold[3] is None):
         index = te.placeholder((c,), I32, "in_index")
         extra.append(index)
-    if residual is not None:
-        if m != m16:
-            raise ValueError(f"{op.name}: a residual epilogue needs output channels in multiples of 16 (has {m})")
-        other = te.placeholder((n, oh, ow, m), residual.dtype, "residual")
-        extra.append(other)
     pointwise = kh == kw == 1 and ph == pw == 0
-    xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1), flip)
+    xp = _pack(X, a, c4, scale, index, (sh, sw) if pointwise else (1, 1), flip, bands.pad if bands else 0)
     stride = (1, 1) if pointwise and xp is not X else (sh, sw)      # a pointwise pack is subsampled
     accs = {}
     for p, (c0, c1) in enumerate(ranges):
@@ -459,46 +481,45 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual |
         ico = te.reduce_axis((0, i1 - i0), f"ico{p}")
         ry, rx = te.reduce_axis((0, kh), f"ry{p}"), te.reduce_axis((0, kw), f"rx{p}")
         ici = te.reduce_axis((0, 4), f"ici{p}")
-        accs[p] = te.compute((n, m16 // 16, oh, ow, 16), _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw)),
-                             name=f"acc{p}")
-    def epilogue(b, i, j, k):
-        total = nt.merge_groups(nt.TIR, B[k], {p: acc[b, k // 16, i, j, k % 16] - C[p, k] for p, acc in accs.items()},
-                                scales, frac)
-        code = _requant(op, total, k, M, R, S)
-        if residual is None:
-            return code
-        pair = (code, other[b, i, j, k]) if residual.conv_operand == 0 else (other[b, i, j, k], code)
-        return nt.residual_add(nt.TIR, *pair, residual.attrs, residual.out_dtype)
+        body = _group_sum(xp, W, i0, ico, ry, rx, ici, stride, (dh, dw))
+        if bands is None:
+            accs[p] = te.compute((n, m16 // 16, oh, ow, 16), body, name=f"acc{p}")
+        else:
+            accs[p] = te.compute((n, bands.count, m16 // 16, bands.rows, ow, 16),
+                                 lambda b, t, ko, r, j, ki: body(b, ko, t * bands.step + r, j, ki), name=f"acc{p}")
 
-    out = te.compute((n, oh, ow, m16), epilogue, name="out")
-    func = te.create_prim_func([X, W, B, M, R, S, C, *extra, out])
-    sch = _schedule(func)
-    # a pointwise conv packs (scales, gathers) each input row inside the row loop that uses it
-    # (one parallel region instead of two); other packs are a parallel pass of their own
-    row_pack = xp is not X and pointwise
-    if xp is not X and not row_pack:
-        _parallel_vectorize(sch, "pack", 2)
-    reg_n, oc_blk = _pick_block(ow, m16 // 16, 6 if dot == "sdot" else 16)
-    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    def code(b, *pos):
+        *rows, j, k = pos
+        at = (k // 16, *rows) if bands is None else (rows[0], k // 16, rows[1])
+        total = nt.merge_groups(nt.TIR, B[k], {p: acc[(b, *at, j, k % 16)] - C[p, k] for p, acc in accs.items()},
+                                scales, frac)
+        return _requant(op, total, k, M, R, S)
+
+    shape = (n, oh, ow, m16) if bands is None else (n, bands.count, bands.rows, ow, m16)
+    return _ConvDef([X, W, B, M, R, S, C, *extra], X, xp, accs, code, shape, dot, pointwise)
+
+
+def _split_tile(sch, d: _ConvDef, j_, k_):
+    """Split the pixel loop ``j_`` and channel loop ``k_`` of the conv ``d``'s codes into
+    register tiles of ``reg_n`` pixels × ``oc_blk`` 16-channel tiles (_pick_block); returns
+    (koo, jo, koi, ji, ki), not yet reordered."""
+    ow, m16 = (int(sch.get(loop).extent) for loop in (j_, k_))
+    reg_n, oc_blk = _pick_block(ow, m16 // 16, 6 if d.dot == "sdot" else 16)
     koo, koi, ki = sch.split(k_, [None, oc_blk, 16])
     jo, ji = sch.split(j_, [None, reg_n])
-    # rows outermost: threads split the image by rows, never one pixel's channels (two threads
-    # writing the halves of the same cache lines made MobileNetV2's 16→96 expansion 1.7× slower)
-    sch.reorder(b_, i_, koo, jo, koi, ji, ki)
-    rows = sch.fuse(b_, i_) if row_pack else sch.fuse(b_, i_, koo)
-    sch.parallel(rows)
-    for p in accs:
-        sch.compute_at(sch.get_sblock(f"acc{p}"), jo, preserve_unit_loops=True)
-    if row_pack:
-        pack = sch.get_sblock("pack")
-        sch.compute_at(pack, rows, preserve_unit_loops=True)
-        _vectorize_channels(sch, pack)
-    for p in accs:
+    return koo, jo, koi, ji, ki
+
+
+def _schedule_accs(sch, d: _ConvDef) -> None:
+    """Each accumulator of ``d``, already computed at its register tile's pixel loop: the
+    reduction outermost, the tile's accumulators unrolled, the inner 16×4 product tensorized
+    with the dot intrinsic (vectorized where there is none)."""
+    for p in d.accs:
         blk = sch.get_sblock(f"acc{p}")
         loops = sch.get_loops(blk)
         # under jo: b, ko, i, j, ki (spatial, extents 1/oc_blk/1/reg_n/16) then ico, ry, rx, ici
         sb, sko, si, sj, ski, rico, rry, rrx, rici = loops[-9:]
-        if dot in DOT_INTRIN:
+        if d.dot in DOT_INTRIN:
             sch.reorder(rico, rry, rrx, sko, sj, ski, rici)
         else:
             sch.reorder(rico, rry, rrx, rici, sko, sj, ski)
@@ -507,10 +528,60 @@ def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual |
         sch.vectorize(sch.get_loops(init)[-1])
         sch.unroll(sj)
         sch.unroll(sko)
-        if dot in DOT_INTRIN:
-            sch.tensorize(ski, DOT_INTRIN[dot])
+        if d.dot in DOT_INTRIN:
+            sch.tensorize(ski, DOT_INTRIN[d.dot])
+
+
+def conv2d(op, in_shape, ranges, fold: tuple | None = None, residual: Residual | None = None):
+    """(PrimFunc, output shape) of an ungrouped conv with contiguous groups; arguments
+    (x [N, H, W, C], w_packed, bias, M, R, S, corr[g, M16] [, x_scale [C4] uint8]
+    [, in_index [C] int32] [, residual [N, OH, OW, M]]) (tables padded to M16) → out
+    [N, OH, OW, M16]. ``in_shape`` is logical (NCHW). With ``fold`` (fold_groups) there is one
+    group over all channels, corr has one row, the merge is bias + (acc − corr)·2^s, and side
+    'x' scales the codes while packing them; an ``in_index`` param (a folded gather) is
+    applied while packing too. The inner product is conv_dot's (a flipped sdot pack stores
+    codes ^ 0x80). With ``residual`` (M a multiple of 16) each output code is then added to
+    the other operand's code by the add rule (numeric_tvm.residual_add) and ``out`` holds the
+    add's codes: the conv's own output is never stored."""
+    d = _conv_def(op, in_shape, ranges, fold)
+    m = op.params["w"].shape[0]
+    extra = []
+    if residual is not None:
+        if m != d.shape[3]:
+            raise ValueError(f"{op.name}: a residual epilogue needs output channels in multiples of 16 (has {m})")
+        other = te.placeholder((*d.shape[:3], m), residual.dtype, "residual")
+        extra.append(other)
+
+    def epilogue(b, i, j, k):
+        code = d.code(b, i, j, k)
+        if residual is None:
+            return code
+        pair = (code, other[b, i, j, k]) if residual.conv_operand == 0 else (other[b, i, j, k], code)
+        return nt.residual_add(nt.TIR, *pair, residual.attrs, residual.out_dtype)
+
+    out = te.compute(d.shape, epilogue, name="out")
+    sch = _schedule(te.create_prim_func([*d.args, *extra, out]))
+    # a pointwise conv packs (scales, gathers) each input row inside the row loop that uses it
+    # (one parallel region instead of two); other packs are a parallel pass of their own
+    row_pack = d.xp is not d.x and d.pointwise
+    if d.xp is not d.x and not row_pack:
+        _parallel_vectorize(sch, "pack", 2)
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    koo, jo, koi, ji, ki = _split_tile(sch, d, j_, k_)
+    # rows outermost: threads split the image by rows, never one pixel's channels (two threads
+    # writing the halves of the same cache lines made MobileNetV2's 16→96 expansion 1.7× slower)
+    sch.reorder(b_, i_, koo, jo, koi, ji, ki)
+    rows = sch.fuse(b_, i_) if row_pack else sch.fuse(b_, i_, koo)
+    sch.parallel(rows)
+    for p in d.accs:
+        sch.compute_at(sch.get_sblock(f"acc{p}"), jo, preserve_unit_loops=True)
+    if row_pack:
+        pack = sch.get_sblock("pack")
+        sch.compute_at(pack, rows, preserve_unit_loops=True)
+        _vectorize_channels(sch, pack)
+    _schedule_accs(sch, d)
     sch.vectorize(ki)
-    return _finish(sch), (n, oh, ow, m16)
+    return _finish(sch), d.shape
 
 
 def depthwise_factors(op) -> np.ndarray | None:
@@ -531,17 +602,27 @@ def _window_sum_fits_int16(op) -> bool:
     return int(mass.max()) * max(int(a.in_qmax), int(a.z_in)) <= 32767
 
 
-def depthwise(op, in_shape):
-    """(PrimFunc, output shape) of a depthwise conv; arguments (x [N, H, W, C], w [KH, KW, C],
-    bias, M, R, S, corr[1, C] (summed over groups), then K_k (depthwise_factors) or σ_k, n_k)
-    → [N, OH, OW, C]. The window is read through the padding (no packed copy); each
-    16-channel tile of an output pixel is accumulated in registers and requantized in place."""
-    n, c, h, w_ = in_shape
+@dataclass
+class _DepthwiseDef:
+    """The TE of a fast depthwise conv reading the NHWC map ``x`` (its first C channels): the
+    placeholders after x in argument order (w [KH, KW, C], bias, M, R, S, corr [1, C], then K_k
+    or σ_k, n_k), the output codes ``out`` [N, OH, OW, C] and ``lanes``, the channels one vector
+    accumulates (32 int16 lanes where the window sums fit, else 16 int32)."""
+    args: list
+    out: te.Tensor
+    lanes: int
+
+
+def _depthwise_def(op, x, c: int, in_hw: tuple[int, int] | None = None, read=None) -> _DepthwiseDef:
+    """``read(b, i, ry, col, k)``: the input code output row i's window row ry meets at padded
+    column ``col`` (default: x seen through the padding, _window_value); ``in_hw``: the input
+    map's size (default x's)."""
+    n = x.shape[0]
+    h, w_ = in_hw or (int(x.shape[1]), int(x.shape[2]))
     kh, kw = op.params["w"].shape[2:]
     a = op.attrs
     (sh, sw), (dh, dw) = a.stride, a.dilation
     oh, ow = output_hw(h, w_, (kh, kw), a.padding, a.stride, a.dilation)
-    X = te.placeholder((n, h, w_, c), "uint8", "x")
     W = te.placeholder((kh, kw, c), "int8", "w")
     B, M, R, S = _epilogue_args(c)
     C = te.placeholder((1, c), I32, "corr")
@@ -550,11 +631,13 @@ def depthwise(op, in_shape):
         tables = [te.placeholder((c,), I32, "k_factor")]
     else:
         tables = [te.placeholder((c,), I32, "sig"), te.placeholder((c,), I32, "n")]
-    xv = _window_value(X, a, c)
+    if read is None:
+        xv = _window_value(x, a, c)
+        read = lambda b, i, ry, col, k: xv(b, i * sh + ry * dh, col, k)      # noqa: E731
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
-    acc_dt = "int16" if c % 32 == 0 and _window_sum_fits_int16(op) else I32     # 32 lanes fill a zmm
+    acc_dt = "int16" if _lanes(op, c) == 32 else I32                    # 32 lanes fill a zmm
     acc = te.compute((n, oh, ow, c), lambda b, i, j, k: te.sum(
-        xv(b, i * sh + ry * dh, j * sw + rx * dw, k).astype(acc_dt) * W[ry, rx, k].astype(acc_dt), axis=[ry, rx]),
+        read(b, i, ry, j * sw + rx * dw, k).astype(acc_dt) * W[ry, rx, k].astype(acc_dt), axis=[ry, rx]),
         name="acc")
     frac = a.frac
 
@@ -566,12 +649,21 @@ def depthwise(op, in_shape):
         return _requant(op, B[k] + nt.group_term_by(nt.TIR, v, SG[k], NS[k], frac), k, M, R, S)
 
     out = te.compute((n, oh, ow, c), epilogue, name="out")
-    sch = _schedule(te.create_prim_func([X, W, B, M, R, S, C, *tables, out]))
-    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(sch.fuse(b_, i_))
-    lanes = 32 if acc_dt == "int16" else next(v for v in (16, 8, 4, 2, 1) if c % v == 0)
-    px = next(v for v in (8, 4, 2, 1) if ow % v == 0)       # pixels sharing each weight load
-    ko, ki = sch.split(k_, [None, lanes])
+    return _DepthwiseDef([W, B, M, R, S, C, *tables], out, _lanes(op, c))
+
+
+def _lanes(op, c: int) -> int:
+    """The channels one vector of a depthwise conv accumulates: 32 int16 lanes where the
+    window sums fit (_window_sum_fits_int16) and C is a multiple of 32, else up to 16 int32."""
+    return 32 if c % 32 == 0 and _window_sum_fits_int16(op) else next(v for v in (16, 8, 4, 2, 1) if c % v == 0)
+
+
+def _tile_depthwise(sch, d: _DepthwiseDef, j_, k_) -> None:
+    """Vectorize a depthwise conv over ``lanes`` channels (k_) and ``px`` output pixels (j_)
+    that share each weight load; each tile is accumulated in registers (compute_at) and
+    requantized in place."""
+    px = next(v for v in (8, 4, 2, 1) if int(sch.get(j_).extent) % v == 0)
+    ko, ki = sch.split(k_, [None, d.lanes])
     jo, ji = sch.split(j_, [None, px])
     sch.reorder(jo, ko, ji, ki)
     blk = sch.get_sblock("acc")
@@ -585,7 +677,144 @@ def depthwise(op, in_shape):
     sch.unroll(rry)
     sch.unroll(rrx)
     sch.vectorize(ki)
-    return _finish(sch), (n, oh, ow, c)
+
+
+def depthwise(op, in_shape):
+    """(PrimFunc, output shape) of a depthwise conv; arguments (x [N, H, W, C], w [KH, KW, C],
+    bias, M, R, S, corr[1, C] (summed over groups), then K_k (depthwise_factors) or σ_k, n_k)
+    → [N, OH, OW, C]. The window is read through the padding (no packed copy); each
+    16-channel tile of an output pixel is accumulated in registers and requantized in place."""
+    n, c, h, w_ = in_shape
+    X = te.placeholder((n, h, w_, c), "uint8", "x")
+    d = _depthwise_def(op, X, c)
+    sch = _schedule(te.create_prim_func([X, *d.args, d.out]))
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(sch.fuse(b_, i_))
+    _tile_depthwise(sch, d, j_, k_)
+    return _finish(sch), tuple(int(v) for v in d.out.shape)
+
+
+def pool_threads() -> int:
+    """The threads TVM's CPU thread pool runs a parallel loop on here: TVM_NUM_THREADS, else
+    the cores this process may use."""
+    import os
+    env = os.environ.get("TVM_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+
+
+CACHE_BUDGET = 256 * 1024        # bytes of expanded map one task of expand_depthwise keeps live
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """How expand_depthwise splits its work: ``bands`` row bands of the output × ``chunks``
+    channel chunks, each task expanding the rows and channels its band and chunk read."""
+    bands: int
+    chunks: int
+
+
+def expand_tasks(n: int, oh: int, w: int, m: int, lanes: int, rows_for, threads: int,
+                 budget: int = CACHE_BUDGET) -> Tasks:
+    """The split with the least estimated time among those whose expanded rows × W × chunk fit
+    ``budget``: rows expanded more than once (each band's halo, ``rows_for(b)`` input rows for
+    b output rows), the tasks' imbalance over ``threads``, and a chunk that is not whole cache
+    lines (threads would write halves of the same lines of the output) all count against it.
+    Chunks are multiples of ``lanes`` and 16 channels; bands divide OH."""
+    unit = max(lanes, 16)
+    best = None
+    for bands in (b for b in range(1, oh + 1) if oh % b == 0):
+        rows = rows_for(oh // bands)
+        redo = bands * rows / max(rows_for(oh), 1)
+        for chunks in (q for q in range(1, m // unit + 1) if m % (q * unit) == 0):
+            tasks = n * bands * chunks
+            per = -(-tasks // threads) / (tasks / threads)
+            shared = 1.1 if chunks > 1 and (m // chunks) % 64 else 1.0
+            score = redo * per * shared * (1 + 0.01 * (chunks - 1))
+            fits = rows * w * (m // chunks) <= budget
+            key = (not fits, score if fits else rows * w * (m // chunks), tasks)
+            if best is None or key < best[0]:
+                best = (key, Tasks(bands, chunks))
+    return best[1]
+
+
+def _rows_read(dw_op):
+    """rows(r): the padded input rows that r consecutive output rows of ``dw_op`` read."""
+    (sh, _), (dh, _) = dw_op.attrs.stride, dw_op.attrs.dilation
+    kh = dw_op.params["w"].shape[2]
+    return lambda out_rows: (out_rows - 1) * sh + dh * (kh - 1) + 1
+
+
+def default_tasks(conv_op, in_shape, dw_op) -> Tasks:
+    """expand_depthwise's split of a pair by default: expand_tasks over pool_threads()."""
+    n, _, h, w_ = in_shape
+    m = conv_op.params["w"].shape[0]
+    a = dw_op.attrs
+    oh, _ = output_hw(h, w_, dw_op.params["w"].shape[2:], a.padding, a.stride, a.dilation)
+    return expand_tasks(n, oh, w_, m, _lanes(dw_op, m), _rows_read(dw_op), pool_threads())
+
+
+def expand_depthwise(conv_op, in_shape, ranges, fold, dw_op, tasks: Tasks | None = None):
+    """(PrimFunc, output shape) of a pointwise stride-1 fast conv (the expansion) followed by
+    the depthwise conv that alone reads it, as one kernel: arguments are the conv's (as
+    ``conv2d``'s, without a residual), then the depthwise's after its input (as
+    ``depthwise``'s) → the depthwise's codes [N, OH, OW, M] (M, the expansion's output
+    channels, a multiple of 16). The codes are those of the two kernels, bit for bit (the same
+    definitions); only the schedule changes: each task (expand_tasks: a band of output rows ×
+    a chunk of channels, in parallel) expands the rows and channels it reads — its band's
+    halo rows in both neighbours — and then runs the depthwise conv on them, so the expanded
+    map is consumed from cache, never written whole. ``tasks``: the split (default:
+    expand_tasks over this machine's thread pool, pool_threads)."""
+    a = dw_op.attrs
+    (ph, pw), (sh, sw), (dh, dw_) = a.padding, a.stride, a.dilation
+    kh, kw = dw_op.params["w"].shape[2:]
+    n, _, h, w_ = in_shape
+    m = conv_op.params["w"].shape[0]
+    oh, ow = output_hw(h, w_, (kh, kw), a.padding, a.stride, a.dilation)
+    rows_for = _rows_read(dw_op)
+    tasks = tasks or default_tasks(conv_op, in_shape, dw_op)
+    band_rows = oh // tasks.bands
+    # each band expands its own copy of the rows it reads, in padded coordinates (the
+    # depthwise's z_in above and below the image), so bands share nothing and every region is
+    # affine
+    d = _conv_def(conv_op, in_shape, ranges, fold, _Bands(tasks.bands, rows_for(band_rows), band_rows * sh, ph))
+    if m % 16 or not d.pointwise or tuple(conv_op.attrs.stride) != (1, 1):
+        raise ValueError(f"{conv_op.name}: expand_depthwise needs a pointwise stride-1 conv with output channels "
+                         f"in multiples of 16")
+    z = const(a.z_in, "uint8")
+
+    def expanded_value(b, t, r, j, k):
+        row = t * band_rows * sh + r
+        return tvm.tirx.if_then_else(tvm.tirx.all(row >= ph, row < h + ph), d.code(b, t, r, j, k), z)
+
+    expanded = te.compute(d.shape, expanded_value, name="expanded")
+
+    def read(b, i, ry, col, k):
+        jj = tvm.tirx.max(tvm.tirx.min(col - pw, w_ - 1), 0)
+        value = expanded[b, i // band_rows, i % band_rows * sh + ry * dh, jj, k]
+        return tvm.tirx.if_then_else(tvm.tirx.all(col >= pw, col < w_ + pw), value, z)
+
+    dw = _depthwise_def(dw_op, d.x, m, (h, w_), read)
+    sch = _schedule(te.create_prim_func([*d.args, *dw.args, dw.out]))
+    b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
+    band, ii = sch.split(i_, [tasks.bands, None])
+    chunk, kk = sch.split(k_, [tasks.chunks, None])
+    sch.reorder(b_, band, chunk, ii, j_, kk)
+    task = sch.fuse(b_, band, chunk)
+    sch.parallel(task)
+    _tile_depthwise(sch, dw, j_, kk)
+    sch.compute_at(sch.get_sblock("expanded"), task, preserve_unit_loops=True)
+    eb_, et_, ei_, ej_, ek_ = sch.get_loops(sch.get_sblock("expanded"))[-5:]
+    koo, jo, koi, ji, ki = _split_tile(sch, d, ej_, ek_)
+    sch.reorder(ei_, koo, jo, koi, ji, ki)
+    for p in d.accs:
+        sch.compute_at(sch.get_sblock(f"acc{p}"), jo, preserve_unit_loops=True)
+    if d.xp is not d.x:
+        pack = sch.get_sblock("pack")
+        sch.compute_at(pack, ei_, preserve_unit_loops=True)
+        _vectorize_channels(sch, pack)
+    _schedule_accs(sch, d)
+    sch.vectorize(ki)
+    return _finish(sch), (n, oh, ow, m)
 
 
 def elementwise(name: str, tensor_fn, inputs, out_shape, out_dtype: str):

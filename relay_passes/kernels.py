@@ -108,6 +108,27 @@ def build_conv_add(conv: Op, add: Op, conv_operand: int, in_types, other_type, a
     return lb.get()[name]
 
 
+def build_expand_depthwise(conv: Op, dw: Op, in_types, dw_in_types, add_prim) -> relax.Function:
+    """The pointwise fast conv ``conv`` and the fast depthwise conv ``dw`` that alone reads it as
+    one kernel (fast_kernels.expand_depthwise; codegen/cpu_fusion.py): a private
+    relax.Function taking the conv's arguments (inputs, params, derived constants, as
+    ``build`` orders them) and then the depthwise's after its input, returning the depthwise's
+    output."""
+    lb = relax.BlockBuilder()
+    xs, pvars, dvars, _ = _signature(conv, in_types)
+    _, dw_params, dw_derived, _ = _signature(dw, dw_in_types)
+    name = f"{conv.name}__{dw.name}"
+    with lb.function(name, xs + list(pvars.values()) + dvars + list(dw_params.values()) + dw_derived, private=True):
+        with lb.dataflow():
+            fold = fast.fold_groups(conv)
+            func, shape = fast.expand_depthwise(conv, in_types[0][0], layer_ranges(conv), fold, dw)
+            index = [pvars["in_index"]] if "in_index" in conv.params and (fold is None or fold[3] is None) else []
+            out = _call_fast(lb, dw, add_prim, func, [xs[0], *dvars, *index, *dw_derived], shape, f"{name}_kernel")
+            out = lb.emit_output(out)
+        lb.emit_func_output(out)
+    return lb.get()[name]
+
+
 def _c(value, dtype: str) -> relax.Expr:
     """A constant of exactly ``dtype`` (relax.const narrows int64 to int32 by default)."""
     return relax.const(np.asarray(value, dtype=dtype), dtype)

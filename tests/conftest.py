@@ -25,6 +25,35 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class TinyMobileNet(nn.Module):
+    """Inverted residual blocks of every kind the expand-depthwise fusion meets: a 3×3
+    depthwise at stride 1 and at stride 2, a 5×5 one, a dilated one (each after a pointwise
+    expansion to a multiple of 16 channels: fused), and a 40-channel expansion (not fused);
+    the first block's projection feeds a residual add (16 channels: a residual-adds pair)."""
+
+    def __init__(self):
+        super().__init__()
+        def cbn(c_in, c_out, k, stride=1, groups=1, dilation=1):
+            return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, padding=dilation * (k // 2), dilation=dilation,
+                                           groups=groups, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6())
+        self.stem = cbn(3, 16, 3)
+        self.e1, self.d1 = cbn(16, 64, 1), cbn(64, 64, 3, groups=64)
+        self.p1 = nn.Sequential(nn.Conv2d(64, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.e2, self.d2 = cbn(16, 96, 1), cbn(96, 96, 3, 2, groups=96)
+        self.p2 = nn.Sequential(nn.Conv2d(96, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.e3, self.d3 = cbn(32, 48, 1), cbn(48, 48, 5, groups=48)
+        self.e4, self.d4 = cbn(48, 64, 1), cbn(64, 64, 3, groups=64, dilation=2)
+        self.e5, self.d5 = cbn(64, 40, 1), cbn(40, 40, 3, groups=40)
+        self.fc = nn.Linear(40, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.p1(self.d1(self.e1(x)))
+        x = self.p2(self.d2(self.e2(x)))
+        x = self.d4(self.e4(self.d3(self.e3(x))))
+        return self.fc(self.d5(self.e5(x)).mean((2, 3)))
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():

@@ -113,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "VNNI where the CPU has it), split (per-group Relax convs) or fused (one naive TIR "
                         "kernel per WAPS conv)")
     k.add_argument("--dump-ir", action="store_true", help="write each pipeline stage's Relax to out/ir/")
-    k.add_argument("--fuse-residual-adds", action="store_true",
-                   help="compute each residual add in the epilogue of the fast conv feeding it (TVM CPU targets; "
-                        "bit-exact; bench/results/cpu_fusion.md measures it)")
+    k.add_argument("--fuse", default="", metavar="KINDS",
+                   help="kernel fusions, comma-separated (TVM CPU targets, fast form; bit-exact; "
+                        "bench/results/cpu_fusion.md measures them): residual-adds (each residual add in the "
+                        "epilogue of the conv feeding it), expand-depthwise (each pointwise expansion with "
+                        "the depthwise conv reading it)")
+    k.add_argument("--fuse-residual-adds", action="store_true", help="the same as --fuse residual-adds")
     k.add_argument("--data", help="calibration data, to calibrate a .pt/.pt2/built-in model first")
     for flag in ("--arch", "--input-shape", "--wbits", "--abits", "--method", "--iters", "--samples", "--seed",
                  "--npu-budget"):
@@ -347,7 +350,7 @@ def _compile(args) -> int:
     else:
         records = None
     meta = compile_artifact(art, out, args.target, args.batch, args.form, args.dump_ir, records=records, npu=npu,
-                            fuse_residual_adds=args.fuse_residual_adds)
+                            fuse=_fusions(args))
     w = meta["waps"]
     print(f"compiled for {target.name} in {time.perf_counter() - t0:.1f} s → {out}/model.so "
           f"(input {tuple(meta['input']['shape'])}, WAPS {w['form']}: {w['legalized_layers']} layers, "
@@ -399,6 +402,14 @@ def _calibrate_for_compile(args):
     if args.data in BUILTIN:
         args._eval_spec = args.data
     return art
+
+
+def _fusions(args) -> tuple[str, ...]:
+    """The kernel fusions named by --fuse (comma-separated) and --fuse-residual-adds."""
+    kinds = [k.strip() for k in args.fuse.split(",") if k.strip()]
+    if args.fuse_residual_adds and "residual-adds" not in kinds:
+        kinds.append("residual-adds")
+    return tuple(kinds)
 
 
 def _eval_set(spec: str, art, limit: int | None, batch: int):

@@ -52,13 +52,13 @@ def dot_product(target: str | CpuTarget) -> str:
     return "sdot" if tgt.arch == "aarch64" and "+dotprod" in mattr else "none"
 
 
-def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None, fuse: bool = False):
+def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None, fuse=()):
     """Relax VM executable of the lowered module for ``target``: 'llvm' (TVM kernels for
     this CPU), 'aarch64' or a JSON llvm target dict (TVM kernels for that CPU), 'c' (every
     integer op as portable C99 through BYOC, host glue on llvm) or 'npu16' (on the machine
     ``npu``, a targets.npu16.params.NPU16; default today's npu16). On the TVM CPU targets,
-    ``fuse`` computes each residual add in the epilogue of the fast conv that feeds it
-    (codegen/cpu_fusion.py; the pairs in ``lowered.fusions``)."""
+    ``fuse`` names the kernel fusions to apply (codegen/cpu_fusion.KINDS: 'residual-adds',
+    'expand-depthwise'; the pairs fused in ``lowered.fusions``)."""
     import tvm
     from tvm import relax
 
@@ -75,8 +75,8 @@ def build(lowered: Lowered, target: str | CpuTarget = "llvm", npu=None, fuse: bo
         lowered.stages["partitioned"] = module
     else:                                  # one VM frame for the whole model, not one per op
         if fuse:
-            from codegen.cpu_fusion import fuse_residual_adds
-            module, lowered.fusions = fuse_residual_adds(lowered.program, module)
+            from codegen.cpu_fusion import fuse as fuse_pairs
+            module, lowered.fusions = fuse_pairs(lowered.program, module, fuse)
         module = relax.transform.InlinePrivateFunctions()(module)
     lowered.final = module
     with tvm.transform.PassContext(opt_level=3):
@@ -106,8 +106,10 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
                  "masked_layers": lowered.legalize.masked,
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
                  "gathered_layers": lowered.permute.gathered_layers if lowered.permute else [],
-                 # conv → residual add pairs computed as one kernel (codegen/cpu_fusion.py)
-                 "fused_residual_adds": [[f.conv, f.add] for f in lowered.fusions]},
+                 # op pairs computed as one kernel (codegen/cpu_fusion.py)
+                 "fused_residual_adds": [[f.conv, f.add] for f in lowered.fusions if hasattr(f, "add")],
+                 "fused_expand_depthwise": [[f.conv, f.depthwise] for f in lowered.fusions
+                                            if hasattr(f, "depthwise")]},
         "placement": [{k: v for k, v in row.items() if k != "lowered"} for row in lowered.placement],
         **({"model": {"producer": art.producer, "config": art.config}} if art is not None else {}),
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
@@ -134,13 +136,13 @@ def write_library(ex, folder: Path, meta: dict, cc: str | None) -> None:
 
 def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | CpuTarget = "llvm", batch: int = 1,
                      form: str = "fast", dump_ir: bool = False, records=None, npu=None,
-                     fuse_residual_adds: bool = False) -> dict:
+                     fuse=()) -> dict:
     """Compile ``art`` into the folder ``out`` (replaced atomically) for ``target`` (a name or
     a JSON llvm target dict, targets/cpu.py); returns the metadata. ``records``: (meta-schedule
     database, its target) from waps_tvm.tuning.load_records — the fast kernels' schedules.
     ``npu``: the npu16 machine (targets.npu16.params.NPU16) of an npu16 build, recorded in
     meta.json and npu_config.json; the report's npu16 counts are the simulator's counters
-    from one run of the compiled library."""
+    from one run of the compiled library. ``fuse``: the kernel fusions (``build``)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"-o {out}: exists and is not a folder")
@@ -148,9 +150,14 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
     cc = export_cc(tgt)                              # a missing cross gcc fails before any work
     if npu is not None and tgt.name != "npu16":
         raise ConfigError(f"--npu-config describes the npu16 machine; it does not apply to --target {tgt.name}")
-    if fuse_residual_adds and (records is not None or form != "fast" or tgt.name in ("c", "npu16")):
-        raise ConfigError("--fuse-residual-adds applies to the fast form on the TVM CPU targets, without "
-                          "--tuning-records (the records hold the unfused kernels' schedules)")
+    if fuse:
+        from codegen.cpu_fusion import KINDS
+        unknown = sorted(set(fuse) - set(KINDS))
+        if unknown:
+            raise ConfigError(f"--fuse {','.join(unknown)}: unknown fusion (known: {','.join(KINDS)})")
+        if records is not None or form != "fast" or tgt.name in ("c", "npu16"):
+            raise ConfigError("--fuse applies to the fast form on the TVM CPU targets, without "
+                              "--tuning-records (the records hold the unfused kernels' schedules)")
     if tgt.name == "npu16":
         from targets.npu16.params import DEFAULT
         npu = npu or DEFAULT
@@ -163,7 +170,7 @@ def compile_artifact(art: WapsArtifact, out: str | os.PathLike, target: str | Cp
             lowered = lower_artifact(art, batch, form, target=tgt)
     else:
         lowered = lower_artifact(art, batch, form, target=tgt)
-    ex = build(lowered, tgt, npu, fuse=fuse_residual_adds)
+    ex = build(lowered, tgt, npu, fuse=tuple(fuse))
     from waps_tvm.inspect import to_onnx
     onnx_model = to_onnx(lowered.program, tgt.name, lowered.placement)
     meta = metadata(art, lowered, tgt, batch, time.perf_counter() - t0)

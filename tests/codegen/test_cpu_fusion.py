@@ -80,7 +80,7 @@ def test_fused_build_equals_the_reference_and_the_unfused_build(artifact):
     outs = {}
     for fuse in (False, True):
         low = _lowered(artifact)
-        vm = relax.VirtualMachine(build(low, "llvm", fuse=fuse), tvm.cpu())
+        vm = relax.VirtualMachine(build(low, "llvm", fuse=("residual-adds",) if fuse else ()), tvm.cpu())
         outs[fuse] = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x))]
         assert len(low.fusions) == (3 if fuse else 0)
         names = {gv.name_hint for gv in low.final.functions}
@@ -111,4 +111,101 @@ def test_compile_flag_fuses_and_runs_like_the_unfused_build(tiny_artifact, tmp_p
     capsys.readouterr()
     assert cli.main(["compile", str(path), "--target", "c", "-o", str(tmp_path / "c"), "--fuse-residual-adds"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--fuse-residual-adds" in err[0] and not (tmp_path / "c").exists()
+    assert len(err) == 1 and "--fuse" in err[0] and not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- expansion + depthwise
+
+@pytest.fixture(scope="module", params=[(8, 8), (4, 4)], ids=["W8A8", "W4A4"])
+def inverted(request):
+    """At W4A4 the expansions' groups fold into one accumulator, at W8A8 each keeps its own."""
+    from tests.conftest import TinyMobileNet, randomize_bn
+    torch.manual_seed(0)
+    wbits, abits = request.param
+    return scramble_groups(calibrated(randomize_bn(TinyMobileNet()), (3, 14, 14), wbits=wbits, abits=abits),
+                           seed=3, tile=4)
+
+
+def test_the_expand_depthwise_pairs_that_fuse(inverted):
+    from codegen.cpu_fusion import depthwise_fusions
+    prog = _lowered(inverted).program
+    fusions = depthwise_fusions(prog)
+    dws = [o for o in prog.ops if o.kind == "conv2d" and o.attrs.conv_groups > 1]
+    assert len(dws) == 5 and len(fusions) == 4
+    assert {f.depthwise for f in fusions} == {o.name for o in dws if o.params["w"].shape[0] != 40}
+    kernels = {prog[f.depthwise].params["w"].shape[2] for f in fusions}
+    strides = {tuple(prog[f.depthwise].attrs.stride) for f in fusions}
+    assert kernels == {3, 5} and strides == {(1, 1), (2, 2)}
+    assert any(tuple(prog[f.depthwise].attrs.dilation) == (2, 2) for f in fusions)
+
+
+def _splits(kind):
+    """An expand_tasks replacement that forces one kind of split: the most bands (halo rows
+    expanded twice), the most channel chunks, or both."""
+    def choose(n, oh, w, m, lanes, rows_for, threads, budget=fast_kernels.CACHE_BUDGET):
+        unit = max(lanes, 16)
+        bands = [b for b in range(1, oh + 1) if oh % b == 0]
+        chunks = [q for q in range(1, m // unit + 1) if m % (q * unit) == 0]
+        return {"bands": fast_kernels.Tasks(bands[-1], 1), "chunks": fast_kernels.Tasks(1, chunks[-1]),
+                "both": fast_kernels.Tasks(bands[len(bands) // 2], chunks[-1])}[kind]
+    return choose
+
+
+@pytest.mark.parametrize("split", ["default", "bands", "chunks", "both"])
+def test_expand_depthwise_equals_the_reference_for_every_split(inverted, split, monkeypatch):
+    import tvm
+    from tvm import relax
+
+    from waps_tvm.compiler import build
+    if split != "default":
+        monkeypatch.setattr(fast_kernels, "expand_tasks", _splits(split))
+    x = np.random.default_rng(5).normal(size=(2, 3, 14, 14)).astype("float32")
+    low = _lowered(inverted)
+    vm = relax.VirtualMachine(build(low, "llvm", fuse=("expand-depthwise",)), tvm.cpu())
+    out = [o.numpy() for o in vm["main"](tvm.runtime.tensor(x))]
+    assert len(low.fusions) == 4
+    names = {gv.name_hint for gv in low.final.functions}
+    assert sum(n.endswith("_kernel") and "__" in n for n in names) == 4
+    assert not any(f"{f.conv}_kernel" in names or f"{f.depthwise}_kernel" in names for f in low.fusions)
+    ref = reference.run(low.program, x)
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_array_equal(out[0], ref[0])
+
+
+def test_expand_tasks_fits_the_cache_and_balances_the_threads():
+    tasks = fast_kernels.expand_tasks
+    def rows(s, k=3):
+        return lambda r: (r - 1) * s + k
+    # a large map: bands whose expanded rows fit the budget, a whole multiple of the threads
+    t = tasks(1, 112, 112, 96, 32, rows(1), 2)
+    assert 112 % t.bands == 0 and 96 % (32 * t.chunks) == 0
+    assert rows(1)(112 // t.bands) * 112 * (96 // t.chunks) <= fast_kernels.CACHE_BUDGET
+    assert (t.bands * t.chunks) % 2 == 0
+    # a small map fits whole: the threads split its channels, no row is expanded twice
+    t = tasks(1, 7, 7, 960, 32, rows(1), 2)
+    assert t.bands == 1 and t.chunks % 2 == 0
+    assert tasks(1, 14, 14, 128, 16, rows(1), 1) == fast_kernels.Tasks(1, 1)
+    # nothing fits: the smallest working set
+    t = tasks(1, 8, 4096, 64, 16, rows(1), 1, budget=1)
+    assert t == fast_kernels.Tasks(8, 4)
+
+
+def test_compile_flag_fuse_takes_both_kinds(inverted, tmp_path, capsys):
+    """``waps-tvm compile --fuse residual-adds,expand-depthwise``: meta.json names the pairs and
+    the library's codes equal the unfused library's; an unknown kind is a usage error."""
+    import json
+
+    from calib import artifact as waps_artifact
+    from waps_tvm import cli, runner
+    path = waps_artifact.save(inverted, tmp_path / "inv.waps")
+    for name, extra in (("plain", []), ("fused", ["--fuse", "expand-depthwise,residual-adds"])):
+        assert cli.main(["compile", str(path), "--target", "llvm", "-o", str(tmp_path / name), "-q", *extra]) == 0
+    meta = json.loads((tmp_path / "fused" / "meta.json").read_text())
+    assert len(meta["waps"]["fused_expand_depthwise"]) == 4 and len(meta["waps"]["fused_residual_adds"]) == 1
+    x = np.random.default_rng(2).normal(size=(1, 3, 14, 14)).astype("float32")
+    plain, fused = (runner.load(tmp_path / n)(x) for n in ("plain", "fused"))
+    np.testing.assert_array_equal(plain[1], fused[1])
+    capsys.readouterr()
+    assert cli.main(["compile", str(path), "-o", str(tmp_path / "bad"), "--fuse", "expand-everything"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expand-everything" in err[0] and not (tmp_path / "bad").exists()

@@ -275,3 +275,26 @@ def test_unfolded_group_accumulators_bit_exact_under_qemu(tiny_artifact, tmp_pat
     _run(capsys, tmp_path / "a64", tmp_path / "x.npy", "--emulate", "--codes", "--output", str(tmp_path / "c.npy"))
     want = reference.run(lowered.program, x)[1]
     assert np.load(tmp_path / "c.npy").tobytes() == np.ascontiguousarray(want).tobytes()
+
+
+def test_fused_kernels_bit_exact_under_qemu(tmp_path, capsys):
+    """--fuse residual-adds,expand-depthwise on aarch64 (sdot products, the fused epilogue and
+    the banded expansion): under qemu the codes equal the reference's."""
+    require(emulation.python)
+    require(lambda: cpu.export_cc("aarch64"))
+    import torch
+
+    from tests.compile_helpers import calibrated, scramble_groups
+    from tests.conftest import TinyMobileNet, randomize_bn
+    torch.manual_seed(0)
+    art = scramble_groups(calibrated(randomize_bn(TinyMobileNet()), (3, 14, 14)), seed=3, tile=4)
+    waps = artifact.save(art, tmp_path / "m.waps")
+    assert cli.main(["compile", str(waps), "--target", "aarch64", "-o", str(tmp_path / "a64"),
+                     "--fuse", "residual-adds,expand-depthwise"]) == 0
+    meta = json.loads((tmp_path / "a64" / "meta.json").read_text())["waps"]
+    assert len(meta["fused_residual_adds"]) == 1 and len(meta["fused_expand_depthwise"]) == 4
+    x = np.random.default_rng(4).normal(size=(1, 3, 14, 14)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    _run(capsys, tmp_path / "a64", tmp_path / "x.npy", "--emulate", "--codes", "--output", str(tmp_path / "c.npy"))
+    want = reference.run(lower_artifact(art, 1, "fast", target="aarch64").program, x)[1]
+    assert np.load(tmp_path / "c.npy").tobytes() == np.ascontiguousarray(want).tobytes()
