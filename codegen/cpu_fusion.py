@@ -46,28 +46,38 @@ def _in_types(program: Program, op) -> list[tuple[tuple[int, ...], str]]:
     return [(program.shape_of(i), program.dtype_of(i)) for i in op.inputs]
 
 
+def _fast_ops(program: Program, plan: str) -> list:
+    """The NHWC ops of ``program`` that get the fast body ``plan`` (kernels.fast_plan)."""
+    return [op for op in program.ops
+            if op.schedule.layout == "NHWC" and fast_plan(op, _in_types(program, op)) == plan]
+
+
+def _sole_conv(program: Program, src: str, users, outputs: set):
+    """The op computing ``src`` when it is a fast ungrouped conv (the 'conv' body, NHWC, output
+    channels a multiple of 16) whose output nothing else reads and is not a model output."""
+    if src == INPUT or src in outputs or len(users[src]) != 1:
+        return None
+    conv = program[src]
+    if conv.schedule.layout != "NHWC" or fast_plan(conv, _in_types(program, conv)) != "conv" \
+            or conv.params["w"].shape[0] % 16:
+        return None
+    return conv
+
+
 def residual_fusions(program: Program) -> list[ResidualFusion]:
     """The conv → add pairs of a legalized ``fast`` program that fuse: the add has the fast
     'add' body (kernels.fast_plan; operands of equal shape) and one operand is the output of a
-    fast ungrouped conv (the 'conv' body, NHWC, output channels a multiple of 16) that nothing else reads and that is not a
-    model output; when both operands qualify, the first."""
-    users = program.consumers()
-    outputs = set(program.outputs)
-    fusions = []
-    for add in program.ops:
-        if add.schedule.layout != "NHWC" or fast_plan(add, _in_types(program, add)) != "add":
-            continue
+    fast ungrouped conv (the 'conv' body, NHWC, output channels a multiple of 16) that nothing
+    else reads and that is not a model output; when both operands qualify, the first."""
+    users, outputs, fusions = program.consumers(), set(program.outputs), []
+    for add in _fast_ops(program, "add"):
         if add.inputs[0] == add.inputs[1]:
             continue
         for side, src in enumerate(add.inputs):
-            if src == INPUT or src in outputs or len(users[src]) != 1:
-                continue
-            conv = program[src]
-            if conv.schedule.layout != "NHWC" or fast_plan(conv, _in_types(program, conv)) != "conv" \
-                    or conv.params["w"].shape[0] % 16:
-                continue
-            fusions.append(ResidualFusion(conv.name, add.name, side))
-            break
+            conv = _sole_conv(program, src, users, outputs)
+            if conv is not None:
+                fusions.append(ResidualFusion(conv.name, add.name, side))
+                break
     return fusions
 
 
@@ -84,20 +94,11 @@ def depthwise_fusions(program: Program) -> list[DepthwiseFusion]:
     the fast 'depthwise' body and reads, with no layout change between, the output of a fast
     ungrouped conv (the 'conv' body) that is pointwise (1×1, stride 1, no padding), has output
     channels in multiples of 16, has no other reader and is not a model output."""
-    users = program.consumers()
-    outputs = set(program.outputs)
-    fusions = []
-    for dw in program.ops:
-        if dw.schedule.layout != "NHWC" or fast_plan(dw, _in_types(program, dw)) != "depthwise":
-            continue
-        src = dw.inputs[0]
-        if src == INPUT or src in outputs or len(users[src]) != 1:
-            continue
-        conv = program[src]
-        a = conv.attrs
-        if conv.schedule.layout != "NHWC" or fast_plan(conv, _in_types(program, conv)) != "conv" \
-                or conv.params["w"].shape[0] % 16 or conv.params["w"].shape[2:] != (1, 1) \
-                or tuple(a.stride) != (1, 1) or any(a.padding):
+    users, outputs, fusions = program.consumers(), set(program.outputs), []
+    for dw in _fast_ops(program, "depthwise"):
+        conv = _sole_conv(program, dw.inputs[0], users, outputs)
+        if conv is None or conv.params["w"].shape[2:] != (1, 1) or tuple(conv.attrs.stride) != (1, 1) \
+                or any(conv.attrs.padding):
             continue
         fusions.append(DepthwiseFusion(conv.name, dw.name))
     return fusions

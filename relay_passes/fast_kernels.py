@@ -773,27 +773,33 @@ def expand_depthwise(conv_op, in_shape, ranges, fold, dw_op, tasks: Tasks | None
     rows_for = _rows_read(dw_op)
     tasks = tasks or default_tasks(conv_op, in_shape, dw_op)
     band_rows = oh // tasks.bands
-    # each band expands its own copy of the rows it reads, in padded coordinates (the
-    # depthwise's z_in above and below the image), so bands share nothing and every region is
-    # affine
-    d = _conv_def(conv_op, in_shape, ranges, fold, _Bands(tasks.bands, rows_for(band_rows), band_rows * sh, ph))
+    if tasks.bands == 1:
+        # one band: the whole image's rows, read through the padding as by `depthwise`
+        d = _conv_def(conv_op, in_shape, ranges, fold)
+        expanded = te.compute(d.shape, d.code, name="expanded")
+        dw = _depthwise_def(dw_op, expanded, m)
+    else:
+        # each band expands its own copy of the rows it reads, in padded coordinates (the
+        # depthwise's z_in above and below the image, whose accumulators are computed and
+        # discarded), so bands share nothing and every region is affine
+        d = _conv_def(conv_op, in_shape, ranges, fold, _Bands(tasks.bands, rows_for(band_rows), band_rows * sh, ph))
+        z = const(a.z_in, "uint8")
+
+        def expanded_value(b, t, r, j, k):
+            row = t * band_rows * sh + r
+            return tvm.tirx.if_then_else(tvm.tirx.all(row >= ph, row < h + ph), d.code(b, t, r, j, k), z)
+
+        expanded = te.compute(d.shape, expanded_value, name="expanded")
+
+        def read(b, i, ry, col, k):
+            jj = tvm.tirx.max(tvm.tirx.min(col - pw, w_ - 1), 0)
+            value = expanded[b, i // band_rows, i % band_rows * sh + ry * dh, jj, k]
+            return tvm.tirx.if_then_else(tvm.tirx.all(col >= pw, col < w_ + pw), value, z)
+
+        dw = _depthwise_def(dw_op, d.x, m, (h, w_), read)
     if m % 16 or not d.pointwise or tuple(conv_op.attrs.stride) != (1, 1):
         raise ValueError(f"{conv_op.name}: expand_depthwise needs a pointwise stride-1 conv with output channels "
                          f"in multiples of 16")
-    z = const(a.z_in, "uint8")
-
-    def expanded_value(b, t, r, j, k):
-        row = t * band_rows * sh + r
-        return tvm.tirx.if_then_else(tvm.tirx.all(row >= ph, row < h + ph), d.code(b, t, r, j, k), z)
-
-    expanded = te.compute(d.shape, expanded_value, name="expanded")
-
-    def read(b, i, ry, col, k):
-        jj = tvm.tirx.max(tvm.tirx.min(col - pw, w_ - 1), 0)
-        value = expanded[b, i // band_rows, i % band_rows * sh + ry * dh, jj, k]
-        return tvm.tirx.if_then_else(tvm.tirx.all(col >= pw, col < w_ + pw), value, z)
-
-    dw = _depthwise_def(dw_op, d.x, m, (h, w_), read)
     sch = _schedule(te.create_prim_func([*d.args, *dw.args, dw.out]))
     b_, i_, j_, k_ = sch.get_loops(sch.get_sblock("out"))
     band, ii = sch.split(i_, [tasks.bands, None])
@@ -803,7 +809,7 @@ def expand_depthwise(conv_op, in_shape, ranges, fold, dw_op, tasks: Tasks | None
     sch.parallel(task)
     _tile_depthwise(sch, dw, j_, kk)
     sch.compute_at(sch.get_sblock("expanded"), task, preserve_unit_loops=True)
-    eb_, et_, ei_, ej_, ek_ = sch.get_loops(sch.get_sblock("expanded"))[-5:]
+    ei_, ej_, ek_ = sch.get_loops(sch.get_sblock("expanded"))[-3:]
     koo, jo, koi, ji, ki = _split_tile(sch, d, ej_, ek_)
     sch.reorder(ei_, koo, jo, koi, ji, ki)
     for p in d.accs:
