@@ -47,8 +47,10 @@ def _kernel(mod, name: str):
 
 def _pair(f) -> tuple[str, str, str]:
     """(first op, second op, the fused kernel's name) of a fused pair."""
-    second = f.add if hasattr(f, "add") else f.depthwise
-    return f.conv, second, f"{f.conv}_add_kernel" if hasattr(f, "add") else f"{f.conv}__{second}_kernel"
+    from codegen.cpu_fusion import ResidualFusion
+    if isinstance(f, ResidualFusion):
+        return f.conv, f.add, f"{f.conv}_add_kernel"
+    return f.conv, f.depthwise, f"{f.conv}__{f.depthwise}_kernel"
 
 
 def measure(fusion: str, name: str, precision: str, rounds: int, repeat: int) -> dict:
@@ -138,7 +140,8 @@ def report(rows: list[dict], meta: dict) -> str:
         for r in mine:
             lines.append(f"| {r['model']} | {r['precision']} | {r['candidates']} | {len(r['pairs'])} | "
                          f"{r['unfused_ms']:.3f} | {r['fused_ms']:.3f} | {r['ratio']:.3f} "
-                         f"[{r['ratio_range'][0]:.3f}–{r['ratio_range'][1]:.3f}] | {'yes' if r['bit_exact'] else '**no**'} |")
+                         f"[{r['ratio_range'][0]:.3f}–{r['ratio_range'][1]:.3f}] | "
+                         f"{'yes' if r['bit_exact'] else '**no**'} |")
         split = fusion == "expand-depthwise"
         lines += ["", NOT_FUSED[fusion], "", "### Each pair alone", "",
                   f"| model | precision | {pair} | output (NCHW) | groups |{' bands × chunks |' if split else ''} "

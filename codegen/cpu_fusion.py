@@ -104,22 +104,18 @@ def depthwise_fusions(program: Program) -> list[DepthwiseFusion]:
     return fusions
 
 
-KINDS = ("residual-adds", "expand-depthwise")
-
-
 def fuse(program: Program, mod: tvm.IRModule, kinds) -> tuple[tvm.IRModule, list]:
     """``mod`` (``emit(program)``, the legalized module) with the pairs of each fusion in
-    ``kinds`` (a subset of KINDS) fused; with the pairs (ResidualFusion, DepthwiseFusion)."""
+    ``kinds`` (a subset of KINDS) fused, in KINDS order; with the pairs (ResidualFusion,
+    DepthwiseFusion)."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown fusion {sorted(unknown)}; known: {', '.join(KINDS)}")
     done = []
-    if "residual-adds" in kinds:
-        mod, pairs = fuse_residual_adds(program, mod)
-        done += pairs
-    if "expand-depthwise" in kinds:
-        mod, pairs = fuse_expand_depthwise(program, mod)
-        done += pairs
+    for kind in KINDS:
+        if kind in kinds:
+            mod, pairs = FUSERS[kind](program, mod)
+            done += pairs
     return mod, done
 
 
@@ -190,6 +186,10 @@ def fuse_residual_adds(program: Program, mod: tvm.IRModule) -> tuple[tvm.IRModul
         gv = bb.add_func(fn, f"{conv.name}__{add.name}")
         replaced[calls[f.add][0]] = relax.Call(gv, [*calls[f.conv][1].args, calls[f.add][1].args[1 - f.conv_operand]])
     return _rewrite_main(bb, mod["main"], {calls[f.conv][0] for f in fusions}, replaced), fusions
+
+
+FUSERS = {"residual-adds": fuse_residual_adds, "expand-depthwise": fuse_expand_depthwise}
+KINDS = tuple(FUSERS)
 
 
 def _reachable(mod: tvm.IRModule) -> tvm.IRModule:

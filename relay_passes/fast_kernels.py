@@ -765,7 +765,7 @@ def expand_depthwise(conv_op, in_shape, ranges, fold, dw_op, tasks: Tasks | None
     map is consumed from cache, never written whole. ``tasks``: the split (default:
     expand_tasks over this machine's thread pool, pool_threads)."""
     a = dw_op.attrs
-    (ph, pw), (sh, sw), (dh, dw_) = a.padding, a.stride, a.dilation
+    (ph, pw), (sh, _), (dh, _) = a.padding, a.stride, a.dilation
     kh, kw = dw_op.params["w"].shape[2:]
     n, _, h, w_ = in_shape
     m = conv_op.params["w"].shape[0]

@@ -87,6 +87,7 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
     """meta.json of a compiled folder; ``art`` None (a Program compiled without an artifact,
     as the tests do): no "model" entry."""
     import tvm
+    from codegen.cpu_fusion import DepthwiseFusion, ResidualFusion
     prog = lowered.program
     quant = next(o for o in prog.ops if INPUT in o.inputs)      # the input's quantize
     names = art.graph.output_names() if art is not None else [c for _, c in prog.results]
@@ -107,9 +108,9 @@ def metadata(art: WapsArtifact | None, lowered: Lowered, target: CpuTarget, batc
                  "gathers": lowered.permute.gathers if lowered.permute else 0,
                  "gathered_layers": lowered.permute.gathered_layers if lowered.permute else [],
                  # op pairs computed as one kernel (codegen/cpu_fusion.py)
-                 "fused_residual_adds": [[f.conv, f.add] for f in lowered.fusions if hasattr(f, "add")],
+                 "fused_residual_adds": [[f.conv, f.add] for f in lowered.fusions if isinstance(f, ResidualFusion)],
                  "fused_expand_depthwise": [[f.conv, f.depthwise] for f in lowered.fusions
-                                            if hasattr(f, "depthwise")]},
+                                            if isinstance(f, DepthwiseFusion)]},
         "placement": [{k: v for k, v in row.items() if k != "lowered"} for row in lowered.placement],
         **({"model": {"producer": art.producer, "config": art.config}} if art is not None else {}),
         "versions": {"waps_tvm": __import__("waps_tvm").__version__, "tvm": tvm.__version__},
