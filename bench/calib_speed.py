@@ -119,9 +119,11 @@ LEVERS = [("before (plain loop)", _OFF),
           ("+ glue head cached (max-pool once)", replace(_OFF, cache_glue=True)),
           ("+ fused fake quantizer", replace(_OFF, cache_glue=True, fused_quant=True)),
           ("+ fused squared error", replace(_OFF, cache_glue=True, fused_quant=True, fused_loss=True)),
-          ("+ one-pass C kernels", replace(Speedups(), channels_last=False)),
-          ("+ channels-last batches (= --conv-dtype float32)", Speedups()),
-          ("+ bf16 conv (--conv-dtype bfloat16)", replace(Speedups(), bf16=True))]
+          ("+ one-pass C kernels", replace(Speedups(), channels_last=False, native_gather=False)),
+          ("+ channels-last batches", replace(Speedups(), native_gather=False)),
+          ("+ one-pass batch gather (= --conv-dtype float32)", Speedups()),
+          ("+ bf16 conv (--conv-dtype bfloat16)", replace(Speedups(), bf16=True, bf16_boundaries=False)),
+          ("+ bf16 kept from conv through quantizer to conv", replace(Speedups(), bf16=True))]
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from typing import Union
 
 import torch
 
+from calib import native
 from calib.blocks import Block
 from calib.qmodel import QuantModel, code_source
 from calib.quantizers import ActQuantizer
@@ -55,6 +56,21 @@ Tensors = dict[str, Stored]
 def _decode(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     # the same operations, dtypes and order as ActQuantizer.forward: (q − z)·s
     return (codes.to(scale.dtype) - zero_point) * scale
+
+
+def take(values: Stored, idx: torch.Tensor, channels_last: bool = False, use_native: bool = False) -> torch.Tensor:
+    """``values[idx]`` (decoded where codes), as float32; 4-D results in channels-last memory
+    order when ``channels_last``. ``use_native``: gathered, decoded and laid out in one pass
+    (calib/native gather) where the kernel can walk the store, with the same values."""
+    if use_native:
+        if isinstance(values, Codes):
+            out = native.gather(values.codes, idx, channels_last, float(values.scale), float(values.zero_point))
+        else:
+            out = native.gather(values, idx, channels_last)
+        if out is not None:
+            return out
+    x = values[idx]
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 class _Sink:

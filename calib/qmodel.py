@@ -98,24 +98,26 @@ class QuantLayer(nn.Module):
         g = self.groups.gamma_y()
         return g.repeat_interleave(self.unit_size) if self.unit_size > 1 else g
 
-    def linear_part(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def linear_part(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, reduced: bool = False) -> torch.Tensor:
         """conv2d/linear in float32; under autocast (reconstruct's bf16 lever) the product
-        runs in the reduced type and the result returns to float32 for the quantizers."""
+        runs in the reduced type and the result returns to float32 for the quantizers,
+        or stays reduced where ``reduced`` (the output quantizer reads it as it is)."""
         if self.op == "conv2d":
             a = self.attrs
             y = F.conv2d(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
         else:
             y = F.linear(x, w, b)
-        return y.float()
+        return y if reduced else y.float()
 
-    def preact(self, x: torch.Tensor, affine: bool = True) -> torch.Tensor:
-        """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z.
+    def preact(self, x: torch.Tensor, affine: bool = True, reduced: bool = False) -> torch.Tensor:
+        """Output before the activation and output quantizer; ``affine`` applies γ^z/φ^z;
+        ``reduced``: see ``linear_part``.
 
         γ^y (per input unit) and γ^z (per output channel) are folded into the small
         weight tensor rather than applied to activations: conv(x⊙γ^y, w) = conv(x, w⊙γ^y),
         so WAPS adds no full-size tensor operation to an iteration."""
         if not self.quant:
-            return self.linear_part(x, self.weight, self.bias)
+            return self.linear_part(x, self.weight, self.bias, reduced)
         w, b = self.qweight(), self.bias
         gy = self.gamma_y()
         if gy is not None:
@@ -123,7 +125,7 @@ class QuantLayer(nn.Module):
         if affine:
             gz = self.gamma_z.reshape((-1,) + (1,) * (w.dim() - 1))
             w, b = w * gz, self.gamma_z * b + self.phi_z
-        return self.linear_part(x, w, b)
+        return self.linear_part(x, w, b, reduced)
 
     def _input_scale(self, gy: torch.Tensor) -> torch.Tensor:
         """γ^y [fan_in] laid out like the weight: [1, c, 1, 1], or per conv group
@@ -137,7 +139,9 @@ class QuantLayer(nn.Module):
         return gy.reshape(groups, cg).repeat_interleave(m // groups, dim=0).reshape(m, cg, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return act_then_quant(self.preact(x), self.attrs["act"], self.out_quant, self.quant)
+        act = self.attrs["act"]
+        reduced = self.quant and self.out_quant.reads_reduced(act)
+        return act_then_quant(self.preact(x, reduced=reduced), act, self.out_quant, self.quant)
 
 
 class QuantOp(nn.Module):

@@ -32,37 +32,50 @@ class _FakeQuant(torch.autograd.Function):
     clamp gradient zero where the code is 0 or L, boundaries included, as torch's clamp
     gives): ∂/∂x = g·[0 < v < L], ∂/∂s = Σ g·(x̂ − x·[0 < v < L])/s. Why: the unfused form
     makes ~8 full-size tensors per quantizer and as many more in backward; this keeps one
-    float output and a one-byte mask."""
+    float output and a one-byte mask, and the native kernels keep neither (their backward
+    recomputes both from x). Through the native kernels x may be bfloat16 (a conv's output
+    under autocast) and the output may be stored as bfloat16 (``dtype``: what a conv reading
+    it under autocast would cast it to); the gradient of x then is bfloat16, as the cast's
+    backward would give it."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int,
-                use_native: bool = False) -> torch.Tensor:
-        if use_native and native.usable(x):  # the same values in one pass (calib/native)
-            v, inside = native.fake_quant_forward(x, float(scale), float(zero_point), float(levels))
-        else:
-            v = x / scale
-            v.round_().add_(zero_point)
-            inside = (v > 0).logical_and_(v < levels)
-            v.clamp_(0, levels).sub_(zero_point).mul_(scale)
-        ctx.save_for_backward(x, v, inside, scale)
-        ctx.use_native = use_native
+                use_native: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        ctx.use_native = use_native and native.usable(x, bf16=True)
+        ctx.levels = levels
+        if ctx.use_native:  # the same values in one pass (calib/native)
+            ctx.save_for_backward(x, scale, zero_point)
+            return native.fake_quant_forward(x, float(scale), float(zero_point), float(levels), dtype)
+        ctx.in_dtype = x.dtype
+        v = x.float() / scale
+        v.round_().add_(zero_point)
+        inside = (v > 0).logical_and_(v < levels)
+        v.clamp_(0, levels).sub_(zero_point).mul_(scale)
+        ctx.save_for_backward(x, scale, zero_point, v, inside)
         return v
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, out, inside, scale = ctx.saved_tensors
         want_x, want_s = ctx.needs_input_grad[:2]
-        if ctx.use_native and native.usable(x, g, out, inside):
-            gx, acc = native.fake_quant_backward(g, x, out, inside, want_x)
+        if ctx.use_native:
+            x, scale, zero_point = ctx.saved_tensors
+            if not native.usable(x, g, bf16=True):   # the gradient in x's memory layout
+                g = torch.empty_like(x, dtype=g.dtype).copy_(g)
+            gx, acc = native.fake_quant_backward(g, x, float(scale), float(zero_point), float(ctx.levels), want_x)
             gs = (torch.tensor(acc, dtype=scale.dtype, device=scale.device) / scale).reshape(scale.shape) if want_s else None
-            return gx, gs, None, None, None
-        gx = g * inside if want_x else None
+            return gx, gs, None, None, None, None
+        x, scale, _, out, inside = ctx.saved_tensors
+        x = x.float()
+        gx = (g * inside).to(ctx.in_dtype) if want_x else None
         gs = None
         if want_s:
             e = x * inside
             torch.sub(out, e, out=e)
-            gs = torch.dot(flat_view(g), flat_view(e)).div(scale).reshape(scale.shape)
-        return gx, gs, None, None, None
+            gf = g.float()
+            if gf.stride() != e.stride():          # one memory order for the flat dot product
+                gf = torch.empty_like(e).copy_(gf)
+            gs = torch.dot(flat_view(gf), flat_view(e)).div(scale).reshape(scale.shape)
+        return gx, gs, None, None, None, None
 
 
 def flat_view(t: torch.Tensor) -> torch.Tensor:
@@ -73,11 +86,12 @@ def flat_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, levels: int,
-               use_native: bool = False) -> torch.Tensor:
-    """Fused fake quantization with LSQ gradients (see _FakeQuant); x float32, scale and
-    zero_point 0-dim, same values as ``ActQuantizer`` unfused. ``use_native``: one-pass
-    C kernels (calib/native) where the tensors allow, else PyTorch ops."""
-    return _FakeQuant.apply(x, scale, zero_point, levels, use_native)
+               use_native: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fused fake quantization with LSQ gradients (see _FakeQuant); x float32 (or bfloat16),
+    scale and zero_point 0-dim, same values as ``ActQuantizer`` unfused. ``use_native``:
+    one-pass C kernels (calib/native) where the tensors allow, else PyTorch ops; ``dtype``:
+    the output's type on the native path (float32 elsewhere)."""
+    return _FakeQuant.apply(x, scale, zero_point, levels, use_native, dtype)
 
 
 def weight_range(bits: int) -> tuple[int, int]:
@@ -155,6 +169,9 @@ class ActQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.fused = True  # training forward through fake_quant (same values, fewer passes)
         self.native = False  # ... through its one-pass C kernels (reconstruct's Speedups.native)
+        # ... storing its output as this type: bfloat16 where every reader is a conv/linear
+        # under autocast, which would cast it so (reconstruct's Speedups.bf16_boundaries)
+        self.out_dtype = torch.float32
         self.range_fixed = False
 
     @property
@@ -182,6 +199,14 @@ class ActQuantizer(nn.Module):
         return (self.enabled and (self.fused or not torch.is_grad_enabled())
                 and not (self.training and self.drop_prob > 0) and bool(self.zero_point == 0))
 
+    def reads_reduced(self, act: str | None) -> bool:
+        """True when ``act`` then this quantizer can take a bfloat16 input as it is (the
+        native fused path, which computes in float32 from it): no activation in between, or
+        a ReLU it absorbs, and no QDrop mixing (which keeps the input's own values)."""
+        return (self.enabled and self.fused and self.native and torch.is_grad_enabled()
+                and not (self.training and self.drop_prob > 0)
+                and (act is None or (act == "relu" and self.absorbs_relu())))
+
     def clip_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lowest, highest) representable value, 0-dim and detached; None when disabled."""
         if not self.enabled:
@@ -199,7 +224,8 @@ class ActQuantizer(nn.Module):
             return x
         s = self.scale
         if self.fused and torch.is_grad_enabled():
-            xq = fake_quant(x, s, self.zero_point, self.levels, self.native)
+            xq = fake_quant(x, s, self.zero_point, self.levels, self.native,
+                            self.out_dtype if not (self.training and self.drop_prob > 0) else torch.float32)
         else:
             q = (round_ste(x / s) + self.zero_point).clamp(0, self.levels)
             xq = (q - self.zero_point) * s

@@ -16,7 +16,7 @@ from calib.blocks import Block
 from calib.config import CalibConfig
 from calib import frontier, native
 from calib.frontier import producer_quantizer
-from calib.graph import QUANT_OPS
+from calib.graph import PARAM_OPS, QUANT_OPS
 from calib.quantizers import flat_view as _flat
 from calib.qmodel import QuantLayer, QuantModel, QuantOp
 from calib.quantizers import ActQuantizer
@@ -37,6 +37,9 @@ class Speedups:
     channels_last: bool = True  # each batch in NHWC memory order: oneDNN's fast conv layout
     native: bool = True         # quantizer and losses through one-pass C kernels (calib/native)
     bf16: bool = False          # conv/linear in bfloat16 (CPU autocast), outputs back in float32
+    native_gather: bool = True  # each batch gathered from the cache, decoded and laid out in one pass (calib/native)
+    bf16_boundaries: bool = True  # with bf16: a conv's bf16 output read as it is by the native quantizer, whose
+                                  # output is stored in bf16 where only convs/linears read it (same values)
 
     @classmethod
     def none(cls) -> "Speedups":
@@ -154,6 +157,25 @@ def _step_loss(q: ActQuantizer, x: torch.Tensor, t: torch.Tensor, speed: "Speedu
     return (_sse_fused if speed.fused_loss else _sse)(q(x), t)
 
 
+def reduced_outputs(model: QuantModel, block: Block, nodes: tuple[str, ...] | list[str]) -> list[ActQuantizer]:
+    """Output quantizers of ``nodes`` whose values only conv/linear layers of the block read
+    (not a block output): under bf16 autocast those readers cast the value to bfloat16
+    first, so the quantizer may store it so. A quantizer shared by several values
+    qualifies when all of them do."""
+    users = model.graph.consumers()
+    inside = set(nodes)
+    verdict: dict[int, tuple[ActQuantizer, bool]] = {}
+    for name in nodes:
+        if model.graph[name].op not in PARAM_OPS and model.graph[name].op not in QUANT_OPS:
+            continue
+        q = model.layer(name).out_quant
+        readers = users.get(name, [])
+        ok = (name not in block.outputs and bool(readers)
+              and all(r in inside and model.graph[r].op in PARAM_OPS for r in readers))
+        verdict[id(q)] = (q, verdict.get(id(q), (q, True))[1] and ok)
+    return [q for q, ok in verdict.values() if ok and q.enabled]
+
+
 def _nhwc(ts: Tensors) -> Tensors:
     """4-D tensors of ``ts`` in channels-last memory order (same values and shapes)."""
     return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for k, v in ts.items()}
@@ -228,6 +250,10 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     if lead:
         nodes, q_in, fp_in = _precompute(model, block, lead, q_in, fp_in if cfg.uses_qdrop else {},
                                          spill=spill)
+    if speed.bf16 and speed.bf16_boundaries and speed.native and speed.fused_quant:
+        for q in reduced_outputs(model, block, nodes):
+            q.out_dtype = torch.bfloat16
+    gather = dict(channels_last=speed.channels_last, use_native=speed.native_gather)
     harden_step = int(cfg.harden_at * cfg.iters) if cfg.uses_waps else cfg.iters
     schedule = BetaSchedule(harden_step, cfg.warmup, *cfg.beta)
     n = next(iter(q_in.values())).shape[0]
@@ -245,12 +271,12 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator, device=generator.device)
         inputs = {}
         for k, v in q_in.items():
-            x = v[idx]
+            x = frontier.take(v, idx, **gather)
             if cfg.uses_qdrop:
                 keep_fp = torch.rand(x.shape, generator=generator, device=x.device) < cfg.drop_prob
-                x = torch.where(keep_fp, fp_in[k][idx], x)
+                x = torch.where(keep_fp, frontier.take(fp_in[k], idx, **gather), x)
             inputs[k] = x
-        target = {o: fp_out[o][idx] for o in block.outputs}
+        target = {o: frontier.take(fp_out[o], idx, **gather) for o in block.outputs}
         if speed.channels_last:
             inputs, target = _nhwc(inputs), _nhwc(target)
         for q in out_quants:
@@ -304,4 +330,5 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         q.drop_prob = 0.0
         q.fused = True
         q.native = False
+        q.out_dtype = torch.float32
     model.eval()

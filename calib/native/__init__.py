@@ -4,8 +4,8 @@
 cached under ``$XDG_CACHE_HOME/waps-tvm`` (keyed by the source's hash, written
 atomically) and returns it loaded through ctypes, or None when no compiler is found or
 the build fails: callers then use their PyTorch form, which gives the same values.
-``usable(*tensors)`` says whether tensors can go through the kernels: float32 (masks
-bool) CPU tensors that share one dense memory layout. The functions below are the only
+``usable(*tensors)`` says whether tensors can go through the kernels: float32 (or, for
+the fake quantizer, bfloat16) CPU tensors that share one dense memory layout. The functions below are the only
 callers of the library: tensors in, results out, scratch for the block sums owned here
 (the C code allocates nothing).
 """
@@ -30,8 +30,9 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=
 _ptr, _i64, _int, _flt, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_double
 _SIGNATURES = {
     "scratch_len": (_i64, [_i64]),
-    "fq_forward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _flt, _int]),
-    "fq_backward": (_dbl, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _int]),
+    "fq_forward": (None, [_ptr, _int, _ptr, _int, _i64, _flt, _flt, _flt, _int]),
+    "fq_backward": (_dbl, [_ptr, _int, _ptr, _int, _ptr, _i64, _flt, _flt, _flt, _ptr, _int]),
+    "gather": (None, [_ptr, _int, _ptr, _i64, _i64, _i64, _flt, _flt, _int, _ptr, _int]),
     "sse_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _ptr, _int]),
     "sse_backward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _flt, _int]),
     "lsq_sse": (_dbl, [_ptr, _ptr, _i64, _flt, _flt, _flt, ctypes.POINTER(_dbl), _ptr, _int]),
@@ -83,17 +84,22 @@ def kernels() -> ctypes.CDLL | None:
     return dll
 
 
-def usable(*tensors: torch.Tensor) -> bool:
-    """True when every tensor is a dense CPU float32/bool tensor with the strides of the
-    first (so one flat loop visits matching elements) and the kernels are built."""
+def usable(*tensors: torch.Tensor, bf16: bool = False) -> bool:
+    """True when every tensor is a dense CPU float32 tensor (or bfloat16 where ``bf16``)
+    with the strides of the first (so one flat loop visits matching elements) and the
+    kernels are built."""
     first = tensors[0]
     if not (first.device.type == "cpu" and (first.is_contiguous() or first.is_contiguous(memory_format=torch.channels_last))):
         return False
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bool) or t.shape != first.shape \
-                or t.stride() != first.stride():
+        if t.device.type != "cpu" or t.dtype not in dtypes or t.shape != first.shape or t.stride() != first.stride():
             return False
     return kernels() is not None
+
+
+def _bf16(t: torch.Tensor) -> int:
+    return int(t.dtype == torch.bfloat16)
 
 
 def threads() -> int:
@@ -106,23 +112,45 @@ def _scratch(n: int, runs: int = 1) -> torch.Tensor:
     return torch.empty(runs * int(kernels().scratch_len(n)), dtype=torch.float64, device="cpu")   # never the default device
 
 
-def fake_quant_forward(x: torch.Tensor, scale: float, zero_point: float, levels: float
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂ = (clamp(round_half_even(x/s) + z, 0, L) − z)·s, inside = 0 < code < L as bool),
-    both like ``x``."""
-    out, inside = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
-    kernels().fq_forward(x.data_ptr(), out.data_ptr(), inside.data_ptr(), x.numel(), scale, zero_point, levels,
+def fake_quant_forward(x: torch.Tensor, scale: float, zero_point: float, levels: float,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x̂ = (clamp(round_half_even(x/s) + z, 0, L) − z)·s like ``x`` (float32 or bfloat16),
+    computed in float32 and stored as ``dtype`` (float32, or bfloat16 rounded to nearest even)."""
+    out = torch.empty_like(x, dtype=dtype)
+    kernels().fq_forward(x.data_ptr(), _bf16(x), out.data_ptr(), _bf16(out), x.numel(), scale, zero_point, levels,
                          threads())
-    return out, inside
+    return out
 
 
-def fake_quant_backward(g, x, out, inside, want_x: bool) -> tuple[torch.Tensor | None, float]:
-    """(g·inside if ``want_x`` else None, Σ g·(x̂ − x·inside)): the STE input gradient and the
-    LSQ step gradient times s."""
+def fake_quant_backward(g, x, scale: float, zero_point: float, levels: float, want_x: bool
+                        ) -> tuple[torch.Tensor | None, float]:
+    """(g·inside like ``x`` if ``want_x`` else None, Σ g·(x̂ − x·inside)) with x̂ and
+    inside = 0 < code < L recomputed from ``x``: the STE input gradient and the LSQ step
+    gradient times s. ``g`` and ``x`` float32 or bfloat16, in one memory layout."""
     gx, sums = torch.empty_like(x) if want_x else None, _scratch(x.numel())
-    acc = kernels().fq_backward(g.data_ptr(), x.data_ptr(), out.data_ptr(), inside.data_ptr(),
-                                gx.data_ptr() if want_x else None, x.numel(), sums.data_ptr(), threads())
+    acc = kernels().fq_backward(g.data_ptr(), _bf16(g), x.data_ptr(), _bf16(x), gx.data_ptr() if want_x else None,
+                                x.numel(), scale, zero_point, levels, sums.data_ptr(), threads())
     return gx, acc
+
+
+def gather(src: torch.Tensor, idx: torch.Tensor, channels_last: bool, scale: float | None = None,
+           zero_point: float = 0.0) -> torch.Tensor | None:
+    """``src[idx]`` as float32 in one pass, or None where the kernel cannot walk ``src``.
+
+    ``src`` [N, C, *spatial] contiguous: uint8 codes, decoded as (code − z)·s with ``scale``
+    given (the decode of calib/frontier), or float32 values taken as they are. 4-D results
+    come in channels-last memory order when ``channels_last``; ``idx`` int64 [B] in [0, N)."""
+    if kernels() is None or src.device.type != "cpu" or not src.is_contiguous() or src.dim() < 2 \
+            or src.dtype != (torch.uint8 if scale is not None else torch.float32):
+        return None
+    idx = idx.to(torch.int64).contiguous()
+    b, c = len(idx), src.shape[1]
+    nhwc = channels_last and src.dim() == 4
+    out = torch.empty((b, *src.shape[1:]), dtype=torch.float32, device="cpu",
+                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    kernels().gather(src.data_ptr(), int(scale is not None), idx.data_ptr(), b, c, src[0, 0].numel(),
+                     0.0 if scale is None else scale, zero_point, int(nhwc), out.data_ptr(), threads())
+    return out
 
 
 def clipped_sse_forward(x, t, bounds: tuple[float, float] | None) -> tuple[torch.Tensor, float]:

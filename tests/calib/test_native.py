@@ -91,3 +91,54 @@ def test_sums_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert vals[0] == vals[1] == vals[2]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_on_bfloat16_is_the_cast_float32_path(layout, out_dtype):
+    """A bf16 conv output through the native quantizer: the values of quantizing its float32
+    copy, cast to ``out_dtype``; the input gradient that path's cast backward gives (bf16)
+    and its step gradient, from the gradient in either type and layout."""
+    s, z = torch.tensor(0.5, requires_grad=True), torch.tensor(3.0)
+    x16 = _x(layout).to(torch.bfloat16)
+    g = torch.linspace(-1, 1, x16.numel()).reshape(x16.shape).to(out_dtype)     # NCHW: laid out unlike x
+    x = x16.clone().requires_grad_(True)
+    y = fake_quant(x, s, z, 15, True, out_dtype)
+    y.backward(g)
+    got = (y.detach(), x.grad, s.grad.clone())
+    s.grad = None
+    xr = x16.clone().requires_grad_(True)
+    yr = fake_quant(xr.float(), s, z, 15).to(out_dtype)
+    yr.backward(g)
+    assert y.dtype == out_dtype and x.grad.dtype == torch.bfloat16
+    assert y.stride() == x16.stride()
+    assert torch.equal(got[0], yr.detach())
+    assert torch.equal(got[1], xr.grad)
+    torch.testing.assert_close(got[2], s.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_store_rounds_to_nearest_even_as_torch_casts():
+    from calib.native import fake_quant_forward
+    x = torch.randn(1 << 16) * 7                  # step 2**-20: outputs keep up to 23 bits
+    got = fake_quant_forward(x, 2.0 ** -20, 0.0, 2.0 ** 24 - 1, torch.bfloat16)
+    want = fake_quant(x, torch.tensor(2.0 ** -20), torch.tensor(0.0), 2 ** 24 - 1).to(torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(9, 6, 5, 7), (9, 12), (9, 4, 10)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_is_indexing_then_decoding(shape, channels_last):
+    from calib.frontier import Codes, take
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8)
+    values = torch.randn(shape, generator=g)
+    stored = Codes(codes, torch.tensor(0.37), torch.tensor(5.0))
+    idx = torch.tensor([8, 0, 3, 3, 7])
+    for src, want in ((stored, stored[idx]), (values, values[idx])):
+        got = take(src, idx, channels_last, use_native=True)
+        plain = take(src, idx, channels_last)
+        assert torch.equal(got, want) and torch.equal(plain, want)
+        assert got.stride() == plain.stride()
+        if channels_last and len(shape) == 4:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    assert native.gather(values[:, ::2], idx, True) is None                # a view it cannot walk: None

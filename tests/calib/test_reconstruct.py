@@ -86,10 +86,10 @@ def test_leading_glue_is_the_parameter_free_head_of_a_block(pooled):
 
 
 def _calibrate_with(graph, x, method, speed, monkeypatch):
-    import functools
     from calib import calibrate as calibrate_mod
     from calib.reconstruct import reconstruct
-    monkeypatch.setattr(calibrate_mod, "reconstruct", functools.partial(reconstruct, speed=speed))
+    # calibrate passes its own ``speed``: this one replaces it (a functools.partial would not)
+    monkeypatch.setattr(calibrate_mod, "reconstruct", lambda *a, **k: reconstruct(*a, **{**k, "speed": speed}))
     cfg = CalibConfig(wbits=2, abits=4, method=method, iters=40, batch=16, tile=8, lam=0.1, progress=False)
     return [r.loss_after for r in calibrate_mod.calibrate(graph, x, cfg).report]
 
@@ -126,3 +126,37 @@ def test_bf16_and_native_kernels_reach_the_float32_torch_loop_s_block_losses(set
         for a, b in zip(losses[name], losses["plain"]):
             assert abs(a - b) <= 0.05 * b, (name, losses)
     assert losses["default"] != losses["bf16"]   # the bf16 lever did take effect
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop+waps"])
+def test_one_pass_gather_and_bf16_boundaries_change_no_number(pooled, method, monkeypatch):
+    """Gathering batches in one pass and keeping bf16 between a conv, its quantizer and the
+    conv reading it compute the very values of the paths they replace: the same block losses."""
+    from dataclasses import replace
+
+    from calib.reconstruct import Speedups
+    graph, x = pooled
+    fast = _calibrate_with(graph, x, method, Speedups(bf16=True), monkeypatch)
+    plain = _calibrate_with(graph, x, method, replace(Speedups(bf16=True), native_gather=False, bf16_boundaries=False),
+                            monkeypatch)
+    assert fast == plain
+
+
+def test_bf16_outputs_are_the_values_only_convs_read(pooled):
+    from calib.blocks import find_blocks
+    from calib.qmodel import QuantModel
+    from calib.reconstruct import reduced_outputs
+    graph, _ = pooled
+    model = QuantModel(graph, CalibConfig(wbits=2, abits=4))
+    users = graph.consumers()
+    seen = 0
+    for block in find_blocks(graph):
+        reduced = {id(q) for q in reduced_outputs(model, block, block.nodes)}
+        for name in block.nodes:
+            if graph[name].op in ("conv2d", "linear", "add"):
+                only_convs = bool(users[name]) and all(graph[u].op in ("conv2d", "linear") and u in block.nodes
+                                                      for u in users[name])
+                want = only_convs and name not in block.outputs
+                assert (id(model.layer(name).out_quant) in reduced) == want, name
+                seen += want
+    assert seen >= 1          # the residual unit's first conv feeds the second
