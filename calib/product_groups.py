@@ -97,13 +97,23 @@ class ProductGroups(nn.Module):
         self.register_buffer("settled_at", torch.full((units,), -1, dtype=torch.int64))
         self.register_buffer("assignment", torch.full((units,), -1, dtype=torch.int64))
         self.history: list[np.ndarray] = []  # s[:, 0] snapshots for the Fig. 8 plot
+        self._step_s: torch.Tensor | None = None
 
     @property
     def hard(self) -> bool:
         return bool(self.assignment[0] >= 0)
 
     def probs(self) -> torch.Tensor:
-        return group_probabilities(self.r, self.prob)
+        """s [units, g], the one of the current step where ``begin_step`` made it."""
+        return self._step_s if self._step_s is not None else group_probabilities(self.r, self.prob)
+
+    def begin_step(self) -> None:
+        """Compute s once for this step: γ^y and the regulariser share it until ``end_step``,
+        which follows the step's backward (``track`` then reads the updated logits)."""
+        self._step_s = group_probabilities(self.r, self.prob)
+
+    def end_step(self) -> None:
+        self._step_s = None
 
     def gamma_y(self) -> torch.Tensor:
         """γ^y [units]: soft mixture while learning, exactly γ_p once hard."""

@@ -87,6 +87,19 @@ class QuantLayer(nn.Module):
             self.w_codes.copy_(self.rounding.codes())
             self.rounding = None
 
+    def begin_step(self) -> None:
+        """One reconstruction step starts: soft rounding and soft groups computed once for it."""
+        if self.rounding is not None and not self.rounding.hard:
+            self.rounding.begin_step()
+        if self.groups is not None and not self.groups.hard:
+            self.groups.begin_step()
+
+    def end_step(self) -> None:
+        if self.rounding is not None:
+            self.rounding.end_step()
+        if self.groups is not None:
+            self.groups.end_step()
+
     def qweight(self) -> torch.Tensor:
         if self.rounding is not None:
             return self.rounding()

@@ -40,6 +40,8 @@ class Speedups:
     native_gather: bool = True  # each batch gathered from the cache, decoded and laid out in one pass (calib/native)
     bf16_boundaries: bool = True  # with bf16: a conv's bf16 output read as it is by the native quantizer, whose
                                   # output is stored in bf16 where only convs/linears read it (same values)
+    fused_adam: bool = True     # Adam's update of all parameters of a group in one kernel (torch's fused=True)
+    shared_soft: bool = True    # h(V) and group probabilities made once per step for forward and regulariser
 
     @classmethod
     def none(cls) -> "Speedups":
@@ -232,8 +234,9 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         param_groups.append({"params": group_params, "lr": cfg.lr_groups})
     if affine_params:
         param_groups.append({"params": affine_params, "lr": cfg.lr_affine})
-    opt = torch.optim.Adam(param_groups)
-    act_opt = torch.optim.Adam([q.scale for q in learned], lr=cfg.lr_act) if learned else None
+    adam = dict(fused=True) if speed.fused_adam else {}
+    opt = torch.optim.Adam(param_groups, **adam)
+    act_opt = torch.optim.Adam([q.scale for q in learned], lr=cfg.lr_act, **adam) if learned else None
     for q in quantizers:
         q.drop_prob = cfg.drop_prob if cfg.uses_qdrop else 0.0
 
@@ -267,7 +270,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             grouped = []
             for layer in layers:
                 layer.freeze()
-            opt = torch.optim.Adam(affine_params, lr=cfg.lr_affine) if affine_params else None
+            opt = torch.optim.Adam(affine_params, lr=cfg.lr_affine, **adam) if affine_params else None
         idx = torch.randint(0, n, (min(cfg.batch, n),), generator=generator, device=generator.device)
         inputs = {}
         for k, v in q_in.items():
@@ -279,6 +282,9 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         target = {o: frontier.take(fp_out[o], idx, **gather) for o in block.outputs}
         if speed.channels_last:
             inputs, target = _nhwc(inputs), _nhwc(target)
+        if speed.shared_soft:
+            for layer in layers:
+                layer.begin_step()
         for q in out_quants:
             q.enabled = False
         with torch.autocast(inputs[next(iter(inputs))].device.type, torch.bfloat16, enabled=speed.bf16):
@@ -309,6 +315,8 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
                 g["lr"] = cosine_lr(t, cfg.iters, cfg.lr_act)
         if loss.requires_grad:
             loss.backward()
+        for layer in layers:
+            layer.end_step()
         if opt:
             opt.step()
         if act_opt:

@@ -55,9 +55,19 @@ class AdaRound(nn.Module):
         # start where h(V) equals the fractional part: soft rounding = the float weight
         self.v = nn.Parameter(-torch.log((ZETA - TAU) / (rest - TAU) - 1))
         self.hard = False
+        self._step_h: torch.Tensor | None = None
 
     def h(self) -> torch.Tensor:
-        return rectified_sigmoid(self.v)
+        """h(V), the one of the current step where ``begin_step`` made it."""
+        return self._step_h if self._step_h is not None else rectified_sigmoid(self.v)
+
+    def begin_step(self) -> None:
+        """Compute h(V) once for this step: the forward and the regulariser share it (one
+        autograd node, not two) until ``end_step``, which follows the step's backward."""
+        self._step_h = rectified_sigmoid(self.v)
+
+    def end_step(self) -> None:
+        self._step_h = None
 
     def codes(self) -> torch.Tensor:
         """Integer codes w̄ (as float): soft during learning, {floor, floor+1} once hard."""
