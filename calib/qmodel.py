@@ -42,7 +42,7 @@ def act_then_quant(y: torch.Tensor, act: str | None, q: ActQuantizer, quant: boo
     """``q(apply_act(y, act))`` (or the activation alone when ``quant`` is off). A ReLU
     before a quantizer that absorbs it (ActQuantizer.absorbs_relu) is skipped: the same
     values and gradients, one full-size pass less each way."""
-    if quant and act == "relu" and q.absorbs_relu():
+    if quant and q.absorbs(act):
         return q(y)
     y = apply_act(y, act)
     return q(y) if quant else y

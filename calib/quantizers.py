@@ -199,13 +199,17 @@ class ActQuantizer(nn.Module):
         return (self.enabled and (self.fused or not torch.is_grad_enabled())
                 and not (self.training and self.drop_prob > 0) and bool(self.zero_point == 0))
 
+    def absorbs(self, act: str | None) -> bool:
+        """True when ``act`` then this quantizer is this quantizer alone: no activation, or a
+        ReLU it absorbs (``absorbs_relu``)."""
+        return act is None or (act == "relu" and self.absorbs_relu())
+
     def reads_reduced(self, act: str | None) -> bool:
         """True when ``act`` then this quantizer can take a bfloat16 input as it is (the
-        native fused path, which computes in float32 from it): no activation in between, or
-        a ReLU it absorbs, and no QDrop mixing (which keeps the input's own values)."""
+        native fused path, which computes in float32 from it): an activation it absorbs and
+        no QDrop mixing (which keeps the input's own values)."""
         return (self.enabled and self.fused and self.native and torch.is_grad_enabled()
-                and not (self.training and self.drop_prob > 0)
-                and (act is None or (act == "relu" and self.absorbs_relu())))
+                and not (self.training and self.drop_prob > 0) and self.absorbs(act))
 
     def clip_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lowest, highest) representable value, 0-dim and detached; None when disabled."""

@@ -166,16 +166,18 @@ def reduced_outputs(model: QuantModel, block: Block, nodes: tuple[str, ...] | li
     qualifies when all of them do."""
     users = model.graph.consumers()
     inside = set(nodes)
-    verdict: dict[int, tuple[ActQuantizer, bool]] = {}
+    quantizers: dict[int, ActQuantizer] = {}
+    refused: set[int] = set()
     for name in nodes:
         if model.graph[name].op not in PARAM_OPS and model.graph[name].op not in QUANT_OPS:
             continue
         q = model.layer(name).out_quant
+        quantizers[id(q)] = q
         readers = users.get(name, [])
-        ok = (name not in block.outputs and bool(readers)
-              and all(r in inside and model.graph[r].op in PARAM_OPS for r in readers))
-        verdict[id(q)] = (q, verdict.get(id(q), (q, True))[1] and ok)
-    return [q for q, ok in verdict.values() if ok and q.enabled]
+        if name in block.outputs or not readers or \
+                not all(r in inside and model.graph[r].op in PARAM_OPS for r in readers):
+            refused.add(id(q))
+    return [q for k, q in quantizers.items() if k not in refused and q.enabled]
 
 
 def _nhwc(ts: Tensors) -> Tensors:
