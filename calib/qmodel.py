@@ -87,10 +87,11 @@ class QuantLayer(nn.Module):
             self.w_codes.copy_(self.rounding.codes())
             self.rounding = None
 
-    def begin_step(self) -> None:
-        """One reconstruction step starts: soft rounding and soft groups computed once for it."""
+    def begin_step(self, beta: float | None = None) -> None:
+        """One reconstruction step starts: soft rounding (with its regulariser at ``beta``
+        where given, see AdaRound.begin_step) and soft groups computed once for it."""
         if self.rounding is not None and not self.rounding.hard:
-            self.rounding.begin_step()
+            self.rounding.begin_step(beta)
         if self.groups is not None and not self.groups.hard:
             self.groups.begin_step()
 

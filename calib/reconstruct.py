@@ -42,6 +42,7 @@ class Speedups:
                                   # output is stored in bf16 where only convs/linears read it (same values)
     fused_adam: bool = True     # Adam's update of all parameters of a group in one kernel (torch's fused=True)
     shared_soft: bool = True    # h(V) and group probabilities made once per step for forward and regulariser
+    native_rounding: bool = True  # with shared_soft: soft weights and rounding regulariser in one C pass each way
 
     @classmethod
     def none(cls) -> "Speedups":
@@ -224,6 +225,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     weight_params, group_params, affine_params = [], [], []
     for layer in layers:
         layer.start_rounding()
+        layer.rounding.native = speed.native_rounding
         weight_params.append(layer.rounding.v)
         if cfg.uses_waps:
             layer.gamma_z.requires_grad_(True)
@@ -284,9 +286,11 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
         target = {o: frontier.take(fp_out[o], idx, **gather) for o in block.outputs}
         if speed.channels_last:
             inputs, target = _nhwc(inputs), _nhwc(target)
+        regularised = t < harden_step and schedule.active(t) and lam > 0
+        beta = schedule(t) if regularised else None
         if speed.shared_soft:
             for layer in layers:
-                layer.begin_step()
+                layer.begin_step(beta)
         for q in out_quants:
             q.enabled = False
         with torch.autocast(inputs[next(iter(inputs))].device.type, torch.bfloat16, enabled=speed.bf16):
@@ -304,8 +308,7 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             rec = sum(_sse(q.clip(env[o]), target[o]) for q, o in zip(out_quants, block.outputs))
         loss = rec + sum(_step_loss(out_quants[i], env[o], target[o], speed) for i, o in enumerate(block.outputs)
                          if out_enabled[i])
-        if t < harden_step and schedule.active(t) and lam > 0:
-            beta = schedule(t)
+        if regularised:
             reg = sum(l.rounding.regulariser(beta) for l in layers)
             reg = reg + sum(l.groups.regulariser(beta) for l in grouped)
             loss = loss + lam * reg

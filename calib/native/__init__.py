@@ -36,6 +36,8 @@ _SIGNATURES = {
     "sse_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _ptr, _int]),
     "sse_backward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _flt, _int]),
     "lsq_sse": (_dbl, [_ptr, _ptr, _i64, _flt, _flt, _flt, ctypes.POINTER(_dbl), _ptr, _int]),
+    "soft_round_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _int, _flt, _ptr, _ptr, _int]),
+    "soft_round_backward": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _flt, _flt, _ptr, _int]),
 }
 
 
@@ -177,3 +179,34 @@ def quantized_sse(x, t, scale: float, zero_point: float, levels: float) -> tuple
     acc = kernels().lsq_sse(x.data_ptr(), t.data_ptr(), x.numel(), scale, zero_point, levels, ctypes.byref(ds),
                             sums.data_ptr(), threads())
     return acc, ds.value
+
+
+def soft_round_usable(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether AdaRound's tensors can go through soft_round_*: V and floor dense float32 CPU
+    tensors of one shape [rows, ...] in row-major order, scale float32 with one value per row."""
+    return (v.dim() >= 1 and v.is_contiguous() and floor.is_contiguous() and scale.is_contiguous()
+            and scale.dtype == torch.float32 and scale.device.type == "cpu" and scale.numel() == v.shape[0]
+            and usable(v, floor))
+
+
+def soft_round_forward(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float,
+                       beta: float | None) -> tuple[torch.Tensor, float]:
+    """(w, reg): w = clamp(floor + h(V), qmin, qmax)·scale[row] like ``v`` with h the rectified
+    sigmoid, and reg = Σ (1 − |2h − 1|^β) (0.0, not computed, when ``beta`` is None)."""
+    rows = v.shape[0]
+    w, sums = torch.empty_like(v), torch.empty(rows, dtype=torch.float64, device="cpu")
+    reg = kernels().soft_round_forward(v.data_ptr(), floor.data_ptr(), scale.data_ptr(), rows, v.numel() // rows,
+                                       qmin, qmax, int(beta is not None), 0.0 if beta is None else beta,
+                                       w.data_ptr(), sums.data_ptr(), threads())
+    return w, reg
+
+
+def soft_round_backward(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, gw: torch.Tensor, qmin: float,
+                        qmax: float, beta: float | None, c_reg: float) -> torch.Tensor:
+    """∂/∂V of Σ gw·w + c_reg·reg with (w, reg) as soft_round_forward; ``gw`` like ``v``."""
+    rows = v.shape[0]
+    gv, gw = torch.empty_like(v), gw.to(torch.float32).contiguous()   # gw kept alive through the call
+    kernels().soft_round_backward(v.data_ptr(), floor.data_ptr(), scale.data_ptr(), gw.data_ptr(), rows,
+                                  v.numel() // rows, qmin, qmax, 0.0 if beta is None else beta,
+                                  c_reg if beta is not None else 0.0, gv.data_ptr(), threads())
+    return gv

@@ -61,6 +61,23 @@ static inline void store(void *a, int bf16, int64_t i, float v) {
     else ((float *)a)[i] = v;
 }
 
+/* c ? a : b without a branch (bitwise), so that loops selecting between two computed
+ * values vectorize on AVX2: GCC leaves a float ?: on an int condition as control flow,
+ * and the scalar loop mispredicts on every other element (about 20× slower). */
+static inline float select_float(int c, float a, float b) {
+    uint32_t ua, ub, m = -(uint32_t)(c != 0);
+    memcpy(&ua, &a, sizeof ua);
+    memcpy(&ub, &b, sizeof ub);
+    ua = (ua & m) | (ub & ~m);
+    memcpy(&a, &ua, sizeof a);
+    return a;
+}
+
+/* clamp(x, lo, hi) through selects (vectorizes where a nested float ?: may not) */
+static inline float clamp_float(float x, float lo, float hi) {
+    return select_float(x < lo, lo, select_float(x > hi, hi, x));
+}
+
 /* The fake-quantization rule, once: the code clamp(round_even(x/s) + z, 0, L) in *code,
  * whether 0 < unclamped code < L (the STE mask) in *inside, and (code − z)·s returned. */
 static inline float fake_quant_point(float x, float s, float z, float levels, int *inside, float *code) {
@@ -107,14 +124,24 @@ double fq_backward(const void *g, int g_bf16, const void *x, int x_bf16, void *g
         if (!g_bf16 && !x_bf16) {
             const float *gf = g, *xf = x;
             float *gxf = gx;
+            if (gxf) {
 #pragma omp simd reduction(+ : part)
-            for (int64_t i = b * BLOCK; i < end; i++) {
-                int in;
-                float code;
-                float q = fake_quant_point(xf[i], s, z, levels, &in, &code);
-                float fin = (float)in;
-                part += gf[i] * (q - xf[i] * fin);
-                if (gxf) gxf[i] = gf[i] * fin;
+                for (int64_t i = b * BLOCK; i < end; i++) {
+                    int in;
+                    float code;
+                    float q = fake_quant_point(xf[i], s, z, levels, &in, &code);
+                    float fin = (float)in;
+                    part += gf[i] * (q - xf[i] * fin);
+                    gxf[i] = gf[i] * fin;
+                }
+            } else {  /* a separate loop: a store under a condition keeps it scalar */
+#pragma omp simd reduction(+ : part)
+                for (int64_t i = b * BLOCK; i < end; i++) {
+                    int in;
+                    float code;
+                    float q = fake_quant_point(xf[i], s, z, levels, &in, &code);
+                    part += gf[i] * (q - xf[i] * (float)in);
+                }
             }
         } else {
 #pragma omp simd reduction(+ : part)
@@ -205,11 +232,127 @@ double lsq_sse(const float *x, const float *t, int64_t n, float s, float z, floa
             float q = fake_quant_point(x[i], s, z, levels, &in, &code);
             float e = q - t[i];
             part += e * e;
-            gpart += 2.0f * e * (in ? (q - x[i]) / s : (code - z));
+            gpart += 2.0f * e * select_float(in, (q - x[i]) / s, code - z);
         }
         sums[b] = part;
         gsums[b] = gpart;
     }
     *ds = ordered_sum(gsums, BLOCKS(n));
     return ordered_sum(sums, BLOCKS(n));
+}
+
+/* ---- AdaRound's soft weights (calib/rounding.py), forward and backward in one pass each ----
+ * exp and log below are Cephes' single-precision polynomials (relative error about 1e-7),
+ * written with selects only so that the loops vectorize; libm's are scalar calls. So h(V)
+ * differs from torch.sigmoid's by an ulp or two, and |u|^β = exp(β·log|u|) from torch.pow
+ * by about β·1e-7 relative: a regulariser and a soft rounding learned by Adam, not values
+ * any backend reproduces (those are the frozen integer codes). */
+static inline float exp_poly(float x) {
+    x = clamp_float(x, -87.0f, 88.0f);
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+/* natural log of a positive normal float */
+static inline float log_poly(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    float e = (float)((int32_t)((u >> 23) & 0xff) - 126);
+    u = (u & 0x807fffffu) | 0x3f000000u;             /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &u, sizeof m);
+    int low = m < 0.707106781186547524f;
+    e = select_float(low, e - 1.0f, e);
+    m = select_float(low, m + m - 1.0f, m - 1.0f);
+    float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y = y + e * -2.12194440e-4f;
+    y = y - 0.5f * z;
+    return m + y + e * 0.693359375f;
+}
+
+/* |u|^p for |u| ≤ 1 and p > 0 (0 at u = 0) */
+static inline float abs_pow(float u, float p) {
+    float a = fabsf(u);
+    return select_float(a > 0.0f, exp_poly(p * log_poly(select_float(a > 0.0f, a, 1.0f))), 0.0f);
+}
+
+#define SOFT_SPAN 1.2f    /* ζ − τ of the rectified sigmoid, ζ = 1.1, τ = −0.1 */
+#define SOFT_LOW (-0.1f)  /* τ */
+
+/* Soft weights of one tensor of ``rows`` output channels × ``per_row`` elements:
+ * σ = σ(v), h = clamp(σ·(ζ−τ)+τ, 0, 1), w = clamp(floor + h, qmin, qmax)·scale[row];
+ * returns Σ (1 − |2h − 1|^β) when ``with_reg`` (the binary regulariser), else 0 (not
+ * computed). ``sums``: ``rows`` doubles. */
+double soft_round_forward(const float *v, const float *floor_, const float *scale, int64_t rows, int64_t per_row,
+                          float qmin, float qmax, int with_reg, float beta, float *w, double *sums, int threads) {
+    const float b = with_reg ? beta : 1.0f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float sc = scale[r];
+        const float *vr = v + r * per_row, *fr = floor_ + r * per_row;
+        float *wr = w + r * per_row;
+        float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = 0; i < per_row; i++) {
+            float sig = 1.0f / (1.0f + exp_poly(-vr[i]));
+            float h = sig * SOFT_SPAN + SOFT_LOW;
+            h = clamp_float(h, 0.0f, 1.0f);
+            float c = clamp_float(fr[i] + h, qmin, qmax);
+            wr[i] = c * sc;
+            part += 1.0f - abs_pow(2.0f * h - 1.0f, b);
+        }
+        sums[r] = part;
+    }
+    return with_reg ? ordered_sum(sums, rows) : 0.0;
+}
+
+/* The gradient in v of L = Σ gw·w + c_reg·reg with w and reg as soft_round_forward
+ * (c_reg = 0: the regulariser is not in the loss; beta is then unused):
+ * gv = (gw·scale[row]·[qmin ≤ floor + h ≤ qmax] − c_reg·2β·|u|^(β−1)·sgn(u))
+ * ·(ζ−τ)·σ(1 − σ)·[0 ≤ σ(ζ−τ)+τ ≤ 1], u = 2h − 1; the masks pass their bounds, as
+ * torch's clamp does. */
+void soft_round_backward(const float *v, const float *floor_, const float *scale, const float *gw, int64_t rows,
+                         int64_t per_row, float qmin, float qmax, float beta, float c_reg, float *gv, int threads) {
+    const float b = c_reg != 0.0f ? beta : 2.0f;    /* any exponent ≥ 1 keeps |u|^(b−1) finite */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float sc = scale[r];
+        const float *vr = v + r * per_row, *fr = floor_ + r * per_row, *gr = gw + r * per_row;
+        float *out = gv + r * per_row;
+#pragma omp simd
+        for (int64_t i = 0; i < per_row; i++) {
+            float sig = 1.0f / (1.0f + exp_poly(-vr[i]));
+            float pre = sig * SOFT_SPAN + SOFT_LOW;
+            float h = clamp_float(pre, 0.0f, 1.0f);
+            float c = fr[i] + h;
+            float g = select_float((c >= qmin) & (c <= qmax), gr[i] * sc, 0.0f);
+            float u = 2.0f * h - 1.0f;
+            float dreg = c_reg * 2.0f * b * abs_pow(u, b - 1.0f);
+            dreg = select_float(u > 0.0f, dreg, select_float(u < 0.0f, -dreg, 0.0f));
+            g = g - dreg;
+            out[i] = select_float((pre >= 0.0f) & (pre <= 1.0f), g * SOFT_SPAN * (sig * (1.0f - sig)), 0.0f);
+        }
+    }
 }

@@ -142,3 +142,58 @@ def test_gather_is_indexing_then_decoding(shape, channels_last):
         if channels_last and len(shape) == 4:
             assert got.is_contiguous(memory_format=torch.channels_last)
     assert native.gather(values[:, ::2], idx, True) is None                # a view it cannot walk: None
+
+
+def test_fake_quant_step_gradient_alone_equals_the_one_with_the_input_gradient():
+    """fq_backward without an input gradient (a separate loop) sums the same step gradient."""
+    x, g = _x("nchw"), _x("nchw", seed=3)
+    with_x = native.fake_quant_backward(g, x, 0.5, 3.0, 15.0, True)
+    alone = native.fake_quant_backward(g, x, 0.5, 3.0, 15.0, False)
+    assert alone[0] is None and alone[1] == with_x[1]
+
+
+def _adaround_pair(beta_spread: float = 8.0):
+    from calib.rounding import AdaRound
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 8, 3, 3, generator=g) * 0.05
+    s = w.abs().amax((1, 2, 3)) / 1.5
+    fast, ref = AdaRound(w, s, 2), AdaRound(w, s, 2)
+    fast.v.data.mul_(torch.rand(fast.v.shape, generator=g) * beta_spread)   # h reaches 0 and 1 in places
+    ref.v.data.copy_(fast.v.data)
+    fast.native = True
+    return fast, ref
+
+
+@pytest.mark.parametrize("beta", [None, 2.0, 7.3, 20.0])
+def test_soft_rounding_and_regulariser_match_the_torch_form(beta):
+    """_SoftRound's weights, regulariser and V-gradient (loss Σ g·w + c·reg) equal autograd
+    through rectified_sigmoid / binary_regulariser up to its own exp and log (~1e-7 relative)."""
+    fast, ref = _adaround_pair()
+    g = torch.linspace(-1, 1, fast.v.numel()).reshape(fast.v.shape)
+    results = []
+    for a in (fast, ref):
+        a.begin_step(beta)
+        w = a()
+        reg = a.regulariser(beta) if beta is not None else torch.zeros(())
+        ((w * g).sum() + 0.37 * reg).backward()
+        results.append((w.detach(), reg.detach(), a.v.grad))
+        a.end_step()
+    assert fast._step is None and ref._step is None
+    (wf, rf, gf), (wr, rr, gr) = results
+    torch.testing.assert_close(wf, wr, rtol=0, atol=1e-7)
+    torch.testing.assert_close(rf, rr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gf, gr, rtol=0, atol=1e-6 * float(gr.abs().max()))
+    h = ref.h().detach()
+    assert (h == 0).any() and (h == 1).any() and ((h > 0) & (h < 1)).any()     # both clamps and the inside
+    assert (ref.floor + h > ref.qmax).any()                                     # the code clamp too
+
+
+def test_soft_rounding_regulariser_weighs_its_gradient():
+    """Regulariser off in the loss (greg = 0) and on give different V-gradients, each as torch's."""
+    grads = []
+    for c in (0.0, 5.0):
+        fast, _ = _adaround_pair()
+        fast.begin_step(4.0)
+        (fast().sum() + c * fast.regulariser(4.0)).backward()
+        grads.append(fast.v.grad)
+    assert not torch.allclose(grads[0], grads[1])
