@@ -123,7 +123,7 @@ _STEPS = [("before (plain loop)", ()),
           ("+ channels-last batches", ("channels_last",)),
           ("+ one-pass batch gather", ("native_gather",)),
           ("+ h(V) and group probabilities once per step", ("shared_soft",)),
-          ("+ soft rounding and its regulariser in one C pass", ("native_rounding",)),
+          ("+ soft rounding, γ^y and regularisers in C (one node each)", ("native_soft",)),
           ("+ fused Adam (= --conv-dtype float32)", ("fused_adam",)),
           ("+ bf16 conv (--conv-dtype bfloat16)", ("bf16",)),
           ("+ bf16 kept from conv through quantizer to conv", ("bf16_boundaries",))]

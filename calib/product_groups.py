@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calib import native
 from calib.rounding import TAU, ZETA, binary_regulariser
 
 
@@ -78,6 +79,31 @@ def assign_tile_groups(scores: np.ndarray, settled_at: np.ndarray, tile: int) ->
     return out
 
 
+class _SoftGroups(torch.autograd.Function):
+    """(γ^y [units], reg, s [units, g]) from logits R as one autograd node through calib/native's
+    soft_groups kernels (``group_probabilities``, ``ProductGroups.gamma_y`` and the binary
+    regulariser at ``beta``, or reg 0 and not computed where None; torch takes some 35 small
+    ops and their backward). s is not differentiable: read it, don't learn through it.
+    Values: those of the torch forms up to an ulp or two (own exp) and ~β·1e-7 relative in
+    the regulariser."""
+
+    @staticmethod
+    def forward(ctx, r, gammas, sigmoid_form: bool, beta: float | None):
+        ctx.set_materialize_grads(False)
+        s, gy, reg = native.soft_groups_forward(r, gammas, sigmoid_form, beta)
+        ctx.save_for_backward(r, gammas, s, gy)
+        ctx.sigmoid_form, ctx.beta = sigmoid_form, beta
+        ctx.mark_non_differentiable(s)
+        return gy, torch.tensor(reg, dtype=r.dtype, device=r.device), s
+
+    @staticmethod
+    def backward(ctx, ggy, greg, _gs):
+        r, gammas, s, gy = ctx.saved_tensors
+        c_reg = float(greg) if greg is not None and ctx.beta is not None else 0.0
+        ggy = ggy if ggy is not None else torch.zeros_like(gy)
+        return native.soft_groups_backward(r, gammas, ctx.sigmoid_form, s, gy, ggy, ctx.beta, c_reg), None, None, None
+
+
 class ProductGroups(nn.Module):
     """Learnable group membership of ``units`` input units over the scales ``gammas``;
     ``prob`` selects the eq. 15 form (GROUP_PROBS)."""
@@ -97,7 +123,9 @@ class ProductGroups(nn.Module):
         self.register_buffer("settled_at", torch.full((units,), -1, dtype=torch.int64))
         self.register_buffer("assignment", torch.full((units,), -1, dtype=torch.int64))
         self.history: list[np.ndarray] = []  # s[:, 0] snapshots for the Fig. 8 plot
+        self.native = False   # γ^y and regulariser through _SoftGroups (reconstruct's Speedups.native_soft)
         self._step_s: torch.Tensor | None = None
+        self._step: tuple[torch.Tensor, torch.Tensor, float | None] | None = None   # (γ^y, reg, β) of _SoftGroups
 
     @property
     def hard(self) -> bool:
@@ -107,31 +135,45 @@ class ProductGroups(nn.Module):
         """s [units, g], the one of the current step where ``begin_step`` made it."""
         return self._step_s if self._step_s is not None else group_probabilities(self.r, self.prob)
 
-    def begin_step(self) -> None:
+    def begin_step(self, beta: float | None = None) -> None:
         """Compute s once for this step: γ^y and the regulariser share it until ``end_step``,
-        which follows the step's backward (``track`` then reads the updated logits)."""
-        self._step_s = group_probabilities(self.r, self.prob)
+        which follows the step's backward (``track`` then reads the updated logits). With
+        ``native`` (and tensors the kernels take) γ^y and, for ``beta``, the regulariser come
+        from one _SoftGroups node instead."""
+        if self.native and native.soft_groups_usable(self.r, self.gammas):
+            gy, reg, _ = _SoftGroups.apply(self.r, self.gammas, self.prob == "sigmoid", beta)
+            self._step = (gy, reg, beta)
+        else:
+            self._step_s = group_probabilities(self.r, self.prob)
 
     def end_step(self) -> None:
         self._step_s = None
+        self._step = None
 
     def gamma_y(self) -> torch.Tensor:
         """γ^y [units]: soft mixture while learning, exactly γ_p once hard."""
+        if self._step is not None:    # made by begin_step, which a hard assignment skips
+            return self._step[0]
         if self.hard:
             return self.gammas[self.assignment]
         s = self.probs()
         return (s * self.gammas).sum(1) / s.sum(1)
 
     def regulariser(self, beta: float) -> torch.Tensor:
+        if self._step is not None and self._step[2] == beta:
+            return self._step[1]
         return binary_regulariser(self.probs(), beta)
 
     @torch.no_grad()
     def track(self, step: int, record: bool = False) -> None:
-        """Update settle steps; a unit that leaves one-hot again is unsettled."""
-        s = self.probs()
-        onehot = s.max(1).values >= 1.0
-        self.settled_at[onehot & (self.settled_at < 0)] = step
-        self.settled_at[~onehot] = -1
+        """Update settle steps; a unit that leaves one-hot again is unsettled (one C call with
+        ``native``)."""
+        s = native.soft_groups_track(self.r, self.prob == "sigmoid", step, self.settled_at) if self.native else None
+        if s is None:
+            s = self.probs()
+            onehot = s.max(1).values >= 1.0
+            self.settled_at[onehot & (self.settled_at < 0)] = step
+            self.settled_at[~onehot] = -1
         if record:
             self.history.append(s.detach().cpu().numpy().copy())
 

@@ -88,12 +88,12 @@ class QuantLayer(nn.Module):
             self.rounding = None
 
     def begin_step(self, beta: float | None = None) -> None:
-        """One reconstruction step starts: soft rounding (with its regulariser at ``beta``
-        where given, see AdaRound.begin_step) and soft groups computed once for it."""
+        """One reconstruction step starts: soft rounding and soft groups (with their
+        regularisers at ``beta`` where given, see AdaRound.begin_step) computed once for it."""
         if self.rounding is not None and not self.rounding.hard:
             self.rounding.begin_step(beta)
         if self.groups is not None and not self.groups.hard:
-            self.groups.begin_step()
+            self.groups.begin_step(beta)
 
     def end_step(self) -> None:
         if self.rounding is not None:

@@ -42,7 +42,8 @@ class Speedups:
                                   # output is stored in bf16 where only convs/linears read it (same values)
     fused_adam: bool = True     # Adam's update of all parameters of a group in one kernel (torch's fused=True)
     shared_soft: bool = True    # h(V) and group probabilities made once per step for forward and regulariser
-    native_rounding: bool = True  # with shared_soft: soft weights and rounding regulariser in one C pass each way
+    native_soft: bool = True    # with shared_soft: soft weights, WAPS γ^y and both regularisers by C kernels,
+                                # one autograd node each per layer (own exp/log: equal up to ~1e-7 relative)
 
     @classmethod
     def none(cls) -> "Speedups":
@@ -225,7 +226,9 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
     weight_params, group_params, affine_params = [], [], []
     for layer in layers:
         layer.start_rounding()
-        layer.rounding.native = speed.native_rounding
+        layer.rounding.native = speed.native_soft
+        if layer.groups is not None:
+            layer.groups.native = speed.native_soft
         weight_params.append(layer.rounding.v)
         if cfg.uses_waps:
             layer.gamma_z.requires_grad_(True)
@@ -334,6 +337,8 @@ def reconstruct(model: QuantModel, block: Block, q_in: Tensors, fp_in: Tensors, 
             on_step(t, float(rec.detach()))
 
     for layer in layers:
+        if layer.groups is not None:
+            layer.groups.native = False
         if layer.groups is not None and not layer.groups.hard:
             layer.groups.harden(cfg.tile)
         layer.freeze()

@@ -81,7 +81,7 @@ class AdaRound(nn.Module):
         # start where h(V) equals the fractional part: soft rounding = the float weight
         self.v = nn.Parameter(-torch.log((ZETA - TAU) / (rest - TAU) - 1))
         self.hard = False
-        self.native = False   # soft weights and regulariser through _SoftRound (Speedups.native_rounding)
+        self.native = False   # soft weights and regulariser through _SoftRound (Speedups.native_soft)
         self._step_h: torch.Tensor | None = None
         self._step: tuple[torch.Tensor, torch.Tensor, float | None] | None = None   # (w, reg, β) of _SoftRound
 

@@ -38,7 +38,11 @@ _SIGNATURES = {
     "lsq_sse": (_dbl, [_ptr, _ptr, _i64, _flt, _flt, _flt, ctypes.POINTER(_dbl), _ptr, _int]),
     "soft_round_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _int, _flt, _ptr, _ptr, _int]),
     "soft_round_backward": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _flt, _flt, _ptr, _int]),
+    "soft_groups_forward": (_dbl, [_ptr, _i64, _i64, _ptr, _int, _int, _flt, _ptr, _ptr]),
+    "soft_groups_backward": (None, [_ptr, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _flt, _flt, _ptr]),
+    "soft_groups_track": (None, [_ptr, _i64, _i64, _int, _i64, _ptr, _ptr]),
 }
+MAX_GROUPS = 64   # fastquant.c's bound on the groups of one unit
 
 
 def _cache_dir() -> Path:
@@ -210,3 +214,43 @@ def soft_round_backward(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tenso
                                   v.numel() // rows, qmin, qmax, 0.0 if beta is None else beta,
                                   c_reg if beta is not None else 0.0, gv.data_ptr(), threads())
     return gv
+
+
+def soft_groups_usable(r: torch.Tensor, gammas: torch.Tensor) -> bool:
+    """Whether WAPS logits R [units, g] and scales γ [g] can go through soft_groups_*."""
+    return (r.dim() == 2 and 0 < r.shape[1] <= MAX_GROUPS and gammas.is_contiguous() and usable(r)
+            and gammas.dtype == torch.float32 and gammas.device.type == "cpu" and gammas.numel() == r.shape[1])
+
+
+def soft_groups_forward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, beta: float | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(s [units, g], γ^y [units], reg): the rectified group probabilities (softmax, or the
+    sigmoid ratio of eq. 15), γ^y = Σ γ·s / Σ s, and Σ (1 − |2s − 1|^β) (0.0 when ``beta`` is None)."""
+    units, g = r.shape
+    s, gy = torch.empty_like(r), torch.empty(units, dtype=torch.float32, device="cpu")
+    reg = kernels().soft_groups_forward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form),
+                                        int(beta is not None), 0.0 if beta is None else beta, s.data_ptr(), gy.data_ptr())
+    return s, gy, reg
+
+
+def soft_groups_backward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, s: torch.Tensor, gy: torch.Tensor,
+                         ggy: torch.Tensor, beta: float | None, c_reg: float) -> torch.Tensor:
+    """∂/∂R of Σ ggy·γ^y + c_reg·reg with (s, γ^y, reg) as soft_groups_forward."""
+    units, g = r.shape
+    gr, ggy = torch.empty_like(r), ggy.to(torch.float32).contiguous()   # ggy kept alive through the call
+    kernels().soft_groups_backward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form), s.data_ptr(),
+                                   gy.data_ptr(), ggy.data_ptr(), 0.0 if beta is None else beta,
+                                   c_reg if beta is not None else 0.0, gr.data_ptr())
+    return gr
+
+
+def soft_groups_track(r: torch.Tensor, sigmoid_form: bool, step: int, settled_at: torch.Tensor) -> torch.Tensor | None:
+    """s [units, g] from R (as soft_groups_forward), updating ``settled_at`` (int64 [units]) in
+    place as ProductGroups.track does; None (nothing done) where the tensors don't suit the kernel."""
+    if not (settled_at.dtype == torch.int64 and settled_at.device.type == "cpu" and settled_at.is_contiguous()
+            and r.dim() == 2 and 0 < r.shape[1] <= MAX_GROUPS and settled_at.numel() == r.shape[0] and usable(r)):
+        return None
+    units, g = r.shape
+    s = torch.empty_like(r)
+    kernels().soft_groups_track(r.data_ptr(), units, g, int(sigmoid_form), step, s.data_ptr(), settled_at.data_ptr())
+    return s

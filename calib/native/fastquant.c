@@ -356,3 +356,99 @@ void soft_round_backward(const float *v, const float *floor_, const float *scale
         }
     }
 }
+
+/* ---- WAPS group probabilities (calib/product_groups.py), one call each way per layer ----
+ * For each of ``units`` rows of logits R [units, g] (g ≤ MAX_GROUPS):
+ *   π = softmax(R_i) (sigmoid_form = 0) or σ(R_i)/Σ_j σ(R_ij) (sigmoid_form = 1, eq. 15 as printed),
+ *   s = clamp(π·(ζ−τ)+τ, 0, 1), γ^y_i = Σ_p γ_p·s_p / Σ_p s_p,
+ * and the binary regulariser Σ (1 − |2s − 1|^β) when ``with_reg``. Tiny tensors: plain loops,
+ * the same exp as the soft rounding. */
+#define MAX_GROUPS 64
+
+/* π of one unit into pi (and σ into sig for the sigmoid form); returns the normaliser */
+static float group_pi(const float *r, int64_t g, int sigmoid_form, float *pi, float *sig) {
+    float total = 0.0f;
+    if (sigmoid_form) {
+        for (int64_t p = 0; p < g; p++) {
+            sig[p] = 1.0f / (1.0f + exp_poly(-r[p]));
+            total += sig[p];
+        }
+        for (int64_t p = 0; p < g; p++) pi[p] = sig[p] / total;
+    } else {
+        float top = r[0];
+        for (int64_t p = 1; p < g; p++) top = r[p] > top ? r[p] : top;
+        for (int64_t p = 0; p < g; p++) {
+            pi[p] = exp_poly(r[p] - top);
+            total += pi[p];
+        }
+        for (int64_t p = 0; p < g; p++) pi[p] = pi[p] / total;
+    }
+    return total;
+}
+
+double soft_groups_forward(const float *r, int64_t units, int64_t g, const float *gammas, int sigmoid_form,
+                           int with_reg, float beta, float *s, float *gy) {
+    double reg = 0.0;
+    for (int64_t i = 0; i < units; i++) {
+        float pi[MAX_GROUPS], sig[MAX_GROUPS], num = 0.0f, den = 0.0f, part = 0.0f;
+        group_pi(r + i * g, g, sigmoid_form, pi, sig);
+        for (int64_t p = 0; p < g; p++) {
+            float sp = clamp_float(pi[p] * SOFT_SPAN + SOFT_LOW, 0.0f, 1.0f);
+            s[i * g + p] = sp;
+            num += sp * gammas[p];
+            den += sp;
+            if (with_reg) part += 1.0f - abs_pow(2.0f * sp - 1.0f, beta);
+        }
+        gy[i] = num / den;
+        reg += part;
+    }
+    return with_reg ? reg : 0.0;
+}
+
+/* ∂/∂R of Σ_i ggy_i·γ^y_i + c_reg·reg (c_reg = 0: no regulariser in the loss), through the
+ * clamp (passing its bounds, as torch's clamp) and softmax / sigmoid ratio; ``s`` and ``gy``
+ * from soft_groups_forward. */
+void soft_groups_backward(const float *r, int64_t units, int64_t g, const float *gammas, int sigmoid_form,
+                          const float *s, const float *gy, const float *ggy, float beta, float c_reg, float *gr) {
+    const float b = c_reg != 0.0f ? beta : 2.0f;
+    for (int64_t i = 0; i < units; i++) {
+        float pi[MAX_GROUPS], sig[MAX_GROUPS], dpre[MAX_GROUPS], den = 0.0f, dot = 0.0f;
+        const float total = group_pi(r + i * g, g, sigmoid_form, pi, sig);
+        for (int64_t p = 0; p < g; p++) den += s[i * g + p];
+        for (int64_t p = 0; p < g; p++) {
+            float sp = s[i * g + p], pre = pi[p] * SOFT_SPAN + SOFT_LOW, u = 2.0f * sp - 1.0f;
+            float ds = ggy[i] * (gammas[p] - gy[i]) / den;
+            float dreg = c_reg * 2.0f * b * abs_pow(u, b - 1.0f);
+            ds -= u > 0.0f ? dreg : (u < 0.0f ? -dreg : 0.0f);
+            dpre[p] = (pre >= 0.0f && pre <= 1.0f) ? ds * SOFT_SPAN : 0.0f;
+            dot += dpre[p] * pi[p];
+        }
+        for (int64_t p = 0; p < g; p++) {
+            if (sigmoid_form) {
+                gr[i * g + p] = (dpre[p] - dot) / total * (sig[p] * (1.0f - sig[p]));
+            } else {
+                gr[i * g + p] = pi[p] * (dpre[p] - dot);
+            }
+        }
+    }
+}
+
+/* ProductGroups.track in one call: s as soft_groups_forward (into ``s``), and per unit
+ * settled_at = step where max_p s_p ≥ 1 (one-hot) and it was unsettled (< 0), −1 where not one-hot. */
+void soft_groups_track(const float *r, int64_t units, int64_t g, int sigmoid_form, int64_t step, float *s,
+                       int64_t *settled_at) {
+    for (int64_t i = 0; i < units; i++) {
+        float pi[MAX_GROUPS], sig[MAX_GROUPS], top = 0.0f;
+        group_pi(r + i * g, g, sigmoid_form, pi, sig);
+        for (int64_t p = 0; p < g; p++) {
+            float sp = clamp_float(pi[p] * SOFT_SPAN + SOFT_LOW, 0.0f, 1.0f);
+            s[i * g + p] = sp;
+            top = sp > top ? sp : top;
+        }
+        if (top >= 1.0f) {
+            if (settled_at[i] < 0) settled_at[i] = step;
+        } else {
+            settled_at[i] = -1;
+        }
+    }
+}

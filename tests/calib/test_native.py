@@ -197,3 +197,59 @@ def test_soft_rounding_regulariser_weighs_its_gradient():
         (fast().sum() + c * fast.regulariser(4.0)).backward()
         grads.append(fast.v.grad)
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("beta", [None, 3.0, 20.0])
+def test_soft_groups_match_the_torch_forms(form, beta):
+    """_SoftGroups' γ^y, regulariser and R-gradient (loss Σ g·γ^y + c·reg) equal autograd
+    through group_probabilities / gamma_y / binary_regulariser, for both eq. 15 forms."""
+    from calib.product_groups import ProductGroups
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(24, 4, generator=g) * 3
+    r[0] = torch.tensor([9.0, -9.0, -9.0, -9.0])                 # settled: s one-hot, clamps hit
+    gammas = [0.5, 1.0, 1.5, 2.0]
+    weights = torch.linspace(-1, 1, 24)
+    results = []
+    for use_native in (True, False):
+        pg = ProductGroups(24, gammas, form)
+        pg.r.data.copy_(r)
+        pg.native = use_native
+        pg.begin_step(beta)
+        gy = pg.gamma_y()
+        reg = pg.regulariser(beta) if beta is not None else torch.zeros(())
+        ((gy * weights).sum() + 0.37 * reg).backward()
+        results.append((gy.detach(), reg.detach(), pg.r.grad))
+        assert (pg._step is not None) == use_native
+        pg.end_step()
+    (gf, rf, grf), (gt, rt, grt) = results
+    torch.testing.assert_close(gf, gt, rtol=2e-6, atol=0)
+    torch.testing.assert_close(rf, rt, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grf, grt, rtol=0, atol=2e-6 * float(grt.abs().max()))
+    assert (grt[0] == 0).all() == (grf[0] == 0).all()
+
+
+@pytest.mark.parametrize("form", ["softmax", "sigmoid"])
+def test_group_tracking_matches_the_torch_form(form):
+    """The native track settles, keeps and unsettles units as the torch form does."""
+    from calib.product_groups import ProductGroups
+    g = torch.Generator().manual_seed(6)
+    r = torch.randn(32, 4, generator=g) * 2
+    r[:8] = torch.tensor([12.0, -12.0, -12.0, -12.0])       # settled from the start
+    pgs = []
+    for use_native in (True, False):
+        pg = ProductGroups(32, [0.5, 1.0, 1.5, 2.0], form)
+        pg.r.data.copy_(r)
+        pg.native = use_native
+        pg.settled_at[8:12] = 3                                # settled before, no longer one-hot
+        pgs.append(pg)
+    for step in (5, 6):
+        for pg in pgs:
+            pg.track(step, record=step == 6)
+        pgs[0].r.data[12:16] = torch.tensor([12.0, -12.0, -12.0, -12.0])
+        pgs[1].r.data[12:16] = torch.tensor([12.0, -12.0, -12.0, -12.0])
+    assert torch.equal(pgs[0].settled_at, pgs[1].settled_at)
+    assert (pgs[0].settled_at[:8] == 5).all() and (pgs[0].settled_at[8:12] == -1).all()
+    assert (pgs[0].settled_at[12:16] == 6).all()
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(pgs[0].history[-1], pgs[1].history[-1], rtol=2e-6, atol=1e-7)
