@@ -199,11 +199,18 @@ def main(argv=None) -> int:
             "iters_timed": args.iters, "rounds": args.rounds, "cpu": _cpu(), "load_average": _load(),
             "cpu_native_bf16": cpu_bf16, "bf16_rows": with_bf16,
             "public_loop_here": {str(k): v for k, v in public.items()}, "rows": rows}
-    (RESULTS / "calib_speed.json").write_text(json.dumps(meta, indent=1))
+    stem = result_stem(with_bf16)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(meta, indent=1))
     md = render(meta)
-    (RESULTS / "calib_speed.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
     return 0
+
+
+def result_stem(with_bf16: bool) -> str:
+    """calib_speed (every lever, bf16 included) or calib_speed_fp32 (a CPU without native bf16:
+    float32 levers only), so that a run on either kind of machine keeps the other's record."""
+    return "calib_speed" if with_bf16 else "calib_speed_fp32"
 
 
 def render(meta: dict) -> str:

@@ -198,10 +198,10 @@ def calib_speed_gain(results: Path) -> str:
     return f"×{_span(vb, '.2f')} at {big}×{big}" + (f" ({small})" if small else "")
 
 
-def calib_speed_public(results: Path) -> str:
+def calib_speed_public(results: Path, name: str = "calib_speed.json") -> str:
     """Ours in float32 and in bfloat16 against the public BRECQ loop re-implemented and
     timed beside it, per input size."""
-    rows = _json(results, "calib_speed.json")["rows"]
+    rows = _json(results, name)["rows"]
     parts = []
     for n in sorted({r["input"] for r in rows}, reverse=True):
         fp32 = [r for r in rows if r["input"] == n and _all_levers(r, bf16=False)]
@@ -217,6 +217,24 @@ def calib_speed_public(results: Path) -> str:
                      f"with bfloat16 convolutions (×{_span([r['public_loop_here_over_ours'] for r in bf16], '.2f')})")
         parts.append(text)
     return "; ".join(parts)
+
+
+def calib_speed_fp32_public(results: Path) -> str:
+    """calib_speed_public from the run on a CPU without native bf16 convolutions, with the CPU named."""
+    meta = _json(results, "calib_speed_fp32.json")
+    return f"on {meta['cpu']} (AVX2, no native bfloat16), " + calib_speed_public(results, "calib_speed_fp32.json")
+
+
+def calib_speed_lever_gain(results: Path, lever: str = "native_soft", name: str = "calib_speed_fp32.json") -> str:
+    """What the row that turns ``lever`` on gains over the row above it, per size and method."""
+    rows = _json(results, name)["rows"]
+    parts = []
+    for prev, row in zip(rows, rows[1:]):
+        if row["speed"].get(lever) and not prev["speed"].get(lever, True) \
+                and (prev["input"], prev["method"]) == (row["input"], row["method"]):
+            label = "BRECQ+WAPS" if row["method"] == "waps" else row["method"].upper()
+            parts.append(f"{label} ×{prev['sec_per_iter'] / row['sec_per_iter']:.2f} at {row['input']}×{row['input']}")
+    return ", ".join(parts)
 
 
 def calib_time_estimate(results: Path) -> str:
@@ -573,6 +591,8 @@ BLOCKS: tuple[Block, ...] = (
     Block("calib_speed", calib_speed, inline=True),
     Block("calib_speed_gain", calib_speed_gain, inline=True),
     Block("calib_speed_public", calib_speed_public, inline=True),
+    Block("calib_speed_fp32_public", calib_speed_fp32_public, inline=True),
+    Block("calib_speed_native_soft", calib_speed_lever_gain, inline=True),
     Block("calib_time_estimate", calib_time_estimate, inline=True),
     Block("bf16_accuracy", bf16_accuracy, inline=True),
     Block("cpu", cpu),
