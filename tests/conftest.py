@@ -1,8 +1,44 @@
+import os
+
 import pytest
 import torch
 from torch import nn
 
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # several test processes share the cores, and both torch's OpenMP pool and TVM's runtime
+    # pool spin while they wait: each process gets its share of the cores
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("TVM_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
+else:
+    torch.set_num_threads(2)
+
+GIB_PER_WORKER = 10       # peak resident memory of one test process over the whole suite, with room
+
+
+@pytest.hookimpl(optionalhook=True)        # a hook of pytest-xdist (absent under -p no:xdist)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one test process per core, no more than the memory
+    holds (GIB_PER_WORKER each); PYTEST_XDIST_AUTO_NUM_WORKERS overrides."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0))
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return max(1, min(cores, int(mem_gib // GIB_PER_WORKER)))
+
+
+# Modules whose tests take longest in all (the --durations of a CI run), longest first. With
+# several processes (--dist loadscope, each module whole in one process, no reordering) they
+# start first, so that the many short modules even out the end instead of one long module
+# running alone at the end.
+LONGEST_MODULES = ("tests/waps_tvm/test_transformer.py", "tests/waps_tvm/test_model_coverage.py",
+                   "tests/waps_tvm/test_compile.py", "tests/targets/test_aarch64.py",
+                   "tests/relay_passes/test_op_conformance.py", "tests/waps_tvm/test_channels_last.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {m: i for i, m in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))     # stable: order kept within
 
 
 class TinyResNet(nn.Module):

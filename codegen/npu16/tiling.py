@@ -59,16 +59,18 @@ def tile_weights(w: np.ndarray, groups: np.ndarray | None, conv_groups: int, n_g
     tiles = np.zeros((conv_groups, ot, n_p, it_max, kh, kw, tile, tile), np.int8)
     table = np.full((conv_groups, n_p, it_max, tile), -1, np.int32)
     for g in range(conv_groups):
+        wg = w[g * mg:(g + 1) * mg]
         for p in range(n_p):
             ch = chans[g][p]
-            for it in range(math.ceil(len(ch) / tile)):
-                rows = ch[it * tile:(it + 1) * tile]
-                table[g, p, it, :len(rows)] = rows
-                local = rows - g * cg
-                for o in range(ot):
-                    outs = np.arange(g * mg + o * tile, min(g * mg + (o + 1) * tile, (g + 1) * mg))
-                    blk = w[outs][:, local]                                    # [j, i, kh, kw]
-                    tiles[g, o, p, it, :, :, :len(rows), :len(outs)] = blk.transpose(2, 3, 1, 0)
+            nt = math.ceil(len(ch) / tile)
+            if nt == 0:
+                continue
+            rows = np.full(nt * tile, -1, np.int32)
+            rows[:len(ch)] = ch
+            table[g, p, :nt] = rows.reshape(nt, tile)
+            padded = np.zeros((ot * tile, nt * tile, kh, kw), np.int8)              # [o·T + j, it·T + i, ky, kx]
+            padded[:mg, :len(ch)] = wg[:, ch - g * cg]
+            tiles[g, :, p, :nt] = padded.reshape(ot, tile, nt, tile, kh, kw).transpose(0, 2, 4, 5, 3, 1)
     return tiles, table, np.array(in_tiles, np.int32)
 
 

@@ -113,7 +113,9 @@ def test_speedups_keep_the_result(pooled, method, monkeypatch):
 @pytest.mark.slow
 def test_bf16_and_native_kernels_reach_the_float32_torch_loop_s_block_losses(setup, monkeypatch):
     """The speed levers change summation order (C kernels) or the convolutions' precision
-    (--conv-dtype bfloat16), not what is learned: final block losses within 5 % of the plain loop's."""
+    (--conv-dtype bfloat16), not what is learned: final block losses within 5 % of the plain loop's
+    (10 % under bf16, whose 8 significant bits alone move the last block's loss, 1e-5 of the
+    first block's, by a few percent, more or less with the thread count)."""
     from dataclasses import replace
 
     import calib.calibrate as C
@@ -124,9 +126,9 @@ def test_bf16_and_native_kernels_reach_the_float32_torch_loop_s_block_losses(set
     for name, speed in {"plain": Speedups.none(), "default": Speedups(), "bf16": Speedups(bf16=True)}.items():
         monkeypatch.setattr(C, "reconstruct", lambda *a, _s=speed, **k: reconstruct(*a, **{**k, "speed": _s}))
         losses[name] = [r.loss_after for r in calibrate(graph, x, replace(cfg, seed=0)).report if r.iters]
-    for name in ("default", "bf16"):
+    for name, tolerance in (("default", 0.05), ("bf16", 0.10)):
         for a, b in zip(losses[name], losses["plain"]):
-            assert abs(a - b) <= 0.05 * b, (name, losses)
+            assert abs(a - b) <= tolerance * b, (name, losses)
     assert losses["default"] != losses["bf16"]   # the bf16 lever did take effect
 
 
