@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from calib import native
-from calib.rounding import TAU, ZETA, binary_regulariser
+from calib.rounding import STRETCH, TAU, ZETA, binary_regulariser
 
 
 GROUP_PROBS = ("sigmoid", "softmax")
@@ -90,7 +90,7 @@ class _SoftGroups(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, gammas, sigmoid_form: bool, beta: float | None):
         ctx.set_materialize_grads(False)
-        s, gy, reg = native.soft_groups_forward(r, gammas, sigmoid_form, beta)
+        s, gy, reg = native.soft_groups_forward(r, gammas, sigmoid_form, STRETCH, beta)
         ctx.save_for_backward(r, gammas, s, gy)
         ctx.sigmoid_form, ctx.beta = sigmoid_form, beta
         ctx.mark_non_differentiable(s)
@@ -101,7 +101,8 @@ class _SoftGroups(torch.autograd.Function):
         r, gammas, s, gy = ctx.saved_tensors
         c_reg = float(greg) if greg is not None and ctx.beta is not None else 0.0
         ggy = ggy if ggy is not None else torch.zeros_like(gy)
-        return native.soft_groups_backward(r, gammas, ctx.sigmoid_form, s, gy, ggy, ctx.beta, c_reg), None, None, None
+        return (native.soft_groups_backward(r, gammas, ctx.sigmoid_form, STRETCH, s, gy, ggy, ctx.beta, c_reg),
+                None, None, None)
 
 
 class ProductGroups(nn.Module):
@@ -168,7 +169,8 @@ class ProductGroups(nn.Module):
     def track(self, step: int, record: bool = False) -> None:
         """Update settle steps; a unit that leaves one-hot again is unsettled (one C call with
         ``native``)."""
-        s = native.soft_groups_track(self.r, self.prob == "sigmoid", step, self.settled_at) if self.native else None
+        s = (native.soft_groups_track(self.r, self.prob == "sigmoid", STRETCH, step, self.settled_at)
+             if self.native else None)
         if s is None:
             s = self.probs()
             onehot = s.max(1).values >= 1.0

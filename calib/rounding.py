@@ -14,6 +14,7 @@ from torch import nn
 from calib import native
 
 ZETA, TAU = 1.1, -0.1
+STRETCH = (ZETA - TAU, TAU)     # (span, low) of the rectified sigmoid, as calib/native's kernels take it
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class _SoftRound(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(v, floor, scale)
         ctx.qmin, ctx.qmax, ctx.beta = qmin, qmax, beta
-        w, reg = native.soft_round_forward(v, floor, scale, qmin, qmax, beta)
+        w, reg = native.soft_round_forward(v, floor, scale, qmin, qmax, STRETCH, beta)
         return w, torch.tensor(reg, dtype=v.dtype, device=v.device)
 
     @staticmethod
@@ -63,7 +64,7 @@ class _SoftRound(torch.autograd.Function):
         v, floor, scale = ctx.saved_tensors
         c_reg = float(greg) if greg is not None and ctx.beta is not None else 0.0
         gw = gw if gw is not None else torch.zeros_like(v)
-        gv = native.soft_round_backward(v, floor, scale, gw, ctx.qmin, ctx.qmax, ctx.beta, c_reg)
+        gv = native.soft_round_backward(v, floor, scale, gw, ctx.qmin, ctx.qmax, STRETCH, ctx.beta, c_reg)
         return gv, None, None, None, None, None
 
 

@@ -36,11 +36,11 @@ _SIGNATURES = {
     "sse_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _ptr, _int]),
     "sse_backward": (None, [_ptr, _ptr, _ptr, _i64, _flt, _flt, _int, _flt, _int]),
     "lsq_sse": (_dbl, [_ptr, _ptr, _i64, _flt, _flt, _flt, ctypes.POINTER(_dbl), _ptr, _int]),
-    "soft_round_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _int, _flt, _ptr, _ptr, _int]),
-    "soft_round_backward": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _flt, _flt, _ptr, _int]),
-    "soft_groups_forward": (_dbl, [_ptr, _i64, _i64, _ptr, _int, _int, _flt, _ptr, _ptr]),
-    "soft_groups_backward": (None, [_ptr, _i64, _i64, _ptr, _int, _ptr, _ptr, _ptr, _flt, _flt, _ptr]),
-    "soft_groups_track": (None, [_ptr, _i64, _i64, _int, _i64, _ptr, _ptr]),
+    "soft_round_forward": (_dbl, [_ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _flt, _flt, _int, _flt, _ptr, _ptr, _int]),
+    "soft_round_backward": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _flt, _flt, _flt, _flt, _flt, _flt, _ptr, _int]),
+    "soft_groups_forward": (_dbl, [_ptr, _i64, _i64, _ptr, _int, _flt, _flt, _int, _flt, _ptr, _ptr]),
+    "soft_groups_backward": (None, [_ptr, _i64, _i64, _ptr, _int, _flt, _flt, _ptr, _ptr, _ptr, _flt, _flt, _ptr]),
+    "soft_groups_track": (None, [_ptr, _i64, _i64, _int, _flt, _flt, _i64, _ptr, _ptr]),
 }
 MAX_GROUPS = 64   # fastquant.c's bound on the groups of one unit
 
@@ -194,24 +194,25 @@ def soft_round_usable(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor)
 
 
 def soft_round_forward(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, qmin: float, qmax: float,
-                       beta: float | None) -> tuple[torch.Tensor, float]:
+                       stretch: tuple[float, float], beta: float | None) -> tuple[torch.Tensor, float]:
     """(w, reg): w = clamp(floor + h(V), qmin, qmax)·scale[row] like ``v`` with h the rectified
-    sigmoid, and reg = Σ (1 − |2h − 1|^β) (0.0, not computed, when ``beta`` is None)."""
+    sigmoid clamp(σ(V)·span + low, 0, 1), ``stretch`` = (span, low) = (ζ − τ, τ), and
+    reg = Σ (1 − |2h − 1|^β) (0.0, not computed, when ``beta`` is None)."""
     rows = v.shape[0]
     w, sums = torch.empty_like(v), torch.empty(rows, dtype=torch.float64, device="cpu")
     reg = kernels().soft_round_forward(v.data_ptr(), floor.data_ptr(), scale.data_ptr(), rows, v.numel() // rows,
-                                       qmin, qmax, int(beta is not None), 0.0 if beta is None else beta,
+                                       qmin, qmax, *stretch, int(beta is not None), 0.0 if beta is None else beta,
                                        w.data_ptr(), sums.data_ptr(), threads())
     return w, reg
 
 
 def soft_round_backward(v: torch.Tensor, floor: torch.Tensor, scale: torch.Tensor, gw: torch.Tensor, qmin: float,
-                        qmax: float, beta: float | None, c_reg: float) -> torch.Tensor:
+                        qmax: float, stretch: tuple[float, float], beta: float | None, c_reg: float) -> torch.Tensor:
     """∂/∂V of Σ gw·w + c_reg·reg with (w, reg) as soft_round_forward; ``gw`` like ``v``."""
     rows = v.shape[0]
     gv, gw = torch.empty_like(v), gw.to(torch.float32).contiguous()   # gw kept alive through the call
     kernels().soft_round_backward(v.data_ptr(), floor.data_ptr(), scale.data_ptr(), gw.data_ptr(), rows,
-                                  v.numel() // rows, qmin, qmax, 0.0 if beta is None else beta,
+                                  v.numel() // rows, qmin, qmax, *stretch, 0.0 if beta is None else beta,
                                   c_reg if beta is not None else 0.0, gv.data_ptr(), threads())
     return gv
 
@@ -222,29 +223,32 @@ def soft_groups_usable(r: torch.Tensor, gammas: torch.Tensor) -> bool:
             and gammas.dtype == torch.float32 and gammas.device.type == "cpu" and gammas.numel() == r.shape[1])
 
 
-def soft_groups_forward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, beta: float | None
-                        ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(s [units, g], γ^y [units], reg): the rectified group probabilities (softmax, or the
-    sigmoid ratio of eq. 15), γ^y = Σ γ·s / Σ s, and Σ (1 − |2s − 1|^β) (0.0 when ``beta`` is None)."""
+def soft_groups_forward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, stretch: tuple[float, float],
+                        beta: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(s [units, g], γ^y [units], reg): the rectified group probabilities clamp(π·span + low, 0, 1)
+    with π the softmax or the sigmoid ratio of eq. 15 and ``stretch`` = (span, low),
+    γ^y = Σ γ·s / Σ s, and Σ (1 − |2s − 1|^β) (0.0 when ``beta`` is None)."""
     units, g = r.shape
     s, gy = torch.empty_like(r), torch.empty(units, dtype=torch.float32, device="cpu")
-    reg = kernels().soft_groups_forward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form),
+    reg = kernels().soft_groups_forward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form), *stretch,
                                         int(beta is not None), 0.0 if beta is None else beta, s.data_ptr(), gy.data_ptr())
     return s, gy, reg
 
 
-def soft_groups_backward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, s: torch.Tensor, gy: torch.Tensor,
-                         ggy: torch.Tensor, beta: float | None, c_reg: float) -> torch.Tensor:
+def soft_groups_backward(r: torch.Tensor, gammas: torch.Tensor, sigmoid_form: bool, stretch: tuple[float, float],
+                         s: torch.Tensor, gy: torch.Tensor, ggy: torch.Tensor, beta: float | None, c_reg: float
+                         ) -> torch.Tensor:
     """∂/∂R of Σ ggy·γ^y + c_reg·reg with (s, γ^y, reg) as soft_groups_forward."""
     units, g = r.shape
     gr, ggy = torch.empty_like(r), ggy.to(torch.float32).contiguous()   # ggy kept alive through the call
-    kernels().soft_groups_backward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form), s.data_ptr(),
+    kernels().soft_groups_backward(r.data_ptr(), units, g, gammas.data_ptr(), int(sigmoid_form), *stretch, s.data_ptr(),
                                    gy.data_ptr(), ggy.data_ptr(), 0.0 if beta is None else beta,
                                    c_reg if beta is not None else 0.0, gr.data_ptr())
     return gr
 
 
-def soft_groups_track(r: torch.Tensor, sigmoid_form: bool, step: int, settled_at: torch.Tensor) -> torch.Tensor | None:
+def soft_groups_track(r: torch.Tensor, sigmoid_form: bool, stretch: tuple[float, float], step: int,
+                      settled_at: torch.Tensor) -> torch.Tensor | None:
     """s [units, g] from R (as soft_groups_forward), updating ``settled_at`` (int64 [units]) in
     place as ProductGroups.track does; None (nothing done) where the tensors don't suit the kernel."""
     if not (settled_at.dtype == torch.int64 and settled_at.device.type == "cpu" and settled_at.is_contiguous()
@@ -252,5 +256,6 @@ def soft_groups_track(r: torch.Tensor, sigmoid_form: bool, step: int, settled_at
         return None
     units, g = r.shape
     s = torch.empty_like(r)
-    kernels().soft_groups_track(r.data_ptr(), units, g, int(sigmoid_form), step, s.data_ptr(), settled_at.data_ptr())
+    kernels().soft_groups_track(r.data_ptr(), units, g, int(sigmoid_form), *stretch, step, s.data_ptr(),
+                                settled_at.data_ptr())
     return s

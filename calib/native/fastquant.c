@@ -298,15 +298,26 @@ static inline float abs_pow(float u, float p) {
     return select_float(a > 0.0f, exp_poly(p * log_poly(select_float(a > 0.0f, a, 1.0f))), 0.0f);
 }
 
-#define SOFT_SPAN 1.2f    /* ζ − τ of the rectified sigmoid, ζ = 1.1, τ = −0.1 */
-#define SOFT_LOW (-0.1f)  /* τ */
+/* The pieces the soft rounding and the WAPS groups share. ``span`` = ζ − τ and ``low`` = τ
+ * of the rectified sigmoid come from calib/rounding.py (ZETA, TAU), their one definition. */
+static inline float sigmoid_poly(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+
+/* a probability stretched to (τ, ζ) before its clamp to [0, 1] */
+static inline float stretch(float x, float span, float low) { return x * span + low; }
+
+/* ∂/∂h of c_reg·(1 − |u|^b), u = 2h − 1: −c_reg·2b·|u|^(b−1)·sgn(u) (0 at u = 0) */
+static inline float regulariser_grad(float u, float b, float c_reg) {
+    float d = c_reg * 2.0f * b * abs_pow(u, b - 1.0f);
+    return select_float(u > 0.0f, -d, select_float(u < 0.0f, d, 0.0f));
+}
 
 /* Soft weights of one tensor of ``rows`` output channels × ``per_row`` elements:
  * σ = σ(v), h = clamp(σ·(ζ−τ)+τ, 0, 1), w = clamp(floor + h, qmin, qmax)·scale[row];
  * returns Σ (1 − |2h − 1|^β) when ``with_reg`` (the binary regulariser), else 0 (not
  * computed). ``sums``: ``rows`` doubles. */
 double soft_round_forward(const float *v, const float *floor_, const float *scale, int64_t rows, int64_t per_row,
-                          float qmin, float qmax, int with_reg, float beta, float *w, double *sums, int threads) {
+                          float qmin, float qmax, float span, float low, int with_reg, float beta, float *w,
+                          double *sums, int threads) {
     const float b = with_reg ? beta : 1.0f;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
@@ -316,9 +327,7 @@ double soft_round_forward(const float *v, const float *floor_, const float *scal
         float part = 0.0f;
 #pragma omp simd reduction(+ : part)
         for (int64_t i = 0; i < per_row; i++) {
-            float sig = 1.0f / (1.0f + exp_poly(-vr[i]));
-            float h = sig * SOFT_SPAN + SOFT_LOW;
-            h = clamp_float(h, 0.0f, 1.0f);
+            float h = clamp_float(stretch(sigmoid_poly(vr[i]), span, low), 0.0f, 1.0f);
             float c = clamp_float(fr[i] + h, qmin, qmax);
             wr[i] = c * sc;
             part += 1.0f - abs_pow(2.0f * h - 1.0f, b);
@@ -334,7 +343,8 @@ double soft_round_forward(const float *v, const float *floor_, const float *scal
  * ·(ζ−τ)·σ(1 − σ)·[0 ≤ σ(ζ−τ)+τ ≤ 1], u = 2h − 1; the masks pass their bounds, as
  * torch's clamp does. */
 void soft_round_backward(const float *v, const float *floor_, const float *scale, const float *gw, int64_t rows,
-                         int64_t per_row, float qmin, float qmax, float beta, float c_reg, float *gv, int threads) {
+                         int64_t per_row, float qmin, float qmax, float span, float low, float beta, float c_reg,
+                         float *gv, int threads) {
     const float b = c_reg != 0.0f ? beta : 2.0f;    /* any exponent ≥ 1 keeps |u|^(b−1) finite */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
@@ -343,16 +353,13 @@ void soft_round_backward(const float *v, const float *floor_, const float *scale
         float *out = gv + r * per_row;
 #pragma omp simd
         for (int64_t i = 0; i < per_row; i++) {
-            float sig = 1.0f / (1.0f + exp_poly(-vr[i]));
-            float pre = sig * SOFT_SPAN + SOFT_LOW;
+            float sig = sigmoid_poly(vr[i]);
+            float pre = stretch(sig, span, low);
             float h = clamp_float(pre, 0.0f, 1.0f);
             float c = fr[i] + h;
             float g = select_float((c >= qmin) & (c <= qmax), gr[i] * sc, 0.0f);
-            float u = 2.0f * h - 1.0f;
-            float dreg = c_reg * 2.0f * b * abs_pow(u, b - 1.0f);
-            dreg = select_float(u > 0.0f, dreg, select_float(u < 0.0f, -dreg, 0.0f));
-            g = g - dreg;
-            out[i] = select_float((pre >= 0.0f) & (pre <= 1.0f), g * SOFT_SPAN * (sig * (1.0f - sig)), 0.0f);
+            g = g + regulariser_grad(2.0f * h - 1.0f, b, c_reg);
+            out[i] = select_float((pre >= 0.0f) & (pre <= 1.0f), g * span * (sig * (1.0f - sig)), 0.0f);
         }
     }
 }
@@ -370,7 +377,7 @@ static float group_pi(const float *r, int64_t g, int sigmoid_form, float *pi, fl
     float total = 0.0f;
     if (sigmoid_form) {
         for (int64_t p = 0; p < g; p++) {
-            sig[p] = 1.0f / (1.0f + exp_poly(-r[p]));
+            sig[p] = sigmoid_poly(r[p]);
             total += sig[p];
         }
         for (int64_t p = 0; p < g; p++) pi[p] = sig[p] / total;
@@ -387,13 +394,13 @@ static float group_pi(const float *r, int64_t g, int sigmoid_form, float *pi, fl
 }
 
 double soft_groups_forward(const float *r, int64_t units, int64_t g, const float *gammas, int sigmoid_form,
-                           int with_reg, float beta, float *s, float *gy) {
+                           float span, float low, int with_reg, float beta, float *s, float *gy) {
     double reg = 0.0;
     for (int64_t i = 0; i < units; i++) {
         float pi[MAX_GROUPS], sig[MAX_GROUPS], num = 0.0f, den = 0.0f, part = 0.0f;
         group_pi(r + i * g, g, sigmoid_form, pi, sig);
         for (int64_t p = 0; p < g; p++) {
-            float sp = clamp_float(pi[p] * SOFT_SPAN + SOFT_LOW, 0.0f, 1.0f);
+            float sp = clamp_float(stretch(pi[p], span, low), 0.0f, 1.0f);
             s[i * g + p] = sp;
             num += sp * gammas[p];
             den += sp;
@@ -409,18 +416,17 @@ double soft_groups_forward(const float *r, int64_t units, int64_t g, const float
  * clamp (passing its bounds, as torch's clamp) and softmax / sigmoid ratio; ``s`` and ``gy``
  * from soft_groups_forward. */
 void soft_groups_backward(const float *r, int64_t units, int64_t g, const float *gammas, int sigmoid_form,
-                          const float *s, const float *gy, const float *ggy, float beta, float c_reg, float *gr) {
+                          float span, float low, const float *s, const float *gy, const float *ggy, float beta,
+                          float c_reg, float *gr) {
     const float b = c_reg != 0.0f ? beta : 2.0f;
     for (int64_t i = 0; i < units; i++) {
         float pi[MAX_GROUPS], sig[MAX_GROUPS], dpre[MAX_GROUPS], den = 0.0f, dot = 0.0f;
         const float total = group_pi(r + i * g, g, sigmoid_form, pi, sig);
         for (int64_t p = 0; p < g; p++) den += s[i * g + p];
         for (int64_t p = 0; p < g; p++) {
-            float sp = s[i * g + p], pre = pi[p] * SOFT_SPAN + SOFT_LOW, u = 2.0f * sp - 1.0f;
-            float ds = ggy[i] * (gammas[p] - gy[i]) / den;
-            float dreg = c_reg * 2.0f * b * abs_pow(u, b - 1.0f);
-            ds -= u > 0.0f ? dreg : (u < 0.0f ? -dreg : 0.0f);
-            dpre[p] = (pre >= 0.0f && pre <= 1.0f) ? ds * SOFT_SPAN : 0.0f;
+            float pre = stretch(pi[p], span, low);
+            float ds = ggy[i] * (gammas[p] - gy[i]) / den + regulariser_grad(2.0f * s[i * g + p] - 1.0f, b, c_reg);
+            dpre[p] = (pre >= 0.0f && pre <= 1.0f) ? ds * span : 0.0f;
             dot += dpre[p] * pi[p];
         }
         for (int64_t p = 0; p < g; p++) {
@@ -435,13 +441,13 @@ void soft_groups_backward(const float *r, int64_t units, int64_t g, const float 
 
 /* ProductGroups.track in one call: s as soft_groups_forward (into ``s``), and per unit
  * settled_at = step where max_p s_p ≥ 1 (one-hot) and it was unsettled (< 0), −1 where not one-hot. */
-void soft_groups_track(const float *r, int64_t units, int64_t g, int sigmoid_form, int64_t step, float *s,
-                       int64_t *settled_at) {
+void soft_groups_track(const float *r, int64_t units, int64_t g, int sigmoid_form, float span, float low,
+                       int64_t step, float *s, int64_t *settled_at) {
     for (int64_t i = 0; i < units; i++) {
         float pi[MAX_GROUPS], sig[MAX_GROUPS], top = 0.0f;
         group_pi(r + i * g, g, sigmoid_form, pi, sig);
         for (int64_t p = 0; p < g; p++) {
-            float sp = clamp_float(pi[p] * SOFT_SPAN + SOFT_LOW, 0.0f, 1.0f);
+            float sp = clamp_float(stretch(pi[p], span, low), 0.0f, 1.0f);
             s[i * g + p] = sp;
             top = sp > top ? sp : top;
         }
