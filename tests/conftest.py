@@ -36,6 +36,21 @@ LONGEST_MODULES = ("tests/waps_tvm/test_transformer.py", "tests/waps_tvm/test_mo
                    "tests/relay_passes/test_op_conformance.py", "tests/waps_tvm/test_channels_last.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_each_module():
+    """Each test process lives through many modules: after each, collect cycles and hand the
+    allocator's free pages back to the system (glibc's malloc_trim), so that two processes'
+    peaks, not their histories, share the machine's memory."""
+    yield
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):             # not glibc
+        pass
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {m: i for i, m in enumerate(LONGEST_MODULES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))     # stable: order kept within
